@@ -1,0 +1,134 @@
+"""Injectable time.
+
+Nothing in the control path calls ``time.time()``, ``time.sleep()`` or ``asyncio.sleep()``
+directly: it asks a :class:`Clock`. :class:`RealClock` is the wall clock of a gateway;
+:class:`SimClock` is settable and runs at any speed, so ``hil_sim`` can play a day in seconds
+with the very same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from datetime import UTC, datetime
+from typing import Protocol, runtime_checkable
+
+__all__ = ["Clock", "RealClock", "SimClock"]
+
+
+@runtime_checkable
+class Clock(Protocol):
+    """A source of time for the control path. All values are seconds."""
+
+    def now(self) -> float:
+        """Seconds since the Unix epoch (UTC), real or simulated."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes backwards (for ages, timeouts and TTLs)."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` of this clock's time."""
+        ...
+
+    @property
+    def speed(self) -> float:
+        """How many clock seconds pass per real second (1 for the real clock)."""
+        ...
+
+
+def _datetime(clock: Clock) -> datetime:
+    return datetime.fromtimestamp(clock.now(), tz=UTC)
+
+
+class RealClock:
+    """The wall clock, used in production."""
+
+    @property
+    def speed(self) -> float:
+        """Real time: one second per second."""
+        return 1.0
+
+    def now(self) -> float:
+        """Seconds since the epoch."""
+        return time.time()
+
+    def monotonic(self) -> float:
+        """``time.monotonic()``."""
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        """``asyncio.sleep`` in real seconds."""
+        await asyncio.sleep(max(0.0, seconds))
+
+    def datetime(self) -> datetime:
+        """Now as an aware UTC datetime."""
+        return _datetime(self)
+
+
+class SimClock:
+    """A simulated clock: settable, and free to run faster than real time.
+
+    With ``speed=None`` the clock is *stepped*: time stands still until :meth:`advance` or
+    :meth:`set` moves it, and :meth:`sleep` jumps the clock forward to the sleeper's deadline
+    (the earliest pending deadline wins), so a single control loop runs as fast as it can
+    compute. With a numeric ``speed`` the clock runs continuously at ``speed`` simulated seconds
+    per real second, which is what a separate simulator process needs to stay in step.
+    """
+
+    def __init__(self, start: float = 1_767_225_600.0, *, speed: float | None = None) -> None:
+        if speed is not None and (not math.isfinite(speed) or speed <= 0):
+            raise ValueError(f"speed: must be a positive finite number, got {speed!r}")
+        self._speed = speed
+        self._origin_sim = float(start)
+        self._origin_real = time.monotonic()
+        self._offset = 0.0  # manual advances on top of the running clock
+        self._start = float(start)
+
+    @property
+    def speed(self) -> float:
+        """Simulated seconds per real second (``inf`` for a stepped clock)."""
+        return math.inf if self._speed is None else self._speed
+
+    @property
+    def stepped(self) -> bool:
+        """True when time moves only by :meth:`advance`, :meth:`set` and :meth:`sleep`."""
+        return self._speed is None
+
+    def now(self) -> float:
+        """Simulated seconds since the epoch."""
+        if self._speed is None:
+            return self._origin_sim + self._offset
+        return self._origin_sim + self._offset + (time.monotonic() - self._origin_real) * self._speed
+
+    def monotonic(self) -> float:
+        """Simulated seconds since this clock was created (never decreases)."""
+        return self.now() - self._start
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock forward by ``seconds`` (negative values are refused)."""
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"seconds: must be a finite number >= 0, got {seconds!r}")
+        self._offset += seconds
+
+    def set(self, epoch_seconds: float) -> None:
+        """Jump to an absolute time; only forwards, so monotonic readings stay monotonic."""
+        delta = epoch_seconds - self.now()
+        if delta < 0:
+            raise ValueError("epoch_seconds: a simulated clock never goes backwards")
+        self._offset += delta
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` of simulated time."""
+        seconds = max(0.0, seconds)
+        if self._speed is None:
+            self._offset += seconds
+            await asyncio.sleep(0)  # let other tasks run, as a real sleep would
+            return
+        await asyncio.sleep(seconds / self._speed)  # the one place real time is converted
+
+    def datetime(self) -> datetime:
+        """Now as an aware UTC datetime."""
+        return _datetime(self)

@@ -101,7 +101,9 @@ class SimClock:
         """Simulated seconds since the epoch."""
         if self._speed is None:
             return self._origin_sim + self._offset
-        return self._origin_sim + self._offset + (time.monotonic() - self._origin_real) * self._speed
+        return (
+            self._origin_sim + self._offset + (time.monotonic() - self._origin_real) * self._speed
+        )
 
     def monotonic(self) -> float:
         """Simulated seconds since this clock was created (never decreases)."""

@@ -1,0 +1,418 @@
+"""Device profiles: the YAML schema that both the drivers and the simulator read.
+
+A profile maps registers to typed, named fields and each control action to an ordered list of
+register writes. Adding a device is adding a YAML file under ``profiles/devices/``; no code.
+Validation errors name the file and the dotted field path.
+
+Register references come in two kinds:
+- ``address`` (+ ``type``/``scale``/...): a plain vendor register map;
+- ``point: "<model>.<point>"``: a SunSpec point, located at run time by model discovery and
+  typed from the SunSpec model definitions (pysunspec2), never from hand-typed offsets.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Literal, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from drivers.registers import ByteOrder, RegisterType, Table, word_count
+from essd.domain import DeviceClass
+
+__all__ = [
+    "Action",
+    "ActionName",
+    "Capability",
+    "Profile",
+    "ProfileError",
+    "RegisterSpec",
+    "WriteStep",
+    "list_profiles",
+    "load_profile",
+    "load_profile_text",
+    "resolve_profile",
+    "shipped_profiles_dir",
+]
+
+Identifier = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
+SunSpecPoint = Annotated[str, Field(pattern=r"^[0-9]+\.[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Capability(StrEnum):
+    """What a device can do. The optimizer and the safety supervisor work from these."""
+
+    READ_STATE = "read_state"  # SoC and battery power (fields soc, power_w)
+    ACTIVE_POWER = "active_power"  # set_active_power(power_w), both directions
+    CHARGE_LIMIT = "charge_limit"  # set_charge_limit(charge_w): e.g. a portable AC charge rate
+    DISCHARGE_LIMIT = "discharge_limit"  # set_discharge_limit(discharge_w)
+    LIVE_LIMITS = "live_limits"  # reports live BMS limits (fields max_charge_w, max_discharge_w)
+    OUTPUT_SWITCH = "output_switch"  # enable_output / disable_output
+    HEARTBEAT = "heartbeat"  # heartbeat(counter): the device reverts when it stops
+    REVERT_TIMER = "revert_timer"  # configure_revert_timer(seconds)
+    SAFE_MODE = "safe_mode"  # safe_mode: the device's own safe state
+    SOC_LIMITS = "soc_limits"  # set_soc_limits(min_soc, max_soc)
+    AVAILABILITY = "availability"  # may disappear (unplugged): no answer is not a fault
+    GRID_METER = "grid_meter"  # field grid_power_w (> 0 imports)
+
+
+class ActionName(StrEnum):
+    """Control actions a profile can define as register writes."""
+
+    SET_ACTIVE_POWER = "set_active_power"
+    SET_CHARGE_LIMIT = "set_charge_limit"
+    SET_DISCHARGE_LIMIT = "set_discharge_limit"
+    ENABLE_OUTPUT = "enable_output"
+    DISABLE_OUTPUT = "disable_output"
+    HEARTBEAT = "heartbeat"
+    CONFIGURE_REVERT_TIMER = "configure_revert_timer"
+    SAFE_MODE = "safe_mode"
+    SET_SOC_LIMITS = "set_soc_limits"
+
+
+# Parameters the driver supplies to each action; a write step may use only these.
+ACTION_PARAMS: dict[ActionName, frozenset[str]] = {
+    # power_w: battery sign (> 0 discharges); charge_w/discharge_w/abs_w: magnitudes >= 0;
+    # duration_s: how long the device should hold the command (the setpoint TTL).
+    ActionName.SET_ACTIVE_POWER: frozenset(
+        {"power_w", "charge_w", "discharge_w", "abs_w", "duration_s"}
+    ),
+    ActionName.SET_CHARGE_LIMIT: frozenset({"charge_w"}),
+    ActionName.SET_DISCHARGE_LIMIT: frozenset({"discharge_w"}),
+    ActionName.ENABLE_OUTPUT: frozenset(),
+    ActionName.DISABLE_OUTPUT: frozenset(),
+    ActionName.HEARTBEAT: frozenset({"counter"}),
+    ActionName.CONFIGURE_REVERT_TIMER: frozenset({"seconds"}),
+    ActionName.SAFE_MODE: frozenset(),
+    ActionName.SET_SOC_LIMITS: frozenset({"min_soc", "max_soc"}),
+}
+
+# Fields each capability needs the profile to map.
+CAPABILITY_FIELDS: dict[Capability, frozenset[str]] = {
+    Capability.READ_STATE: frozenset({"soc", "power_w"}),
+    Capability.LIVE_LIMITS: frozenset({"max_charge_w", "max_discharge_w"}),
+    Capability.GRID_METER: frozenset({"grid_power_w"}),
+}
+CAPABILITY_ACTIONS: dict[Capability, ActionName] = {
+    Capability.ACTIVE_POWER: ActionName.SET_ACTIVE_POWER,
+    Capability.CHARGE_LIMIT: ActionName.SET_CHARGE_LIMIT,
+    Capability.DISCHARGE_LIMIT: ActionName.SET_DISCHARGE_LIMIT,
+    Capability.HEARTBEAT: ActionName.HEARTBEAT,
+    Capability.REVERT_TIMER: ActionName.CONFIGURE_REVERT_TIMER,
+    Capability.SAFE_MODE: ActionName.SAFE_MODE,
+    Capability.SOC_LIMITS: ActionName.SET_SOC_LIMITS,
+}
+
+
+class Transport(_Strict):
+    """Transport defaults; a site config may override host/port/unit."""
+
+    framing: Literal["tcp", "rtu"] = "tcp"
+    unit: int = Field(1, ge=0, le=247)
+    port: int = Field(502, ge=1, le=65535)
+    byte_order: ByteOrder = ByteOrder.BIG
+    word_order: ByteOrder = ByteOrder.BIG
+    baudrate: int = Field(9600, gt=0)
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    max_registers_per_read: int = Field(100, ge=1, le=125)
+
+
+class RegisterSpec(_Strict):
+    """One register (or SunSpec point).
+
+    The physical value is ``raw * scale * 10**sf + offset`` (``sf`` read from
+    ``scale_factor`` register, else 0). ``min``/``max`` bound the physical value: a reading
+    outside is INVALID, a write outside is refused. ``not_implemented`` lists raw values that
+    mean "no value" (SunSpec 0x8000/0xFFFF...).
+    """
+
+    name: Identifier
+    vendor_name: str = Field(min_length=1, description="The vendor document's own name for it")
+    address: int | None = Field(None, ge=0, le=65535)
+    point: SunSpecPoint | None = None
+    table: Table = Table.HOLDING
+    type: RegisterType | None = None
+    count: int | None = Field(None, ge=1, le=64, description="Words, for strings")
+    scale: float = 1.0
+    scale_factor: Identifier | None = None
+    offset: float = 0.0
+    unit: str = ""
+    access: Literal["r", "rw", "w"] = "r"
+    min: float | None = None
+    max: float | None = None
+    not_implemented: tuple[int, ...] = ()
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if (self.address is None) == (self.point is None):
+            raise ValueError("exactly one of 'address' or 'point' must be given")
+        if self.address is not None:
+            rtype = self.type or RegisterType.U16
+            if rtype is RegisterType.STRING and self.count is None:
+                raise ValueError("count: required for a string register")
+            if self.address + word_count(rtype, self.count) > 0x10000:
+                raise ValueError("address: register runs past 65535")
+        if self.scale == 0:
+            raise ValueError("scale: must not be 0")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError("min: greater than max")
+        if self.table is Table.INPUT and self.access != "r":
+            raise ValueError("access: input registers are read-only")
+        return self
+
+    @property
+    def rtype(self) -> RegisterType:
+        """Register type (u16 when not given for a plain register)."""
+        return self.type or RegisterType.U16
+
+
+class WriteStep(_Strict):
+    """One register write of an action: a literal ``value`` or a named ``param``.
+
+    ``when`` restricts the step to the sign of ``power_w`` for set_active_power (charge < 0,
+    discharge > 0, idle == 0); other actions use ``always``.
+    """
+
+    target: Identifier = Field(alias="register")
+    value: float | str | None = None
+    param: Identifier | None = None
+    when: Literal["always", "charge", "discharge", "idle"] = "always"
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if (self.value is None) == (self.param is None):
+            raise ValueError("exactly one of 'value' or 'param' must be given")
+        return self
+
+    @property
+    def register(self) -> str:
+        """Name of the register written (``register:`` in YAML)."""
+        return self.target
+
+
+class Action(_Strict):
+    """An ordered list of register writes that performs one control action."""
+
+    description: str = ""
+    writes: tuple[WriteStep, ...] = Field(min_length=1)
+
+
+class Ratings(_Strict):
+    """Nameplate ratings; live limits from the BMS and the config can only tighten them."""
+
+    capacity_wh: float = Field(0.0, ge=0)
+    max_charge_w: float = Field(0.0, ge=0)
+    max_discharge_w: float = Field(0.0, ge=0)
+    charge_efficiency: float = Field(0.95, gt=0, le=1)
+    discharge_efficiency: float = Field(0.95, gt=0, le=1)
+
+
+class Behaviour(_Strict):
+    """How the device acts when essd stops talking to it.
+
+    ``setpoint_timeout_s``: the device drops a power command not refreshed within this time
+    (a revert timer, configurable or fixed); essd refreshes at most every timeout/3.
+    ``heartbeat_timeout_s``: the device reverts to safe mode when the heartbeat stops.
+    """
+
+    setpoint_timeout_s: float | None = Field(None, gt=0)
+    revert_timer_configurable: bool = False
+    heartbeat_timeout_s: float | None = Field(None, gt=0)
+    safe_description: str = "0 W"
+
+
+class Simulation(_Strict):
+    """Parameters of the simulated unit served by hil_sim from this profile."""
+
+    initial_soc: float = Field(0.5, ge=0, le=1)
+    self_discharge_per_day: float = Field(0.001, ge=0, le=0.1)
+    taper_soc: float = Field(0.1, ge=0, le=0.5, description="SoC band near 0 and 1 that tapers")
+    ambient_c: float = 25.0
+    thermal_capacity_j_per_k: float = Field(200_000.0, gt=0)
+    thermal_resistance_k_per_w: float = Field(0.02, gt=0)
+    derate_start_c: float = 45.0
+    trip_c: float = 60.0
+
+
+class SunSpecLayout(_Strict):
+    """Where SunSpec discovery looks, and which models the device carries (in order)."""
+
+    base_addresses: tuple[int, ...] = (40000, 0, 50000)
+    models: tuple[int, ...] = Field(min_length=1)
+
+
+class Profile(_Strict):
+    """A device profile (``schema: 1``)."""
+
+    schema_version: Literal[1] = Field(1, alias="schema")
+    name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]*$", max_length=64)]
+    description: str = Field(min_length=1)
+    device_class: DeviceClass
+    source: str = Field(min_length=1, description="The public vendor document it follows")
+    transport: Transport = Transport()
+    driver: Literal["generic", "sunspec"] = "generic"
+    sunspec: SunSpecLayout | None = None
+    capabilities: tuple[Capability, ...] = Field(min_length=1)
+    ratings: Ratings = Ratings()
+    behaviour: Behaviour = Behaviour()
+    simulation: Simulation = Simulation()
+    registers: tuple[RegisterSpec, ...] = Field(min_length=1)
+    fields: dict[Identifier, Identifier] = Field(
+        default_factory=dict, description="semantic field -> register name"
+    )
+    actions: dict[ActionName, Action] = Field(default_factory=dict)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _check_registers(self) -> Self:
+        names = [r.name for r in self.registers]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"registers: duplicate name(s) {', '.join(dup)}")
+        by_name = {r.name: r for r in self.registers}
+        if self.driver == "sunspec" and self.sunspec is None:
+            raise ValueError("sunspec: required when driver is 'sunspec'")
+        for r in self.registers:
+            if r.point is not None and self.driver != "sunspec":
+                raise ValueError(f"registers.{r.name}.point: only a sunspec profile has points")
+            if r.scale_factor is not None and r.scale_factor not in by_name:
+                raise ValueError(f"registers.{r.name}.scale_factor: no register {r.scale_factor!r}")
+        for fname, reg in self.fields.items():
+            if reg not in by_name:
+                raise ValueError(f"fields.{fname}: no register named {reg!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_capabilities(self) -> Self:
+        for cap in self.capabilities:
+            missing = CAPABILITY_FIELDS.get(cap, frozenset()) - self.fields.keys()
+            if missing:
+                raise ValueError(
+                    f"capabilities: {cap.value} needs fields {', '.join(sorted(missing))}"
+                )
+            needed = CAPABILITY_ACTIONS.get(cap)
+            if needed is not None and needed not in self.actions:
+                raise ValueError(f"capabilities: {cap.value} needs action {needed.value}")
+        if Capability.OUTPUT_SWITCH in self.capabilities and not (
+            {ActionName.ENABLE_OUTPUT, ActionName.DISABLE_OUTPUT} <= self.actions.keys()
+        ):
+            raise ValueError("capabilities: output_switch needs enable_output and disable_output")
+        return self
+
+    @model_validator(mode="after")
+    def _check_actions(self) -> Self:
+        by_name = {r.name: r for r in self.registers}
+        for aname, act in self.actions.items():
+            allowed = ACTION_PARAMS[aname]
+            for i, step in enumerate(act.writes):
+                where = f"actions.{aname.value}.writes.{i}"
+                spec = by_name.get(step.register)
+                if spec is None:
+                    raise ValueError(f"{where}.register: no register named {step.register!r}")
+                if spec.access == "r":
+                    raise ValueError(f"{where}.register: {spec.name} is read-only")
+                if step.param is not None and step.param not in allowed:
+                    raise ValueError(
+                        f"{where}.param: {step.param!r} is not a parameter of {aname.value} "
+                        f"(allowed: {', '.join(sorted(allowed)) or 'none'})"
+                    )
+                if step.when != "always" and aname is not ActionName.SET_ACTIVE_POWER:
+                    raise ValueError(f"{where}.when: only set_active_power steps are conditional")
+        return self
+
+    def register(self, name: str) -> RegisterSpec:
+        """The register called ``name`` (KeyError naming it otherwise)."""
+        for r in self.registers:
+            if r.name == name:
+                return r
+        raise KeyError(f"profile {self.name}: no register {name!r}")
+
+    def field_register(self, field: str) -> RegisterSpec | None:
+        """The register mapped to a semantic field, or None when the profile has none."""
+        reg = self.fields.get(field)
+        return None if reg is None else self.register(reg)
+
+    def has(self, capability: Capability) -> bool:
+        """True when the device has ``capability``."""
+        return capability in self.capabilities
+
+
+class ProfileError(ValueError):
+    """A profile cannot be loaded; the message names the file and the field."""
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def load_profile_text(text: str, source: str) -> Profile:
+    """Parse and validate profile YAML; ``source`` names it in errors."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ProfileError(f"{source}:{where}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProfileError(f"{source}: a profile must be a YAML mapping")
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            msg = re.sub(r"^Value error, ", "", err["msg"])
+            lines.append(f"{source}: {_loc(err['loc'])}: {msg}")
+        raise ProfileError("\n".join(lines)) from None
+
+
+def load_profile(path: Path) -> Profile:
+    """Load and validate one profile file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ProfileError(f"{path}: cannot read: {exc.strerror}") from None
+    profile = load_profile_text(text, str(path))
+    if profile.name != path.stem:
+        raise ProfileError(f"{path}: name: {profile.name!r} must match the file name {path.stem!r}")
+    return profile
+
+
+def shipped_profiles_dir() -> Path:
+    """The ``profiles/`` directory shipped with essd."""
+    import profiles  # noqa: PLC0415 - the data package, imported where it is needed
+
+    return Path(profiles.__file__).parent
+
+
+def _profile_dirs(extra: tuple[Path, ...]) -> list[Path]:
+    return [*extra, shipped_profiles_dir() / "devices"]
+
+
+def list_profiles(extra_dirs: tuple[Path, ...] = ()) -> list[Profile]:
+    """Every profile in the extra directories and the shipped ones (earlier dirs win)."""
+    seen: dict[str, Profile] = {}
+    for d in _profile_dirs(extra_dirs):
+        for path in sorted(d.glob("*.yaml")):
+            if path.stem not in seen:
+                seen[path.stem] = load_profile(path)
+    return sorted(seen.values(), key=lambda p: p.name)
+
+
+def resolve_profile(name: str, extra_dirs: tuple[Path, ...] = ()) -> Profile:
+    """Load the profile called ``name`` (ProfileError listing the known names otherwise)."""
+    for d in _profile_dirs(extra_dirs):
+        path = d / f"{name}.yaml"
+        if path.is_file():
+            return load_profile(path)
+    known = sorted({p.stem for d in _profile_dirs(extra_dirs) for p in d.glob("*.yaml")})
+    raise ProfileError(f"profile {name!r} not found (known: {', '.join(known) or 'none'})")

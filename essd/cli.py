@@ -1,0 +1,130 @@
+"""The ``essd`` command line.
+
+Exit codes: 0 success, 1 runtime failure, 2 invalid input (configuration, arguments, files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from essd import __version__
+from essd.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_INVALID = 2
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def check_profiles(settings: Settings, source: str) -> list[str]:
+    """Problems with the devices' profiles (missing or invalid), one line each."""
+    from drivers.profile import ProfileError, resolve_profile  # noqa: PLC0415 - keep startup lean
+
+    problems = []
+    for i, dev in enumerate(settings.devices):
+        try:
+            resolve_profile(dev.profile, settings.profile_dirs)
+        except ProfileError as exc:
+            problems.append(f"{source}: devices.{i}.profile: {exc}")
+    return problems
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate a configuration file (and its device profiles)."""
+    path: Path = args.config_file
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        for line in exc.problems:
+            _err(line)
+        return EXIT_INVALID
+    problems = check_profiles(settings, str(path))
+    for line in problems:
+        _err(line)
+    if problems:
+        return EXIT_INVALID
+    print(f"{path}: ok (site {settings.site.id}, {len(settings.devices)} devices)")
+    return EXIT_OK
+
+
+def cmd_profiles_list(args: argparse.Namespace) -> int:
+    """One line per profile: name, device class, description."""
+    from drivers.profile import ProfileError, list_profiles  # noqa: PLC0415
+
+    try:
+        profiles = list_profiles(tuple(args.profile_dir))
+    except ProfileError as exc:
+        _err(str(exc))
+        return EXIT_INVALID
+    width = max((len(p.name) for p in profiles), default=0)
+    for p in profiles:
+        print(f"{p.name:<{width}}  {p.device_class.value:<10}  {p.description}")
+    return EXIT_OK
+
+
+def cmd_profiles_show(args: argparse.Namespace) -> int:
+    """Print one profile's file."""
+    from drivers.profile import ProfileError, resolve_profile  # noqa: PLC0415
+
+    try:
+        profile = resolve_profile(args.name, tuple(args.profile_dir))
+    except ProfileError as exc:
+        _err(str(exc))
+        return EXIT_INVALID
+    import yaml  # noqa: PLC0415
+
+    print(yaml.safe_dump(profile.model_dump(mode="json", by_alias=True), sort_keys=False), end="")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``essd`` with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="essd",
+        description="Energy storage control and dispatch daemon.",
+    )
+    parser.add_argument("--version", action="version", version=f"essd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check-config", help="validate a configuration file")
+    p.add_argument("config_file", type=Path, nargs="?", default=DEFAULT_CONFIG_PATH)
+    p.set_defaults(func=cmd_check_config)
+
+    prof = sub.add_parser("profiles", help="list or show device profiles")
+    psub = prof.add_subparsers(dest="profiles_command", required=True, metavar="ACTION")
+    pl = psub.add_parser("list", help="one line per profile: name, class, description")
+    pl.add_argument("--profile-dir", type=Path, action="append", default=[])
+    pl.set_defaults(func=cmd_profiles_list)
+    ps = psub.add_parser("show", help="print a profile")
+    ps.add_argument("name")
+    ps.add_argument("--profile-dir", type=Path, action="append", default=[])
+    ps.set_defaults(func=cmd_profiles_show)
+
+    for register in _EXTENSIONS:
+        register(sub)
+    return parser
+
+
+# Later parts (daemon, simulator, HIL runner, schema) add their subcommands here.
+_EXTENSIONS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``essd`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Command = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        return EXIT_FAILURE

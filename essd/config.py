@@ -1,0 +1,351 @@
+"""Typed configuration: a TOML file plus ``ESSD_...`` environment variables.
+
+Environment variables use ``__`` for nesting (``ESSD_CONTROL__CYCLE_PERIOD_S=5``) and win over
+the file. Unknown keys are errors everywhere (``extra="forbid"``); a configured file that does
+not exist is an error too (pydantic-settings would silently ignore it). Every problem is
+reported as one line naming the dotted field path and where it came from.
+
+Units: power in W (site limits are magnitudes >= 0), energy in Wh, SoC as a ratio 0..1, prices
+in the tariff's currency per kWh (per kW for the demand charge), carbon in g/kWh and per kg.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from contextvars import ContextVar
+from datetime import time
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "ConfigError",
+    "ControlConfig",
+    "DeviceConfig",
+    "ForecastConfig",
+    "LoggingConfig",
+    "MetricsConfig",
+    "MqttConfig",
+    "Settings",
+    "SiteConfig",
+    "TariffConfig",
+    "load_settings",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/essd/essd.toml")
+ENV_PREFIX = "ESSD_"
+
+DeviceId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+UnitId = Annotated[int, Field(ge=0, le=247)]
+Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
+NonNegW = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SiteConfig(_Section):
+    """The site: one essd per grid connection."""
+
+    id: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+    name: str = ""
+    timezone: str = "Asia/Shanghai"
+    grid_import_limit_w: NonNegW = Field(description="Import limit at the connection, W >= 0")
+    grid_export_limit_w: NonNegW = Field(
+        description="Export limit at the connection, W >= 0 (0 = zero export)"
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}") from None
+        return v
+
+
+class TcpTransport(_Section):
+    """Modbus TCP to a device or gateway."""
+
+    kind: Literal["tcp"]
+    host: str = Field(min_length=1)
+    port: Port = 502
+    unit: UnitId = 1
+
+
+class RtuOverTcpTransport(_Section):
+    """Modbus RTU framing over TCP, for serial-to-Ethernet gateways."""
+
+    kind: Literal["rtu-over-tcp"]
+    host: str = Field(min_length=1)
+    port: Port = 502
+    unit: UnitId = 1
+
+
+class SerialTransport(_Section):
+    """Modbus RTU on a serial line."""
+
+    kind: Literal["serial"]
+    port: str = Field(min_length=1, description="Device path, e.g. /dev/ttyUSB0")
+    baudrate: Annotated[int, Field(gt=0)] = 9600
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    bytesize: Literal[7, 8] = 8
+    unit: UnitId = 1
+
+
+Transport = Annotated[
+    TcpTransport | RtuOverTcpTransport | SerialTransport, Field(discriminator="kind")
+]
+
+
+class DeviceConfig(_Section):
+    """One device on the site. Configured limits can only tighten the profile's and the BMS's."""
+
+    id: DeviceId
+    profile: str = Field(min_length=1)
+    transport: Transport
+    poll_timeout_s: Annotated[float, Field(gt=0.0, le=10.0)] = 0.5
+    enabled: bool = True
+    max_charge_w: NonNegW | None = None
+    max_discharge_w: NonNegW | None = None
+    capacity_wh: Annotated[float, Field(gt=0.0)] | None = None
+    reserve_soc: Ratio | None = None
+    max_soc: Ratio | None = None
+    degradation_cost_per_kwh: Annotated[float, Field(ge=0.0)] | None = None
+
+
+class ControlConfig(_Section):
+    """The control cycle and the dispatch optimization."""
+
+    cycle_period_s: Annotated[float, Field(ge=1.0, le=300.0)] = 10.0
+    step_s: Annotated[float, Field(ge=60.0, le=3600.0)] = 900.0
+    horizon_steps: Annotated[int, Field(ge=2, le=1000)] = 96
+    solver: Literal["CLARABEL", "HIGHS"] = "CLARABEL"
+    solve_budget_s: Annotated[float, Field(gt=0.0, le=60.0)] = 2.0
+    reserve_soc: Ratio = 0.10
+    max_soc: Ratio = 0.95
+    setpoint_ttl_s: Annotated[float, Field(ge=2.0, le=3600.0)] = 60.0
+    ramp_w_per_s: Annotated[float, Field(gt=0.0)] | None = None
+    stale_after_s: Annotated[float, Field(gt=0.0)] | None = None
+    degradation_cost_per_kwh: Annotated[float, Field(ge=0.0)] = 0.02
+    churn_penalty_per_kw: Annotated[float, Field(ge=0.0)] = 0.001
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.reserve_soc >= self.max_soc:
+            raise ValueError("reserve_soc: must be below max_soc")
+        if self.setpoint_ttl_s < 2 * self.cycle_period_s:
+            raise ValueError("setpoint_ttl_s: must be at least twice cycle_period_s")
+        return self
+
+
+class TouWindow(_Section):
+    """A time-of-use window starting at ``start`` (local time) until the next one."""
+
+    start: time
+    price_per_kwh: Annotated[float, Field(allow_inf_nan=False)]
+
+
+class TariffConfig(_Section):
+    """Prices. A flat import price or a time-of-use table (exactly one)."""
+
+    currency: str = "CNY"
+    import_price_per_kwh: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    import_tou: tuple[TouWindow, ...] = ()
+    export_price_per_kwh: Annotated[float, Field(allow_inf_nan=False)] = 0.0
+    demand_charge_per_kw: Annotated[float, Field(ge=0.0)] = 0.0
+    carbon_price_per_kg: Annotated[float, Field(ge=0.0)] = 0.0
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if (self.import_price_per_kwh is None) == (not self.import_tou):
+            raise ValueError("import_price_per_kwh: give either it or import_tou, not both")
+        starts = [w.start for w in self.import_tou]
+        if starts:
+            if starts != sorted(set(starts)):
+                raise ValueError("import_tou: start times must be increasing and unique")
+            if starts[0] != time(0, 0):
+                raise ValueError("import_tou: the first window must start at 00:00")
+        return self
+
+
+class ForecastConfig(_Section):
+    """Where the forecasts over the horizon come from (MQTT forecasts override them)."""
+
+    load: Literal["daily-profile", "persistence", "file"] = "daily-profile"
+    pv: Literal["daily-profile", "persistence", "file", "none"] = "daily-profile"
+    series_file: Path | None = Field(
+        None, description="CSV: time, load_w, pv_w, import_price, export_price, carbon_g_per_kwh"
+    )
+    carbon_intensity_g_per_kwh: Annotated[float, Field(ge=0.0)] = 581.0
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if "file" in (self.load, self.pv) and self.series_file is None:
+            raise ValueError("series_file: required when load or pv is 'file'")
+        return self
+
+
+class MqttConfig(_Section):
+    """MQTT publishing and commands (the section is optional)."""
+
+    host: str = Field(min_length=1)
+    port: Port = 1883
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    client_id: str | None = None
+    base_topic: str = "essd"
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    ha_discovery: bool = True
+    ha_prefix: str = "homeassistant"
+
+
+class MetricsConfig(_Section):
+    """The Prometheus endpoint (loopback by default: expose it deliberately)."""
+
+    enabled: bool = True
+    bind: str = "127.0.0.1"
+    port: Port = 9108
+
+
+class LoggingConfig(_Section):
+    """Log level and format."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+_config_path: ContextVar[Path | None] = ContextVar("essd_config_path", default=None)
+
+
+class Settings(BaseSettings):
+    """The whole configuration of one essd instance."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    site: SiteConfig
+    devices: tuple[DeviceConfig, ...] = ()
+    control: ControlConfig = ControlConfig()
+    tariff: TariffConfig = TariffConfig(import_price_per_kwh=0.6)
+    forecast: ForecastConfig = ForecastConfig()
+    mqtt: MqttConfig | None = None
+    metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    profile_dirs: tuple[Path, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> Self:
+        ids = [d.id for d in self.devices]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"devices: duplicate id(s) {', '.join(dup)}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Init arguments, then the environment, then the TOML file (earlier wins)."""
+        path = _config_path.get()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+class ConfigError(Exception):
+    """The configuration is invalid: ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _env_name(loc: tuple[int | str, ...]) -> str:
+    return ENV_PREFIX + "__".join(str(p) for p in loc).upper()
+
+
+def _origin(loc: tuple[int | str, ...], path: Path | None, environ: dict[str, str]) -> str:
+    """Name the environment variable that set a field, else the file."""
+    upper = {k.upper() for k in environ}
+    for n in range(len(loc), 0, -1):
+        name = _env_name(loc[:n])
+        if name in upper:
+            return f"environment {name}"
+    return str(path) if path is not None else "configuration"
+
+
+def _format_errors(exc: ValidationError, path: Path | None) -> list[str]:
+    environ = dict(os.environ)
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        msg = re.sub(r"^Value error, ", "", err["msg"])
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{_origin(loc, path, environ)}: {dotted}: {msg}")
+    return lines
+
+
+_UNION_TAGS = {"tcp", "rtu-over-tcp", "serial"}
+
+
+def load_settings(path: Path | None = DEFAULT_CONFIG_PATH, **overrides: Any) -> Settings:
+    """Load the configuration from ``path`` and the environment; ConfigError on any problem.
+
+    ``path=None`` reads the environment (and ``overrides``) only.
+    """
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError([f"{path}: configuration file not found"])
+        try:
+            with path.open("rb") as fh:
+                tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    token = _config_path.set(path)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, path)) from None
+    finally:
+        _config_path.reset(token)

@@ -1,0 +1,1 @@
+"""Data shipped with essd: device profiles, example sites and HIL scenarios (YAML/TOML/CSV)."""

@@ -196,13 +196,17 @@ class Controller:
             raise CommandRejected("expires_at: already in the past")
         self._manual[device_id] = _Manual(power_w, expires_at)
 
-    def set_price_override(self, quantity: str, start: float, step_s: float, values: Sequence[float]) -> None:
+    def set_price_override(
+        self, quantity: str, start: float, step_s: float, values: Sequence[float]
+    ) -> None:
         """Override a price series (import_price or export_price) until it ends."""
         if quantity not in ("import_price", "export_price", "carbon_g_per_kwh"):
             raise CommandRejected(f"quantity: not a price series: {quantity!r}")
         self.forecaster.set_override(quantity, Override(start, step_s, tuple(values)))
 
-    def set_forecast_override(self, quantity: str, start: float, step_s: float, values: Sequence[float]) -> None:
+    def set_forecast_override(
+        self, quantity: str, start: float, step_s: float, values: Sequence[float]
+    ) -> None:
         """Override a forecast series (load_w or pv_w) until it ends."""
         if quantity not in ("load_w", "pv_w"):
             raise CommandRejected(f"quantity: not a forecast series: {quantity!r}")
@@ -314,9 +318,7 @@ class Controller:
         return replace(env, reserve_soc=min(reserve, env.max_soc - 1e-3))
 
     def _snapshot(self, now: float) -> Snapshot:
-        batteries = {
-            d.id: d.last for d in self.batteries if isinstance(d.last, BatteryReading)
-        }
+        batteries = {d.id: d.last for d in self.batteries if isinstance(d.last, BatteryReading)}
         meter = self.meter.last if self.meter is not None else None
         return Snapshot(
             time=now,
@@ -358,7 +360,10 @@ class Controller:
             inputs = self._inputs(now, snapshot, forecast)
         except InvalidDispatchInputs as exc:
             plan = safe_idle_plan(
-                ids, time=now, step_s=ctl.step_s, steps=ctl.horizon_steps,
+                ids,
+                time=now,
+                step_s=ctl.step_s,
+                steps=ctl.horizon_steps,
                 reason=f"invalid inputs: {exc}",
             )
             return plan, dict.fromkeys(ids, 0.0), "safe"
@@ -503,5 +508,3 @@ class Controller:
 def _answers(d: ManagedDevice) -> bool:
     last = d.last
     return isinstance(last, BatteryReading) and last.available
-
-

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from essd.sdnotify import SystemdNotifier, notify_address, watchdog_timeout_from_environment
-from tests.support.systemd import NotifyListener
+from tests.support.systemd import NotifyListener, service_invocation
 
 # Unix socket paths are limited to 107 bytes: pytest's tmp_path can be longer.
 
@@ -192,18 +192,12 @@ notifier.stopping()
 
 
 def test_a_service_process_sees_its_watchdog_as_systemd_sets_it(short_dir: Path) -> None:
-    """systemd sets WATCHDOG_PID to the main PID; ``exec`` keeps the shell's PID for Python."""
+    """The environment systemd gives essd.service's main process, WATCHDOG_PID included."""
     with NotifyListener(short_dir) as lst:
-        env = {
-            **os.environ,
-            "NOTIFY_SOCKET": lst.address,
-            "WATCHDOG_USEC": "200000",
-            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-        }
-        proc = subprocess.Popen(
-            ["/bin/sh", "-c", 'WATCHDOG_PID=$$ exec "$0" -c "$1"', sys.executable, CHILD],
-            env=env,
-        )
+        cmd, env = service_invocation([sys.executable, "-c", CHILD], lst, watchdog_s=0.2)
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+        assert env["PYTHONFAULTHANDLER"] == "1"  # the unit's Environment= lines are applied
+        proc = subprocess.Popen(cmd, env=env)
         try:
             ready = lst.wait_for("READY", timeout=20.0)
             assert ready.fields["STATUS"] == "interval 0.1"
@@ -217,3 +211,24 @@ def test_a_service_process_sees_its_watchdog_as_systemd_sets_it(short_dir: Path)
         finally:
             proc.kill()
             proc.wait()
+
+
+def test_a_child_of_the_service_does_not_inherit_the_watchdog(short_dir: Path) -> None:
+    """WATCHDOG_PID names the main process: a process it starts must not ping in its name."""
+    probe = (
+        "from essd.sdnotify import SystemdNotifier as N;"
+        " print(N.from_environment().watchdog_interval_s)"
+    )
+    with NotifyListener(short_dir) as lst:
+        cmd, env = service_invocation(
+            [
+                sys.executable,
+                "-c",
+                f"import subprocess, sys; subprocess.run([sys.executable, '-c', {probe!r}])",
+            ],
+            lst,
+            watchdog_s=10.0,
+        )
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "None"

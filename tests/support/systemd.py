@@ -9,6 +9,8 @@
   systemd itself uses), so a workload can be run under the unit's rules without systemd.
 - :class:`NotifyListener` is a real AF_UNIX datagram socket standing in for systemd's
   ``$NOTIFY_SOCKET``, recording every message with its arrival time.
+- :func:`service_invocation` gives the command and environment that start a program the way
+  systemd starts the unit's main process (notify socket, watchdog variables, ``Environment=``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -274,6 +277,36 @@ class NotifyListener:
     ) -> None:
         """Close the socket."""
         self.close()
+
+
+def service_invocation(
+    argv: Sequence[str],
+    listener: NotifyListener,
+    *,
+    watchdog_s: float | None,
+    unit: Path = UNIT_DIR / "essd.service",
+    base_env: Mapping[str, str] | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """Command and environment to start ``argv`` as systemd starts ``unit``'s main process.
+
+    Sets ``NOTIFY_SOCKET`` to ``listener``, the unit's ``Environment=`` lines, and, with
+    ``watchdog_s``, ``WATCHDOG_USEC`` and ``WATCHDOG_PID``. systemd sets ``WATCHDOG_PID`` to
+    the main process's PID, which is only known once it runs: a shell sets it to its own PID
+    (``$$``) and then ``exec``s the program, which keeps that PID. Pass the unit's own
+    timeout (``WatchdogSec=``) or a shorter one to keep a test quick.
+    """
+    env = dict(os.environ if base_env is None else base_env)
+    for line in unit_settings(unit).get("Environment", []):
+        for assignment in line.split():
+            key, _, value = assignment.partition("=")
+            env[key] = value
+    env["NOTIFY_SOCKET"] = listener.address
+    env.pop("WATCHDOG_PID", None)
+    env.pop("WATCHDOG_USEC", None)
+    if watchdog_s is None:
+        return list(argv), env
+    env["WATCHDOG_USEC"] = str(round(watchdog_s * 1_000_000))
+    return ["/bin/sh", "-c", 'WATCHDOG_PID=$$ exec "$@"', "sh", *argv], env
 
 
 SCORE_RE = re.compile(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)")

@@ -75,6 +75,9 @@ async def main():
     writer.close()
     server.close()
     out["tcp"] = True
+    # glibc's getaddrinfo asks netlink which address families are configured
+    # (AI_ADDRCONFIG); without AF_NETLINK it must still resolve.
+    out["addrconfig"] = len(socket.getaddrinfo("localhost", 502, flags=socket.AI_ADDRCONFIG))
 
     notifier = SystemdNotifier.from_environment()
     out["notified"] = notifier.ready(status="sandboxed")
@@ -122,6 +125,7 @@ def test_dependencies_work_under_the_units_seccomp_rules() -> None:
     assert "process_cpu_seconds_total" in out["metrics"]
     assert "process_start_time_seconds" in out["metrics"]
     assert out["tcp"] is True
+    assert out["addrconfig"] > 0
 
     # MemoryDenyWriteExecute, RestrictAddressFamilies and ~@resources were in force.
     assert out["wx_mmap_errno"] == 1  # EPERM

@@ -68,6 +68,7 @@ if TYPE_CHECKING:
     from essd.config import MetricsConfig, Settings
 
 __all__ = [
+    "COMMANDS",
     "CONTROL_MODES",
     "CYCLE_PHASES",
     "REASON_CATEGORIES",
@@ -118,6 +119,8 @@ REASON_CATEGORIES = (
 #: Solver failures by cause (a fallback plan made because the optimizer did not deliver).
 SOLVER_FAILURE_CAUSES = ("timeout", "status", "error")
 CONTROL_MODES = ("auto", "manual", "standby")
+#: Operator commands of the MQTT contract (DESIGN.md); their counters exist from the start.
+COMMANDS = ("mode", "reserve", "setpoint", "prices", "forecast")
 
 # Cycle periods are 1..300 s; a cycle normally takes tens of milliseconds to a few seconds.
 _CYCLE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -240,16 +243,20 @@ class MetricsExporter:
         default_max_soc: float | None = None,
         registry: CollectorRegistry | None = None,
         process_metrics: bool = True,
+        commands: Iterable[str] = COMMANDS,
+        mqtt_enabled: bool = False,
     ) -> None:
         self.clock = clock
         self.registry = registry if registry is not None else CollectorRegistry()
         self._soc_windows = dict(soc_windows or {})
         self._default_max_soc = default_max_soc
-        self._state = _State()
+        # With MQTT configured, "not connected" is the truth until the client says otherwise.
+        self._state = _State(mqtt_connected=False if mqtt_enabled else None)
         self._lock = threading.Lock()  # serializes writers; readers take the reference only
         self._phase = BoundedLabel(CYCLE_PHASES, extra=0)
         self._error_kind = BoundedLabel(("timeout", "exception", "connection", "decode"), extra=12)
-        self._command = BoundedLabel((), extra=24)
+        commands = tuple(commands)
+        self._command = BoundedLabel(commands, extra=24)
         self._solver_status = BoundedLabel(SOLVER_STATUSES, extra=0)
         r = self.registry
 
@@ -321,13 +328,16 @@ class MetricsExporter:
             ["command", "result"],
             registry=r,
         )
+        for name in commands:
+            for result in ("ok", "refused"):
+                self.commands.labels(name, result)
         r.register(_LiveCollector(self))
 
     @classmethod
     def from_settings(
         cls, settings: Settings, *, clock: Clock, registry: CollectorRegistry | None = None
     ) -> MetricsExporter:
-        """An exporter for the configured site: site id, currency and per-device SoC windows."""
+        """An exporter for the configured site: site id, currency, SoC windows, MQTT or not."""
         windows = {
             d.id: SocWindow(reserve=d.reserve_soc, max=d.max_soc or settings.control.max_soc)
             for d in settings.devices
@@ -339,6 +349,7 @@ class MetricsExporter:
             soc_windows=windows,
             default_max_soc=settings.control.max_soc,
             registry=registry,
+            mqtt_enabled=settings.mqtt is not None,
         )
 
     @property

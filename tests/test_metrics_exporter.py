@@ -286,8 +286,15 @@ def test_command_names_cannot_grow_series_without_bound(
     for i in range(100):
         exporter.handle(CommandHandled(f"cmd{i}", ok=False, error="unknown", time=0.0))
     commands = {dict(k[1])["command"] for k in samples(exporter) if k[0] == "essd_commands_total"}
-    assert len(commands) == 25  # 24 distinct names, then "other"
+    assert len(commands) == 5 + 24 + 1  # the contract's commands, 24 new names, "other"
     assert "other" in commands
+    assert {"mode", "reserve", "setpoint", "prices", "forecast"} <= commands
+
+
+def test_command_counters_exist_before_the_first_command(exporter: MetricsExporter) -> None:
+    s = samples(exporter)
+    assert value(s, "essd_commands_total", command="mode", result="ok") == 0.0
+    assert value(s, "essd_commands_total", command="forecast", result="refused") == 0.0
 
 
 def test_error_kinds_beyond_the_cap_are_summed_into_other(
@@ -316,6 +323,13 @@ def test_mqtt_state_and_daemon_status_follow_their_events(exporter: MetricsExpor
     assert value(samples(exporter), "essd_mqtt_connected") == 1.0
 
 
+def test_configured_mqtt_reads_disconnected_until_told_otherwise(clock: SimClock) -> None:
+    exporter = MetricsExporter(clock=clock, mqtt_enabled=True, process_metrics=False)
+    assert value(samples(exporter), "essd_mqtt_connected") == 0.0
+    exporter.handle(MqttConnectionChanged(connected=True, time=0.0))
+    assert value(samples(exporter), "essd_mqtt_connected") == 1.0
+
+
 def test_each_exporter_has_its_own_registry(clock: SimClock, site: FakeSite) -> None:
     a = MetricsExporter(clock=clock, process_metrics=False)
     b = MetricsExporter(clock=clock, process_metrics=False)
@@ -334,6 +348,8 @@ def test_from_settings_takes_site_currency_and_soc_windows(
 id = "plant-7"
 grid_import_limit_w = 250000
 grid_export_limit_w = 0
+[mqtt]
+host = "127.0.0.1"
 [tariff]
 currency = "EUR"
 import_price_per_kwh = 0.3
@@ -355,6 +371,7 @@ transport = { kind = "tcp", host = "127.0.0.1" }
     exporter.handle(site.next_event())
     s = samples(exporter)
     assert value(s, "essd_site_info", site="plant-7", currency="EUR") == 1.0
+    assert value(s, "essd_mqtt_connected") == 0.0
     assert value(s, "essd_device_soc_reserve_ratio", device="pcs1") == 0.2
     assert value(s, "essd_device_soc_reserve_ratio", device="pcs2") == 0.10  # live reserve
     assert value(s, "essd_device_soc_max_ratio", device="pcs2") == 0.8

@@ -84,6 +84,21 @@ def http_get(url: str, *, timeout: float = 5.0) -> bytes:
     return body
 
 
+def wait_for_metrics(url: str, *, timeout_s: float = 20.0) -> bytes:
+    """Poll a /metrics URL until it answers with essd's build info; returns the body."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            body = http_get(url, timeout=1.0)
+            if b"essd_build_info" in body:
+                return body
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no essd metrics at {url} after {timeout_s} s")
+        time.sleep(0.1)
+
+
 # --------------------------------------------------------------------------- the fake site
 
 

@@ -153,11 +153,11 @@ def served() -> dict[str, str]:
         clock.advance(1.0)
     out = {}
     for fam in text_string_to_metric_families(exporter.exposition().decode()):
-        # The parser drops _total from counter family names; the series keep it.
-        name = fam.name + "_total" if fam.type == "counter" else fam.name
-        out[name] = fam.type
-        if fam.type == "info":
-            out[fam.name + "_info"] = fam.type
+        if fam.name.endswith("_created"):
+            continue  # creation timestamps of counters and histograms, not queried
+        # The parser drops the _total and _info suffixes from family names; series keep them.
+        suffix = {"counter": "_total", "info": "_info"}.get(fam.type, "")
+        out[fam.name + suffix] = fam.type
     return out
 
 
@@ -179,3 +179,11 @@ def test_rates_are_taken_of_counters_and_histograms_only(served: dict[str, str])
         for name in re.findall(r"(?:rate|increase)\((\w+)", expr):
             family = referenced_metrics(name).pop()
             assert served[family] in ("counter", "histogram"), (expr, served[family])
+
+
+def test_every_served_metric_is_documented(served: dict[str, str]) -> None:
+    doc = (OBSERVABILITY.parent / "docs" / "observability.md").read_text()
+    undocumented = sorted(
+        name for name in served if name.startswith("essd_") and f"`{name}`" not in doc
+    )
+    assert undocumented == []

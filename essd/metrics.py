@@ -339,7 +339,10 @@ class MetricsExporter:
     ) -> MetricsExporter:
         """An exporter for the configured site: site id, currency, SoC windows, MQTT or not."""
         windows = {
-            d.id: SocWindow(reserve=d.reserve_soc, max=d.max_soc or settings.control.max_soc)
+            d.id: SocWindow(
+                reserve=d.reserve_soc,
+                max=d.max_soc if d.max_soc is not None else settings.control.max_soc,
+            )
             for d in settings.devices
         }
         return cls(

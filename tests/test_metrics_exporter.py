@@ -414,11 +414,10 @@ def test_server_binds_loopback_by_default_and_releases_the_port(
     srv = MetricsServer(exporter.registry, port=0)
     srv.start_sync()
     port = srv.port
-    assert srv.running
     assert port != 0
     assert b"essd_build_info" in http_get(f"http://127.0.0.1:{port}/metrics")
     srv.stop_sync()
-    assert not srv.running
+    assert srv.running is False
     again = MetricsServer(exporter.registry, port=port)  # a restart gets the same port
     again.start_sync()
     assert again.port == port

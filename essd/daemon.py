@@ -25,6 +25,7 @@ from essd.devices import ManagedDevice, envelope_for
 from essd.domain import DeviceClass
 from essd.events import DaemonStatus, DaemonStatusChanged, EventBus
 from essd.forecast import Forecaster
+from essd.metrics import MetricsExporter, MetricsServer
 from essd.sdnotify import SystemdNotifier
 
 __all__ = ["Daemon", "build_controller"]
@@ -89,6 +90,7 @@ class Daemon:
     _last_good_cycle_real: float | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     on_started: Callable[[Daemon], None] | None = None
+    metrics_url: str | None = None
 
     def request_stop(self) -> None:
         """Ask the daemon to stop after the current cycle (signal-safe)."""
@@ -130,11 +132,17 @@ class Daemon:
         """Metrics endpoint and MQTT bridge for the lifetime of the run."""
         async with contextlib.AsyncExitStack() as stack:
             if self.serve_metrics and self.settings.metrics.enabled:
-                from essd.metrics import MetricsServer  # noqa: PLC0415
-
-                port = self.metrics_port or self.settings.metrics.port
-                server = MetricsServer(self.bus, bind=self.settings.metrics.bind, port=port)
+                exporter = MetricsExporter.from_settings(self.settings, clock=self.clock)
+                stack.callback(exporter.attach(self.bus))
+                server = MetricsServer(
+                    exporter.registry,
+                    bind=self.settings.metrics.bind,
+                    port=self.settings.metrics.port
+                    if self.metrics_port is None
+                    else self.metrics_port,
+                )
                 await stack.enter_async_context(server)
+                self.metrics_url = server.url
             if self.settings.mqtt is not None:
                 from essd.mqtt import MqttBridge  # noqa: PLC0415
 

@@ -71,13 +71,22 @@ class ReadBlock:
 
 
 def plan_reads(
-    specs: Iterable[RegisterSpec], *, max_registers: int, gap_max: int = 0
+    specs: Iterable[RegisterSpec],
+    *,
+    max_registers: int,
+    gap_max: int = 0,
+    declared: Iterable[RegisterSpec] = (),
 ) -> tuple[ReadBlock, ...]:
     """Coalesce registers into as few block reads as possible.
 
-    A block never exceeds ``max_registers`` and never spans more than ``gap_max`` unmapped
-    registers between two mapped ones.
+    A block never exceeds ``max_registers`` and never spans more than ``gap_max`` undeclared
+    registers between two wanted ones; registers the profile ``declared`` (the device has them)
+    may be read across freely.
     """
+    known: dict[Table, set[int]] = {Table.HOLDING: set(), Table.INPUT: set()}
+    for d in declared:
+        if d.address is not None:
+            known[d.table].update(range(d.address, d.address + register_words(d)))
     by_table: dict[Table, list[RegisterSpec]] = {}
     seen: set[str] = set()
     for spec in specs:
@@ -100,11 +109,8 @@ def plan_reads(
         for spec in members:
             assert spec.address is not None
             s_end = spec.address + register_words(spec)
-            if (
-                current
-                and spec.address - end <= gap_max
-                and max(end, s_end) - start <= max_registers
-            ):
+            unknown = sum(1 for a in range(end, spec.address) if a not in known[table])
+            if current and unknown <= gap_max and max(end, s_end) - start <= max_registers:
                 current.append(spec)
                 end = max(end, s_end)
                 continue
@@ -175,7 +181,10 @@ class GenericDriver:
             if spec.scale_factor is not None:
                 read_specs.append(profile.register(spec.scale_factor))
         self._blocks = plan_reads(
-            read_specs, max_registers=t.max_registers_per_read, gap_max=t.read_gap_max
+            read_specs,
+            max_registers=t.max_registers_per_read,
+            gap_max=t.read_gap_max,
+            declared=profile.registers,
         )
 
     # -- identity ------------------------------------------------------------------------------
@@ -395,6 +404,7 @@ class GenericDriver:
             sf_specs,
             max_registers=self._profile.transport.max_registers_per_read,
             gap_max=self._profile.transport.read_gap_max,
+            declared=self._profile.registers,
         )
         words, _ = await self._read_words(blocks)
         out: dict[str, int | None] = {}
@@ -459,7 +469,8 @@ class GenericDriver:
         blocks = plan_reads(
             to_verify,
             max_registers=self._profile.transport.max_registers_per_read,
-            gap_max=0,
+            gap_max=self._profile.transport.read_gap_max,
+            declared=self._profile.registers,
         )
         got, refused = await self._read_words(blocks)
         mismatches: list[str] = []

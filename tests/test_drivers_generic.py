@@ -105,6 +105,12 @@ def test_reads_are_coalesced_into_blocks_within_the_limit(pcs: Profile) -> None:
     assert [(b.address, b.count) for b in plan_reads(gap, max_registers=125, gap_max=19)] == [
         (0, 22)
     ]
+    # registers the profile declares may be read across; unknown addresses may not
+    apart = [pcs.register("soc"), pcs.register("chg_max")]
+    assert len(plan_reads(apart, max_registers=125)) == 2
+    assert [
+        (b.address, b.count) for b in plan_reads(apart, max_registers=125, declared=pcs.registers)
+    ] == [(0, 4)]
     # input and holding registers never share a block
     meter = resolve_profile("site-meter")
     blocks = plan_reads(meter.registers, max_registers=125, gap_max=100)

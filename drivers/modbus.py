@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -289,31 +290,25 @@ class ModbusEndpoint:
             "timeout": self._timeout_s,
             "retries": 0,
             "reconnect_delay": 0,
-            "trace_connect": self._on_connection_change,
         }
         target = self._target
+        client: _Client
         if isinstance(target, TcpTarget):
             framer = FramerType.SOCKET if target.framing is Framing.SOCKET else FramerType.RTU
-            return AsyncModbusTcpClient(target.host, port=target.port, framer=framer, **common)
-        return AsyncModbusSerialClient(
-            target.path,
-            framer=FramerType.RTU,
-            baudrate=target.baudrate,
-            bytesize=target.bytesize,
-            parity=target.parity,
-            stopbits=target.stopbits,
-            **common,
-        )
-
-    def _on_connection_change(self, connected: bool) -> None:
-        """Fail a request in flight at once when the peer drops the connection."""
-        if connected or self._client is None:
-            return
-        future: asyncio.Future[ModbusPDU] | None = getattr(
-            self._client.ctx, "response_future", None
-        )
-        if future is not None and not future.done():
-            future.set_exception(ConnectionException("connection lost"))
+            client = AsyncModbusTcpClient(target.host, port=target.port, framer=framer, **common)
+        else:
+            client = AsyncModbusSerialClient(
+                target.path,
+                framer=FramerType.RTU,
+                baudrate=target.baudrate,
+                bytesize=target.bytesize,
+                parity=target.parity,
+                stopbits=target.stopbits,
+                **common,
+            )
+        # Bound to this client, so a late notice from an old connection cannot touch a new one.
+        client.ctx.trace_connect = functools.partial(_on_connection_change, client)
+        return client
 
     def _drop(self) -> None:
         client, self._client = self._client, None
@@ -342,6 +337,8 @@ class ModbusEndpoint:
             self._last_connect_error = "connection refused or timed out"
         if not ok:
             client.close()
+            if self._delay_s == 0.0:  # log the failure once, not at every retry
+                log.warning("%s: cannot connect: %s", self, self._last_connect_error)
             self._delay_s = self._backoff.next_delay(self._delay_s)
             self._retry_at = self._clock.monotonic() + self._delay_s
             if unit is not None:
@@ -350,6 +347,8 @@ class ModbusEndpoint:
                 f"{self}: cannot connect ({self._last_connect_error}); "
                 f"next attempt in {self._delay_s:.1f} s"
             )
+        if self._delay_s > 0.0:
+            log.info("%s: connected again", self)
         self._client = client
         self._delay_s = 0.0
         self._retry_at = None
@@ -443,6 +442,18 @@ class ModbusEndpoint:
         # next request. Reopening the connection discards it. Modbus TCP matches transaction ids.
         if isinstance(self._target, SerialTarget) or self._target.framing is Framing.RTU:
             self._drop()
+
+
+def _on_connection_change(client: _Client, connected: bool) -> None:
+    """Fail the request in flight at once when the peer drops the connection.
+
+    Without this, pymodbus would wait out the full timeout for an answer that cannot come.
+    """
+    if connected:
+        return
+    future: asyncio.Future[ModbusPDU] | None = getattr(client.ctx, "response_future", None)
+    if future is not None and not future.done():
+        future.set_exception(ConnectionException("connection lost"))
 
 
 def _exception_name(code: int) -> str:

@@ -6,7 +6,7 @@ import pytest
 
 from drivers.layout import ProfileImage, base_unit, from_base, to_base
 from drivers.profile import load_profile, load_profile_text, resolve_profile
-from drivers.registers import EncodeError, RegisterAccessError, Table
+from drivers.registers import EncodeError, ModbusExceptionCode, RegisterAccessError, Table
 from essd.cli import main
 from tests.support.devices import shipped_profile_paths
 
@@ -86,3 +86,25 @@ def test_cli_lists_the_shipped_profiles(capsys: pytest.CaptureFixture[str]) -> N
     assert "site-meter" in out
     assert main(["profiles", "show", "site-meter"]) == 0
     assert "Total system power" in capsys.readouterr().out
+
+
+def test_clients_write_only_writable_registers_and_listeners_hear_them() -> None:
+    profile = resolve_profile("household-hybrid-forcible")
+    image = ProfileImage(profile)
+    heard: list[tuple[str, ...]] = []
+    image.add_write_listener(heard.append)
+    spec = image.spec("forcible_charge_power")
+    assert spec.address is not None
+    image.write(spec.address, [0, 1500])
+    assert heard == [("forcible_charge_power",)]
+    assert image.get_value("forcible_charge_power") == 1500.0
+    soc = image.spec("state_of_capacity")
+    assert soc.address is not None
+    with pytest.raises(RegisterAccessError) as info:
+        image.write(soc.address, [500])  # read-only
+    assert info.value.code == ModbusExceptionCode.ILLEGAL_DATA_ADDRESS
+    with pytest.raises(RegisterAccessError):
+        image.write(spec.address + 2, [0, 0, 0])  # runs past the register into nothing
+    assert heard == [("forcible_charge_power",)]
+    image.set_value("state_of_capacity", 55.5)  # the simulator itself may set anything
+    assert image.get_field("soc") == pytest.approx(0.555)

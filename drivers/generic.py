@@ -557,9 +557,10 @@ class _Heartbeat(GenericDriver):
         nxt = self._heartbeat_counter + 1
         if nxt > self._heartbeat_wrap():
             nxt = 0
-        result = await self.perform(ActionName.HEARTBEAT, {"counter": float(nxt)})
+        # Advance even if the write fails: the next value then differs from whatever the
+        # device holds, which is all a heartbeat watchdog looks at.
         self._heartbeat_counter = nxt
-        return result
+        return await self.perform(ActionName.HEARTBEAT, {"counter": float(nxt)})
 
 
 class _RevertTimer(GenericDriver):

@@ -425,6 +425,9 @@ class ModbusEndpoint:
                 counters.error(ErrorKind.PROTOCOL)
                 self._drop()
                 raise CommunicationError(f"{self} unit {unit}: {what}: {exc}") from None
+            except asyncio.CancelledError:
+                self._after_timeout()  # an answer may still arrive: same care as a timeout
+                raise
             finally:
                 elapsed = self._timer() - started
                 counters.last_latency_s = elapsed
@@ -498,6 +501,11 @@ class _StoreContext:
             return ExcCodes(int(exc.code))
         except NoResponse:
             raise NoSuchIdException(f"unit {device_id} does not answer") from None
+        except Exception:
+            # A bug in a store: answer "device failure" as a real device would, but say why
+            # (pymodbus's own log is silenced).
+            log.exception("unit %d: read %s %d+%d failed", device_id, table.value, address, count)
+            return ExcCodes.DEVICE_FAILURE
 
     async def async_setValues(  # noqa: N802 - pymodbus's name
         self, device_id: int, func_code: int, address: int, values: Sequence[int]
@@ -511,6 +519,9 @@ class _StoreContext:
             return ExcCodes(int(exc.code))
         except NoResponse:
             raise NoSuchIdException(f"unit {device_id} does not answer") from None
+        except Exception:
+            log.exception("unit %d: write %d+%d failed", device_id, address, len(values))
+            return ExcCodes.DEVICE_FAILURE
         return None
 
 

@@ -435,3 +435,27 @@ async def test_argument_errors_are_refused_before_sending(server: ModbusServer) 
         assert ep.stats(1).requests_total == 0
     finally:
         await ep.close()
+
+
+class Broken:
+    """A store with a bug: the server answers "device failure" instead of crashing."""
+
+    def read(self, table: Table, address: int, count: int) -> list[int]:
+        raise ZeroDivisionError
+
+    def write(self, address: int, values: Sequence[int]) -> None:
+        raise KeyError(address)
+
+
+async def test_a_failing_store_answers_device_failure(caplog: pytest.LogCaptureFixture) -> None:
+    async with ModbusServer.tcp({1: Broken()}) as srv:
+        ep = _endpoint(srv)
+        try:
+            with pytest.raises(DeviceExceptionResponse) as info:
+                await ep.read_registers(Table.HOLDING, 0, 1, 1)
+            assert info.value.code == ModbusExceptionCode.SERVER_DEVICE_FAILURE
+            with pytest.raises(DeviceExceptionResponse):
+                await ep.write_registers(0, [1], 1)
+        finally:
+            await ep.close()
+    assert "ZeroDivisionError" in caplog.text

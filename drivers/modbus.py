@@ -176,9 +176,11 @@ class _Counters:
     latency_sum_s: float = 0.0
 
     def error(self, kind: ErrorKind) -> None:
+        """Count one failed request of ``kind``."""
         self.errors[kind.value] = self.errors.get(kind.value, 0) + 1
 
     def freeze(self) -> UnitStats:
+        """A frozen copy for callers."""
         return UnitStats(
             requests_total=self.requests,
             writes_total=self.writes,
@@ -364,6 +366,7 @@ class ModbusEndpoint:
             raise ValueError(f"count: 1..125 registers per read, got {count}")
 
         async def call(client: _Client) -> ModbusPDU:
+            """Function 4 for input registers, 3 for holding registers."""
             if table is Table.INPUT:
                 return await client.read_input_registers(address, count=count, device_id=unit)
             return await client.read_holding_registers(address, count=count, device_id=unit)
@@ -389,6 +392,7 @@ class ModbusEndpoint:
             raise ValueError(f"values: register words must be 0..65535, got {words}")
 
         async def call(client: _Client) -> ModbusPDU:
+            """Function 6 for one register, 16 for several."""
             if len(words) == 1:
                 return await client.write_register(address, words[0], device_id=unit)
             return await client.write_registers(address, words, device_id=unit)
@@ -478,6 +482,7 @@ class _StoreContext:
         self.stores = stores
 
     def device_ids(self) -> list[int]:
+        """Units served (pymodbus asks for broadcasts)."""
         return list(self.stores)
 
     def _store(self, device_id: int) -> RegisterStore:
@@ -491,6 +496,7 @@ class _StoreContext:
     async def async_getValues(  # noqa: N802 - pymodbus's name
         self, device_id: int, func_code: int, address: int, count: int = 1
     ) -> list[int] | ExcCodes:
+        """Words for a read request, or the exception code to answer with."""
         store = self._store(device_id)
         table = _TABLE_BY_FUNCTION.get(func_code)
         if table is None:
@@ -510,6 +516,7 @@ class _StoreContext:
     async def async_setValues(  # noqa: N802 - pymodbus's name
         self, device_id: int, func_code: int, address: int, values: Sequence[int]
     ) -> ExcCodes | None:
+        """Apply a write request; None for success, else the exception code."""
         store = self._store(device_id)
         if _TABLE_BY_FUNCTION.get(func_code) is not Table.HOLDING:
             return ExcCodes.ILLEGAL_FUNCTION

@@ -89,6 +89,14 @@ class Decoded:
         return self.value is not None
 
 
+def _quantity(value: float, unit: str) -> str:
+    return f"{value:g} {unit}" if unit else f"{value:g}"
+
+
+def _bound(value: float | None, open_end: str) -> str:
+    return open_end if value is None else f"{value:g}"
+
+
 def _unsigned(raw: int, words: int) -> int:
     return raw % (1 << (16 * words))
 
@@ -124,9 +132,8 @@ def decode_register(  # noqa: PLR0911 - one early return per kind of invalid val
             return Decoded(None, raw, f"scale factor {spec.scale_factor}={sf} outside -10..10")
     value = raw * _factor(spec, sf) + spec.offset
     if (spec.min is not None and value < spec.min) or (spec.max is not None and value > spec.max):
-        lo = "-inf" if spec.min is None else f"{spec.min:g}"
-        hi = "inf" if spec.max is None else f"{spec.max:g}"
-        return Decoded(None, raw, f"{value:g} {spec.unit} outside [{lo}, {hi}]".replace("  ", " "))
+        lo, hi = _bound(spec.min, "-inf"), _bound(spec.max, "inf")
+        return Decoded(None, raw, f"{_quantity(value, spec.unit)} outside [{lo}, {hi}]")
     return Decoded(float(value), raw)
 
 
@@ -156,7 +163,8 @@ def encode_register(
         (spec.min is not None and value < spec.min) or (spec.max is not None and value > spec.max)
     ):
         raise EncodeError(
-            f"register {spec.name}: {value:g} {spec.unit} outside [{spec.min}, {spec.max}]"
+            f"register {spec.name}: {_quantity(value, spec.unit)} outside "
+            f"[{_bound(spec.min, '-inf')}, {_bound(spec.max, 'inf')}]"
         )
     if spec.scale_factor is not None and sf is None:
         raise EncodeError(f"register {spec.name}: scale factor {spec.scale_factor} is not valid")
@@ -168,7 +176,7 @@ def encode_register(
             raw, spec.rtype, byte_order=transport.byte_order, word_order=transport.word_order
         )
     except EncodeError as exc:
-        raise EncodeError(f"register {spec.name}: {value:g} {spec.unit}: {exc}") from None
+        raise EncodeError(f"register {spec.name}: {_quantity(value, spec.unit)}: {exc}") from None
 
 
 class ProfileImage(RegisterImage):

@@ -108,3 +108,16 @@ def test_clients_write_only_writable_registers_and_listeners_hear_them() -> None
     assert heard == [("forcible_charge_power",)]
     image.set_value("state_of_capacity", 55.5)  # the simulator itself may set anything
     assert image.get_field("soc") == pytest.approx(0.555)
+
+
+def test_values_outside_the_register_type_are_refused() -> None:
+    profile = load_profile_text(GAPPY, "gappy.yaml")
+    image = ProfileImage(profile)
+    with pytest.raises(EncodeError, match=r"register c: 70000: 70000 out of range for u16"):
+        image.set_value("c", 70000)
+    with pytest.raises(EncodeError, match="register c: -1"):
+        image.set_value("c", -1)
+    with pytest.raises(EncodeError, match="not a finite number"):
+        image.set_value("c", float("nan"))
+    with pytest.raises(EncodeError, match="does not fit 3 registers"):
+        image.set_value("d", "TOO LONG")

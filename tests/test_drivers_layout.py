@@ -121,3 +121,11 @@ def test_values_outside_the_register_type_are_refused() -> None:
         image.set_value("c", float("nan"))
     with pytest.raises(EncodeError, match="does not fit 3 registers"):
         image.set_value("d", "TOO LONG")
+
+
+def test_the_profile_readme_example_is_a_valid_profile() -> None:
+    readme = (shipped_profile_paths()[0].parent / "README.md").read_text(encoding="utf-8")
+    example = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    profile = load_profile_text(example, "README.md")
+    assert profile.name == "my-device"
+    ProfileImage(profile)

@@ -122,6 +122,7 @@ def build_driver(
             unit=device.transport.unit,
             clock=clock,
             limits_override=limits,
+            capacity_wh=device.capacity_wh,
         )
         return driver
     return GenericDriver(

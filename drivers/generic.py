@@ -172,7 +172,6 @@ class GenericDriver:
         self._capacity_wh = capacity_wh if capacity_wh is not None else profile.ratings.capacity_wh
         self._owns_endpoint = owns_endpoint
         self._heartbeat_counter = 0
-        self._last_raw: dict[str, int | float | str] = {}
         t = profile.transport
         read_specs: list[RegisterSpec] = []
         for reg_name in profile.fields.values():
@@ -272,6 +271,12 @@ class GenericDriver:
 
         Raises CommunicationError when the device does not answer.
         """
+        fields, _ = await self._read_fields_and_raw()
+        return fields
+
+    async def _read_fields_and_raw(
+        self,
+    ) -> tuple[dict[str, Reading], dict[str, int | float | str]]:
         words, refused = await self._read_words(self._blocks)
         at = self._clock.monotonic()
         out: dict[str, Reading] = {}
@@ -301,16 +306,17 @@ class GenericDriver:
                 )
             else:
                 out[name] = Reading.good(sum((r.value or 0.0) * k for r, k in parts), unit, at)
-        self._last_raw = raw
-        return out
+        return out, raw
 
-    def _alarms(self, fields: Mapping[str, Reading]) -> tuple[str, ...]:
+    def _alarms(
+        self, fields: Mapping[str, Reading], raws: Mapping[str, int | float | str]
+    ) -> tuple[str, ...]:
         """Non-zero alarm/fault words as ``field=0x...`` (raw bits, as the vendor lists them)."""
         alarms: list[str] = []
         for field, reading in fields.items():
             if not field.startswith(_ALARM_PREFIXES) or not reading.valid or not reading.value:
                 continue
-            raw = self._last_raw.get(field, reading.value)
+            raw = raws.get(field, reading.value)
             if isinstance(raw, int):
                 spec = self._profile.register(self._profile.fields[field])
                 alarms.append(f"{field}=0x{raw % (1 << (16 * register_words(spec))):X}")
@@ -353,7 +359,7 @@ class GenericDriver:
         says ``available=False``.
         """
         try:
-            fields = await self.read_fields()
+            fields, raws = await self._read_fields_and_raw()
         except CommunicationError as exc:
             if self._profile.has(Capability.AVAILABILITY):
                 return self._unavailable(str(exc))
@@ -376,7 +382,7 @@ class GenericDriver:
             power_w=power,
             limits=self._limits(fields),
             capacity_wh=self._capacity_wh,
-            alarms=self._alarms(fields),
+            alarms=self._alarms(fields, raws),
             extras=extras,
         )
 
@@ -557,9 +563,10 @@ class _Heartbeat(GenericDriver):
         nxt = self._heartbeat_counter + 1
         if nxt > self._heartbeat_wrap():
             nxt = 0
-        result = await self.perform(ActionName.HEARTBEAT, {"counter": float(nxt)})
+        # Advance even if the write fails: the next value then differs from whatever the
+        # device holds, which is all a heartbeat watchdog looks at.
         self._heartbeat_counter = nxt
-        return result
+        return await self.perform(ActionName.HEARTBEAT, {"counter": float(nxt)})
 
 
 class _RevertTimer(GenericDriver):

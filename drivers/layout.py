@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from drivers.profile import Profile, RegisterSpec, Transport
 from drivers.registers import (
     EncodeError,
+    ModbusExceptionCode,
+    RegisterAccessError,
     RegisterImage,
     RegisterType,
     Table,
@@ -87,6 +89,14 @@ class Decoded:
         return self.value is not None
 
 
+def _quantity(value: float, unit: str) -> str:
+    return f"{value:g} {unit}" if unit else f"{value:g}"
+
+
+def _bound(value: float | None, open_end: str) -> str:
+    return open_end if value is None else f"{value:g}"
+
+
 def _unsigned(raw: int, words: int) -> int:
     return raw % (1 << (16 * words))
 
@@ -122,9 +132,8 @@ def decode_register(  # noqa: PLR0911 - one early return per kind of invalid val
             return Decoded(None, raw, f"scale factor {spec.scale_factor}={sf} outside -10..10")
     value = raw * _factor(spec, sf) + spec.offset
     if (spec.min is not None and value < spec.min) or (spec.max is not None and value > spec.max):
-        lo = "-inf" if spec.min is None else f"{spec.min:g}"
-        hi = "inf" if spec.max is None else f"{spec.max:g}"
-        return Decoded(None, raw, f"{value:g} {spec.unit} outside [{lo}, {hi}]".replace("  ", " "))
+        lo, hi = _bound(spec.min, "-inf"), _bound(spec.max, "inf")
+        return Decoded(None, raw, f"{_quantity(value, spec.unit)} outside [{lo}, {hi}]")
     return Decoded(float(value), raw)
 
 
@@ -154,7 +163,8 @@ def encode_register(
         (spec.min is not None and value < spec.min) or (spec.max is not None and value > spec.max)
     ):
         raise EncodeError(
-            f"register {spec.name}: {value:g} {spec.unit} outside [{spec.min}, {spec.max}]"
+            f"register {spec.name}: {_quantity(value, spec.unit)} outside "
+            f"[{_bound(spec.min, '-inf')}, {_bound(spec.max, 'inf')}]"
         )
     if spec.scale_factor is not None and sf is None:
         raise EncodeError(f"register {spec.name}: scale factor {spec.scale_factor} is not valid")
@@ -166,7 +176,7 @@ def encode_register(
             raw, spec.rtype, byte_order=transport.byte_order, word_order=transport.word_order
         )
     except EncodeError as exc:
-        raise EncodeError(f"register {spec.name}: {value:g} {spec.unit}: {exc}") from None
+        raise EncodeError(f"register {spec.name}: {_quantity(value, spec.unit)}: {exc}") from None
 
 
 class ProfileImage(RegisterImage):
@@ -183,17 +193,43 @@ class ProfileImage(RegisterImage):
             raise ValueError(f"profile {profile.name}: only a plain profile can be laid out")
         self.profile = profile
         self._specs = {r.name: r for r in profile.registers}
+        self._owner: dict[int, RegisterSpec] = {}  # holding address -> register covering it
+        self._listeners: list[Callable[[tuple[str, ...]], None]] = []
         spans: dict[Table, list[tuple[int, int]]] = {Table.HOLDING: [], Table.INPUT: []}
         for spec in profile.registers:
             assert spec.address is not None  # a generic profile has no SunSpec points
             self.define(spec.table, spec.address, register_words(spec))
             spans[spec.table].append((spec.address, spec.address + register_words(spec)))
+            if spec.table is Table.HOLDING:
+                for a in range(spec.address, spec.address + register_words(spec)):
+                    self._owner[a] = spec
         gap_max = profile.transport.read_gap_max
         for table, ranges in spans.items():
             ranges.sort()
             for (_, end), (start, _) in itertools.pairwise(ranges):
                 if 0 < start - end <= gap_max:
                     self.define(table, end, start - end)
+
+    def add_write_listener(self, callback: Callable[[tuple[str, ...]], None]) -> None:
+        """Call ``callback(register names)`` after every write a Modbus client makes."""
+        self._listeners.append(callback)
+
+    def write(self, address: int, values: Sequence[int]) -> None:
+        """RegisterStore write, as the device takes it: only writable registers accept one.
+
+        Read-only registers and unassigned addresses answer ILLEGAL_DATA_ADDRESS. The simulator
+        itself sets any register with :meth:`set_value` / :meth:`set_raw`.
+        """
+        names: list[str] = []
+        for a in range(address, address + len(values)):
+            spec = self._owner.get(a)
+            if spec is None or spec.access == "r":
+                raise RegisterAccessError(ModbusExceptionCode.ILLEGAL_DATA_ADDRESS)
+            if spec.name not in names:
+                names.append(spec.name)
+        super().write(address, values)
+        for callback in list(self._listeners):
+            callback(tuple(names))
 
     def spec(self, name: str) -> RegisterSpec:
         """The register called ``name`` (KeyError naming it otherwise)."""
@@ -246,6 +282,10 @@ class ProfileImage(RegisterImage):
             transport=self.profile.transport,
             sf=self._sf(spec),
         )
+
+    def get_value(self, name: str) -> float | str | None:
+        """A register's value in its own unit, None when it is not valid."""
+        return self.value(name).value
 
     def set_value(self, name: str, value: float | str, *, check_range: bool = True) -> None:
         """Set a register to a physical value in its own unit."""

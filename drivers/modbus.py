@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -175,9 +176,11 @@ class _Counters:
     latency_sum_s: float = 0.0
 
     def error(self, kind: ErrorKind) -> None:
+        """Count one failed request of ``kind``."""
         self.errors[kind.value] = self.errors.get(kind.value, 0) + 1
 
     def freeze(self) -> UnitStats:
+        """A frozen copy for callers."""
         return UnitStats(
             requests_total=self.requests,
             writes_total=self.writes,
@@ -289,31 +292,25 @@ class ModbusEndpoint:
             "timeout": self._timeout_s,
             "retries": 0,
             "reconnect_delay": 0,
-            "trace_connect": self._on_connection_change,
         }
         target = self._target
+        client: _Client
         if isinstance(target, TcpTarget):
             framer = FramerType.SOCKET if target.framing is Framing.SOCKET else FramerType.RTU
-            return AsyncModbusTcpClient(target.host, port=target.port, framer=framer, **common)
-        return AsyncModbusSerialClient(
-            target.path,
-            framer=FramerType.RTU,
-            baudrate=target.baudrate,
-            bytesize=target.bytesize,
-            parity=target.parity,
-            stopbits=target.stopbits,
-            **common,
-        )
-
-    def _on_connection_change(self, connected: bool) -> None:
-        """Fail a request in flight at once when the peer drops the connection."""
-        if connected or self._client is None:
-            return
-        future: asyncio.Future[ModbusPDU] | None = getattr(
-            self._client.ctx, "response_future", None
-        )
-        if future is not None and not future.done():
-            future.set_exception(ConnectionException("connection lost"))
+            client = AsyncModbusTcpClient(target.host, port=target.port, framer=framer, **common)
+        else:
+            client = AsyncModbusSerialClient(
+                target.path,
+                framer=FramerType.RTU,
+                baudrate=target.baudrate,
+                bytesize=target.bytesize,
+                parity=target.parity,
+                stopbits=target.stopbits,
+                **common,
+            )
+        # Bound to this client, so a late notice from an old connection cannot touch a new one.
+        client.ctx.trace_connect = functools.partial(_on_connection_change, client)
+        return client
 
     def _drop(self) -> None:
         client, self._client = self._client, None
@@ -342,6 +339,8 @@ class ModbusEndpoint:
             self._last_connect_error = "connection refused or timed out"
         if not ok:
             client.close()
+            if self._delay_s == 0.0:  # log the failure once, not at every retry
+                log.warning("%s: cannot connect: %s", self, self._last_connect_error)
             self._delay_s = self._backoff.next_delay(self._delay_s)
             self._retry_at = self._clock.monotonic() + self._delay_s
             if unit is not None:
@@ -350,6 +349,8 @@ class ModbusEndpoint:
                 f"{self}: cannot connect ({self._last_connect_error}); "
                 f"next attempt in {self._delay_s:.1f} s"
             )
+        if self._delay_s > 0.0:
+            log.info("%s: connected again", self)
         self._client = client
         self._delay_s = 0.0
         self._retry_at = None
@@ -365,6 +366,7 @@ class ModbusEndpoint:
             raise ValueError(f"count: 1..125 registers per read, got {count}")
 
         async def call(client: _Client) -> ModbusPDU:
+            """Function 4 for input registers, 3 for holding registers."""
             if table is Table.INPUT:
                 return await client.read_input_registers(address, count=count, device_id=unit)
             return await client.read_holding_registers(address, count=count, device_id=unit)
@@ -390,6 +392,7 @@ class ModbusEndpoint:
             raise ValueError(f"values: register words must be 0..65535, got {words}")
 
         async def call(client: _Client) -> ModbusPDU:
+            """Function 6 for one register, 16 for several."""
             if len(words) == 1:
                 return await client.write_register(address, words[0], device_id=unit)
             return await client.write_registers(address, words, device_id=unit)
@@ -426,6 +429,9 @@ class ModbusEndpoint:
                 counters.error(ErrorKind.PROTOCOL)
                 self._drop()
                 raise CommunicationError(f"{self} unit {unit}: {what}: {exc}") from None
+            except asyncio.CancelledError:
+                self._after_timeout()  # an answer may still arrive: same care as a timeout
+                raise
             finally:
                 elapsed = self._timer() - started
                 counters.last_latency_s = elapsed
@@ -443,6 +449,18 @@ class ModbusEndpoint:
         # next request. Reopening the connection discards it. Modbus TCP matches transaction ids.
         if isinstance(self._target, SerialTarget) or self._target.framing is Framing.RTU:
             self._drop()
+
+
+def _on_connection_change(client: _Client, connected: bool) -> None:
+    """Fail the request in flight at once when the peer drops the connection.
+
+    Without this, pymodbus would wait out the full timeout for an answer that cannot come.
+    """
+    if connected:
+        return
+    future: asyncio.Future[ModbusPDU] | None = getattr(client.ctx, "response_future", None)
+    if future is not None and not future.done():
+        future.set_exception(ConnectionException("connection lost"))
 
 
 def _exception_name(code: int) -> str:
@@ -464,6 +482,7 @@ class _StoreContext:
         self.stores = stores
 
     def device_ids(self) -> list[int]:
+        """Units served (pymodbus asks for broadcasts)."""
         return list(self.stores)
 
     def _store(self, device_id: int) -> RegisterStore:
@@ -477,6 +496,7 @@ class _StoreContext:
     async def async_getValues(  # noqa: N802 - pymodbus's name
         self, device_id: int, func_code: int, address: int, count: int = 1
     ) -> list[int] | ExcCodes:
+        """Words for a read request, or the exception code to answer with."""
         store = self._store(device_id)
         table = _TABLE_BY_FUNCTION.get(func_code)
         if table is None:
@@ -487,10 +507,16 @@ class _StoreContext:
             return ExcCodes(int(exc.code))
         except NoResponse:
             raise NoSuchIdException(f"unit {device_id} does not answer") from None
+        except Exception:
+            # A bug in a store: answer "device failure" as a real device would, but say why
+            # (pymodbus's own log is silenced).
+            log.exception("unit %d: read %s %d+%d failed", device_id, table.value, address, count)
+            return ExcCodes.DEVICE_FAILURE
 
     async def async_setValues(  # noqa: N802 - pymodbus's name
         self, device_id: int, func_code: int, address: int, values: Sequence[int]
     ) -> ExcCodes | None:
+        """Apply a write request; None for success, else the exception code."""
         store = self._store(device_id)
         if _TABLE_BY_FUNCTION.get(func_code) is not Table.HOLDING:
             return ExcCodes.ILLEGAL_FUNCTION
@@ -500,6 +526,9 @@ class _StoreContext:
             return ExcCodes(int(exc.code))
         except NoResponse:
             raise NoSuchIdException(f"unit {device_id} does not answer") from None
+        except Exception:
+            log.exception("unit %d: write %d+%d failed", device_id, address, len(values))
+            return ExcCodes.DEVICE_FAILURE
         return None
 
 

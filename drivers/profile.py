@@ -348,6 +348,14 @@ class Profile(_Strict):
                     )
                 if step.when != "always" and aname is not ActionName.SET_ACTIVE_POWER:
                     raise ValueError(f"{where}.when: only set_active_power steps are conditional")
+            if aname is ActionName.SET_ACTIVE_POWER:
+                # Every sign must write something: a command that silently does nothing for
+                # 0 W would leave the device charging or discharging.
+                for sign in ("charge", "discharge", "idle"):
+                    if not any(st.when in ("always", sign) for st in act.writes):
+                        raise ValueError(
+                            f"actions.set_active_power.writes: nothing is written when {sign}"
+                        )
         return self
 
     def register(self, name: str) -> RegisterSpec:

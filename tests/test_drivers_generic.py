@@ -23,7 +23,14 @@ from drivers.api import (
 from drivers.factory import EndpointPool, build_driver, config_limits
 from drivers.generic import GenericDriver, plan_reads
 from drivers.layout import ProfileImage
-from drivers.modbus import ErrorKind, ModbusEndpoint, ModbusServer, TcpTarget
+from drivers.modbus import (
+    ErrorKind,
+    Framing,
+    ModbusEndpoint,
+    ModbusServer,
+    SerialTarget,
+    TcpTarget,
+)
 from drivers.profile import ActionName, Profile, load_profile_text, resolve_profile
 from drivers.registers import ModbusExceptionCode, RegisterAccessError, Table
 from essd.clock import RealClock
@@ -434,3 +441,14 @@ async def test_factory_shares_endpoints_and_applies_the_config() -> None:
         finally:
             await pool.close()
     assert config_limits(config("d", 502, 1), hybrid) is None
+
+
+def test_units_on_one_serial_line_share_one_endpoint() -> None:
+    pool = EndpointPool(clock=RealClock())
+    a = pool.endpoint(SerialTarget("/dev/ttyUSB0", 9600))
+    b = pool.endpoint(SerialTarget("/dev/ttyUSB0", 19200))
+    c = pool.endpoint(SerialTarget("/dev/ttyUSB1", 9600))
+    d = pool.endpoint(TcpTarget("gw", 502, Framing.RTU))
+    e = pool.endpoint(TcpTarget("gw", 502, Framing.SOCKET))
+    assert a is b
+    assert len({id(x) for x in (a, c, d, e)}) == 4

@@ -6,7 +6,7 @@ import pytest
 
 from drivers.layout import ProfileImage, base_unit, from_base, to_base
 from drivers.profile import load_profile, load_profile_text, resolve_profile
-from drivers.registers import EncodeError, RegisterAccessError, Table
+from drivers.registers import EncodeError, ModbusExceptionCode, RegisterAccessError, Table
 from essd.cli import main
 from tests.support.devices import shipped_profile_paths
 
@@ -86,3 +86,46 @@ def test_cli_lists_the_shipped_profiles(capsys: pytest.CaptureFixture[str]) -> N
     assert "site-meter" in out
     assert main(["profiles", "show", "site-meter"]) == 0
     assert "Total system power" in capsys.readouterr().out
+
+
+def test_clients_write_only_writable_registers_and_listeners_hear_them() -> None:
+    profile = resolve_profile("household-hybrid-forcible")
+    image = ProfileImage(profile)
+    heard: list[tuple[str, ...]] = []
+    image.add_write_listener(heard.append)
+    spec = image.spec("forcible_charge_power")
+    assert spec.address is not None
+    image.write(spec.address, [0, 1500])
+    assert heard == [("forcible_charge_power",)]
+    assert image.get_value("forcible_charge_power") == 1500.0
+    soc = image.spec("state_of_capacity")
+    assert soc.address is not None
+    with pytest.raises(RegisterAccessError) as info:
+        image.write(soc.address, [500])  # read-only
+    assert info.value.code == ModbusExceptionCode.ILLEGAL_DATA_ADDRESS
+    with pytest.raises(RegisterAccessError):
+        image.write(spec.address + 2, [0, 0, 0])  # runs past the register into nothing
+    assert heard == [("forcible_charge_power",)]
+    image.set_value("state_of_capacity", 55.5)  # the simulator itself may set anything
+    assert image.get_field("soc") == pytest.approx(0.555)
+
+
+def test_values_outside_the_register_type_are_refused() -> None:
+    profile = load_profile_text(GAPPY, "gappy.yaml")
+    image = ProfileImage(profile)
+    with pytest.raises(EncodeError, match=r"register c: 70000: 70000 out of range for u16"):
+        image.set_value("c", 70000)
+    with pytest.raises(EncodeError, match="register c: -1"):
+        image.set_value("c", -1)
+    with pytest.raises(EncodeError, match="not a finite number"):
+        image.set_value("c", float("nan"))
+    with pytest.raises(EncodeError, match="does not fit 3 registers"):
+        image.set_value("d", "TOO LONG")
+
+
+def test_the_profile_readme_example_is_a_valid_profile() -> None:
+    readme = (shipped_profile_paths()[0].parent / "README.md").read_text(encoding="utf-8")
+    example = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    profile = load_profile_text(example, "README.md")
+    assert profile.name == "my-device"
+    ProfileImage(profile)

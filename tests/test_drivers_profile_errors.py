@@ -57,6 +57,11 @@ def _mutate(mutation: str) -> dict[str, object]:
         regs.append(dict(regs[0]))
     elif mutation == "derived-unknown-term":
         data["derived"] = {"net_w": {"nope": 1.0}}
+    elif mutation == "power-without-idle":
+        writes = data["actions"]["set_active_power"]["writes"]  # type: ignore[index]
+        data["actions"]["set_active_power"]["writes"] = [  # type: ignore[index]
+            w for w in writes if w.get("when") != "idle"
+        ]
     elif mutation == "gap-out-of-range":
         data["transport"]["read_gap_max"] = 500  # type: ignore[index]
     return data
@@ -78,6 +83,7 @@ def _mutate(mutation: str) -> dict[str, object]:
         ("duplicate-register", "registers", "duplicate name(s) rated_capacity"),
         ("derived-unknown-term", "derived.net_w.nope", "no field named 'nope'"),
         ("gap-out-of-range", "transport.read_gap_max", "less than or equal to 124"),
+        ("power-without-idle", "actions.set_active_power.writes", "nothing is written when idle"),
     ],
 )
 def test_malformed_profile_names_file_and_field(

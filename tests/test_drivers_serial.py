@@ -110,3 +110,23 @@ async def test_a_missing_serial_device_is_a_communication_error() -> None:
     with pytest.raises(CommunicationError, match="cannot connect"):
         await ep.read_registers(Table.HOLDING, 0, 1, 1)
     await ep.close()
+
+
+async def test_serial_server_restarts_on_the_same_device(ptys: tuple[str, str]) -> None:
+    device_end, host_end = ptys
+    image = sample_image(resolve_profile("portable-power-station"))
+    server = ModbusServer.serial({1: image}, path=device_end, baudrate=115200)
+    ep = ModbusEndpoint(SerialTarget(host_end, 115200), clock=RealClock(), timeout_s=0.2)
+    try:
+        await server.start()
+        assert server.listening
+        assert await ep.read_registers(Table.HOLDING, 43, 1, 1) == image.read(Table.HOLDING, 43, 1)
+        await server.stop()
+        assert not server.running
+        with pytest.raises(CommunicationError):
+            await ep.read_registers(Table.HOLDING, 43, 1, 1)
+        await server.start()
+        assert await ep.read_registers(Table.HOLDING, 43, 1, 1) == image.read(Table.HOLDING, 43, 1)
+    finally:
+        await ep.close()
+        await server.stop()

@@ -21,6 +21,7 @@ from drivers.api import (
     ActivePowerControl,
     ChargeLimitControl,
     CommunicationError,
+    CounterSource,
     DeviceDriver,
     DeviceError,
     DeviceExceptionResponse,
@@ -102,7 +103,7 @@ class _Counters:
 
 def _error_kind(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
-        return "timeout"
+        return "read_deadline"  # the whole read overran its budget (not one request)
     if isinstance(exc, DeviceExceptionResponse):
         return "exception"
     if isinstance(exc, CommunicationError):
@@ -351,7 +352,24 @@ class ManagedDevice:
         return True
 
     def frozen_counters(self) -> DeviceCounters:
-        """Counters as an immutable value for the published event."""
+        """Counters for the published event: the driver's own Modbus counters when it keeps
+        them (requests, errors by kind, latency), else those counted here per action."""
+        if isinstance(self.driver, CounterSource):
+            wire = self.driver.counters()
+            errors = Counter(wire.errors_total)
+            # The wire counts every failed request; only whole-read deadlines are added here.
+            errors["read_deadline"] += self.counters.errors["read_deadline"]
+            if not errors["read_deadline"]:
+                del errors["read_deadline"]
+            return DeviceCounters(
+                requests_total=wire.requests_total,
+                errors_total=dict(errors),
+                writes_total=wire.writes_total,
+                readback_mismatches_total=max(
+                    wire.readback_mismatches_total, self.counters.mismatches
+                ),
+                last_latency_s=wire.last_latency_s,
+            )
         return self.counters.frozen()
 
 

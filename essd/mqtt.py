@@ -29,7 +29,8 @@ import json
 import logging
 import math
 import random
-from collections.abc import Iterable, Iterator
+import socket
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -41,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from essd import __version__
 from essd.clock import Clock
 from essd.commands import CommandTarget, handle_command
-from essd.config import MqttConfig
+from essd.config import MqttConfig, Settings
 from essd.domain import BatteryReading, DeviceState, FallbackRung, Plan, Quality
 from essd.events import (
     CommandHandled,
@@ -66,6 +67,7 @@ __all__ = [
     "build_plan_payload",
     "build_state_payload",
     "discovery_messages",
+    "open_bridge",
 ]
 
 log = logging.getLogger(__name__)
@@ -181,7 +183,7 @@ class DeviceStatePayload(_Payload):
 
     site_id: str
     device_id: str
-    time: float = Field(description="When this was assembled, epoch seconds")
+    time: float = Field(description="Time of the newest data in this payload, epoch seconds")
     state: str = Field(description="connecting | running | degraded | fault | safe")
     reason: str = Field(description="Why the device entered this state (may be empty)")
     device_class: str | None = Field(description="industrial | household | portable | meter")
@@ -577,7 +579,8 @@ class MqttBridge:
         # Latest-value cache, written synchronously by the bus handler.
         self._cycle: CycleCompleted | None = None
         self._daemon_status: DaemonStatus | None = None
-        self._device_state: dict[str, tuple[DeviceState, str]] = {}
+        # Device id -> (lifecycle state, reason of the last change, time of the newest news).
+        self._device_state: dict[str, tuple[DeviceState, str, float]] = {}
         self._dirty: set[_Dirty] = set()
         self._dirty_devices: set[str] = set()
         self._discovered: frozenset[str] | None = None
@@ -598,11 +601,12 @@ class MqttBridge:
             self._cycle = event
             for d, s in event.device_states.items():
                 old = self._device_state.get(d)
-                self._device_state[d] = (s, old[1] if old is not None and old[0] is s else "")
+                reason = old[1] if old is not None and old[0] is s else ""
+                self._device_state[d] = (s, reason, event.time)
             self._dirty.update(("state", "plan"))
             self._dirty_devices.update(self._device_state)
         elif isinstance(event, DeviceStateChanged):
-            self._device_state[event.device_id] = (event.new, event.reason)
+            self._device_state[event.device_id] = (event.new, event.reason, event.time)
             self._dirty_devices.add(event.device_id)
         elif isinstance(event, DaemonStatusChanged):
             self._daemon_status = event.status
@@ -639,14 +643,14 @@ class MqttBridge:
     async def stop(self, timeout_s: float = 3.0) -> None:
         """Stop cleanly: publish retained ``offline``, disconnect, unsubscribe from the bus."""
         self._stopping.set()
+        self._wake.set()
         self._unsubscribe()
         task = self._task
         if task is not None and not task.done():
             done, _ = await asyncio.wait({task}, timeout=timeout_s)
             if not done:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                log.warning("MQTT bridge did not stop within %.1f s; cancelling it", timeout_s)
+                await self._cancel(task)
 
     def _backoff_s(self, attempt: int) -> float:
         """Jittered exponential back-off: half to full of min(max, min * 2**attempt)."""
@@ -670,6 +674,10 @@ class MqttBridge:
             keepalive=cfg.keepalive_s,
             tls_params=tls,
             timeout=10.0,
+            # Bounds memory under a command flood; excess messages are dropped by the client.
+            max_queued_incoming_messages=1000,
+            # Small messages and request/reply commands: do not let Nagle hold them back.
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
 
     async def run(self) -> None:
@@ -690,7 +698,11 @@ class MqttBridge:
                 self.stats.connect_failures_total += 1
                 if not self._failing:
                     # Log the transition once, not every retry.
-                    log.warning("MQTT %s:%s unavailable (%s); retrying", *self._addr(), exc)
+                    log.warning(
+                        "MQTT %s:%s unreachable or connection lost (%s); retrying with back-off",
+                        *self._addr(),
+                        exc,
+                    )
                     self._failing = True
             except Exception:
                 # A bug here must not end publishing for good (nor reach the control loop).
@@ -761,9 +773,17 @@ class MqttBridge:
 
     @staticmethod
     async def _cancel(*tasks: asyncio.Task[Any]) -> None:
+        # Cancel until done: on Python 3.11 asyncio.wait_for (used inside aiomqtt) can swallow
+        # a cancellation that races with its inner future completing, and a loop task would
+        # then carry on; one retry is all it takes.
+        pending = {t for t in tasks if not t.done()}
+        while pending:
+            for t in pending:
+                t.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.1)
         for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            if not t.cancelled():
+                t.exception()  # retrieved, so asyncio does not log it as never retrieved
 
     def _drain(self) -> Iterator[tuple[str, bytes, bool]]:
         """Build the payloads of everything that changed since the last drain (newest only)."""
@@ -776,11 +796,10 @@ class MqttBridge:
             yield self.topics.state, build_state_payload(self._site_id, cycle).to_payload(), True
         if cycle is not None and "plan" in dirty:
             yield self.topics.plan, build_plan_payload(self._site_id, cycle.plan).to_payload(), True
-        now = self._clock.now()
         for d in sorted(devices):
-            state, reason = self._device_state[d]
+            state, reason, when = self._device_state[d]
             payload = build_device_payload(
-                self._site_id, d, time=now, state=state, reason=reason, cycle=cycle
+                self._site_id, d, time=when, state=state, reason=reason, cycle=cycle
             )
             yield self.topics.device(d), payload.to_payload(), True
         if self._config.ha_discovery:
@@ -791,7 +810,7 @@ class MqttBridge:
                     yield topic, body, True
 
     async def _send_loop(self, client: aiomqtt.Client) -> None:
-        while True:
+        while not self._stopping.is_set():
             await self._wake.wait()
             self._wake.clear()
             for topic, payload, retain in self._drain():
@@ -831,3 +850,21 @@ class MqttBridge:
             await self._publish(
                 client, self.topics.result(name), result.to_payload(), retain=False, qos=1
             )
+
+
+@contextlib.asynccontextmanager
+async def open_bridge(
+    settings: Settings, bus: EventBus, target: CommandTarget | None, clock: Clock
+) -> AsyncIterator[MqttBridge | None]:
+    """A running :class:`MqttBridge` for ``settings`` (None when ``[mqtt]`` is not configured).
+
+    Stops it cleanly (retained ``offline``) on exit.
+    """
+    if settings.mqtt is None:
+        yield None
+        return
+    bridge = MqttBridge(
+        settings.mqtt, settings.site.id, bus, target, clock, currency=settings.tariff.currency
+    )
+    async with bridge:
+        yield bridge

@@ -19,6 +19,7 @@ import pytest
 
 from essd.clock import RealClock
 from essd.commands import COMMANDS
+from essd.config import load_settings
 from essd.domain import DeviceState
 from essd.events import (
     CommandHandled,
@@ -28,7 +29,7 @@ from essd.events import (
     Event,
     EventBus,
 )
-from essd.mqtt import DeviceStatePayload, MqttBridge, PlanPayload, StatePayload
+from essd.mqtt import DeviceStatePayload, MqttBridge, PlanPayload, StatePayload, open_bridge
 from tests.support.mosquitto import Mosquitto
 from tests.support.mqtt import T0, RecordingTarget, Watcher, make_cycle, mqtt_config
 
@@ -372,3 +373,29 @@ async def test_username_password_and_tls(tmp_path: Path) -> None:
             assert refused.stats.connect_failures_total >= 2  # it keeps retrying, backing off
     finally:
         broker.stop()
+
+
+async def test_open_bridge_from_the_environment(
+    broker: Mosquitto, watcher: Watcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in {
+        "ESSD_SITE__ID": SITE,
+        "ESSD_SITE__GRID_IMPORT_LIMIT_W": "9000",
+        "ESSD_SITE__GRID_EXPORT_LIMIT_W": "0",
+    }.items():
+        monkeypatch.setenv(key, value)
+    async with open_bridge(load_settings(None), EventBus(), None, RealClock()) as none:
+        assert none is None  # no [mqtt] section: no bridge
+    monkeypatch.setenv("ESSD_MQTT__HOST", broker.host)
+    monkeypatch.setenv("ESSD_MQTT__PORT", str(broker.port))
+    bus = EventBus()
+    async with open_bridge(load_settings(None), bus, None, RealClock()) as bridge:
+        assert bridge is not None
+        bus.publish(make_cycle(5))
+        await watcher.wait_for(f"{BASE}/state", lambda m: state_cycle(m) == 5)
+        # Stop while the discovery burst is still being sent (this once hung in a lost
+        # cancellation inside aiomqtt's publish): the stop is prompt and leaves "offline".
+        stopping = time.perf_counter()
+    stop_s = time.perf_counter() - stopping
+    await watcher.wait_for(f"{BASE}/status", lambda m: m.payload == b"offline")
+    assert stop_s < 1.0

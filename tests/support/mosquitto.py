@@ -78,6 +78,7 @@ class Mosquitto:
     def _write_config(self) -> None:
         lines = [
             f"listener {self.port} {self.host}",
+            "set_tcp_nodelay true",  # replies are small request/response messages
             "persistence false",  # a restart loses every retained message, like a crash would
             f"log_dest file {self.log_file}",
             "log_type error",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -166,6 +167,7 @@ class Watcher:
     """A plain MQTT subscriber collecting every message on ``topics`` (a test's eyes)."""
 
     def __init__(self, host: str, port: int, topics: Sequence[str], **client: Any) -> None:
+        client.setdefault("socket_options", ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),))
         self._client = aiomqtt.Client(host, port, **client)
         self._topics = topics
         self.messages: list[Received] = []

@@ -232,6 +232,10 @@ class MqttConfig(_Section):
             raise ValueError("reconnect_max_s: must be at least reconnect_min_s")
         if self.ca_file is not None and not self.tls:
             raise ValueError("ca_file: only used with tls = true")
+        for name in ("base_topic", "ha_prefix"):
+            topic = getattr(self, name)
+            if not topic.strip("/") or any(c in topic for c in "+#\x00"):
+                raise ValueError(f"{name}: must be a non-empty topic without wildcards + or #")
         return self
 
 

@@ -399,13 +399,15 @@ def discovery_messages(
         "payload_available": "online",
         "payload_not_available": "offline",
         "device": device,
+        "origin": {"name": "essd", "sw_version": version},
     }
 
     def entity(component: str, object_id: str, name: str, **extra: Any) -> tuple[str, bytes]:
         body = {
             "name": name,
             "unique_id": f"{topics.node_id}_{object_id}",
-            "object_id": f"{topics.node_id}_{object_id}",
+            # HA 2025.10 replaced "object_id" with this (object_id stops working in 2026.4).
+            "default_entity_id": f"{component}.{topics.node_id}_{object_id}",
             **common,
             **extra,
         }
@@ -803,7 +805,8 @@ class MqttBridge:
             )
             yield self.topics.device(d), payload.to_payload(), True
         if self._config.ha_discovery:
-            known = frozenset(self._device_state)
+            # Per-device power/SoC entities exist for storage units only (not the meter).
+            known = frozenset(cycle.snapshot.batteries) if cycle is not None else frozenset()
             if "discovery" in dirty or known != self._discovered:
                 self._discovered = known
                 for topic, body in discovery_messages(self.topics, known, currency=self._currency):

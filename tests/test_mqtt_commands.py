@@ -360,6 +360,7 @@ def test_discovery_binds_availability_and_commands() -> None:
     assert cost["unit_of_measurement"] == "CNY"
     power = json.loads(msgs["homeassistant/sensor/essd_site_a/bess1_power/config"])
     assert power["state_topic"] == "essd/site-a/device/bess1/state"
+    assert power["default_entity_id"] == "sensor.essd_site_a_bess1_power"
     assert len({json.loads(b)["unique_id"] for b in msgs.values()}) == len(msgs)
 
 
@@ -372,9 +373,18 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
         assert len(set(delays)) > 1  # jittered
 
 
-def test_config_rejects_inverted_backoff() -> None:
-    with pytest.raises(ValueError, match="reconnect_max_s"):
-        MqttConfig(host="h", reconnect_min_s=5, reconnect_max_s=1)
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"reconnect_min_s": 5, "reconnect_max_s": 1}, "reconnect_max_s: must be at least"),
+        ({"base_topic": "essd/#"}, "base_topic: must be a non-empty topic"),
+        ({"ha_prefix": ""}, "ha_prefix: must be a non-empty topic"),
+        ({"ca_file": "/etc/ca.crt"}, "ca_file: only used with tls = true"),
+    ],
+)
+def test_mqtt_config_names_the_bad_field(values: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        MqttConfig(host="h", **values)
 
 
 def test_schema_command_prints_every_payload(capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,6 +6,8 @@
 - ``mqtt.command_roundtrip.p50``: a command sent by a client until its result arrives.
 - ``mqtt.resume_after_restart``: broker killed and restarted; time from the restart until a
   fresh subscriber sees the latest retained state again.
+- ``mqtt.payload_build.*``: building the JSON of one cycle (state, 96-step plan, 2 devices) in
+  the MQTT task, off the control path but on the same event loop.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ from pathlib import Path
 from benchmarks import Result
 from essd.clock import RealClock
 from essd.events import EventBus
-from essd.mqtt import MqttBridge
+from essd.mqtt import (
+    MqttBridge,
+    build_device_payload,
+    build_plan_payload,
+    build_state_payload,
+)
 from tests.support.mosquitto import Mosquitto
 from tests.support.mqtt import T0, RecordingTarget, Watcher, make_cycle, mqtt_config
 
@@ -92,12 +99,31 @@ async def _measure(broker: Mosquitto) -> list[Result]:
     return results
 
 
+def _payload_build() -> list[Result]:
+    ev = make_cycle(1)
+    timings: dict[str, list[float]] = {"state": [], "plan": [], "device": []}
+    for _ in range(300):
+        t0 = time.perf_counter()
+        build_state_payload(SITE, ev).to_payload()
+        t1 = time.perf_counter()
+        build_plan_payload(SITE, ev.plan).to_payload()
+        t2 = time.perf_counter()
+        build_device_payload(
+            SITE, "bess1", time=ev.time, state=ev.device_states["bess1"], reason="", cycle=ev
+        ).to_payload()
+        t3 = time.perf_counter()
+        timings["state"].append(t1 - t0)
+        timings["plan"].append(t2 - t1)
+        timings["device"].append(t3 - t2)
+    return [Result(f"mqtt.payload_build.{k}.p50", _us(v, 0.5), "us") for k, v in timings.items()]
+
+
 def run() -> list[Result]:
     """Start a private mosquitto, measure, stop it."""
     with tempfile.TemporaryDirectory(prefix="essd-bench-mqtt-") as tmp:
         broker = Mosquitto(Path(tmp))
         broker.start()
         try:
-            return asyncio.run(_measure(broker))
+            return _payload_build() + asyncio.run(_measure(broker))
         finally:
             broker.stop()

@@ -586,6 +586,7 @@ class MqttBridge:
         self._dirty: set[_Dirty] = set()
         self._dirty_devices: set[str] = set()
         self._discovered: frozenset[str] | None = None
+        self._plan_sent: Plan | None = None
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._connected = asyncio.Event()
@@ -750,6 +751,7 @@ class MqttBridge:
         self._dirty.update(("state", "plan", "discovery"))
         self._dirty_devices.update(self._device_state)
         self._discovered = None
+        self._plan_sent = None
         self._wake.set()
         self._connected.set()
         send = asyncio.create_task(self._send_loop(client), name="mqtt-send")
@@ -796,7 +798,9 @@ class MqttBridge:
             yield self.topics.status, self._status_payload(), True
         if cycle is not None and "state" in dirty:
             yield self.topics.state, build_state_payload(self._site_id, cycle).to_payload(), True
-        if cycle is not None and "plan" in dirty:
+        # A plan is re-sent only when the core produced a new one (it is the largest payload).
+        if cycle is not None and "plan" in dirty and cycle.plan is not self._plan_sent:
+            self._plan_sent = cycle.plan
             yield self.topics.plan, build_plan_payload(self._site_id, cycle.plan).to_payload(), True
         for d in sorted(devices):
             state, reason, when = self._device_state[d]

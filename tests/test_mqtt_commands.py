@@ -402,3 +402,24 @@ def test_schema_command_prints_every_payload(capsys: pytest.CaptureFixture[str])
     assert json.loads(capsys.readouterr().out)["title"] == "PlanPayload"
     assert main(["schema", "mqtt", "--topic", "nope"]) == 2
     assert "topic: unknown 'nope'" in capsys.readouterr().err
+
+
+def test_latest_value_cache_sends_newest_values_and_unchanged_plans_once() -> None:
+    bus = EventBus()
+    bridge = MqttBridge(MqttConfig(host="h", ha_discovery=False), "s", bus, None, SimClock())
+    first = make_cycle(1)
+    bus.publish(first)
+    bus.publish(make_cycle(2))  # supersedes cycle 1 before anything was sent
+    sent = {topic: payload for topic, payload, _ in bridge._drain()}
+    assert json.loads(sent["essd/s/state"])["cycle"] == 2
+    assert set(sent) == {"essd/s/state", "essd/s/plan", *(bridge.topics.device(d) for d in
+                                                          ("bess1", "home2"))}  # fmt: skip
+    assert list(bridge._drain()) == []  # nothing new
+    # A cycle carrying a plan other than the last one sent: the plan goes out.
+    bus.publish(dataclasses.replace(make_cycle(3), plan=first.plan))
+    assert "essd/s/plan" in [t for t, _, _ in bridge._drain()]
+    # The next cycle keeps that very plan object (the core did not re-plan): not re-sent.
+    bus.publish(dataclasses.replace(make_cycle(4), plan=first.plan))
+    topics = [t for t, _, _ in bridge._drain()]
+    assert "essd/s/state" in topics
+    assert "essd/s/plan" not in topics

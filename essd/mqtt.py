@@ -5,7 +5,7 @@ Topics live under ``<base_topic>/<site_id>/`` (``docs/mqtt.md`` is the contract)
 - ``status``: ``online``/``offline``, retained; ``offline`` is also the last will, and a clean
   stop publishes it explicitly (a clean disconnect does not fire the will).
 - ``state``: retained JSON :class:`StatePayload` after every cycle.
-- ``plan``: retained JSON :class:`PlanPayload` after every cycle.
+- ``plan``: retained JSON :class:`PlanPayload` whenever the core produced a new plan.
 - ``device/<id>/state``: retained JSON :class:`DeviceStatePayload`.
 - ``cmd/<name>``: commands (never retained; retained ones are ignored), answered on
   ``cmd/<name>/result`` with a :class:`essd.commands.CommandResult`.
@@ -15,7 +15,9 @@ stores a reference to the newest event and wakes the MQTT task (O(1), never awai
 serializes), so a slow or absent broker cannot delay a control cycle. The MQTT task builds the
 payloads from the newest values when it gets to them (older values are simply superseded),
 reconnects with jittered exponential back-off on the injected clock, and republishes every
-retained topic after each reconnect.
+retained topic after each reconnect. The clock serves only the back-off waits and command
+timestamps; payload times come from the events. (Under a *stepped* SimClock, whose ``sleep``
+moves simulated time, give the bridge a RealClock.)
 
 Sign conventions in every payload: battery W > 0 discharges into the site, < 0 charges; grid
 W > 0 imports; SoC as a ratio 0..1; energy Wh.

@@ -264,33 +264,36 @@ async def test_broker_crash_never_delays_a_cycle_and_publishing_resumes(
 ) -> None:
     bus = EventBus()
     bridge = MqttBridge(mqtt_config(broker.port), SITE, bus, RecordingTarget(), RealClock())
-    period = 0.05
+    period = 0.1
     publish_s: dict[str, list[float]] = {"up": [], "down": []}
     lateness: list[float] = []
     async with bridge:
         await asyncio.wait_for(bridge.wait_connected(), 5)
         start = time.perf_counter()
         phase = "up"
-        for k in range(1, 61):
+        for k in range(1, 41):
             due = start + k * period
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
             lateness.append(time.perf_counter() - due)
-            if k == 15:
+            if k == 10:
                 broker.kill()  # a crash: retained store gone, connections dropped
                 phase = "down"
-            if k == 40:
+            if k == 28:
                 broker.start()
                 phase = "up"
             event = make_cycle(k, time=T0 + 10 * k)
             t0 = time.perf_counter()
             bus.publish(event)
             publish_s[phase].append(time.perf_counter() - t0)
+        async with Watcher(broker.host, broker.port, [f"{BASE}/state"]) as first:
+            await first.wait_for(f"{BASE}/state", lambda m: state_cycle(m) == 40, within=10)
+        # The restarted broker had lost its retained store; the bridge republished it all.
         async with Watcher(broker.host, broker.port, [f"{BASE}/#"]) as late:
-            m = await late.wait_for(f"{BASE}/state", lambda m: state_cycle(m) == 60, within=10)
-            assert m.retain  # republished after the restart, the broker had lost it
+            m = await late.wait_for(f"{BASE}/state", lambda m: m.retain)
+            assert state_cycle(m) == 40
             await late.wait_for(f"{BASE}/status", lambda m: m.payload == b"online" and m.retain)
             plan = await late.wait_for(f"{BASE}/plan", lambda m: m.retain)
-            assert plan.json()["created_at"] == T0 + 600
+            assert plan.json()["created_at"] == T0 + 400
             await late.wait_for(f"{BASE}/device/bess1/state", lambda m: m.retain)
     assert bridge.stats.connects_total >= 2
     assert bridge.stats.connect_failures_total >= 1
@@ -302,7 +305,7 @@ async def test_broker_crash_never_delays_a_cycle_and_publishing_resumes(
     )
     # Functional bounds (not performance targets): publishing is a memory write, and no
     # cycle waited on the network.
-    assert max(down) < 0.002
+    assert max(down) < 0.01
     assert max(lateness) < period
 
 

@@ -337,6 +337,17 @@ def test_plan_payload_carries_the_whole_horizon() -> None:
     assert PlanPayload.model_validate_json(p.to_payload()) == p
 
 
+def test_shifted_plan_keeps_prices_aligned_with_steps() -> None:
+    plan = make_cycle(1).plan
+    shifted = plan.shifted_to(T0 + 32 * 900 + 5, rung=FallbackRung.LAST_PLAN, reason="timeout")
+    assert shifted is not None
+    p = build_plan_payload("s", shifted)
+    assert p.horizon_steps == 64
+    assert len(p.import_price) == 64
+    assert p.import_price[0] == 1.1  # step 32 of the original plan
+    assert (p.fallback_rung_name, p.fallback_reason) == ("last_plan", "timeout")
+
+
 def test_device_payload() -> None:
     ev = make_cycle(2)
     p = build_device_payload("s", "home2", time=T0, state=ev.device_states["home2"],

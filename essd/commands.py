@@ -4,8 +4,8 @@ A command arrives as a name (``mode``, ``reserve``, ``setpoint``, ``prices``, ``
 a JSON payload (bytes). :func:`handle_command` parses it with a strict pydantic model (unknown
 keys, non-finite numbers, wrong lengths and out-of-range values are refused), and only a fully
 valid command reaches the :class:`CommandTarget`. Every outcome is a :class:`CommandResult`
-whose ``error`` names the field (``"soc: Input should be less than or equal to 1"``); a refused
-command changes nothing.
+whose ``error`` names the field (``"reserve_soc: Input should be less than or equal to 1"``);
+a refused command changes nothing.
 
 Units and signs: power in W, **> 0 discharges into the site, < 0 charges**; SoC as a ratio
 0..1; prices per kWh in the tariff currency; carbon intensity in g/kWh; times are epoch
@@ -20,8 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal, Protocol, Self, runtime_checkable
 
 from pydantic import (
@@ -47,7 +46,6 @@ __all__ = [
     "PricesCommand",
     "ReserveCommand",
     "SetpointCommand",
-    "TimeSeries",
     "handle_command",
     "parse_command",
 ]
@@ -66,68 +64,71 @@ MAX_PAYLOAD_BYTES = 256 * 1024
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 NonNegFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+#: Longest a manual setpoint may be held, s.
+MAX_SETPOINT_S = 86_400.0
 _ECHO_ID = r"^[\x21-\x7e]{1,64}$"  # printable ASCII without spaces
 EchoId = Annotated[str, Field(pattern=_ECHO_ID)]
+# pydantic parses ISO 8601 strings and epoch numbers alike; the schema says so.
+Timestamp = Annotated[
+    AwareDatetime,
+    Field(strict=False),  # strings and numbers are how JSON carries times
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "format": "date-time"},
+                {"type": "number", "description": "epoch seconds"},
+            ]
+        }
+    ),
+]
 
 
-class CommandRejected(Exception):
-    """A command the target refuses on semantic grounds; the message is ``"field: reason"``."""
+class CommandRejected(ValueError):
+    """A command the target refuses on semantic grounds; the message is ``"field: reason"``.
 
-
-@dataclass(frozen=True, slots=True)
-class TimeSeries:
-    """An external series: ``values[k]`` holds over ``[start + k*step_s, start + (k+1)*step_s)``.
-
-    ``start`` is epoch seconds. The series overrides the built-in source until :attr:`end`.
+    :func:`handle_command` treats any ``ValueError`` raised by a target the same way.
     """
-
-    start: float
-    step_s: float
-    values: tuple[float, ...]
-
-    @property
-    def end(self) -> float:
-        """Epoch seconds at which the series stops covering time."""
-        return self.start + self.step_s * len(self.values)
-
-    def value_at(self, time: float) -> float | None:
-        """The value covering epoch ``time``, or None outside the series."""
-        if time < self.start or time >= self.end:
-            return None
-        return self.values[int((time - self.start) // self.step_s)]
 
 
 @runtime_checkable
 class CommandTarget(Protocol):
     """What the daemon implements so operator commands can reach it.
 
-    Each method is called only with a fully validated command, applies it (or raises
-    :class:`CommandRejected` with ``"field: reason"`` and applies nothing) and returns promptly:
-    it runs on the event loop.
+    Each method is called only with a fully validated command and either applies it or raises
+    :class:`CommandRejected` (any ``ValueError``) with ``"field: reason"`` and applies nothing.
+    Methods return promptly: they run on the event loop. Arguments are positional.
     """
 
-    def set_mode(self, mode: Mode) -> None:
-        """Switch between ``auto`` (optimizer), ``manual`` (operator setpoints), ``standby``."""
+    def set_mode(self, mode: str, /) -> None:
+        """Switch to ``auto`` (optimizer), ``manual`` (operator setpoints) or ``standby``."""
         ...
 
-    def set_reserve(self, soc: float) -> None:
-        """Set the site reserve SoC ratio 0..1 (refuse with ``soc: ...`` if >= max SoC)."""
+    def set_reserve(self, reserve_soc: float, /) -> None:
+        """Set the reserve SoC ratio 0..1 (refuse ``reserve_soc: ...`` at or above max SoC)."""
         ...
 
-    def set_manual_setpoint(self, device_id: str, power_w: float, ttl_s: float) -> None:
-        """Hold ``power_w`` (> 0 discharges, < 0 charges) on a device for ``ttl_s`` seconds.
+    def set_manual_setpoint(self, device_id: str, power_w: float, expires_at: float, /) -> None:
+        """Hold ``power_w`` (> 0 discharges, < 0 charges) on a battery until epoch ``expires_at``.
 
-        Only in manual mode (else ``CommandRejected("mode: ...")``); an unknown device is
-        ``CommandRejected("device: ...")``. The safety supervisor still clamps the value.
+        Only in manual mode (else ``mode: ...``); an unknown device is ``device: ...``. The
+        safety supervisor still clamps the value.
         """
         ...
 
-    def set_price_override(self, series: Mapping[str, TimeSeries]) -> None:
-        """Override prices per kWh; keys ``import_price`` and optionally ``export_price``."""
+    def set_price_override(
+        self, quantity: str, start: float, step_s: float, values: Sequence[float], /
+    ) -> None:
+        """Override ``import_price``/``export_price`` (per kWh) or ``carbon_g_per_kwh``.
+
+        ``values[k]`` holds over ``[start + k*step_s, start + (k+1)*step_s)`` (epoch seconds);
+        the built-in source takes over again after the last step.
+        """
         ...
 
-    def set_forecast_override(self, series: Mapping[str, TimeSeries]) -> None:
-        """Override forecasts; keys among ``load_w``, ``pv_w`` (W), ``carbon_g_per_kwh``."""
+    def set_forecast_override(
+        self, quantity: str, start: float, step_s: float, values: Sequence[float], /
+    ) -> None:
+        """Override the ``load_w`` or ``pv_w`` forecast (W >= 0), like the prices."""
         ...
 
 
@@ -148,14 +149,15 @@ class CommandResult(BaseModel):
 class CommandModel(BaseModel):
     """Base of every command payload: strict JSON object, optional echo ``id``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # Strict: no true-as-1.0 or "5"-as-5.0 coercions in an operator's command.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     id: EchoId | None = Field(
         None, description="Any short printable string; echoed in the result to match replies"
     )
 
-    def apply(self, target: CommandTarget) -> None:
-        """Hand the validated command to ``target``."""
+    def apply(self, target: CommandTarget, now: float) -> None:
+        """Hand the validated command to ``target``; ``now`` is epoch seconds."""
         raise NotImplementedError
 
 
@@ -166,7 +168,7 @@ class ModeCommand(CommandModel):
         description="auto: optimizer dispatch; manual: operator setpoints; standby: safe idle"
     )
 
-    def apply(self, target: CommandTarget) -> None:
+    def apply(self, target: CommandTarget, now: float) -> None:
         """Call ``set_mode``."""
         target.set_mode(self.mode)
 
@@ -174,11 +176,13 @@ class ModeCommand(CommandModel):
 class ReserveCommand(CommandModel):
     """``cmd/reserve``: the SoC the batteries keep for backup."""
 
-    soc: float = Field(ge=0.0, le=1.0, allow_inf_nan=False, description="SoC ratio 0..1")
+    reserve_soc: float = Field(
+        ge=0.0, le=1.0, allow_inf_nan=False, description="Reserve SoC ratio 0..1"
+    )
 
-    def apply(self, target: CommandTarget) -> None:
+    def apply(self, target: CommandTarget, now: float) -> None:
         """Call ``set_reserve``."""
-        target.set_reserve(self.soc)
+        target.set_reserve(self.reserve_soc)
 
 
 class SetpointCommand(CommandModel):
@@ -191,16 +195,35 @@ class SetpointCommand(CommandModel):
         allow_inf_nan=False,
         description="W, > 0 discharges into the site, < 0 charges; clamped by the guard",
     )
-    ttl_s: float = Field(
+    ttl_s: float | None = Field(
+        None,
         gt=0.0,
-        le=86_400.0,
+        le=MAX_SETPOINT_S,
         allow_inf_nan=False,
-        description="Seconds the setpoint holds; afterwards the device returns to idle",
+        description="Seconds the setpoint holds (give this or expires_at); then idle",
+    )
+    expires_at: Timestamp | None = Field(
+        None, description="When the setpoint ends (give this or ttl_s); then idle"
     )
 
-    def apply(self, target: CommandTarget) -> None:
-        """Call ``set_manual_setpoint``."""
-        target.set_manual_setpoint(self.device, self.power_w, self.ttl_s)
+    @model_validator(mode="after")
+    def _one_expiry(self) -> Self:
+        if (self.ttl_s is None) == (self.expires_at is None):
+            raise ValueError("ttl_s: give either ttl_s or expires_at")
+        return self
+
+    def apply(self, target: CommandTarget, now: float) -> None:
+        """Call ``set_manual_setpoint`` with an absolute expiry."""
+        if self.expires_at is not None:
+            expires_at = self.expires_at.timestamp()
+            if expires_at <= now:
+                raise CommandRejected("expires_at: already in the past")
+            if expires_at > now + MAX_SETPOINT_S:
+                raise CommandRejected(f"expires_at: more than {MAX_SETPOINT_S:g} s ahead")
+        else:
+            assert self.ttl_s is not None  # checked by _one_expiry
+            expires_at = now + self.ttl_s
+        target.set_manual_setpoint(self.device, self.power_w, expires_at)
 
 
 SeriesValues = Annotated[list[FiniteFloat], Field(min_length=1, max_length=MAX_SERIES_LENGTH)]
@@ -208,31 +231,24 @@ NonNegSeriesValues = Annotated[list[NonNegFloat], Field(min_length=1, max_length
 
 
 class _SeriesCommand(CommandModel):
-    start: Annotated[
-        AwareDatetime,
-        WithJsonSchema(
-            {
-                "anyOf": [
-                    {"type": "string", "format": "date-time"},
-                    {"type": "number", "description": "epoch seconds"},
-                ]
-            }
-        ),
-    ] = Field(description="Start of the first step: ISO 8601 with a UTC offset, or epoch seconds")
+    start: Timestamp = Field(
+        description="Start of the first step: ISO 8601 with a UTC offset, or epoch seconds"
+    )
     step_s: float = Field(
         ge=60.0, le=86_400.0, allow_inf_nan=False, description="Length of each step, s"
     )
 
-    def _series(self, names: tuple[str, ...]) -> dict[str, TimeSeries]:
-        out: dict[str, TimeSeries] = {}
-        for name in names:
-            values: list[float] | None = getattr(self, name)
-            if values is not None:
-                out[name] = TimeSeries(self.start.timestamp(), self.step_s, tuple(values))
-        return out
+    def _present(self, names: tuple[str, ...]) -> list[tuple[str, list[float]]]:
+        return [(n, getattr(self, n)) for n in names if getattr(self, n) is not None]
+
+    def _check_current(self, names: tuple[str, ...], now: float) -> None:
+        """Refuse a series that is over before it could be used."""
+        steps = len(self._present(names)[0][1])
+        if self.start.timestamp() + steps * self.step_s <= now:
+            raise CommandRejected("start: the series ends before now")
 
     def _check_lengths(self, names: tuple[str, ...]) -> None:
-        present = [(n, getattr(self, n)) for n in names if getattr(self, n) is not None]
+        present = self._present(names)
         if not present:
             raise ValueError(f"give at least one of {', '.join(names)}")
         first_name, first = present[0]
@@ -243,43 +259,47 @@ class _SeriesCommand(CommandModel):
                 )
 
 
-_PRICE_SERIES = ("import_price", "export_price")
-_FORECAST_SERIES = ("load_w", "pv_w", "carbon_g_per_kwh")
+_PRICE_SERIES = ("import_price", "export_price", "carbon_g_per_kwh")
+_FORECAST_SERIES = ("load_w", "pv_w")
 
 
 class PricesCommand(_SeriesCommand):
-    """``cmd/prices``: import/export prices per kWh overriding the tariff until they end."""
+    """``cmd/prices``: grid price (and carbon) signals overriding the tariff until they end."""
 
     import_price: SeriesValues | None = Field(None, description="Import price per kWh, per step")
     export_price: SeriesValues | None = Field(None, description="Export price per kWh, per step")
-
-    @model_validator(mode="after")
-    def _lengths(self) -> Self:
-        self._check_lengths(_PRICE_SERIES)
-        return self
-
-    def apply(self, target: CommandTarget) -> None:
-        """Call ``set_price_override``."""
-        target.set_price_override(self._series(_PRICE_SERIES))
-
-
-class ForecastCommand(_SeriesCommand):
-    """``cmd/forecast``: load/PV/carbon forecasts overriding the built-in ones until they end."""
-
-    load_w: NonNegSeriesValues | None = Field(None, description="Site load, W >= 0, per step")
-    pv_w: NonNegSeriesValues | None = Field(None, description="PV generation, W >= 0, per step")
     carbon_g_per_kwh: NonNegSeriesValues | None = Field(
         None, description="Grid carbon intensity, g/kWh >= 0, per step"
     )
 
     @model_validator(mode="after")
     def _lengths(self) -> Self:
+        self._check_lengths(_PRICE_SERIES)
+        return self
+
+    def apply(self, target: CommandTarget, now: float) -> None:
+        """Call ``set_price_override`` once per series given."""
+        self._check_current(_PRICE_SERIES, now)
+        for name, values in self._present(_PRICE_SERIES):
+            target.set_price_override(name, self.start.timestamp(), self.step_s, tuple(values))
+
+
+class ForecastCommand(_SeriesCommand):
+    """``cmd/forecast``: load/PV forecasts overriding the built-in ones until they end."""
+
+    load_w: NonNegSeriesValues | None = Field(None, description="Site load, W >= 0, per step")
+    pv_w: NonNegSeriesValues | None = Field(None, description="PV generation, W >= 0, per step")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> Self:
         self._check_lengths(_FORECAST_SERIES)
         return self
 
-    def apply(self, target: CommandTarget) -> None:
-        """Call ``set_forecast_override``."""
-        target.set_forecast_override(self._series(_FORECAST_SERIES))
+    def apply(self, target: CommandTarget, now: float) -> None:
+        """Call ``set_forecast_override`` once per series given."""
+        self._check_current(_FORECAST_SERIES, now)
+        for name, values in self._present(_FORECAST_SERIES):
+            target.set_forecast_override(name, self.start.timestamp(), self.step_s, tuple(values))
 
 
 #: Command name (the last topic level) -> payload model.
@@ -358,10 +378,13 @@ def _parse(name: str, payload: bytes) -> CommandModel:
         raise _Invalid("payload: nested too deeply", echo) from None
 
 
-def handle_command(name: str, payload: bytes, target: CommandTarget | None) -> CommandResult:
+def handle_command(
+    name: str, payload: bytes, target: CommandTarget | None, *, now: float
+) -> CommandResult:
     """Parse, validate and apply one command; never raises, always returns a result.
 
-    ``target`` None means commands are not accepted (a read-only publisher).
+    ``now`` (epoch seconds, from the daemon's clock) turns a setpoint's ``ttl_s`` into an
+    absolute expiry. ``target`` None means commands are not accepted (a read-only publisher).
     """
     try:
         command = _parse(name, payload)
@@ -372,8 +395,8 @@ def handle_command(name: str, payload: bytes, target: CommandTarget | None) -> C
             ok=False, error="command: this daemon accepts no commands", id=command.id
         )
     try:
-        command.apply(target)
-    except CommandRejected as exc:
+        command.apply(target, now)
+    except ValueError as exc:  # CommandRejected, or a target's own ValueError subclass
         return CommandResult(ok=False, error=str(exc), id=command.id)
     except Exception:
         # A bug in the target must not kill the command loop; the operator still gets a reply.

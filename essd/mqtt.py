@@ -15,9 +15,9 @@ stores a reference to the newest event and wakes the MQTT task (O(1), never awai
 serializes), so a slow or absent broker cannot delay a control cycle. The MQTT task builds the
 payloads from the newest values when it gets to them (older values are simply superseded),
 reconnects with jittered exponential back-off on the injected clock, and republishes every
-retained topic after each reconnect. The clock serves only the back-off waits and command
-timestamps; payload times come from the events. (Under a *stepped* SimClock, whose ``sleep``
-moves simulated time, give the bridge a RealClock.)
+retained topic after each reconnect. The clock serves the back-off waits and "now" for
+commands; payload times come from the events. (A *stepped* SimClock cannot wait, its ``sleep``
+moves simulated time for everyone, so with one the back-off waits in real time.)
 
 Sign conventions in every payload: battery W > 0 discharges into the site, < 0 charges; grid
 W > 0 imports; SoC as a ratio 0..1; energy Wh.
@@ -505,7 +505,7 @@ def discovery_messages(
             state_topic=topics.state,
             value_template="{{ (value_json.reserve_soc * 100) | round(1) }}",
             command_topic=topics.command("reserve"),
-            command_template='{"soc": {{ (value | float / 100) | round(4) }}}',
+            command_template='{"reserve_soc": {{ (value | float / 100) | round(4) }}}',
             min=0,
             max=100,
             step=1,
@@ -725,8 +725,16 @@ class MqttBridge:
         return self._config.host, self._config.port
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
-        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
         stopper = asyncio.ensure_future(self._stopping.wait())
+        if math.isinf(self._clock.speed):
+            # A stepped simulated clock does not wait: its sleep would jump simulated time for
+            # the whole daemon. The back-off is about a real broker, so wait in real time.
+            try:
+                await asyncio.wait({stopper}, timeout=seconds)
+            finally:
+                stopper.cancel()
+            return
+        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
         try:
             await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -846,7 +854,7 @@ class MqttBridge:
                     log.warning("ignoring retained MQTT command on %s (send it unretained)", topic)
                     self._retained_cmd_warned = True
                 continue
-            result = handle_command(name, payload, self._target)
+            result = handle_command(name, payload, self._target, now=self._clock.now())
             self.stats.commands_total += 1
             if not result.ok:
                 self.stats.commands_rejected_total += 1

@@ -17,7 +17,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from essd.clock import RealClock
+from essd.clock import RealClock, SimClock
 from essd.commands import COMMANDS
 from essd.config import load_settings
 from essd.domain import DeviceState
@@ -160,20 +160,27 @@ async def test_last_will_when_the_daemon_is_killed(broker: Mosquitto, watcher: W
     assert m.retain
 
 
-COMMAND_EXAMPLES: list[tuple[str, dict[str, Any], Any]] = [
-    ("mode", {"mode": "manual", "id": "c1"}, ("mode", "manual")),
-    ("reserve", {"soc": 0.3}, ("reserve", 0.3)),
+COMMAND_EXAMPLES: list[tuple[str, dict[str, Any], list[tuple[str, Any]]]] = [
+    ("mode", {"mode": "manual", "id": "c1"}, [("mode", "manual")]),
+    ("reserve", {"reserve_soc": 0.3}, [("reserve", 0.3)]),
     (
         "setpoint",
         {"device": "home2", "power_w": 1800, "ttl_s": 120},
-        ("setpoint", ("home2", 1800.0, 120.0)),
+        [("setpoint", ("home2", 1800.0, T0 + 120.0))],
     ),
     (
         "prices",
-        {"start": T0, "step_s": 900, "import_price": [0.4, 0.9], "export_price": [0.1, 0.1]},
-        "prices",
+        {"start": T0, "step_s": 900, "import_price": [0.4, 0.9], "export_price": [0.1, 0.2]},
+        [
+            ("prices", ("import_price", T0, 900.0, (0.4, 0.9))),
+            ("prices", ("export_price", T0, 900.0, (0.1, 0.2))),
+        ],
     ),
-    ("forecast", {"start": "2026-01-01T00:00:00Z", "step_s": 900, "pv_w": [0, 100]}, "forecast"),
+    (
+        "forecast",
+        {"start": "2026-01-01T00:00:00Z", "step_s": 900, "pv_w": [0, 100]},
+        [("forecast", ("pv_w", T0, 900.0, (0.0, 100.0)))],
+    ),
 ]
 
 
@@ -184,25 +191,25 @@ async def test_each_command_works_and_its_result_arrives(
     handled: list[Event] = []
     bus.subscribe(lambda e: handled.append(e) if isinstance(e, CommandHandled) else None)
     target = RecordingTarget()
-    bridge = MqttBridge(mqtt_config(broker.port), SITE, bus, target, RealClock())
+    # A simulated clock standing at T0 makes the setpoint's absolute expiry exact.
+    bridge = MqttBridge(mqtt_config(broker.port), SITE, bus, target, SimClock(T0))
     async with bridge:
         await asyncio.wait_for(bridge.wait_connected(), 5)
         for name, payload, expected in COMMAND_EXAMPLES:
-            n = len(watcher.messages)
+            n, calls = len(watcher.messages), len(target.calls)
             await watcher.publish(f"{BASE}/cmd/{name}", json.dumps(payload))
             result = await watcher.wait_for(f"{BASE}/cmd/{name}/result", after=n)
             assert result.json() == (
                 {"ok": True, "error": ""} | ({"id": "c1"} if name == "mode" else {})
             )
             assert not result.retain
-            last = target.calls[-1]
-            assert last == expected if isinstance(expected, tuple) else last[0] == expected
-        n = len(watcher.messages)
-        await watcher.publish(f"{BASE}/cmd/reserve", '{"soc": 2}')
+            assert target.calls[calls:] == expected
+        n, calls = len(watcher.messages), len(target.calls)
+        await watcher.publish(f"{BASE}/cmd/reserve", '{"reserve_soc": 2}')
         refused = await watcher.wait_for(f"{BASE}/cmd/reserve/result", after=n)
         assert refused.json()["ok"] is False
-        assert refused.json()["error"].startswith("soc: ")
-    assert len(target.calls) == len(COMMAND_EXAMPLES)
+        assert refused.json()["error"].startswith("reserve_soc: ")
+        assert len(target.calls) == calls
     assert [(e.name, e.ok) for e in handled if isinstance(e, CommandHandled)] == [
         *((name, True) for name, _, _ in COMMAND_EXAMPLES),
         ("reserve", False),
@@ -402,3 +409,14 @@ async def test_open_bridge_from_the_environment(
     stop_s = time.perf_counter() - stopping
     await watcher.wait_for(f"{BASE}/status", lambda m: m.payload == b"offline")
     assert stop_s < 1.0
+
+
+async def test_backoff_under_a_stepped_clock_neither_spins_nor_moves_time(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path)  # configured, never started: every connect is refused
+    clock = SimClock(T0)
+    bridge = MqttBridge(mqtt_config(broker.port), SITE, EventBus(), None, clock)
+    async with bridge:
+        await asyncio.sleep(0.6)
+    # 0.05 s doubling to 0.5 s (jittered down to half): a handful of attempts, not hundreds.
+    assert 2 <= bridge.stats.connect_failures_total <= 12
+    assert clock.now() == T0  # the back-off did not push simulated time forward

@@ -20,7 +20,6 @@ from essd.commands import (
     CommandRejected,
     CommandResult,
     CommandTarget,
-    TimeSeries,
     handle_command,
     parse_command,
 )
@@ -42,16 +41,20 @@ from tests.support.mqtt import T0, RecordingTarget, make_cycle
 
 VALID: dict[str, dict[str, Any]] = {
     "mode": {"mode": "manual"},
-    "reserve": {"soc": 0.25},
+    "reserve": {"reserve_soc": 0.25},
     "setpoint": {"device": "bess1", "power_w": -2500.0, "ttl_s": 300},
-    "prices": {"start": "2026-01-01T08:00:00+08:00", "step_s": 900, "import_price": [0.5, 1.2]},
+    "prices": {"start": "2026-01-01T09:00:00+08:00", "step_s": 900, "import_price": [0.5, 1.2]},
     "forecast": {"start": T0, "step_s": 3600, "load_w": [800, 900, 1000], "pv_w": [0, 50, 400]},
 }
 
 
+NOW = T0 + 3600.0
+
+
 def run(name: str, payload: Any, target: RecordingTarget | None = None) -> CommandResult:
     raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    return handle_command(name, raw, target if target is not None else RecordingTarget())
+    target = target if target is not None else RecordingTarget()
+    return handle_command(name, raw, target, now=NOW)
 
 
 def test_every_command_has_a_valid_example() -> None:
@@ -63,34 +66,34 @@ def test_mode_reserve_and_setpoint_reach_the_target() -> None:
     assert run("mode", VALID["mode"], target) == CommandResult(ok=True)
     assert run("reserve", VALID["reserve"], target).ok
     assert run("setpoint", VALID["setpoint"], target).ok
+    at = "2026-01-01T01:10:00Z"  # an absolute expiry instead of a time-to-live
+    assert run("setpoint", {"device": "home2", "power_w": 500, "expires_at": at}, target).ok
     assert target.calls == [
         ("mode", "manual"),
         ("reserve", 0.25),
-        ("setpoint", ("bess1", -2500.0, 300.0)),
+        ("setpoint", ("bess1", -2500.0, NOW + 300.0)),
+        ("setpoint", ("home2", 500.0, T0 + 4200.0)),
     ]
 
 
-def test_prices_become_time_series_with_absolute_start() -> None:
+def test_prices_are_applied_per_series_with_absolute_start() -> None:
     target = RecordingTarget()
-    assert run("prices", VALID["prices"], target).ok
-    [(kind, series)] = target.calls
-    assert kind == "prices"
-    # 08:00+08:00 is midnight UTC: the offset is honoured.
-    assert series == {"import_price": TimeSeries(T0, 900.0, (0.5, 1.2))}
-    ts = series["import_price"]
-    assert ts.end == T0 + 1800
-    assert ts.value_at(T0 + 899) == 0.5
-    assert ts.value_at(T0 + 900) == 1.2
-    assert ts.value_at(T0 + 1800) is None
-    assert ts.value_at(T0 - 1) is None
+    payload = {**VALID["prices"], "carbon_g_per_kwh": [500, 420]}
+    assert run("prices", payload, target).ok
+    # 09:00+08:00 is 01:00 UTC: the offset is honoured.
+    assert target.calls == [
+        ("prices", ("import_price", T0 + 3600, 900.0, (0.5, 1.2))),
+        ("prices", ("carbon_g_per_kwh", T0 + 3600, 900.0, (500.0, 420.0))),
+    ]
 
 
 def test_forecast_accepts_epoch_start_and_several_series() -> None:
     target = RecordingTarget()
     assert run("forecast", VALID["forecast"], target).ok
-    [(_, series)] = target.calls
-    assert set(series) == {"load_w", "pv_w"}
-    assert series["pv_w"] == TimeSeries(T0, 3600.0, (0.0, 50.0, 400.0))
+    assert target.calls == [
+        ("forecast", ("load_w", T0, 3600.0, (800.0, 900.0, 1000.0))),
+        ("forecast", ("pv_w", T0, 3600.0, (0.0, 50.0, 400.0))),
+    ]
 
 
 def test_echo_id_comes_back_on_success_and_on_refusal() -> None:
@@ -106,14 +109,29 @@ def test_echo_id_comes_back_on_success_and_on_refusal() -> None:
         ("mode", {"mode": "turbo"}, "mode: "),
         ("mode", {}, "mode: Field required"),
         ("mode", {"mode": "auto", "extra": 1}, "extra: unknown field"),
-        ("reserve", {"soc": 1.5}, "soc: Input should be less than or equal to 1"),
-        ("reserve", {"soc": -0.1}, "soc: "),
-        ("reserve", {"soc": "half"}, "soc: "),
-        ("reserve", {"soc": 1e309}, "soc: "),  # json.dumps writes Infinity: refused as non-JSON
+        ("reserve", {"reserve_soc": 1.5}, "reserve_soc: Input should be less than or equal to 1"),
+        ("reserve", {"reserve_soc": -0.1}, "reserve_soc: "),
+        ("reserve", {"reserve_soc": "half"}, "reserve_soc: "),
+        ("reserve", {"reserve_soc": True}, "reserve_soc: Input should be a valid number"),
+        ("reserve", {"reserve_soc": "0.5"}, "reserve_soc: Input should be a valid number"),
+        ("setpoint", {"device": "bess1", "power_w": "5", "ttl_s": 5}, "power_w: "),
+        ("reserve", {"reserve_soc": 0.2, "soc": 0.2}, "soc: unknown field"),
         ("setpoint", {"device": "Bess 1", "power_w": 1, "ttl_s": 5}, "device: "),
         ("setpoint", {"device": "bess1", "power_w": 1, "ttl_s": 0}, "ttl_s: "),
         ("setpoint", {"device": "bess1", "power_w": 1e12, "ttl_s": 5}, "power_w: "),
         ("setpoint", {"device": "bess1", "ttl_s": 5}, "power_w: Field required"),
+        ("setpoint", {"device": "bess1", "power_w": 1}, "payload: ttl_s: give either"),
+        (
+            "setpoint",
+            {"device": "bess1", "power_w": 1, "ttl_s": 5, "expires_at": NOW + 5},
+            "payload: ttl_s: give either",
+        ),
+        ("setpoint", {"device": "bess1", "power_w": 1, "expires_at": NOW}, "expires_at: already"),
+        (
+            "setpoint",
+            {"device": "bess1", "power_w": 1, "expires_at": NOW + 90_000},
+            "expires_at: more than 86400 s ahead",
+        ),
         ("prices", {"start": T0, "step_s": 900}, "payload: give at least one of"),
         ("prices", {"start": "2026-01-01T00:00:00", "step_s": 900, "import_price": [1]}, "start: "),
         ("prices", {"start": T0, "step_s": 1, "import_price": [1]}, "step_s: "),
@@ -125,6 +143,9 @@ def test_echo_id_comes_back_on_success_and_on_refusal() -> None:
         ),
         ("prices", {"start": T0, "step_s": 900, "import_price": [1, "x"]}, "import_price.1: "),
         ("forecast", {"start": T0, "step_s": 900, "load_w": [-5]}, "load_w.0: "),
+        ("forecast", {"start": T0, "step_s": 900, "load_w": [5] * 4}, "start: the series ends"),
+        ("forecast", {"start": T0, "step_s": 900, "carbon_g_per_kwh": [1]}, "carbon_g_per_kwh: "),
+        ("prices", {"start": T0, "step_s": 900, "carbon_g_per_kwh": [-1]}, "carbon_g_per_kwh.0"),
         ("forecast", {"start": T0, "step_s": 900, "load_w": [0] * 5000}, "load_w: "),
         ("launch", {"x": 1}, "command: unknown command 'launch'"),
     ],
@@ -133,9 +154,6 @@ def test_invalid_commands_name_the_field_and_apply_nothing(
     name: str, payload: Any, field: str
 ) -> None:
     target = RecordingTarget()
-    if payload == {"soc": 1e309}:
-        payload = b'{"soc": Infinity}'
-        field = "payload: not valid JSON"
     result = run(name, payload, target)
     assert not result.ok
     assert result.error.startswith(field), result.error
@@ -149,14 +167,15 @@ def test_invalid_commands_name_the_field_and_apply_nothing(
         (b"\xff\xfe", "payload: not UTF-8 text"),
         (b"[1, 2]", "payload: must be a JSON object"),
         (b'"auto"', "payload: must be a JSON object"),
-        (b'{"soc": NaN}', "payload: not valid JSON"),
+        (b'{"reserve_soc": NaN}', "payload: not valid JSON"),
+        (b'{"reserve_soc": Infinity}', "payload: not valid JSON"),
         (b"[" * 100_000, "payload: not valid JSON"),
         (b" " * 300_000, "payload: larger than"),
     ],
 )
 def test_malformed_payloads_are_refused(payload: bytes, error: str) -> None:
     target = RecordingTarget()
-    result = handle_command("reserve", payload, target)
+    result = handle_command("reserve", payload, target, now=NOW)
     assert not result.ok
     assert result.error.startswith(error), result.error
     assert target.calls == []
@@ -169,8 +188,8 @@ def test_semantic_refusals_from_the_target_are_reported() -> None:
     run("mode", {"mode": "manual"}, target)
     unknown = run("setpoint", {"device": "ghost", "power_w": 100, "ttl_s": 60}, target)
     assert unknown.error == "device: unknown device 'ghost'"
-    too_high = run("reserve", {"soc": 0.99}, target)
-    assert too_high.error == "soc: must be below max_soc 0.95"
+    too_high = run("reserve", {"reserve_soc": 0.99}, target)
+    assert too_high.error == "reserve_soc: must be below max SoC 0.95"
     assert target.calls == [("mode", "manual")]
 
 
@@ -185,20 +204,21 @@ def test_a_failing_target_still_gets_a_reply() -> None:
 
 
 def test_read_only_bridge_refuses_commands() -> None:
-    result = handle_command("mode", b'{"mode": "auto"}', None)
+    result = handle_command("mode", b'{"mode": "auto"}', None, now=NOW)
     assert result.error == "command: this daemon accepts no commands"
 
 
 def test_parse_command_raises_value_error_with_the_field() -> None:
-    assert parse_command("reserve", b'{"soc": 0.5}').model_dump() == {"id": None, "soc": 0.5}
-    with pytest.raises(ValueError, match=r"^soc: "):
-        parse_command("reserve", b'{"soc": 5}')
+    parsed = parse_command("reserve", b'{"reserve_soc": 0.5}')
+    assert parsed.model_dump() == {"id": None, "reserve_soc": 0.5}
+    with pytest.raises(ValueError, match=r"^reserve_soc: "):
+        parse_command("reserve", b'{"reserve_soc": 5}')
 
 
 def test_command_target_protocol_is_satisfied_by_the_recorder() -> None:
     assert isinstance(RecordingTarget(), CommandTarget)
     with pytest.raises(CommandRejected):
-        RecordingTarget().set_manual_setpoint("bess1", 1.0, 1.0)
+        RecordingTarget().set_manual_setpoint("bess1", 1.0, NOW + 1.0)
 
 
 # ---------------------------------------------------------------------------- fuzzing
@@ -226,7 +246,7 @@ json_objects = st.dictionaries(
 
 def _fuzz_one(name: str, payload: bytes) -> None:
     target = RecordingTarget()
-    result = handle_command(name, payload, target)
+    result = handle_command(name, payload, target, now=NOW)
     assert not result.ok
     assert ": " in result.error  # "field: message"
     assert target.calls == []
@@ -253,7 +273,7 @@ def _mutations(name: str) -> st.SearchStrategy[dict[str, Any]]:
     base = VALID[name]
     required = [f for f, info in COMMANDS[name].model_fields.items() if info.is_required()]
     bad_values = st.sampled_from(
-        ["", "NaN", "inf", [], {}, True, -1e300, 1e300, "2026-13-01", [None], [float("1e400")]]
+        ["", "NaN", "inf", "5", [], {}, True, -1e300, 1e300, "2026-13-01", [None], [True]]
     )
 
     def drop(field: str) -> dict[str, Any]:
@@ -407,7 +427,7 @@ def test_schema_command_prints_every_payload(capsys: pytest.CaptureFixture[str])
     expected |= {f"cmd/{n}" for n in COMMANDS} | {f"cmd/{n}/result" for n in COMMANDS}
     assert set(topics) == expected
     assert "schema" in topics["state"]["properties"]
-    assert topics["cmd/reserve"]["properties"]["soc"]["maximum"] == 1.0
+    assert topics["cmd/reserve"]["properties"]["reserve_soc"]["maximum"] == 1.0
     assert topics["cmd/mode"]["additionalProperties"] is False
     assert main(["schema", "mqtt", "--topic", "plan"]) == 0
     assert json.loads(capsys.readouterr().out)["title"] == "PlanPayload"

@@ -19,7 +19,7 @@ from typing import Any, Self
 import aiomqtt
 
 from essd.clock import RealClock
-from essd.commands import CommandRejected, Mode, TimeSeries
+from essd.commands import CommandRejected
 from essd.config import MqttConfig
 from essd.domain import (
     BatteryReading,
@@ -113,41 +113,49 @@ def make_cycle(
 
 @dataclass
 class RecordingTarget:
-    """An in-memory CommandTarget that records every applied command (not a mock)."""
+    """An in-memory CommandTarget that records every applied command (not a mock).
+
+    It refuses what the daemon refuses: a reserve at or above max SoC, setpoints outside
+    manual mode or for an unknown device.
+    """
 
     devices: tuple[str, ...] = ("bess1", "home2")
-    mode: Mode = "auto"
+    mode: str = "auto"
     reserve: float = 0.1
     max_soc: float = 0.95
     calls: list[tuple[str, Any]] = field(default_factory=list)
 
-    def set_mode(self, mode: Mode) -> None:
+    def set_mode(self, mode: str) -> None:
         """Record the new mode."""
         self.mode = mode
         self.calls.append(("mode", mode))
 
-    def set_reserve(self, soc: float) -> None:
+    def set_reserve(self, reserve_soc: float) -> None:
         """Record the reserve; refuse one at or above max SoC."""
-        if soc >= self.max_soc:
-            raise CommandRejected(f"soc: must be below max_soc {self.max_soc}")
-        self.reserve = soc
-        self.calls.append(("reserve", soc))
+        if reserve_soc >= self.max_soc:
+            raise CommandRejected(f"reserve_soc: must be below max SoC {self.max_soc}")
+        self.reserve = reserve_soc
+        self.calls.append(("reserve", reserve_soc))
 
-    def set_manual_setpoint(self, device_id: str, power_w: float, ttl_s: float) -> None:
+    def set_manual_setpoint(self, device_id: str, power_w: float, expires_at: float) -> None:
         """Record a setpoint; only in manual mode and for a known device."""
         if self.mode != "manual":
             raise CommandRejected(f"mode: setpoints need manual mode (mode is {self.mode})")
         if device_id not in self.devices:
             raise CommandRejected(f"device: unknown device {device_id!r}")
-        self.calls.append(("setpoint", (device_id, power_w, ttl_s)))
+        self.calls.append(("setpoint", (device_id, power_w, expires_at)))
 
-    def set_price_override(self, series: Mapping[str, TimeSeries]) -> None:
-        """Record a price override."""
-        self.calls.append(("prices", dict(series)))
+    def set_price_override(
+        self, quantity: str, start: float, step_s: float, values: Sequence[float]
+    ) -> None:
+        """Record a price series."""
+        self.calls.append(("prices", (quantity, start, step_s, tuple(values))))
 
-    def set_forecast_override(self, series: Mapping[str, TimeSeries]) -> None:
-        """Record a forecast override."""
-        self.calls.append(("forecast", dict(series)))
+    def set_forecast_override(
+        self, quantity: str, start: float, step_s: float, values: Sequence[float]
+    ) -> None:
+        """Record a forecast series."""
+        self.calls.append(("forecast", (quantity, start, step_s, tuple(values))))
 
 
 @dataclass(frozen=True)

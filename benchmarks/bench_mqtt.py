@@ -69,9 +69,10 @@ async def _measure(broker: Mosquitto) -> list[Result]:
         for k in range(100):
             n = len(w.messages)
             t0 = time.perf_counter()
-            await w.publish(f"{BASE}/cmd/reserve", f'{{"soc": {0.1 + k / 1000}}}')
-            await w.wait_for(f"{BASE}/cmd/reserve/result", after=n)
+            await w.publish(f"{BASE}/cmd/reserve", f'{{"reserve_soc": {0.1 + k / 1000}}}')
+            result = await w.wait_for(f"{BASE}/cmd/reserve/result", after=n)
             roundtrip.append(time.perf_counter() - t0)
+            assert result.json()["ok"], result.payload
         # Broker down: the hand-off must stay the same.
         broker.kill()
         down: list[float] = []

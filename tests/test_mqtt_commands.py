@@ -9,6 +9,7 @@ import math
 import random
 from typing import Any
 
+import jinja2
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -454,3 +455,44 @@ def test_latest_value_cache_sends_newest_values_and_unchanged_plans_once() -> No
     topics = [t for t, _, _ in bridge._drain()]
     assert "essd/s/state" in topics
     assert "essd/s/plan" not in topics
+
+
+def test_home_assistant_templates_render_states_and_valid_commands() -> None:
+    """Render every discovery template with Jinja2, as Home Assistant does."""
+    env = jinja2.Environment(autoescape=False, undefined=jinja2.StrictUndefined)
+    topics = Topics.of(MqttConfig(host="h"), "site-a")
+    ev = make_cycle(9, soc={"bess1": 0.5, "home2": 0.8}, power_w={"bess1": 2000, "home2": -500})
+    by_topic = {
+        topics.state: json.loads(build_state_payload("site-a", ev).to_payload()),
+        topics.device("bess1"): json.loads(
+            build_device_payload(
+                "site-a", "bess1", time=T0, state=ev.device_states["bess1"], reason="", cycle=ev
+            ).to_payload()
+        ),
+    }
+    rendered = {}
+    for topic, body in discovery_messages(topics, ["bess1"]):
+        config = json.loads(body)
+        value_json = by_topic[config["state_topic"]]
+        rendered[topic.split("/")[-2]] = env.from_string(config["value_template"]).render(
+            value_json=value_json
+        )
+        if "command_template" in config:
+            value = "manual" if config["command_topic"].endswith("mode") else 35.0
+            command = env.from_string(config["command_template"]).render(value=value)
+            target = RecordingTarget()
+            name = config["command_topic"].rsplit("/", 1)[-1]
+            assert handle_command(name, command.encode(), target, now=NOW).ok, command
+            assert target.calls in ([("mode", "manual")], [("reserve", 0.35)])
+    assert rendered["soc"] == "70.0"
+    assert rendered["bess1_soc"] == "50.0"
+    assert rendered["grid_power"] == "1200.0"
+    assert rendered["bess1_power"] == "2000.0"
+    assert rendered["mode"] == "auto"
+    assert rendered["reserve"] == "10.0"
+    # Unknown values become HA's "None" (unknown), not a template error.
+    by_topic[topics.state]["soc"] = None
+    soc = json.loads(dict(discovery_messages(topics, []))[topics.discovery("sensor", "soc")])
+    assert env.from_string(soc["value_template"]).render(value_json=by_topic[topics.state]) == (
+        "None"
+    )

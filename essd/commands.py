@@ -280,6 +280,8 @@ class PricesCommand(_SeriesCommand):
     def apply(self, target: CommandTarget, now: float) -> None:
         """Call ``set_price_override`` once per series given."""
         self._check_current(_PRICE_SERIES, now)
+        # Every series was validated above and the quantity names are the target's own, so a
+        # target has nothing left to refuse part-way through (which would apply half of it).
         for name, values in self._present(_PRICE_SERIES):
             target.set_price_override(name, self.start.timestamp(), self.step_s, tuple(values))
 

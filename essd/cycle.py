@@ -242,6 +242,13 @@ class Controller:
 
         t = time.perf_counter()
         plan, desired, source = await self._decide(now, snapshot, forecast)
+        if not plan.import_price:
+            n = plan.steps
+            plan = replace(
+                plan,
+                import_price=tuple(forecast.import_price[:n].tolist()),
+                export_price=tuple(forecast.export_price[:n].tolist()),
+            )
         phase["decide"] = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -26,6 +26,7 @@ from essd.domain import DeviceClass
 from essd.events import DaemonStatus, DaemonStatusChanged, EventBus
 from essd.forecast import Forecaster
 from essd.metrics import MetricsExporter, MetricsServer
+from essd.mqtt import open_bridge
 from essd.sdnotify import SystemdNotifier
 
 __all__ = ["Daemon", "build_controller"]
@@ -143,17 +144,9 @@ class Daemon:
                 )
                 await stack.enter_async_context(server)
                 self.metrics_url = server.url
-            if self.settings.mqtt is not None:
-                from essd.mqtt import MqttBridge  # noqa: PLC0415
-
-                bridge = MqttBridge(
-                    self.settings.mqtt,
-                    site_id=self.settings.site.id,
-                    bus=self.bus,
-                    target=controller,
-                    clock=self.clock,
-                )
-                await stack.enter_async_context(bridge)
+            await stack.enter_async_context(
+                open_bridge(self.settings, self.bus, controller, self.clock)
+            )
             yield
 
     async def _cycles(self, controller: Controller, duration_s: float | None) -> None:

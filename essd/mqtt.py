@@ -54,6 +54,7 @@ from essd.events import (
     DeviceStateChanged,
     Event,
     EventBus,
+    MqttConnectionChanged,
 )
 
 __all__ = [
@@ -715,7 +716,9 @@ class MqttBridge:
                 log.exception("MQTT session failed; reconnecting")
                 self._failing = True
             finally:
-                self._connected.clear()
+                if self._connected.is_set():
+                    self._connected.clear()
+                    self._bus.publish(MqttConnectionChanged(False, self._clock.now()))
             if self._stopping.is_set():
                 break
             await self._sleep_unless_stopped(self._backoff_s(attempt))
@@ -764,6 +767,7 @@ class MqttBridge:
         self._plan_sent = None
         self._wake.set()
         self._connected.set()
+        self._bus.publish(MqttConnectionChanged(True, self._clock.now()))
         send = asyncio.create_task(self._send_loop(client), name="mqtt-send")
         receive = asyncio.create_task(self._receive_loop(client), name="mqtt-receive")
         stop = asyncio.create_task(self._stopping.wait(), name="mqtt-stop")

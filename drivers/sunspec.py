@@ -403,7 +403,7 @@ def decode_point(pdef: PointDef, words: Sequence[int], sf: int | None = None) ->
     """
     raw = decode_raw(words, pdef.register_type)
     if _not_implemented(pdef, raw):
-        shown = f"0x{raw:X}" if isinstance(raw, int) and raw >= 0 else repr(raw)
+        shown = "0x" + "".join(f"{w:04X}" for w in words)
         return PointValue(None, None, f"{pdef.qualified} not implemented ({shown})")
     if isinstance(raw, str):
         return PointValue(raw, raw)
@@ -759,7 +759,11 @@ class SunSpecDriver:
         values: dict[str, PointValue] = {}
         for mid in dict.fromkeys(b.model_id for b in self._bound.values()):
             m = smap.model(mid)
-            words = await self._read_block(m.address, m.length + 2)
+            try:
+                words = await self._read_block(m.address, m.length + 2)
+            except DeviceExceptionResponse:
+                self._map = None  # an address the device no longer has: rediscover next time
+                raise
             if words[0] != mid:
                 # The map moved (firmware update, unit swapped): rediscover on the next call.
                 self._map = None

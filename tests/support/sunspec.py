@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.constants import ExcCodes
@@ -69,10 +69,10 @@ async def serve_stores(stores: Mapping[int, RegisterStore]) -> AsyncIterator[int
     server = ModbusTcpServer(_StoreContext(stores), address=("127.0.0.1", 0))
     await server.serve_forever(background=True)
     try:
-        sockets = server.transport.sockets  # type: ignore[union-attr]
+        sockets = cast(Any, server.transport).sockets  # an asyncio.Server once listening
         yield int(sockets[0].getsockname()[1])
     finally:
-        await server.shutdown()
+        await cast(Any, server).shutdown()
 
 
 class LoopbackEndpoint:
@@ -96,6 +96,7 @@ class LoopbackEndpoint:
 
     async def read_registers(self, table: Table, address: int, count: int, unit: int) -> list[int]:
         """Read ``count`` registers."""
+        await self.connect()
         async with self._lock:
             self.requests += 1
             try:
@@ -115,6 +116,7 @@ class LoopbackEndpoint:
 
     async def write_registers(self, address: int, values: Sequence[int], unit: int) -> None:
         """Write holding registers."""
+        await self.connect()
         async with self._lock:
             self.requests += 1
             try:

@@ -1206,35 +1206,40 @@ class SunSpecImage:
         return v * spec.scale + spec.offset if isinstance(v, float | int) else v
 
 
-def _auto_sf(definition: ModelDef, sf_name: str, profile: Profile) -> int:
-    """The finest scale factor at which every point using ``sf_name`` fits its type."""
+# Without ratings (a meter) the image assumes a 200 kW connection point.
+_DEFAULT_POWER_W = 200_000.0
+# Energy counters (acc32/acc64) are sized for 1 GWh, a year of a large site.
+_COUNTER_WH = 1e9
+
+
+def _magnitude(p: PointDef, profile: Profile) -> float:
+    """The largest physical value a point of this image is expected to hold."""
     r = profile.ratings
-    power = max(r.max_charge_w, r.max_discharge_w, 1.0)
-    need = 0.0
+    power = max(r.max_charge_w, r.max_discharge_w) or _DEFAULT_POWER_W
+    u = p.units.lower().replace(" ", "")
+    if p.type.startswith("acc"):
+        return _COUNTER_WH
+    if u.startswith(("w", "va", "var")) and "h" not in u and "/" not in u:
+        return power * 1.5
+    if u.startswith(("wh", "vah", "varh")):
+        return max(r.capacity_wh, 1.0) * 1.5
+    if u.startswith("a"):
+        return power / 100.0  # current at a 100 V DC bus or more
+    return next((v for k, v in _UNIT_MAGNITUDE.items() if u.startswith(k)), 100.0)
+
+
+def _type_limit(p: PointDef) -> float:
+    return {"int16": 32767.0, "uint16": 65534.0}.get(p.type, 2.0**31 - 1)
+
+
+def _auto_sf(definition: ModelDef, sf_name: str, profile: Profile) -> int:
+    """The finest scale factor (-2 at most) at which every point using ``sf_name`` fits."""
     users = [p for p in definition.fixed.values() if p.sf == sf_name]
-    for p in users:
-        u = p.units.lower().replace(" ", "")
-        if u.startswith(("w", "va", "var")) and "h" not in u and "/" not in u:
-            mag = power * 1.5
-        elif u.startswith("wh"):
-            mag = max(r.capacity_wh, 1.0) * 1.5
-        elif u.startswith("a"):
-            mag = power / 100.0  # current at a 100 V DC bus or more
-        else:
-            mag = next((v for k, v in _UNIT_MAGNITUDE.items() if u.startswith(k)), 100.0)
-        need = max(need, mag)
-    limit = (
-        min(
-            (32767.0 if p.type == "int16" else 65534.0 if p.type == "uint16" else 2.0**31 - 1)
-            for p in users
-        )
-        if users
-        else 65534.0
-    )
-    for sf in range(-2, 7):
-        if need / 10.0**sf <= limit:
-            return sf
-    return 6
+    if not users:
+        return 0
+    need = max(_magnitude(p, profile) for p in users)
+    limit = min(_type_limit(p) for p in users)
+    return next((sf for sf in range(-2, 7) if need / 10.0**sf <= limit), 6)
 
 
 def _initial_words(

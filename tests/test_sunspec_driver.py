@@ -24,7 +24,7 @@ from drivers.api import (
     SafeModeControl,
     SocLimitControl,
 )
-from drivers.profile import Profile, load_profile, shipped_profiles_dir
+from drivers.profile import Profile, list_profiles, load_profile, shipped_profiles_dir
 from drivers.registers import RegisterImage, RegisterStore, Table
 from drivers.sunspec import (
     SunSpecDiscoveryError,
@@ -34,7 +34,7 @@ from drivers.sunspec import (
     build_sunspec_image,
 )
 from essd.clock import SimClock
-from essd.domain import BatteryReading, LiveLimits, Quality
+from essd.domain import BatteryReading, LiveLimits, MeterReading, Quality
 from tests.support.sunspec import LoopbackEndpoint, serve_stores
 
 PCS = shipped_profiles_dir() / "devices" / "industrial-sunspec-pcs.yaml"
@@ -360,3 +360,57 @@ async def test_interop_pysunspec2_client_reads_what_the_driver_reads(
     assert ours.limits.max_charge_w == pytest.approx(charge)
     assert ours.limits.max_discharge_w == pytest.approx(discharge)
     assert theirs["wset"] == -12_500
+
+
+async def test_site_meter_reads_grid_power_with_essd_sign() -> None:
+    meter = load_profile(shipped_profiles_dir() / "devices" / "site-meter-sunspec.yaml")
+    img = build_sunspec_image(meter)
+    img.set_point("203.W", 12_340)  # importing
+    img.set_point("203.TotWhImp", 1_234_567)
+    async with serve_stores({240: img}) as port:
+        ep = LoopbackEndpoint(port)
+        driver = SunSpecDriver("grid", meter, ep, None, SimClock())
+        r = await driver.read()
+        assert isinstance(r, MeterReading)
+        assert r.grid_power_w.value == pytest.approx(12_340)
+        img.set_point("203.W", -5_000)  # exporting
+        r = await driver.read()
+        assert isinstance(r, MeterReading)
+        assert r.grid_power_w.value == pytest.approx(-5_000)
+        img.set_point("203.W", None)
+        r = await driver.read()
+        assert isinstance(r, MeterReading)
+        assert r.grid_power_w.quality is Quality.INVALID
+        assert not isinstance(driver, ActivePowerControl)
+        await ep.close()
+
+
+@pytest.mark.parametrize(
+    "profile",
+    [p for p in list_profiles() if p.driver == "sunspec"],
+    ids=lambda p: p.name,
+)
+async def test_every_sunspec_profile_is_served_and_read_back(profile: Profile) -> None:
+    img = build_sunspec_image(profile)
+    # Give every mapped numeric point a distinct in-range value, then read them all back.
+    expected: dict[str, float] = {}
+    for i, spec in enumerate(profile.registers):
+        assert spec.point is not None
+        _, pdef, _ = img.map.locate(spec.point)
+        if pdef.symbols or pdef.type in ("string", "bitfield16", "bitfield32"):
+            continue
+        lo = spec.min if spec.min is not None else 0.0
+        hi = spec.max if spec.max is not None else 60.0  # fits every unit (Hz at SF -2)
+        value = round(lo + (hi - lo) * (i % 7 + 1) / 10, 2)
+        img.set_register(spec.name, value)
+        expected[spec.name] = value
+    async with serve_stores({profile.transport.unit: img}) as port:
+        ep = LoopbackEndpoint(port)
+        driver = SunSpecDriver("dev", profile, ep, None, SimClock())
+        values = await driver.read_points()
+        for name, value in expected.items():
+            spec = profile.register(name)
+            got = values[name].value
+            assert isinstance(got, float | int), name
+            assert got * spec.scale + spec.offset == pytest.approx(value, rel=1e-3, abs=0.5), name
+        await ep.close()

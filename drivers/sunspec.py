@@ -243,14 +243,30 @@ class ModelDef:
         return out
 
     def point(self, name: str, length: int | None = None) -> PointDef:
-        """The point called ``name`` (SunSpecError naming the model otherwise)."""
-        pts = self.fixed if length is None else self.points(length)
-        try:
-            return pts[name]
-        except KeyError:
-            raise SunSpecError(
-                f"model {self.model_id} ({self.name}) has no point {name!r}"
-            ) from None
+        """The point called ``name`` (SunSpecError naming the model otherwise).
+
+        Without ``length``, a repeating-group point ``<group>.<n>.<point>`` is checked against
+        the definition only; with it, instance ``n`` must exist in a model that long.
+        """
+        if length is not None:
+            found = self.points(length).get(name)
+        else:
+            found = self.fixed.get(name) or self._repeating_point(name)
+        if found is None:
+            raise SunSpecError(f"model {self.model_id} ({self.name}) has no point {name!r}")
+        return found
+
+    def _repeating_point(self, name: str) -> PointDef | None:
+        rep = self.repeating
+        group, _, rest = name.partition(".")
+        index, _, pname = rest.partition(".")
+        if rep is None or group != rep.name or not index.isdigit() or int(index) < 1:
+            return None
+        for p in rep.points:
+            if p.name == pname:
+                offset = self.fixed_words + (int(index) - 1) * rep.words + p.offset
+                return _replace(p, name=name, offset=offset)
+        return None
 
 
 def _replace(p: PointDef, *, name: str, offset: int) -> PointDef:

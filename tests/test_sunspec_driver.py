@@ -24,11 +24,18 @@ from drivers.api import (
     SafeModeControl,
     SocLimitControl,
 )
-from drivers.profile import Profile, list_profiles, load_profile, shipped_profiles_dir
+from drivers.profile import (
+    Profile,
+    list_profiles,
+    load_profile,
+    load_profile_text,
+    shipped_profiles_dir,
+)
 from drivers.registers import RegisterImage, RegisterStore, Table
 from drivers.sunspec import (
     SunSpecDiscoveryError,
     SunSpecDriver,
+    SunSpecError,
     SunSpecImage,
     ValueRefused,
     build_sunspec_image,
@@ -417,3 +424,52 @@ async def test_every_sunspec_profile_is_served_and_read_back(profile: Profile) -
             assert isinstance(got, float | int), name
             assert got * spec.scale + spec.offset == pytest.approx(value), name
         await ep.close()
+
+
+MPPT_PROFILE = """
+schema: 1
+name: mppt-sunspec-test
+description: A PV/battery unit with a repeating group (model 160, two MPPT modules).
+device_class: industrial
+source: SunSpec model 160 (Multiple MPPT Inverter Extension), github.com/sunspec/models
+driver: sunspec
+sunspec: {models: [1, 160, 802]}
+capabilities: [read_state]
+registers:
+  - {name: soc, vendor_name: "802.SoC", point: "802.SoC", scale: 0.01, unit: ratio}
+  - {name: battery_power_w, vendor_name: "802.W", point: "802.W", unit: W}
+  - {name: mppt2_dc_w, vendor_name: "160.module.2.DCW", point: "160.module.2.DCW", unit: W}
+fields: {soc: soc, power_w: battery_power_w}
+"""
+
+
+def _scan_modules(port: int) -> tuple[int, float]:
+    dev = SunSpecModbusClientDeviceTCP(slave_id=1, ipaddr="127.0.0.1", ipport=port, timeout=2)
+    try:
+        dev.scan()
+        mppt = dev.models[160][0]
+        return len(mppt.groups["module"]), float(mppt.groups["module"][1].DCW.cvalue)
+    finally:
+        dev.close()
+
+
+async def test_repeating_group_is_discovered_and_addressed() -> None:
+    profile = load_profile_text(MPPT_PROFILE, "mppt-sunspec-test.yaml")
+    img = build_sunspec_image(profile, repeats={160: 2})
+    img.set_point("160.N", 2)
+    img.set_point("160.module.2.DCW", 3_210)
+    async with serve_stores({1: img}) as port:
+        ep = LoopbackEndpoint(port)
+        driver = SunSpecDriver("pv", profile, ep, 1, SimClock())
+        values = await driver.read_points()
+        assert values["mppt2_dc_w"].value == pytest.approx(3_210)
+        smap = driver.sunspec_map
+        assert smap is not None
+        assert smap.model(160).definition.repeats_for(smap.model(160).length) == 2
+        modules, dcw = await asyncio.to_thread(_scan_modules, port)
+        assert modules == 2
+        assert dcw == pytest.approx(3_210)
+        await ep.close()
+    # An instance beyond the device's length is refused when located.
+    with pytest.raises(SunSpecError, match=r"no point 'module\.3\.DCW'"):
+        smap.locate("160.module.3.DCW")

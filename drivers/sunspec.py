@@ -434,7 +434,10 @@ def decode_point(pdef: PointDef, words: Sequence[int], sf: int | None = None) ->
             return PointValue(raw, None, f"{pdef.qualified}: scale factor {sf} outside -10..10")
     else:
         sf = 0
-    return PointValue(raw, raw * 10.0**sf if sf else raw)
+    if not sf:
+        return PointValue(raw, raw)
+    # Dividing by the power of ten keeps decimals exact: 7340 / 100 is 73.4, not 73.40000001.
+    return PointValue(raw, raw / 10.0**-sf if sf < 0 else raw * 10.0**sf)
 
 
 def encode_point(pdef: PointDef, value: float | str | None, sf: int | None = None) -> list[int]:
@@ -467,7 +470,8 @@ def encode_point(pdef: PointDef, value: float | str | None, sf: int | None = Non
             raise EncodeError(f"{pdef.qualified}: {value!r} is not a finite number")
         raw = value / 10.0**exp if pdef.type == "float32" else round(value / 10.0**exp)
     words = encode_raw(raw, rtype)
-    if _not_implemented(pdef, decode_raw(words, rtype)) and pdef.type not in ("acc32", "acc64"):
+    # An accumulator's 0 is "not accumulated", a value a writer may legitimately reset to.
+    if _not_implemented(pdef, decode_raw(words, rtype)) and not pdef.type.startswith("acc"):
         raise EncodeError(f"{pdef.qualified}: {value!r} encodes to the not-implemented marker")
     return words
 
@@ -480,7 +484,8 @@ class RegisterEndpoint(Protocol):
     """The transport a SunSpec driver needs (``drivers.modbus.ModbusEndpoint`` provides it).
 
     Raise ``CommunicationError`` when nothing answers and ``DeviceExceptionResponse`` for a
-    Modbus exception.
+    Modbus exception. The driver also uses, when the endpoint has them, ``async connect()``,
+    ``async close()`` (only with ``owns_endpoint``) and ``note_readback_mismatch(unit)``.
     """
 
     async def read_registers(self, table: Table, address: int, count: int, unit: int) -> list[int]:

@@ -1186,14 +1186,14 @@ class SunSpecImage:
         v = decode_raw(self._image.get(Table.HOLDING, m.address + sfp.offset, 1), RegisterType.S16)
         return None if _not_implemented(sfp, v) else int(v)
 
-    def set_raw(self, name: str, words: Sequence[int]) -> None:
+    def set_point_words(self, name: str, words: Sequence[int]) -> None:
         """Set a point's words as they are (e.g. a not-implemented marker)."""
         _, p, address = self._locate(name)
         if len(words) != p.size:
             raise ValueError(f"{name}: needs {p.size} words, got {len(words)}")
         self._image.set(Table.HOLDING, address, list(words))
 
-    def get_raw(self, name: str) -> list[int]:
+    def get_point_words(self, name: str) -> list[int]:
         """A point's words."""
         _, p, address = self._locate(name)
         return self._image.get(Table.HOLDING, address, p.size)
@@ -1209,22 +1209,74 @@ class SunSpecImage:
         words = self._image.get(Table.HOLDING, address, p.size)
         return decode_point(p, words, self._sf(m, p)).value
 
-    def set_register(self, register: str, value: float | str | None) -> None:
-        """Set a profile register in the profile's units (its scale and offset applied)."""
-        spec = self._profile.register(register)
+    # Named access by profile register and semantic field, with the same names as the plain
+    # profiles' image (drivers.layout.ProfileImage), so the simulator drives both alike.
+
+    def spec(self, name: str) -> RegisterSpec:
+        """The profile register called ``name`` (KeyError naming it otherwise)."""
+        spec = self._profile.register(name)
         if spec.point is None:
-            raise KeyError(f"register {register}: not a SunSpec point")
+            raise KeyError(f"register {name}: not a SunSpec point")
+        return spec
+
+    def names(self) -> Iterable[str]:
+        """Names of every register of the profile."""
+        return [r.name for r in self._profile.registers]
+
+    def get_raw(self, name: str) -> int | float | str:
+        """A register's raw (unscaled) value."""
+        _, p, _ = self._locate(str(self.spec(name).point))
+        return decode_raw(self.get_point_words(p.qualified), p.register_type)
+
+    def set_raw(self, name: str, raw: int | float | str) -> None:
+        """Set a register's raw value (e.g. 0xFFFF "not implemented" or NaN for fault tests)."""
+        _, p, _ = self._locate(str(self.spec(name).point))
+        words = encode_raw(raw, p.register_type, string_words=p.size)
+        self.set_point_words(p.qualified, words)
+
+    def set_value(self, name: str, value: float | str | None, *, check_range: bool = True) -> None:
+        """Set a register in the profile's units (its scale and offset applied).
+
+        With ``check_range`` a value outside the register's min/max raises EncodeError.
+        """
+        spec = self.spec(name)
         if isinstance(value, float | int):
+            if check_range and (
+                (spec.min is not None and value < spec.min)
+                or (spec.max is not None and value > spec.max)
+            ):
+                raise EncodeError(f"{name}: {value!r} outside [{spec.min}, {spec.max}]")
             value = (value - spec.offset) / spec.scale
-        self.set_point(spec.point, value)
+        self.set_point(str(spec.point), value)
+
+    def get_value(self, name: str) -> float | str | None:
+        """A register in the profile's units (None when not implemented)."""
+        spec = self.spec(name)
+        v = self.get_point(str(spec.point))
+        return v * spec.scale + spec.offset if isinstance(v, float | int) else v
+
+    def set_register(self, register: str, value: float | str | None) -> None:
+        """:meth:`set_value` without the range check (fault injection)."""
+        self.set_value(register, value, check_range=False)
 
     def get_register(self, register: str) -> float | str | None:
-        """A profile register in the profile's units."""
-        spec = self._profile.register(register)
-        if spec.point is None:
-            raise KeyError(f"register {register}: not a SunSpec point")
-        v = self.get_point(spec.point)
-        return v * spec.scale + spec.offset if isinstance(v, float | int) else v
+        """Same as :meth:`get_value`."""
+        return self.get_value(register)
+
+    def field_spec(self, field: str) -> RegisterSpec:
+        """The register mapped to a semantic field."""
+        spec = self._profile.field_register(field)
+        if spec is None:
+            raise KeyError(f"profile {self._profile.name}: no field {field!r}")
+        return spec
+
+    def get_field(self, field: str) -> float | str | None:
+        """A semantic field (``soc`` as a ratio, powers in W with essd's signs), None if invalid."""
+        return self.get_value(self.field_spec(field).name)
+
+    def set_field(self, field: str, value: float | str, *, check_range: bool = True) -> None:
+        """Set a semantic field (``soc`` as a ratio, powers in W with essd's signs)."""
+        self.set_value(self.field_spec(field).name, value, check_range=check_range)
 
 
 # Without ratings (a meter) the image assumes a 200 kW connection point.

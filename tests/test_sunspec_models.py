@@ -176,7 +176,8 @@ def test_image_lays_out_marker_headers_and_end_model(pcs: Profile) -> None:
 def test_image_points_in_physical_and_profile_units(pcs: Profile) -> None:
     img = build_sunspec_image(pcs, scale_factors={"802.SoC_SF": -1})
     img.set_point("802.SoC", 55.5)
-    assert img.get_raw("802.SoC") == [555]
+    assert img.get_point_words("802.SoC") == [555]
+    assert img.get_raw("soc") == 555
     assert img.get_register("soc") == pytest.approx(0.555)
     img.set_register("soc", 0.25)
     assert img.get_point("802.SoC") == pytest.approx(25.0)
@@ -211,3 +212,21 @@ def test_image_accepts_writes_to_read_write_points_only(pcs: Profile) -> None:
     img.write(ena_at, [1])
     assert heard == [("704.WSetEna",)]
     assert soc.offset > 0
+
+
+def test_image_named_access_matches_the_plain_profile_image(pcs: Profile) -> None:
+    img = build_sunspec_image(pcs)
+    img.set_field("soc", 0.42)
+    assert img.get_field("soc") == pytest.approx(0.42)
+    img.set_field("power_w", -30_000)  # charging
+    assert img.get_point("802.W") == -30_000
+    with pytest.raises(EncodeError, match="outside"):
+        img.set_field("soc", 1.2)
+    img.set_field("soc", 1.2, check_range=False)  # a BMS misreporting, for fault tests
+    assert img.get_value("soc") == pytest.approx(1.2)
+    img.set_raw("soc", 0xFFFF)
+    assert img.get_field("soc") is None
+    assert "soc" in img.names()
+    assert img.field_spec("power_w").name == "battery_power_w"
+    with pytest.raises(KeyError, match="no field 'nope'"):
+        img.field_spec("nope")

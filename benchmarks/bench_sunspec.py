@@ -12,10 +12,10 @@ import time
 
 from benchmarks import Result
 from drivers.api import ActivePowerControl
+from drivers.modbus import Framing, ModbusEndpoint, ModbusServer, TcpTarget
 from drivers.profile import resolve_profile
 from drivers.sunspec import SunSpecDriver, build_sunspec_image, decode_point, load_model
 from essd.clock import RealClock
-from tests.support.sunspec import LoopbackEndpoint, serve_stores
 
 _ROUNDS = 200
 
@@ -27,11 +27,13 @@ def _pct(values: list[float], q: float) -> float:
 async def _loopback() -> list[Result]:
     profile = resolve_profile("industrial-sunspec-pcs")
     img = build_sunspec_image(profile)
-    img.set_register("soc", 0.5)
+    img.set_field("soc", 0.5)
     img.set_point("802.V", 800.0)
     out: list[Result] = []
-    async with serve_stores({1: img}) as port:
-        ep = LoopbackEndpoint(port)
+    async with ModbusServer.tcp({1: img}) as server:
+        ep = ModbusEndpoint(
+            TcpTarget("127.0.0.1", server.port, Framing.SOCKET), clock=RealClock(), timeout_s=1.0
+        )
         await ep.connect()
         discovery: list[float] = []
         for _ in range(20):
@@ -39,9 +41,9 @@ async def _loopback() -> list[Result]:
             t0 = time.perf_counter()
             await driver.connect()
             discovery.append(time.perf_counter() - t0)
-        before = ep.requests
+        before = ep.stats(1).requests_total
         await driver.read()
-        per_read = ep.requests - before
+        per_read = ep.stats(1).requests_total - before
         reads: list[float] = []
         for _ in range(_ROUNDS):
             t0 = time.perf_counter()

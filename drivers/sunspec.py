@@ -42,8 +42,11 @@ from drivers.api import (
     CommunicationError,
     DeviceError,
     DeviceExceptionResponse,
+    ValueRefused,
     WriteResult,
 )
+from drivers.layout import base_unit, from_base, to_base
+from drivers.modbus import ModbusEndpoint
 from drivers.profile import ActionName, Capability, Profile, ProfileError, RegisterSpec
 from drivers.registers import (
     EncodeError,
@@ -64,6 +67,7 @@ from essd.domain import (
     Quality,
     Reading,
 )
+from essd.events import DeviceCounters
 
 __all__ = [
     "SUNS_MARKER",
@@ -114,10 +118,6 @@ _REGISTER_TYPE: dict[str, RegisterType] = {
 }
 _BITFIELDS = frozenset({"bitfield16", "bitfield32"})
 _ENUMS = frozenset({"enum16", "enum32"})
-
-
-class ValueRefused(DeviceError, ValueError):
-    """A command value does not fit its point (range, type or marker); nothing was written."""
 
 
 class SunSpecError(DeviceError):
@@ -805,7 +805,8 @@ class SunSpecDriver:
 
     @staticmethod
     def _reading(spec: RegisterSpec, pv: PointValue, at: float) -> Reading:
-        unit = spec.unit
+        """A register's reading in essd base units (``%`` -> ratio, ``kW`` -> W ...)."""
+        unit = base_unit(spec.unit)
         if not pv.valid:
             return Reading.bad(unit, at, Quality.INVALID, pv.reason)
         if not isinstance(pv.value, int | float):
@@ -822,7 +823,36 @@ class SunSpecDriver:
                 Quality.INVALID,
                 f"{spec.name}: {value:g} outside [{spec.min}, {spec.max}]",
             )
-        return Reading.good(value, unit, at)
+        return Reading.good(to_base(value, spec.unit), unit, at)
+
+    def _fields(self, by_register: Mapping[str, Reading], at: float) -> dict[str, Reading]:
+        """Every field of the profile, derived fields (weighted sums) included."""
+        out = {f: by_register[reg] for f, reg in self._profile.fields.items()}
+        for name, terms in self._profile.derived.items():
+            bad = [f for f in terms if not out[f].valid]
+            unit = out[next(iter(terms))].unit
+            if bad:
+                out[name] = Reading.bad(
+                    unit, at, Quality.INVALID, f"derived from invalid {', '.join(bad)}"
+                )
+            else:
+                out[name] = Reading.good(
+                    sum((out[f].value or 0.0) * k for f, k in terms.items()), unit, at
+                )
+        return out
+
+    async def read_fields(self) -> dict[str, Reading]:
+        """Every field of the profile as a reading in base units (invalid ones with a reason)."""
+        values = await self.read_points()
+        at = self._clock.monotonic()
+        by_register = {n: self._reading(self._bound[n].spec, pv, at) for n, pv in values.items()}
+        return self._fields(by_register, at)
+
+    def counters(self) -> DeviceCounters:
+        """Cumulative communication counters of this device (from its Modbus endpoint)."""
+        if isinstance(self._endpoint, ModbusEndpoint):
+            return self._endpoint.stats(self._unit).to_device_counters()
+        return DeviceCounters()
 
     async def read(self) -> BatteryReading | MeterReading:
         """Read the device; invalid values come back as invalid readings with a reason.
@@ -838,7 +868,7 @@ class SunSpecDriver:
             raise
         at = self._clock.monotonic()
         by_register = {n: self._reading(self._bound[n].spec, pv, at) for n, pv in values.items()}
-        fields = {f: by_register[reg] for f, reg in self._profile.fields.items()}
+        fields = self._fields(by_register, at)
 
         def field(name: str, unit: str) -> Reading:
             return fields.get(name) or Reading.bad(
@@ -848,6 +878,7 @@ class SunSpecDriver:
         if self._profile.device_class is DeviceClass.METER:
             return MeterReading(self._device_id, at, field("grid_power_w", "W"))
         extras = {self._field_of.get(n, n): r for n, r in by_register.items()}
+        extras.update({d: fields[d] for d in self._profile.derived})
         extras.pop("soc", None)
         extras.pop("power_w", None)
         return BatteryReading(
@@ -940,9 +971,15 @@ class SunSpecDriver:
     def _point_value(
         self, spec: RegisterSpec, param: str | None, value: float | str
     ) -> float | str:
-        """A profile-level value converted to the point's physical value (checked)."""
+        """A step's value as the point's physical value (range checked).
+
+        A parameter arrives in essd base units (W, s, ratio) and is converted to the
+        register's unit; a literal ``value`` is in the register's unit already.
+        """
         if isinstance(value, str):
             return value
+        if param is not None:
+            value = from_base(value, spec.unit)
         if (spec.min is not None and value < spec.min) or (
             spec.max is not None and value > spec.max
         ):
@@ -968,7 +1005,7 @@ class SunSpecDriver:
         params = dict(params or {})
         power = params.get("power_w", 0.0)
         sense = "charge" if power < 0 else "discharge" if power > 0 else "idle"
-        planned: list[tuple[str, PointDef, int, list[int], int | None]] = []
+        planned: list[tuple[RegisterSpec, PointDef, int, list[int], int | None]] = []
         for step in act.writes:
             if step.when not in ("always", sense):
                 continue
@@ -987,13 +1024,13 @@ class SunSpecDriver:
                 words = encode_point(pdef, value, sf)
             except (EncodeError, SunSpecError) as exc:
                 raise ValueRefused(f"{self._device_id}: {action}: {b.spec.name}: {exc}") from None
-            planned.append((b.spec.name, pdef, address, words, sf))
-        written = 0
+            planned.append((b.spec, pdef, address, words, sf))
         for _, _, address, words, _ in planned:
             await self._endpoint.write_registers(address, words, self._unit)
-            written += len(words)
         mismatches: list[str] = []
-        for name, pdef, address, words, sf in planned:
+        for spec, pdef, address, words, sf in planned:
+            if not spec.verify:
+                continue  # a trigger register the device clears itself
             back = await self._endpoint.read_registers(
                 Table.HOLDING, address, len(words), self._unit
             )
@@ -1004,10 +1041,10 @@ class SunSpecDriver:
                 want = decode_point(pdef, words, sf)
                 got = decode_point(pdef, back, sf)
                 mismatches.append(
-                    f"{name} ({pdef.qualified}): wrote {want.value!r}, read back "
+                    f"{spec.name} ({pdef.qualified}): wrote {want.value!r}, read back "
                     f"{got.value if got.valid else got.reason!r}"
                 )
-        return WriteResult(action.value, written, tuple(mismatches))
+        return WriteResult(action.value, len(planned), tuple(mismatches))
 
 
 class _ActivePower(SunSpecDriver):
@@ -1271,12 +1308,16 @@ class SunSpecImage:
         return spec
 
     def get_field(self, field: str) -> float | str | None:
-        """A semantic field (``soc`` as a ratio, powers in W with essd's signs), None if invalid."""
-        return self.get_value(self.field_spec(field).name)
+        """A semantic field in essd base units (W, Wh, s, ratio), None when not implemented."""
+        spec = self.field_spec(field)
+        v = self.get_value(spec.name)
+        return to_base(v, spec.unit) if isinstance(v, float | int) else v
 
     def set_field(self, field: str, value: float | str, *, check_range: bool = True) -> None:
-        """Set a semantic field (``soc`` as a ratio, powers in W with essd's signs)."""
-        self.set_value(self.field_spec(field).name, value, check_range=check_range)
+        """Set a semantic field from essd base units (W, Wh, s, ratio)."""
+        spec = self.field_spec(field)
+        physical = value if isinstance(value, str) else from_base(value, spec.unit)
+        self.set_value(spec.name, physical, check_range=check_range)
 
 
 # Without ratings (a meter) the image assumes a 200 kW connection point.

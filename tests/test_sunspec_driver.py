@@ -16,6 +16,7 @@ from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
 from drivers.api import (
     ActivePowerControl,
     ChargeLimitControl,
+    CounterSource,
     DeviceDriver,
     DischargeLimitControl,
     HeartbeatControl,
@@ -23,7 +24,9 @@ from drivers.api import (
     RevertTimerControl,
     SafeModeControl,
     SocLimitControl,
+    ValueRefused,
 )
+from drivers.modbus import ModbusEndpoint
 from drivers.profile import (
     Profile,
     list_profiles,
@@ -37,12 +40,11 @@ from drivers.sunspec import (
     SunSpecDriver,
     SunSpecError,
     SunSpecImage,
-    ValueRefused,
     build_sunspec_image,
 )
 from essd.clock import SimClock
 from essd.domain import BatteryReading, LiveLimits, MeterReading, Quality
-from tests.support.sunspec import LoopbackEndpoint, serve_stores
+from tests.support.sunspec import loopback, serve_stores
 
 PCS = shipped_profiles_dir() / "devices" / "industrial-sunspec-pcs.yaml"
 
@@ -54,7 +56,7 @@ def pcs() -> Profile:
 
 def healthy(img: SunSpecImage) -> SunSpecImage:
     """A connected 800 V bank at 73.4 % that may charge at 100 A and discharge at 150 A."""
-    img.set_register("soc", 0.734)
+    img.set_field("soc", 0.734)
     img.set_point("802.W", -25_000)
     img.set_point("802.V", 800.0)
     img.set_point("802.AChaMax", 100.0)
@@ -71,7 +73,7 @@ def healthy(img: SunSpecImage) -> SunSpecImage:
 class Rig:
     image: SunSpecImage
     driver: SunSpecDriver
-    endpoint: LoopbackEndpoint
+    endpoint: ModbusEndpoint
     port: int
 
 
@@ -79,7 +81,7 @@ class Rig:
 async def rig(pcs: Profile) -> AsyncIterator[Rig]:
     img = healthy(build_sunspec_image(pcs))
     async with serve_stores({1: img}) as port:
-        ep = LoopbackEndpoint(port)
+        ep = loopback(port)
         driver = SunSpecDriver(device_id="pcs1", profile=pcs, endpoint=ep, unit=1, clock=SimClock())
         await driver.connect()
         yield Rig(img, driver, ep, port)
@@ -97,7 +99,7 @@ async def battery(driver: SunSpecDriver) -> BatteryReading:
 async def test_discovery_at_each_base_address(pcs: Profile, base: int) -> None:
     img = healthy(build_sunspec_image(pcs, base_address=base))
     async with serve_stores({3: img}) as port:
-        ep = LoopbackEndpoint(port)
+        ep = loopback(port)
         driver = SunSpecDriver("pcs1", pcs, ep, 3, SimClock())
         await driver.connect()
         smap = driver.sunspec_map
@@ -124,7 +126,7 @@ async def test_missing_model_is_refused_naming_it(pcs: Profile) -> None:
     lacking = pcs.sunspec.model_copy(update={"models": (1, 704, 713, 802)})
     device = build_sunspec_image(pcs.model_copy(update={"sunspec": lacking}))
     async with serve_stores({1: device}) as port:
-        ep = LoopbackEndpoint(port)
+        ep = loopback(port)
         driver = SunSpecDriver("pcs1", pcs, ep, 1, SimClock())
         with pytest.raises(SunSpecDiscoveryError, match=r"model\(s\) 124 required"):
             await driver.connect()
@@ -136,7 +138,7 @@ async def test_device_without_marker_is_refused(pcs: Profile) -> None:
     for base in (40000, 0, 50000):
         plain.define(Table.HOLDING, base, 4, fill=0x1234)
     async with serve_stores({1: plain}) as port:
-        ep = LoopbackEndpoint(port)
+        ep = loopback(port)
         driver = SunSpecDriver("pcs1", pcs, ep, 1, SimClock())
         with pytest.raises(SunSpecDiscoveryError, match="no SunSpec 'SunS' marker"):
             await driver.connect()
@@ -204,6 +206,9 @@ async def test_capabilities_follow_the_profile(rig: Rig) -> None:
         assert isinstance(d, proto), proto
     assert not isinstance(d, OutputControl)
     assert not isinstance(d, DischargeLimitControl)
+    assert isinstance(d, CounterSource)
+    await d.read()
+    assert d.counters().requests_total > 0
 
 
 async def test_set_active_power_both_directions(rig: Rig) -> None:
@@ -211,7 +216,7 @@ async def test_set_active_power_both_directions(rig: Rig) -> None:
     assert isinstance(d, ActivePowerControl)
     res = await d.set_active_power(-42_000, duration_s=30)
     assert res.ok
-    assert res.registers_written == 4
+    assert res.registers_written == 3
     assert rig.image.get_point("704.WSet") == -42_000
     assert rig.image.get_point("704.WSetMod") == 1  # WATTS
     assert rig.image.get_point("704.WSetEna") == 1  # ENABLED
@@ -223,10 +228,10 @@ async def test_set_active_power_both_directions(rig: Rig) -> None:
 async def test_out_of_range_setpoint_is_refused_and_nothing_written(rig: Rig) -> None:
     d = rig.driver
     assert isinstance(d, ActivePowerControl)
-    before = rig.endpoint.requests
+    before = rig.endpoint.stats(1).requests_total
     with pytest.raises(ValueRefused, match=r"wset_w = 150000 outside"):
         await d.set_active_power(150_000, duration_s=30)
-    assert rig.endpoint.requests == before
+    assert rig.endpoint.stats(1).requests_total == before
     assert rig.image.get_point("704.WSet") == 0
 
 
@@ -258,8 +263,8 @@ async def test_charge_and_soc_limits(rig: Rig) -> None:
     assert (await d.set_charge_limit(40_000)).ok
     assert rig.image.get_point("124.WChaMax") == 40_000
     assert (await d.set_soc_limits(0.1, 0.95)).ok
-    assert rig.image.get_register("soc_reserve_min") == pytest.approx(0.1)
-    assert rig.image.get_register("soc_reserve_max") == pytest.approx(0.95)
+    assert rig.image.get_value("soc_reserve_min") == pytest.approx(10.0)
+    assert rig.image.get_value("soc_reserve_max") == pytest.approx(95.0)
 
 
 async def test_read_back_mismatch_is_reported(rig: Rig) -> None:
@@ -298,7 +303,7 @@ async def test_moved_map_is_rediscovered(pcs: Profile) -> None:
     store = Swappable(healthy(build_sunspec_image(pcs)))
     reordered = pcs.sunspec.model_copy(update={"models": (1, 802, 124, 713, 704)})
     async with serve_stores({1: store}) as port:
-        ep = LoopbackEndpoint(port)
+        ep = loopback(port)
         driver = SunSpecDriver("pcs1", pcs, ep, 1, SimClock())
         await battery(driver)
         store.target = healthy(build_sunspec_image(pcs.model_copy(update={"sunspec": reordered})))
@@ -375,7 +380,7 @@ async def test_site_meter_reads_grid_power_with_essd_sign() -> None:
     img.set_point("203.W", 12_340)  # importing
     img.set_point("203.TotWhImp", 1_234_567)
     async with serve_stores({240: img}) as port:
-        ep = LoopbackEndpoint(port)
+        ep = loopback(port)
         driver = SunSpecDriver("grid", meter, ep, None, SimClock())
         r = await driver.read()
         assert isinstance(r, MeterReading)
@@ -415,7 +420,7 @@ async def test_every_sunspec_profile_is_served_and_read_back(profile: Profile) -
         assert stored == pytest.approx(value, abs=10.0), spec.name
         expected[spec.name] = stored
     async with serve_stores({profile.transport.unit: img}) as port:
-        ep = LoopbackEndpoint(port)
+        ep = loopback(port)
         driver = SunSpecDriver("dev", profile, ep, None, SimClock())
         values = await driver.read_points()
         for name, value in expected.items():
@@ -459,7 +464,7 @@ async def test_repeating_group_is_discovered_and_addressed() -> None:
     img.set_point("160.N", 2)
     img.set_point("160.module.2.DCW", 3_210)
     async with serve_stores({1: img}) as port:
-        ep = LoopbackEndpoint(port)
+        ep = loopback(port)
         driver = SunSpecDriver("pv", profile, ep, 1, SimClock())
         values = await driver.read_points()
         assert values["mppt2_dc_w"].value == pytest.approx(3_210)

@@ -178,8 +178,9 @@ def test_image_points_in_physical_and_profile_units(pcs: Profile) -> None:
     img.set_point("802.SoC", 55.5)
     assert img.get_point_words("802.SoC") == [555]
     assert img.get_raw("soc") == 555
-    assert img.get_register("soc") == pytest.approx(0.555)
-    img.set_register("soc", 0.25)
+    assert img.get_value("soc") == pytest.approx(55.5)
+    assert img.get_field("soc") == pytest.approx(0.555)
+    img.set_field("soc", 0.25)
     assert img.get_point("802.SoC") == pytest.approx(25.0)
     img.set_point("802.SoC", None)
     assert img.get_point("802.SoC") is None
@@ -223,7 +224,7 @@ def test_image_named_access_matches_the_plain_profile_image(pcs: Profile) -> Non
     with pytest.raises(EncodeError, match="outside"):
         img.set_field("soc", 1.2)
     img.set_field("soc", 1.2, check_range=False)  # a BMS misreporting, for fault tests
-    assert img.get_value("soc") == pytest.approx(1.2)
+    assert img.get_field("soc") == pytest.approx(1.2)
     img.set_raw("soc", 0xFFFF)
     assert img.get_field("soc") is None
     assert "soc" in img.names()

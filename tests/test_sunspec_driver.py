@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
@@ -26,6 +27,7 @@ from drivers.api import (
     SocLimitControl,
     ValueRefused,
 )
+from drivers.factory import EndpointPool, build_driver
 from drivers.modbus import ModbusEndpoint
 from drivers.profile import (
     Profile,
@@ -42,7 +44,8 @@ from drivers.sunspec import (
     SunSpecImage,
     build_sunspec_image,
 )
-from essd.clock import SimClock
+from essd.clock import RealClock, SimClock
+from essd.config import DeviceConfig, SerialTransport, load_settings
 from essd.domain import BatteryReading, LiveLimits, MeterReading, Quality
 from tests.support.sunspec import loopback, serve_stores
 
@@ -478,3 +481,28 @@ async def test_repeating_group_is_discovered_and_addressed() -> None:
     # An instance beyond the device's length is refused when located.
     with pytest.raises(SunSpecError, match=r"no point 'module\.3\.DCW'"):
         smap.locate("160.module.3.DCW")
+
+
+async def test_example_site_sunspec_device_from_the_factory(pcs: Profile) -> None:
+    settings = load_settings(Path(__file__).parents[1] / "profiles" / "sites" / "example.toml")
+    (dev,) = [d for d in settings.devices if d.profile == pcs.name]
+    assert not isinstance(dev.transport, SerialTransport)
+    img = healthy(build_sunspec_image(pcs))
+    async with serve_stores({dev.transport.unit: img}) as port:
+        local = dev.model_copy(
+            update={"transport": dev.transport.model_copy(update={"port": port})}
+        )
+        assert isinstance(local, DeviceConfig)
+        pool = EndpointPool(clock=RealClock())
+        try:
+            driver = build_driver(local, pcs, clock=RealClock(), pool=pool)
+            assert isinstance(driver, SunSpecDriver)
+            assert isinstance(driver, ActivePowerControl)
+            await driver.connect()
+            r = await driver.read()
+            assert isinstance(r, BatteryReading)
+            assert r.soc.value == pytest.approx(0.734)
+            assert (await driver.set_active_power(-5_000, duration_s=30)).ok
+            assert img.get_point("704.WSet") == -5_000
+        finally:
+            await pool.close()

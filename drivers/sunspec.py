@@ -23,6 +23,13 @@ Sign conventions at this boundary (the profile's ``scale`` maps a device that di
   (> 0 discharging), which the simulator serves; a unit that reports charging as positive sets
   ``scale: -1`` on that register.
 - Model 203 ``W`` (meter): see ``profiles/devices/site-meter-sunspec.yaml``.
+
+Control as the shipped industrial profile maps it (all of it profile data, none of it code):
+heartbeat = the controller heartbeat ``802.CtrlHb`` (read-write in the shipped 802 definition;
+the battery's own counter is ``802.Hb``); revert timer = 704 ``WSetRvrt`` 0 W,
+``WSetEnaRvrt`` ENABLED, ``WSetRvrtTms`` seconds (on expiry the PCS holds an enabled 0 W);
+safe mode = ``WSet`` 0 W first, then ``WSetEna`` DISABLED. Register units convert to essd's
+base units as for plain profiles (``%`` -> ratio, ``kW`` -> W; :mod:`drivers.layout`).
 """
 
 from __future__ import annotations
@@ -86,6 +93,7 @@ __all__ = [
     "discover",
     "encode_point",
     "load_model",
+    "parse_point_ref",
 ]
 
 # "SunS" as two big-endian registers: the marker at a SunSpec base address.

@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
 # Later parts (daemon, simulator, HIL runner, schema) add their subcommands here.
 _EXTENSIONS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
 
+from essd.schema import register as _register_schema  # noqa: E402
+
+_EXTENSIONS.append(_register_schema)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``essd`` console script."""

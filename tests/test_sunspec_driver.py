@@ -31,6 +31,7 @@ from drivers.factory import EndpointPool, build_driver
 from drivers.modbus import ModbusEndpoint
 from drivers.profile import (
     Profile,
+    ProfileError,
     list_profiles,
     load_profile,
     load_profile_text,
@@ -506,3 +507,19 @@ async def test_example_site_sunspec_device_from_the_factory(pcs: Profile) -> Non
             assert img.get_point("704.WSet") == -5_000
         finally:
             await pool.close()
+
+
+@pytest.mark.parametrize(
+    ("point", "message"),
+    [
+        ("802.NoSuchPoint", r"registers\.soc\.point: model 802 \(battery\) has no point"),
+        ("999.SoC", r"registers\.soc\.point: model 999 is not in sunspec\.models"),
+    ],
+)
+def test_profile_naming_an_unknown_point_is_refused_naming_the_field(
+    point: str, message: str
+) -> None:
+    text = MPPT_PROFILE.replace('point: "802.SoC"', f'point: "{point}"')
+    profile = load_profile_text(text, "bad.yaml")
+    with pytest.raises(ProfileError, match=message):
+        SunSpecDriver("pv", profile, loopback(1), 1, SimClock())

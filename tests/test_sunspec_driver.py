@@ -17,6 +17,7 @@ from sunspec2.modbus.client import SunSpecModbusClientDeviceTCP
 from drivers.api import (
     ActivePowerControl,
     ChargeLimitControl,
+    CommunicationError,
     CounterSource,
     DeviceDriver,
     DischargeLimitControl,
@@ -523,3 +524,15 @@ def test_profile_naming_an_unknown_point_is_refused_naming_the_field(
     profile = load_profile_text(text, "bad.yaml")
     with pytest.raises(ProfileError, match=message):
         SunSpecDriver("pv", profile, loopback(1), 1, SimClock())
+
+
+async def test_silent_device_is_a_communication_error(pcs: Profile) -> None:
+    async with serve_stores({1: build_sunspec_image(pcs)}) as port:
+        pass  # the server is gone: nothing listens on the port any more
+    ep = loopback(port, timeout_s=0.2)
+    driver = SunSpecDriver("pcs1", pcs, ep, 1, SimClock())
+    with pytest.raises(CommunicationError):
+        await driver.connect()
+    with pytest.raises(CommunicationError):
+        await driver.read()
+    await ep.close()

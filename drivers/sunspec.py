@@ -1394,7 +1394,7 @@ def build_sunspec_image(
     scale_factors: Mapping[str, int] | None = None,
     repeats: Mapping[int, int] | None = None,
     serial_number: str = "SIM-0001",
-    unit: int = 1,
+    unit: int | None = None,
 ) -> SunSpecImage:
     """Lay out the profile's SunSpec models in register space, from the same definitions.
 
@@ -1403,6 +1403,8 @@ def build_sunspec_image(
     profile maps and mandatory points start at 0 (enumerations at their first symbol); others
     hold the not-implemented marker. Scale factors default to the finest value at which the
     profile's ratings fit; ``scale_factors`` (``{"802.W_SF": 1}``) overrides them.
+    ``repeats`` gives the instances of a model's repeating group (``{160: 2}``); ``unit``
+    (default: the profile's) is model 1's device address.
     """
     if profile.sunspec is None:
         raise ProfileError(f"profile {profile.name}: sunspec: required to build a SunSpec image")
@@ -1435,5 +1437,5 @@ def build_sunspec_image(
         result.set_point("1.Md", profile.name[:32])
         result.set_point("1.SN", serial_number)
         result.set_point("1.Vr", "1")
-        result.set_point("1.DA", unit)
+        result.set_point("1.DA", profile.transport.unit if unit is None else unit)
     return result

@@ -45,8 +45,7 @@ import cvxpy
 import highspy
 import numpy as np
 import numpy.typing as npt
-
-from cvxpy.reductions.solvers.conic_solvers.highs_conif import HIGHS as _CvxpyHighs
+from cvxpy.reductions.solvers.conic_solvers.highs_conif import HIGHS as CVXPY_HIGHS
 
 from essd.domain import FallbackRung, LiveLimits, Plan
 
@@ -69,15 +68,13 @@ BoolArray = npt.NDArray[np.bool_]
 # A power below this (kW) counts as zero when checking for simultaneous charge and discharge
 # and for slack: solvers return 1e-9-ish residues, a real setpoint is watts.
 _TOL_KW = 1e-5
-# Stand-in for "no limit" in a parameter (kW): finite, because solvers reject inf in data.
-_NO_LIMIT_KW = 1e9
 # How often a solve is repeated with the direction fixed where the LP both charged and
 # discharged one battery in one step (see Dispatcher docstring).
-_MAX_DIRECTION_FIXES = 3
+_MAX_DIRECTION_FIXES = 6
 # Solver used when the caller does not choose: picked by measurement (benchmarks/).
 DEFAULT_SOLVER = "HIGHS"
 # HiGHS model status name -> cvxpy status, as cvxpy's own HiGHS interface maps them.
-_HIGHS_STATUS: Mapping[str, str] = _CvxpyHighs.STATUS_MAP
+_HIGHS_STATUS: Mapping[str, str] = CVXPY_HIGHS.STATUS_MAP
 
 
 class InvalidDispatchInputsError(ValueError):
@@ -227,10 +224,32 @@ def _per_battery(name: str, values: Mapping[str, Any], ids: Sequence[str]) -> No
             raise InvalidDispatchInputsError(f"{name}[{i}]", "is missing")
 
 
+def _ratio(name: str, value: float) -> float:
+    v = float(value)
+    if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+        raise InvalidDispatchInputsError(name, f"must be a ratio in [0, 1], got {v!r}")
+    return v
+
+
+def _availability(inputs: DispatchInputs, battery_id: str, steps: int) -> BoolArray:
+    if battery_id not in inputs.availability:
+        return np.ones(steps, dtype=bool)
+    raw = inputs.availability[battery_id]
+    name = f"availability[{battery_id}]"
+    if len(raw) != steps:
+        raise InvalidDispatchInputsError(name, f"must have {steps} entries, got {len(raw)}")
+    if not all(isinstance(x, bool | np.bool_) for x in raw):
+        raise InvalidDispatchInputsError(name, "must be booleans")
+    return np.asarray(raw, dtype=bool)
+
+
 def validate_inputs(
     batteries: Sequence[BatterySpec], steps: int, inputs: DispatchInputs
 ) -> _Arrays:
-    """Check ``inputs`` against the topology and convert them; raises InvalidDispatchInputsError."""
+    """Check ``inputs`` against the topology and convert them to kW/kWh arrays.
+
+    Raises InvalidDispatchInputsError (a ValueError) naming the first offending field.
+    """
     ids = [b.id for b in batteries]
     _check_finite("time", inputs.time)
     _check_finite("step_s", inputs.step_s)
@@ -245,21 +264,14 @@ def validate_inputs(
     nb = len(batteries)
     h = inputs.step_s / 3600.0
     cap = np.array([b.capacity_wh / 1000.0 for b in batteries])
-    soc = np.empty(nb)
-    lo = np.empty(nb)
-    hi = np.empty(nb)
+    soc = np.array([_ratio(f"soc[{i}]", inputs.soc[i]) for i in ids])
+    lo = np.array([_ratio(f"reserve_soc[{i}]", inputs.reserve_soc[i]) for i in ids])
+    hi = np.array([_ratio(f"max_soc[{i}]", inputs.max_soc[i]) for i in ids])
+    target = np.array([_ratio(f"terminal_soc[{i}]", inputs.terminal_soc.get(i, 0.0)) for i in ids])
     prev = np.zeros(nb)
-    target = np.zeros(nb)
     ub_c = np.empty((nb, steps))
     ub_d = np.empty((nb, steps))
     for k, b in enumerate(batteries):
-        for name, out in (("soc", soc), ("reserve_soc", lo), ("max_soc", hi)):
-            v = float(getattr(inputs, name)[b.id])
-            if not (math.isfinite(v) and 0.0 <= v <= 1.0):
-                raise InvalidDispatchInputsError(
-                    f"{name}[{b.id}]", f"must be a ratio in [0, 1], got {v!r}"
-                )
-            out[k] = v
         if lo[k] > hi[k]:
             raise InvalidDispatchInputsError(
                 f"reserve_soc[{b.id}]", f"must not exceed max_soc ({lo[k]!r} > {hi[k]!r})"
@@ -267,29 +279,12 @@ def validate_inputs(
         lim = inputs.limits[b.id]
         if not isinstance(lim, LiveLimits):
             raise InvalidDispatchInputsError(f"limits[{b.id}]", "must be an essd.domain.LiveLimits")
-        avail: BoolArray = np.ones(steps, dtype=bool)
-        if b.id in inputs.availability:
-            raw = inputs.availability[b.id]
-            if len(raw) != steps:
-                raise InvalidDispatchInputsError(
-                    f"availability[{b.id}]", f"must have {steps} entries, got {len(raw)}"
-                )
-            if not all(isinstance(x, bool | np.bool_) for x in raw):
-                raise InvalidDispatchInputsError(f"availability[{b.id}]", "must be booleans")
-            avail = np.asarray(raw, dtype=bool)
+        avail = _availability(inputs, b.id, steps)
         ub_c[k] = avail * (lim.max_charge_w / 1000.0)
         ub_d[k] = avail * (lim.max_discharge_w / 1000.0 if b.can_discharge else 0.0)
-        if b.id in inputs.previous_setpoint_w:
-            v = float(inputs.previous_setpoint_w[b.id])
-            _check_finite(f"previous_setpoint_w[{b.id}]", v)
-            prev[k] = v / 1000.0
-        if b.id in inputs.terminal_soc:
-            v = float(inputs.terminal_soc[b.id])
-            if not (math.isfinite(v) and 0.0 <= v <= 1.0):
-                raise InvalidDispatchInputsError(
-                    f"terminal_soc[{b.id}]", f"must be a ratio in [0, 1], got {v!r}"
-                )
-            target[k] = v
+        v = float(inputs.previous_setpoint_w.get(b.id, 0.0))
+        _check_finite(f"previous_setpoint_w[{b.id}]", v)
+        prev[k] = v / 1000.0
     load = _series("load_w", inputs.load_w, steps, lo=0.0)
     pv = _series("pv_w", inputs.pv_w, steps, lo=0.0)
     p_imp = _series("import_price", inputs.import_price, steps)
@@ -302,6 +297,10 @@ def validate_inputs(
     _check_finite("export_limit_w", inputs.export_limit_w, lo=0.0, allow_inf=True)
     _check_finite("terminal_value_per_kwh", inputs.terminal_value_per_kwh, lo=0.0)
     price_imp = p_imp + inputs.carbon_price_per_kg * carbon
+    # The grid can never carry more than this, so "no limit" becomes this (not inf, not 1e9:
+    # a huge right-hand side ruins the scaling of interior-point solvers).
+    reach = float(np.max(np.abs(load - pv))) / 1000.0
+    reach = 2.0 * (reach + float(ub_c.sum(0).max() + ub_d.sum(0).max())) + 1.0
     return _Arrays(
         h=h,
         e0=soc * cap,
@@ -314,8 +313,8 @@ def validate_inputs(
         price_exp=np.minimum(p_exp, price_imp),
         demand_charge=float(inputs.demand_charge_per_kw),
         peak_kw=inputs.peak_import_w / 1000.0,
-        imp_lim=min(inputs.import_limit_w / 1000.0, _NO_LIMIT_KW),
-        exp_lim=min(inputs.export_limit_w / 1000.0, _NO_LIMIT_KW),
+        imp_lim=min(inputs.import_limit_w / 1000.0, reach),
+        exp_lim=min(inputs.export_limit_w / 1000.0, reach),
         prev_kw=prev,
         target_e=target * cap,
         terminal_value=float(inputs.terminal_value_per_kwh),
@@ -328,18 +327,31 @@ def _energy_window(
     """Per-step energy bounds (B, T), kWh, that live data can always satisfy.
 
     Inside the window they are [reserve, max]. A battery that starts below reserve must climb
-    back at its fastest (full charge while available) until it reaches reserve; one above max
-    must come down at its fastest (or stay put if it cannot discharge). That path is feasible
-    by construction, so the SoC window is soft only where the present forces it.
+    back as fast as it can without pushing the site over its import limit (its share of the
+    import headroom, never more than its own limit) and never sinks lower; one above max
+    comes down likewise within the export headroom (or stays put if it cannot discharge).
+    That path is feasible by construction, so the SoC window is soft only where the present
+    forces it, and the site limits keep precedence over the recovery.
     """
     eta_c = np.array([b.charge_efficiency for b in batteries])
     eta_d = np.array([b.discharge_efficiency for b in batteries])
-    up = np.cumsum(a.h * eta_c[:, None] * ub_c, axis=1)
-    down = np.cumsum(a.h * ub_d / eta_d[:, None], axis=1)
+    rate_c = _share(ub_c, a.e0 < a.lo, np.maximum(a.imp_lim - a.net, 0.0))
+    rate_d = _share(ub_d, a.e0 > a.hi, np.maximum(a.exp_lim + a.net, 0.0))
+    up = np.cumsum(a.h * eta_c[:, None] * rate_c, axis=1)
+    down = np.cumsum(a.h * rate_d / eta_d[:, None], axis=1)
     lo = np.minimum(a.lo[:, None], a.e0[:, None] + up)
     hi = np.maximum(a.hi[:, None], a.e0[:, None] - down)
     # Keep the bounds ordered even for a window [reserve, max] of zero width.
     return np.minimum(lo, hi), hi
+
+
+def _share(limit: FloatArray, recovering: BoolArray, headroom: FloatArray) -> FloatArray:
+    """Per-battery recovery rate (B, T): ``headroom`` shared in proportion to ``limit``."""
+    rate = limit * recovering[:, None]
+    total = rate.sum(axis=0)
+    scale: FloatArray = np.divide(headroom, total, out=np.ones_like(total), where=total > 0)
+    shared: FloatArray = rate * np.minimum(scale, 1.0)
+    return shared
 
 
 class _Model:
@@ -444,7 +456,6 @@ class _Model:
         p["target"].value = a.target_e
         p["tvalue"].value = a.terminal_value
         return e_lo, e_hi
-
 
 
 class _HighsHotStart:
@@ -673,7 +684,9 @@ def safe_idle_plan(
     known = soc or {}
     grid = tuple(float(x) for x in net_load_w) if net_load_w is not None else (math.nan,) * steps
     if len(grid) != steps:
-        raise InvalidDispatchInputsError("net_load_w", f"must have {steps} entries, got {len(grid)}")
+        raise InvalidDispatchInputsError(
+            "net_load_w", f"must have {steps} entries, got {len(grid)}"
+        )
     return Plan(
         created_at=time,
         step_s=step_s,
@@ -686,6 +699,21 @@ def safe_idle_plan(
         rung=FallbackRung.SAFE_IDLE,
         reason=reason,
     )
+
+
+def _solved_reason(slack: Mapping[str, float], fixed: int, overlap: bool) -> str:
+    if slack:
+        reason = "soft constraints violated: " + ", ".join(
+            f"{k} by {v:.4g}" for k, v in sorted(slack.items())
+        )
+    else:
+        reason = "optimal"
+    notes = []
+    if fixed:
+        notes.append(f"{fixed} re-solve(s) to fix charge/discharge direction")
+    if overlap:
+        notes.append("remaining overlap applied as net power")
+    return reason + (" (" + "; ".join(notes) + ")" if notes else "")
 
 
 class _SolveFailedError(Exception):
@@ -718,12 +746,14 @@ class Dispatcher:
     the setpoint is one signed number, so such a plan would be applied as ``d - c`` and the
     unit would end up with more energy than the LP predicted. Instead of a MILP (binary per
     battery and step, measured ~380x slower) each step where a battery both charges and
-    discharges is restricted to the dominant direction (the other bound set to 0 through the
-    bound parameters) and the LP is re-solved, at most three times (one re-solve settles
-    every instance seen in tests). The result is feasible for the physical (mixed-integer)
-    problem. Should overlap remain, its net power is applied through a step-by-step simulation
-    that clips it to limits and SoC window. Either way the published SoC comes from simulating
-    the published setpoints with the battery's efficiencies, so it is honest.
+    discharges is restricted to discharging (its charge bound set to 0 through the bound
+    parameters) and the LP is re-solved (hot-started, so cheap), at most six times (one to
+    three re-solves settle every instance seen in tests). The result is feasible for the
+    physical (mixed-integer) problem; on adversarial instances (full batteries, hours of
+    negative prices, zero degradation cost) it is 10-25 % short of the MILP optimum, which
+    tests check against scipy's MILP. Should overlap remain, its net power is applied through
+    a step-by-step simulation that clips it to limits and SoC window. Either way the published
+    SoC is the one the published setpoints produce with the battery's efficiencies: honest.
 
     Not thread-safe: one :meth:`solve` at a time per instance (the daemon's worker thread).
     """
@@ -896,8 +926,11 @@ class Dispatcher:
             if not overlap:
                 break
             fixed += 1
-            ub_d = np.where(both & (c >= d), 0.0, ub_d)
-            ub_c = np.where(both & (d > c), 0.0, ub_c)
+            # Forbid charging where the LP did both: the battery is full there and the LP was
+            # burning energy to make room; discharging into the site is the physical way to
+            # make room. (Measured against the MILP on such instances: 11-23 % short; keeping
+            # the dominant direction instead was 11-29 % short, forbidding discharge 29-52 %.)
+            ub_c = np.where(both, 0.0, ub_c)
         if overlap:
             power, e = _simulate(self.batteries, a, d - c, e_lo, e_hi)
         else:
@@ -910,21 +943,8 @@ class Dispatcher:
         if elapsed > budget_s:
             raise _SolveFailedError(f"solver timeout after {elapsed:.2f} s")
         slack = self._slack(model, a)
-        notes = []
-        if fixed:
-            notes.append(f"{fixed} re-solve(s) to fix charge/discharge direction")
-        if overlap:
-            notes.append("remaining overlap applied as net power")
-        if slack:
-            reason = "soft constraints violated: " + ", ".join(
-                f"{k} by {v:.4g}" for k, v in sorted(slack.items())
-            )
-            rung = FallbackRung.SOFT
-        else:
-            reason = "optimal"
-            rung = FallbackRung.OPTIMAL
-        if notes:
-            reason += " (" + "; ".join(notes) + ")"
+        rung = FallbackRung.SOFT if slack else FallbackRung.OPTIMAL
+        reason = _solved_reason(slack, fixed, overlap)
         return _make_plan(
             self.batteries,
             inputs,

@@ -349,7 +349,10 @@ def _share(limit: FloatArray, recovering: BoolArray, headroom: FloatArray) -> Fl
     """Per-battery recovery rate (B, T): ``headroom`` shared in proportion to ``limit``."""
     rate = limit * recovering[:, None]
     total = rate.sum(axis=0)
-    scale: FloatArray = np.divide(headroom, total, out=np.ones_like(total), where=total > 0)
+    # Only scale down where the batteries want more than the headroom (no tiny divisors).
+    scale: FloatArray = np.divide(
+        headroom, total, out=np.ones_like(total), where=total > np.maximum(headroom, 0.0)
+    )
     shared: FloatArray = rate * np.minimum(scale, 1.0)
     return shared
 
@@ -434,6 +437,13 @@ class _Model:
         self.problem = cp.Problem(cp.Minimize(objective), constraints)
         self.hot: _HighsHotStart | None = None
 
+    def compile(self, solver: str) -> None:
+        """Let cvxpy compile the problem (DPP: once) with placeholder parameter values."""
+        for param in self.params.values():
+            if param.value is None:
+                param.value = np.zeros(param.shape)
+        self.problem.get_problem_data(solver, enforce_dpp=True)
+
     def assign(
         self, a: _Arrays, ub_c: FloatArray, ub_d: FloatArray
     ) -> tuple[FloatArray, FloatArray]:
@@ -485,9 +495,8 @@ class _HighsHotStart:
 
     def solve(self, time_limit_s: float) -> str:
         """Solve with the parameters' current values; returns the cvxpy status."""
-
         data, chain, inverse = self._problem.get_problem_data(cp.HIGHS, enforce_dpp=True)
-        a_mat = data["A"].tocsr()
+        a_mat = data["A"].tocsc()
         n_rows, n_cols = a_mat.shape
         n_eq = int(data["dims"].zero)
         row_up = np.asarray(data["b"], dtype=np.float64)
@@ -504,17 +513,19 @@ class _HighsHotStart:
             h.setOptionValue("output_flag", False)
             for name, value in self._options.items():
                 h.setOptionValue(name, value)
-            h.addVars(n_cols, col_lo, col_up)
-            h.changeColsCost(n_cols, np.arange(n_cols, dtype=np.int32), cost)
-            h.addRows(
-                n_rows,
-                row_lo,
-                row_up,
-                a_mat.nnz,
-                a_mat.indptr[:-1].astype(np.int32),
-                a_mat.indices.astype(np.int32),
-                a_mat.data,
-            )
+            lp = _highspy.HighsLp()
+            lp.num_col_ = n_cols
+            lp.num_row_ = n_rows
+            lp.col_cost_ = cost
+            lp.col_lower_ = col_lo
+            lp.col_upper_ = col_up
+            lp.row_lower_ = row_lo
+            lp.row_upper_ = row_up
+            lp.a_matrix_.format_ = _highspy.MatrixFormat.kColwise
+            lp.a_matrix_.start_ = a_mat.indptr
+            lp.a_matrix_.index_ = a_mat.indices
+            lp.a_matrix_.value_ = a_mat.data
+            h.passModel(lp)
             self._highs = h
             self._a_data = a_mat.data.copy()
         else:
@@ -536,11 +547,23 @@ class _HighsHotStart:
             "run_time": self.last_solver_s,
         }
         if status.name != "kOptimal":
-            # A failed run can leave a basis HiGHS cannot restart from: start cold next time.
-            self.reset()
+            # A run stopped by the time limit leaves a valid simplex basis: the next cycle goes
+            # on from it (so a too-short budget still converges over a few cycles). After an
+            # error the basis cannot be trusted: start cold next time.
+            if status.name not in ("kTimeLimit", "kIterationLimit"):
+                self.reset()
             return str(_HIGHS_STATUS.get(status.name, cp.SOLVER_ERROR))
         self._problem.unpack_results(results, chain, inverse)
         return str(self._problem.status)
+
+
+def _energy(batteries: Sequence[BatterySpec], a: _Arrays, power_kw: FloatArray) -> FloatArray:
+    """Energy (kWh) at the end of each step when ``power_kw`` (B, T; battery sign) is applied."""
+    eta_c = np.array([[b.charge_efficiency] for b in batteries])
+    eta_d = np.array([[b.discharge_efficiency] for b in batteries])
+    flow = a.h * (eta_c * np.maximum(-power_kw, 0.0) - np.maximum(power_kw, 0.0) / eta_d)
+    energy: FloatArray = a.e0[:, None] + np.cumsum(flow, axis=1)
+    return energy
 
 
 def _simulate(
@@ -703,9 +726,11 @@ def safe_idle_plan(
 
 def _solved_reason(slack: Mapping[str, float], fixed: int, overlap: bool) -> str:
     if slack:
-        reason = "soft constraints violated: " + ", ".join(
-            f"{k} by {v:.4g}" for k, v in sorted(slack.items())
-        )
+        # Worst first, at most three: the reason is a short line; the slack map has them all.
+        worst = sorted(slack.items(), key=lambda kv: -kv[1])
+        reason = "soft constraints violated: " + ", ".join(f"{k} by {v:.4g}" for k, v in worst[:3])
+        if len(worst) > 3:
+            reason += f" and {len(worst) - 3} more"
     else:
         reason = "optimal"
     notes = []
@@ -802,7 +827,8 @@ class Dispatcher:
         self._fallback = fallback_planner
         self._models: dict[float, _Model] = {}
         self.last_timing = SolveTiming(0.0, 0.0, 0)
-        self._model(step_s)  # build the default model now, not in the first cycle
+        # Build and compile the default model now, not in the first cycle's time budget.
+        self._model(step_s).compile(self.solver)
 
     @property
     def device_ids(self) -> tuple[str, ...]:
@@ -934,10 +960,10 @@ class Dispatcher:
         if overlap:
             power, e = _simulate(self.batteries, a, d - c, e_lo, e_hi)
         else:
-            # The LP's energy obeys the same dynamics as the published power (one direction per
-            # step), so it is the honest prediction; clip the solver's 1e-9 residues.
-            power = d - c
-            e = np.clip(np.asarray(model.e.value), e_lo, e_hi)
+            # One direction per step: publish d - c, held to the live limits exactly (the
+            # solver's feasibility tolerance is ~1e-4 W), and the energy that power produces.
+            power = np.clip(d - c, -a.ub_c, a.ub_d)
+            e = _energy(self.batteries, a, power)
         elapsed = time.perf_counter() - started
         self.last_timing = SolveTiming(elapsed, solver_s, solves)
         if elapsed > budget_s:

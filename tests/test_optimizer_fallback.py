@@ -19,7 +19,7 @@ from essd.optimizer import (
     rule_based_plan,
     safe_idle_plan,
 )
-from tests.support.optimizer import T0, simulate_soc
+from tests.support.optimizer import T0, random_fleet, random_inputs, simulate_soc
 
 HOUR = 3600.0
 STEPS = 8
@@ -260,3 +260,18 @@ def test_step_length_change_builds_a_second_model(dispatcher: Dispatcher) -> Non
     plan = dispatcher.solve(dataclasses.replace(day(), step_s=900.0), budget_s=5.0, last_plan=None)
     assert plan.rung is FallbackRung.OPTIMAL
     assert plan.step_s == 900.0
+
+
+def test_time_limited_solve_goes_on_next_cycle() -> None:
+    """A solve cut short by the budget falls back; the next cycle still finds the optimum."""
+    rng = np.random.default_rng(5)
+    fleet = random_fleet(rng, 20)
+    inputs = random_inputs(rng, fleet, 96)
+    dispatcher = Dispatcher(fleet, 96)
+    cut = dispatcher.solve(inputs, budget_s=0.003, last_plan=None)
+    assert cut.rung is FallbackRung.RULE_BASED
+    assert cut.reason.startswith("solver timeout after ")
+    plan = dispatcher.solve(inputs, budget_s=60.0, last_plan=None)
+    assert plan.rung in (FallbackRung.OPTIMAL, FallbackRung.SOFT)
+    fresh = Dispatcher(fleet, 96).solve(inputs, budget_s=60.0, last_plan=None)
+    assert plan.objective == pytest.approx(fresh.objective, rel=1e-6, abs=1e-6)

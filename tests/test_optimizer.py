@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -328,3 +330,32 @@ def test_invalid_battery_spec_names_the_field() -> None:
         BatterySpec(id="b1", capacity_wh=0.0)
     with pytest.raises(ValueError, match="unique"):
         Dispatcher([one_battery(), one_battery()], 4)
+
+
+def test_solving_in_a_worker_thread_does_not_hold_the_gil() -> None:
+    """The daemon solves in a worker thread: its event loop must keep running meanwhile."""
+    rng = np.random.default_rng(8)
+    fleet = random_fleet(rng, 30)
+    inputs = random_inputs(rng, fleet, 288, step_s=300.0)
+    dispatcher = Dispatcher(fleet, 288, step_s=300.0)
+    done = threading.Event()
+    took: list[float] = []
+
+    def work() -> None:
+        started = time.perf_counter()
+        dispatcher.solve(inputs, budget_s=60.0, last_plan=None)
+        took.append(time.perf_counter() - started)
+        done.set()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    gaps = []
+    last = time.perf_counter()
+    while not done.wait(0.001):
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+    worker.join()
+    # A solve holding the GIL would stall this loop for the whole solve.
+    assert took[0] > 0.2  # a solve long enough to tell
+    assert max(gaps) < 0.5 * took[0]

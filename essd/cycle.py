@@ -42,7 +42,7 @@ from essd.optimizer import (
     BatterySpec,
     Dispatcher,
     DispatchInputs,
-    InvalidDispatchInputs,
+    InvalidDispatchInputsError,
     rule_based_plan,
     safe_idle_plan,
 )
@@ -365,7 +365,7 @@ class Controller:
             return plan, dict.fromkeys(ids, 0.0), "safe"
         try:
             inputs = self._inputs(now, snapshot, forecast)
-        except InvalidDispatchInputs as exc:
+        except InvalidDispatchInputsError as exc:
             plan = safe_idle_plan(
                 ids,
                 time=now,

@@ -13,11 +13,13 @@ from typing import Protocol, runtime_checkable
 
 from drivers.profile import Profile
 from essd.domain import BatteryReading, MeterReading
+from essd.events import DeviceCounters
 
 __all__ = [
     "ActivePowerControl",
     "ChargeLimitControl",
     "CommunicationError",
+    "CounterSource",
     "DeviceDriver",
     "DeviceError",
     "DeviceExceptionResponse",
@@ -28,6 +30,7 @@ __all__ = [
     "RevertTimerControl",
     "SafeModeControl",
     "SocLimitControl",
+    "ValueRefused",
     "WriteResult",
 ]
 
@@ -46,6 +49,10 @@ class DeviceExceptionResponse(DeviceError):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class ValueRefused(DeviceError, ValueError):
+    """A command value does not fit a register (range or type); nothing was written."""
 
 
 class ReadBackMismatch(DeviceError):
@@ -165,4 +172,13 @@ class SocLimitControl(Protocol):
 
     async def set_soc_limits(self, min_soc: float, max_soc: float) -> WriteResult:
         """Set the device's own SoC window."""
+        ...
+
+
+@runtime_checkable
+class CounterSource(Protocol):
+    """A driver that counts its Modbus traffic (requests, errors by kind, latency)."""
+
+    def counters(self) -> DeviceCounters:
+        """Cumulative communication counters of this device since start."""
         ...

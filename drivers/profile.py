@@ -123,6 +123,9 @@ class Transport(_Strict):
     parity: Literal["N", "E", "O"] = "N"
     stopbits: Literal[1, 2] = 1
     max_registers_per_read: int = Field(100, ge=1, le=125)
+    # Unmapped registers a block read may span; 0 reads contiguous runs only, because many
+    # devices answer ILLEGAL_DATA_ADDRESS for reserved addresses inside a block.
+    read_gap_max: int = Field(0, ge=0, le=124)
 
 
 class RegisterSpec(_Strict):
@@ -150,6 +153,8 @@ class RegisterSpec(_Strict):
     max: float | None = None
     not_implemented: tuple[int, ...] = ()
     description: str = ""
+    # Read back after a write; false only for trigger registers the device clears itself.
+    verify: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -269,6 +274,11 @@ class Profile(_Strict):
     fields: dict[Identifier, Identifier] = Field(
         default_factory=dict, description="semantic field -> register name"
     )
+    # A field computed from others as a weighted sum, in base units (W...), for devices that
+    # do not report it: e.g. a power station's battery power = outputs - inputs.
+    derived: dict[Identifier, dict[Identifier, float]] = Field(
+        default_factory=dict, description="field -> {field: coefficient}"
+    )
     actions: dict[ActionName, Action] = Field(default_factory=dict)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -290,12 +300,22 @@ class Profile(_Strict):
         for fname, reg in self.fields.items():
             if reg not in by_name:
                 raise ValueError(f"fields.{fname}: no register named {reg!r}")
+        for dname, terms in self.derived.items():
+            if dname in self.fields:
+                raise ValueError(f"derived.{dname}: already a field mapped to a register")
+            if not terms:
+                raise ValueError(f"derived.{dname}: needs at least one term")
+            for term in terms:
+                if term not in self.fields:
+                    raise ValueError(f"derived.{dname}.{term}: no field named {term!r}")
         return self
 
     @model_validator(mode="after")
     def _check_capabilities(self) -> Self:
         for cap in self.capabilities:
-            missing = CAPABILITY_FIELDS.get(cap, frozenset()) - self.fields.keys()
+            missing = CAPABILITY_FIELDS.get(cap, frozenset()) - (
+                self.fields.keys() | self.derived.keys()
+            )
             if missing:
                 raise ValueError(
                     f"capabilities: {cap.value} needs fields {', '.join(sorted(missing))}"
@@ -328,6 +348,14 @@ class Profile(_Strict):
                     )
                 if step.when != "always" and aname is not ActionName.SET_ACTIVE_POWER:
                     raise ValueError(f"{where}.when: only set_active_power steps are conditional")
+            if aname is ActionName.SET_ACTIVE_POWER:
+                # Every sign must write something: a command that silently does nothing for
+                # 0 W would leave the device charging or discharging.
+                for sign in ("charge", "discharge", "idle"):
+                    if not any(st.when in ("always", sign) for st in act.writes):
+                        raise ValueError(
+                            f"actions.set_active_power.writes: nothing is written when {sign}"
+                        )
         return self
 
     def register(self, name: str) -> RegisterSpec:

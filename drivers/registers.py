@@ -19,6 +19,7 @@ __all__ = [
     "ByteOrder",
     "EncodeError",
     "ModbusExceptionCode",
+    "NoResponse",
     "RegisterAccessError",
     "RegisterImage",
     "RegisterStore",
@@ -181,10 +182,19 @@ class RegisterAccessError(Exception):
         self.code = code
 
 
+class NoResponse(Exception):
+    """A register store stays silent: the server sends no answer at all.
+
+    This is an unplugged portable unit or a dead device behind a gateway: the client sees a
+    timeout, not an exception response.
+    """
+
+
 class RegisterStore(Protocol):
     """What a Modbus server serves: the simulator's devices implement this.
 
-    ``read`` and ``write`` raise :class:`RegisterAccessError` to answer with a Modbus exception.
+    ``read`` and ``write`` raise :class:`RegisterAccessError` to answer with a Modbus exception,
+    or :class:`NoResponse` to send nothing.
     """
 
     def read(self, table: Table, address: int, count: int) -> list[int]:

@@ -87,6 +87,47 @@ def cmd_profiles_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def configure_logging(level: str, fmt: str = "text") -> None:
+    """Log to stderr (the journal under systemd) at ``level``."""
+    import logging  # noqa: PLC0415
+
+    if fmt == "json":
+        pattern = (
+            '{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}'
+        )
+    else:
+        pattern = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=pattern, stream=sys.stderr, force=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the daemon until SIGTERM/SIGINT."""
+    import asyncio  # noqa: PLC0415
+
+    from drivers.profile import ProfileError  # noqa: PLC0415
+
+    path: Path = args.config
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        for line in exc.problems:
+            _err(line)
+        return EXIT_INVALID
+    problems = check_profiles(settings, str(path))
+    if problems:
+        for line in problems:
+            _err(line)
+        return EXIT_INVALID
+    configure_logging(args.log_level or settings.logging.level, settings.logging.format)
+    from essd.daemon import Daemon  # noqa: PLC0415 - heavy imports (cvxpy) only when running
+
+    try:
+        return asyncio.run(Daemon(settings=settings).run())
+    except ProfileError as exc:
+        _err(str(exc))
+        return EXIT_INVALID
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``essd`` with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -95,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"essd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run the daemon (production)")
+    r.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH, help="TOML file")
+    r.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=None)
+    r.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check-config", help="validate a configuration file")
     p.add_argument("config_file", type=Path, nargs="?", default=DEFAULT_CONFIG_PATH)
@@ -117,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Later parts (daemon, simulator, HIL runner, schema) add their subcommands here.
 _EXTENSIONS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
+
+from essd.schema import register as _register_schema  # noqa: E402
+
+_EXTENSIONS.append(_register_schema)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -223,6 +223,20 @@ class MqttConfig(_Section):
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     ha_discovery: bool = True
     ha_prefix: str = "homeassistant"
+    reconnect_min_s: Annotated[float, Field(gt=0.0, le=60.0)] = 1.0
+    reconnect_max_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 60.0
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s: must be at least reconnect_min_s")
+        if self.ca_file is not None and not self.tls:
+            raise ValueError("ca_file: only used with tls = true")
+        for name in ("base_topic", "ha_prefix"):
+            topic = getattr(self, name)
+            if not topic.strip("/") or any(c in topic for c in "+#\x00"):
+                raise ValueError(f"{name}: must be a non-empty topic without wildcards + or #")
+        return self
 
 
 class MetricsConfig(_Section):

@@ -207,6 +207,8 @@ class Plan:
     ``power_w[device][t]``: > 0 discharges, < 0 charges, for step t (length = steps).
     ``soc[device][t]``: predicted SoC ratio at the start of step t (length = steps + 1).
     ``grid_w[t]``: predicted grid power, > 0 imports.
+    ``import_price[t]``/``export_price[t]``: the prices per kWh the plan was optimized against
+    (empty when the producer does not record them).
     """
 
     created_at: float
@@ -221,6 +223,8 @@ class Plan:
     reason: str
     slack: Mapping[str, float] = field(default_factory=dict)
     solve_s: float = 0.0
+    import_price: tuple[float, ...] = ()
+    export_price: tuple[float, ...] = ()
 
     @property
     def steps(self) -> int:
@@ -253,4 +257,6 @@ class Plan:
             reason=reason,
             slack=self.slack,
             solve_s=0.0,
+            import_price=self.import_price[k:],
+            export_price=self.export_price[k:],
         )

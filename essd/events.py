@@ -28,6 +28,7 @@ __all__ = [
     "Event",
     "EventBus",
     "Handler",
+    "MqttConnectionChanged",
     "SiteTotals",
 ]
 
@@ -125,6 +126,14 @@ class CommandHandled(Event):
     name: str
     ok: bool
     error: str
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class MqttConnectionChanged(Event):
+    """The MQTT client connected to or lost its broker (published by the MQTT publisher)."""
+
+    connected: bool
     time: float
 
 

@@ -1,0 +1,134 @@
+"""Control-cycle cost over real loopback Modbus: 4 devices (the example site) and 100 devices.
+
+Devices are served as static register images from their shipped profiles (hil_sim adds the
+physics; the cycle's cost is reading, solving, guarding and writing, which this measures).
+Each cycle runs on a stepped simulated clock, back to back, so the figures are compute time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import multiprocessing
+import resource
+import statistics
+from multiprocessing.connection import Connection
+
+from benchmarks import Result
+from drivers.factory import EndpointPool
+from essd.clock import SimClock
+from essd.config import Settings, load_settings
+from essd.daemon import build_controller
+from essd.events import CycleCompleted, EventBus
+from tests.support.site import EXAMPLE, serve_static_site
+
+WARMUP = 5
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def _many_devices(n_batteries: int) -> Settings:
+    base = load_settings(EXAMPLE)
+    devices = [
+        {
+            "id": f"home-{i:03d}",
+            "profile": "household-hybrid-forcible",
+            "transport": {"kind": "tcp", "host": "127.0.0.1", "port": 1, "unit": 1},
+        }
+        for i in range(n_batteries)
+    ]
+    devices.append(
+        {
+            "id": "meter",
+            "profile": "site-meter",
+            "transport": {"kind": "tcp", "host": "127.0.0.1", "port": 1, "unit": 1},
+        }
+    )
+    data = base.model_dump(mode="python", exclude_none=True)
+    data["devices"] = devices
+    data["site"]["grid_import_limit_w"] = 600_000
+    return Settings(**data)
+
+
+def _serve(settings_json: str, conn: Connection) -> None:
+    """Child process: serve the site's devices, keep their values moving, stop on request."""
+
+    async def main() -> None:
+        async with serve_static_site(Settings.model_validate_json(settings_json)) as site:
+            conn.send(site.settings.model_dump_json())
+            tick = 0
+            while not conn.poll():
+                tick += 1
+                # Static values would look frozen to the daemon (and rightly so).
+                for image in site.images.values():
+                    for field, base in (("soc", 0.5), ("grid_power_w", 2000.0)):
+                        if field in image.profile.fields:
+                            image.set_field(field, base * (1 + 0.001 * (tick % 2)))
+                await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+
+
+async def _measure(
+    settings: Settings, cycles: int, phases: dict[str, list[float]] | None = None
+) -> tuple[list[float], list[float]]:
+    """Per-cycle wall time with and without the decide phase (s)."""
+    with_solve: list[float] = []
+    without: list[float] = []
+    phases = {} if phases is None else phases
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    server = ctx.Process(target=_serve, args=(settings.model_dump_json(), child), daemon=True)
+    server.start()
+    try:
+        served = Settings.model_validate_json(parent.recv())
+        clock = SimClock(1_782_900_000.0)
+        bus = EventBus()
+        pool = EndpointPool(clock=clock)
+        ctl = build_controller(served, clock=clock, bus=bus, pool=pool)
+        try:
+            for i in range(WARMUP + cycles):
+                event: CycleCompleted = await ctl.run_cycle()
+                clock.advance(settings.control.cycle_period_s)
+                if i >= WARMUP:
+                    with_solve.append(event.duration_s)
+                    without.append(event.duration_s - event.phase_s["decide"])
+                    for name, seconds in event.phase_s.items():
+                        phases.setdefault(name, []).append(seconds)
+        finally:
+            await pool.close()
+    finally:
+        parent.send("stop")
+        server.join(10)
+    return with_solve, without
+
+
+def run() -> list[Result]:
+    """Cycle percentiles for 4 and 100 devices, and resident memory after them."""
+    gc.collect()
+    example = load_settings(EXAMPLE)
+    with4, without4 = asyncio.run(_measure(example, 200))
+    phases100: dict[str, list[float]] = {}
+    with100, _ = asyncio.run(_measure(_many_devices(99), 40, phases100))
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return [
+        Result("cycle.p50_ms.4dev", statistics.median(without4) * 1000, "ms (without solve)"),
+        Result("cycle.p99_ms.4dev.without_solve", _percentile(without4, 99) * 1000, "ms"),
+        Result("cycle.p50_ms.4dev.with_solve", statistics.median(with4) * 1000, "ms"),
+        Result("cycle.p99_ms.4dev", _percentile(with4, 99) * 1000, "ms (with solve)"),
+        Result("cycle.p50_ms.100dev", statistics.median(with100) * 1000, "ms (with solve)"),
+        Result("cycle.p99_ms.100dev", _percentile(with100, 99) * 1000, "ms (with solve)"),
+        Result("cycle.target_ratio.4dev_p99_vs_50ms", _percentile(with4, 99) * 1000 / 50, "x"),
+        Result(
+            "cycle.target_ratio.100dev_p99_vs_1000ms", _percentile(with100, 99) * 1000 / 1000, "x"
+        ),
+        Result("daemon.max_rss_mb.bench_process", rss_mb, "MB"),
+        *(
+            Result(f"cycle.phase_p50_ms.100dev.{name}", statistics.median(v) * 1000, "ms")
+            for name, v in phases100.items()
+        ),
+    ]

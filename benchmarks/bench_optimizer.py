@@ -1,0 +1,157 @@
+"""Dispatch optimizer timing: first solve and re-solves, batteries x steps.
+
+``build_ms`` is constructing the Dispatcher (cvxpy builds and compiles the problem once);
+``first_solve_ms`` the first solve after it (a cold simplex, no basis to start from yet).
+A re-solve is what the daemon does every cycle: the same Dispatcher, new data. The cycles
+here run every 60 s of simulated time against a daily load/PV/price profile: each cycle the
+SoC moves by the applied setpoint and the load/PV forecast is redrawn (+-3 %), and when a cycle
+crosses a step boundary the horizon moves on by one step (for 96 steps of 15 min one cycle
+in 15, for 288 steps of 5 min one in 5). ``resolve_ms`` is the median over the cycles,
+``resolve_max_ms`` the slowest. ``cvxpy_share`` is the fraction of re-solve time spent outside
+the solver (cvxpy's parameter mapping, result unpacking and essd's own pre/post-processing);
+``solver_ms`` is HiGHS itself. ``cvxpy_path_resolve_ms.10x288`` is the same kind of cycle solved
+through cvxpy's own HiGHS call (a new HiGHS model per solve): the baseline of the hot start.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import numpy as np
+
+from benchmarks import Result
+from essd.domain import LiveLimits, Plan
+from essd.optimizer import BatterySpec, Dispatcher, DispatchInputs
+
+T0 = 1_767_225_600.0  # 2026-01-01 00:00 UTC
+CYCLE_S = 60.0
+
+
+def fleet(n: int) -> list[BatterySpec]:
+    """``n`` different units: sizes, efficiencies, wear costs; every 10th is portable."""
+    rng = np.random.default_rng(n)
+    return [
+        BatterySpec(
+            id=f"bat{i:03d}",
+            capacity_wh=float(rng.uniform(5e3, 50e3)),
+            charge_efficiency=float(rng.uniform(0.92, 0.97)),
+            discharge_efficiency=float(rng.uniform(0.92, 0.97)),
+            degradation_cost_per_kwh=float(rng.uniform(0.01, 0.05)),
+            can_discharge=i % 10 != 9,
+        )
+        for i in range(n)
+    ]
+
+
+def _profile(t: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Load W, PV W and import price per kWh at epoch times ``t`` (site of ``n`` units)."""
+    hour = (t % 86400.0) / 3600.0
+    load = 800.0 * n * (1.0 + 0.5 * np.sin(2 * np.pi * (hour - 8) / 24))
+    pv = np.maximum(0.0, 2500.0 * n * np.sin(2 * np.pi * (hour - 6) / 24))
+    price = 0.25 + 0.12 * np.sin(2 * np.pi * (hour - 13) / 24) + 0.03 * np.cos(hour * 1.7)
+    return load, pv, price
+
+
+def cycle_inputs(
+    batteries: list[BatterySpec],
+    *,
+    steps: int,
+    step_s: float,
+    now: float,
+    soc: dict[str, float],
+    rng: np.random.Generator,
+) -> DispatchInputs:
+    """The inputs of the cycle at ``now``: horizon from the current step, fresh forecast."""
+    n = len(batteries)
+    start = now - (now % step_s)
+    t = start + step_s * np.arange(steps)
+    load, pv, price = _profile(t, n)
+    return DispatchInputs(
+        time=now,
+        step_s=step_s,
+        soc=soc,
+        limits={b.id: LiveLimits(b.capacity_wh / 2, b.capacity_wh / 2) for b in batteries},
+        reserve_soc={b.id: 0.1 for b in batteries},
+        max_soc={b.id: 0.95 for b in batteries},
+        load_w=(load * rng.uniform(0.97, 1.03, steps)).tolist(),
+        pv_w=(pv * rng.uniform(0.97, 1.03, steps)).tolist(),
+        import_price=price.tolist(),
+        export_price=(0.6 * price - 0.02).tolist(),
+        carbon_intensity=(0.3 + 0.1 * np.cos(2 * np.pi * t / 86400)).tolist(),
+        carbon_price_per_kg=0.05,
+        demand_charge_per_kw=8.0,
+        peak_import_w=600.0 * n,
+        import_limit_w=2000.0 * n,
+        export_limit_w=1000.0 * n,
+        terminal_value_per_kwh=0.15,
+    )
+
+
+def _advance(soc: dict[str, float], plan: Plan, step_s: float) -> dict[str, float]:
+    """SoC after one cycle of the plan's first step (linear within the step)."""
+    frac = CYCLE_S / step_s
+    return {d: s + (plan.soc[d][1] - plan.soc[d][0]) * frac for d, s in soc.items()}
+
+
+def measure(
+    n: int, steps: int, cycles: int, *, hot_start: bool = True, solver: str = "HIGHS"
+) -> list[Result]:
+    """First solve and ``cycles`` re-solves of an ``n`` x ``steps`` site."""
+    step_s = 86400.0 / steps
+    batteries = fleet(n)
+    rng = np.random.default_rng(steps)
+    soc = {b.id: float(rng.uniform(0.2, 0.8)) for b in batteries}
+    started = time.perf_counter()
+    dispatcher = Dispatcher(batteries, steps, step_s=step_s, hot_start=hot_start, solver=solver)
+    build_ms = (time.perf_counter() - started) * 1000.0
+    now = T0 + 7 * 3600.0 + 30.0
+    started = time.perf_counter()
+    inputs = cycle_inputs(batteries, steps=steps, step_s=step_s, now=now, soc=soc, rng=rng)
+    plan = dispatcher.solve(inputs, budget_s=120.0, last_plan=None)
+    first_ms = (time.perf_counter() - started) * 1000.0
+    totals: list[float] = []
+    in_solver: list[float] = []
+    for _ in range(cycles):
+        soc = _advance(soc, plan, step_s)
+        now += CYCLE_S
+        inputs = cycle_inputs(batteries, steps=steps, step_s=step_s, now=now, soc=soc, rng=rng)
+        started = time.perf_counter()
+        plan = dispatcher.solve(inputs, budget_s=120.0, last_plan=plan)
+        totals.append(time.perf_counter() - started)
+        in_solver.append(dispatcher.last_timing.solver_s)
+        if plan.rung.value > 2 or not math.isfinite(plan.objective):
+            raise RuntimeError(f"benchmark solve fell back: {plan.reason}")
+    size = f"{n}x{steps}"
+    if not hot_start or solver != "HIGHS":
+        name = "cvxpy_path" if solver == "HIGHS" else f"cvxpy_path_{solver.lower()}"
+        return [Result(f"optimizer.{name}_resolve_ms.{size}", _ms(totals), "ms")]
+    return [
+        Result(f"optimizer.build_ms.{size}", build_ms, "ms"),
+        Result(f"optimizer.first_solve_ms.{size}", first_ms, "ms"),
+        Result(f"optimizer.resolve_ms.{size}", _ms(totals), "ms"),
+        Result(f"optimizer.resolve_max_ms.{size}", max(totals) * 1000.0, "ms"),
+        Result(f"optimizer.solver_ms.{size}", _ms(in_solver), "ms"),
+        Result(f"optimizer.cvxpy_share.{size}", 1.0 - sum(in_solver) / sum(totals), "ratio"),
+    ]
+
+
+def _ms(seconds: list[float]) -> float:
+    return statistics.median(seconds) * 1000.0
+
+
+def run() -> list[Result]:
+    """Every optimizer figure of ``make bench``."""
+    results: list[Result] = []
+    for n, steps, cycles in ((1, 96, 60), (10, 96, 30), (1, 288, 40), (10, 288, 20)):
+        results += measure(n, steps, cycles)
+    results += measure(100, 288, 15)
+    # The same cycles through cvxpy's own HiGHS call (a fresh HiGHS model per solve): the
+    # baseline the hot start is measured against (100 x 288 would take minutes this way).
+    results += measure(10, 288, 10, hot_start=False)
+    # The solver choice: the same cycles through cvxpy with each installed LP solver.
+    for solver in ("HIGHS", "CLARABEL"):
+        for n, steps in ((1, 96), (10, 96)):
+            results += measure(n, steps, 10, hot_start=False, solver=solver)
+    return results

@@ -1,0 +1,607 @@
+"""The profile-driven Modbus driver: a device is a YAML profile, no code.
+
+Reads: the registers behind the profile's fields (and their scale-factor registers) are
+coalesced into as few block reads as ``transport.max_registers_per_read`` allows, decoded with
+the shared codec of :mod:`drivers.layout`, and returned as readings in essd base units. A value
+that is "not implemented", NaN or outside its min/max becomes an INVALID reading with a reason.
+
+Writes: each control action is the profile's ordered list of register writes. Every value is
+encoded (and refused if it does not fit) before the first write, so an action is never left half
+done by a bad value; afterwards every written register is read back and a mismatch is counted and
+reported.
+
+Capability methods exist exactly when the profile declares the capability, so
+``isinstance(driver, ActivePowerControl)`` answers what the device can do.
+
+Battery power in W: > 0 discharges into the site, < 0 charges. Grid power > 0 imports.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Self, cast
+
+from drivers.api import (
+    CommunicationError,
+    DeviceExceptionResponse,
+    ValueRefused,
+    WriteResult,
+)
+from drivers.layout import (
+    Decoded,
+    base_unit,
+    decode_register,
+    encode_register,
+    from_base,
+    register_words,
+    to_base,
+)
+from drivers.modbus import ModbusEndpoint
+from drivers.profile import ActionName, Capability, Profile, RegisterSpec
+from drivers.registers import EncodeError, RegisterType, Table
+from essd.clock import Clock
+from essd.domain import (
+    BatteryReading,
+    DeviceClass,
+    LiveLimits,
+    MeterReading,
+    Quality,
+    Reading,
+)
+from essd.events import DeviceCounters
+
+__all__ = ["GenericDriver", "ReadBlock", "plan_reads"]
+
+# Parameters in seconds: rounded up in coarser register units (a 30 s TTL in a minutes register
+# becomes 1 min, never 0, which many devices read as "no limit").
+_TIME_PARAMS = frozenset({"duration_s", "seconds"})
+_ALARM_PREFIXES = ("alarm", "fault")
+
+
+@dataclass(frozen=True, slots=True)
+class ReadBlock:
+    """One block read: ``count`` registers of ``table`` from ``address``."""
+
+    table: Table
+    address: int
+    count: int
+    registers: tuple[RegisterSpec, ...]
+
+
+def plan_reads(
+    specs: Iterable[RegisterSpec],
+    *,
+    max_registers: int,
+    gap_max: int = 0,
+    declared: Iterable[RegisterSpec] = (),
+) -> tuple[ReadBlock, ...]:
+    """Coalesce registers into as few block reads as possible.
+
+    A block never exceeds ``max_registers`` and never spans more than ``gap_max`` undeclared
+    registers between two wanted ones; registers the profile ``declared`` (the device has them)
+    may be read across freely.
+    """
+    known: dict[Table, set[int]] = {Table.HOLDING: set(), Table.INPUT: set()}
+    for d in declared:
+        if d.address is not None:
+            known[d.table].update(range(d.address, d.address + register_words(d)))
+    by_table: dict[Table, list[RegisterSpec]] = {}
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.name in seen:
+            continue
+        if spec.address is None:
+            raise ValueError(f"register {spec.name}: a SunSpec point has no fixed address")
+        if register_words(spec) > max_registers:
+            raise ValueError(
+                f"register {spec.name}: {register_words(spec)} words exceed "
+                f"max_registers_per_read={max_registers}"
+            )
+        seen.add(spec.name)
+        by_table.setdefault(spec.table, []).append(spec)
+    blocks: list[ReadBlock] = []
+    for table in (Table.HOLDING, Table.INPUT):
+        members = sorted(by_table.get(table, []), key=lambda s: s.address or 0)
+        current: list[RegisterSpec] = []
+        start = end = 0
+        for spec in members:
+            assert spec.address is not None
+            s_end = spec.address + register_words(spec)
+            unknown = sum(1 for a in range(end, spec.address) if a not in known[table])
+            if current and unknown <= gap_max and max(end, s_end) - start <= max_registers:
+                current.append(spec)
+                end = max(end, s_end)
+                continue
+            if current:
+                blocks.append(ReadBlock(table, start, end - start, tuple(current)))
+            current, start, end = [spec], spec.address, s_end
+        if current:
+            blocks.append(ReadBlock(table, start, end - start, tuple(current)))
+    return tuple(blocks)
+
+
+def _reading(decoded: Decoded, spec: RegisterSpec, at: float) -> Reading:
+    unit = base_unit(spec.unit)
+    if decoded.value is None:
+        return Reading.bad(unit, at, Quality.INVALID, decoded.reason)
+    if isinstance(decoded.value, str):
+        return Reading.bad(unit, at, Quality.INVALID, "text register, not a number")
+    return Reading.good(to_base(decoded.value, spec.unit), unit, at)
+
+
+class GenericDriver:
+    """A Modbus device described entirely by its profile.
+
+    Constructing ``GenericDriver(...)`` returns an instance of a subclass that has exactly the
+    capability methods the profile declares. ``limits_override`` (from the site config) can only
+    tighten the profile's ratings and the device's live limits; ``capacity_wh`` overrides the
+    rated capacity.
+    """
+
+    _classes: ClassVar[dict[frozenset[Capability], type[GenericDriver]]] = {}
+    _capabilities: ClassVar[frozenset[Capability]] = frozenset()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        """Pick the class whose methods match the profile's capabilities."""
+        profile: Profile = kwargs["profile"]
+        sub = _class_for(frozenset(profile.capabilities)) if cls is GenericDriver else cls
+        return cast(Self, object.__new__(sub))
+
+    def __init__(
+        self,
+        *,
+        device_id: str,
+        profile: Profile,
+        endpoint: ModbusEndpoint,
+        unit: int | None = None,
+        clock: Clock,
+        limits_override: LiveLimits | None = None,
+        capacity_wh: float | None = None,
+        owns_endpoint: bool = False,
+    ) -> None:
+        if profile.driver != "generic":
+            raise ValueError(f"profile {profile.name}: driver is {profile.driver!r}, not generic")
+        self._device_id = device_id
+        self._profile = profile
+        self._endpoint = endpoint
+        self._unit = profile.transport.unit if unit is None else unit
+        self._clock = clock
+        self._limits_override = limits_override
+        self._capacity_wh = capacity_wh if capacity_wh is not None else profile.ratings.capacity_wh
+        self._owns_endpoint = owns_endpoint
+        self._heartbeat_counter = 0
+        t = profile.transport
+        read_specs: list[RegisterSpec] = []
+        for reg_name in profile.fields.values():
+            spec = profile.register(reg_name)
+            read_specs.append(spec)
+            if spec.scale_factor is not None:
+                read_specs.append(profile.register(spec.scale_factor))
+        self._blocks = plan_reads(
+            read_specs,
+            max_registers=t.max_registers_per_read,
+            gap_max=t.read_gap_max,
+            declared=profile.registers,
+        )
+
+    # -- identity ------------------------------------------------------------------------------
+
+    @property
+    def device_id(self) -> str:
+        """The device id from the site config."""
+        return self._device_id
+
+    @property
+    def profile(self) -> Profile:
+        """The profile the driver was built from."""
+        return self._profile
+
+    @property
+    def unit(self) -> int:
+        """The Modbus unit id."""
+        return self._unit
+
+    @property
+    def endpoint(self) -> ModbusEndpoint:
+        """The (possibly shared) transport."""
+        return self._endpoint
+
+    @property
+    def read_plan(self) -> tuple[ReadBlock, ...]:
+        """The block reads one :meth:`read` performs."""
+        return self._blocks
+
+    def counters(self) -> DeviceCounters:
+        """Cumulative communication counters of this device."""
+        return self._endpoint.stats(self._unit).to_device_counters()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._device_id} {self._profile.name} unit {self._unit}>"
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the transport (CommunicationError if it cannot; reconnects back off)."""
+        await self._endpoint.connect()
+
+    async def close(self) -> None:
+        """Close the transport when this driver owns it (a shared one is the pool's)."""
+        if self._owns_endpoint:
+            await self._endpoint.close()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    async def _read_words(
+        self, blocks: Iterable[ReadBlock]
+    ) -> tuple[dict[str, list[int]], dict[str, str]]:
+        """Words per register name, and the reason for registers whose block was refused."""
+        words: dict[str, list[int]] = {}
+        refused: dict[str, str] = {}
+        for block in blocks:
+            try:
+                data = await self._endpoint.read_registers(
+                    block.table, block.address, block.count, self._unit
+                )
+            except DeviceExceptionResponse as exc:
+                for spec in block.registers:
+                    refused[spec.name] = str(exc)
+                continue
+            for spec in block.registers:
+                assert spec.address is not None
+                offset = spec.address - block.address
+                words[spec.name] = data[offset : offset + register_words(spec)]
+        return words, refused
+
+    def _sf_of(self, spec: RegisterSpec, words: Mapping[str, list[int]]) -> int | None:
+        if spec.scale_factor is None:
+            return None
+        sf_spec = self._profile.register(spec.scale_factor)
+        w = words.get(sf_spec.name)
+        if w is None:
+            return None
+        sf = decode_register(sf_spec, w, transport=self._profile.transport)
+        if sf.value is None or not isinstance(sf.raw, int):
+            return None
+        return sf.raw
+
+    async def read_fields(self) -> dict[str, Reading]:
+        """Every field of the profile (and derived field) as a reading in base units.
+
+        Raises CommunicationError when the device does not answer.
+        """
+        fields, _ = await self._read_fields_and_raw()
+        return fields
+
+    async def _read_fields_and_raw(
+        self,
+    ) -> tuple[dict[str, Reading], dict[str, int | float | str]]:
+        words, refused = await self._read_words(self._blocks)
+        at = self._clock.monotonic()
+        out: dict[str, Reading] = {}
+        raw: dict[str, int | float | str] = {}
+        for field, reg_name in self._profile.fields.items():
+            spec = self._profile.register(reg_name)
+            if reg_name in refused:
+                out[field] = Reading.bad(
+                    base_unit(spec.unit), at, Quality.MISSING, refused[reg_name]
+                )
+                continue
+            decoded = decode_register(
+                spec,
+                words[reg_name],
+                transport=self._profile.transport,
+                sf=self._sf_of(spec, words),
+            )
+            out[field] = _reading(decoded, spec, at)
+            raw[field] = decoded.raw
+        for name, terms in self._profile.derived.items():
+            parts = [(out[f], k) for f, k in terms.items()]
+            bad = [f for f, _ in terms.items() if not out[f].valid]
+            unit = parts[0][0].unit
+            if bad:
+                out[name] = Reading.bad(
+                    unit, at, Quality.INVALID, f"derived from invalid {', '.join(bad)}"
+                )
+            else:
+                out[name] = Reading.good(sum((r.value or 0.0) * k for r, k in parts), unit, at)
+        return out, raw
+
+    def _alarms(
+        self, fields: Mapping[str, Reading], raws: Mapping[str, int | float | str]
+    ) -> tuple[str, ...]:
+        """Non-zero alarm/fault words as ``field=0x...`` (raw bits, as the vendor lists them)."""
+        alarms: list[str] = []
+        for field, reading in fields.items():
+            if not field.startswith(_ALARM_PREFIXES) or not reading.valid or not reading.value:
+                continue
+            raw = raws.get(field, reading.value)
+            if isinstance(raw, int):
+                spec = self._profile.register(self._profile.fields[field])
+                alarms.append(f"{field}=0x{raw % (1 << (16 * register_words(spec))):X}")
+            else:
+                alarms.append(f"{field}={raw}")
+        return tuple(alarms)
+
+    def _limits(self, fields: Mapping[str, Reading]) -> LiveLimits | None:
+        candidates: list[LiveLimits] = []
+        ratings = self._profile.ratings
+        if ratings.max_charge_w > 0 or ratings.max_discharge_w > 0:
+            candidates.append(LiveLimits(ratings.max_charge_w, ratings.max_discharge_w))
+        if self._profile.has(Capability.LIVE_LIMITS):
+            # A declared live limit that cannot be read counts as 0 W: the device is held at
+            # idle in that direction until its BMS reports again (DESIGN: invalid -> safe).
+            charge = fields.get("max_charge_w")
+            discharge = fields.get("max_discharge_w")
+            candidates.append(
+                LiveLimits(
+                    max(0.0, charge.value) if charge and charge.valid and charge.value else 0.0,
+                    max(0.0, discharge.value)
+                    if discharge and discharge.valid and discharge.value
+                    else 0.0,
+                )
+            )
+        if self._limits_override is not None:
+            candidates.append(self._limits_override)
+        if not candidates:
+            return None
+        limits = candidates[0]
+        for c in candidates[1:]:
+            limits = limits.tighten(c)
+        return limits
+
+    async def read(self) -> BatteryReading | MeterReading:
+        """Read the device's state: a MeterReading for a meter, else a BatteryReading.
+
+        Raises CommunicationError when the device does not answer, except for a device with the
+        ``availability`` capability (a portable unit that may be unplugged): then the reading
+        says ``available=False``.
+        """
+        try:
+            fields, raws = await self._read_fields_and_raw()
+        except CommunicationError as exc:
+            if self._profile.has(Capability.AVAILABILITY):
+                return self._unavailable(str(exc))
+            raise
+        at = self._clock.monotonic()
+        if self._profile.device_class is DeviceClass.METER:
+            grid = fields.get("grid_power_w") or Reading.bad(
+                "W", at, Quality.MISSING, "profile maps no grid_power_w"
+            )
+            return MeterReading(self._device_id, at, grid)
+        soc = fields.get("soc") or Reading.bad("ratio", at, Quality.MISSING, "no soc field")
+        power = fields.get("power_w") or Reading.bad("W", at, Quality.MISSING, "no power_w field")
+        extras = {k: v for k, v in fields.items() if k not in ("soc", "power_w")}
+        return BatteryReading(
+            device_id=self._device_id,
+            device_class=self._profile.device_class,
+            read_at_mono=at,
+            available=True,
+            soc=soc,
+            power_w=power,
+            limits=self._limits(fields),
+            capacity_wh=self._capacity_wh,
+            alarms=self._alarms(fields, raws),
+            extras=extras,
+        )
+
+    def _unavailable(self, reason: str) -> BatteryReading:
+        at = self._clock.monotonic()
+        return BatteryReading(
+            device_id=self._device_id,
+            device_class=self._profile.device_class,
+            read_at_mono=at,
+            available=False,
+            soc=Reading.bad("ratio", at, Quality.MISSING, reason),
+            power_w=Reading.bad("W", at, Quality.MISSING, reason),
+            limits=LiveLimits(0.0, 0.0),
+            capacity_wh=self._capacity_wh,
+        )
+
+    # -- writing -------------------------------------------------------------------------------
+
+    async def _scale_factors(self, specs: Iterable[RegisterSpec]) -> dict[str, int | None]:
+        names = {s.scale_factor for s in specs if s.scale_factor is not None}
+        if not names:
+            return {}
+        sf_specs = [self._profile.register(n) for n in names]
+        blocks = plan_reads(
+            sf_specs,
+            max_registers=self._profile.transport.max_registers_per_read,
+            gap_max=self._profile.transport.read_gap_max,
+            declared=self._profile.registers,
+        )
+        words, _ = await self._read_words(blocks)
+        out: dict[str, int | None] = {}
+        for sf_spec in sf_specs:
+            w = words.get(sf_spec.name)
+            d = (
+                None
+                if w is None
+                else decode_register(sf_spec, w, transport=self._profile.transport)
+            )
+            out[sf_spec.name] = (
+                d.raw if d is not None and d.valid and isinstance(d.raw, int) else None
+            )
+        return out
+
+    def _value_for(self, spec: RegisterSpec, param: str, base_value: float) -> float:
+        value = from_base(base_value, spec.unit)
+        if param in _TIME_PARAMS and spec.rtype is not RegisterType.F32:
+            resolution = abs(spec.scale)
+            value = math.ceil(value / resolution - 1e-9) * resolution
+        return value
+
+    async def perform(
+        self,
+        action: ActionName,
+        params: Mapping[str, float] | None = None,
+        *,
+        when: Literal["always", "charge", "discharge", "idle"] = "always",
+    ) -> WriteResult:
+        """Run one of the profile's actions with ``params`` (base units); read every write back.
+
+        Raises ValueRefused (nothing written) when a value does not fit its register, and
+        CommunicationError / DeviceExceptionResponse when a write fails.
+        """
+        act = self._profile.actions.get(action)
+        if act is None:
+            raise ValueRefused(f"{self._device_id}: profile {self._profile.name} has no {action}")
+        params = dict(params or {})
+        steps = [s for s in act.writes if s.when in ("always", when)]
+        specs = [self._profile.register(s.register) for s in steps]
+        sfs = await self._scale_factors(specs)
+        encoded: list[tuple[RegisterSpec, list[int]]] = []
+        for step, spec in zip(steps, specs, strict=True):
+            if step.param is not None:
+                if step.param not in params:
+                    raise ValueRefused(f"{action}: parameter {step.param!r} not supplied")
+                value: float | str = self._value_for(spec, step.param, params[step.param])
+            else:
+                assert step.value is not None
+                value = step.value
+            sf = sfs.get(spec.scale_factor) if spec.scale_factor is not None else None
+            try:
+                words = encode_register(spec, value, transport=self._profile.transport, sf=sf)
+            except EncodeError as exc:
+                raise ValueRefused(f"{self._device_id}: {action}: {exc}") from None
+            encoded.append((spec, words))
+        for spec, words in encoded:
+            assert spec.address is not None
+            await self._endpoint.write_registers(spec.address, words, self._unit)
+        expected = {spec.name: (spec, words) for spec, words in encoded}
+        to_verify = [spec for spec, _ in expected.values() if spec.verify and spec.access == "rw"]
+        blocks = plan_reads(
+            to_verify,
+            max_registers=self._profile.transport.max_registers_per_read,
+            gap_max=self._profile.transport.read_gap_max,
+            declared=self._profile.registers,
+        )
+        got, refused = await self._read_words(blocks)
+        mismatches: list[str] = []
+        for spec in to_verify:
+            want = expected[spec.name][1]
+            have = got.get(spec.name)
+            if have != want:
+                self._endpoint.note_readback_mismatch(self._unit)
+                seen = refused.get(spec.name, str(have))
+                mismatches.append(f"{spec.name}: wrote {want}, read back {seen}")
+        return WriteResult(action.value, len(encoded), tuple(mismatches))
+
+
+def _class_for(capabilities: frozenset[Capability]) -> type[GenericDriver]:
+    """The GenericDriver subclass with one mixin per capability (cached)."""
+    cls = GenericDriver._classes.get(capabilities)
+    if cls is None:
+        bases = tuple(m for cap, m in _MIXINS.items() if cap in capabilities) or (GenericDriver,)
+        name = "GenericDriver[" + ",".join(sorted(c.value for c in capabilities)) + "]"
+        cls = type(name, bases, {"_capabilities": capabilities, "__module__": __name__})
+        GenericDriver._classes[capabilities] = cls
+    return cls
+
+
+class _ActivePower(GenericDriver):
+    async def set_active_power(self, power_w: float, *, duration_s: float) -> WriteResult:
+        """Command ``power_w`` (> 0 discharges, < 0 charges) for at most ``duration_s``."""
+        if not math.isfinite(power_w) or not math.isfinite(duration_s) or duration_s <= 0:
+            raise ValueRefused(
+                f"set_active_power: power_w={power_w!r} duration_s={duration_s!r} not usable"
+            )
+        when: Literal["charge", "discharge", "idle"] = (
+            "charge" if power_w < 0 else "discharge" if power_w > 0 else "idle"
+        )
+        params = {
+            "power_w": power_w,
+            "charge_w": max(0.0, -power_w),
+            "discharge_w": max(0.0, power_w),
+            "abs_w": abs(power_w),
+            "duration_s": duration_s,
+        }
+        return await self.perform(ActionName.SET_ACTIVE_POWER, params, when=when)
+
+
+class _ChargeLimit(GenericDriver):
+    async def set_charge_limit(self, charge_w: float) -> WriteResult:
+        """Limit charging to ``charge_w`` W (>= 0)."""
+        if not math.isfinite(charge_w) or charge_w < 0:
+            raise ValueRefused(f"set_charge_limit: charge_w must be >= 0, got {charge_w!r}")
+        return await self.perform(ActionName.SET_CHARGE_LIMIT, {"charge_w": charge_w})
+
+
+class _DischargeLimit(GenericDriver):
+    async def set_discharge_limit(self, discharge_w: float) -> WriteResult:
+        """Limit discharging to ``discharge_w`` W (>= 0)."""
+        if not math.isfinite(discharge_w) or discharge_w < 0:
+            raise ValueRefused(
+                f"set_discharge_limit: discharge_w must be >= 0, got {discharge_w!r}"
+            )
+        return await self.perform(ActionName.SET_DISCHARGE_LIMIT, {"discharge_w": discharge_w})
+
+
+class _Outputs(GenericDriver):
+    async def set_output(self, enabled: bool) -> WriteResult:
+        """Enable or disable the outputs."""
+        action = ActionName.ENABLE_OUTPUT if enabled else ActionName.DISABLE_OUTPUT
+        return await self.perform(action)
+
+
+class _Heartbeat(GenericDriver):
+    def _heartbeat_wrap(self) -> int:
+        act = self.profile.actions[ActionName.HEARTBEAT]
+        limit = 0xFFFF
+        for step in act.writes:
+            if step.param == "counter":
+                spec = self.profile.register(step.register)
+                limit = 0x7FFF if spec.rtype is RegisterType.S16 else 0xFFFF
+                if spec.max is not None:
+                    limit = min(limit, int(spec.max))
+        return limit
+
+    async def heartbeat(self) -> WriteResult:
+        """Write the next heartbeat value (the driver keeps the counter; it wraps to 0)."""
+        nxt = self._heartbeat_counter + 1
+        if nxt > self._heartbeat_wrap():
+            nxt = 0
+        # Advance even if the write fails: the next value then differs from whatever the
+        # device holds, which is all a heartbeat watchdog looks at.
+        self._heartbeat_counter = nxt
+        return await self.perform(ActionName.HEARTBEAT, {"counter": float(nxt)})
+
+
+class _RevertTimer(GenericDriver):
+    async def configure_revert_timer(self, seconds: float) -> WriteResult:
+        """Make the device drop a setpoint not refreshed within ``seconds``."""
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise ValueRefused(f"configure_revert_timer: seconds must be > 0, got {seconds!r}")
+        return await self.perform(ActionName.CONFIGURE_REVERT_TIMER, {"seconds": seconds})
+
+
+class _SafeMode(GenericDriver):
+    async def safe_mode(self) -> WriteResult:
+        """Put the device into its safe state."""
+        return await self.perform(ActionName.SAFE_MODE)
+
+
+class _SocLimits(GenericDriver):
+    async def set_soc_limits(self, min_soc: float, max_soc: float) -> WriteResult:
+        """Set the device's own SoC window (ratios 0..1)."""
+        if not (0.0 <= min_soc <= max_soc <= 1.0):
+            raise ValueRefused(
+                f"set_soc_limits: need 0 <= min_soc <= max_soc <= 1, got {min_soc}, {max_soc}"
+            )
+        return await self.perform(
+            ActionName.SET_SOC_LIMITS, {"min_soc": min_soc, "max_soc": max_soc}
+        )
+
+
+_MIXINS: dict[Capability, type[GenericDriver]] = {
+    Capability.ACTIVE_POWER: _ActivePower,
+    Capability.CHARGE_LIMIT: _ChargeLimit,
+    Capability.DISCHARGE_LIMIT: _DischargeLimit,
+    Capability.OUTPUT_SWITCH: _Outputs,
+    Capability.HEARTBEAT: _Heartbeat,
+    Capability.REVERT_TIMER: _RevertTimer,
+    Capability.SAFE_MODE: _SafeMode,
+    Capability.SOC_LIMITS: _SocLimits,
+}

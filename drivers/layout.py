@@ -1,0 +1,326 @@
+"""Register layout of a plain (address-based) profile, and the value codec both sides share.
+
+The driver decodes what it reads with :func:`decode_register` and encodes what it writes with
+:func:`encode_register`; the simulator lays out its register map with :class:`ProfileImage` and
+sets and gets named values through the very same functions. So the simulator serves exactly the
+profile the driver reads, and the two cannot drift apart.
+
+Physical value = ``raw * scale * 10**sf + offset`` in the register's own unit (``unit:`` in the
+profile, e.g. ``kW`` or ``%``). Fields cross into essd in base units: W, Wh, s, and ratios 0..1
+for ``%`` (see :func:`to_base`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from drivers.profile import Profile, RegisterSpec, Transport
+from drivers.registers import (
+    EncodeError,
+    ModbusExceptionCode,
+    RegisterAccessError,
+    RegisterImage,
+    RegisterType,
+    Table,
+    decode_raw,
+    encode_raw,
+    word_count,
+)
+
+__all__ = [
+    "Decoded",
+    "ProfileImage",
+    "base_unit",
+    "decode_register",
+    "encode_register",
+    "from_base",
+    "register_words",
+    "to_base",
+]
+
+# Register unit -> (essd base unit, factor to multiply by).
+_UNITS: dict[str, tuple[str, float]] = {
+    "kW": ("W", 1000.0),
+    "kVA": ("VA", 1000.0),
+    "kvar": ("var", 1000.0),
+    "kWh": ("Wh", 1000.0),
+    "MWh": ("Wh", 1_000_000.0),
+    "%": ("ratio", 0.01),
+    "min": ("s", 60.0),
+    "h": ("s", 3600.0),
+    "ms": ("s", 0.001),
+}
+
+
+def base_unit(unit: str) -> str:
+    """The essd base unit of a register unit (``kW`` -> ``W``, ``%`` -> ``ratio``)."""
+    return _UNITS.get(unit, (unit, 1.0))[0]
+
+
+def to_base(value: float, unit: str) -> float:
+    """A value in the register's unit converted to essd's base unit."""
+    return value * _UNITS.get(unit, (unit, 1.0))[1]
+
+
+def from_base(value: float, unit: str) -> float:
+    """A value in essd's base unit converted to the register's unit."""
+    return value / _UNITS.get(unit, (unit, 1.0))[1]
+
+
+def register_words(spec: RegisterSpec) -> int:
+    """How many 16-bit registers ``spec`` occupies."""
+    return word_count(spec.rtype, spec.count)
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A decoded register: ``value`` in the register's unit, or None with a ``reason``."""
+
+    value: float | str | None
+    raw: int | float | str
+    reason: str = ""
+
+    @property
+    def valid(self) -> bool:
+        """True when the value can be used."""
+        return self.value is not None
+
+
+def _quantity(value: float, unit: str) -> str:
+    return f"{value:g} {unit}" if unit else f"{value:g}"
+
+
+def _bound(value: float | None, open_end: str) -> str:
+    return open_end if value is None else f"{value:g}"
+
+
+def _unsigned(raw: int, words: int) -> int:
+    return raw % (1 << (16 * words))
+
+
+def _factor(spec: RegisterSpec, sf: int | None) -> float:
+    return spec.scale * (10.0 ** (sf or 0))
+
+
+def decode_register(  # noqa: PLR0911 - one early return per kind of invalid value
+    spec: RegisterSpec, words: list[int], *, transport: Transport, sf: int | None = None
+) -> Decoded:
+    """Decode the words of one register; "not implemented", NaN, bad scale factor or out of
+    range give ``value=None`` and a reason, never a number.
+
+    ``sf`` is the raw value of the register's scale-factor register (None when it has none, or
+    when that register is itself invalid: then the value is invalid too).
+    """
+    raw = decode_raw(
+        words, spec.rtype, byte_order=transport.byte_order, word_order=transport.word_order
+    )
+    if isinstance(raw, str):
+        return Decoded(raw, raw)
+    if spec.not_implemented and isinstance(raw, int):
+        marker = _unsigned(raw, len(words))
+        if raw in spec.not_implemented or marker in spec.not_implemented:
+            return Decoded(None, raw, f"not implemented (raw 0x{marker:X})")
+    if isinstance(raw, float) and not math.isfinite(raw):
+        return Decoded(None, raw, f"non-finite value {raw!r}")
+    if spec.scale_factor is not None:
+        if sf is None:
+            return Decoded(None, raw, f"scale factor {spec.scale_factor} is not valid")
+        if not -10 <= sf <= 10:
+            return Decoded(None, raw, f"scale factor {spec.scale_factor}={sf} outside -10..10")
+    value = raw * _factor(spec, sf) + spec.offset
+    if (spec.min is not None and value < spec.min) or (spec.max is not None and value > spec.max):
+        lo, hi = _bound(spec.min, "-inf"), _bound(spec.max, "inf")
+        return Decoded(None, raw, f"{_quantity(value, spec.unit)} outside [{lo}, {hi}]")
+    return Decoded(float(value), raw)
+
+
+def encode_register(
+    spec: RegisterSpec,
+    value: float | str,
+    *,
+    transport: Transport,
+    sf: int | None = None,
+    check_range: bool = True,
+) -> list[int]:
+    """Encode a physical value (register's unit) into words; EncodeError naming the register
+    when it is outside the register's min/max or does not fit its type."""
+    if spec.rtype is RegisterType.STRING:
+        return encode_raw(
+            str(value),
+            spec.rtype,
+            byte_order=transport.byte_order,
+            word_order=transport.word_order,
+            string_words=spec.count,
+        )
+    if isinstance(value, str):
+        raise EncodeError(f"register {spec.name}: {value!r} is not a number")
+    if not math.isfinite(value):
+        raise EncodeError(f"register {spec.name}: {value!r} is not a finite number")
+    if check_range and (
+        (spec.min is not None and value < spec.min) or (spec.max is not None and value > spec.max)
+    ):
+        raise EncodeError(
+            f"register {spec.name}: {_quantity(value, spec.unit)} outside "
+            f"[{_bound(spec.min, '-inf')}, {_bound(spec.max, 'inf')}]"
+        )
+    if spec.scale_factor is not None and sf is None:
+        raise EncodeError(f"register {spec.name}: scale factor {spec.scale_factor} is not valid")
+    raw: float = (value - spec.offset) / _factor(spec, sf)
+    if spec.rtype is not RegisterType.F32:
+        raw = round(raw)
+    try:
+        return encode_raw(
+            raw, spec.rtype, byte_order=transport.byte_order, word_order=transport.word_order
+        )
+    except EncodeError as exc:
+        raise EncodeError(f"register {spec.name}: {_quantity(value, spec.unit)}: {exc}") from None
+
+
+class ProfileImage(RegisterImage):
+    """A :class:`RegisterImage` laid out from a plain profile, with named physical access.
+
+    Every register of the profile exists (initialised to 0), plus the gaps a block read may
+    span (``transport.read_gap_max``), so a driver reading this image reads what it would read
+    from the device. It is a RegisterStore: :class:`drivers.modbus.ModbusServer` serves it.
+    """
+
+    def __init__(self, profile: Profile) -> None:
+        super().__init__()
+        if profile.driver != "generic":
+            raise ValueError(f"profile {profile.name}: only a plain profile can be laid out")
+        self.profile = profile
+        self._specs = {r.name: r for r in profile.registers}
+        self._owner: dict[int, RegisterSpec] = {}  # holding address -> register covering it
+        self._listeners: list[Callable[[tuple[str, ...]], None]] = []
+        spans: dict[Table, list[tuple[int, int]]] = {Table.HOLDING: [], Table.INPUT: []}
+        for spec in profile.registers:
+            assert spec.address is not None  # a generic profile has no SunSpec points
+            self.define(spec.table, spec.address, register_words(spec))
+            spans[spec.table].append((spec.address, spec.address + register_words(spec)))
+            if spec.table is Table.HOLDING:
+                for a in range(spec.address, spec.address + register_words(spec)):
+                    self._owner[a] = spec
+        gap_max = profile.transport.read_gap_max
+        for table, ranges in spans.items():
+            ranges.sort()
+            for (_, end), (start, _) in itertools.pairwise(ranges):
+                if 0 < start - end <= gap_max:
+                    self.define(table, end, start - end)
+
+    def add_write_listener(self, callback: Callable[[tuple[str, ...]], None]) -> None:
+        """Call ``callback(register names)`` after every write a Modbus client makes."""
+        self._listeners.append(callback)
+
+    def write(self, address: int, values: Sequence[int]) -> None:
+        """RegisterStore write, as the device takes it: only writable registers accept one.
+
+        Read-only registers and unassigned addresses answer ILLEGAL_DATA_ADDRESS. The simulator
+        itself sets any register with :meth:`set_value` / :meth:`set_raw`.
+        """
+        names: list[str] = []
+        for a in range(address, address + len(values)):
+            spec = self._owner.get(a)
+            if spec is None or spec.access == "r":
+                raise RegisterAccessError(ModbusExceptionCode.ILLEGAL_DATA_ADDRESS)
+            if spec.name not in names:
+                names.append(spec.name)
+        super().write(address, values)
+        for callback in list(self._listeners):
+            callback(tuple(names))
+
+    def spec(self, name: str) -> RegisterSpec:
+        """The register called ``name`` (KeyError naming it otherwise)."""
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise KeyError(f"profile {self.profile.name}: no register {name!r}") from None
+
+    def _location(self, spec: RegisterSpec) -> tuple[Table, int, int]:
+        assert spec.address is not None
+        return spec.table, spec.address, register_words(spec)
+
+    def _sf(self, spec: RegisterSpec) -> int | None:
+        if spec.scale_factor is None:
+            return None
+        raw = self.get_raw(spec.scale_factor)
+        return raw if isinstance(raw, int) else None
+
+    def get_raw(self, name: str) -> int | float | str:
+        """The raw (unscaled) value of a register."""
+        spec = self.spec(name)
+        t = self.profile.transport
+        return decode_raw(
+            self.get(*self._location(spec)),
+            spec.rtype,
+            byte_order=t.byte_order,
+            word_order=t.word_order,
+        )
+
+    def set_raw(self, name: str, raw: int | float | str) -> None:
+        """Set a register's raw value (e.g. 0x8000 "not implemented" or NaN for fault tests)."""
+        spec = self.spec(name)
+        t = self.profile.transport
+        words = encode_raw(
+            raw,
+            spec.rtype,
+            byte_order=t.byte_order,
+            word_order=t.word_order,
+            string_words=spec.count,
+        )
+        table, address, _ = self._location(spec)
+        self.set(table, address, words)
+
+    def value(self, name: str) -> Decoded:
+        """A register's decoded value in its own unit (invalid values carry a reason)."""
+        spec = self.spec(name)
+        return decode_register(
+            spec,
+            self.get(*self._location(spec)),
+            transport=self.profile.transport,
+            sf=self._sf(spec),
+        )
+
+    def get_value(self, name: str) -> float | str | None:
+        """A register's value in its own unit, None when it is not valid."""
+        return self.value(name).value
+
+    def set_value(self, name: str, value: float | str, *, check_range: bool = True) -> None:
+        """Set a register to a physical value in its own unit."""
+        spec = self.spec(name)
+        words = encode_register(
+            spec,
+            value,
+            transport=self.profile.transport,
+            sf=self._sf(spec),
+            check_range=check_range,
+        )
+        table, address, _ = self._location(spec)
+        self.set(table, address, words)
+
+    def field_spec(self, field: str) -> RegisterSpec:
+        """The register mapped to a semantic field."""
+        spec = self.profile.field_register(field)
+        if spec is None:
+            raise KeyError(f"profile {self.profile.name}: no field {field!r}")
+        return spec
+
+    def get_field(self, field: str) -> float | str | None:
+        """A semantic field in essd base units (W, Wh, s, ratio), None when invalid."""
+        spec = self.field_spec(field)
+        d = self.value(spec.name)
+        if isinstance(d.value, float):
+            return to_base(d.value, spec.unit)
+        return d.value
+
+    def set_field(self, field: str, value: float | str, *, check_range: bool = True) -> None:
+        """Set a semantic field from essd base units (W, Wh, s, ratio)."""
+        spec = self.field_spec(field)
+        physical = value if isinstance(value, str) else from_base(value, spec.unit)
+        self.set_value(spec.name, physical, check_range=check_range)
+
+    def names(self) -> Iterable[str]:
+        """Names of every register of the profile."""
+        return self._specs.keys()

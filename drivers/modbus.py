@@ -1,0 +1,736 @@
+"""Modbus transport: the one module that imports pymodbus (pinned to 3.16.1).
+
+pymodbus changes its API most releases, so everything else in essd talks to two small classes:
+
+- :class:`ModbusEndpoint` (client side): one connection per TCP host:port or serial path, shared
+  by every unit id behind it. Requests to one endpoint never overlap (an ``asyncio.Lock``); each
+  has a short timeout; writes are never retried (a retry can apply a write twice); a failed
+  connect backs off on the injected :class:`~essd.clock.Clock`, and while backing off a request
+  fails at once with :class:`~drivers.api.CommunicationError` instead of waiting. pymodbus
+  exceptions are translated here into :mod:`drivers.api` errors and counted per unit.
+- :class:`ModbusServer` (server side, used by ``hil_sim`` and the tests): serves one
+  :class:`~drivers.registers.RegisterStore` per unit id over Modbus TCP, RTU framing over TCP, or
+  RTU on a serial device. Stores answer exceptions with
+  :class:`~drivers.registers.RegisterAccessError` and stay silent with
+  :class:`~drivers.registers.NoResponse`. For fault injection the server can drop every client
+  connection and stop or resume listening.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal
+
+from pymodbus import FramerType
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.constants import ExcCodes
+from pymodbus.exceptions import (
+    ConnectionException,
+    ModbusException,
+    ModbusIOException,
+    NoSuchIdException,
+)
+from pymodbus.pdu import ModbusPDU
+from pymodbus.server import ModbusBaseServer, ModbusSerialServer, ModbusTcpServer
+from pymodbus.simulator import SimData, SimDevice
+
+from drivers.api import CommunicationError, DeviceExceptionResponse
+from drivers.registers import (
+    NoResponse,
+    RegisterAccessError,
+    RegisterStore,
+    Table,
+)
+from essd.clock import Clock
+from essd.events import DeviceCounters
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "Backoff",
+    "EndpointTarget",
+    "ErrorKind",
+    "Framing",
+    "ModbusEndpoint",
+    "ModbusServer",
+    "SerialTarget",
+    "TcpTarget",
+    "UnitStats",
+    "quiet_pymodbus_logging",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 0.5
+
+
+def quiet_pymodbus_logging() -> None:
+    """Silence pymodbus's own logger unless someone configured it.
+
+    pymodbus logs every timeout at ERROR; an unplugged portable unit would log each cycle. essd
+    logs transitions itself (failure once, recovery once), so the library's chatter goes.
+    """
+    lib = logging.getLogger("pymodbus")
+    if lib.level == logging.NOTSET:
+        lib.setLevel(logging.CRITICAL)
+
+
+class Framing(StrEnum):
+    """How Modbus frames travel over a TCP connection."""
+
+    SOCKET = "socket"  # Modbus TCP (MBAP header, transaction ids)
+    RTU = "rtu"  # RTU frames (CRC) over TCP: serial-to-Ethernet gateways
+
+
+@dataclass(frozen=True, slots=True)
+class TcpTarget:
+    """A TCP endpoint: a device or a gateway at host:port."""
+
+    host: str
+    port: int
+    framing: Framing = Framing.SOCKET
+
+    def __str__(self) -> str:
+        suffix = "" if self.framing is Framing.SOCKET else " (rtu)"
+        return f"{self.host}:{self.port}{suffix}"
+
+
+@dataclass(frozen=True, slots=True)
+class SerialTarget:
+    """A serial line with Modbus RTU (RS-485 adapter, or a pty in tests)."""
+
+    path: str
+    baudrate: int = 9600
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    bytesize: Literal[7, 8] = 8
+
+    def __str__(self) -> str:
+        return f"{self.path}@{self.baudrate}"
+
+
+EndpointTarget = TcpTarget | SerialTarget
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Reconnect back-off: ``initial_s`` after the first failed connect, doubling to ``max_s``."""
+
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    factor: float = 2.0
+
+    def next_delay(self, previous_s: float) -> float:
+        """The delay after one more failure, given the previous delay (0 for none)."""
+        if previous_s <= 0:
+            return self.initial_s
+        return min(self.max_s, previous_s * self.factor)
+
+
+class ErrorKind(StrEnum):
+    """Kinds of failed requests, as counted per unit."""
+
+    TIMEOUT = "timeout"  # sent, no answer within the timeout
+    CONNECTION = "connection"  # cannot connect, or the connection dropped
+    BACKOFF = "backoff"  # not sent: the endpoint is waiting before it reconnects
+    EXCEPTION = "exception"  # the device answered with a Modbus exception
+    PROTOCOL = "protocol"  # garbled or unexpected answer
+    READBACK_MISMATCH = "readback_mismatch"  # a write read back as another value
+
+
+@dataclass(frozen=True, slots=True)
+class UnitStats:
+    """Cumulative counters of one unit id on one endpoint (since start)."""
+
+    requests_total: int = 0
+    writes_total: int = 0
+    errors_total: Mapping[str, int] = field(default_factory=dict)
+    readback_mismatches_total: int = 0
+    last_latency_s: float | None = None
+    latency_sum_s: float = 0.0
+
+    def to_device_counters(self) -> DeviceCounters:
+        """The daemon's per-device counters (:class:`essd.events.DeviceCounters`)."""
+        return DeviceCounters(
+            requests_total=self.requests_total,
+            errors_total=dict(self.errors_total),
+            writes_total=self.writes_total,
+            readback_mismatches_total=self.readback_mismatches_total,
+            last_latency_s=self.last_latency_s,
+        )
+
+
+@dataclass(slots=True)
+class _Counters:
+    requests: int = 0
+    writes: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    mismatches: int = 0
+    last_latency_s: float | None = None
+    latency_sum_s: float = 0.0
+
+    def error(self, kind: ErrorKind) -> None:
+        """Count one failed request of ``kind``."""
+        self.errors[kind.value] = self.errors.get(kind.value, 0) + 1
+
+    def freeze(self) -> UnitStats:
+        """A frozen copy for callers."""
+        return UnitStats(
+            requests_total=self.requests,
+            writes_total=self.writes,
+            errors_total=dict(self.errors),
+            readback_mismatches_total=self.mismatches,
+            last_latency_s=self.last_latency_s,
+            latency_sum_s=self.latency_sum_s,
+        )
+
+
+_Client = AsyncModbusTcpClient | AsyncModbusSerialClient
+
+
+class ModbusEndpoint:
+    """One Modbus connection (TCP host:port or serial path) shared by the units behind it.
+
+    Requests are serialised by a lock, so concurrent callers queue instead of interleaving
+    frames. Nothing is retried: a failed request raises at once and the caller decides.
+    """
+
+    def __init__(
+        self,
+        target: EndpointTarget,
+        *,
+        clock: Clock,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        backoff: Backoff | None = None,
+        latency_timer: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s: must be > 0, got {timeout_s!r}")
+        self._target = target
+        self._clock = clock
+        self._timeout_s = timeout_s
+        self._backoff = backoff or Backoff()
+        # Latency is a real-time measurement of I/O, not control-path time: a stepped SimClock
+        # would report 0 for every request.
+        self._timer = latency_timer
+        self._lock = asyncio.Lock()
+        self._client: _Client | None = None
+        self._delay_s = 0.0
+        self._retry_at: float | None = None
+        self._last_connect_error = ""
+        self._counters: dict[int, _Counters] = {}
+        self._closed = False
+        quiet_pymodbus_logging()
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def target(self) -> EndpointTarget:
+        """Where this endpoint connects."""
+        return self._target
+
+    @property
+    def timeout_s(self) -> float:
+        """Per-request timeout in seconds."""
+        return self._timeout_s
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection is open."""
+        return self._client is not None and self._client.connected
+
+    @property
+    def backing_off(self) -> bool:
+        """True while a failed connect keeps the endpoint from trying again."""
+        return self._retry_at is not None and self._clock.monotonic() < self._retry_at
+
+    @property
+    def reconnect_delay_s(self) -> float:
+        """The current back-off delay (0 after a successful connect)."""
+        return self._delay_s
+
+    def stats(self, unit: int) -> UnitStats:
+        """Counters of one unit id on this endpoint."""
+        return self._unit(unit).freeze()
+
+    def note_readback_mismatch(self, unit: int) -> None:
+        """Count a write that read back differently (the driver detects it)."""
+        c = self._unit(unit)
+        c.mismatches += 1
+        c.error(ErrorKind.READBACK_MISMATCH)
+
+    def _unit(self, unit: int) -> _Counters:
+        return self._counters.setdefault(unit, _Counters())
+
+    def __str__(self) -> str:
+        return f"modbus {self._target}"
+
+    # -- connection ----------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the connection now (CommunicationError if it fails or is backing off)."""
+        async with self._lock:
+            await self._ensure_connected(None)
+
+    async def close(self) -> None:
+        """Close the connection; a later request opens it again."""
+        async with self._lock:
+            self._drop()
+            self._retry_at = None
+            self._delay_s = 0.0
+
+    def _new_client(self) -> _Client:
+        # retries=0: pymodbus would resend a write that timed out; reconnect_delay=0: pymodbus
+        # would reconnect on its own timer (real time); the endpoint does it on the Clock.
+        common: dict[str, Any] = {
+            "timeout": self._timeout_s,
+            "retries": 0,
+            "reconnect_delay": 0,
+        }
+        target = self._target
+        client: _Client
+        if isinstance(target, TcpTarget):
+            framer = FramerType.SOCKET if target.framing is Framing.SOCKET else FramerType.RTU
+            client = AsyncModbusTcpClient(target.host, port=target.port, framer=framer, **common)
+        else:
+            client = AsyncModbusSerialClient(
+                target.path,
+                framer=FramerType.RTU,
+                baudrate=target.baudrate,
+                bytesize=target.bytesize,
+                parity=target.parity,
+                stopbits=target.stopbits,
+                **common,
+            )
+        # Bound to this client, so a late notice from an old connection cannot touch a new one.
+        client.ctx.trace_connect = functools.partial(_on_connection_change, client)
+        return client
+
+    def _drop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    async def _ensure_connected(self, unit: int | None) -> None:
+        if self.connected:
+            return
+        now = self._clock.monotonic()
+        if self._retry_at is not None and now < self._retry_at:
+            if unit is not None:
+                self._unit(unit).error(ErrorKind.BACKOFF)
+            raise CommunicationError(
+                f"{self}: not connected, next attempt in {self._retry_at - now:.1f} s "
+                f"(last: {self._last_connect_error})"
+            )
+        self._drop()
+        client = self._new_client()
+        try:
+            ok = await client.connect()
+        except (OSError, ModbusException) as exc:  # serial ports raise on open
+            ok = False
+            self._last_connect_error = str(exc) or type(exc).__name__
+        else:
+            self._last_connect_error = "connection refused or timed out"
+        if not ok:
+            client.close()
+            if self._delay_s == 0.0:  # log the failure once, not at every retry
+                log.warning("%s: cannot connect: %s", self, self._last_connect_error)
+            self._delay_s = self._backoff.next_delay(self._delay_s)
+            self._retry_at = self._clock.monotonic() + self._delay_s
+            if unit is not None:
+                self._unit(unit).error(ErrorKind.CONNECTION)
+            raise CommunicationError(
+                f"{self}: cannot connect ({self._last_connect_error}); "
+                f"next attempt in {self._delay_s:.1f} s"
+            )
+        if self._delay_s > 0.0:
+            log.info("%s: connected again", self)
+        self._client = client
+        self._delay_s = 0.0
+        self._retry_at = None
+
+    # -- requests ------------------------------------------------------------------------------
+
+    async def read_registers(self, table: Table, address: int, count: int, unit: int) -> list[int]:
+        """Read ``count`` registers of ``table`` from ``address`` on ``unit``.
+
+        Raises CommunicationError (no usable answer) or DeviceExceptionResponse.
+        """
+        if not 1 <= count <= 125:
+            raise ValueError(f"count: 1..125 registers per read, got {count}")
+
+        async def call(client: _Client) -> ModbusPDU:
+            """Function 4 for input registers, 3 for holding registers."""
+            if table is Table.INPUT:
+                return await client.read_input_registers(address, count=count, device_id=unit)
+            return await client.read_holding_registers(address, count=count, device_id=unit)
+
+        pdu = await self._request(unit, f"read {table.value} {address}+{count}", call)
+        registers = list(pdu.registers)
+        if len(registers) != count:
+            self._unit(unit).error(ErrorKind.PROTOCOL)
+            raise CommunicationError(
+                f"{self} unit {unit}: read {address}+{count} answered {len(registers)} registers"
+            )
+        return registers
+
+    async def write_registers(self, address: int, values: Sequence[int], unit: int) -> None:
+        """Write holding registers from ``address`` on ``unit`` (never retried).
+
+        One register goes as function 6, several as function 16, as most devices expect.
+        """
+        words = [int(v) for v in values]
+        if not 1 <= len(words) <= 123:
+            raise ValueError(f"values: 1..123 registers per write, got {len(words)}")
+        if any(not 0 <= w <= 0xFFFF for w in words):
+            raise ValueError(f"values: register words must be 0..65535, got {words}")
+
+        async def call(client: _Client) -> ModbusPDU:
+            """Function 6 for one register, 16 for several."""
+            if len(words) == 1:
+                return await client.write_register(address, words[0], device_id=unit)
+            return await client.write_registers(address, words, device_id=unit)
+
+        self._unit(unit).writes += 1
+        await self._request(unit, f"write {address}+{len(words)}", call)
+
+    async def _request(
+        self,
+        unit: int,
+        what: str,
+        call: Callable[[_Client], Any],
+    ) -> ModbusPDU:
+        counters = self._unit(unit)
+        async with self._lock:
+            await self._ensure_connected(unit)
+            client = self._client
+            assert client is not None  # _ensure_connected raised otherwise
+            counters.requests += 1
+            started = self._timer()
+            try:
+                # pymodbus applies the timeout itself; the outer one is a safety net only.
+                async with asyncio.timeout(2 * self._timeout_s + 1.0):
+                    pdu: ModbusPDU = await call(client)
+            except (ModbusIOException, TimeoutError) as exc:
+                counters.error(ErrorKind.TIMEOUT)
+                self._after_timeout()
+                raise CommunicationError(f"{self} unit {unit}: {what}: no answer ({exc})") from None
+            except ConnectionException as exc:
+                counters.error(ErrorKind.CONNECTION)
+                self._drop()
+                raise CommunicationError(f"{self} unit {unit}: {what}: {exc}") from None
+            except ModbusException as exc:
+                counters.error(ErrorKind.PROTOCOL)
+                self._drop()
+                raise CommunicationError(f"{self} unit {unit}: {what}: {exc}") from None
+            except asyncio.CancelledError:
+                self._after_timeout()  # an answer may still arrive: same care as a timeout
+                raise
+            finally:
+                elapsed = self._timer() - started
+                counters.last_latency_s = elapsed
+                counters.latency_sum_s += elapsed
+            if pdu.isError():
+                counters.error(ErrorKind.EXCEPTION)
+                code = int(pdu.exception_code)
+                raise DeviceExceptionResponse(
+                    code, f"{self} unit {unit}: {what}: Modbus exception {_exception_name(code)}"
+                )
+            return pdu
+
+    def _after_timeout(self) -> None:
+        # RTU frames carry no transaction id: a late answer would be taken for the answer to the
+        # next request. Reopening the connection discards it. Modbus TCP matches transaction ids.
+        if isinstance(self._target, SerialTarget) or self._target.framing is Framing.RTU:
+            self._drop()
+
+
+def _on_connection_change(client: _Client, connected: bool) -> None:
+    """Fail the request in flight at once when the peer drops the connection.
+
+    Without this, pymodbus would wait out the full timeout for an answer that cannot come.
+    """
+    if connected:
+        return
+    future: asyncio.Future[ModbusPDU] | None = getattr(client.ctx, "response_future", None)
+    if future is not None and not future.done():
+        future.set_exception(ConnectionException("connection lost"))
+
+
+def _exception_name(code: int) -> str:
+    try:
+        return f"{code} ({ExcCodes(code).name})"
+    except ValueError:
+        return str(code)
+
+
+# -- server --------------------------------------------------------------------------------------
+
+_TABLE_BY_FUNCTION = {3: Table.HOLDING, 6: Table.HOLDING, 16: Table.HOLDING, 4: Table.INPUT}
+
+
+class _StoreContext:
+    """What pymodbus's request handlers call: routes each request to a unit's RegisterStore."""
+
+    def __init__(self, stores: dict[int, RegisterStore]) -> None:
+        self.stores = stores
+
+    def device_ids(self) -> list[int]:
+        """Units served (pymodbus asks for broadcasts)."""
+        return list(self.stores)
+
+    def _store(self, device_id: int) -> RegisterStore:
+        store = self.stores.get(device_id)
+        if store is None:
+            # Nobody answers on a serial bus for an unknown unit; the server is built with
+            # ignore_missing_devices, so this becomes silence.
+            raise NoSuchIdException(f"no unit {device_id}")
+        return store
+
+    async def async_getValues(  # noqa: N802 - pymodbus's name
+        self, device_id: int, func_code: int, address: int, count: int = 1
+    ) -> list[int] | ExcCodes:
+        """Words for a read request, or the exception code to answer with."""
+        store = self._store(device_id)
+        table = _TABLE_BY_FUNCTION.get(func_code)
+        if table is None:
+            return ExcCodes.ILLEGAL_FUNCTION
+        try:
+            return [int(w) for w in store.read(table, address, count)]
+        except RegisterAccessError as exc:
+            return ExcCodes(int(exc.code))
+        except NoResponse:
+            raise NoSuchIdException(f"unit {device_id} does not answer") from None
+        except Exception:
+            # A bug in a store: answer "device failure" as a real device would, but say why
+            # (pymodbus's own log is silenced).
+            log.exception("unit %d: read %s %d+%d failed", device_id, table.value, address, count)
+            return ExcCodes.DEVICE_FAILURE
+
+    async def async_setValues(  # noqa: N802 - pymodbus's name
+        self, device_id: int, func_code: int, address: int, values: Sequence[int]
+    ) -> ExcCodes | None:
+        """Apply a write request; None for success, else the exception code."""
+        store = self._store(device_id)
+        if _TABLE_BY_FUNCTION.get(func_code) is not Table.HOLDING:
+            return ExcCodes.ILLEGAL_FUNCTION
+        try:
+            store.write(address, [int(v) for v in values])
+        except RegisterAccessError as exc:
+            return ExcCodes(int(exc.code))
+        except NoResponse:
+            raise NoSuchIdException(f"unit {device_id} does not answer") from None
+        except Exception:
+            log.exception("unit %d: write %d+%d failed", device_id, address, len(values))
+            return ExcCodes.DEVICE_FAILURE
+        return None
+
+
+def _placeholder() -> SimDevice:
+    # pymodbus insists on a datastore at construction; the real one is swapped in right after.
+    return SimDevice(0, simdata=SimData(0))
+
+
+class ModbusServer:
+    """Serves one RegisterStore per unit id: Modbus TCP, RTU over TCP, or RTU on a serial path.
+
+    Use :meth:`tcp` or :meth:`serial` to build one; ``async with`` starts and stops it. Stores
+    can be added and removed while it runs (:meth:`set_store`, :meth:`remove_store`).
+    """
+
+    def __init__(
+        self,
+        stores: Mapping[int, RegisterStore],
+        *,
+        target: EndpointTarget,
+    ) -> None:
+        self._stores: dict[int, RegisterStore] = dict(stores)
+        self._target = target
+        self._context = _StoreContext(self._stores)
+        self._pm: ModbusBaseServer | None = None
+        self._listener: asyncio.Server | None = None
+        self._port: int | None = target.port if isinstance(target, TcpTarget) else None
+        quiet_pymodbus_logging()
+
+    @classmethod
+    def tcp(
+        cls,
+        stores: Mapping[int, RegisterStore],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        framing: Framing = Framing.SOCKET,
+    ) -> ModbusServer:
+        """A server on host:port (port 0 picks a free one; see :attr:`port`)."""
+        return cls(stores, target=TcpTarget(host, port, Framing(framing)))
+
+    @classmethod
+    def serial(
+        cls,
+        stores: Mapping[int, RegisterStore],
+        *,
+        path: str,
+        baudrate: int = 9600,
+        parity: Literal["N", "E", "O"] = "N",
+        stopbits: Literal[1, 2] = 1,
+        bytesize: Literal[7, 8] = 8,
+    ) -> ModbusServer:
+        """A Modbus RTU server on a serial device (a pty end in tests)."""
+        return cls(stores, target=SerialTarget(path, baudrate, parity, stopbits, bytesize))
+
+    # -- stores --------------------------------------------------------------------------------
+
+    def set_store(self, unit: int, store: RegisterStore) -> None:
+        """Serve ``store`` as ``unit`` (replacing any previous one)."""
+        if not 0 <= unit <= 247:
+            raise ValueError(f"unit: 0..247, got {unit}")
+        self._stores[unit] = store
+
+    def remove_store(self, unit: int) -> None:
+        """Stop serving ``unit``: requests to it get no answer."""
+        self._stores.pop(unit, None)
+
+    @property
+    def units(self) -> tuple[int, ...]:
+        """Unit ids being served."""
+        return tuple(sorted(self._stores))
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def target(self) -> EndpointTarget:
+        """Where the server listens (the TCP port is the bound one once started)."""
+        t = self._target
+        if isinstance(t, TcpTarget) and self._port is not None:
+            return TcpTarget(t.host, self._port, t.framing)
+        return t
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (after :meth:`start`)."""
+        if self._port is None or self._port == 0:
+            raise RuntimeError("port: the server is not a started TCP server")
+        return self._port
+
+    @property
+    def running(self) -> bool:
+        """True between start and stop."""
+        return self._pm is not None
+
+    @property
+    def listening(self) -> bool:
+        """True while new TCP connections are accepted (serial: while the port is open)."""
+        if isinstance(self._target, SerialTarget):
+            return self._pm is not None
+        return self._listener is not None
+
+    @property
+    def connection_count(self) -> int:
+        """Client connections currently open (serial: 1 while the port is open)."""
+        return 0 if self._pm is None else len(self._pm.active_connections)
+
+    async def start(self) -> None:
+        """Start serving (OSError if the address or the device cannot be used)."""
+        if self._pm is not None:
+            return
+        target = self._target
+        if isinstance(target, SerialTarget):
+            pm: ModbusBaseServer = ModbusSerialServer(
+                _placeholder(),
+                framer=FramerType.RTU,
+                port=target.path,
+                baudrate=target.baudrate,
+                bytesize=target.bytesize,
+                parity=target.parity,
+                stopbits=target.stopbits,
+                ignore_missing_devices=True,
+                reconnect_delay=0,
+            )
+            pm.context = self._context  # type: ignore[assignment]
+            if not await pm.listen():
+                raise OSError(f"cannot open serial device {target.path}")
+            self._pm = pm
+            return
+        framer = FramerType.SOCKET if target.framing is Framing.SOCKET else FramerType.RTU
+        pm = ModbusTcpServer(
+            _placeholder(),
+            framer=framer,
+            address=(target.host, self._port or 0),
+            ignore_missing_devices=True,
+        )
+        pm.context = self._context  # type: ignore[assignment]
+        self._pm = pm
+        try:
+            await self._listen()
+        except OSError:
+            self._pm = None
+            raise
+
+    async def _listen(self) -> None:
+        # The listening socket is ours, not pymodbus's, so that fault injection can stop and
+        # resume listening on the same port without touching the open connections.
+        assert self._pm is not None
+        assert isinstance(self._target, TcpTarget)
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(
+            self._pm.handle_new_connection,
+            self._target.host,
+            self._port or 0,
+            reuse_address=True,
+        )
+        sock = self._listener.sockets[0]
+        self._port = int(sock.getsockname()[1])
+
+    async def stop(self) -> None:
+        """Stop listening and drop every connection (the port can be reused at once)."""
+        pm, self._pm = self._pm, None
+        if pm is None:
+            return
+        await self.refuse_connections()
+        self._drop_all(pm)
+        if isinstance(self._target, SerialTarget):
+            pm.close()
+
+    async def refuse_connections(self) -> None:
+        """Stop listening: new connections are refused, open ones keep working."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+
+    async def accept_connections(self) -> None:
+        """Listen again on the same port after :meth:`refuse_connections`."""
+        if self._pm is None:
+            raise RuntimeError("accept_connections: the server is not running")
+        if self._listener is None and isinstance(self._target, TcpTarget):
+            await self._listen()
+
+    def drop_connections(self) -> int:
+        """Abort every open client connection (like a pulled cable); returns how many."""
+        if self._pm is None or isinstance(self._target, SerialTarget):
+            return 0
+        return self._drop_all(self._pm)
+
+    @staticmethod
+    def _drop_all(pm: ModbusBaseServer) -> int:
+        handlers = list(pm.active_connections.values())
+        for h in handlers:
+            transport = h.transport
+            if transport is not None and hasattr(transport, "abort"):
+                with contextlib.suppress(Exception):
+                    transport.abort()
+            h.close()
+        pm.active_connections.clear()
+        return len(handlers)
+
+    async def __aenter__(self) -> ModbusServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()

@@ -1,0 +1,1441 @@
+"""SunSpec: model definitions, discovery, a profile-driven driver and the simulator's image.
+
+Everything about a SunSpec point (offset inside its model, type, size, scale-factor point,
+units, access, enumeration and bitfield symbols) comes from the JSON model definitions that the
+pysunspec2 package ships (``sunspec2/models/json/model_<id>.json``), loaded with its own loader.
+No offset is typed by hand here, so the driver and the simulator image read one source.
+
+Discovery follows the SunSpec Information Model specification: the "SunS" marker
+(0x53756e53) at one of the base addresses (40000, 0, 50000 by default, or the profile's), then a
+chain of (model id, length) headers up to the end model 0xFFFF.
+
+"Not implemented" values (0xFFFF for uint16/enum16/bitfield16, 0x8000 for int16 and sunssf,
+0x80000000 for int32, 0xFFFFFFFF for uint32/enum32/bitfield32, 0 for accumulators, NaN for
+float32; the constants are pysunspec2's) become invalid readings with a reason, never numbers.
+
+Sign conventions at this boundary (the profile's ``scale`` maps a device that differs):
+
+- Model 704 ``WSet`` is the active power setpoint in W; the model's comment on its group says
+  "Set Active Power Level (may be negative for charging)": > 0 injects (discharges into the site),
+  < 0 absorbs (charges) -- the battery sign of essd, so it is written unchanged.
+- Model 802 ``W`` is "total power flowing to/from the battery bank" (a DC measurement); the
+  model leaves its sign to the device. The shipped industrial profile follows the 704 sense
+  (> 0 discharging), which the simulator serves; a unit that reports charging as positive sets
+  ``scale: -1`` on that register.
+- Model 203 ``W`` (meter): see ``profiles/devices/site-meter-sunspec.yaml``.
+
+Control as the shipped industrial profile maps it (all of it profile data, none of it code):
+heartbeat = the controller heartbeat ``802.CtrlHb`` (read-write in the shipped 802 definition;
+the battery's own counter is ``802.Hb``); revert timer = 704 ``WSetRvrt`` 0 W,
+``WSetEnaRvrt`` ENABLED, ``WSetRvrtTms`` seconds (on expiry the PCS holds an enabled 0 W);
+safe mode = ``WSet`` 0 W first, then ``WSetEna`` DISABLED. Register units convert to essd's
+base units as for plain profiles (``%`` -> ratio, ``kW`` -> W; :mod:`drivers.layout`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, ClassVar, Protocol, Self, cast
+
+from sunspec2 import device as ss_device
+from sunspec2 import mb as ss_mb
+from sunspec2 import mdef as ss_mdef
+
+from drivers.api import (
+    CommunicationError,
+    DeviceError,
+    DeviceExceptionResponse,
+    ValueRefused,
+    WriteResult,
+)
+from drivers.layout import base_unit, from_base, to_base
+from drivers.modbus import ModbusEndpoint
+from drivers.profile import ActionName, Capability, Profile, ProfileError, RegisterSpec
+from drivers.registers import (
+    EncodeError,
+    ModbusExceptionCode,
+    RegisterAccessError,
+    RegisterImage,
+    RegisterType,
+    Table,
+    decode_raw,
+    encode_raw,
+)
+from essd.clock import Clock
+from essd.domain import (
+    BatteryReading,
+    DeviceClass,
+    LiveLimits,
+    MeterReading,
+    Quality,
+    Reading,
+)
+from essd.events import DeviceCounters
+
+__all__ = [
+    "SUNS_MARKER",
+    "DiscoveredModel",
+    "ModelDef",
+    "PointDef",
+    "PointValue",
+    "RegisterEndpoint",
+    "SunSpecDiscoveryError",
+    "SunSpecDriver",
+    "SunSpecError",
+    "SunSpecImage",
+    "SunSpecMap",
+    "build_sunspec_image",
+    "decode_point",
+    "discover",
+    "encode_point",
+    "load_model",
+    "parse_point_ref",
+]
+
+# "SunS" as two big-endian registers: the marker at a SunSpec base address.
+SUNS_MARKER = (0x5375, 0x6E53)
+END_MODEL_ID: int = ss_mb.SUNS_END_MODEL_ID
+_MAX_MODELS = 128  # a walk longer than this is a device answering garbage, not a real map
+_SF_RANGE = range(-10, 11)  # sunssf values the specification allows
+
+# SunSpec point type -> how the words decode with the shared register codec.
+_REGISTER_TYPE: dict[str, RegisterType] = {
+    "int16": RegisterType.S16,
+    "sunssf": RegisterType.S16,
+    "uint16": RegisterType.U16,
+    "count": RegisterType.U16,
+    "acc16": RegisterType.U16,
+    "enum16": RegisterType.U16,
+    "bitfield16": RegisterType.U16,
+    "pad": RegisterType.U16,
+    "int32": RegisterType.S32,
+    "uint32": RegisterType.U32,
+    "acc32": RegisterType.U32,
+    "enum32": RegisterType.U32,
+    "bitfield32": RegisterType.U32,
+    "ipaddr": RegisterType.U32,
+    "int64": RegisterType.S64,
+    "uint64": RegisterType.U64,
+    "acc64": RegisterType.U64,
+    "float32": RegisterType.F32,
+    "string": RegisterType.STRING,
+}
+_BITFIELDS = frozenset({"bitfield16", "bitfield32"})
+_ENUMS = frozenset({"enum16", "enum32"})
+
+
+class SunSpecError(DeviceError):
+    """A SunSpec-level problem: unknown model or point, value that cannot be encoded."""
+
+
+class SunSpecDiscoveryError(SunSpecError):
+    """No SunSpec map found, a malformed model chain, or a model the profile needs is missing."""
+
+
+# --------------------------------------------------------------------------------------------
+# Model definitions (from pysunspec2's JSON files)
+
+
+@dataclass(frozen=True, slots=True)
+class PointDef:
+    """One point of a SunSpec model, as its definition describes it.
+
+    ``offset`` counts words from the model's ID register (ID is 0, L is 1, the first point 2).
+    ``sf`` is the name of the sunssf point (same model) or a constant exponent, or None.
+    """
+
+    model_id: int
+    name: str
+    offset: int
+    size: int
+    type: str
+    sf: str | int | None = None
+    units: str = ""
+    access: str = "R"
+    mandatory: bool = False
+    static: bool = False
+    label: str = ""
+    symbols: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def qualified(self) -> str:
+        """``"<model>.<point>"``, the form profiles use."""
+        return f"{self.model_id}.{self.name}"
+
+    @property
+    def writable(self) -> bool:
+        """True for read-write points."""
+        return self.access == "RW"
+
+    @property
+    def register_type(self) -> RegisterType:
+        """How the point's words decode (SunSpecError for types essd does not decode)."""
+        try:
+            return _REGISTER_TYPE[self.type]
+        except KeyError:
+            raise SunSpecError(f"point {self.qualified}: type {self.type} not supported") from None
+
+    def symbol_name(self, value: int) -> str | None:
+        """The enumeration symbol for ``value`` (None when the definition has none)."""
+        for name, v in self.symbols.items():
+            if v == value:
+                return name
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class _RepeatingGroup:
+    name: str
+    words: int
+    points: tuple[PointDef, ...]  # offsets relative to the start of one instance
+
+
+@dataclass(frozen=True, slots=True)
+class ModelDef:
+    """A SunSpec model: its fixed points and, for some models, a repeating group at the end."""
+
+    model_id: int
+    name: str
+    label: str
+    fixed: Mapping[str, PointDef]
+    fixed_words: int  # words of the fixed part, ID and L included
+    repeating: _RepeatingGroup | None = None
+
+    @property
+    def fixed_length(self) -> int:
+        """The model length ``L`` with no repeating instances (words after the L register)."""
+        return self.fixed_words - 2
+
+    def length_for(self, repeats: int = 0) -> int:
+        """``L`` of this model with ``repeats`` instances of its repeating group."""
+        if repeats and self.repeating is None:
+            raise SunSpecError(f"model {self.model_id} has no repeating group")
+        words = self.repeating.words if self.repeating else 0
+        return self.fixed_length + repeats * words
+
+    def repeats_for(self, length: int) -> int:
+        """Instances of the repeating group in a model of length ``length`` (error if ragged)."""
+        extra = length - self.fixed_length
+        if extra < 0:
+            raise SunSpecError(
+                f"model {self.model_id}: length {length} is shorter than its definition's "
+                f"{self.fixed_length}"
+            )
+        if self.repeating is None:
+            # Devices may pad a model beyond its definition (older revisions): tolerate it.
+            return 0
+        if extra % self.repeating.words:
+            raise SunSpecError(
+                f"model {self.model_id}: length {length} is not {self.fixed_length} plus whole "
+                f"{self.repeating.name} groups of {self.repeating.words} words"
+            )
+        return extra // self.repeating.words
+
+    def points(self, length: int | None = None) -> dict[str, PointDef]:
+        """Every point of a model of length ``length`` (default: no repeating instances).
+
+        Points of the n-th repeating instance (1-based) are named ``<group>.<n>.<point>``.
+        """
+        out = dict(self.fixed)
+        repeats = 0 if length is None else self.repeats_for(length)
+        if self.repeating is not None:
+            for i in range(repeats):
+                base = self.fixed_words + i * self.repeating.words
+                for p in self.repeating.points:
+                    name = f"{self.repeating.name}.{i + 1}.{p.name}"
+                    out[name] = _replace(p, name=name, offset=base + p.offset)
+        return out
+
+    def point(self, name: str, length: int | None = None) -> PointDef:
+        """The point called ``name`` (SunSpecError naming the model otherwise).
+
+        Without ``length``, a repeating-group point ``<group>.<n>.<point>`` is checked against
+        the definition only; with it, instance ``n`` must exist in a model that long.
+        """
+        if length is not None:
+            found = self.points(length).get(name)
+        else:
+            found = self.fixed.get(name) or self._repeating_point(name)
+        if found is None:
+            raise SunSpecError(f"model {self.model_id} ({self.name}) has no point {name!r}")
+        return found
+
+    def _repeating_point(self, name: str) -> PointDef | None:
+        rep = self.repeating
+        group, _, rest = name.partition(".")
+        index, _, pname = rest.partition(".")
+        if rep is None or group != rep.name or not index.isdigit() or int(index) < 1:
+            return None
+        for p in rep.points:
+            if p.name == pname:
+                offset = self.fixed_words + (int(index) - 1) * rep.words + p.offset
+                return _replace(p, name=name, offset=offset)
+        return None
+
+
+def _replace(p: PointDef, *, name: str, offset: int) -> PointDef:
+    return PointDef(
+        model_id=p.model_id,
+        name=name,
+        offset=offset,
+        size=p.size,
+        type=p.type,
+        sf=p.sf,
+        units=p.units,
+        access=p.access,
+        mandatory=p.mandatory,
+        static=p.static,
+        label=p.label,
+        symbols=p.symbols,
+    )
+
+
+def _point_def(model_id: int, pdef: Mapping[str, Any], name: str, offset: int) -> PointDef:
+    ptype = str(pdef[ss_mdef.TYPE])
+    size = int(pdef.get(ss_mdef.SIZE) or ss_mb.point_type_info[ptype].len)
+    sf = pdef.get(ss_mdef.SF)
+    return PointDef(
+        model_id=model_id,
+        name=name,
+        offset=offset,
+        size=size,
+        type=ptype,
+        sf=sf if isinstance(sf, int) else (str(sf) if sf else None),
+        units=str(pdef.get(ss_mdef.UNITS) or ""),
+        access=str(pdef.get(ss_mdef.ACCESS) or ss_mdef.ACCESS_R),
+        mandatory=pdef.get(ss_mdef.MANDATORY) == ss_mdef.MANDATORY_TRUE,
+        static=pdef.get(ss_mdef.STATIC) == ss_mdef.STATIC_TRUE,
+        label=str(pdef.get(ss_mdef.LABEL) or ""),
+        symbols={str(s[ss_mdef.NAME]): int(s[ss_mdef.VALUE]) for s in pdef.get("symbols", [])},
+    )
+
+
+def _flatten(
+    model_id: int, gdef: Mapping[str, Any], prefix: str, offset: int, out: dict[str, PointDef]
+) -> int:
+    """Add the points of a fixed group (and its fixed subgroups) to ``out``; return the offset."""
+    sf_names = {str(p[ss_mdef.NAME]) for p in gdef.get(ss_mdef.POINTS, [])}
+    for p in gdef.get(ss_mdef.POINTS, []):
+        pd = _point_def(model_id, p, prefix + str(p[ss_mdef.NAME]), offset)
+        # A scale factor names a point of the same group or of an enclosing one; qualify it
+        # so that lookups are by full name.
+        if isinstance(pd.sf, str) and prefix and pd.sf in sf_names:
+            pd = PointDef(**{**_asdict(pd), "sf": prefix + pd.sf})
+        out[pd.name] = pd
+        offset += pd.size
+    for g in gdef.get(ss_mdef.GROUPS, []):
+        count = g.get(ss_mdef.COUNT)
+        gname = str(g[ss_mdef.NAME])
+        if count is None or count == 1:
+            offset = _flatten(model_id, g, f"{prefix}{gname}.", offset, out)
+        elif isinstance(count, int) and count > 1:
+            for i in range(count):
+                offset = _flatten(model_id, g, f"{prefix}{gname}.{i + 1}.", offset, out)
+        else:
+            raise SunSpecError(f"model {model_id}: group {gname} repeats, but is not last")
+    return offset
+
+
+def _asdict(p: PointDef) -> dict[str, Any]:
+    return {k: getattr(p, k) for k in PointDef.__slots__}
+
+
+def _definition_path(model_id: int) -> str:
+    # The definitions shipped inside pysunspec2 (not its search path, which starts at the
+    # current directory and would let a stray file override a model).
+    return os.path.join(ss_device.models_dir, "json", ss_mdef.to_json_filename(model_id))
+
+
+@cache
+def load_model(model_id: int) -> ModelDef:
+    """The definition of SunSpec model ``model_id`` from pysunspec2's JSON files."""
+    path = _definition_path(model_id)
+    try:
+        raw = ss_mdef.from_json_file(path)
+    except FileNotFoundError:
+        raise SunSpecError(f"model {model_id}: pysunspec2 ships no definition") from None
+    gdef = raw[ss_mdef.GROUP]
+    groups = list(gdef.get(ss_mdef.GROUPS, []))
+    repeating_def = None
+    if groups:
+        last = groups[-1]
+        count = last.get(ss_mdef.COUNT)
+        if isinstance(count, str) or count == 0:
+            repeating_def = groups.pop()
+    fixed: dict[str, PointDef] = {}
+    end = _flatten(model_id, {**gdef, ss_mdef.GROUPS: groups}, "", 0, fixed)
+    repeating = None
+    if repeating_def is not None:
+        inst: dict[str, PointDef] = {}
+        words = _flatten(model_id, repeating_def, "", 0, inst)
+        repeating = _RepeatingGroup(str(repeating_def[ss_mdef.NAME]), words, tuple(inst.values()))
+    return ModelDef(
+        model_id=model_id,
+        name=str(gdef.get(ss_mdef.NAME, "")),
+        label=str(gdef.get(ss_mdef.LABEL, "")),
+        fixed=fixed,
+        fixed_words=end,
+        repeating=repeating,
+    )
+
+
+def parse_point_ref(ref: str) -> tuple[int, str]:
+    """Split ``"802.SoC"`` into (802, "SoC")."""
+    model, _, name = ref.partition(".")
+    if not model.isdigit() or not name:
+        raise SunSpecError(f"point reference {ref!r}: expected '<model id>.<point name>'")
+    return int(model), name
+
+
+# --------------------------------------------------------------------------------------------
+# Point values
+
+
+@dataclass(frozen=True, slots=True)
+class PointValue:
+    """A decoded point: ``value`` (scale factor applied) or None with a ``reason``."""
+
+    raw: int | float | str | None
+    value: float | str | None
+    reason: str = ""
+
+    @property
+    def valid(self) -> bool:
+        """True when the point holds a usable value."""
+        return self.value is not None
+
+
+def _not_implemented(pdef: PointDef, raw: int | float | str) -> bool:
+    if pdef.type == "float32":
+        return isinstance(raw, float) and math.isnan(raw)
+    if pdef.type == "string":
+        return raw == ""
+    if pdef.type == "pad":
+        return False
+    info = ss_mb.point_type_info.get(pdef.type)
+    return info is not None and not info.is_impl(raw)
+
+
+def decode_point(pdef: PointDef, words: Sequence[int], sf: int | None = None) -> PointValue:
+    """Decode a point's words; ``sf`` is the value of its scale-factor point (None if unread).
+
+    Not-implemented markers and NaN give an invalid value with a reason.
+    """
+    raw = decode_raw(words, pdef.register_type)
+    if _not_implemented(pdef, raw):
+        shown = "0x" + "".join(f"{w:04X}" for w in words)
+        return PointValue(None, None, f"{pdef.qualified} not implemented ({shown})")
+    if isinstance(raw, str):
+        return PointValue(raw, raw)
+    if isinstance(pdef.sf, int):
+        sf = pdef.sf
+    elif pdef.sf is not None:
+        if sf is None:
+            return PointValue(
+                raw, None, f"{pdef.qualified}: scale factor {pdef.sf} not implemented"
+            )
+        if sf not in _SF_RANGE:
+            return PointValue(raw, None, f"{pdef.qualified}: scale factor {sf} outside -10..10")
+    else:
+        sf = 0
+    if not sf:
+        return PointValue(raw, raw)
+    # Dividing by the power of ten keeps decimals exact: 7340 / 100 is 73.4, not 73.40000001.
+    return PointValue(raw, raw / 10.0**-sf if sf < 0 else raw * 10.0**sf)
+
+
+def encode_point(pdef: PointDef, value: float | str | None, sf: int | None = None) -> list[int]:
+    """Encode a physical value (or an enumeration symbol name) into the point's words.
+
+    ``None`` encodes the not-implemented marker. Raises EncodeError when the value does not
+    fit, or would encode to the not-implemented marker.
+    """
+    rtype = pdef.register_type
+    if value is None:
+        if pdef.type == "float32":
+            return encode_raw(math.nan, rtype)
+        if pdef.type == "string":
+            return [0] * pdef.size
+        return encode_raw(int(ss_mb.unimpl_value[pdef.type]), rtype)
+    if pdef.type == "string":
+        return encode_raw(str(value), rtype, string_words=pdef.size)
+    if isinstance(value, str):
+        if value not in pdef.symbols:
+            raise EncodeError(
+                f"{pdef.qualified}: {value!r} is not one of "
+                f"{', '.join(pdef.symbols) or 'no symbols'}"
+            )
+        raw: int | float = pdef.symbols[value]
+    else:
+        exp = pdef.sf if isinstance(pdef.sf, int) else (sf if pdef.sf is not None else 0)
+        if exp is None:
+            raise EncodeError(f"{pdef.qualified}: scale factor {pdef.sf} unknown")
+        if not math.isfinite(value):
+            raise EncodeError(f"{pdef.qualified}: {value!r} is not a finite number")
+        raw = value / 10.0**exp if pdef.type == "float32" else round(value / 10.0**exp)
+    words = encode_raw(raw, rtype)
+    # An accumulator's 0 is "not accumulated", a value a writer may legitimately reset to.
+    if _not_implemented(pdef, decode_raw(words, rtype)) and not pdef.type.startswith("acc"):
+        raise EncodeError(f"{pdef.qualified}: {value!r} encodes to the not-implemented marker")
+    return words
+
+
+# --------------------------------------------------------------------------------------------
+# Discovery
+
+
+class RegisterEndpoint(Protocol):
+    """The transport a SunSpec driver needs (``drivers.modbus.ModbusEndpoint`` provides it).
+
+    Raise ``CommunicationError`` when nothing answers and ``DeviceExceptionResponse`` for a
+    Modbus exception. The driver also uses, when the endpoint has them, ``async connect()``,
+    ``async close()`` (only with ``owns_endpoint``) and ``note_readback_mismatch(unit)``.
+    """
+
+    async def read_registers(self, table: Table, address: int, count: int, unit: int) -> list[int]:
+        """Read ``count`` registers of ``table`` from ``address``."""
+        ...
+
+    async def write_registers(self, address: int, values: Sequence[int], unit: int) -> None:
+        """Write holding registers from ``address``."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveredModel:
+    """A model found on the device: id, address of its ID register, and length ``L``."""
+
+    model_id: int
+    address: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        """The first address after the model."""
+        return self.address + 2 + self.length
+
+    @property
+    def definition(self) -> ModelDef:
+        """The model's definition (SunSpecError when pysunspec2 has none)."""
+        return load_model(self.model_id)
+
+
+@dataclass(frozen=True, slots=True)
+class SunSpecMap:
+    """A device's SunSpec register map: base address and models in device order."""
+
+    base_address: int
+    models: tuple[DiscoveredModel, ...]
+
+    @property
+    def model_ids(self) -> tuple[int, ...]:
+        """Model ids in device order."""
+        return tuple(m.model_id for m in self.models)
+
+    def model(self, model_id: int) -> DiscoveredModel:
+        """The first instance of ``model_id`` (SunSpecError when the device has none)."""
+        for m in self.models:
+            if m.model_id == model_id:
+                return m
+        raise SunSpecDiscoveryError(
+            f"model {model_id} not found (device has {', '.join(map(str, self.model_ids))})"
+        )
+
+    def require(self, model_ids: Iterable[int], device: str) -> None:
+        """Raise SunSpecDiscoveryError naming every model in ``model_ids`` the device lacks."""
+        missing = [m for m in dict.fromkeys(model_ids) if m not in self.model_ids]
+        if missing:
+            raise SunSpecDiscoveryError(
+                f"{device}: SunSpec model(s) {', '.join(map(str, missing))} required by the "
+                f"profile not found at base {self.base_address} (device has "
+                f"{', '.join(map(str, self.model_ids)) or 'none'})"
+            )
+
+    def locate(self, ref: str) -> tuple[DiscoveredModel, PointDef, int]:
+        """Model, point and absolute address of ``"<model>.<point>"``."""
+        mid, name = parse_point_ref(ref)
+        m = self.model(mid)
+        pdef = m.definition.point(name, m.length)
+        return m, pdef, m.address + pdef.offset
+
+
+async def discover(
+    endpoint: RegisterEndpoint,
+    *,
+    unit: int,
+    base_addresses: Sequence[int] = (40000, 0, 50000),
+    device: str = "device",
+) -> SunSpecMap:
+    """Find the "SunS" marker at the first base address that has it, then walk the models.
+
+    Raises SunSpecDiscoveryError when no base address carries the marker or the chain is
+    malformed; CommunicationError when the device answers at none of them.
+    """
+    tried: list[str] = []
+    silent = 0
+    for base in base_addresses:
+        try:
+            words = await endpoint.read_registers(Table.HOLDING, base, 2, unit)
+        except DeviceExceptionResponse as exc:
+            tried.append(f"{base}: exception {exc.code}")
+            continue
+        except CommunicationError as exc:
+            silent += 1
+            tried.append(f"{base}: {exc}")
+            continue
+        if tuple(words) == SUNS_MARKER:
+            return await _walk(endpoint, unit, base, device)
+        tried.append(f"{base}: no marker ({' '.join(f'0x{w:04X}' for w in words)})")
+    if silent == len(base_addresses):
+        raise CommunicationError(f"{device}: no answer at any SunSpec base ({'; '.join(tried)})")
+    raise SunSpecDiscoveryError(f"{device}: no SunSpec 'SunS' marker ({'; '.join(tried)})")
+
+
+async def _walk(endpoint: RegisterEndpoint, unit: int, base: int, device: str) -> SunSpecMap:
+    models: list[DiscoveredModel] = []
+    addr = base + 2
+    while True:
+        if len(models) >= _MAX_MODELS:
+            raise SunSpecDiscoveryError(f"{device}: more than {_MAX_MODELS} models from {base}")
+        if addr + 1 > 0xFFFF:
+            raise SunSpecDiscoveryError(f"{device}: model chain runs past 65535 (no end model)")
+        # The id alone first: some devices do not answer a length register after the end model.
+        (model_id,) = await endpoint.read_registers(Table.HOLDING, addr, 1, unit)
+        if model_id == END_MODEL_ID:
+            return SunSpecMap(base, tuple(models))
+        (length,) = await endpoint.read_registers(Table.HOLDING, addr + 1, 1, unit)
+        found = DiscoveredModel(model_id, addr, length)
+        try:
+            found.definition.repeats_for(length)
+        except SunSpecError as exc:
+            # A model without a pysunspec2 definition is skipped, as pysunspec2 does; a
+            # known model whose length disagrees with its definition is an error.
+            if "ships no definition" not in str(exc):
+                raise SunSpecDiscoveryError(f"{device}: at {addr}: {exc}") from None
+        models.append(found)
+        addr = found.end
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+
+
+@dataclass(frozen=True, slots=True)
+class _Bound:
+    spec: RegisterSpec
+    model_id: int
+    point_name: str
+
+
+# Parameters in seconds are rounded up: a 30.2 s TTL becomes 31 s, never 30 (or 0).
+_TIME_PARAMS = frozenset({"duration_s", "seconds"})
+
+
+class SunSpecDriver:
+    """A profile-driven driver for a SunSpec device (``driver: sunspec`` profiles).
+
+    Registers of the profile name points (``point: "802.SoC"``); discovery locates them, the
+    model definitions type them, and each control action of the profile is executed as its
+    register writes, every one read back. Battery power: > 0 discharges into the site, < 0
+    charges. Constructing ``SunSpecDriver(...)`` returns an instance of a subclass that has
+    exactly the capability methods the profile declares, so ``isinstance(driver,
+    ActivePowerControl)`` answers what the device can do.
+
+    Readings are the profile register's value ``* scale + offset`` after the SunSpec scale
+    factor. Live limits: the ratings, then the ``max_charge_w`` / ``max_discharge_w`` fields
+    (a declared limit that reads invalid counts as 0 W: held idle in that direction until the
+    BMS reports again), tightened by the BMS's instantaneous current limits times the DC
+    voltage when the profile maps ``max_charge_a`` / ``max_discharge_a`` and ``dc_voltage_v``
+    (802 AChaMax/ADisChaMax x V), then by ``limits_override`` from the site config.
+    Alarms: every set bit of a bitfield mapped to a field whose name starts with ``alarm`` or
+    ``fault``, named by the model's symbol, and ``<point>=FAULT`` for an enumeration field
+    ``state`` holding a FAULT symbol.
+    """
+
+    _classes: ClassVar[dict[frozenset[Capability], type[SunSpecDriver]]] = {}
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        """Pick the class whose methods match the profile's capabilities."""
+        profile = kwargs.get("profile", args[1] if len(args) > 1 else None)
+        sub: type[SunSpecDriver] = cls
+        if cls is SunSpecDriver and isinstance(profile, Profile):
+            sub = _class_for(frozenset(profile.capabilities))
+        return cast(Self, object.__new__(sub))
+
+    def __init__(  # noqa: PLR0917 - the driver factory may build drivers positionally
+        self,
+        device_id: str,
+        profile: Profile,
+        endpoint: RegisterEndpoint,
+        unit: int | None = None,
+        clock: Clock | None = None,
+        limits_override: LiveLimits | None = None,
+        *,
+        capacity_wh: float | None = None,
+        owns_endpoint: bool = False,
+    ) -> None:
+        if profile.driver != "sunspec" or profile.sunspec is None:
+            raise ProfileError(f"profile {profile.name}: driver is {profile.driver!r}, not sunspec")
+        if clock is None:
+            raise TypeError("clock: required")
+        self._device_id = device_id
+        self._profile = profile
+        self._endpoint = endpoint
+        self._unit = profile.transport.unit if unit is None else unit
+        self._clock = clock
+        self._limits_override = limits_override
+        self._capacity_wh = capacity_wh if capacity_wh is not None else profile.ratings.capacity_wh
+        self._owns_endpoint = owns_endpoint
+        self._bound: dict[str, _Bound] = {}
+        for spec in profile.registers:
+            where = f"profile {profile.name}: registers.{spec.name}"
+            if spec.point is None:
+                raise ProfileError(f"{where}.address: a sunspec profile maps points only")
+            if spec.scale_factor is not None:
+                raise ProfileError(f"{where}.scale_factor: SunSpec points carry their own")
+            mid, name = parse_point_ref(spec.point)
+            if mid not in profile.sunspec.models:
+                raise ProfileError(f"{where}.point: model {mid} is not in sunspec.models")
+            try:
+                load_model(mid).point(name)
+            except SunSpecError as exc:
+                raise ProfileError(f"{where}.point: {exc}") from None
+            self._bound[spec.name] = _Bound(spec, mid, name)
+        self._field_of = {reg: f for f, reg in profile.fields.items()}
+        self._map: SunSpecMap | None = None
+        self._sf: dict[str, int | None] = {}  # "<model>.<sf point>" -> last value read
+        self._heartbeat = 0
+
+    # -- identity ------------------------------------------------------------------------------
+
+    @property
+    def device_id(self) -> str:
+        """The device id from the site config."""
+        return self._device_id
+
+    @property
+    def profile(self) -> Profile:
+        """The profile the driver was built from."""
+        return self._profile
+
+    @property
+    def unit(self) -> int:
+        """The Modbus unit id."""
+        return self._unit
+
+    @property
+    def sunspec_map(self) -> SunSpecMap | None:
+        """The discovered map (None before :meth:`connect` or after the map moved)."""
+        return self._map
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._device_id} {self._profile.name} unit {self._unit}>"
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the transport, discover the SunSpec map and check the profile's models are there.
+
+        Raises SunSpecDiscoveryError naming the missing models, CommunicationError when the
+        device does not answer.
+        """
+        connect = getattr(self._endpoint, "connect", None)
+        if connect is not None:
+            await connect()
+        if self._map is not None:
+            return
+        assert self._profile.sunspec is not None  # checked in __init__
+        found = await discover(
+            self._endpoint,
+            unit=self._unit,
+            base_addresses=self._profile.sunspec.base_addresses,
+            device=self._device_id,
+        )
+        found.require(self._profile.sunspec.models, self._device_id)
+        self._map = found
+
+    async def close(self) -> None:
+        """Forget the map; close the transport when this driver owns it."""
+        self._map = None
+        self._sf.clear()
+        close = getattr(self._endpoint, "close", None)
+        if self._owns_endpoint and close is not None:
+            await close()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    async def _ensure_map(self) -> SunSpecMap:
+        if self._map is None:
+            await self.connect()
+        assert self._map is not None
+        return self._map
+
+    async def _read_block(self, address: int, count: int) -> list[int]:
+        step = self._profile.transport.max_registers_per_read
+        words: list[int] = []
+        for a in range(address, address + count, step):
+            n = min(step, address + count - a)
+            words += await self._endpoint.read_registers(Table.HOLDING, a, n, self._unit)
+        return words
+
+    async def read_points(self) -> dict[str, PointValue]:
+        """Read every model the profile maps (one block each) and decode each register."""
+        smap = await self._ensure_map()
+        values: dict[str, PointValue] = {}
+        for mid in dict.fromkeys(b.model_id for b in self._bound.values()):
+            m = smap.model(mid)
+            try:
+                words = await self._read_block(m.address, m.length + 2)
+            except DeviceExceptionResponse:
+                self._map = None  # an address the device no longer has: rediscover next time
+                raise
+            if words[0] != mid:
+                # The map moved (firmware update, unit swapped): rediscover on the next call.
+                self._map = None
+                raise SunSpecDiscoveryError(
+                    f"{self._device_id}: model {mid} expected at {m.address}, found id {words[0]}"
+                )
+            points = m.definition.points(m.length)
+            for p in points.values():
+                if p.type == "sunssf":
+                    v = decode_raw(words[p.offset : p.offset + 1], RegisterType.S16)
+                    self._sf[p.qualified] = None if _not_implemented(p, v) else int(v)
+            for b in self._bound.values():
+                if b.model_id == mid:
+                    p = points[b.point_name]
+                    sf = self._sf.get(f"{mid}.{p.sf}") if isinstance(p.sf, str) else None
+                    values[b.spec.name] = decode_point(p, words[p.offset : p.offset + p.size], sf)
+        return values
+
+    @staticmethod
+    def _reading(spec: RegisterSpec, pv: PointValue, at: float) -> Reading:
+        """A register's reading in essd base units (``%`` -> ratio, ``kW`` -> W ...)."""
+        unit = base_unit(spec.unit)
+        if not pv.valid:
+            return Reading.bad(unit, at, Quality.INVALID, pv.reason)
+        if not isinstance(pv.value, int | float):
+            return Reading.bad(unit, at, Quality.INVALID, f"{spec.name}: text, not a number")
+        if isinstance(pv.raw, int) and pv.raw in spec.not_implemented:
+            return Reading.bad(unit, at, Quality.INVALID, f"{spec.name}: not implemented")
+        value = float(pv.value) * spec.scale + spec.offset
+        if (spec.min is not None and value < spec.min) or (
+            spec.max is not None and value > spec.max
+        ):
+            return Reading.bad(
+                unit,
+                at,
+                Quality.INVALID,
+                f"{spec.name}: {value:g} outside [{spec.min}, {spec.max}]",
+            )
+        return Reading.good(to_base(value, spec.unit), unit, at)
+
+    def _fields(self, by_register: Mapping[str, Reading], at: float) -> dict[str, Reading]:
+        """Every field of the profile, derived fields (weighted sums) included."""
+        out = {f: by_register[reg] for f, reg in self._profile.fields.items()}
+        for name, terms in self._profile.derived.items():
+            bad = [f for f in terms if not out[f].valid]
+            unit = out[next(iter(terms))].unit
+            if bad:
+                out[name] = Reading.bad(
+                    unit, at, Quality.INVALID, f"derived from invalid {', '.join(bad)}"
+                )
+            else:
+                out[name] = Reading.good(
+                    sum((out[f].value or 0.0) * k for f, k in terms.items()), unit, at
+                )
+        return out
+
+    async def read_fields(self) -> dict[str, Reading]:
+        """Every field of the profile as a reading in base units (invalid ones with a reason)."""
+        values = await self.read_points()
+        at = self._clock.monotonic()
+        by_register = {n: self._reading(self._bound[n].spec, pv, at) for n, pv in values.items()}
+        return self._fields(by_register, at)
+
+    def counters(self) -> DeviceCounters:
+        """Cumulative communication counters of this device (from its Modbus endpoint)."""
+        if isinstance(self._endpoint, ModbusEndpoint):
+            return self._endpoint.stats(self._unit).to_device_counters()
+        return DeviceCounters()
+
+    async def read(self) -> BatteryReading | MeterReading:
+        """Read the device; invalid values come back as invalid readings with a reason.
+
+        Raises CommunicationError when the device does not answer, except for a device with the
+        ``availability`` capability, whose reading then says ``available=False``.
+        """
+        try:
+            values = await self.read_points()
+        except CommunicationError as exc:
+            if self._profile.has(Capability.AVAILABILITY):
+                return self._unavailable(str(exc))
+            raise
+        at = self._clock.monotonic()
+        by_register = {n: self._reading(self._bound[n].spec, pv, at) for n, pv in values.items()}
+        fields = self._fields(by_register, at)
+
+        def field(name: str, unit: str) -> Reading:
+            return fields.get(name) or Reading.bad(
+                unit, at, Quality.MISSING, f"profile maps no {name} field"
+            )
+
+        if self._profile.device_class is DeviceClass.METER:
+            return MeterReading(self._device_id, at, field("grid_power_w", "W"))
+        extras = {self._field_of.get(n, n): r for n, r in by_register.items()}
+        extras.update({d: fields[d] for d in self._profile.derived})
+        extras.pop("soc", None)
+        extras.pop("power_w", None)
+        return BatteryReading(
+            device_id=self._device_id,
+            device_class=self._profile.device_class,
+            read_at_mono=at,
+            available=True,
+            soc=field("soc", "ratio"),
+            power_w=field("power_w", "W"),
+            limits=self._limits(fields),
+            capacity_wh=self._capacity_wh,
+            alarms=self._alarms(values),
+            extras=extras,
+        )
+
+    def _unavailable(self, reason: str) -> BatteryReading:
+        at = self._clock.monotonic()
+        return BatteryReading(
+            device_id=self._device_id,
+            device_class=self._profile.device_class,
+            read_at_mono=at,
+            available=False,
+            soc=Reading.bad("ratio", at, Quality.MISSING, reason),
+            power_w=Reading.bad("W", at, Quality.MISSING, reason),
+            limits=LiveLimits(0.0, 0.0),
+            capacity_wh=self._capacity_wh,
+        )
+
+    def _limits(self, fields: Mapping[str, Reading]) -> LiveLimits | None:
+        ratings = self._profile.ratings
+        limits: LiveLimits | None = None
+        if ratings.max_charge_w > 0 or ratings.max_discharge_w > 0:
+            limits = LiveLimits(ratings.max_charge_w, ratings.max_discharge_w)
+
+        def live(name: str) -> float | None:
+            r = fields.get(name)
+            if r is None:
+                return None  # not mapped: no opinion
+            return max(0.0, r.value) if r.valid and r.value is not None else 0.0
+
+        if self._profile.has(Capability.LIVE_LIMITS):
+            # The schema makes a live_limits profile map both W fields; current limits are
+            # optional and tighten them (P = I x V at the DC bus).
+            volts = live("dc_voltage_v")
+            per_direction: list[float] = []
+            for direction in ("charge", "discharge"):
+                candidates = [live(f"max_{direction}_w") or 0.0]
+                amps = live(f"max_{direction}_a")
+                if amps is not None and volts is not None:
+                    candidates.append(amps * volts)
+                per_direction.append(min(candidates))
+            bms = LiveLimits(per_direction[0], per_direction[1])
+            limits = bms if limits is None else limits.tighten(bms)
+        if self._limits_override is not None:
+            o = self._limits_override
+            limits = o if limits is None else limits.tighten(o)
+        return limits
+
+    def _alarms(self, values: Mapping[str, PointValue]) -> tuple[str, ...]:
+        alarms: list[str] = []
+        for fname, reg in self._profile.fields.items():
+            b = self._bound[reg]
+            pdef = load_model(b.model_id).point(b.point_name)
+            pv = values.get(reg)
+            if pv is None or not pv.valid or not isinstance(pv.raw, int):
+                continue
+            if fname.startswith(("alarm", "fault")) and pdef.type in _BITFIELDS:
+                for bit in range(pdef.size * 16):
+                    if pv.raw >> bit & 1:
+                        alarms.append(pdef.symbol_name(bit) or f"{pdef.qualified} bit {bit}")
+            elif fname == "state" and pdef.type in _ENUMS and pdef.symbol_name(pv.raw) == "FAULT":
+                alarms.append(f"{pdef.qualified}=FAULT")
+        return tuple(alarms)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    async def _sf_value(self, m: DiscoveredModel, pdef: PointDef) -> int | None:
+        if not isinstance(pdef.sf, str):
+            return pdef.sf
+        key = f"{m.model_id}.{pdef.sf}"
+        if key not in self._sf:
+            sfp = m.definition.point(pdef.sf, m.length)
+            words = await self._endpoint.read_registers(
+                Table.HOLDING, m.address + sfp.offset, 1, self._unit
+            )
+            v = decode_raw(words, RegisterType.S16)
+            self._sf[key] = None if _not_implemented(sfp, v) else int(v)
+        return self._sf[key]
+
+    def _point_value(
+        self, spec: RegisterSpec, param: str | None, value: float | str
+    ) -> float | str:
+        """A step's value as the point's physical value (range checked).
+
+        A parameter arrives in essd base units (W, s, ratio) and is converted to the
+        register's unit; a literal ``value`` is in the register's unit already.
+        """
+        if isinstance(value, str):
+            return value
+        if param is not None:
+            value = from_base(value, spec.unit)
+        if (spec.min is not None and value < spec.min) or (
+            spec.max is not None and value > spec.max
+        ):
+            raise ValueRefused(
+                f"{self._device_id}: {spec.name} = {value:g} outside [{spec.min}, {spec.max}]"
+            )
+        if param in _TIME_PARAMS:
+            value = math.ceil(value - 1e-9)
+        return (value - spec.offset) / spec.scale
+
+    async def run_action(
+        self, action: ActionName, params: Mapping[str, float] | None = None
+    ) -> WriteResult:
+        """Execute a profile action as its ordered register writes, each read back.
+
+        Every value is encoded before the first write, so a bad value (ValueRefused) leaves
+        nothing half done. ``when`` steps follow the sign of ``params["power_w"]``.
+        """
+        act = self._profile.actions.get(action)
+        if act is None:
+            raise ValueRefused(f"{self._device_id}: profile {self._profile.name} has no {action}")
+        smap = await self._ensure_map()
+        params = dict(params or {})
+        power = params.get("power_w", 0.0)
+        sense = "charge" if power < 0 else "discharge" if power > 0 else "idle"
+        planned: list[tuple[RegisterSpec, PointDef, int, list[int], int | None]] = []
+        for step in act.writes:
+            if step.when not in ("always", sense):
+                continue
+            b = self._bound[step.register]
+            if step.param is not None:
+                if step.param not in params:
+                    raise ValueRefused(f"{action}: parameter {step.param!r} not supplied")
+                raw_value: float | str = params[step.param]
+            else:
+                assert step.value is not None  # the schema requires value or param
+                raw_value = step.value
+            value = self._point_value(b.spec, step.param, raw_value)
+            m, pdef, address = smap.locate(f"{b.model_id}.{b.point_name}")
+            sf = await self._sf_value(m, pdef)
+            try:
+                words = encode_point(pdef, value, sf)
+            except (EncodeError, SunSpecError) as exc:
+                raise ValueRefused(f"{self._device_id}: {action}: {b.spec.name}: {exc}") from None
+            planned.append((b.spec, pdef, address, words, sf))
+        for _, _, address, words, _ in planned:
+            await self._endpoint.write_registers(address, words, self._unit)
+        mismatches: list[str] = []
+        for spec, pdef, address, words, sf in planned:
+            if not spec.verify:
+                continue  # a trigger register the device clears itself
+            back = await self._endpoint.read_registers(
+                Table.HOLDING, address, len(words), self._unit
+            )
+            if list(back) != words:
+                note = getattr(self._endpoint, "note_readback_mismatch", None)
+                if note is not None:
+                    note(self._unit)
+                want = decode_point(pdef, words, sf)
+                got = decode_point(pdef, back, sf)
+                mismatches.append(
+                    f"{spec.name} ({pdef.qualified}): wrote {want.value!r}, read back "
+                    f"{got.value if got.valid else got.reason!r}"
+                )
+        return WriteResult(action.value, len(planned), tuple(mismatches))
+
+
+class _ActivePower(SunSpecDriver):
+    async def set_active_power(self, power_w: float, *, duration_s: float) -> WriteResult:
+        """Command ``power_w`` (> 0 discharges, < 0 charges) for at most ``duration_s``."""
+        return await self.run_action(
+            ActionName.SET_ACTIVE_POWER,
+            {
+                "power_w": power_w,
+                "charge_w": max(0.0, -power_w),
+                "discharge_w": max(0.0, power_w),
+                "abs_w": abs(power_w),
+                "duration_s": duration_s,
+            },
+        )
+
+
+class _ChargeLimit(SunSpecDriver):
+    async def set_charge_limit(self, charge_w: float) -> WriteResult:
+        """Limit charging to ``charge_w`` W (magnitude)."""
+        return await self.run_action(ActionName.SET_CHARGE_LIMIT, {"charge_w": charge_w})
+
+
+class _DischargeLimit(SunSpecDriver):
+    async def set_discharge_limit(self, discharge_w: float) -> WriteResult:
+        """Limit discharging to ``discharge_w`` W (magnitude)."""
+        return await self.run_action(ActionName.SET_DISCHARGE_LIMIT, {"discharge_w": discharge_w})
+
+
+class _Output(SunSpecDriver):
+    async def set_output(self, enabled: bool) -> WriteResult:
+        """Enable or disable the outputs."""
+        name = ActionName.ENABLE_OUTPUT if enabled else ActionName.DISABLE_OUTPUT
+        return await self.run_action(name)
+
+
+class _Heartbeat(SunSpecDriver):
+    async def heartbeat(self) -> WriteResult:
+        """Write the next heartbeat counter (1, 2, ... wrapping below the 0xFFFF marker)."""
+        self._heartbeat = self._heartbeat % 0xFFFE + 1
+        return await self.run_action(ActionName.HEARTBEAT, {"counter": self._heartbeat})
+
+
+class _RevertTimer(SunSpecDriver):
+    async def configure_revert_timer(self, seconds: float) -> WriteResult:
+        """Make the device drop a setpoint not refreshed within ``seconds`` (rounded up)."""
+        return await self.run_action(ActionName.CONFIGURE_REVERT_TIMER, {"seconds": seconds})
+
+
+class _SafeMode(SunSpecDriver):
+    async def safe_mode(self) -> WriteResult:
+        """Put the device into its safe state (the profile's safe_mode writes)."""
+        return await self.run_action(ActionName.SAFE_MODE)
+
+
+class _SocLimits(SunSpecDriver):
+    async def set_soc_limits(self, min_soc: float, max_soc: float) -> WriteResult:
+        """Set the device's own SoC window (ratios 0..1)."""
+        return await self.run_action(
+            ActionName.SET_SOC_LIMITS, {"min_soc": min_soc, "max_soc": max_soc}
+        )
+
+
+_MIXINS: dict[Capability, type[SunSpecDriver]] = {
+    Capability.ACTIVE_POWER: _ActivePower,
+    Capability.CHARGE_LIMIT: _ChargeLimit,
+    Capability.DISCHARGE_LIMIT: _DischargeLimit,
+    Capability.OUTPUT_SWITCH: _Output,
+    Capability.HEARTBEAT: _Heartbeat,
+    Capability.REVERT_TIMER: _RevertTimer,
+    Capability.SAFE_MODE: _SafeMode,
+    Capability.SOC_LIMITS: _SocLimits,
+}
+
+
+def _class_for(capabilities: frozenset[Capability]) -> type[SunSpecDriver]:
+    """The SunSpecDriver subclass with one mixin per capability (cached)."""
+    cls = SunSpecDriver._classes.get(capabilities)
+    if cls is None:
+        bases = tuple(m for cap, m in _MIXINS.items() if cap in capabilities) or (SunSpecDriver,)
+        name = "SunSpecDriver[" + ",".join(sorted(c.value for c in capabilities)) + "]"
+        cls = cast(type[SunSpecDriver], type(name, bases, {}))
+        SunSpecDriver._classes[capabilities] = cls
+    return cls
+
+
+# --------------------------------------------------------------------------------------------
+# The simulator side: an image laid out from the same definitions
+
+
+_UNIT_MAGNITUDE = {"%": 100.0, "pct": 100.0, "v": 1000.0, "hz": 70.0, "secs": 0.0}
+
+
+class SunSpecImage:
+    """A SunSpec register map in memory, implementing :class:`~drivers.registers.RegisterStore`.
+
+    Points are addressed as ``"<model>.<point>"``; :meth:`set_point` / :meth:`get_point` work
+    in physical units (the point's scale factor applied), :meth:`set_register` /
+    :meth:`get_register` in the profile's units (its ``scale`` and ``offset`` applied too).
+    Writes from a client go only to read-write points; listeners hear which points changed.
+    """
+
+    def __init__(self, profile: Profile, sunspec_map: SunSpecMap, image: RegisterImage) -> None:
+        self._profile = profile
+        self.map = sunspec_map
+        self._image = image
+        self._owner: dict[int, PointDef] = {}  # address -> point covering it
+        for m in sunspec_map.models:
+            for p in m.definition.points(m.length).values():
+                for a in range(m.address + p.offset, m.address + p.offset + p.size):
+                    self._owner[a] = p
+        self._listeners: list[Callable[[tuple[str, ...]], None]] = []
+
+    @property
+    def profile(self) -> Profile:
+        """The profile the image was built from."""
+        return self._profile
+
+    @property
+    def base_address(self) -> int:
+        """Where the "SunS" marker sits."""
+        return self.map.base_address
+
+    def add_write_listener(self, callback: Callable[[tuple[str, ...]], None]) -> None:
+        """Call ``callback(points)`` after each client write, with the qualified point names."""
+        self._listeners.append(callback)
+
+    # RegisterStore
+
+    def read(self, table: Table, address: int, count: int) -> list[int]:
+        """Holding registers only, as SunSpec defines; others answer ILLEGAL_DATA_ADDRESS."""
+        return self._image.read(table, address, count)
+
+    def write(self, address: int, values: Sequence[int]) -> None:
+        """A client write: read-write points only, enumerations checked against their symbols."""
+        touched: dict[str, PointDef] = {}
+        for a in range(address, address + len(values)):
+            p = self._owner.get(a)
+            if p is None or not p.writable:
+                raise RegisterAccessError(
+                    ModbusExceptionCode.ILLEGAL_DATA_ADDRESS, f"register {a} is not writable"
+                )
+            touched[p.qualified] = p
+        old = {
+            a: self._image.get(Table.HOLDING, a, 1)[0]
+            for a in range(address, address + len(values))
+        }
+        self._image.write(address, values)
+        for p in touched.values():
+            if p.type in _ENUMS and p.symbols:
+                m = self.map.model(p.model_id)
+                words = self._image.get(Table.HOLDING, m.address + p.offset, p.size)
+                raw = decode_raw(words, p.register_type)
+                if raw not in p.symbols.values() and not _not_implemented(p, raw):
+                    for a, w in old.items():
+                        self._image.set(Table.HOLDING, a, [w])
+                    raise RegisterAccessError(
+                        ModbusExceptionCode.ILLEGAL_DATA_VALUE, f"{p.qualified}: {raw} not allowed"
+                    )
+        names = tuple(touched)
+        for cb in self._listeners:
+            cb(names)
+
+    # Points
+
+    def _locate(self, name: str) -> tuple[DiscoveredModel, PointDef, int]:
+        try:
+            return self.map.locate(name)
+        except SunSpecError as exc:
+            raise KeyError(str(exc)) from None
+
+    def _sf(self, m: DiscoveredModel, pdef: PointDef) -> int | None:
+        if not isinstance(pdef.sf, str):
+            return pdef.sf
+        sfp = m.definition.point(pdef.sf, m.length)
+        v = decode_raw(self._image.get(Table.HOLDING, m.address + sfp.offset, 1), RegisterType.S16)
+        return None if _not_implemented(sfp, v) else int(v)
+
+    def set_point_words(self, name: str, words: Sequence[int]) -> None:
+        """Set a point's words as they are (e.g. a not-implemented marker)."""
+        _, p, address = self._locate(name)
+        if len(words) != p.size:
+            raise ValueError(f"{name}: needs {p.size} words, got {len(words)}")
+        self._image.set(Table.HOLDING, address, list(words))
+
+    def get_point_words(self, name: str) -> list[int]:
+        """A point's words."""
+        _, p, address = self._locate(name)
+        return self._image.get(Table.HOLDING, address, p.size)
+
+    def set_point(self, name: str, value: float | str | None) -> None:
+        """Set ``"<model>.<point>"`` to a physical value (None: the not-implemented marker)."""
+        m, p, address = self._locate(name)
+        self._image.set(Table.HOLDING, address, encode_point(p, value, self._sf(m, p)))
+
+    def get_point(self, name: str) -> float | str | None:
+        """A point's physical value (None when not implemented)."""
+        m, p, address = self._locate(name)
+        words = self._image.get(Table.HOLDING, address, p.size)
+        return decode_point(p, words, self._sf(m, p)).value
+
+    # Named access by profile register and semantic field, with the same names as the plain
+    # profiles' image (drivers.layout.ProfileImage), so the simulator drives both alike.
+
+    def spec(self, name: str) -> RegisterSpec:
+        """The profile register called ``name`` (KeyError naming it otherwise)."""
+        spec = self._profile.register(name)
+        if spec.point is None:
+            raise KeyError(f"register {name}: not a SunSpec point")
+        return spec
+
+    def names(self) -> Iterable[str]:
+        """Names of every register of the profile."""
+        return [r.name for r in self._profile.registers]
+
+    def get_raw(self, name: str) -> int | float | str:
+        """A register's raw (unscaled) value."""
+        _, p, _ = self._locate(str(self.spec(name).point))
+        return decode_raw(self.get_point_words(p.qualified), p.register_type)
+
+    def set_raw(self, name: str, raw: int | float | str) -> None:
+        """Set a register's raw value (e.g. 0xFFFF "not implemented" or NaN for fault tests)."""
+        _, p, _ = self._locate(str(self.spec(name).point))
+        words = encode_raw(raw, p.register_type, string_words=p.size)
+        self.set_point_words(p.qualified, words)
+
+    def set_value(self, name: str, value: float | str | None, *, check_range: bool = True) -> None:
+        """Set a register in the profile's units (its scale and offset applied).
+
+        With ``check_range`` a value outside the register's min/max raises EncodeError.
+        """
+        spec = self.spec(name)
+        if isinstance(value, float | int):
+            if check_range and (
+                (spec.min is not None and value < spec.min)
+                or (spec.max is not None and value > spec.max)
+            ):
+                raise EncodeError(f"{name}: {value!r} outside [{spec.min}, {spec.max}]")
+            value = (value - spec.offset) / spec.scale
+        self.set_point(str(spec.point), value)
+
+    def get_value(self, name: str) -> float | str | None:
+        """A register in the profile's units (None when not implemented)."""
+        spec = self.spec(name)
+        v = self.get_point(str(spec.point))
+        return v * spec.scale + spec.offset if isinstance(v, float | int) else v
+
+    def set_register(self, register: str, value: float | str | None) -> None:
+        """:meth:`set_value` without the range check (fault injection)."""
+        self.set_value(register, value, check_range=False)
+
+    def get_register(self, register: str) -> float | str | None:
+        """Same as :meth:`get_value`."""
+        return self.get_value(register)
+
+    def field_spec(self, field: str) -> RegisterSpec:
+        """The register mapped to a semantic field."""
+        spec = self._profile.field_register(field)
+        if spec is None:
+            raise KeyError(f"profile {self._profile.name}: no field {field!r}")
+        return spec
+
+    def get_field(self, field: str) -> float | str | None:
+        """A semantic field in essd base units (W, Wh, s, ratio), None when not implemented."""
+        spec = self.field_spec(field)
+        v = self.get_value(spec.name)
+        return to_base(v, spec.unit) if isinstance(v, float | int) else v
+
+    def set_field(self, field: str, value: float | str, *, check_range: bool = True) -> None:
+        """Set a semantic field from essd base units (W, Wh, s, ratio)."""
+        spec = self.field_spec(field)
+        physical = value if isinstance(value, str) else from_base(value, spec.unit)
+        self.set_value(spec.name, physical, check_range=check_range)
+
+
+# Without ratings (a meter) the image assumes a 200 kW connection point.
+_DEFAULT_POWER_W = 200_000.0
+# Energy counters (acc32/acc64) are sized for 1 GWh, a year of a large site.
+_COUNTER_WH = 1e9
+
+
+def _magnitude(p: PointDef, profile: Profile) -> float:
+    """The largest physical value a point of this image is expected to hold."""
+    r = profile.ratings
+    power = max(r.max_charge_w, r.max_discharge_w) or _DEFAULT_POWER_W
+    u = p.units.lower().replace(" ", "")
+    if p.type.startswith("acc"):
+        return _COUNTER_WH
+    if u.startswith(("w", "va", "var")) and "h" not in u and "/" not in u:
+        return power * 1.5
+    if u.startswith(("wh", "vah", "varh")):
+        return max(r.capacity_wh, 1.0) * 1.5
+    if u.startswith("a"):
+        return power / 100.0  # current at a 100 V DC bus or more
+    return next((v for k, v in _UNIT_MAGNITUDE.items() if u.startswith(k)), 100.0)
+
+
+def _type_limit(p: PointDef) -> float:
+    return {"int16": 32767.0, "uint16": 65534.0}.get(p.type, 2.0**31 - 1)
+
+
+def _auto_sf(definition: ModelDef, sf_name: str, profile: Profile) -> int:
+    """The finest scale factor (-2 at most) at which every point using ``sf_name`` fits."""
+    users = [p for p in definition.fixed.values() if p.sf == sf_name]
+    if not users:
+        return 0
+    need = max(_magnitude(p, profile) for p in users)
+    limit = min(_type_limit(p) for p in users)
+    return next((sf for sf in range(-2, 7) if need / 10.0**sf <= limit), 6)
+
+
+def _initial_words(
+    m: DiscoveredModel,
+    p: PointDef,
+    profile: Profile,
+    overrides: dict[str, int],
+    mapped: set[str],
+) -> list[int]:
+    """What a point of a freshly built image holds (see :func:`build_sunspec_image`)."""
+    if p.name in ("ID", "L"):
+        return [m.model_id if p.name == "ID" else m.length]
+    if p.type == "sunssf":
+        sf = overrides.pop(p.qualified, None)
+        if sf is None:
+            sf = _auto_sf(m.definition, p.name, profile)
+        return encode_raw(sf, RegisterType.S16)
+    if p.type in ("pad", "string") and (p.type == "pad" or p.qualified in mapped or p.mandatory):
+        return [0] * p.size
+    if p.qualified in mapped or p.mandatory:
+        first = min(p.symbols.values()) if p.type in _ENUMS and p.symbols else 0
+        return encode_raw(first, p.register_type)
+    return encode_point(p, None)
+
+
+def build_sunspec_image(
+    profile: Profile,
+    *,
+    base_address: int | None = None,
+    scale_factors: Mapping[str, int] | None = None,
+    repeats: Mapping[int, int] | None = None,
+    serial_number: str = "SIM-0001",
+    unit: int | None = None,
+) -> SunSpecImage:
+    """Lay out the profile's SunSpec models in register space, from the same definitions.
+
+    The "SunS" marker sits at ``base_address`` (default: the profile's first base address),
+    then each model of ``profile.sunspec.models`` in order, then the end model. Points the
+    profile maps and mandatory points start at 0 (enumerations at their first symbol); others
+    hold the not-implemented marker. Scale factors default to the finest value at which the
+    profile's ratings fit; ``scale_factors`` (``{"802.W_SF": 1}``) overrides them.
+    ``repeats`` gives the instances of a model's repeating group (``{160: 2}``); ``unit``
+    (default: the profile's) is model 1's device address.
+    """
+    if profile.sunspec is None:
+        raise ProfileError(f"profile {profile.name}: sunspec: required to build a SunSpec image")
+    base = profile.sunspec.base_addresses[0] if base_address is None else base_address
+    models: list[DiscoveredModel] = []
+    addr = base + 2
+    for mid in profile.sunspec.models:
+        definition = load_model(mid)
+        length = definition.length_for((repeats or {}).get(mid, 0))
+        models.append(DiscoveredModel(mid, addr, length))
+        addr += length + 2
+    if addr + 2 > 0x10000:
+        raise ProfileError(f"profile {profile.name}: sunspec: models run past register 65535")
+    smap = SunSpecMap(base, tuple(models))
+    image = RegisterImage()
+    image.define(Table.HOLDING, base, addr + 2 - base)
+    image.set(Table.HOLDING, base, list(SUNS_MARKER))
+    image.set(Table.HOLDING, addr, [END_MODEL_ID, 0])
+    mapped = {r.point for r in profile.registers if r.point is not None}
+    overrides = dict(scale_factors or {})
+    for m in models:
+        for p in m.definition.points(m.length).values():
+            words = _initial_words(m, p, profile, overrides, mapped)
+            image.set(Table.HOLDING, m.address + p.offset, words)
+    if overrides:
+        raise KeyError(f"scale_factors: no sunssf point(s) {', '.join(sorted(overrides))}")
+    result = SunSpecImage(profile, smap, image)
+    if 1 in profile.sunspec.models:
+        result.set_point("1.Mn", "essd-sim")
+        result.set_point("1.Md", profile.name[:32])
+        result.set_point("1.SN", serial_number)
+        result.set_point("1.Vr", "1")
+        result.set_point("1.DA", profile.transport.unit if unit is None else unit)
+    return result

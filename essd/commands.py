@@ -1,0 +1,409 @@
+"""Operator commands: payload models, the daemon-side target protocol, and one pure handler.
+
+A command arrives as a name (``mode``, ``reserve``, ``setpoint``, ``prices``, ``forecast``) and
+a JSON payload (bytes). :func:`handle_command` parses it with a strict pydantic model (unknown
+keys, non-finite numbers, wrong lengths and out-of-range values are refused), and only a fully
+valid command reaches the :class:`CommandTarget`. Every outcome is a :class:`CommandResult`
+whose ``error`` names the field (``"reserve_soc: Input should be less than or equal to 1"``);
+a refused command changes nothing.
+
+Units and signs: power in W, **> 0 discharges into the site, < 0 charges**; SoC as a ratio
+0..1; prices per kWh in the tariff currency; carbon intensity in g/kWh; times are epoch
+seconds or ISO 8601 with a UTC offset; durations in seconds.
+
+The transport (MQTT, a CLI) is not this module's business: :mod:`essd.mqtt` calls
+:func:`handle_command` for every message on ``cmd/<name>`` and publishes the result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal, Protocol, Self, runtime_checkable
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+
+__all__ = [
+    "COMMANDS",
+    "MAX_SERIES_LENGTH",
+    "CommandModel",
+    "CommandRejected",
+    "CommandResult",
+    "CommandTarget",
+    "ForecastCommand",
+    "Mode",
+    "ModeCommand",
+    "PricesCommand",
+    "ReserveCommand",
+    "SetpointCommand",
+    "handle_command",
+    "parse_command",
+]
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["auto", "manual", "standby"]
+
+#: Longest accepted time series (a week of 5-minute steps); bounds memory and solve size.
+MAX_SERIES_LENGTH = 2016
+#: Largest accepted power magnitude in a command, W (a sanity bound, not a device limit:
+#: the safety supervisor clamps to the live limits).
+MAX_COMMAND_POWER_W = 100_000_000.0
+#: Largest accepted JSON payload, bytes.
+MAX_PAYLOAD_BYTES = 256 * 1024
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+NonNegFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+#: Longest a manual setpoint may be held, s.
+MAX_SETPOINT_S = 86_400.0
+_ECHO_ID = r"^[\x21-\x7e]{1,64}$"  # printable ASCII without spaces
+EchoId = Annotated[str, Field(pattern=_ECHO_ID)]
+# pydantic parses ISO 8601 strings and epoch numbers alike; the schema says so.
+Timestamp = Annotated[
+    AwareDatetime,
+    Field(strict=False),  # strings and numbers are how JSON carries times
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "format": "date-time"},
+                {"type": "number", "description": "epoch seconds"},
+            ]
+        }
+    ),
+]
+
+
+class CommandRejected(ValueError):
+    """A command the target refuses on semantic grounds; the message is ``"field: reason"``.
+
+    :func:`handle_command` treats any ``ValueError`` raised by a target the same way.
+    """
+
+
+@runtime_checkable
+class CommandTarget(Protocol):
+    """What the daemon implements so operator commands can reach it.
+
+    Each method is called only with a fully validated command and either applies it or raises
+    :class:`CommandRejected` (any ``ValueError``) with ``"field: reason"`` and applies nothing.
+    Methods return promptly: they run on the event loop. Arguments are positional.
+    """
+
+    def set_mode(self, mode: str, /) -> None:
+        """Switch to ``auto`` (optimizer), ``manual`` (operator setpoints) or ``standby``."""
+        ...
+
+    def set_reserve(self, reserve_soc: float, /) -> None:
+        """Set the reserve SoC ratio 0..1 (refuse ``reserve_soc: ...`` at or above max SoC)."""
+        ...
+
+    def set_manual_setpoint(self, device_id: str, power_w: float, expires_at: float, /) -> None:
+        """Hold ``power_w`` (> 0 discharges, < 0 charges) on a battery until epoch ``expires_at``.
+
+        Only in manual mode (else ``mode: ...``); an unknown device is ``device: ...``. The
+        safety supervisor still clamps the value.
+        """
+        ...
+
+    def set_price_override(
+        self, quantity: str, start: float, step_s: float, values: Sequence[float], /
+    ) -> None:
+        """Override ``import_price``/``export_price`` (per kWh) or ``carbon_g_per_kwh``.
+
+        ``values[k]`` holds over ``[start + k*step_s, start + (k+1)*step_s)`` (epoch seconds);
+        the built-in source takes over again after the last step.
+        """
+        ...
+
+    def set_forecast_override(
+        self, quantity: str, start: float, step_s: float, values: Sequence[float], /
+    ) -> None:
+        """Override the ``load_w`` or ``pv_w`` forecast (W >= 0), like the prices."""
+        ...
+
+
+class CommandResult(BaseModel):
+    """The reply to one command, published on ``cmd/<name>/result`` (never retained)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ok: bool = Field(description="True when the command was applied")
+    error: str = Field("", description='Empty when ok, else "field: reason"')
+    id: str | None = Field(None, description="The command's own id, echoed when it gave one")
+
+    def to_payload(self) -> bytes:
+        """The JSON bytes sent on the result topic (``id`` omitted when absent)."""
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+class CommandModel(BaseModel):
+    """Base of every command payload: strict JSON object, optional echo ``id``."""
+
+    # Strict: no true-as-1.0 or "5"-as-5.0 coercions in an operator's command.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    id: EchoId | None = Field(
+        None, description="Any short printable string; echoed in the result to match replies"
+    )
+
+    def apply(self, target: CommandTarget, now: float) -> None:
+        """Hand the validated command to ``target``; ``now`` is epoch seconds."""
+        raise NotImplementedError
+
+
+class ModeCommand(CommandModel):
+    """``cmd/mode``: switch the operating mode."""
+
+    mode: Mode = Field(
+        description="auto: optimizer dispatch; manual: operator setpoints; standby: safe idle"
+    )
+
+    def apply(self, target: CommandTarget, now: float) -> None:
+        """Call ``set_mode``."""
+        target.set_mode(self.mode)
+
+
+class ReserveCommand(CommandModel):
+    """``cmd/reserve``: the SoC the batteries keep for backup."""
+
+    reserve_soc: float = Field(
+        ge=0.0, le=1.0, allow_inf_nan=False, description="Reserve SoC ratio 0..1"
+    )
+
+    def apply(self, target: CommandTarget, now: float) -> None:
+        """Call ``set_reserve``."""
+        target.set_reserve(self.reserve_soc)
+
+
+class SetpointCommand(CommandModel):
+    """``cmd/setpoint``: a manual power setpoint with an expiry (manual mode only)."""
+
+    device: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", description="Device id")
+    power_w: float = Field(
+        ge=-MAX_COMMAND_POWER_W,
+        le=MAX_COMMAND_POWER_W,
+        allow_inf_nan=False,
+        description="W, > 0 discharges into the site, < 0 charges; clamped by the guard",
+    )
+    ttl_s: float | None = Field(
+        None,
+        gt=0.0,
+        le=MAX_SETPOINT_S,
+        allow_inf_nan=False,
+        description="Seconds the setpoint holds (give this or expires_at); then idle",
+    )
+    expires_at: Timestamp | None = Field(
+        None, description="When the setpoint ends (give this or ttl_s); then idle"
+    )
+
+    @model_validator(mode="after")
+    def _one_expiry(self) -> Self:
+        if (self.ttl_s is None) == (self.expires_at is None):
+            raise ValueError("ttl_s: give either ttl_s or expires_at")
+        return self
+
+    def apply(self, target: CommandTarget, now: float) -> None:
+        """Call ``set_manual_setpoint`` with an absolute expiry."""
+        if self.expires_at is not None:
+            expires_at = self.expires_at.timestamp()
+            if expires_at <= now:
+                raise CommandRejected("expires_at: already in the past")
+            if expires_at > now + MAX_SETPOINT_S:
+                raise CommandRejected(f"expires_at: more than {MAX_SETPOINT_S:g} s ahead")
+        else:
+            assert self.ttl_s is not None  # checked by _one_expiry
+            expires_at = now + self.ttl_s
+        target.set_manual_setpoint(self.device, self.power_w, expires_at)
+
+
+SeriesValues = Annotated[list[FiniteFloat], Field(min_length=1, max_length=MAX_SERIES_LENGTH)]
+NonNegSeriesValues = Annotated[list[NonNegFloat], Field(min_length=1, max_length=MAX_SERIES_LENGTH)]
+
+
+class _SeriesCommand(CommandModel):
+    start: Timestamp = Field(
+        description="Start of the first step: ISO 8601 with a UTC offset, or epoch seconds"
+    )
+    step_s: float = Field(
+        ge=60.0, le=86_400.0, allow_inf_nan=False, description="Length of each step, s"
+    )
+
+    def _present(self, names: tuple[str, ...]) -> list[tuple[str, list[float]]]:
+        return [(n, getattr(self, n)) for n in names if getattr(self, n) is not None]
+
+    def _check_current(self, names: tuple[str, ...], now: float) -> None:
+        """Refuse a series that is over before it could be used."""
+        steps = len(self._present(names)[0][1])
+        if self.start.timestamp() + steps * self.step_s <= now:
+            raise CommandRejected("start: the series ends before now")
+
+    def _check_lengths(self, names: tuple[str, ...]) -> None:
+        present = self._present(names)
+        if not present:
+            raise ValueError(f"give at least one of {', '.join(names)}")
+        first_name, first = present[0]
+        for name, values in present[1:]:
+            if len(values) != len(first):
+                raise ValueError(
+                    f"{name}: has {len(values)} values but {first_name} has {len(first)}"
+                )
+
+
+_PRICE_SERIES = ("import_price", "export_price", "carbon_g_per_kwh")
+_FORECAST_SERIES = ("load_w", "pv_w")
+
+
+class PricesCommand(_SeriesCommand):
+    """``cmd/prices``: grid price (and carbon) signals overriding the tariff until they end."""
+
+    import_price: SeriesValues | None = Field(None, description="Import price per kWh, per step")
+    export_price: SeriesValues | None = Field(None, description="Export price per kWh, per step")
+    carbon_g_per_kwh: NonNegSeriesValues | None = Field(
+        None, description="Grid carbon intensity, g/kWh >= 0, per step"
+    )
+
+    @model_validator(mode="after")
+    def _lengths(self) -> Self:
+        self._check_lengths(_PRICE_SERIES)
+        return self
+
+    def apply(self, target: CommandTarget, now: float) -> None:
+        """Call ``set_price_override`` once per series given."""
+        self._check_current(_PRICE_SERIES, now)
+        # Every series was validated above and the quantity names are the target's own, so a
+        # target has nothing left to refuse part-way through (which would apply half of it).
+        for name, values in self._present(_PRICE_SERIES):
+            target.set_price_override(name, self.start.timestamp(), self.step_s, tuple(values))
+
+
+class ForecastCommand(_SeriesCommand):
+    """``cmd/forecast``: load/PV forecasts overriding the built-in ones until they end."""
+
+    load_w: NonNegSeriesValues | None = Field(None, description="Site load, W >= 0, per step")
+    pv_w: NonNegSeriesValues | None = Field(None, description="PV generation, W >= 0, per step")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> Self:
+        self._check_lengths(_FORECAST_SERIES)
+        return self
+
+    def apply(self, target: CommandTarget, now: float) -> None:
+        """Call ``set_forecast_override`` once per series given."""
+        self._check_current(_FORECAST_SERIES, now)
+        for name, values in self._present(_FORECAST_SERIES):
+            target.set_forecast_override(name, self.start.timestamp(), self.step_s, tuple(values))
+
+
+#: Command name (the last topic level) -> payload model.
+COMMANDS: Mapping[str, type[CommandModel]] = {
+    "mode": ModeCommand,
+    "reserve": ReserveCommand,
+    "setpoint": SetpointCommand,
+    "prices": PricesCommand,
+    "forecast": ForecastCommand,
+}
+
+
+def _first_error(exc: ValidationError) -> str:
+    """``"dotted.field: message"`` for the first problem (``payload`` for the whole object)."""
+    err = exc.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "payload"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    return f"{loc}: {msg}"
+
+
+def _echo_id(data: object) -> str | None:
+    """The payload's ``id`` when it is a valid echo id, so even refusals can be matched."""
+    if isinstance(data, dict):
+        raw = data.get("id")
+        if isinstance(raw, str) and re.fullmatch(_ECHO_ID, raw):
+            return raw
+    return None
+
+
+def _reject_constant(token: str) -> Any:
+    # json.loads accepts NaN and Infinity by default; JSON has neither.
+    raise ValueError(f"{token} is not valid JSON")
+
+
+class _Invalid(Exception):
+    """Internal: a payload that fails parsing; carries the result to send."""
+
+    def __init__(self, error: str, echo: str | None = None) -> None:
+        super().__init__(error)
+        self.result = CommandResult(ok=False, error=error, id=echo)
+
+
+def parse_command(name: str, payload: bytes) -> CommandModel:
+    """The validated command model of ``payload`` for command ``name``.
+
+    Raises ValueError whose message is ``"field: reason"``.
+    """
+    try:
+        return _parse(name, payload)
+    except _Invalid as exc:
+        raise ValueError(exc.result.error) from None
+
+
+def _parse(name: str, payload: bytes) -> CommandModel:
+    model = COMMANDS.get(name)
+    if model is None:
+        raise _Invalid(f"command: unknown command {name[:64]!r} (one of {', '.join(COMMANDS)})")
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise _Invalid(f"payload: larger than {MAX_PAYLOAD_BYTES} bytes")
+    try:
+        data = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise _Invalid("payload: not UTF-8 text") from None
+    except (ValueError, RecursionError) as exc:
+        raise _Invalid(f"payload: not valid JSON ({str(exc)[:80]})") from None
+    echo = _echo_id(data)
+    if not isinstance(data, dict):
+        raise _Invalid("payload: must be a JSON object", echo)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _Invalid(_first_error(exc), echo) from None
+    except RecursionError:
+        raise _Invalid("payload: nested too deeply", echo) from None
+
+
+def handle_command(
+    name: str, payload: bytes, target: CommandTarget | None, *, now: float
+) -> CommandResult:
+    """Parse, validate and apply one command; never raises, always returns a result.
+
+    ``now`` (epoch seconds, from the daemon's clock) turns a setpoint's ``ttl_s`` into an
+    absolute expiry. ``target`` None means commands are not accepted (a read-only publisher).
+    """
+    try:
+        command = _parse(name, payload)
+    except _Invalid as exc:
+        return exc.result
+    if target is None:
+        return CommandResult(
+            ok=False, error="command: this daemon accepts no commands", id=command.id
+        )
+    try:
+        command.apply(target, now)
+    except ValueError as exc:  # CommandRejected, or a target's own ValueError subclass
+        return CommandResult(ok=False, error=str(exc), id=command.id)
+    except Exception:
+        # A bug in the target must not kill the command loop; the operator still gets a reply.
+        log.exception("command %s failed in the target", name)
+        return CommandResult(
+            ok=False, error="command: internal error (see the daemon log)", id=command.id
+        )
+    return CommandResult(ok=True, id=command.id)

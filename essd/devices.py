@@ -1,0 +1,377 @@
+"""Per-device lifecycle: reading with a timeout, health, the state machine and safe writes.
+
+One :class:`ManagedDevice` wraps one driver. Its state machine (connecting, running,
+degraded, fault, safe) logs transitions only: a failure once when it starts, a recovery once
+when it ends. Writes happen only when the setpoint changes or a refresh is due (at most every
+TTL/3, or a third of the device's own revert/heartbeat timeout), so device flash is not worn
+by identical writes and a crashed essd still leaves every device reverting to safe.
+
+Battery power in W: > 0 discharges into the site, < 0 charges. Grid W > 0 imports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from drivers.api import (
+    ActivePowerControl,
+    ChargeLimitControl,
+    CommunicationError,
+    CounterSource,
+    DeviceDriver,
+    DeviceError,
+    DeviceExceptionResponse,
+    HeartbeatControl,
+    RevertTimerControl,
+    SafeModeControl,
+    WriteResult,
+)
+from drivers.profile import Capability, Profile
+from essd.clock import Clock
+from essd.config import DeviceConfig
+from essd.domain import (
+    BatteryReading,
+    DeviceClass,
+    DeviceState,
+    MeterReading,
+    Quality,
+    Reading,
+    Setpoint,
+)
+from essd.events import DeviceCounters, DeviceStateChanged, EventBus
+from essd.safety import DeviceEnvelope
+
+__all__ = ["ManagedDevice", "envelope_for"]
+
+log = logging.getLogger(__name__)
+
+# A change smaller than this (W) does not justify a write before the refresh is due.
+WRITE_DEADBAND_W = 20.0
+# Registers unchanged this long while the unit is told to move power: the data is frozen.
+FROZEN_AFTER_S = 300.0
+
+
+def envelope_for(
+    cfg: DeviceConfig, profile: Profile, *, reserve_soc: float, max_soc: float, ramp: float | None
+) -> DeviceEnvelope:
+    """The static safety envelope of a storage unit: the tighter of profile and configuration."""
+    r = profile.ratings
+    max_ch = r.max_charge_w if cfg.max_charge_w is None else min(r.max_charge_w, cfg.max_charge_w)
+    max_dis = (
+        r.max_discharge_w
+        if cfg.max_discharge_w is None
+        else min(r.max_discharge_w, cfg.max_discharge_w)
+    )
+    can_discharge = profile.has(Capability.ACTIVE_POWER)
+    can_charge = can_discharge or profile.has(Capability.CHARGE_LIMIT)
+    return DeviceEnvelope(
+        device_id=cfg.id,
+        capacity_wh=cfg.capacity_wh or r.capacity_wh,
+        max_charge_w=max_ch if can_charge else 0.0,
+        max_discharge_w=max_dis if can_discharge else 0.0,
+        reserve_soc=max(reserve_soc, cfg.reserve_soc or 0.0),
+        max_soc=min(max_soc, cfg.max_soc if cfg.max_soc is not None else 1.0),
+        charge_efficiency=r.charge_efficiency,
+        discharge_efficiency=r.discharge_efficiency,
+        can_charge=can_charge,
+        can_discharge=can_discharge,
+        ramp_w_per_s=ramp,
+    )
+
+
+@dataclass
+class _Counters:
+    reads: int = 0
+    writes: int = 0
+    mismatches: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    last_latency_s: float | None = None
+
+    def frozen(self) -> DeviceCounters:
+        return DeviceCounters(
+            requests_total=self.reads + self.writes,
+            errors_total=dict(self.errors),
+            writes_total=self.writes,
+            readback_mismatches_total=self.mismatches,
+            last_latency_s=self.last_latency_s,
+        )
+
+
+def _error_kind(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "read_deadline"  # the whole read overran its budget (not one request)
+    if isinstance(exc, DeviceExceptionResponse):
+        return "exception"
+    if isinstance(exc, CommunicationError):
+        return "communication"
+    return "other"
+
+
+class ManagedDevice:
+    """One device as the control cycle sees it."""
+
+    def __init__(
+        self,
+        *,
+        config: DeviceConfig,
+        profile: Profile,
+        driver: DeviceDriver,
+        envelope: DeviceEnvelope | None,
+        clock: Clock,
+        bus: EventBus,
+        ttl_s: float,
+        stale_after_s: float,
+    ) -> None:
+        self.config = config
+        self.profile = profile
+        self.driver = driver
+        self.envelope = envelope
+        self._clock = clock
+        self._bus = bus
+        self.ttl_s = ttl_s
+        self.stale_after_s = stale_after_s
+        self.state = DeviceState.CONNECTING
+        self.reason = "starting"
+        self.last: BatteryReading | MeterReading | None = None
+        self.last_good_mono: float | None = None
+        self.written: Setpoint | None = None
+        self._written_at: float | None = None
+        self._heartbeat_at: float | None = None
+        self._setup_done = False
+        self._unchanged_since: float | None = None
+        self._last_signature: tuple[float | None, ...] | None = None
+        self.counters = _Counters()
+        self.safe_written = False
+
+    @property
+    def id(self) -> str:
+        """The device id."""
+        return self.config.id
+
+    @property
+    def is_meter(self) -> bool:
+        """True for the grid meter."""
+        return self.profile.device_class is DeviceClass.METER
+
+    # --- state machine -------------------------------------------------------------------
+
+    def _transition(self, new: DeviceState, reason: str) -> None:
+        if new is self.state:
+            self.reason = reason
+            return
+        old, self.state, self.reason = self.state, new, reason
+        level = logging.INFO if new in (DeviceState.RUNNING, DeviceState.SAFE) else logging.WARNING
+        log.log(level, "device %s: %s -> %s (%s)", self.id, old.value, new.value, reason)
+        if new is not DeviceState.RUNNING:
+            self._setup_done = False  # a device that comes back is configured again
+        self._bus.publish(DeviceStateChanged(self.id, old, new, reason, self._clock.now()))
+
+    def hold_safe(self, reason: str) -> None:
+        """Mark the device deliberately safe (standby, stop)."""
+        self._transition(DeviceState.SAFE, reason)
+
+    @property
+    def healthy(self) -> bool:
+        """True when the device's data is fresh and valid and it reports no fault."""
+        if self.state is not DeviceState.RUNNING or self.last_good_mono is None:
+            return False
+        return self._clock.monotonic() - self.last_good_mono <= self.stale_after_s
+
+    # --- read ----------------------------------------------------------------------------
+
+    async def read(self, *, mode_safe: bool) -> BatteryReading | MeterReading | None:
+        """Read the device within its timeout and update its state; never raises."""
+        budget = self.config.poll_timeout_s * 4  # a read may take a few block requests
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(budget):
+                await self.driver.connect()
+                reading = await self.driver.read()
+        except (DeviceError, TimeoutError, OSError) as exc:
+            self.counters.reads += 1
+            self.counters.errors[_error_kind(exc)] += 1
+            self._on_failure(exc)
+            return None
+        self.counters.reads += 1
+        self.counters.last_latency_s = time.perf_counter() - started
+        self.last = reading
+        self._evaluate(reading, mode_safe=mode_safe)
+        return reading
+
+    def _on_failure(self, exc: BaseException) -> None:
+        if self.profile.has(Capability.AVAILABILITY) and isinstance(
+            exc, CommunicationError | TimeoutError
+        ):
+            reason = "not answering (unplugged?)"
+        else:
+            reason = f"{_error_kind(exc)}: {exc}" if str(exc) else _error_kind(exc)
+        if self.state is not DeviceState.SAFE:
+            self._transition(DeviceState.DEGRADED, reason)
+        if isinstance(self.last, BatteryReading) and self.last.available:
+            # Keep the last values for display but say the unit is gone.
+            now = self._clock.monotonic()
+            self.last = BatteryReading(
+                device_id=self.id,
+                device_class=self.last.device_class,
+                read_at_mono=now,
+                available=False,
+                soc=_stale(self.last.soc),
+                power_w=_stale(self.last.power_w),
+                limits=self.last.limits,
+                capacity_wh=self.last.capacity_wh,
+                alarms=self.last.alarms,
+            )
+
+    def _evaluate(self, reading: BatteryReading | MeterReading, *, mode_safe: bool) -> None:
+        now = self._clock.monotonic()
+        if isinstance(reading, MeterReading):
+            problem = None if reading.grid_power_w.valid else reading.grid_power_w.reason
+            signature: tuple[float | None, ...] = (reading.grid_power_w.value,)
+            moving = True
+        else:
+            problem = None
+            if not reading.available:
+                problem = "unavailable"
+            elif not reading.soc.valid:
+                problem = f"SoC {reading.soc.quality.value}: {reading.soc.reason}"
+            elif not reading.power_w.valid:
+                problem = f"power {reading.power_w.quality.value}: {reading.power_w.reason}"
+            signature = (reading.soc.value, reading.power_w.value)
+            moving = self.written is not None and abs(self.written.power_w) > WRITE_DEADBAND_W
+        if signature != self._last_signature:
+            self._last_signature = signature
+            self._unchanged_since = now
+        elif (
+            moving
+            and self._unchanged_since is not None
+            and now - self._unchanged_since >= FROZEN_AFTER_S
+            and problem is None
+        ):
+            problem = f"registers frozen for {now - self._unchanged_since:.0f} s"
+        if problem is not None:
+            if self.state is not DeviceState.SAFE:
+                self._transition(DeviceState.DEGRADED, problem)
+            return
+        self.last_good_mono = now
+        if isinstance(reading, BatteryReading) and reading.alarms:
+            self._transition(DeviceState.FAULT, "alarm: " + ", ".join(reading.alarms))
+            return
+        if mode_safe:
+            if self.state is not DeviceState.SAFE:
+                self._transition(DeviceState.SAFE, "standby")
+            return
+        self._transition(DeviceState.RUNNING, "ok")
+
+    # --- write ---------------------------------------------------------------------------
+
+    def refresh_interval_s(self) -> float:
+        """How often an unchanged command is rewritten (a third of the shortest timeout)."""
+        b = self.profile.behaviour
+        timeouts = [self.ttl_s]
+        if b.setpoint_timeout_s is not None and not b.revert_timer_configurable:
+            timeouts.append(b.setpoint_timeout_s)
+        if b.heartbeat_timeout_s is not None:
+            timeouts.append(b.heartbeat_timeout_s)
+        return min(timeouts) / 3.0
+
+    async def _setup(self) -> None:
+        """Configure the revert timer once per connection, so a silent essd leaves it safe."""
+        if self._setup_done:
+            return
+        if isinstance(self.driver, RevertTimerControl) and self.profile.has(
+            Capability.REVERT_TIMER
+        ):
+            self._count(await self.driver.configure_revert_timer(self.ttl_s))
+        self._setup_done = True
+
+    def _count(self, result: WriteResult) -> None:
+        self.counters.writes += result.registers_written
+        if result.mismatches:
+            self.counters.mismatches += len(result.mismatches)
+            log.warning("device %s: read-back mismatch: %s", self.id, "; ".join(result.mismatches))
+
+    async def apply(self, setpoint: Setpoint) -> bool:
+        """Write ``setpoint`` if it changed or a refresh is due; False when nothing was written."""
+        now = self._clock.monotonic()
+        due = self._written_at is None or now - self._written_at >= self.refresh_interval_s()
+        changed = self.written is None or abs(self.written.power_w - setpoint.power_w) >= (
+            WRITE_DEADBAND_W
+        )
+        if setpoint.power_w == 0.0 and self.written is not None and self.written.power_w != 0.0:
+            changed = True  # always honour a return to idle
+        try:
+            if self.state is DeviceState.RUNNING:
+                await self._setup()
+            if isinstance(self.driver, HeartbeatControl) and self.profile.has(Capability.HEARTBEAT):
+                hb_due = self._heartbeat_at is None or now - self._heartbeat_at >= (
+                    self.refresh_interval_s()
+                )
+                if hb_due:
+                    self._count(await self.driver.heartbeat())
+                    self._heartbeat_at = now
+            if not (changed or due):
+                return False
+            if isinstance(self.driver, ActivePowerControl):
+                result = await self.driver.set_active_power(
+                    setpoint.power_w, duration_s=setpoint.ttl_s
+                )
+            elif isinstance(self.driver, ChargeLimitControl):
+                result = await self.driver.set_charge_limit(max(0.0, -setpoint.power_w))
+            else:
+                return False
+        except (DeviceError, TimeoutError, OSError) as exc:
+            self.counters.errors[_error_kind(exc)] += 1
+            log.debug("device %s: write failed: %s", self.id, exc)
+            return False
+        self._count(result)
+        self.written = setpoint
+        self._written_at = now
+        self.safe_written = setpoint.power_w == 0.0
+        return True
+
+    async def enter_safe_mode(self) -> bool:
+        """Write the device's own safe mode (or 0 W); True when the device acknowledged it."""
+        try:
+            if isinstance(self.driver, SafeModeControl) and self.profile.has(Capability.SAFE_MODE):
+                self._count(await self.driver.safe_mode())
+            elif isinstance(self.driver, ActivePowerControl):
+                self._count(await self.driver.set_active_power(0.0, duration_s=self.ttl_s))
+            elif isinstance(self.driver, ChargeLimitControl):
+                self._count(await self.driver.set_charge_limit(0.0))
+            else:
+                return True
+        except (DeviceError, TimeoutError, OSError) as exc:
+            self.counters.errors[_error_kind(exc)] += 1
+            return False
+        self.safe_written = True
+        self.written = None
+        return True
+
+    def frozen_counters(self) -> DeviceCounters:
+        """Counters for the published event: the driver's own Modbus counters when it keeps
+        them (requests, errors by kind, latency), else those counted here per action."""
+        if isinstance(self.driver, CounterSource):
+            wire = self.driver.counters()
+            errors = Counter(wire.errors_total)
+            # The wire counts every failed request; only whole-read deadlines are added here.
+            errors["read_deadline"] += self.counters.errors["read_deadline"]
+            if not errors["read_deadline"]:
+                del errors["read_deadline"]
+            return DeviceCounters(
+                requests_total=wire.requests_total,
+                errors_total=dict(errors),
+                writes_total=wire.writes_total,
+                readback_mismatches_total=max(
+                    wire.readback_mismatches_total, self.counters.mismatches
+                ),
+                last_latency_s=wire.last_latency_s,
+            )
+        return self.counters.frozen()
+
+
+def _stale(r: Reading) -> Reading:
+    return Reading(r.value, r.unit, r.read_at_mono, Quality.STALE, "device not answering")

@@ -1,0 +1,306 @@
+"""Forecasts over the horizon: net load, PV, import/export prices and grid carbon intensity.
+
+Sources, in order of precedence for each quantity:
+1. an external override (MQTT ``forecast``/``prices`` commands) while it covers the step;
+2. a site series file (CSV) when configured;
+3. built-in forecasters: the tariff for prices, a constant carbon intensity, and for load either
+   *persistence* (the last observation, held) or a *daily profile* learned online from the meter
+   (an exponentially weighted average per time-of-day bin, persistence until a bin has data).
+
+The meter sees only net load (load - PV): with no series file the learned profile forecasts net
+load and PV is folded into it (``pv_w`` is then zero).
+
+Units: W, prices per kWh in the tariff currency, carbon intensity in g/kWh.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, time
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import numpy.typing as npt
+
+from essd.config import ForecastConfig, TariffConfig
+
+__all__ = [
+    "DailyProfile",
+    "Forecast",
+    "ForecastError",
+    "Forecaster",
+    "Override",
+    "SeriesFile",
+    "tariff_import_price",
+]
+
+FloatArray = npt.NDArray[np.float64]
+
+
+class ForecastError(ValueError):
+    """A forecast source is unusable; the message names the file/field."""
+
+
+@dataclass(frozen=True, slots=True)
+class Forecast:
+    """Per-step forecasts over the horizon from ``start`` (epoch s), each ``step_s`` long."""
+
+    start: float
+    step_s: float
+    load_w: FloatArray
+    pv_w: FloatArray
+    import_price: FloatArray
+    export_price: FloatArray
+    carbon_g_per_kwh: FloatArray
+
+    @property
+    def steps(self) -> int:
+        """Number of steps."""
+        return len(self.load_w)
+
+
+@dataclass(frozen=True, slots=True)
+class Override:
+    """An external time series (from MQTT) that wins while it covers a step."""
+
+    start: float
+    step_s: float
+    values: tuple[float, ...]
+
+    def value_at(self, t: float) -> float | None:
+        """The value covering epoch ``t``, or None outside the series."""
+        if t < self.start:
+            return None
+        k = int((t - self.start) // self.step_s)
+        return self.values[k] if k < len(self.values) else None
+
+    def ended(self, t: float) -> bool:
+        """True once ``t`` is past the end of the series."""
+        return t >= self.start + self.step_s * len(self.values)
+
+
+def tariff_import_price(tariff: TariffConfig, local: datetime) -> float:
+    """The import price per kWh at local time ``local``."""
+    if tariff.import_price_per_kwh is not None:
+        return tariff.import_price_per_kwh
+    tod = local.time()
+    price = tariff.import_tou[0].price_per_kwh
+    for window in tariff.import_tou:
+        if window.start <= tod:
+            price = window.price_per_kwh
+    return price
+
+
+_COLUMNS = ("load_w", "pv_w", "import_price", "export_price", "carbon_g_per_kwh")
+
+
+class SeriesFile:
+    """A site time series CSV: a ``time`` column (ISO 8601 with offset, or epoch seconds) and
+    any of ``load_w, pv_w, import_price, export_price, carbon_g_per_kwh``.
+
+    A file spanning at most one day is a daily profile, looked up by time of day (in the site's
+    time zone); a longer file is looked up by absolute time and holds its last value.
+    """
+
+    def __init__(self, path: Path, tz: ZoneInfo) -> None:
+        self.path = path
+        self._tz = tz
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ForecastError(f"{path}: cannot read: {exc.strerror}") from None
+        rows = list(csv.DictReader(text.splitlines()))
+        if not rows:
+            raise ForecastError(f"{path}: no data rows")
+        header = rows[0].keys()
+        if "time" not in header:
+            raise ForecastError(f"{path}: time: column missing")
+        unknown = set(header) - {"time", *_COLUMNS}
+        if unknown:
+            raise ForecastError(f"{path}: {sorted(unknown)[0]}: unknown column")
+        times: list[float] = []
+        cols: dict[str, list[float]] = {c: [] for c in _COLUMNS if c in header}
+        for i, row in enumerate(rows, start=2):
+            times.append(self._parse_time(row["time"], f"{path}: line {i}: time"))
+            for c, column in cols.items():
+                try:
+                    v = float(row[c])
+                except (TypeError, ValueError):
+                    raise ForecastError(f"{path}: line {i}: {c}: not a number") from None
+                if not math.isfinite(v):
+                    raise ForecastError(f"{path}: line {i}: {c}: not finite")
+                column.append(v)
+        t = np.asarray(times)
+        if np.any(np.diff(t) <= 0):
+            raise ForecastError(f"{path}: time: must be strictly increasing")
+        self._t = t
+        self._cols = {c: np.asarray(v) for c, v in cols.items()}
+        self.daily = float(t[-1] - t[0]) < 86_400.0
+
+    def _parse_time(self, raw: str, where: str) -> float:
+        try:
+            return float(raw)
+        except ValueError:
+            pass
+        try:
+            dt = datetime.fromisoformat(raw)
+        except ValueError:
+            raise ForecastError(f"{where}: not ISO 8601 or epoch seconds: {raw!r}") from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=self._tz)
+        return dt.timestamp()
+
+    def has(self, column: str) -> bool:
+        """True when the file has ``column``."""
+        return column in self._cols
+
+    def sample(self, column: str, times: FloatArray) -> FloatArray:
+        """Values of ``column`` at epoch ``times`` (previous sample; daily files by time of day)."""
+        values = self._cols[column]
+        if self.daily:
+            base = datetime.fromtimestamp(float(self._t[0]), tz=self._tz)
+            midnight = base.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+            offsets = (self._t - midnight) % 86_400.0
+            order = np.argsort(offsets)
+            offs, vals = offsets[order], values[order]
+            q = np.array(
+                [_seconds_of_day(datetime.fromtimestamp(float(x), tz=self._tz)) for x in times]
+            )
+            idx = np.searchsorted(offs, q, side="right") - 1  # -1 wraps to the day's last sample
+            return np.asarray(vals[idx], dtype=np.float64)
+        idx = np.clip(np.searchsorted(self._t, times, side="right") - 1, 0, len(self._t) - 1)
+        return np.asarray(values[idx], dtype=np.float64)
+
+
+def _seconds_of_day(dt: datetime) -> float:
+    return dt.hour * 3600.0 + dt.minute * 60.0 + dt.second + dt.microsecond / 1e6
+
+
+class DailyProfile:
+    """Net load learned online: an EWMA per time-of-day bin, persistence until a bin has data."""
+
+    def __init__(self, tz: ZoneInfo, *, bin_s: float = 900.0, alpha: float = 0.3) -> None:
+        if not 60 <= bin_s <= 3600 or 86_400 % bin_s:
+            raise ValueError("bin_s: must divide a day, between 60 and 3600")
+        self._tz = tz
+        self._bin_s = bin_s
+        self._alpha = alpha
+        self._values = np.full(int(86_400 // bin_s), np.nan)
+        self._last: float | None = None
+
+    @property
+    def last(self) -> float | None:
+        """The latest observation (the persistence forecast)."""
+        return self._last
+
+    def _bin(self, t: float) -> int:
+        return int(_seconds_of_day(datetime.fromtimestamp(t, tz=self._tz)) // self._bin_s)
+
+    def observe(self, t: float, value_w: float) -> None:
+        """Learn one observation of net load at epoch ``t`` (non-finite values are ignored)."""
+        if not math.isfinite(value_w):
+            return
+        b = self._bin(t)
+        old = self._values[b]
+        self._values[b] = value_w if np.isnan(old) else old + self._alpha * (value_w - old)
+        self._last = value_w
+
+    def predict(self, times: FloatArray) -> FloatArray:
+        """Net load forecasts at ``times``; persistence (or 0) for bins without data."""
+        fallback = 0.0 if self._last is None else self._last
+        out = np.array([self._values[self._bin(float(t))] for t in times])
+        return np.where(np.isnan(out), fallback, out)
+
+
+class Forecaster:
+    """Builds the per-cycle :class:`Forecast` from config, series file, learning and overrides."""
+
+    def __init__(self, forecast: ForecastConfig, tariff: TariffConfig, timezone: str) -> None:
+        self._cfg = forecast
+        self._tariff = tariff
+        self._tz = ZoneInfo(timezone)
+        self._series = (
+            SeriesFile(forecast.series_file, self._tz) if forecast.series_file is not None else None
+        )
+        self._profile = DailyProfile(self._tz)
+        self.overrides: dict[str, Override] = {}
+
+    def observe_net_load(self, t: float, net_load_w: float) -> None:
+        """Feed one meter-derived net load observation (grid + battery discharge, W)."""
+        self._profile.observe(t, net_load_w)
+
+    def set_override(self, quantity: str, override: Override) -> None:
+        """Install an external series for ``quantity`` (one of the Forecast fields)."""
+        if quantity not in _COLUMNS:
+            raise ValueError(f"quantity: unknown {quantity!r} (one of {', '.join(_COLUMNS)})")
+        self.overrides[quantity] = override
+
+    def _learned(self, kind: str, times: FloatArray) -> FloatArray:
+        if kind == "persistence":
+            last = self._profile.last
+            return np.full(len(times), 0.0 if last is None else last)
+        return self._profile.predict(times)
+
+    def _from_file(self, column: str, times: FloatArray) -> FloatArray | None:
+        if self._series is None or not self._series.has(column):
+            return None
+        return self._series.sample(column, times)
+
+    def forecast(self, start: float, step_s: float, steps: int) -> Forecast:
+        """Forecasts for ``steps`` steps from epoch ``start``."""
+        times = start + step_s * np.arange(steps, dtype=np.float64)
+        load = self._from_file("load_w", times) if self._cfg.load == "file" else None
+        pv = self._from_file("pv_w", times) if self._cfg.pv == "file" else None
+        imp = self._from_file("import_price", times)
+        exp = self._from_file("export_price", times)
+        carbon = self._from_file("carbon_g_per_kwh", times)
+        arrays = {
+            "load_w": self._learned(self._cfg.load, times) if load is None else load,
+            # Learned load is already net of PV, so PV is zero unless a file gives it.
+            "pv_w": np.zeros(steps) if pv is None else pv,
+            "import_price": (
+                np.array([self._tariff_price(float(t)) for t in times]) if imp is None else imp
+            ),
+            "export_price": np.full(steps, self._tariff.export_price_per_kwh)
+            if exp is None
+            else exp,
+            "carbon_g_per_kwh": np.full(steps, self._cfg.carbon_intensity_g_per_kwh)
+            if carbon is None
+            else carbon,
+        }
+        for name, ov in list(self.overrides.items()):
+            if ov.ended(start):
+                del self.overrides[name]
+                continue
+            arr = arrays[name].copy()
+            for k, t in enumerate(times):
+                v = ov.value_at(float(t))
+                if v is not None:
+                    arr[k] = v
+            arrays[name] = arr
+        return Forecast(start=start, step_s=step_s, **arrays)
+
+    def _tariff_price(self, t: float) -> float:
+        return tariff_import_price(self._tariff, datetime.fromtimestamp(t, tz=self._tz))
+
+
+def local_midnight(t: float, tz: ZoneInfo) -> float:
+    """Epoch seconds of the local midnight starting the day that contains ``t``."""
+    d = datetime.fromtimestamp(t, tz=tz)
+    return datetime.combine(d.date(), time(0), tzinfo=tz).timestamp()
+
+
+def billing_period_start(t: float, tz: ZoneInfo) -> float:
+    """Epoch seconds of the start of the (monthly) billing period containing ``t``."""
+    d = datetime.fromtimestamp(t, tz=tz)
+    return datetime(d.year, d.month, 1, tzinfo=tz).timestamp()
+
+
+def steps_between(a: float, b: float, step_s: float) -> Sequence[float]:
+    """Epoch times from ``a`` (inclusive) to ``b`` (exclusive) every ``step_s``."""
+    n = max(0, math.ceil((b - a) / step_s))
+    return [a + k * step_s for k in range(n)]

@@ -1,0 +1,849 @@
+"""Prometheus metrics: an exporter fed by the event bus, and its HTTP endpoint.
+
+The control core never calls this module: :class:`MetricsExporter` subscribes to the
+:class:`~essd.events.EventBus` and turns events into metrics in its own
+:class:`~prometheus_client.CollectorRegistry` (not the process-global one, so a test can build
+several). :class:`MetricsServer` serves that registry over HTTP, bound to 127.0.0.1 unless
+configured otherwise (``metrics.bind`` / ``metrics.port``).
+
+Names follow the Prometheus conventions: prefix ``essd_``, base units (``_watts``,
+``_joules_total`` for energy, ``_ratio``, ``_seconds``, ``_grams``), counters end in ``_total``.
+Sign conventions as everywhere in essd: battery W > 0 discharges into the site, < 0 charges;
+grid W > 0 imports, < 0 exports. Prices are per kWh in the tariff currency (``essd_site_info``
+names it), because no base unit for money exists and operators read tariffs per kWh.
+
+Label values come from fixed sets or from the configuration (device ids): free text, such as
+a plan's reason, is mapped to a small set of categories (:func:`reason_category`) and names
+that arrive from outside (error kinds, command names) are capped (:class:`BoundedLabel`), so a
+misbehaving peer cannot blow up the number of series.
+
+Current values (power, SoC, limits, ages, cumulative counters) are rendered at scrape time
+from the last :class:`~essd.events.CycleCompleted` by a custom collector: ages are measured
+against the daemon's clock when Prometheus asks, so a stalled loop shows as a growing age.
+Distributions (cycle, phase, solve and Modbus latency) are histograms updated per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import platform
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Info,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from essd import __version__
+from essd.clock import Clock
+from essd.domain import DeviceState, FallbackRung, Plan, Quality, Setpoint
+from essd.events import (
+    CommandHandled,
+    CycleCompleted,
+    DaemonStatus,
+    DaemonStatusChanged,
+    DeviceStateChanged,
+    Event,
+    EventBus,
+    MqttConnectionChanged,
+)
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from essd.config import MetricsConfig, Settings
+
+__all__ = [
+    "COMMANDS",
+    "CONTROL_MODES",
+    "CYCLE_PHASES",
+    "REASON_CATEGORIES",
+    "SOLVER_FAILURE_CAUSES",
+    "SOLVER_STATUSES",
+    "BoundedLabel",
+    "MetricsExporter",
+    "MetricsServer",
+    "MetricsServerError",
+    "SocWindow",
+    "reason_category",
+    "solver_failure_cause",
+]
+
+JOULES_PER_WH = 3600.0
+GRAMS_PER_KG = 1000.0
+
+#: Phases of a cycle (DESIGN.md); any other phase name is counted as "other".
+CYCLE_PHASES = ("read", "snapshot", "forecast", "decide", "guard", "write", "publish")
+#: cvxpy's status strings plus the two the fallback planners use; anything else is "other".
+SOLVER_STATUSES = (
+    "optimal",
+    "optimal_inaccurate",
+    "infeasible",
+    "infeasible_inaccurate",
+    "unbounded",
+    "unbounded_inaccurate",
+    "infeasible_or_unbounded",
+    "user_limit",
+    "solver_error",
+    "rule_based",
+    "idle",
+    "other",
+)
+#: Why the plan in force was made, as a bounded category of its free-text reason.
+REASON_CATEGORIES = (
+    "optimal",
+    "soft_constraints",
+    "solver_timeout",
+    "solver_status",
+    "solver_error",
+    "invalid_inputs",
+    "stale_data",
+    "manual",
+    "standby",
+    "other",
+)
+#: Solver failures by cause (a fallback plan made because the optimizer did not deliver).
+SOLVER_FAILURE_CAUSES = ("timeout", "status", "error")
+CONTROL_MODES = ("auto", "manual", "standby")
+#: Operator commands of the MQTT contract (DESIGN.md); their counters exist from the start.
+COMMANDS = ("mode", "reserve", "setpoint", "prices", "forecast")
+
+# Cycle periods are 1..300 s; a cycle normally takes tens of milliseconds to a few seconds.
+_CYCLE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_PHASE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+# The solve budget is at most 60 s (ControlConfig.solve_budget_s), 2 s by default.
+_SOLVE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+# Modbus TCP answers in milliseconds; RTU at 9600 baud and timeouts (<= 10 s) take longer.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+_LABEL_VALUE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+class MetricsServerError(Exception):
+    """The metrics endpoint could not be started; the message names the config field."""
+
+
+class BoundedLabel:
+    """Label values from a fixed set, plus at most ``extra`` new ones; the rest become "other".
+
+    New values must look like identifiers (lower case, digits, ``_``, up to 32 characters),
+    so nothing that arrives from the network can create series without bound.
+    """
+
+    def __init__(self, known: Iterable[str], *, extra: int) -> None:
+        self._allowed = set(known)
+        self._extra = extra
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        """The label value to use for ``value``."""
+        if value in self._allowed:
+            return value
+        with self._lock:
+            if value in self._allowed:
+                return value
+            if self._extra > 0 and _LABEL_VALUE.match(value):
+                self._extra -= 1
+                self._allowed.add(value)
+                return value
+        return "other"
+
+
+def reason_category(plan: Plan, mode: str = "auto") -> str:
+    """Map a plan's free-text reason to one of :data:`REASON_CATEGORIES`."""
+    text = plan.reason.lower()
+    cause = solver_failure_cause(plan)
+    if mode in ("manual", "standby"):
+        category = mode
+    elif plan.rung is FallbackRung.OPTIMAL:
+        category = "optimal"
+    elif plan.rung is FallbackRung.SOFT:
+        category = "soft_constraints"
+    elif cause is not None:
+        category = f"solver_{cause}"
+    elif "invalid" in text:
+        category = "invalid_inputs"
+    elif "stale" in text or "no valid" in text or "missing" in text:
+        category = "stale_data"
+    else:
+        category = "other"
+    return category
+
+
+def solver_failure_cause(plan: Plan) -> str | None:
+    """``timeout``, ``status`` or ``error`` when a fallback plan is in force because the solve
+    failed that way; None when the optimizer's plan is in force or it failed for another reason.
+
+    The optimizer states the cause first in the reason ("solver timeout after 2.01 s; last plan
+    shifted", "solver status infeasible after ...", "solver error after ...").
+    """
+    if plan.rung <= FallbackRung.SOFT:
+        return None
+    text = plan.reason.lower()
+    if "solver timeout" in text or "time limit" in text:
+        return "timeout"
+    if "solver status" in text:
+        return "status"
+    if "solver error" in text:
+        return "error"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class SocWindow:
+    """The SoC window of one device, ratios 0..1; ``reserve`` None follows the live reserve."""
+
+    reserve: float | None
+    max: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class _State:
+    """What the scrape-time collector renders; replaced whole, never mutated (thread safety)."""
+
+    cycle: CycleCompleted | None = None
+    setpoints: Mapping[str, Setpoint] = field(default_factory=dict)
+    device_states: Mapping[str, DeviceState] = field(default_factory=dict)
+    mqtt_connected: bool | None = None
+    daemon_status: DaemonStatus | None = None
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+class MetricsExporter:
+    """Turns bus events into Prometheus metrics in a registry of its own.
+
+    Subscribe it with :meth:`attach` (or pass :meth:`handle` to ``EventBus.subscribe``).
+    ``clock`` must be the daemon's clock: setpoint and cycle ages are measured on it.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Clock,
+        site_id: str = "",
+        currency: str = "",
+        soc_windows: Mapping[str, SocWindow] | None = None,
+        default_max_soc: float | None = None,
+        registry: CollectorRegistry | None = None,
+        process_metrics: bool = True,
+        commands: Iterable[str] = COMMANDS,
+        mqtt_enabled: bool = False,
+    ) -> None:
+        self.clock = clock
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._soc_windows = dict(soc_windows or {})
+        self._default_max_soc = default_max_soc
+        # With MQTT configured, "not connected" is the truth until the client says otherwise.
+        self._state = _State(mqtt_connected=False if mqtt_enabled else None)
+        self._lock = threading.Lock()  # serializes writers; readers take the reference only
+        self._phase = BoundedLabel(CYCLE_PHASES, extra=0)
+        self._error_kind = BoundedLabel(("timeout", "exception", "connection", "decode"), extra=12)
+        commands = tuple(commands)
+        self._command = BoundedLabel(commands, extra=24)
+        self._solver_status = BoundedLabel(SOLVER_STATUSES, extra=0)
+        r = self.registry
+
+        if process_metrics:
+            # process_* (CPU, memory, fds, start time from /proc) and python_info.
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+        Info("essd_build", "essd build information.", registry=r).info(
+            {"version": __version__, "python": platform.python_version()}
+        )
+        if site_id or currency:
+            Info("essd_site", "The site this essd controls.", registry=r).info(
+                {"site": site_id, "currency": currency}
+            )
+
+        self.cycle_duration = Histogram(
+            "essd_cycle_duration_seconds",
+            "Duration of a control cycle, all phases.",
+            buckets=_CYCLE_BUCKETS,
+            registry=r,
+        )
+        self.phase_duration = Histogram(
+            "essd_cycle_phase_duration_seconds",
+            "Duration of one phase of a control cycle.",
+            ["phase"],
+            buckets=_PHASE_BUCKETS,
+            registry=r,
+        )
+        for phase in CYCLE_PHASES:
+            self.phase_duration.labels(phase)
+        self.solve_duration = Histogram(
+            "essd_solve_duration_seconds",
+            "Wall time of a dispatch solve whose plan was used (fallback rungs 1 and 2).",
+            buckets=_SOLVE_BUCKETS,
+            registry=r,
+        )
+        self.modbus_latency = Histogram(
+            "essd_device_modbus_latency_seconds",
+            "Latency of a device's last Modbus request, sampled once per control cycle.",
+            ["device"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rung_cycles = Counter(
+            "essd_plan_rung_cycles_total",
+            "Control cycles by the fallback rung of the plan in force (1 optimal .. 5 safe idle).",
+            ["rung"],
+            registry=r,
+        )
+        for rung in FallbackRung:
+            self.rung_cycles.labels(str(int(rung)))
+        self.solver_failures = Counter(
+            "essd_solver_failures_total",
+            "Cycles in which the solve failed and a fallback plan was used, by cause.",
+            ["cause"],
+            registry=r,
+        )
+        for cause in SOLVER_FAILURE_CAUSES:
+            self.solver_failures.labels(cause)
+        self.device_transitions = Counter(
+            "essd_device_state_changes_total",
+            "Device lifecycle transitions, by the state entered.",
+            ["device", "state"],
+            registry=r,
+        )
+        self.commands = Counter(
+            "essd_commands_total",
+            "Operator commands handled, by command and result (ok or refused).",
+            ["command", "result"],
+            registry=r,
+        )
+        for name in commands:
+            for result in ("ok", "refused"):
+                self.commands.labels(name, result)
+        r.register(_LiveCollector(self))
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, clock: Clock, registry: CollectorRegistry | None = None
+    ) -> MetricsExporter:
+        """An exporter for the configured site: site id, currency, SoC windows, MQTT or not."""
+        windows = {
+            d.id: SocWindow(
+                reserve=d.reserve_soc,
+                max=d.max_soc if d.max_soc is not None else settings.control.max_soc,
+            )
+            for d in settings.devices
+        }
+        return cls(
+            clock=clock,
+            site_id=settings.site.id,
+            currency=settings.tariff.currency,
+            soc_windows=windows,
+            default_max_soc=settings.control.max_soc,
+            registry=registry,
+            mqtt_enabled=settings.mqtt is not None,
+        )
+
+    @property
+    def state(self) -> _State:
+        """The values the next scrape renders (read-only)."""
+        return self._state
+
+    def attach(self, bus: EventBus) -> Callable[[], None]:
+        """Subscribe to ``bus``; returns the function that unsubscribes."""
+        return bus.subscribe(self.handle)
+
+    def handle(self, event: Event) -> None:
+        """Bus subscriber: update the metrics from one event (cheap, never blocks)."""
+        if isinstance(event, CycleCompleted):
+            self._on_cycle(event)
+        elif isinstance(event, DeviceStateChanged):
+            self.device_transitions.labels(event.device_id, event.new.value).inc()
+            with self._lock:
+                states = {**self._state.device_states, event.device_id: event.new}
+                self._state = replace(self._state, device_states=states)
+        elif isinstance(event, DaemonStatusChanged):
+            with self._lock:
+                self._state = replace(self._state, daemon_status=event.status)
+        elif isinstance(event, CommandHandled):
+            result = "ok" if event.ok else "refused"
+            self.commands.labels(self._command(event.name), result).inc()
+        elif isinstance(event, MqttConnectionChanged):
+            self.set_mqtt_connected(event.connected)
+
+    def set_mqtt_connected(self, connected: bool) -> None:
+        """Record the MQTT connection state (also driven by ``MqttConnectionChanged``)."""
+        with self._lock:
+            self._state = replace(self._state, mqtt_connected=connected)
+
+    def exposition(self) -> bytes:
+        """The registry in the Prometheus text format (what the HTTP endpoint serves)."""
+        return generate_latest(self.registry)
+
+    def _on_cycle(self, ev: CycleCompleted) -> None:
+        self.cycle_duration.observe(max(0.0, ev.duration_s))
+        for phase, seconds in ev.phase_s.items():
+            if _finite(seconds):
+                self.phase_duration.labels(self._phase(phase)).observe(max(0.0, seconds))
+        plan = ev.plan
+        if plan.rung <= FallbackRung.SOFT and _finite(plan.solve_s) and plan.solve_s > 0:
+            self.solve_duration.observe(plan.solve_s)
+        self.rung_cycles.labels(str(int(plan.rung))).inc()
+        cause = solver_failure_cause(plan)
+        if cause is not None:
+            self.solver_failures.labels(cause).inc()
+        for dev, counters in ev.device_counters.items():
+            if _finite(counters.last_latency_s):
+                assert counters.last_latency_s is not None
+                self.modbus_latency.labels(dev).observe(max(0.0, counters.last_latency_s))
+        with self._lock:
+            self._state = replace(
+                self._state,
+                cycle=ev,
+                # A device missing from this cycle's setpoints keeps its last one: its age
+                # then grows past the TTL, which is exactly what the alert is about.
+                setpoints={**self._state.setpoints, **ev.setpoints},
+                device_states={**self._state.device_states, **ev.device_states},
+            )
+
+    def _soc_window(self, device: str, live_reserve: float) -> tuple[float, float | None]:
+        window = self._soc_windows.get(device)
+        if window is None:
+            return live_reserve, self._default_max_soc
+        reserve = window.reserve if window.reserve is not None else live_reserve
+        return reserve, window.max
+
+
+class _Families:
+    """Builds gauge and counter families, skipping values that are unknown or not finite."""
+
+    def __init__(self) -> None:
+        self._families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
+
+    def gauge(self, name: str, doc: str, labels: Mapping[str, str], value: float | None) -> None:
+        if not _finite(value):
+            return
+        assert value is not None
+        fam = self._families.get(name)
+        if fam is None:
+            fam = self._families[name] = GaugeMetricFamily(name, doc, labels=list(labels))
+        fam.add_metric(list(labels.values()), value)
+
+    def counter(self, name: str, doc: str, labels: Mapping[str, str], value: float) -> None:
+        if not _finite(value):
+            return
+        fam = self._families.get(name)
+        if fam is None:
+            fam = self._families[name] = CounterMetricFamily(name, doc, labels=list(labels))
+        fam.add_metric(list(labels.values()), value)
+
+    def __iter__(self) -> Iterator[Metric]:
+        return iter(self._families.values())
+
+
+class _LiveCollector(Collector):
+    """Renders the exporter's latest state when Prometheus scrapes (runs in the HTTP thread)."""
+
+    def __init__(self, exporter: MetricsExporter) -> None:
+        self._x = exporter
+
+    def collect(self) -> Iterable[Metric]:
+        """Families for the current state; empty before the first event."""
+        x = self._x
+        st = x.state  # one reference read: the state is immutable
+        now = x.clock.monotonic()
+        f = _Families()
+        if st.mqtt_connected is not None:
+            f.gauge(
+                "essd_mqtt_connected",
+                "1 while connected to the MQTT broker, else 0.",
+                {},
+                1.0 if st.mqtt_connected else 0.0,
+            )
+        if st.daemon_status is not None:
+            _enum(
+                f,
+                "essd_daemon_status",
+                doc="The daemon's lifecycle state (1 for the current one).",
+                labels={},
+                key="status",
+                states=[s.value for s in DaemonStatus],
+                current=st.daemon_status.value,
+            )
+        ev = st.cycle
+        if ev is not None:
+            _cycle_families(f, x, st, ev, now)
+        return list(f)
+
+
+def _enum(
+    f: _Families,
+    name: str,
+    *,
+    doc: str,
+    labels: Mapping[str, str],
+    key: str,
+    states: Iterable[str],
+    current: str,
+) -> None:
+    for s in states:
+        f.gauge(name, doc, {**labels, key: s}, 1.0 if s == current else 0.0)
+
+
+def _cycle_families(
+    f: _Families, x: MetricsExporter, st: _State, ev: CycleCompleted, now: float
+) -> None:
+    _control_families(f, x, ev, now)
+    _site_families(f, ev)
+    _device_families(f, x, st, ev, now)
+
+
+def _control_families(f: _Families, x: MetricsExporter, ev: CycleCompleted, now: float) -> None:
+    plan = ev.plan
+    # Cycle and control state.
+    f.gauge("essd_cycle_period_seconds", "Configured period of the control cycle.", {}, ev.period_s)
+    f.gauge(
+        "essd_cycle_age_seconds",
+        "Seconds since the last completed control cycle started (on the daemon's clock).",
+        {},
+        max(0.0, now - ev.snapshot.mono),
+    )
+    f.counter(
+        "essd_cycle_overruns_total",
+        "Control cycles that took longer than the period (counted, never stacked).",
+        {},
+        float(ev.overruns_total),
+    )
+    _enum(
+        f,
+        "essd_control_mode",
+        doc="Control mode (1 for the current one).",
+        labels={},
+        key="mode",
+        states=CONTROL_MODES,
+        current=ev.mode,
+    )
+    f.gauge("essd_reserve_soc_ratio", "Site-wide SoC reserve in force, 0..1.", {}, ev.reserve_soc)
+    # The plan and the solver.
+    f.gauge(
+        "essd_plan_rung",
+        "Fallback rung of the plan in force: 1 optimal, 2 soft constraints, 3 last plan, "
+        "4 rule-based, 5 safe idle.",
+        {},
+        float(int(plan.rung)),
+    )
+    _enum(
+        f,
+        "essd_plan_reason",
+        doc="Why the plan in force was made, as a category (1 for the current one).",
+        labels={},
+        key="reason",
+        states=REASON_CATEGORIES,
+        current=reason_category(plan, ev.mode),
+    )
+    _enum(
+        f,
+        "essd_solver_status",
+        doc="Solver status of the plan in force (1 for the current one).",
+        labels={},
+        key="status",
+        states=SOLVER_STATUSES,
+        current=x._solver_status(plan.solver_status.lower()),
+    )
+    f.gauge(
+        "essd_plan_objective",
+        "Objective value of the plan in force, in the tariff currency over the horizon.",
+        {},
+        plan.objective,
+    )
+    if plan.grid_w:
+        f.gauge(
+            "essd_plan_grid_power_watts",
+            "Grid power the plan predicts for the current step (> 0 imports).",
+            {},
+            plan.grid_w[0],
+        )
+
+
+def _site_families(f: _Families, ev: CycleCompleted) -> None:
+    f.gauge(
+        "essd_grid_power_watts",
+        "Measured grid power at the point of connection (> 0 imports, < 0 exports).",
+        {},
+        ev.grid_power_w,
+    )
+    f.gauge(
+        "essd_grid_import_limit_watts",
+        "Import limit in force at the connection (magnitude).",
+        {},
+        ev.import_limit_w,
+    )
+    f.gauge(
+        "essd_grid_export_limit_watts",
+        "Export limit in force at the connection (magnitude; 0 = zero export).",
+        {},
+        ev.export_limit_w,
+    )
+    f.gauge(
+        "essd_tariff_import_price_per_kwh",
+        "Import price in force, tariff currency per kWh.",
+        {},
+        ev.import_price,
+    )
+    f.gauge(
+        "essd_tariff_export_price_per_kwh",
+        "Export price in force, tariff currency per kWh.",
+        {},
+        ev.export_price,
+    )
+    f.gauge(
+        "essd_grid_carbon_intensity_grams_per_kwh",
+        "Carbon intensity of grid electricity in force, g CO2 per kWh.",
+        {},
+        ev.carbon_intensity_g_per_kwh,
+    )
+    t = ev.totals
+    f.counter(
+        "essd_site_imported_energy_joules_total",
+        "Energy imported from the grid since start.",
+        {},
+        t.imported_wh * JOULES_PER_WH,
+    )
+    f.counter(
+        "essd_site_exported_energy_joules_total",
+        "Energy exported to the grid since start.",
+        {},
+        t.exported_wh * JOULES_PER_WH,
+    )
+    f.gauge(
+        "essd_site_cost",
+        "Net cost since start in the tariff currency: energy (import - export) and carbon price.",
+        {},
+        t.cost,
+    )
+    f.gauge("essd_site_co2_grams", "CO2 attributed to the site since start.", {}, t.co2_kg * 1e3)
+
+
+def _device_families(
+    f: _Families, x: MetricsExporter, st: _State, ev: CycleCompleted, now: float
+) -> None:
+    plan = ev.plan
+    snap = ev.snapshot
+    states = st.device_states
+    for dev, b in snap.batteries.items():
+        d = {"device": dev}
+        f.gauge(
+            "essd_device_info",
+            "A configured device and its class (always 1).",
+            {**d, "device_class": b.device_class.value},
+            1.0,
+        )
+        f.gauge(
+            "essd_device_up",
+            "1 when the device answered this cycle, else 0.",
+            d,
+            float(b.available),
+        )
+        if b.soc.value is not None and b.soc.quality is not Quality.INVALID:
+            f.gauge("essd_device_soc_ratio", "State of charge, 0..1.", d, b.soc.value)
+        if b.power_w.value is not None and b.power_w.quality is not Quality.INVALID:
+            f.gauge(
+                "essd_device_power_watts",
+                "Measured battery power (> 0 discharges into the site, < 0 charges).",
+                d,
+                b.power_w.value,
+            )
+        if b.limits is not None:
+            f.gauge(
+                "essd_device_max_charge_watts",
+                "Live charge limit (magnitude) from the BMS, profile and configuration.",
+                d,
+                b.limits.max_charge_w,
+            )
+            f.gauge(
+                "essd_device_max_discharge_watts",
+                "Live discharge limit (magnitude) from the BMS, profile and configuration.",
+                d,
+                b.limits.max_discharge_w,
+            )
+        f.gauge(
+            "essd_device_capacity_joules",
+            "Usable energy capacity of the device.",
+            d,
+            b.capacity_wh * JOULES_PER_WH,
+        )
+        reserve, max_soc = x._soc_window(dev, ev.reserve_soc)
+        f.gauge("essd_device_soc_reserve_ratio", "Lowest SoC allowed (reserve), 0..1.", d, reserve)
+        f.gauge("essd_device_soc_max_ratio", "Highest SoC allowed, 0..1.", d, max_soc)
+        planned = plan.power_w.get(dev)
+        if planned:
+            f.gauge(
+                "essd_device_plan_power_watts",
+                "Power the plan asks for in the current step, before the safety guard "
+                "(> 0 discharges).",
+                d,
+                planned[0],
+            )
+    meter = snap.meter
+    if meter is not None:
+        f.gauge(
+            "essd_device_up",
+            "1 when the device answered this cycle, else 0.",
+            {"device": meter.device_id},
+            float(meter.grid_power_w.quality is not Quality.MISSING),
+        )
+        f.gauge(
+            "essd_device_info",
+            "A configured device and its class (always 1).",
+            {"device": meter.device_id, "device_class": "meter"},
+            1.0,
+        )
+    for dev, state in states.items():
+        _enum(
+            f,
+            "essd_device_state",
+            doc="Device lifecycle state (1 for the current one).",
+            labels={"device": dev},
+            key="state",
+            states=[s.value for s in DeviceState],
+            current=state.value,
+        )
+    for dev, sp in st.setpoints.items():
+        d = {"device": dev}
+        f.gauge(
+            "essd_device_setpoint_watts",
+            "Last power setpoint written (> 0 discharges, < 0 charges, 0 idle).",
+            d,
+            sp.power_w,
+        )
+        f.gauge("essd_device_setpoint_ttl_seconds", "Time-to-live of that setpoint.", d, sp.ttl_s)
+        f.gauge(
+            "essd_device_setpoint_age_seconds",
+            "Seconds since that setpoint was issued (on the daemon's clock).",
+            d,
+            max(0.0, now - sp.issued_at_mono),
+        )
+    for dev, c in ev.device_counters.items():
+        d = {"device": dev}
+        f.counter(
+            "essd_device_modbus_requests_total",
+            "Modbus requests sent to the device.",
+            d,
+            c.requests_total,
+        )
+        errors: dict[str, int] = {}
+        for kind, n in c.errors_total.items():
+            label = x._error_kind(kind)
+            errors[label] = errors.get(label, 0) + n
+        for label, n in sorted(errors.items()):
+            f.counter(
+                "essd_device_modbus_errors_total",
+                "Failed Modbus requests, by kind (timeout, exception, connection, decode...).",
+                {**d, "kind": label},
+                n,
+            )
+        f.counter(
+            "essd_device_modbus_writes_total", "Modbus writes to the device.", d, c.writes_total
+        )
+        f.counter(
+            "essd_device_readback_mismatches_total",
+            "Writes whose read-back differed from the value written.",
+            d,
+            c.readback_mismatches_total,
+        )
+
+
+class MetricsServer:
+    """The HTTP endpoint serving one registry (``/metrics``), in a thread of its own.
+
+    ``start``/``stop`` are coroutines so the daemon can await them; the blocking parts (bind,
+    shutdown and join) run in a worker thread. ``port=0`` picks a free port (see :attr:`port`).
+    Usable as an async context manager.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry, *, bind: str = "127.0.0.1", port: int = 9108
+    ) -> None:
+        self.registry = registry
+        self.bind = bind
+        self._port = port
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_config(cls, registry: CollectorRegistry, config: MetricsConfig) -> MetricsServer:
+        """A server on ``metrics.bind`` / ``metrics.port``."""
+        return cls(registry, bind=config.bind, port=config.port)
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (the chosen one when started with port 0)."""
+        return self._server.server_port if self._server is not None else self._port
+
+    @property
+    def url(self) -> str:
+        """The scrape URL, e.g. ``http://127.0.0.1:9108/metrics``."""
+        host = f"[{self.bind}]" if ":" in self.bind else self.bind
+        return f"http://{host}:{self.port}/metrics"
+
+    @property
+    def running(self) -> bool:
+        """True between a successful :meth:`start` and :meth:`stop`."""
+        return self._server is not None
+
+    def start_sync(self) -> None:
+        """Bind and serve; MetricsServerError naming ``metrics.bind``/``metrics.port`` if not."""
+        if self._server is not None:
+            return
+        try:
+            self._server, self._thread = start_http_server(
+                self._port, addr=self.bind, registry=self.registry
+            )
+        except OSError as exc:
+            raise MetricsServerError(
+                f"metrics.bind/metrics.port: cannot listen on {self.bind}:{self._port}: "
+                f"{exc.strerror or exc}"
+            ) from None
+
+    def stop_sync(self) -> None:
+        """Stop serving and release the port."""
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is None:
+            return
+        server.shutdown()
+        # shutdown() alone keeps the socket bound (client_python issue #1068).
+        server.server_close()
+        if thread is not None:
+            thread.join()
+
+    async def start(self) -> None:
+        """Start serving without blocking the event loop."""
+        await asyncio.to_thread(self.start_sync)
+
+    async def stop(self) -> None:
+        """Stop serving without blocking the event loop (shutdown polls every 0.5 s)."""
+        await asyncio.to_thread(self.stop_sync)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

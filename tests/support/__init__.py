@@ -1,0 +1,1 @@
+"""Test support code, one module per area."""

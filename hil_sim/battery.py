@@ -175,11 +175,12 @@ class Battery:
 
     # ---- commands -----------------------------------------------------------------------
 
-    def command(self, power_w: float) -> None:
-        """Ask for ``power_w`` from now on (> 0 discharge); the limits decide what flows."""
+    def command(self, power_w: float, *, at: float | None = None) -> None:
+        """Ask for ``power_w`` from ``at`` (default now) on (> 0 discharges); limits decide
+        what flows."""
         if not math.isfinite(power_w):
             raise ValueError(f"power_w: must be finite, got {power_w!r}")
-        self.advance()
+        self.advance(at)
         self._command = float(power_w)
 
     @property
@@ -265,9 +266,12 @@ class Battery:
 
     # ---- integration --------------------------------------------------------------------
 
-    def advance(self) -> None:
-        """Integrate from the last update to ``clock.now()`` (a no-op if time stood still)."""
-        now = self._clock.now()
+    def advance(self, until: float | None = None) -> None:
+        """Integrate from the last update to ``until`` (epoch s, default ``clock.now()``).
+
+        Times before the last update are a no-op: the model never goes back.
+        """
+        now = self._clock.now() if until is None else min(until, self._clock.now())
         remaining = now - self._t
         while remaining > 1e-9:
             remaining -= self._substep(remaining)

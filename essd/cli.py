@@ -168,6 +168,10 @@ from essd.schema import register as _register_schema  # noqa: E402
 
 _EXTENSIONS.append(_register_schema)
 
+from hil_sim.cli import register_cli as _register_sim  # noqa: E402
+
+_EXTENSIONS.append(_register_sim)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``essd`` console script."""

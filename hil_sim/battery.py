@@ -188,24 +188,31 @@ class Battery:
         """The power last asked for (battery sign), before limits."""
         return self._command
 
-    def set_soc_window(self, min_soc: float, max_soc: float) -> None:
-        """The unit's own SoC window: no discharge at or below ``min_soc``, no charge above max."""
+    def set_soc_window(self, min_soc: float, max_soc: float, *, at: float | None = None) -> None:
+        """The unit's own SoC window from ``at`` (default now): no discharge at or below
+        ``min_soc``, no charge above ``max_soc``."""
         if not 0.0 <= min_soc <= max_soc <= 1.0:
             raise ValueError(f"soc window: need 0 <= min <= max <= 1, got {min_soc}, {max_soc}")
-        self.advance()
+        self.advance(at)
         self._soc_min, self._soc_max = float(min_soc), float(max_soc)
 
     def set_power_caps(
-        self, *, charge_w: float | None = None, discharge_w: float | None = None
+        self,
+        *,
+        charge_w: float | None = None,
+        discharge_w: float | None = None,
+        at: float | None = None,
     ) -> None:
-        """Caps on top of the BMS limits (a charge-rate setting, outputs off...); None = none."""
-        self.advance()
+        """Caps on top of the BMS limits (a charge-rate setting, outputs off...) from ``at``
+        (default now); None = no cap."""
+        self.advance(at)
         self._charge_cap_w = math.inf if charge_w is None else max(0.0, charge_w)
         self._discharge_cap_w = math.inf if discharge_w is None else max(0.0, discharge_w)
 
-    def set_forced_fault(self, active: bool) -> None:
-        """Inject (or clear) a BMS over-temperature fault: cells held above the trip point."""
-        self.advance()
+    def set_forced_fault(self, active: bool, *, at: float | None = None) -> None:
+        """Inject (or clear) a BMS over-temperature fault from ``at`` (default now): cells
+        held above the trip point."""
+        self.advance(at)
         self._forced_fault = active
         if active:
             self._temp = max(self._temp, self.params.trip_c + 2.0)

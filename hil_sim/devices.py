@@ -468,9 +468,9 @@ class StorageDevice(SimDevice):
         self.apply_literals(ActionName.SAFE_MODE)
         log.info("%s: %s: back to its own safe mode", self.device_id, reason)
 
-    def reset_mode(self) -> None:
-        """Drop the commanded mode, as after a restart or a connection reset."""
-        self.update()
+    def reset_mode(self, *, at: float | None = None) -> None:
+        """Drop the commanded mode at ``at`` (default now), as after a restart."""
+        self.battery.advance(at)
         self.apply_literals(ActionName.SAFE_MODE)
         self._refreshed_at = None
         self._hb_at = None
@@ -529,13 +529,13 @@ class StorageDevice(SimDevice):
         self._dirty = False
         charge_cap, discharge_cap = self.caps()
         self.battery.advance(at)
-        self.battery.set_power_caps(charge_w=charge_cap, discharge_w=discharge_cap)
-        self.battery.set_soc_window(*self.soc_window())
+        self.battery.set_power_caps(charge_w=charge_cap, discharge_w=discharge_cap, at=at)
+        self.battery.set_soc_window(*self.soc_window(), at=at)
         self.battery.command(self.commanded_power(), at=at)
 
-    def set_bms_fault(self, active: bool) -> None:
-        """Inject or clear an over-temperature BMS fault."""
-        self.battery.set_forced_fault(active)
+    def set_bms_fault(self, active: bool, *, at: float | None = None) -> None:
+        """Inject or clear an over-temperature BMS fault from ``at`` (default now)."""
+        self.battery.set_forced_fault(active, at=at)
 
     # -- publishing ----------------------------------------------------------------------------
 
@@ -737,20 +737,22 @@ class PortableDevice(StorageDevice):
             return 0.0, None if self.outputs_enabled() else 0.0
         return charge, 0.0
 
-    def set_unplugged(self, unplugged: bool, away_use_w: float = 0.0) -> None:
-        """Take the unit away from the site (or bring it back)."""
-        self._advance_only()
+    def set_unplugged(
+        self, unplugged: bool, away_use_w: float = 0.0, *, at: float | None = None
+    ) -> None:
+        """Take the unit away from the site (or bring it back) at ``at`` (default now)."""
+        self._advance_only(at)
         self.faults.unplugged = unplugged
         self.faults.away_use_w = away_use_w
         self._dirty = True
-        self._advance_only()
+        self._advance_only(at)
 
-    def _advance_only(self) -> None:
+    def _advance_only(self, at: float | None = None) -> None:
         # While unplugged the store is silent, but the battery still moves (away use).
         if self._dirty:
-            self._command(None)
+            self._command(at)
         else:
-            self.battery.advance()
+            self.battery.advance(at)
 
     def site_power_w(self) -> float:
         """What the unit exchanges with the site (0 while away)."""

@@ -338,7 +338,7 @@ class SimulatedSite:
         if self._timeline is None:
             return
         for tr in self._timeline.due(self.clock.now()):
-            self.set_fault(tr.fault, active=tr.active)
+            self.set_fault(tr.fault, active=tr.active, at=tr.time)
 
     # -- what tests and the scenario runner use ------------------------------------------------
 
@@ -394,8 +394,9 @@ class SimulatedSite:
         assert server is not None
         return server
 
-    def set_fault(self, fault: FaultSpec, *, active: bool) -> None:
-        """Start or end one fault now (the timeline calls this; tests may too)."""
+    def set_fault(self, fault: FaultSpec, *, active: bool, at: float | None = None) -> None:
+        """Start or end one fault at ``at`` (default now; the timeline passes the time it was
+        due, so the physics switches at the right instant even when time jumped past it)."""
         dev = self.devices[fault.device]
         g = self._group_of[fault.device]
         kind = fault.kind
@@ -410,17 +411,17 @@ class SimulatedSite:
             dev.faults.exception_code = ModbusExceptionCode(fault.code) if active else None
         elif kind == "bms_fault":
             assert isinstance(dev, StorageDevice)
-            dev.set_bms_fault(active)
+            dev.set_bms_fault(active, at=at)
         elif kind == "unplugged":
             assert isinstance(dev, PortableDevice)
-            dev.set_unplugged(active, fault.away_use_w)
+            dev.set_unplugged(active, fault.away_use_w, at=at)
         elif kind == "delay":
             if g.proxy is None:
                 raise RuntimeError(f"{fault.device}: no proxy in front of it for a delay")
             g.proxy.delay_s = (fault.delay_s or 0.0) if active else 0.0
         elif kind == "mode_reset" and active:
             assert isinstance(dev, StorageDevice)
-            dev.reset_mode()
+            dev.reset_mode(at=at)
             self._drop(g)
         elif kind == "connection_drop" and active:
             self._drop(g)

@@ -814,8 +814,10 @@ class MeterDevice(SimDevice):
         for phase in ("grid_l1_w", "grid_l2_w", "grid_l3_w"):
             self.put_field(phase, grid / 3.0)
         self.put_field("frequency_hz", 50.0)
-        self.put_field("imported_wh", self.imported_wh)
-        self.put_field("exported_wh", self.exported_wh)
+        for field in ("imported_wh", "import_energy_wh"):  # plain and SunSpec profiles' names
+            self.put_field(field, self.imported_wh)
+        for field in ("exported_wh", "export_energy_wh"):
+            self.put_field(field, self.exported_wh)
 
 
 # -- factory -------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from zoneinfo import ZoneInfo
+
 import pytest
 
 from drivers.api import (
@@ -13,10 +15,14 @@ from drivers.api import (
     RevertTimerControl,
 )
 from drivers.layout import ProfileImage
+from drivers.profile import Profile, list_profiles
 from drivers.registers import Table
 from essd.clock import SimClock
+from essd.config import Settings
 from essd.domain import BatteryReading, MeterReading
 from hil_sim.faults import FaultSpec
+from hil_sim.runner import SimulatedSite
+from hil_sim.site import SiteSeries
 from tests.support.hil_sim import endpoint_for, simulated_example, site_drivers
 
 
@@ -198,3 +204,37 @@ async def test_portable_outputs_and_availability() -> None:
         soc1 = sim.truth().batteries["camp1"].soc
         clock.advance(1800)
         assert sim.truth().batteries["camp1"].soc == pytest.approx(soc1, abs=1e-4)
+
+
+@pytest.mark.parametrize("profile", list_profiles(), ids=lambda p: p.name)
+async def test_every_shipped_profile_is_served_and_read_by_its_driver(profile: Profile) -> None:
+    kind = "rtu-over-tcp" if profile.transport.framing == "rtu" else "tcp"
+    settings = Settings(
+        site={"id": "one", "grid_import_limit_w": 1e5, "grid_export_limit_w": 0},
+        devices=[
+            {
+                "id": "dut",
+                "profile": profile.name,
+                "transport": {
+                    "kind": kind,
+                    "host": "127.0.0.1",
+                    "port": 1502,
+                    "unit": profile.transport.unit,
+                },
+            }
+        ],
+    )
+    clock = SimClock()
+    series = SiteSeries.constant(ZoneInfo("UTC"), load_w=3_000.0, pv_w=1_000.0)
+    async with (
+        SimulatedSite(settings, clock=clock, series=series, free_ports=True) as sim,
+        site_drivers(sim, clock) as drivers,
+    ):
+        reading = await drivers["dut"].read()
+    if isinstance(reading, MeterReading):
+        assert reading.grid_power_w.value == pytest.approx(2_000.0, abs=1.0)
+    else:
+        assert isinstance(reading, BatteryReading)
+        assert reading.soc.value == pytest.approx(profile.simulation.initial_soc, abs=2e-3)
+        assert reading.power_w.valid
+        assert reading.alarms == ()

@@ -18,12 +18,17 @@ from drivers.layout import ProfileImage
 from drivers.profile import Profile, list_profiles
 from drivers.registers import Table
 from essd.clock import SimClock
-from essd.config import Settings
+from essd.config import SerialTransport, Settings
 from essd.domain import BatteryReading, MeterReading
 from hil_sim.faults import FaultSpec
 from hil_sim.runner import SimulatedSite
 from hil_sim.site import SiteSeries
-from tests.support.hil_sim import endpoint_for, simulated_example, site_drivers
+from tests.support.hil_sim import (
+    endpoint_for,
+    example_settings,
+    simulated_example,
+    site_drivers,
+)
 
 
 async def test_every_device_reads_its_true_state() -> None:
@@ -238,3 +243,26 @@ async def test_every_shipped_profile_is_served_and_read_by_its_driver(profile: P
         assert reading.soc.value == pytest.approx(profile.simulation.initial_soc, abs=2e-3)
         assert reading.power_w.valid
         assert reading.alarms == ()
+
+
+async def test_portable_unit_on_a_serial_line_through_a_pty_pair() -> None:
+    base = example_settings()
+    devices = [
+        d.model_copy(update={"transport": SerialTransport(kind="serial", port="/dev/null", unit=1)})
+        if d.id == "camp1"
+        else d
+        for d in base.devices
+    ]
+    settings = base.model_copy(update={"devices": tuple(devices)})
+    clock = SimClock()
+    async with (
+        SimulatedSite(settings, clock=clock, free_ports=True) as sim,
+        site_drivers(sim, clock) as drivers,
+    ):
+        line = next(e for e in sim.endpoints() if e.device_id == "camp1").line()
+        path = sim.settings.devices[3].transport
+        assert isinstance(path, SerialTransport)
+        assert line == f"camp1 portable-power-station {path.port} unit=1"
+        reading = await drivers["camp1"].read()
+        assert isinstance(reading, BatteryReading)
+        assert reading.soc.value == pytest.approx(0.8, abs=2e-3)

@@ -890,9 +890,15 @@ class Dispatcher:
     def solve(self, inputs: DispatchInputs, *, budget_s: float, last_plan: Plan | None) -> Plan:
         """Plan the horizon, walking down the fallback ladder when the solve fails or is late.
 
-        Raises InvalidDispatchInputsError only for invalid inputs (before solving); otherwise always
-        returns a plan whose ``rung`` and ``reason`` say how it was made.
+        Raises InvalidDispatchInputsError only for invalid inputs or budget (before solving);
+        otherwise returns a plan whose ``rung`` and ``reason`` say how it was made. On rung 2
+        ``plan.slack`` holds ``import_limit_w`` / ``export_limit_w`` (worst excess, W) and
+        ``reserve_soc[<id>]`` / ``max_soc[<id>]`` (how far the live SoC is outside, ratio).
+        ``last_plan``: the last plan applied; used (shifted to now) if this solve fails and it
+        was an optimized plan for the same batteries that still covers the present.
         """
+        if not (math.isfinite(budget_s) and budget_s > 0):
+            raise InvalidDispatchInputsError("budget_s", f"must be > 0, got {budget_s!r}")
         a = validate_inputs(self.batteries, self.steps, inputs)
         # Real compute time, not the injectable clock: the budget is about this thread's work.
         started = time.perf_counter()

@@ -359,3 +359,12 @@ def test_solving_in_a_worker_thread_does_not_hold_the_gil() -> None:
     # A solve holding the GIL would stall this loop for the whole solve.
     assert took[0] > 0.2  # a solve long enough to tell
     assert max(gaps) < 0.5 * took[0]
+
+
+@pytest.mark.parametrize("budget", [0.0, -1.0, math.nan, math.inf])
+def test_invalid_budget_is_refused(budget: float) -> None:
+    """The time budget must be a positive finite number of seconds."""
+    bat = one_battery()
+    dispatcher = Dispatcher([bat], 4, step_s=HOUR)
+    with pytest.raises(InvalidDispatchInputsError, match=r"^budget_s: "):
+        dispatcher.solve(hourly_inputs(bat, load_w=[1e3] * 4), budget_s=budget, last_plan=None)

@@ -690,7 +690,9 @@ def rule_based_plan(
     Each step the residual load (load - pv) is shared among the batteries in proportion to
     what each can still deliver (live limit, availability, SoC down to reserve) or absorb (up
     to max SoC); nothing is bought from the grid to charge and nothing is exported from a
-    battery. Raises InvalidDispatchInputsError for invalid inputs (the horizon is ``len(load_w)``).
+    battery. Prices only feed ``plan.objective`` (energy, carbon, wear and demand cost), so
+    zeros do when no tariff is known. Raises InvalidDispatchInputsError for invalid inputs (the
+    horizon is ``len(load_w)``); without valid inputs use :func:`safe_idle_plan`.
     """
     steps = len(inputs.load_w)
     a = validate_inputs(batteries, steps, inputs)

@@ -1,7 +1,7 @@
 """Dispatch optimizer timing: first solve and re-solves, batteries x steps.
 
 ``build_ms`` is constructing the Dispatcher (cvxpy builds and compiles the problem once);
-``first_solve_ms`` the first solve after it (a cold simplex, no basis to start from yet).
+``first_solve_ms`` the first solve after it (cold: no simplex basis to start from yet).
 A re-solve is what the daemon does every cycle: the same Dispatcher, new data. The cycles
 here run every 60 s of simulated time against a daily load/PV/price profile: each cycle the
 SoC moves by the applied setpoint and the load/PV forecast is redrawn (+-3 %), and when a cycle

@@ -15,7 +15,9 @@ import asyncio
 import contextlib
 import signal
 import sys
+import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
@@ -43,6 +45,16 @@ def _speed(text: str) -> float:
     return v
 
 
+def _start(text: str) -> float:
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--start: not ISO 8601: {text!r}") from None
+    if dt.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"--start: needs a UTC offset: {text!r}")
+    return dt.timestamp()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The simulator's options (shared by ``python -m hil_sim`` and ``essd sim``)."""
     parser.add_argument("--site", type=Path, required=True, help="the site config (essd TOML)")
@@ -51,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_speed,
         default=1.0,
         help="simulated seconds per real second (1 = real time; CI uses 600)",
+    )
+    parser.add_argument(
+        "--start",
+        type=_start,
+        help="simulated start time, ISO 8601 (default: now); needs --speed other than 1",
     )
     parser.add_argument("--faults", type=Path, help="fault timeline (YAML)")
     parser.add_argument(
@@ -107,7 +124,12 @@ def _load(args: argparse.Namespace) -> tuple[SimulatedSite, Clock] | int:
     except (FaultError, SeriesError) as exc:
         _err(str(exc))
         return EXIT_INVALID
-    clock: Clock = RealClock() if args.speed == 1.0 else SimClock(speed=args.speed)
+    if args.speed == 1.0 and args.start is None:
+        clock: Clock = RealClock()
+    else:
+        # A simulated clock starts now (or at --start) and runs --speed times faster.
+        start = time.time() if args.start is None else args.start
+        clock = SimClock(start, speed=args.speed)
     try:
         sim = SimulatedSite(
             settings,

@@ -368,6 +368,8 @@ class StorageDevice(SimDevice):
         return next((c for c in candidates if c[0] == sense), candidates[0])
 
     def _power_of(self, sense: str, steps: list[WriteStep]) -> float:
+        if sense == "idle" and not any(s.param == "power_w" for s in steps):
+            return 0.0  # the idle branch's magnitudes are left-overs, not a command
         power = 0.0
         for s in steps:
             if s.param is None:
@@ -383,11 +385,7 @@ class StorageDevice(SimDevice):
                 power = abs(v)
             elif s.param == "abs_w":
                 power = -abs(v) if sense == "charge" else abs(v)
-        return 0.0 if sense == "idle" and power != 0.0 and not self._signed(steps) else power
-
-    @staticmethod
-    def _signed(steps: list[WriteStep]) -> bool:
-        return any(s.param == "power_w" for s in steps)
+        return power
 
     def commanded_power(self) -> float:
         """The power the registers command now (battery sign), before the unit's limits."""

@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from essd.clock import Clock
+from hil_sim.battery import Alarm
 from hil_sim.devices import MeterDevice, PortableDevice, StorageDevice
 
 __all__ = [
@@ -290,7 +291,7 @@ class Site:
                 max_discharge_w=s.limits.max_discharge_w,
                 temperature_c=s.temperature_c,
                 available=not (unplugged or dev.faults.no_answer),
-                alarm=bool(s.alarms & 1),
+                alarm=Alarm.OVER_TEMPERATURE in s.alarms,
                 reverts=dev.reverts,
             )
         self._check(t, grid, units)

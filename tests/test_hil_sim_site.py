@@ -8,15 +8,19 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from drivers.api import ActivePowerControl, RevertTimerControl
+from drivers.factory import EndpointPool
 from drivers.profile import shipped_profiles_dir
 from essd.cli import main as essd_main
 from essd.clock import SimClock
+from essd.daemon import build_controller
+from essd.events import EventBus
 from hil_sim.cli import main as sim_main
 from hil_sim.site import SeriesError, SiteSeries
 from tests.support.hil_sim import EXAMPLE_SITE, simulated_example, site_drivers
@@ -208,3 +212,28 @@ def test_bad_input_is_rejected_naming_file_and_field(
     series.write_text("time,load_w\n0,lots\n")
     assert sim_main(["--site", str(EXAMPLE_SITE), "--series", str(series)]) == 2
     assert f"{series}: line 2: load_w: not a number" in capsys.readouterr().err
+
+
+async def test_daemon_controller_in_the_loop_then_devices_revert_when_it_stops() -> None:
+    # 17:30 local: the evening price peak of the example tariff.
+    clock = SimClock(datetime(2026, 1, 1, 17, 30, tzinfo=TZ).timestamp())
+    async with simulated_example(clock) as sim:
+        pool = EndpointPool(clock=clock)
+        try:
+            controller = build_controller(sim.settings, clock=clock, bus=EventBus(), pool=pool)
+            for _ in range(6):
+                event = await controller.run_cycle()
+                clock.advance(10)
+                truth = sim.truth()
+                for dev_id, setpoint in event.setpoints.items():
+                    # What essd commanded is what flows: the simulated limits were honoured.
+                    assert truth.batteries[dev_id].power_w == pytest.approx(
+                        setpoint.power_w, abs=50.0
+                    )
+            assert any(b.power_w > 0 for b in truth.batteries.values())  # discharging at peak
+            assert truth.violations == ()
+        finally:
+            await pool.close()
+        # essd stops (crashes): every device is back in its safe mode within its timer.
+        clock.advance(65)
+        assert all(b.power_w == 0.0 for b in sim.truth().batteries.values())

@@ -172,6 +172,10 @@ from hil_sim.cli import register_cli as _register_sim  # noqa: E402
 
 _EXTENSIONS.append(_register_sim)
 
+from essd.demo import register_cli as _register_demo  # noqa: E402
+
+_EXTENSIONS.append(_register_demo)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``essd`` console script."""

@@ -85,11 +85,16 @@ class StaticSite:
 
     def write_config(self, path: Path, **overrides: Any) -> Path:
         """Write the site's settings as a TOML file (with section overrides merged in)."""
-        data = self.settings.model_dump(mode="json", exclude_none=True)
-        for section, values in overrides.items():
-            data[section] = {**data.get(section, {}), **values}
-        path.write_text(tomli_w.dumps(data))
-        return path
+        return write_config(self.settings, path, **overrides)
+
+
+def write_config(settings: Settings, path: Path, **overrides: Any) -> Path:
+    """Write ``settings`` as a TOML file, with section overrides merged in."""
+    data = settings.model_dump(mode="json", exclude_none=True)
+    for section, values in overrides.items():
+        data[section] = {**data.get(section, {}), **values}
+    path.write_text(tomli_w.dumps(data))
+    return path
 
 
 @contextlib.asynccontextmanager

@@ -84,10 +84,9 @@ async def run_demo(
             bus=bus,
             notifier=SystemdNotifier(address=None),
             metrics_port=metrics_port,
+            on_started=lambda d: print(f"metrics: {d.metrics_url or 'off'}", flush=True),
         )
         code = await daemon.run(duration_s=duration_s)
-        if daemon.metrics_url:
-            log.info("metrics were served at %s", daemon.metrics_url)
         violations = sim.truth().violations
         print(
             f"demo finished: {duration_s / 3600:.1f} simulated hours, "

@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--start",
         type=_start,
-        help="simulated start time, ISO 8601 (default: now); needs --speed other than 1",
+        help="simulated start time, ISO 8601 with a UTC offset (default: now)",
     )
     parser.add_argument("--faults", type=Path, help="fault timeline (YAML)")
     parser.add_argument(

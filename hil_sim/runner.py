@@ -397,7 +397,7 @@ class SimulatedSite:
         assert server is not None
         return server
 
-    def set_fault(self, fault: FaultSpec, *, active: bool, at: float | None = None) -> None:
+    def set_fault(self, fault: FaultSpec, active: bool, *, at: float | None = None) -> None:
         """Start or end one fault at ``at`` (default now; the timeline passes the time it was
         due, so the physics switches at the right instant even when time jumped past it)."""
         dev = self.devices[fault.device]

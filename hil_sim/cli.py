@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 import time
@@ -67,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--start",
         type=_start,
-        help="simulated start time, ISO 8601 (default: now); needs --speed other than 1",
+        help="simulated start time, ISO 8601 with a UTC offset (default: now)",
     )
     parser.add_argument("--faults", type=Path, help="fault timeline (YAML)")
     parser.add_argument(
@@ -81,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--export-limiter", action="store_true", help="PV curtails to the site's export limit"
+    )
+    parser.add_argument(
+        "--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO"
     )
     parser.add_argument(
         "--proxy",
@@ -140,13 +144,14 @@ def _load(args: argparse.Namespace) -> tuple[SimulatedSite, Clock] | int:
             proxy=args.proxy,
             export_limiter=args.export_limiter,
             source=str(args.site),
+            faults_source=str(args.faults),
         )
     except ProfileError as exc:
         for line in str(exc).splitlines():
             _err(f"{args.site}: devices: {line}")
         return EXIT_INVALID
     except FaultError as exc:
-        _err(str(exc).replace("faults: faults.", f"{args.faults}: faults."))
+        _err(str(exc))
         return EXIT_INVALID
     except ValueError as exc:
         _err(str(exc))
@@ -176,6 +181,12 @@ async def _serve(sim: SimulatedSite) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run the simulator for parsed arguments (the ``essd sim`` entry)."""
+    # Fault transitions and device reverts are logged on stderr; stdout holds the device lines.
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     loaded = _load(args)
     if isinstance(loaded, int):
         return loaded

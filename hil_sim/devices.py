@@ -472,7 +472,7 @@ class StorageDevice(SimDevice):
         self.apply_literals(ActionName.SAFE_MODE)
         self._refreshed_at = None
         self._hb_at = None
-        self._dirty = True
+        self._command(at)
         self.update()
 
     # -- the update cycle ----------------------------------------------------------------------
@@ -516,12 +516,8 @@ class StorageDevice(SimDevice):
                 self._command(at)
         if self._dirty:
             self._command(None)
-        self.before_publish()
         if not self.faults.frozen:
             self.publish(self.battery.state())
-
-    def before_publish(self) -> None:
-        """Hook for behaviours whose command depends on time (portable away use)."""
 
     def _command(self, at: float | None) -> None:
         self._dirty = False

@@ -27,6 +27,8 @@ simulated seconds or as ``"90s"``, ``"15m"``, ``"2h"``, ``"1d"``. Kinds:
 - ``connection_drop``: every open connection is cut at ``at`` (clients must reconnect);
 - ``connection_refused``: open connections are cut and new ones refused for ``duration``.
 
+Transport faults (``delay``, ``connection_drop``, ``connection_refused``, and the connection
+cut of ``mode_reset``) act on the device's port, so they hit every unit served behind it.
 Errors name the file and the dotted field (``faults.2.delay_s: ...``).
 """
 

@@ -137,7 +137,8 @@ class SimulatedSite:
     ones. ``series``: load/PV (default: :func:`default_series_path`). ``faults``: the timeline,
     offsets from the start. ``initial_soc``: per device id. ``proxy``: put every TCP device
     behind a delaying proxy (otherwise only those with a delay fault). ``export_limiter``: the
-    PV inverters curtail to the export limit (zero-export sites).
+    PV inverters curtail to the export limit (zero-export sites). ``source`` and
+    ``faults_source`` name the site and fault files in error messages.
     """
 
     def __init__(
@@ -152,6 +153,7 @@ class SimulatedSite:
         proxy: bool = False,
         export_limiter: bool = False,
         source: str = "site",
+        faults_source: str = "faults",
     ) -> None:
         self._settings = settings
         self.clock = clock
@@ -162,6 +164,7 @@ class SimulatedSite:
         self._initial_soc = dict(initial_soc or {})
         self._proxy_all = proxy
         self._source = source
+        self._faults_source = faults_source
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
         limits = SiteLimits(
             import_w=settings.site.grid_import_limit_w,
@@ -218,7 +221,7 @@ class SimulatedSite:
                 )
             group.stores[dev.transport.unit] = device
             self._group_of[dev.id] = group
-        check_devices(self._faults, classes, "faults")
+        check_devices(self._faults, classes, self._faults_source)
 
     def _device(self, dev: DeviceConfig, profile: Profile) -> SimDevice:
         if profile.device_class is DeviceClass.METER:
@@ -394,7 +397,7 @@ class SimulatedSite:
         assert server is not None
         return server
 
-    def set_fault(self, fault: FaultSpec, *, active: bool, at: float | None = None) -> None:
+    def set_fault(self, fault: FaultSpec, active: bool, *, at: float | None = None) -> None:
         """Start or end one fault at ``at`` (default now; the timeline passes the time it was
         due, so the physics switches at the right instant even when time jumped past it)."""
         dev = self.devices[fault.device]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from drivers.api import (
     ActivePowerControl,
@@ -14,12 +16,13 @@ from drivers.api import (
     OutputControl,
     RevertTimerControl,
 )
-from drivers.layout import ProfileImage
-from drivers.profile import Profile, list_profiles
-from drivers.registers import Table
+from drivers.layout import ProfileImage, encode_register
+from drivers.profile import Profile, list_profiles, resolve_profile
+from drivers.registers import RegisterAccessError, Table
 from essd.clock import SimClock
 from essd.config import SerialTransport, Settings
 from essd.domain import BatteryReading, MeterReading
+from hil_sim.devices import build_storage_device
 from hil_sim.faults import FaultSpec
 from hil_sim.runner import SimulatedSite
 from hil_sim.site import SiteSeries
@@ -214,7 +217,7 @@ async def test_portable_outputs_and_availability() -> None:
 @pytest.mark.parametrize("profile", list_profiles(), ids=lambda p: p.name)
 async def test_every_shipped_profile_is_served_and_read_by_its_driver(profile: Profile) -> None:
     kind = "rtu-over-tcp" if profile.transport.framing == "rtu" else "tcp"
-    settings = Settings(
+    site_settings = Settings(
         site={"id": "one", "grid_import_limit_w": 1e5, "grid_export_limit_w": 0},
         devices=[
             {
@@ -232,7 +235,7 @@ async def test_every_shipped_profile_is_served_and_read_by_its_driver(profile: P
     clock = SimClock()
     series = SiteSeries.constant(ZoneInfo("UTC"), load_w=3_000.0, pv_w=1_000.0)
     async with (
-        SimulatedSite(settings, clock=clock, series=series, free_ports=True) as sim,
+        SimulatedSite(site_settings, clock=clock, series=series, free_ports=True) as sim,
         site_drivers(sim, clock) as drivers,
     ):
         reading = await drivers["dut"].read()
@@ -266,3 +269,35 @@ async def test_portable_unit_on_a_serial_line_through_a_pty_pair() -> None:
         reading = await drivers["camp1"].read()
         assert isinstance(reading, BatteryReading)
         assert reading.soc.value == pytest.approx(0.8, abs=2e-3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    soc0=st.floats(0.0, 1.0),
+    steps=st.lists(
+        st.tuples(st.integers(-6_000, 6_000), st.floats(0.0, 7_200.0)), min_size=1, max_size=10
+    ),
+)
+def test_written_setpoints_never_exceed_live_limits(
+    soc0: float, steps: list[tuple[int, float]]
+) -> None:
+    # The register store alone (no sockets), written as a client would: whatever is commanded,
+    # what flows stays within the live limits and SoC within [0, 1].
+    profile = resolve_profile("household-ess-setpoint")
+    clock = SimClock()
+    dev = build_storage_device(device_id="h", profile=profile, clock=clock, initial_soc=soc0)
+    spec = profile.register("hub4_setpoint")
+    assert spec.address is not None
+    for power, dt in steps:
+        words = encode_register(spec, float(power), transport=profile.transport, check_range=False)
+        if abs(power) > 5_000:  # outside the register's range: refused, nothing changes
+            with pytest.raises(RegisterAccessError) as err:
+                dev.write(spec.address, words)
+            assert err.value.code == 3
+        else:
+            dev.write(spec.address, words)
+        clock.advance(dt)
+        s = dev.true_state()
+        assert 0.0 <= s.soc <= 1.0
+        assert -s.limits.max_charge_w - 1e-6 <= s.power_w <= s.limits.max_discharge_w + 1e-6
+        assert s.max_overshoot_w <= 1e-9

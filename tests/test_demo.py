@@ -9,7 +9,10 @@ import sys
 def test_demo_runs_the_example_site_and_reports_no_violation() -> None:
     # Two simulated hours at 240x real time: 30 s of wall clock at most.
     out = subprocess.run(
-        [sys.executable, "-m", "essd", "demo", "--no-tui", "--speed", "240", "--duration", "7200", "--metrics-port", "0"],
+        [
+            *(sys.executable, "-m", "essd", "demo", "--no-tui"),
+            *("--speed", "240", "--duration", "7200", "--metrics-port", "0"),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -39,19 +39,25 @@ def check_profiles(settings: Settings, source: str) -> list[str]:
     return problems
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate a configuration file (and its device profiles)."""
-    path: Path = args.config_file
+def load_checked(path: Path) -> Settings | None:
+    """The configuration at ``path`` with its profiles checked; None after printing problems."""
     try:
         settings = load_settings(path)
     except ConfigError as exc:
         for line in exc.problems:
             _err(line)
-        return EXIT_INVALID
+        return None
     problems = check_profiles(settings, str(path))
     for line in problems:
         _err(line)
-    if problems:
+    return None if problems else settings
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate a configuration file (and its device profiles)."""
+    path: Path = args.config_file
+    settings = load_checked(path)
+    if settings is None:
         return EXIT_INVALID
     for line in timing_warnings(settings):
         _err(f"{path}: warning: {line}")
@@ -107,16 +113,29 @@ def cmd_profiles_show(args: argparse.Namespace) -> int:
 
 
 def configure_logging(level: str, fmt: str = "text") -> None:
-    """Log to stderr (the journal under systemd) at ``level``."""
+    """Log to stderr (the journal under systemd) at ``level``; ``json``: one object a line."""
+    import json  # noqa: PLC0415
     import logging  # noqa: PLC0415
 
-    if fmt == "json":
-        pattern = (
-            '{"time":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}'
-        )
-    else:
-        pattern = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=pattern, stream=sys.stderr, force=True)
+    class JsonFormatter(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            entry = {
+                "time": self.formatTime(record),
+                "level": record.levelname,
+                "logger": record.name,
+                "msg": record.getMessage(),
+            }
+            if record.exc_info:
+                entry["exc"] = self.formatException(record.exc_info)
+            return json.dumps(entry)
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter()
+        if fmt == "json"
+        else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -132,16 +151,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.sim_speed is not None and not 0 < args.sim_speed <= 1e6:
         _err(f"--sim-speed: must be in (0, 1e6], got {args.sim_speed}")
         return EXIT_INVALID
-    try:
-        settings = load_settings(path)
-    except ConfigError as exc:
-        for line in exc.problems:
-            _err(line)
-        return EXIT_INVALID
-    problems = check_profiles(settings, str(path))
-    if problems:
-        for line in problems:
-            _err(line)
+    settings = load_checked(path)
+    if settings is None:
         return EXIT_INVALID
     configure_logging(args.log_level or settings.logging.level, settings.logging.format)
     from essd.clock import Clock, RealClock, SimClock  # noqa: PLC0415

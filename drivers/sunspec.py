@@ -53,7 +53,7 @@ from drivers.api import (
     WriteResult,
 )
 from drivers.base import TIME_PARAMS, ProfileDriver, Sense, live_limit_w
-from drivers.layout import base_unit, from_base, to_base
+from drivers.layout import FieldAccess, base_unit, from_base, to_base
 from drivers.modbus import ModbusEndpoint
 from drivers.profile import ActionName, Capability, Profile, ProfileError, RegisterSpec
 from drivers.registers import (
@@ -1011,7 +1011,7 @@ class SunSpecDriver(ProfileDriver):
 _UNIT_MAGNITUDE = {"%": 100.0, "pct": 100.0, "v": 1000.0, "hz": 70.0, "secs": 0.0}
 
 
-class SunSpecImage:
+class SunSpecImage(FieldAccess):
     """A SunSpec register map in memory, implementing :class:`~drivers.registers.RegisterStore`.
 
     Points are addressed as ``"<model>.<point>"``; :meth:`set_point` / :meth:`get_point` work
@@ -1172,25 +1172,6 @@ class SunSpecImage:
     def get_register(self, register: str) -> float | str | None:
         """Same as :meth:`get_value`."""
         return self.get_value(register)
-
-    def field_spec(self, field: str) -> RegisterSpec:
-        """The register mapped to a semantic field."""
-        spec = self._profile.field_register(field)
-        if spec is None:
-            raise KeyError(f"profile {self._profile.name}: no field {field!r}")
-        return spec
-
-    def get_field(self, field: str) -> float | str | None:
-        """A semantic field in essd base units (W, Wh, s, ratio), None when not implemented."""
-        spec = self.field_spec(field)
-        v = self.get_value(spec.name)
-        return to_base(v, spec.unit) if isinstance(v, float | int) else v
-
-    def set_field(self, field: str, value: float | str, *, check_range: bool = True) -> None:
-        """Set a semantic field from essd base units (W, Wh, s, ratio)."""
-        spec = self.field_spec(field)
-        physical = value if isinstance(value, str) else from_base(value, spec.unit)
-        self.set_value(spec.name, physical, check_range=check_range)
 
 
 # Without ratings (a meter) the image assumes a 200 kW connection point.

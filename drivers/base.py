@@ -16,10 +16,17 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, Self, cast
 
-from drivers.api import ValueRefused, WriteResult
+from drivers.api import CommunicationError, ValueRefused, WriteResult
 from drivers.profile import ActionName, Capability, Profile
 from essd.clock import Clock
-from essd.domain import BatteryReading, LiveLimits, Quality, Reading
+from essd.domain import (
+    BatteryReading,
+    DeviceClass,
+    LiveLimits,
+    MeterReading,
+    Quality,
+    Reading,
+)
 
 __all__ = ["TIME_PARAMS", "ProfileDriver", "Sense"]
 
@@ -108,6 +115,15 @@ class ProfileDriver:
 
     # -- what the concrete driver supplies -----------------------------------------------------
 
+    async def _read_state(
+        self,
+    ) -> tuple[float, dict[str, Reading], dict[str, Reading], tuple[str, ...]]:
+        """Read the device once: (time, fields, extra readings, alarms).
+
+        Raises CommunicationError when the device does not answer.
+        """
+        raise NotImplementedError
+
     async def _run_action(
         self, action: ActionName, params: Mapping[str, float] | None, when: Sense
     ) -> WriteResult:
@@ -119,6 +135,41 @@ class ProfileDriver:
         raise NotImplementedError
 
     # -- readings shared by every driver -------------------------------------------------------
+
+    async def read(self) -> BatteryReading | MeterReading:
+        """Read the device's state: a MeterReading for a meter, else a BatteryReading.
+
+        Invalid values come back as invalid readings with a reason, never numbers. Raises
+        CommunicationError when the device does not answer, except for a device with the
+        ``availability`` capability (a portable unit that may be unplugged): then the reading
+        says ``available=False``.
+        """
+        try:
+            at, fields, extras, alarms = await self._read_state()
+        except CommunicationError as exc:
+            if self._profile.has(Capability.AVAILABILITY):
+                return self._unavailable(str(exc))
+            raise
+
+        def field(name: str, unit: str) -> Reading:
+            return fields.get(name) or Reading.bad(
+                unit, at, Quality.MISSING, f"profile maps no {name} field"
+            )
+
+        if self._profile.device_class is DeviceClass.METER:
+            return MeterReading(self._device_id, at, field("grid_power_w", "W"))
+        return BatteryReading(
+            device_id=self._device_id,
+            device_class=self._profile.device_class,
+            read_at_mono=at,
+            available=True,
+            soc=field("soc", "ratio"),
+            power_w=field("power_w", "W"),
+            limits=self._limits(fields),
+            capacity_wh=self._capacity_wh,
+            alarms=alarms,
+            extras={k: v for k, v in extras.items() if k not in ("soc", "power_w")},
+        )
 
     def _add_derived(self, out: dict[str, Reading], at: float) -> None:
         """Add the profile's derived fields (weighted sums of fields) to ``out``."""

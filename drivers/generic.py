@@ -23,7 +23,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from drivers.api import (
-    CommunicationError,
     DeviceExceptionResponse,
     ValueRefused,
     WriteResult,
@@ -39,14 +38,11 @@ from drivers.layout import (
     to_base,
 )
 from drivers.modbus import ModbusEndpoint
-from drivers.profile import ActionName, Capability, Profile, RegisterSpec
+from drivers.profile import ActionName, Profile, RegisterSpec
 from drivers.registers import EncodeError, RegisterType, Table
 from essd.clock import Clock
 from essd.domain import (
-    BatteryReading,
-    DeviceClass,
     LiveLimits,
-    MeterReading,
     Quality,
     Reading,
 )
@@ -288,40 +284,11 @@ class GenericDriver(ProfileDriver):
                 alarms.append(f"{field}={raw}")
         return tuple(alarms)
 
-    async def read(self) -> BatteryReading | MeterReading:
-        """Read the device's state: a MeterReading for a meter, else a BatteryReading.
-
-        Raises CommunicationError when the device does not answer, except for a device with the
-        ``availability`` capability (a portable unit that may be unplugged): then the reading
-        says ``available=False``.
-        """
-        try:
-            fields, raws = await self._read_fields_and_raw()
-        except CommunicationError as exc:
-            if self._profile.has(Capability.AVAILABILITY):
-                return self._unavailable(str(exc))
-            raise
-        at = self._clock.monotonic()
-        if self._profile.device_class is DeviceClass.METER:
-            grid = fields.get("grid_power_w") or Reading.bad(
-                "W", at, Quality.MISSING, "profile maps no grid_power_w"
-            )
-            return MeterReading(self._device_id, at, grid)
-        soc = fields.get("soc") or Reading.bad("ratio", at, Quality.MISSING, "no soc field")
-        power = fields.get("power_w") or Reading.bad("W", at, Quality.MISSING, "no power_w field")
-        extras = {k: v for k, v in fields.items() if k not in ("soc", "power_w")}
-        return BatteryReading(
-            device_id=self._device_id,
-            device_class=self._profile.device_class,
-            read_at_mono=at,
-            available=True,
-            soc=soc,
-            power_w=power,
-            limits=self._limits(fields),
-            capacity_wh=self._capacity_wh,
-            alarms=self._alarms(fields, raws),
-            extras=extras,
-        )
+    async def _read_state(
+        self,
+    ) -> tuple[float, dict[str, Reading], dict[str, Reading], tuple[str, ...]]:
+        fields, raws = await self._read_fields_and_raw()
+        return self._clock.monotonic(), fields, fields, self._alarms(fields, raws)
 
     # -- writing -------------------------------------------------------------------------------
 

@@ -55,7 +55,7 @@ from drivers.api import (
 from drivers.base import TIME_PARAMS, ProfileDriver, Sense, live_limit_w
 from drivers.layout import FieldAccess, base_unit, from_base, to_base
 from drivers.modbus import ModbusEndpoint
-from drivers.profile import ActionName, Capability, Profile, ProfileError, RegisterSpec
+from drivers.profile import ActionName, Profile, ProfileError, RegisterSpec
 from drivers.registers import (
     EncodeError,
     ModbusExceptionCode,
@@ -68,10 +68,7 @@ from drivers.registers import (
 )
 from essd.clock import Clock
 from essd.domain import (
-    BatteryReading,
-    DeviceClass,
     LiveLimits,
-    MeterReading,
     Quality,
     Reading,
 )
@@ -827,45 +824,17 @@ class SunSpecDriver(ProfileDriver):
             return self._endpoint.stats(self._unit).to_device_counters()
         return DeviceCounters()
 
-    async def read(self) -> BatteryReading | MeterReading:
-        """Read the device; invalid values come back as invalid readings with a reason.
-
-        Raises CommunicationError when the device does not answer, except for a device with the
-        ``availability`` capability, whose reading then says ``available=False``.
-        """
-        try:
-            values = await self.read_points()
-        except CommunicationError as exc:
-            if self._profile.has(Capability.AVAILABILITY):
-                return self._unavailable(str(exc))
-            raise
+    async def _read_state(
+        self,
+    ) -> tuple[float, dict[str, Reading], dict[str, Reading], tuple[str, ...]]:
+        values = await self.read_points()
         at = self._clock.monotonic()
         by_register = {n: self._reading(self._bound[n].spec, pv, at) for n, pv in values.items()}
         fields = self._fields(by_register, at)
-
-        def field(name: str, unit: str) -> Reading:
-            return fields.get(name) or Reading.bad(
-                unit, at, Quality.MISSING, f"profile maps no {name} field"
-            )
-
-        if self._profile.device_class is DeviceClass.METER:
-            return MeterReading(self._device_id, at, field("grid_power_w", "W"))
+        # Every register read goes out, named by its field where it has one.
         extras = {self._field_of.get(n, n): r for n, r in by_register.items()}
         extras.update({d: fields[d] for d in self._profile.derived})
-        extras.pop("soc", None)
-        extras.pop("power_w", None)
-        return BatteryReading(
-            device_id=self._device_id,
-            device_class=self._profile.device_class,
-            read_at_mono=at,
-            available=True,
-            soc=field("soc", "ratio"),
-            power_w=field("power_w", "W"),
-            limits=self._limits(fields),
-            capacity_wh=self._capacity_wh,
-            alarms=self._alarms(values),
-            extras=extras,
-        )
+        return at, fields, extras, self._alarms(values)
 
     def _bms_limits(self, fields: Mapping[str, Reading]) -> LiveLimits:
         """The W live-limit fields, tightened by the BMS's current limits when mapped.

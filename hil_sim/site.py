@@ -3,8 +3,8 @@
 Sign conventions: battery W > 0 discharges into the site, < 0 charges; grid W > 0 imports.
 Grid power at the connection point = load - PV used - sum(battery power).
 
-Series files (``profiles/sites/*.csv``) have the format essd's forecaster reads
-(:class:`essd.forecast.SeriesFile`): a ``time`` column (ISO 8601 with offset, or epoch seconds)
+Series files (``profiles/sites/*.csv``) have the format essd's forecaster reads, parsed by
+:func:`essd.forecast.read_series_csv`: a ``time`` column (ISO 8601 with offset, or epoch seconds)
 and any of ``load_w, pv_w, import_price, export_price, carbon_g_per_kwh``. A file spanning less
 than a day is a daily profile, repeated every day in the site's time zone; a longer one is read
 by absolute time and holds its end values. The simulator interpolates linearly between samples

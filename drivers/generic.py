@@ -159,18 +159,22 @@ class GenericDriver(ProfileDriver):
             owns_endpoint=owns_endpoint,
         )
         self._endpoint = endpoint
-        t = profile.transport
         read_specs: list[RegisterSpec] = []
         for reg_name in profile.fields.values():
             spec = profile.register(reg_name)
             read_specs.append(spec)
             if spec.scale_factor is not None:
                 read_specs.append(profile.register(spec.scale_factor))
-        self._blocks = plan_reads(
-            read_specs,
+        self._blocks = self._plan(read_specs)
+
+    def _plan(self, specs: Iterable[RegisterSpec]) -> tuple[ReadBlock, ...]:
+        """Block reads for ``specs`` within the profile's transport limits."""
+        t = self._profile.transport
+        return plan_reads(
+            specs,
             max_registers=t.max_registers_per_read,
             gap_max=t.read_gap_max,
-            declared=profile.registers,
+            declared=self._profile.registers,
         )
 
     # -- identity ------------------------------------------------------------------------------
@@ -297,12 +301,7 @@ class GenericDriver(ProfileDriver):
         if not names:
             return {}
         sf_specs = [self._profile.register(n) for n in names]
-        blocks = plan_reads(
-            sf_specs,
-            max_registers=self._profile.transport.max_registers_per_read,
-            gap_max=self._profile.transport.read_gap_max,
-            declared=self._profile.registers,
-        )
+        blocks = self._plan(sf_specs)
         words, _ = await self._read_words(blocks)
         out: dict[str, int | None] = {}
         for sf_spec in sf_specs:
@@ -364,12 +363,7 @@ class GenericDriver(ProfileDriver):
             await self._endpoint.write_registers(spec.address, words, self._unit)
         expected = {spec.name: (spec, words) for spec, words in encoded}
         to_verify = [spec for spec, _ in expected.values() if spec.verify and spec.access == "rw"]
-        blocks = plan_reads(
-            to_verify,
-            max_registers=self._profile.transport.max_registers_per_read,
-            gap_max=self._profile.transport.read_gap_max,
-            declared=self._profile.registers,
-        )
+        blocks = self._plan(to_verify)
         got, refused = await self._read_words(blocks)
         mismatches: list[str] = []
         for spec in to_verify:

@@ -28,7 +28,7 @@ from essd.domain import (
     Reading,
 )
 
-__all__ = ["TIME_PARAMS", "ProfileDriver", "Sense"]
+__all__ = ["TIME_PARAMS", "ProfileDriver", "Sense", "live_limit_w"]
 
 # Parameters in seconds: rounded up when converted to a register (a 30.2 s TTL never becomes
 # 30 s, nor 0, which many devices read as "no limit").

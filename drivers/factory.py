@@ -8,6 +8,7 @@ competing for it, as a real RS-485 bus requires.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 from drivers.api import DeviceDriver
 from drivers.generic import GenericDriver
@@ -112,20 +113,11 @@ def build_driver(
     """The driver for one configured device: generic (profile-driven) or SunSpec."""
     endpoint = pool.endpoint_for(device)
     limits = config_limits(device, profile)
+    driver_class: Callable[..., DeviceDriver] = GenericDriver
     if profile.driver == "sunspec":
         # Imported on use: the SunSpec driver pulls in pysunspec2's model definitions.
-        sunspec = importlib.import_module("drivers.sunspec")
-        driver: DeviceDriver = sunspec.SunSpecDriver(
-            device_id=device.id,
-            profile=profile,
-            endpoint=endpoint,
-            unit=device.transport.unit,
-            clock=clock,
-            limits_override=limits,
-            capacity_wh=device.capacity_wh,
-        )
-        return driver
-    return GenericDriver(
+        driver_class = importlib.import_module("drivers.sunspec").SunSpecDriver
+    return driver_class(
         device_id=device.id,
         profile=profile,
         endpoint=endpoint,

@@ -21,14 +21,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Self, cast
 
 from drivers.api import (
-    CommunicationError,
     DeviceExceptionResponse,
     ValueRefused,
     WriteResult,
 )
+from drivers.base import TIME_PARAMS, ProfileDriver, Sense
 from drivers.layout import (
     Decoded,
     base_unit,
@@ -39,14 +38,11 @@ from drivers.layout import (
     to_base,
 )
 from drivers.modbus import ModbusEndpoint
-from drivers.profile import ActionName, Capability, Profile, RegisterSpec
+from drivers.profile import ActionName, Profile, RegisterSpec
 from drivers.registers import EncodeError, RegisterType, Table
 from essd.clock import Clock
 from essd.domain import (
-    BatteryReading,
-    DeviceClass,
     LiveLimits,
-    MeterReading,
     Quality,
     Reading,
 )
@@ -54,9 +50,6 @@ from essd.events import DeviceCounters
 
 __all__ = ["GenericDriver", "ReadBlock", "plan_reads"]
 
-# Parameters in seconds: rounded up in coarser register units (a 30 s TTL in a minutes register
-# becomes 1 min, never 0, which many devices read as "no limit").
-_TIME_PARAMS = frozenset({"duration_s", "seconds"})
 _ALARM_PREFIXES = ("alarm", "fault")
 
 
@@ -131,7 +124,7 @@ def _reading(decoded: Decoded, spec: RegisterSpec, at: float) -> Reading:
     return Reading.good(to_base(decoded.value, spec.unit), unit, at)
 
 
-class GenericDriver:
+class GenericDriver(ProfileDriver):
     """A Modbus device described entirely by its profile.
 
     Constructing ``GenericDriver(...)`` returns an instance of a subclass that has exactly the
@@ -140,14 +133,7 @@ class GenericDriver:
     rated capacity.
     """
 
-    _classes: ClassVar[dict[frozenset[Capability], type[GenericDriver]]] = {}
-    _capabilities: ClassVar[frozenset[Capability]] = frozenset()
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
-        """Pick the class whose methods match the profile's capabilities."""
-        profile: Profile = kwargs["profile"]
-        sub = _class_for(frozenset(profile.capabilities)) if cls is GenericDriver else cls
-        return cast(Self, object.__new__(sub))
+    _compose_root = True
 
     def __init__(
         self,
@@ -163,45 +149,35 @@ class GenericDriver:
     ) -> None:
         if profile.driver != "generic":
             raise ValueError(f"profile {profile.name}: driver is {profile.driver!r}, not generic")
-        self._device_id = device_id
-        self._profile = profile
+        self._init_identity(
+            device_id=device_id,
+            profile=profile,
+            unit=unit,
+            clock=clock,
+            limits_override=limits_override,
+            capacity_wh=capacity_wh,
+            owns_endpoint=owns_endpoint,
+        )
         self._endpoint = endpoint
-        self._unit = profile.transport.unit if unit is None else unit
-        self._clock = clock
-        self._limits_override = limits_override
-        self._capacity_wh = capacity_wh if capacity_wh is not None else profile.ratings.capacity_wh
-        self._owns_endpoint = owns_endpoint
-        self._heartbeat_counter = 0
-        t = profile.transport
         read_specs: list[RegisterSpec] = []
         for reg_name in profile.fields.values():
             spec = profile.register(reg_name)
             read_specs.append(spec)
             if spec.scale_factor is not None:
                 read_specs.append(profile.register(spec.scale_factor))
-        self._blocks = plan_reads(
-            read_specs,
+        self._blocks = self._plan(read_specs)
+
+    def _plan(self, specs: Iterable[RegisterSpec]) -> tuple[ReadBlock, ...]:
+        """Block reads for ``specs`` within the profile's transport limits."""
+        t = self._profile.transport
+        return plan_reads(
+            specs,
             max_registers=t.max_registers_per_read,
             gap_max=t.read_gap_max,
-            declared=profile.registers,
+            declared=self._profile.registers,
         )
 
     # -- identity ------------------------------------------------------------------------------
-
-    @property
-    def device_id(self) -> str:
-        """The device id from the site config."""
-        return self._device_id
-
-    @property
-    def profile(self) -> Profile:
-        """The profile the driver was built from."""
-        return self._profile
-
-    @property
-    def unit(self) -> int:
-        """The Modbus unit id."""
-        return self._unit
 
     @property
     def endpoint(self) -> ModbusEndpoint:
@@ -216,9 +192,6 @@ class GenericDriver:
     def counters(self) -> DeviceCounters:
         """Cumulative communication counters of this device."""
         return self._endpoint.stats(self._unit).to_device_counters()
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self._device_id} {self._profile.name} unit {self._unit}>"
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -296,16 +269,7 @@ class GenericDriver:
             )
             out[field] = _reading(decoded, spec, at)
             raw[field] = decoded.raw
-        for name, terms in self._profile.derived.items():
-            parts = [(out[f], k) for f, k in terms.items()]
-            bad = [f for f, _ in terms.items() if not out[f].valid]
-            unit = parts[0][0].unit
-            if bad:
-                out[name] = Reading.bad(
-                    unit, at, Quality.INVALID, f"derived from invalid {', '.join(bad)}"
-                )
-            else:
-                out[name] = Reading.good(sum((r.value or 0.0) * k for r, k in parts), unit, at)
+        self._add_derived(out, at)
         return out, raw
 
     def _alarms(
@@ -324,80 +288,11 @@ class GenericDriver:
                 alarms.append(f"{field}={raw}")
         return tuple(alarms)
 
-    def _limits(self, fields: Mapping[str, Reading]) -> LiveLimits | None:
-        candidates: list[LiveLimits] = []
-        ratings = self._profile.ratings
-        if ratings.max_charge_w > 0 or ratings.max_discharge_w > 0:
-            candidates.append(LiveLimits(ratings.max_charge_w, ratings.max_discharge_w))
-        if self._profile.has(Capability.LIVE_LIMITS):
-            # A declared live limit that cannot be read counts as 0 W: the device is held at
-            # idle in that direction until its BMS reports again (DESIGN: invalid -> safe).
-            charge = fields.get("max_charge_w")
-            discharge = fields.get("max_discharge_w")
-            candidates.append(
-                LiveLimits(
-                    max(0.0, charge.value) if charge and charge.valid and charge.value else 0.0,
-                    max(0.0, discharge.value)
-                    if discharge and discharge.valid and discharge.value
-                    else 0.0,
-                )
-            )
-        if self._limits_override is not None:
-            candidates.append(self._limits_override)
-        if not candidates:
-            return None
-        limits = candidates[0]
-        for c in candidates[1:]:
-            limits = limits.tighten(c)
-        return limits
-
-    async def read(self) -> BatteryReading | MeterReading:
-        """Read the device's state: a MeterReading for a meter, else a BatteryReading.
-
-        Raises CommunicationError when the device does not answer, except for a device with the
-        ``availability`` capability (a portable unit that may be unplugged): then the reading
-        says ``available=False``.
-        """
-        try:
-            fields, raws = await self._read_fields_and_raw()
-        except CommunicationError as exc:
-            if self._profile.has(Capability.AVAILABILITY):
-                return self._unavailable(str(exc))
-            raise
-        at = self._clock.monotonic()
-        if self._profile.device_class is DeviceClass.METER:
-            grid = fields.get("grid_power_w") or Reading.bad(
-                "W", at, Quality.MISSING, "profile maps no grid_power_w"
-            )
-            return MeterReading(self._device_id, at, grid)
-        soc = fields.get("soc") or Reading.bad("ratio", at, Quality.MISSING, "no soc field")
-        power = fields.get("power_w") or Reading.bad("W", at, Quality.MISSING, "no power_w field")
-        extras = {k: v for k, v in fields.items() if k not in ("soc", "power_w")}
-        return BatteryReading(
-            device_id=self._device_id,
-            device_class=self._profile.device_class,
-            read_at_mono=at,
-            available=True,
-            soc=soc,
-            power_w=power,
-            limits=self._limits(fields),
-            capacity_wh=self._capacity_wh,
-            alarms=self._alarms(fields, raws),
-            extras=extras,
-        )
-
-    def _unavailable(self, reason: str) -> BatteryReading:
-        at = self._clock.monotonic()
-        return BatteryReading(
-            device_id=self._device_id,
-            device_class=self._profile.device_class,
-            read_at_mono=at,
-            available=False,
-            soc=Reading.bad("ratio", at, Quality.MISSING, reason),
-            power_w=Reading.bad("W", at, Quality.MISSING, reason),
-            limits=LiveLimits(0.0, 0.0),
-            capacity_wh=self._capacity_wh,
-        )
+    async def _read_state(
+        self,
+    ) -> tuple[float, dict[str, Reading], dict[str, Reading], tuple[str, ...]]:
+        fields, raws = await self._read_fields_and_raw()
+        return self._clock.monotonic(), fields, fields, self._alarms(fields, raws)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -406,12 +301,7 @@ class GenericDriver:
         if not names:
             return {}
         sf_specs = [self._profile.register(n) for n in names]
-        blocks = plan_reads(
-            sf_specs,
-            max_registers=self._profile.transport.max_registers_per_read,
-            gap_max=self._profile.transport.read_gap_max,
-            declared=self._profile.registers,
-        )
+        blocks = self._plan(sf_specs)
         words, _ = await self._read_words(blocks)
         out: dict[str, int | None] = {}
         for sf_spec in sf_specs:
@@ -428,7 +318,8 @@ class GenericDriver:
 
     def _value_for(self, spec: RegisterSpec, param: str, base_value: float) -> float:
         value = from_base(base_value, spec.unit)
-        if param in _TIME_PARAMS and spec.rtype is not RegisterType.F32:
+        # Rounded up in coarser register units: a 30 s TTL in a minutes register becomes 1 min.
+        if param in TIME_PARAMS and spec.rtype is not RegisterType.F32:
             resolution = abs(spec.scale)
             value = math.ceil(value / resolution - 1e-9) * resolution
         return value
@@ -438,7 +329,7 @@ class GenericDriver:
         action: ActionName,
         params: Mapping[str, float] | None = None,
         *,
-        when: Literal["always", "charge", "discharge", "idle"] = "always",
+        when: Sense = "always",
     ) -> WriteResult:
         """Run one of the profile's actions with ``params`` (base units); read every write back.
 
@@ -472,12 +363,7 @@ class GenericDriver:
             await self._endpoint.write_registers(spec.address, words, self._unit)
         expected = {spec.name: (spec, words) for spec, words in encoded}
         to_verify = [spec for spec, _ in expected.values() if spec.verify and spec.access == "rw"]
-        blocks = plan_reads(
-            to_verify,
-            max_registers=self._profile.transport.max_registers_per_read,
-            gap_max=self._profile.transport.read_gap_max,
-            declared=self._profile.registers,
-        )
+        blocks = self._plan(to_verify)
         got, refused = await self._read_words(blocks)
         mismatches: list[str] = []
         for spec in to_verify:
@@ -489,119 +375,20 @@ class GenericDriver:
                 mismatches.append(f"{spec.name}: wrote {want}, read back {seen}")
         return WriteResult(action.value, len(encoded), tuple(mismatches))
 
+    async def _run_action(
+        self, action: ActionName, params: Mapping[str, float] | None, when: Sense
+    ) -> WriteResult:
+        return await self.perform(action, params, when=when)
 
-def _class_for(capabilities: frozenset[Capability]) -> type[GenericDriver]:
-    """The GenericDriver subclass with one mixin per capability (cached)."""
-    cls = GenericDriver._classes.get(capabilities)
-    if cls is None:
-        bases = tuple(m for cap, m in _MIXINS.items() if cap in capabilities) or (GenericDriver,)
-        name = "GenericDriver[" + ",".join(sorted(c.value for c in capabilities)) + "]"
-        cls = type(name, bases, {"_capabilities": capabilities, "__module__": __name__})
-        GenericDriver._classes[capabilities] = cls
-    return cls
-
-
-class _ActivePower(GenericDriver):
-    async def set_active_power(self, power_w: float, *, duration_s: float) -> WriteResult:
-        """Command ``power_w`` (> 0 discharges, < 0 charges) for at most ``duration_s``."""
-        if not math.isfinite(power_w) or not math.isfinite(duration_s) or duration_s <= 0:
-            raise ValueRefused(
-                f"set_active_power: power_w={power_w!r} duration_s={duration_s!r} not usable"
-            )
-        when: Literal["charge", "discharge", "idle"] = (
-            "charge" if power_w < 0 else "discharge" if power_w > 0 else "idle"
-        )
-        params = {
-            "power_w": power_w,
-            "charge_w": max(0.0, -power_w),
-            "discharge_w": max(0.0, power_w),
-            "abs_w": abs(power_w),
-            "duration_s": duration_s,
-        }
-        return await self.perform(ActionName.SET_ACTIVE_POWER, params, when=when)
-
-
-class _ChargeLimit(GenericDriver):
-    async def set_charge_limit(self, charge_w: float) -> WriteResult:
-        """Limit charging to ``charge_w`` W (>= 0)."""
-        if not math.isfinite(charge_w) or charge_w < 0:
-            raise ValueRefused(f"set_charge_limit: charge_w must be >= 0, got {charge_w!r}")
-        return await self.perform(ActionName.SET_CHARGE_LIMIT, {"charge_w": charge_w})
-
-
-class _DischargeLimit(GenericDriver):
-    async def set_discharge_limit(self, discharge_w: float) -> WriteResult:
-        """Limit discharging to ``discharge_w`` W (>= 0)."""
-        if not math.isfinite(discharge_w) or discharge_w < 0:
-            raise ValueRefused(
-                f"set_discharge_limit: discharge_w must be >= 0, got {discharge_w!r}"
-            )
-        return await self.perform(ActionName.SET_DISCHARGE_LIMIT, {"discharge_w": discharge_w})
-
-
-class _Outputs(GenericDriver):
-    async def set_output(self, enabled: bool) -> WriteResult:
-        """Enable or disable the outputs."""
-        action = ActionName.ENABLE_OUTPUT if enabled else ActionName.DISABLE_OUTPUT
-        return await self.perform(action)
-
-
-class _Heartbeat(GenericDriver):
-    def _heartbeat_wrap(self) -> int:
-        act = self.profile.actions[ActionName.HEARTBEAT]
+    def _heartbeat_after(self, previous: int) -> int:
+        """Count up, and wrap to 0 past what the counter register holds."""
+        act = self._profile.actions[ActionName.HEARTBEAT]
         limit = 0xFFFF
         for step in act.writes:
             if step.param == "counter":
-                spec = self.profile.register(step.register)
+                spec = self._profile.register(step.register)
                 limit = 0x7FFF if spec.rtype is RegisterType.S16 else 0xFFFF
                 if spec.max is not None:
                     limit = min(limit, int(spec.max))
-        return limit
-
-    async def heartbeat(self) -> WriteResult:
-        """Write the next heartbeat value (the driver keeps the counter; it wraps to 0)."""
-        nxt = self._heartbeat_counter + 1
-        if nxt > self._heartbeat_wrap():
-            nxt = 0
-        # Advance even if the write fails: the next value then differs from whatever the
-        # device holds, which is all a heartbeat watchdog looks at.
-        self._heartbeat_counter = nxt
-        return await self.perform(ActionName.HEARTBEAT, {"counter": float(nxt)})
-
-
-class _RevertTimer(GenericDriver):
-    async def configure_revert_timer(self, seconds: float) -> WriteResult:
-        """Make the device drop a setpoint not refreshed within ``seconds``."""
-        if not math.isfinite(seconds) or seconds <= 0:
-            raise ValueRefused(f"configure_revert_timer: seconds must be > 0, got {seconds!r}")
-        return await self.perform(ActionName.CONFIGURE_REVERT_TIMER, {"seconds": seconds})
-
-
-class _SafeMode(GenericDriver):
-    async def safe_mode(self) -> WriteResult:
-        """Put the device into its safe state."""
-        return await self.perform(ActionName.SAFE_MODE)
-
-
-class _SocLimits(GenericDriver):
-    async def set_soc_limits(self, min_soc: float, max_soc: float) -> WriteResult:
-        """Set the device's own SoC window (ratios 0..1)."""
-        if not (0.0 <= min_soc <= max_soc <= 1.0):
-            raise ValueRefused(
-                f"set_soc_limits: need 0 <= min_soc <= max_soc <= 1, got {min_soc}, {max_soc}"
-            )
-        return await self.perform(
-            ActionName.SET_SOC_LIMITS, {"min_soc": min_soc, "max_soc": max_soc}
-        )
-
-
-_MIXINS: dict[Capability, type[GenericDriver]] = {
-    Capability.ACTIVE_POWER: _ActivePower,
-    Capability.CHARGE_LIMIT: _ChargeLimit,
-    Capability.DISCHARGE_LIMIT: _DischargeLimit,
-    Capability.OUTPUT_SWITCH: _Outputs,
-    Capability.HEARTBEAT: _Heartbeat,
-    Capability.REVERT_TIMER: _RevertTimer,
-    Capability.SAFE_MODE: _SafeMode,
-    Capability.SOC_LIMITS: _SocLimits,
-}
+        nxt = previous + 1
+        return 0 if nxt > limit else nxt

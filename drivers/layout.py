@@ -16,6 +16,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from drivers.profile import Profile, RegisterSpec, Transport
 from drivers.registers import (
@@ -32,6 +33,7 @@ from drivers.registers import (
 
 __all__ = [
     "Decoded",
+    "FieldAccess",
     "ProfileImage",
     "base_unit",
     "decode_register",
@@ -179,7 +181,49 @@ def encode_register(
         raise EncodeError(f"register {spec.name}: {_quantity(value, spec.unit)}: {exc}") from None
 
 
-class ProfileImage(RegisterImage):
+class _NamedValues(Protocol):
+    """Register access by name in the register's own unit (what :class:`FieldAccess` needs)."""
+
+    @property
+    def profile(self) -> Profile:
+        """The profile the image is laid out from."""
+        ...
+
+    def get_value(self, name: str) -> float | str | None:
+        """A register's value in its own unit, None when invalid or not implemented."""
+        ...
+
+    def set_value(self, name: str, value: float | str, *, check_range: bool = True) -> None:
+        """Set a register to a value in its own unit."""
+        ...
+
+
+class FieldAccess:
+    """Semantic-field access in essd base units, on an image with by-name register access."""
+
+    def field_spec(self: _NamedValues, field: str) -> RegisterSpec:
+        """The register mapped to a semantic field."""
+        spec = self.profile.field_register(field)
+        if spec is None:
+            raise KeyError(f"profile {self.profile.name}: no field {field!r}")
+        return spec
+
+    def get_field(self: _NamedValues, field: str) -> float | str | None:
+        """A semantic field in essd base units (W, Wh, s, ratio), None when not valid."""
+        spec = FieldAccess.field_spec(self, field)
+        v = self.get_value(spec.name)
+        return to_base(v, spec.unit) if isinstance(v, float | int) else v
+
+    def set_field(
+        self: _NamedValues, field: str, value: float | str, *, check_range: bool = True
+    ) -> None:
+        """Set a semantic field from essd base units (W, Wh, s, ratio)."""
+        spec = FieldAccess.field_spec(self, field)
+        physical = value if isinstance(value, str) else from_base(value, spec.unit)
+        self.set_value(spec.name, physical, check_range=check_range)
+
+
+class ProfileImage(FieldAccess, RegisterImage):
     """A :class:`RegisterImage` laid out from a plain profile, with named physical access.
 
     Every register of the profile exists (initialised to 0), plus the gaps a block read may
@@ -299,27 +343,6 @@ class ProfileImage(RegisterImage):
         )
         table, address, _ = self._location(spec)
         self.set(table, address, words)
-
-    def field_spec(self, field: str) -> RegisterSpec:
-        """The register mapped to a semantic field."""
-        spec = self.profile.field_register(field)
-        if spec is None:
-            raise KeyError(f"profile {self.profile.name}: no field {field!r}")
-        return spec
-
-    def get_field(self, field: str) -> float | str | None:
-        """A semantic field in essd base units (W, Wh, s, ratio), None when invalid."""
-        spec = self.field_spec(field)
-        d = self.value(spec.name)
-        if isinstance(d.value, float):
-            return to_base(d.value, spec.unit)
-        return d.value
-
-    def set_field(self, field: str, value: float | str, *, check_range: bool = True) -> None:
-        """Set a semantic field from essd base units (W, Wh, s, ratio)."""
-        spec = self.field_spec(field)
-        physical = value if isinstance(value, str) else from_base(value, spec.unit)
-        self.set_value(spec.name, physical, check_range=check_range)
 
     def names(self) -> Iterable[str]:
         """Names of every register of the profile."""

@@ -39,7 +39,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, ClassVar, Protocol, Self, cast
+from typing import Any, Protocol
 
 from sunspec2 import device as ss_device
 from sunspec2 import mb as ss_mb
@@ -52,9 +52,10 @@ from drivers.api import (
     ValueRefused,
     WriteResult,
 )
-from drivers.layout import base_unit, from_base, to_base
+from drivers.base import TIME_PARAMS, ProfileDriver, Sense, live_limit_w
+from drivers.layout import FieldAccess, base_unit, from_base, to_base
 from drivers.modbus import ModbusEndpoint
-from drivers.profile import ActionName, Capability, Profile, ProfileError, RegisterSpec
+from drivers.profile import ActionName, Profile, ProfileError, RegisterSpec
 from drivers.registers import (
     EncodeError,
     ModbusExceptionCode,
@@ -67,10 +68,7 @@ from drivers.registers import (
 )
 from essd.clock import Clock
 from essd.domain import (
-    BatteryReading,
-    DeviceClass,
     LiveLimits,
-    MeterReading,
     Quality,
     Reading,
 )
@@ -631,11 +629,7 @@ class _Bound:
     point_name: str
 
 
-# Parameters in seconds are rounded up: a 30.2 s TTL becomes 31 s, never 30 (or 0).
-_TIME_PARAMS = frozenset({"duration_s", "seconds"})
-
-
-class SunSpecDriver:
+class SunSpecDriver(ProfileDriver):
     """A profile-driven driver for a SunSpec device (``driver: sunspec`` profiles).
 
     Registers of the profile name points (``point: "802.SoC"``); discovery locates them, the
@@ -656,15 +650,10 @@ class SunSpecDriver:
     ``state`` holding a FAULT symbol.
     """
 
-    _classes: ClassVar[dict[frozenset[Capability], type[SunSpecDriver]]] = {}
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
-        """Pick the class whose methods match the profile's capabilities."""
-        profile = kwargs.get("profile", args[1] if len(args) > 1 else None)
-        sub: type[SunSpecDriver] = cls
-        if cls is SunSpecDriver and isinstance(profile, Profile):
-            sub = _class_for(frozenset(profile.capabilities))
-        return cast(Self, object.__new__(sub))
+    _compose_root = True
+    # Arguments go unchecked here: each point's profile min/max (and the SunSpec encoding)
+    # refuses a value that does not fit, naming the register.
+    _check_arguments = False
 
     def __init__(  # noqa: PLR0917 - the driver factory may build drivers positionally
         self,
@@ -682,14 +671,16 @@ class SunSpecDriver:
             raise ProfileError(f"profile {profile.name}: driver is {profile.driver!r}, not sunspec")
         if clock is None:
             raise TypeError("clock: required")
-        self._device_id = device_id
-        self._profile = profile
+        self._init_identity(
+            device_id=device_id,
+            profile=profile,
+            unit=unit,
+            clock=clock,
+            limits_override=limits_override,
+            capacity_wh=capacity_wh,
+            owns_endpoint=owns_endpoint,
+        )
         self._endpoint = endpoint
-        self._unit = profile.transport.unit if unit is None else unit
-        self._clock = clock
-        self._limits_override = limits_override
-        self._capacity_wh = capacity_wh if capacity_wh is not None else profile.ratings.capacity_wh
-        self._owns_endpoint = owns_endpoint
         self._bound: dict[str, _Bound] = {}
         for spec in profile.registers:
             where = f"profile {profile.name}: registers.{spec.name}"
@@ -708,32 +699,13 @@ class SunSpecDriver:
         self._field_of = {reg: f for f, reg in profile.fields.items()}
         self._map: SunSpecMap | None = None
         self._sf: dict[str, int | None] = {}  # "<model>.<sf point>" -> last value read
-        self._heartbeat = 0
 
     # -- identity ------------------------------------------------------------------------------
-
-    @property
-    def device_id(self) -> str:
-        """The device id from the site config."""
-        return self._device_id
-
-    @property
-    def profile(self) -> Profile:
-        """The profile the driver was built from."""
-        return self._profile
-
-    @property
-    def unit(self) -> int:
-        """The Modbus unit id."""
-        return self._unit
 
     @property
     def sunspec_map(self) -> SunSpecMap | None:
         """The discovered map (None before :meth:`connect` or after the map moved)."""
         return self._map
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self._device_id} {self._profile.name} unit {self._unit}>"
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -836,17 +808,7 @@ class SunSpecDriver:
     def _fields(self, by_register: Mapping[str, Reading], at: float) -> dict[str, Reading]:
         """Every field of the profile, derived fields (weighted sums) included."""
         out = {f: by_register[reg] for f, reg in self._profile.fields.items()}
-        for name, terms in self._profile.derived.items():
-            bad = [f for f in terms if not out[f].valid]
-            unit = out[next(iter(terms))].unit
-            if bad:
-                out[name] = Reading.bad(
-                    unit, at, Quality.INVALID, f"derived from invalid {', '.join(bad)}"
-                )
-            else:
-                out[name] = Reading.good(
-                    sum((out[f].value or 0.0) * k for f, k in terms.items()), unit, at
-                )
+        self._add_derived(out, at)
         return out
 
     async def read_fields(self) -> dict[str, Reading]:
@@ -862,88 +824,33 @@ class SunSpecDriver:
             return self._endpoint.stats(self._unit).to_device_counters()
         return DeviceCounters()
 
-    async def read(self) -> BatteryReading | MeterReading:
-        """Read the device; invalid values come back as invalid readings with a reason.
-
-        Raises CommunicationError when the device does not answer, except for a device with the
-        ``availability`` capability, whose reading then says ``available=False``.
-        """
-        try:
-            values = await self.read_points()
-        except CommunicationError as exc:
-            if self._profile.has(Capability.AVAILABILITY):
-                return self._unavailable(str(exc))
-            raise
+    async def _read_state(
+        self,
+    ) -> tuple[float, dict[str, Reading], dict[str, Reading], tuple[str, ...]]:
+        values = await self.read_points()
         at = self._clock.monotonic()
         by_register = {n: self._reading(self._bound[n].spec, pv, at) for n, pv in values.items()}
         fields = self._fields(by_register, at)
-
-        def field(name: str, unit: str) -> Reading:
-            return fields.get(name) or Reading.bad(
-                unit, at, Quality.MISSING, f"profile maps no {name} field"
-            )
-
-        if self._profile.device_class is DeviceClass.METER:
-            return MeterReading(self._device_id, at, field("grid_power_w", "W"))
+        # Every register read goes out, named by its field where it has one.
         extras = {self._field_of.get(n, n): r for n, r in by_register.items()}
         extras.update({d: fields[d] for d in self._profile.derived})
-        extras.pop("soc", None)
-        extras.pop("power_w", None)
-        return BatteryReading(
-            device_id=self._device_id,
-            device_class=self._profile.device_class,
-            read_at_mono=at,
-            available=True,
-            soc=field("soc", "ratio"),
-            power_w=field("power_w", "W"),
-            limits=self._limits(fields),
-            capacity_wh=self._capacity_wh,
-            alarms=self._alarms(values),
-            extras=extras,
-        )
+        return at, fields, extras, self._alarms(values)
 
-    def _unavailable(self, reason: str) -> BatteryReading:
-        at = self._clock.monotonic()
-        return BatteryReading(
-            device_id=self._device_id,
-            device_class=self._profile.device_class,
-            read_at_mono=at,
-            available=False,
-            soc=Reading.bad("ratio", at, Quality.MISSING, reason),
-            power_w=Reading.bad("W", at, Quality.MISSING, reason),
-            limits=LiveLimits(0.0, 0.0),
-            capacity_wh=self._capacity_wh,
-        )
+    def _bms_limits(self, fields: Mapping[str, Reading]) -> LiveLimits:
+        """The W live-limit fields, tightened by the BMS's current limits when mapped.
 
-    def _limits(self, fields: Mapping[str, Reading]) -> LiveLimits | None:
-        ratings = self._profile.ratings
-        limits: LiveLimits | None = None
-        if ratings.max_charge_w > 0 or ratings.max_discharge_w > 0:
-            limits = LiveLimits(ratings.max_charge_w, ratings.max_discharge_w)
-
-        def live(name: str) -> float | None:
-            r = fields.get(name)
-            if r is None:
-                return None  # not mapped: no opinion
-            return max(0.0, r.value) if r.valid and r.value is not None else 0.0
-
-        if self._profile.has(Capability.LIVE_LIMITS):
-            # The schema makes a live_limits profile map both W fields; current limits are
-            # optional and tighten them (P = I x V at the DC bus).
-            volts = live("dc_voltage_v")
-            per_direction: list[float] = []
-            for direction in ("charge", "discharge"):
-                candidates = [live(f"max_{direction}_w") or 0.0]
-                amps = live(f"max_{direction}_a")
-                if amps is not None and volts is not None:
-                    candidates.append(amps * volts)
-                per_direction.append(min(candidates))
-            bms = LiveLimits(per_direction[0], per_direction[1])
-            limits = bms if limits is None else limits.tighten(bms)
-        if self._limits_override is not None:
-            o = self._limits_override
-            limits = o if limits is None else limits.tighten(o)
-        return limits
+        The schema makes a live_limits profile map both W fields; current limits are optional
+        and tighten them (P = I x V at the DC bus). An invalid limit counts as 0 W.
+        """
+        volts = live_limit_w(fields, "dc_voltage_v")
+        per_direction: list[float] = []
+        for direction in ("charge", "discharge"):
+            candidates = [live_limit_w(fields, f"max_{direction}_w") or 0.0]
+            amps = live_limit_w(fields, f"max_{direction}_a")
+            if amps is not None and volts is not None:
+                candidates.append(amps * volts)
+            per_direction.append(min(candidates))
+        return LiveLimits(per_direction[0], per_direction[1])
 
     def _alarms(self, values: Mapping[str, PointValue]) -> tuple[str, ...]:
         alarms: list[str] = []
@@ -994,7 +901,7 @@ class SunSpecDriver:
             raise ValueRefused(
                 f"{self._device_id}: {spec.name} = {value:g} outside [{spec.min}, {spec.max}]"
             )
-        if param in _TIME_PARAMS:
+        if param in TIME_PARAMS:  # rounded up: a 30.2 s TTL becomes 31 s
             value = math.ceil(value - 1e-9)
         return (value - spec.offset) / spec.scale
 
@@ -1054,89 +961,16 @@ class SunSpecDriver:
                 )
         return WriteResult(action.value, len(planned), tuple(mismatches))
 
+    async def _run_action(
+        self, action: ActionName, params: Mapping[str, float] | None, when: Sense
+    ) -> WriteResult:
+        # run_action takes the sense from params["power_w"], which set_active_power supplies.
+        del when
+        return await self.run_action(action, params)
 
-class _ActivePower(SunSpecDriver):
-    async def set_active_power(self, power_w: float, *, duration_s: float) -> WriteResult:
-        """Command ``power_w`` (> 0 discharges, < 0 charges) for at most ``duration_s``."""
-        return await self.run_action(
-            ActionName.SET_ACTIVE_POWER,
-            {
-                "power_w": power_w,
-                "charge_w": max(0.0, -power_w),
-                "discharge_w": max(0.0, power_w),
-                "abs_w": abs(power_w),
-                "duration_s": duration_s,
-            },
-        )
-
-
-class _ChargeLimit(SunSpecDriver):
-    async def set_charge_limit(self, charge_w: float) -> WriteResult:
-        """Limit charging to ``charge_w`` W (magnitude)."""
-        return await self.run_action(ActionName.SET_CHARGE_LIMIT, {"charge_w": charge_w})
-
-
-class _DischargeLimit(SunSpecDriver):
-    async def set_discharge_limit(self, discharge_w: float) -> WriteResult:
-        """Limit discharging to ``discharge_w`` W (magnitude)."""
-        return await self.run_action(ActionName.SET_DISCHARGE_LIMIT, {"discharge_w": discharge_w})
-
-
-class _Output(SunSpecDriver):
-    async def set_output(self, enabled: bool) -> WriteResult:
-        """Enable or disable the outputs."""
-        name = ActionName.ENABLE_OUTPUT if enabled else ActionName.DISABLE_OUTPUT
-        return await self.run_action(name)
-
-
-class _Heartbeat(SunSpecDriver):
-    async def heartbeat(self) -> WriteResult:
-        """Write the next heartbeat counter (1, 2, ... wrapping below the 0xFFFF marker)."""
-        self._heartbeat = self._heartbeat % 0xFFFE + 1
-        return await self.run_action(ActionName.HEARTBEAT, {"counter": self._heartbeat})
-
-
-class _RevertTimer(SunSpecDriver):
-    async def configure_revert_timer(self, seconds: float) -> WriteResult:
-        """Make the device drop a setpoint not refreshed within ``seconds`` (rounded up)."""
-        return await self.run_action(ActionName.CONFIGURE_REVERT_TIMER, {"seconds": seconds})
-
-
-class _SafeMode(SunSpecDriver):
-    async def safe_mode(self) -> WriteResult:
-        """Put the device into its safe state (the profile's safe_mode writes)."""
-        return await self.run_action(ActionName.SAFE_MODE)
-
-
-class _SocLimits(SunSpecDriver):
-    async def set_soc_limits(self, min_soc: float, max_soc: float) -> WriteResult:
-        """Set the device's own SoC window (ratios 0..1)."""
-        return await self.run_action(
-            ActionName.SET_SOC_LIMITS, {"min_soc": min_soc, "max_soc": max_soc}
-        )
-
-
-_MIXINS: dict[Capability, type[SunSpecDriver]] = {
-    Capability.ACTIVE_POWER: _ActivePower,
-    Capability.CHARGE_LIMIT: _ChargeLimit,
-    Capability.DISCHARGE_LIMIT: _DischargeLimit,
-    Capability.OUTPUT_SWITCH: _Output,
-    Capability.HEARTBEAT: _Heartbeat,
-    Capability.REVERT_TIMER: _RevertTimer,
-    Capability.SAFE_MODE: _SafeMode,
-    Capability.SOC_LIMITS: _SocLimits,
-}
-
-
-def _class_for(capabilities: frozenset[Capability]) -> type[SunSpecDriver]:
-    """The SunSpecDriver subclass with one mixin per capability (cached)."""
-    cls = SunSpecDriver._classes.get(capabilities)
-    if cls is None:
-        bases = tuple(m for cap, m in _MIXINS.items() if cap in capabilities) or (SunSpecDriver,)
-        name = "SunSpecDriver[" + ",".join(sorted(c.value for c in capabilities)) + "]"
-        cls = cast(type[SunSpecDriver], type(name, bases, {}))
-        SunSpecDriver._classes[capabilities] = cls
-    return cls
+    def _heartbeat_after(self, previous: int) -> int:
+        """1, 2, ... wrapping below the 0xFFFF "not implemented" marker."""
+        return previous % 0xFFFE + 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -1146,7 +980,7 @@ def _class_for(capabilities: frozenset[Capability]) -> type[SunSpecDriver]:
 _UNIT_MAGNITUDE = {"%": 100.0, "pct": 100.0, "v": 1000.0, "hz": 70.0, "secs": 0.0}
 
 
-class SunSpecImage:
+class SunSpecImage(FieldAccess):
     """A SunSpec register map in memory, implementing :class:`~drivers.registers.RegisterStore`.
 
     Points are addressed as ``"<model>.<point>"``; :meth:`set_point` / :meth:`get_point` work
@@ -1307,25 +1141,6 @@ class SunSpecImage:
     def get_register(self, register: str) -> float | str | None:
         """Same as :meth:`get_value`."""
         return self.get_value(register)
-
-    def field_spec(self, field: str) -> RegisterSpec:
-        """The register mapped to a semantic field."""
-        spec = self._profile.field_register(field)
-        if spec is None:
-            raise KeyError(f"profile {self._profile.name}: no field {field!r}")
-        return spec
-
-    def get_field(self, field: str) -> float | str | None:
-        """A semantic field in essd base units (W, Wh, s, ratio), None when not implemented."""
-        spec = self.field_spec(field)
-        v = self.get_value(spec.name)
-        return to_base(v, spec.unit) if isinstance(v, float | int) else v
-
-    def set_field(self, field: str, value: float | str, *, check_range: bool = True) -> None:
-        """Set a semantic field from essd base units (W, Wh, s, ratio)."""
-        spec = self.field_spec(field)
-        physical = value if isinstance(value, str) else from_base(value, spec.unit)
-        self.set_value(spec.name, physical, check_range=check_range)
 
 
 # Without ratings (a meter) the image assumes a 200 kW connection point.

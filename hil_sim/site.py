@@ -3,8 +3,8 @@
 Sign conventions: battery W > 0 discharges into the site, < 0 charges; grid W > 0 imports.
 Grid power at the connection point = load - PV used - sum(battery power).
 
-Series files (``profiles/sites/*.csv``) have the format essd's forecaster reads
-(:class:`essd.forecast.SeriesFile`): a ``time`` column (ISO 8601 with offset, or epoch seconds)
+Series files (``profiles/sites/*.csv``) have the format essd's forecaster reads, parsed by
+:func:`essd.forecast.read_series_csv`: a ``time`` column (ISO 8601 with offset, or epoch seconds)
 and any of ``load_w, pv_w, import_price, export_price, carbon_g_per_kwh``. A file spanning less
 than a day is a daily profile, repeated every day in the site's time zone; a longer one is read
 by absolute time and holds its end values. The simulator interpolates linearly between samples
@@ -18,8 +18,6 @@ grid's carbon intensity (525-635 g/kWh, lower at midday hydro and solar).
 
 from __future__ import annotations
 
-import csv
-import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from essd.clock import Clock
+from essd.forecast import SERIES_COLUMNS, read_series_csv
 from hil_sim.battery import Alarm
 from hil_sim.devices import MeterDevice, PortableDevice, StorageDevice
 
@@ -42,7 +41,6 @@ __all__ = [
     "Violation",
 ]
 
-SERIES_COLUMNS = ("load_w", "pv_w", "import_price", "export_price", "carbon_g_per_kwh")
 _DAY = 86_400.0
 
 
@@ -93,33 +91,9 @@ class SiteSeries:
     @classmethod
     def load(cls, path: Path, tz: ZoneInfo) -> SiteSeries:
         """Read a series CSV (SeriesError naming the file, line and column on bad input)."""
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise SeriesError(f"{path}: cannot read: {exc.strerror}") from None
-        rows = list(csv.DictReader(text.splitlines()))
-        if not rows:
-            raise SeriesError(f"{path}: no data rows")
-        header = list(rows[0].keys())
-        if "time" not in header:
-            raise SeriesError(f"{path}: time: column missing")
-        unknown = sorted(set(header) - {"time", *SERIES_COLUMNS})
-        if unknown:
-            raise SeriesError(f"{path}: {unknown[0]}: unknown column")
-        times: list[float] = []
-        cols: dict[str, list[float]] = {c: [] for c in SERIES_COLUMNS if c in header}
-        for i, row in enumerate(rows, start=2):
-            times.append(_parse_time(row["time"], tz, f"{path}: line {i}: time"))
-            for c, values in cols.items():
-                try:
-                    v = float(row[c])
-                except (TypeError, ValueError):
-                    raise SeriesError(f"{path}: line {i}: {c}: not a number") from None
-                if not math.isfinite(v):
-                    raise SeriesError(f"{path}: line {i}: {c}: not finite")
-                if c in ("load_w", "pv_w", "carbon_g_per_kwh") and v < 0:
-                    raise SeriesError(f"{path}: line {i}: {c}: must be >= 0, got {v:g}")
-                values.append(v)
+        times, cols = read_series_csv(
+            path, tz, error=SeriesError, non_negative=("load_w", "pv_w", "carbon_g_per_kwh")
+        )
         return cls(times, dict(cols), tz=tz, source=str(path))
 
     @classmethod
@@ -142,20 +116,6 @@ class SiteSeries:
     def values(self, column: str, times: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """``column`` at each epoch of ``times`` (for the scenario runner)."""
         return np.array([self.value(column, float(t)) for t in np.asarray(times)])
-
-
-def _parse_time(raw: str, tz: ZoneInfo, where: str) -> float:
-    try:
-        return float(raw)
-    except ValueError:
-        pass
-    try:
-        dt = datetime.fromisoformat(raw)
-    except ValueError:
-        raise SeriesError(f"{where}: not ISO 8601 or epoch seconds: {raw!r}") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=tz)
-    return dt.timestamp()
 
 
 @dataclass(frozen=True, slots=True)

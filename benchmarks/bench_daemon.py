@@ -11,7 +11,6 @@ import asyncio
 import gc
 import multiprocessing
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from essd.clock import SimClock
 from essd.config import Settings, load_settings
 from essd.daemon import build_controller
 from essd.events import CycleCompleted, EventBus
+from tests.support.net import free_port
 from tests.support.site import EXAMPLE, serve_static_site, write_config
 
 WARMUP = 5
@@ -113,13 +113,6 @@ async def _measure(
     return with_solve, without
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -156,7 +149,7 @@ def daemon_rss_mb(seconds: float = 30.0) -> tuple[float, float]:
                 served,
                 Path(tmp) / "essd.toml",
                 control={"cycle_period_s": 1.0, "setpoint_ttl_s": 10.0},
-                metrics={"port": _free_port()},
+                metrics={"port": free_port()},
             )
             daemon = subprocess.Popen(
                 [sys.executable, "-m", "essd", "run", "--config", str(config)],

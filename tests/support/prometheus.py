@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -50,6 +49,7 @@ from essd.events import (
     MqttConnectionChanged,
     SiteTotals,
 )
+from tests.support.net import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 OBSERVABILITY = ROOT / "observability"
@@ -71,10 +71,8 @@ def program(name: str) -> str:
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on the loopback interface that was free a moment ago."""
+    return _free_port()
 
 
 def http_get(url: str, *, timeout: float = 5.0) -> bytes:

@@ -71,9 +71,10 @@ def _serve(settings_json: str, conn: Connection) -> None:
                 tick += 1
                 # Static values would look frozen to the daemon (and rightly so).
                 for image in site.images.values():
+                    # Steps of 1 %: above every register's resolution.
                     for field, base in (("soc", 0.5), ("grid_power_w", 2000.0)):
                         if field in image.profile.fields:
-                            image.set_field(field, base * (1 + 0.001 * (tick % 2)))
+                            image.set_field(field, base * (1 + 0.01 * (tick % 2)))
                 await asyncio.sleep(0.05)
 
     asyncio.run(main())

@@ -268,6 +268,13 @@ class Controller:
                 source=source,
             )
         )
+        if grid is None and self.batteries and plan.rung < FallbackRung.SAFE_IDLE:
+            # The guard idled every battery: say so, whatever the optimizer had planned.
+            plan = replace(
+                plan,
+                rung=FallbackRung.SAFE_IDLE,
+                reason="no valid meter reading: every battery idles until it returns",
+            )
         phase["guard"] = time.perf_counter() - t
 
         t = time.perf_counter()

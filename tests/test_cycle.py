@@ -141,6 +141,8 @@ async def test_meter_loss_idles_every_battery(site: Site) -> None:
     site.meter.set_raw("total_system_power", float("nan"))  # the meter reports NaN
     event = await site.cycle()
     assert event.grid_power_w is None
+    assert event.plan.rung is FallbackRung.SAFE_IDLE
+    assert "meter" in event.plan.reason
     assert site.commanded_w() == 0.0
     assert event.setpoints["inv"].power_w == 0.0
 

@@ -168,6 +168,10 @@ from essd.schema import register as _register_schema  # noqa: E402
 
 _EXTENSIONS.append(_register_schema)
 
+from essd.hil.cli import register as _register_hil  # noqa: E402
+
+_EXTENSIONS.append(_register_hil)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``essd`` console script."""

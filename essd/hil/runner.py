@@ -1,0 +1,512 @@
+"""Run a scenario: the real control core against a simulated site, on a stepped clock.
+
+The daemon core (:func:`essd.daemon.build_controller`: real drivers, real Modbus over
+loopback, the real optimizer and safety supervisor) runs one cycle per ``cycle_period``; the
+clock is advanced by hand between cycles, in sub-steps of at most a minute, and the plant's
+true state is sampled at each sub-step. Faults start and clear on the timeline at sub-step
+boundaries. After the run the same site is solved offline with perfect knowledge of the true
+series (the optimizer's own LP over the whole scenario) to say how much of the achievable
+saving the daemon took.
+
+Battery W > 0 discharges into the site; grid W > 0 imports.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from drivers.factory import EndpointPool
+from essd.clock import SimClock
+from essd.config import ForecastConfig, Settings
+from essd.cycle import Controller
+from essd.daemon import build_controller
+from essd.domain import LiveLimits
+from essd.events import CycleCompleted, EventBus
+from essd.forecast import Forecaster
+from essd.hil.kpi import (
+    CostModel,
+    CycleRecord,
+    Kpis,
+    Limits,
+    PriceTrace,
+    Sample,
+    compute_kpis,
+    grid_cost,
+    unsafe_writes,
+)
+from essd.hil.plant import Plant, SiteTruth, open_stand_in_plant
+from essd.hil.scenario import Scenario
+from essd.optimizer import Dispatcher, DispatchInputs
+
+__all__ = [
+    "PlantFactory",
+    "RunResult",
+    "ScenarioSeries",
+    "check_expectations",
+    "cost_model",
+    "run_scenario",
+]
+
+log = logging.getLogger(__name__)
+
+SUBSTEP_S = 60.0
+
+
+class ScenarioSeries:
+    """The scenario's true series, as a CSV the forecaster reads and as functions of time."""
+
+    def __init__(self, scenario: Scenario, settings: Settings, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.path = workdir / "series.csv"
+        spec = scenario.series
+        if spec.file is not None:
+            self.path.write_text(
+                scenario.resolve(spec.file).read_text(encoding="utf-8"), encoding="utf-8"
+            )
+        else:
+            inline = spec.inline
+            assert inline is not None
+            cols = [
+                c
+                for c in ("load_w", "pv_w", "import_price", "export_price", "carbon_g_per_kwh")
+                if getattr(inline, c)
+            ]
+            with self.path.open("w", newline="", encoding="utf-8") as fh:
+                w = csv.writer(fh)
+                w.writerow(["time", *cols])
+                for k in range(len(inline.load_w)):
+                    t = scenario.start_epoch + k * inline.step_s
+                    w.writerow([f"{t:.0f}", *(getattr(inline, c)[k] for c in cols)])
+        self.config = ForecastConfig(
+            load="file",
+            pv="file",
+            series_file=self.path,
+            carbon_intensity_g_per_kwh=settings.forecast.carbon_intensity_g_per_kwh,
+        )
+        # The truth is read through the daemon's own forecaster: the same file, the same
+        # interpolation, the same tariff fallback for missing prices.
+        self._truth = Forecaster(self.config, settings.tariff, settings.site.timezone)
+        self._cache: dict[float, tuple[float, float, float, float, float]] = {}
+
+    def at(self, t: float) -> tuple[float, float, float, float, float]:
+        """(load W, PV W, import price, export price, carbon g/kWh) at epoch ``t``."""
+        hit = self._cache.get(t)
+        if hit is None:
+            f = self._truth.forecast(t, 60.0, 1)
+            hit = (
+                float(f.load_w[0]),
+                float(f.pv_w[0]),
+                float(f.import_price[0]),
+                float(f.export_price[0]),
+                float(f.carbon_g_per_kwh[0]),
+            )
+            self._cache[t] = hit
+        return hit
+
+    def load_w(self, t: float) -> float:
+        """True load (W)."""
+        return self.at(t)[0]
+
+    def pv_w(self, t: float) -> float:
+        """True available PV (W)."""
+        return self.at(t)[1]
+
+
+PlantFactory = Callable[
+    [Scenario, Settings, SimClock, ScenarioSeries], AbstractAsyncContextManager[Plant]
+]
+
+
+def stand_in_factory(
+    scenario: Scenario, settings: Settings, clock: SimClock, series: ScenarioSeries
+) -> AbstractAsyncContextManager[Plant]:
+    """The stand-in plant for ``scenario`` (hil_sim's simulated site replaces it)."""
+    return open_stand_in_plant(
+        settings,
+        clock=clock,
+        series=series,
+        initial_soc=scenario.site.initial_soc,
+        export_limiter=scenario.site.export_limiter,
+        delayed=sorted({f.device for f in scenario.faults if f.kind == "delay"}),
+    )
+
+
+@dataclass
+class RunResult:
+    """A finished run: its figures, the expectations that failed, and the raw traces."""
+
+    scenario: Scenario
+    kpis: Kpis
+    failures: list[str]
+    samples: list[Sample]
+    cycles: list[CycleRecord]
+    limits: Limits
+    settings: Settings
+    currency: str = "CNY"
+    report_dir: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """True when every expectation held."""
+        return not self.failures
+
+
+def _record(event: CycleCompleted, faults: tuple[str, ...]) -> CycleRecord:
+    errors = sum(sum(c.errors_total.values()) for c in event.device_counters.values())
+    writes = sum(c.writes_total for c in event.device_counters.values())
+    return CycleRecord(
+        cycle=event.cycle,
+        time=event.time,
+        rung=int(event.plan.rung),
+        reason=event.plan.reason,
+        setpoints_w={d: sp.power_w for d, sp in event.setpoints.items()},
+        device_states={d: s.value for d, s in event.device_states.items()},
+        grid_belief_w=event.grid_power_w,
+        modbus_errors=errors,
+        device_writes=writes,
+        active_faults=faults,
+        setpoint_sources={d: sp.source for d, sp in event.setpoints.items()},
+    )
+
+
+def _limits(controller: Controller, settings: Settings) -> Limits:
+    envs = {d.id: d.envelope for d in controller.batteries if d.envelope is not None}
+    return Limits(
+        reserve_soc={k: e.reserve_soc for k, e in envs.items()},
+        max_soc={k: e.max_soc for k, e in envs.items()},
+        max_charge_w={k: e.max_charge_w for k, e in envs.items()},
+        max_discharge_w={k: e.max_discharge_w for k, e in envs.items()},
+        import_limit_w=settings.site.grid_import_limit_w,
+        export_limit_w=settings.site.grid_export_limit_w,
+    )
+
+
+def cost_model(scenario: Scenario, settings: Settings) -> CostModel:
+    """The tariff terms the figures of ``scenario`` are costed with."""
+    return CostModel(
+        carbon_price_per_kg=settings.tariff.carbon_price_per_kg,
+        demand_charge_per_kw=settings.tariff.demand_charge_per_kw,
+        demand_window_s=settings.control.step_s,
+        export_limiter=scenario.site.export_limiter,
+        export_limit_w=settings.site.grid_export_limit_w,
+    )
+
+
+def perfect_foresight(
+    scenario: Scenario,
+    *,
+    controller: Controller,
+    series: ScenarioSeries,
+    first: SiteTruth,
+    final_soc: Mapping[str, float],
+    model: CostModel,
+) -> tuple[float | None, str]:
+    """Cost of the best dispatch knowing the true series, solved offline over the whole run.
+
+    The optimizer's own LP over the scenario, from the true initial SoC, must end at least
+    where the daemon ended (so stored energy is not counted as a saving); portable units are
+    unavailable while unplugged. Faults other than unplugging are unknown to it: the optimum
+    is an upper bound on what any controller could save.
+    """
+    if not controller.specs:
+        return None, "no batteries"
+    settings = controller.settings
+    step = settings.control.step_s
+    steps = max(1, math.ceil(scenario.duration / step))
+    start = scenario.start_epoch
+    times = [start + k * step for k in range(steps)]
+    values = [series.at(t) for t in times]
+    envs = {d.id: d.envelope for d in controller.batteries if d.envelope is not None}
+    availability: dict[str, list[bool]] = {}
+    for f in scenario.faults:
+        if f.kind == "unplugged" and f.device in envs:
+            row = availability.setdefault(f.device, [True] * steps)
+            for k, t in enumerate(times):
+                if start + f.at <= t < start + f.end or start + f.at < t + step <= start + f.end:
+                    row[k] = False
+    limiter = scenario.site.export_limiter
+    inputs = DispatchInputs(
+        time=start,
+        step_s=step,
+        soc={k: first.batteries[k].soc for k in envs},
+        limits={k: LiveLimits(e.max_charge_w, e.max_discharge_w) for k, e in envs.items()},
+        reserve_soc={k: min(e.reserve_soc, first.batteries[k].soc) for k, e in envs.items()},
+        max_soc={k: max(e.max_soc, first.batteries[k].soc) for k, e in envs.items()},
+        load_w=[v[0] for v in values],
+        pv_w=[v[1] for v in values],
+        import_price=[v[2] for v in values],
+        export_price=[v[3] for v in values],
+        availability=availability,
+        carbon_intensity=[v[4] / 1000.0 for v in values],
+        carbon_price_per_kg=model.carbon_price_per_kg,
+        demand_charge_per_kw=model.demand_charge_per_kw,
+        import_limit_w=settings.site.grid_import_limit_w,
+        export_limit_w=math.inf if limiter else settings.site.grid_export_limit_w,
+        terminal_soc={
+            k: min(max(final_soc.get(k, e.reserve_soc), e.reserve_soc), e.max_soc)
+            for k, e in envs.items()
+        },
+    )
+    dispatcher = Dispatcher(
+        controller.specs,
+        steps,
+        solver="HIGHS",
+        step_s=step,
+        change_cost_per_kw=0.0,
+        terminal_shortfall_cost_per_kwh=100.0,
+    )
+    plan = dispatcher.solve(inputs, budget_s=60.0, last_plan=None)
+    battery = np.zeros(steps)
+    for dev in plan.device_ids:
+        battery += np.asarray(plan.power_w[dev][:steps])
+    grid = [v[0] - v[1] - b for v, b in zip(values, battery.tolist(), strict=True)]
+    if limiter:
+        grid = [
+            max(g, -settings.site.grid_export_limit_w) if v[1] > 0 else g
+            for g, v in zip(grid, values, strict=True)
+        ]
+    trace = PriceTrace(
+        times=times,
+        dt_s=[step] * steps,
+        import_price=[v[2] for v in values],
+        export_price=[v[3] for v in values],
+        carbon_g_per_kwh=[v[4] for v in values],
+    )
+    cost = grid_cost(grid, trace, model)
+    return cost.total, f"rung {int(plan.rung)}: {plan.reason}"
+
+
+def _active(scenario: Scenario, offset: float) -> list[int]:
+    return [i for i, f in enumerate(scenario.faults) if f.at <= offset < f.end]
+
+
+def _fault_summary(
+    scenario: Scenario, cycles: Sequence[CycleRecord], unsafe: Sequence[str]
+) -> list[dict[str, Any]]:
+    start = scenario.start_epoch
+    out = []
+    for i, f in enumerate(scenario.faults):
+        label = f"{i}:{f.kind}:{f.device}"
+        during = [c for c in cycles if label in c.active_faults]
+        after = [c for c in cycles if c.time >= start + f.end]
+        states = sorted({c.device_states.get(f.device, "?") for c in during})
+        recovered_at = next(
+            (c.time - (start + f.end) for c in after if c.device_states.get(f.device) == "running"),
+            None,
+        )
+        out.append(
+            {
+                "index": i,
+                "kind": f.kind,
+                "device": f.device,
+                "at_s": f.at,
+                "duration_s": f.duration,
+                "cycles": len(during),
+                "worst_rung": max((c.rung for c in during), default=0),
+                "rungs": sorted({c.rung for c in during}),
+                "device_states": states,
+                "setpoint_sources": sorted({c.setpoint_sources.get(f.device, "-") for c in during}),
+                "setpoint_w_max": max(
+                    (abs(c.setpoints_w.get(f.device, 0.0)) for c in during), default=0.0
+                ),
+                "unsafe_writes": [
+                    u for u in unsafe if any(u.startswith(f"cycle {c.cycle}:") for c in during)
+                ],
+                "recovered_after_s": recovered_at,
+                "reasons": sorted({c.reason for c in during})[:3],
+            }
+        )
+    return out
+
+
+def check_expectations(kpis: Kpis, scenario: Scenario) -> list[str]:
+    """One line per expectation that failed, naming it (empty when all hold)."""
+    e = scenario.expect
+    fails = []
+    if kpis.violations > e.max_violations:
+        fails.append(
+            f"max_violations: {kpis.violations} violations > {e.max_violations} "
+            f"({dict(kpis.violations_by_kind)})"
+        )
+    if kpis.worst_rung > e.worst_rung:
+        fails.append(f"worst_rung: rung {kpis.worst_rung} reached, at most {e.worst_rung} allowed")
+    if e.max_cost_ratio is not None and (
+        kpis.cost_ratio is None or kpis.cost_ratio > e.max_cost_ratio
+    ):
+        fails.append(f"max_cost_ratio: cost/baseline {kpis.cost_ratio} > {e.max_cost_ratio}")
+    if e.min_savings is not None and kpis.savings < e.min_savings:
+        fails.append(f"min_savings: saved {kpis.savings:.2f} < {e.min_savings}")
+    if e.min_savings_vs_optimum is not None and (
+        kpis.savings_vs_optimum is None or kpis.savings_vs_optimum < e.min_savings_vs_optimum
+    ):
+        fails.append(
+            f"min_savings_vs_optimum: {kpis.savings_vs_optimum} of the perfect-foresight "
+            f"savings < {e.min_savings_vs_optimum}"
+        )
+    if e.max_peak_import_w is not None and kpis.peak_import_w > e.max_peak_import_w:
+        fails.append(
+            f"max_peak_import_w: peak import {kpis.peak_import_w:.0f} W > {e.max_peak_import_w}"
+        )
+    if e.max_export_wh is not None and kpis.exported_wh > e.max_export_wh:
+        fails.append(f"max_export_wh: exported {kpis.exported_wh:.0f} Wh > {e.max_export_wh}")
+    if e.min_self_consumption is not None and (
+        kpis.self_consumption_ratio is None or kpis.self_consumption_ratio < e.min_self_consumption
+    ):
+        fails.append(
+            f"min_self_consumption: {kpis.self_consumption_ratio} < {e.min_self_consumption}"
+        )
+    if kpis.unsafe_writes > e.max_unsafe_writes:
+        fails.append(f"max_unsafe_writes: {kpis.unsafe_writes} unsafe setpoints written")
+    if e.min_rung_during_faults is not None:
+        for f in kpis.faults:
+            if f["worst_rung"] < e.min_rung_during_faults:
+                fails.append(
+                    f"min_rung_during_faults: fault {f['index']} ({f['kind']} on {f['device']}) "
+                    f"left the ladder at rung {f['worst_rung']}"
+                )
+    return fails
+
+
+@dataclass
+class _Session:
+    """One run in progress: drives cycles and the clock, switches faults, samples the truth."""
+
+    scenario: Scenario
+    plant: Plant
+    controller: Controller
+    clock: SimClock
+    series: ScenarioSeries
+    samples: list[Sample] = field(default_factory=list)
+    cycles: list[CycleRecord] = field(default_factory=list)
+    active: set[int] = field(default_factory=set)
+
+    def label(self, i: int) -> str:
+        f = self.scenario.faults[i]
+        return f"{i}:{f.kind}:{f.device}"
+
+    def sync_faults(self) -> tuple[str, ...]:
+        """Start and clear faults so that those of the timeline at the clock's now are on."""
+        want = set(_active(self.scenario, self.clock.now() - self.scenario.start_epoch))
+        for i in sorted(self.active - want):
+            self.plant.set_fault(self.scenario.faults[i], False)
+        for i in sorted(want - self.active):
+            self.plant.set_fault(self.scenario.faults[i], True)
+        self.active = want
+        return tuple(self.label(i) for i in sorted(want))
+
+    def clear_faults(self) -> None:
+        """Clear every fault still on (the run ended or failed)."""
+        for i in sorted(self.active):
+            self.plant.set_fault(self.scenario.faults[i], False)
+        self.active = set()
+
+    async def run(self) -> None:
+        """Every cycle of the scenario, the clock stepped in between."""
+        sc = self.scenario
+        period = sc.cycle_period
+        sub = min(SUBSTEP_S, period)
+        for k in range(sc.cycles):
+            t_cycle = sc.start_epoch + k * period
+            if sc.speed is None:
+                self.clock.set(max(t_cycle, self.clock.now()))
+            faults = self.sync_faults()
+            event = await self.controller.run_cycle()
+            self.cycles.append(_record(event, faults))
+            end = t_cycle + period
+            first = True
+            while self.clock.now() < end - 1e-6:
+                t = self.clock.now()
+                dt = min(sub, end - t)
+                if not first:
+                    faults = self.sync_faults()
+                _, _, pi, pe, ci = self.series.at(t)
+                self.samples.append(Sample(t, dt, self.plant.truth(), pi, pe, ci, first, faults))
+                first = False
+                if sc.speed is None:
+                    self.clock.advance(dt)
+                else:
+                    await self.clock.sleep(dt)
+
+
+async def run_scenario(
+    scenario: Scenario,
+    settings: Settings,
+    *,
+    workdir: Path,
+    plant_factory: PlantFactory = stand_in_factory,
+    progress: Callable[[CycleCompleted], None] | None = None,
+) -> RunResult:
+    """Run ``scenario`` to the end and return its figures (no files but the series CSV)."""
+    wall0 = time.perf_counter()
+    series = ScenarioSeries(scenario, settings, workdir)
+    forecast = series.config
+    if scenario.series.forecast == "learned":
+        forecast = forecast.model_copy(update={"load": "daily-profile", "pv": "none"})
+    settings = settings.model_copy(update={"forecast": forecast})
+    clock = SimClock(scenario.start_epoch, speed=scenario.speed)
+    bus = EventBus()
+    if progress is not None:
+        report = progress
+        bus.subscribe(lambda ev: report(ev) if isinstance(ev, CycleCompleted) else None)
+    async with plant_factory(scenario, settings, clock, series) as plant:
+        served = plant.settings.model_copy(update={"forecast": forecast})
+        pool = EndpointPool(clock=clock)
+        controller = build_controller(served, clock=clock, bus=bus, pool=pool)
+        first = plant.truth()
+        session = _Session(scenario, plant, controller, clock, series)
+        try:
+            await session.run()
+        finally:
+            await controller.safe_stop(1.0)
+            await pool.close()
+            session.clear_faults()
+    samples, cycles = session.samples, session.cycles
+    wall = time.perf_counter() - wall0
+    limits = _limits(controller, served)
+    model = cost_model(scenario, served)
+    final = {d: b.soc for d, b in samples[-1].truth.batteries.items()} if samples else {}
+    try:
+        opt_cost, opt_status = perfect_foresight(
+            scenario,
+            controller=controller,
+            series=series,
+            first=first,
+            final_soc=final,
+            model=model,
+        )
+    except Exception as exc:  # a failed offline solve must not hide the run's own figures
+        log.warning("perfect-foresight solve failed: %s", exc)
+        opt_cost, opt_status = None, f"failed: {exc}"
+    unsafe = unsafe_writes(samples, cycles)
+    kpis = compute_kpis(
+        scenario=scenario.name,
+        samples=samples,
+        cycles=cycles,
+        limits=limits,
+        model=model,
+        wall_s=wall,
+        optimum_cost=opt_cost,
+        optimum_status=opt_status,
+        faults=_fault_summary(scenario, cycles, unsafe),
+    )
+    return RunResult(
+        scenario=scenario,
+        kpis=kpis,
+        failures=check_expectations(kpis, scenario),
+        samples=samples,
+        cycles=cycles,
+        limits=limits,
+        settings=served,
+        currency=served.tariff.currency,
+    )

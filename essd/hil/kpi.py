@@ -97,6 +97,7 @@ class Limits:
     max_discharge_w: Mapping[str, float]
     import_limit_w: float
     export_limit_w: float
+    site_tolerance_w: float = SITE_TOL_W
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +220,8 @@ class Kpis:
     battery_throughput_wh: float
     equivalent_full_cycles: float
     final_soc: Mapping[str, float]
+    max_import_excess_w: float
+    max_export_excess_w: float
     violations: int
     violations_by_kind: Mapping[str, int]
     violation_examples: Sequence[Mapping[str, Any]]
@@ -260,9 +263,10 @@ def violations_of(samples: Sequence[Sample], limits: Limits) -> list[Violation]:
                 out.append(Violation(s.time, "charge_limit", dev, -b.commanded_w, ch))
             if b.commanded_w > dis * (1 + POWER_TOL_RATIO) + POWER_TOL_W:
                 out.append(Violation(s.time, "discharge_limit", dev, b.commanded_w, dis))
-        if s.dt_s > 0 and t.grid_w > limits.import_limit_w + SITE_TOL_W:
+        tol = limits.site_tolerance_w
+        if s.dt_s > 0 and t.grid_w > limits.import_limit_w + tol:
             out.append(Violation(s.time, "import_limit", "site", t.grid_w, limits.import_limit_w))
-        if s.dt_s > 0 and -t.grid_w > limits.export_limit_w + SITE_TOL_W:
+        if s.dt_s > 0 and -t.grid_w > limits.export_limit_w + tol:
             out.append(Violation(s.time, "export_limit", "site", -t.grid_w, limits.export_limit_w))
     return out
 
@@ -379,6 +383,12 @@ def compute_kpis(
         battery_throughput_wh=charged + discharged,
         equivalent_full_cycles=discharged / capacity if capacity > 0 else 0.0,
         final_soc=final,
+        max_import_excess_w=max(
+            (s.truth.grid_w - limits.import_limit_w for s in samples if s.dt_s > 0), default=0.0
+        ),
+        max_export_excess_w=max(
+            (-s.truth.grid_w - limits.export_limit_w for s in samples if s.dt_s > 0), default=0.0
+        ),
         violations=len(viol),
         violations_by_kind=dict(Counter(v.kind for v in viol)),
         violation_examples=[asdict(v) for v in viol[:10]],

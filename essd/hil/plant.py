@@ -115,7 +115,7 @@ class Plant(Protocol):
 @dataclass
 class _Faults:
     silent: bool = False
-    exception: bool = False
+    exception: int = 0  # Modbus exception code answered to every request, 0 = none
     frozen: bool = False
     ignore_writes: bool = False
     bms: bool = False
@@ -139,7 +139,7 @@ class _FaultyStore:
         if self.faults.silent or self.faults.unplugged:
             raise NoResponse
         if self.faults.exception:
-            raise RegisterAccessError(ModbusExceptionCode.SERVER_DEVICE_FAILURE)
+            raise RegisterAccessError(ModbusExceptionCode(self.faults.exception))
 
     def read(self, table: Table, address: int, count: int) -> list[int]:
         """Advance the plant, then answer from the image (unless a fault says otherwise)."""
@@ -274,7 +274,7 @@ class _Unit:
             self.energy_wh -= drawn
         self.energy_wh = min(max(self.energy_wh, 0.0), self.capacity_wh)
 
-    def publish(self) -> None:
+    def publish(self, now: float) -> None:
         """Measurements into the registers (skipped while frozen)."""
         if self.faults.frozen:
             return
@@ -283,10 +283,10 @@ class _Unit:
         ch, dis = self.limits()
         values: dict[str, float] = {"soc": soc}
         if self.kind in ("pcs", "forcible"):
-            # A real unit's measurement wobbles; a constant one is what "frozen" looks like.
-            values["power_w"] = self.power_w + (
-                _noise(self.written_at or 0.0, 2.0) if self.power_w else 0.0
-            )
+            # A real unit's measurement wobbles (about 0.2 % of the rating, above the register's
+            # resolution); a constant one is what "frozen" looks like.
+            amplitude = max(5.0, 0.002 * self.profile.ratings.max_discharge_w)
+            values["power_w"] = self.power_w + (_noise(now, amplitude) if self.power_w else 0.0)
         elif self.kind == "setpoint":
             values["ac_output_w"] = max(self.power_w, 0.0)
             values["ac_input_w"] = max(-self.power_w, 0.0)
@@ -360,6 +360,8 @@ class StandInPlant:
     served: Settings | None = None
     _t: float = 0.0
     _faults: dict[str, _Faults] = field(default_factory=dict)
+    servers: dict[str, ModbusServer] = field(default_factory=dict)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _pv_used: float = 0.0
     _grid: float = 0.0
 
@@ -388,7 +390,7 @@ class StandInPlant:
             ch, dis = u.limits()
             cmd = u.command_w if now < u.expires_at else 0.0
             u.power_w = 0.0 if u.faults.unplugged else min(max(cmd, -ch), dis)
-            u.publish()
+            u.publish(now)
         self._balance(now)
 
     def _balance(self, now: float) -> None:
@@ -404,7 +406,9 @@ class StandInPlant:
         self._grid = load - pv_used - bat
         if self.meter is not None and not self.meter.faults.frozen:
             self.meter.image.set_field(
-                "grid_power_w", self._grid + _noise(now, 3.0), check_range=False
+                "grid_power_w",
+                self._grid + _noise(now, 3.0 + 0.001 * abs(self._grid)),
+                check_range=False,
             )
 
     def _on_write(self, dev_id: str) -> Callable[[tuple[str, ...]], None]:
@@ -451,7 +455,7 @@ class StandInPlant:
         if kind in ("comm_loss", "meter_loss"):
             f.silent = active
         elif kind == "exception_responses":
-            f.exception = active
+            f.exception = fault.code if active else 0
         elif kind == "frozen_registers":
             f.frozen = active
         elif kind == "ignored_writes":
@@ -466,11 +470,28 @@ class StandInPlant:
             unit = self.units.get(fault.device)
             if unit is not None and active:
                 unit.command_w = 0.0  # unplugged: the charge setting is lost with the link
-        elif kind == "mode_reset" and active:
+        else:
+            self._connection_fault(fault, active)
+        self.advance()
+
+    def _connection_fault(self, fault: FaultSpec, active: bool) -> None:
+        """Mode reset (a device restart), dropped and refused connections."""
+        server = self.servers[fault.device]
+        if fault.kind == "mode_reset" and active:
             unit = self.units.get(fault.device)
             if unit is not None:
                 unit.mode_reset()
-        self.advance()
+            server.drop_connections()  # a restarted device has forgotten its connections
+        elif fault.kind == "connection_drop" and active:
+            server.drop_connections()
+        elif fault.kind == "connection_refused":
+            if active:
+                server.drop_connections()
+            task = asyncio.get_running_loop().create_task(
+                server.refuse_connections() if active else server.accept_connections()
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
 
 async def _pipe(
@@ -568,6 +589,7 @@ async def open_stand_in_plant(
             unit_id = getattr(dev.transport, "unit", 1)
             server = ModbusServer.tcp({unit_id: store}, framing=framing)
             await stack.enter_async_context(server)
+            plant.servers[dev.id] = server
             port = server.port
             if dev.id in delayed:
                 port = await stack.enter_async_context(_delay_proxy(server.port, _delay_of(faults)))

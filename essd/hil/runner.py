@@ -20,10 +20,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import numpy as np
+import numpy.typing as npt
 
 from drivers.factory import EndpointPool
 from essd.clock import SimClock
@@ -45,7 +48,7 @@ from essd.hil.kpi import (
     unsafe_writes,
 )
 from essd.hil.plant import Plant, SiteTruth, open_stand_in_plant
-from essd.hil.scenario import Scenario
+from essd.hil.scenario import INSTANT_KINDS, Scenario
 from essd.optimizer import Dispatcher, DispatchInputs
 
 __all__ = [
@@ -87,16 +90,35 @@ class ScenarioSeries:
                 for k in range(len(inline.load_w)):
                     t = scenario.start_epoch + k * inline.step_s
                     w.writerow([f"{t:.0f}", *(getattr(inline, c)[k] for c in cols)])
-        self.config = ForecastConfig(
+        # Prices are read through the daemon's own forecaster (the same file, the same tariff
+        # fallback): a price holds until the next sample. Load and PV are interpolated linearly
+        # between samples, as hil_sim does: a real load does not jump every quarter hour.
+        self._tz = ZoneInfo(settings.site.timezone)
+        source = ForecastConfig(
             load="file",
             pv="file",
             series_file=self.path,
             carbon_intensity_g_per_kwh=settings.forecast.carbon_intensity_g_per_kwh,
         )
-        # The truth is read through the daemon's own forecaster: the same file, the same
-        # interpolation, the same tariff fallback for missing prices.
-        self._truth = Forecaster(self.config, settings.tariff, settings.site.timezone)
+        self._truth = Forecaster(source, settings.tariff, settings.site.timezone)
+        self._truth_carbon_default = settings.forecast.carbon_intensity_g_per_kwh
+        self._table = _read_table(self.path, self._tz)
         self._cache: dict[float, tuple[float, float, float, float, float]] = {}
+
+    def _linear(self, column: str, t: float) -> float:
+        times, daily, cols = self._table
+        values = cols.get(column)
+        if values is None:
+            return 0.0
+        if daily:
+            day = datetime.fromtimestamp(t, tz=self._tz)
+            midnight = day.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+            x = t - midnight
+            # Wrap around midnight: the day's first sample follows its last.
+            xs = np.concatenate([times - 86_400.0, times, times + 86_400.0])
+            ys = np.concatenate([values, values, values])
+            return float(np.interp(x, xs, ys))
+        return float(np.interp(t, times, values))
 
     def at(self, t: float) -> tuple[float, float, float, float, float]:
         """(load W, PV W, import price, export price, carbon g/kWh) at epoch ``t``."""
@@ -104,14 +126,32 @@ class ScenarioSeries:
         if hit is None:
             f = self._truth.forecast(t, 60.0, 1)
             hit = (
-                float(f.load_w[0]),
-                float(f.pv_w[0]),
+                self._linear("load_w", t),
+                self._linear("pv_w", t),
                 float(f.import_price[0]),
                 float(f.export_price[0]),
                 float(f.carbon_g_per_kwh[0]),
             )
             self._cache[t] = hit
         return hit
+
+    def write_forecast(self, path: Path, start: float, end: float, step_s: float) -> ForecastConfig:
+        """The truth resampled every ``step_s`` from ``start`` to ``end`` as the daemon's series
+        file ("perfect" forecasts: the daemon holds each sample, so a fine resampling keeps its
+        view of the linear truth close)."""
+        with path.open("w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["time", *_COLUMNS])
+            t = start
+            while t <= end:
+                w.writerow([f"{t:.0f}", *(f"{v:.6g}" for v in self.at(t))])
+                t += step_s
+        return ForecastConfig(
+            load="file",
+            pv="file",
+            series_file=path,
+            carbon_intensity_g_per_kwh=self._truth_carbon_default,
+        )
 
     def load_w(self, t: float) -> float:
         """True load (W)."""
@@ -121,6 +161,39 @@ class ScenarioSeries:
         """True available PV (W)."""
         return self.at(t)[1]
 
+
+def _read_table(
+    path: Path, tz: ZoneInfo
+) -> tuple[npt.NDArray[np.float64], bool, dict[str, npt.NDArray[np.float64]]]:
+    """Sample times and load/PV columns of a series CSV; daily files as seconds of the day."""
+    with path.open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    times = []
+    for row in rows:
+        raw = row["time"]
+        try:
+            times.append(float(raw))
+        except ValueError:
+            dt = datetime.fromisoformat(raw)
+            times.append((dt if dt.tzinfo else dt.replace(tzinfo=tz)).timestamp())
+    t = np.asarray(times, dtype=np.float64)
+    cols = {
+        c: np.asarray([float(r[c]) for r in rows], dtype=np.float64)
+        for c in ("load_w", "pv_w")
+        if rows and c in rows[0]
+    }
+    daily = float(t[-1] - t[0]) < 86_400.0
+    if daily:
+        first = datetime.fromtimestamp(float(t[0]), tz=tz)
+        midnight = first.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+        offsets = (t - midnight) % 86_400.0
+        order = np.argsort(offsets)
+        t = offsets[order]
+        cols = {c: v[order] for c, v in cols.items()}
+    return t, daily, cols
+
+
+_COLUMNS = ("load_w", "pv_w", "import_price", "export_price", "carbon_g_per_kwh")
 
 PlantFactory = Callable[
     [Scenario, Settings, SimClock, ScenarioSeries], AbstractAsyncContextManager[Plant]
@@ -180,15 +253,18 @@ def _record(event: CycleCompleted, faults: tuple[str, ...]) -> CycleRecord:
     )
 
 
-def _limits(controller: Controller, settings: Settings) -> Limits:
+def _limits(controller: Controller, settings: Settings, scenario: Scenario) -> Limits:
     envs = {d.id: d.envelope for d in controller.batteries if d.envelope is not None}
+    spec = scenario.site
+    imp, exp = spec.grid_import_limit_w, spec.grid_export_limit_w
     return Limits(
         reserve_soc={k: e.reserve_soc for k, e in envs.items()},
         max_soc={k: e.max_soc for k, e in envs.items()},
         max_charge_w={k: e.max_charge_w for k, e in envs.items()},
         max_discharge_w={k: e.max_discharge_w for k, e in envs.items()},
-        import_limit_w=settings.site.grid_import_limit_w,
-        export_limit_w=settings.site.grid_export_limit_w,
+        import_limit_w=settings.site.grid_import_limit_w if imp is None else imp,
+        export_limit_w=settings.site.grid_export_limit_w if exp is None else exp,
+        site_tolerance_w=scenario.expect.site_limit_tolerance_w,
     )
 
 
@@ -287,8 +363,11 @@ def perfect_foresight(
     return cost.total, f"rung {int(plan.rung)}: {plan.reason}"
 
 
-def _active(scenario: Scenario, offset: float) -> list[int]:
-    return [i for i, f in enumerate(scenario.faults) if f.at <= offset < f.end]
+def report_window(scenario: Scenario, i: int) -> tuple[float, float]:
+    """Offsets (s) during which cycles are attributed to fault ``i``: its duration, or two
+    cycles for an instant fault (a mode reset, a dropped connection)."""
+    f = scenario.faults[i]
+    return f.at, max(f.end, f.at + 2 * scenario.cycle_period)
 
 
 def _fault_summary(
@@ -299,7 +378,7 @@ def _fault_summary(
     for i, f in enumerate(scenario.faults):
         label = f"{i}:{f.kind}:{f.device}"
         during = [c for c in cycles if label in c.active_faults]
-        after = [c for c in cycles if c.time >= start + f.end]
+        after = [c for c in cycles if c.time >= start + report_window(scenario, i)[1]]
         states = sorted({c.device_states.get(f.device, "?") for c in during})
         recovered_at = next(
             (c.time - (start + f.end) for c in after if c.device_states.get(f.device) == "running"),
@@ -390,25 +469,36 @@ class _Session:
     samples: list[Sample] = field(default_factory=list)
     cycles: list[CycleRecord] = field(default_factory=list)
     active: set[int] = field(default_factory=set)
+    started: set[int] = field(default_factory=set)
 
     def label(self, i: int) -> str:
         f = self.scenario.faults[i]
         return f"{i}:{f.kind}:{f.device}"
 
     def sync_faults(self) -> tuple[str, ...]:
-        """Start and clear faults so that those of the timeline at the clock's now are on."""
-        want = set(_active(self.scenario, self.clock.now() - self.scenario.start_epoch))
-        for i in sorted(self.active - want):
-            self.plant.set_fault(self.scenario.faults[i], False)
-        for i in sorted(want - self.active):
-            self.plant.set_fault(self.scenario.faults[i], True)
-        self.active = want
-        return tuple(self.label(i) for i in sorted(want))
+        """Start and end faults due by the clock's now; the labels of those in their window."""
+        offset = self.clock.now() - self.scenario.start_epoch
+        for i, f in enumerate(self.scenario.faults):
+            if i not in self.started and f.at <= offset:
+                self.started.add(i)
+                self.plant.set_fault(f, True)
+                self.active.add(i)
+            if i in self.active and (f.kind in INSTANT_KINDS or f.end <= offset):
+                if f.kind not in INSTANT_KINDS:
+                    self.plant.set_fault(f, False)
+                self.active.discard(i)
+        return tuple(
+            self.label(i)
+            for i in range(len(self.scenario.faults))
+            if report_window(self.scenario, i)[0] <= offset < report_window(self.scenario, i)[1]
+        )
 
     def clear_faults(self) -> None:
-        """Clear every fault still on (the run ended or failed)."""
+        """End every fault still on (the run ended or failed)."""
         for i in sorted(self.active):
-            self.plant.set_fault(self.scenario.faults[i], False)
+            f = self.scenario.faults[i]
+            if f.kind not in INSTANT_KINDS:
+                self.plant.set_fault(f, False)
         self.active = set()
 
     async def run(self) -> None:
@@ -450,7 +540,13 @@ async def run_scenario(
     """Run ``scenario`` to the end and return its figures (no files but the series CSV)."""
     wall0 = time.perf_counter()
     series = ScenarioSeries(scenario, settings, workdir)
-    forecast = series.config
+    horizon = settings.control.step_s * settings.control.horizon_steps
+    forecast = series.write_forecast(
+        workdir / "forecast.csv",
+        scenario.start_epoch,
+        scenario.start_epoch + scenario.duration + horizon,
+        min(scenario.cycle_period, 300.0),
+    )
     if scenario.series.forecast == "learned":
         forecast = forecast.model_copy(update={"load": "daily-profile", "pv": "none"})
     settings = settings.model_copy(update={"forecast": forecast})
@@ -473,7 +569,7 @@ async def run_scenario(
             session.clear_faults()
     samples, cycles = session.samples, session.cycles
     wall = time.perf_counter() - wall0
-    limits = _limits(controller, served)
+    limits = _limits(controller, served, scenario)
     model = cost_model(scenario, served)
     final = {d: b.soc for d, b in samples[-1].truth.batteries.items()} if samples else {}
     try:

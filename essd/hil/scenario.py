@@ -61,7 +61,11 @@ FAULT_KINDS = (
     "bms_fault",  # the BMS raises an alarm and its limits go to 0
     "meter_loss",  # the site meter stops answering
     "unplugged",  # a portable unit leaves the site (no answer, no power exchange)
+    "connection_drop",  # every open connection is cut once (clients must reconnect)
+    "connection_refused",  # connections cut and new ones refused for the duration
 )
+# Kinds that happen at one instant (``duration`` may be 0); the others last ``duration``.
+INSTANT_KINDS = frozenset({"mode_reset", "connection_drop"})
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
@@ -108,6 +112,14 @@ class SiteSpec(_Strict):
     )
     initial_soc: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
         default_factory=dict, description="true SoC per device at the start (ratio)"
+    )
+    grid_import_limit_w: Annotated[float, Field(ge=0)] | None = Field(
+        None,
+        description="the contractual import limit the run is checked against (W); default: the "
+        "configured one (an integrator may configure essd with a margin below it)",
+    )
+    grid_export_limit_w: Annotated[float, Field(ge=0)] | None = Field(
+        None, description="the contractual export limit checked (W); default: the configured one"
     )
     export_limiter: bool = Field(
         False,
@@ -180,19 +192,28 @@ class FaultSpec(_Strict):
         "bms_fault",
         "meter_loss",
         "unplugged",
+        "connection_drop",
+        "connection_refused",
     ]
     device: str = Field(min_length=1)
     at: Seconds = Field(description="offset from the scenario start")
-    duration: Seconds = Field(gt=0)
+    duration: Seconds = 0.0
     delay_s: Annotated[float, Field(gt=0, le=5.0)] | None = Field(
         None, description="for kind delay: real seconds added to every answer"
     )
     away_use_w: Annotated[float, Field(ge=0)] = Field(
         0.0, description="for kind unplugged: what the campers draw from the unit while away"
     )
+    code: Literal[1, 2, 3, 4, 6] = Field(
+        4, description="for kind exception_responses: the Modbus exception code answered"
+    )
 
     @model_validator(mode="after")
     def _params(self) -> Self:
+        if self.kind not in INSTANT_KINDS and self.duration <= 0:
+            raise ValueError(f"duration: must be > 0 for kind {self.kind}")
+        if self.kind != "exception_responses" and "code" in self.model_fields_set:
+            raise ValueError("code: only for kind exception_responses")
         if self.kind == "delay" and self.delay_s is None:
             raise ValueError("delay_s: required for kind delay")
         if self.kind != "delay" and self.delay_s is not None:
@@ -211,6 +232,11 @@ class Expectations(_Strict):
     """What the run must show; every one that fails is named in the exit message."""
 
     max_violations: Annotated[int, Field(ge=0)] = 0
+    site_limit_tolerance_w: Annotated[float, Field(ge=0)] = Field(
+        1.0,
+        description="how far (W) the grid may pass a site limit before it counts as a violation "
+        "(anti-backflow relays trip above a threshold, not at 0 W)",
+    )
     worst_rung: Annotated[int, Field(ge=1, le=5)] = 5
     max_cost_ratio: Annotated[float, Field(gt=0)] | None = Field(
         None, description="cost at most this fraction of the no-battery baseline"

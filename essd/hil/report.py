@@ -197,9 +197,9 @@ def _markdown(result: RunResult) -> str:
         lines += [
             "## Faults",
             "",
-            "| # | kind | device | at | for | rungs | device states | setpoint sources "
-            "| max |setpoint| | unsafe writes | recovered after |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| # | kind | device | at | for | plan rungs | device states | setpoint sources "
+            "| cycles at safe idle | max setpoint | unsafe writes | running again after |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for f in k.faults:
             rec = f["recovered_after_s"]
@@ -207,6 +207,7 @@ def _markdown(result: RunResult) -> str:
                 f"| {f['index']} | {f['kind']} | {f['device']} | {f['at_s'] / 3600:.2f} h "
                 f"| {f['duration_s'] / 60:.0f} min | {f['rungs']} | "
                 f"{', '.join(f['device_states'])} | {', '.join(f['setpoint_sources'])} | "
+                f"{f['safe_idle_cycles']}/{f['cycles']} | "
                 f"{f['setpoint_w_max']:.0f} W | {len(f['unsafe_writes'])} | "
                 f"{'n/a' if rec is None else f'{rec:.0f} s'} |"
             )

@@ -48,7 +48,7 @@ from essd.hil.kpi import (
     unsafe_writes,
 )
 from essd.hil.plant import Plant, SiteTruth, open_stand_in_plant
-from essd.hil.scenario import INSTANT_KINDS, Scenario
+from essd.hil.scenario import INSTANT_KINDS, FaultSpec, Scenario
 from essd.optimizer import Dispatcher, DispatchInputs
 
 __all__ = [
@@ -377,6 +377,10 @@ def _fault_summary(
     out = []
     for i, f in enumerate(scenario.faults):
         label = f"{i}:{f.kind}:{f.device}"
+
+        def concerned(c: CycleRecord, f: FaultSpec = f) -> list[str]:
+            return sorted(c.setpoints_w) if f.kind == "meter_loss" else [f.device]
+
         during = [c for c in cycles if label in c.active_faults]
         after = [c for c in cycles if c.time >= start + report_window(scenario, i)[1]]
         states = sorted({c.device_states.get(f.device, "?") for c in during})
@@ -396,8 +400,19 @@ def _fault_summary(
                 "rungs": sorted({c.rung for c in during}),
                 "device_states": states,
                 "setpoint_sources": sorted({c.setpoint_sources.get(f.device, "-") for c in during}),
+                # For a meter fault every unit is concerned: without the meter the site limits
+                # cannot be verified, so all of them must idle.
                 "setpoint_w_max": max(
-                    (abs(c.setpoints_w.get(f.device, 0.0)) for c in during), default=0.0
+                    (abs(c.setpoints_w.get(d, 0.0)) for c in during for d in concerned(c)),
+                    default=0.0,
+                ),
+                "safe_idle_cycles": sum(
+                    1
+                    for c in during
+                    if all(
+                        c.setpoint_sources.get(d) == "safe" or c.setpoints_w.get(d, 0.0) == 0.0
+                        for d in concerned(c)
+                    )
                 ),
                 "unsafe_writes": [
                     u for u in unsafe if any(u.startswith(f"cycle {c.cycle}:") for c in during)

@@ -288,8 +288,9 @@ class _Unit:
             amplitude = max(5.0, 0.002 * self.profile.ratings.max_discharge_w)
             values["power_w"] = self.power_w + (_noise(now, amplitude) if self.power_w else 0.0)
         elif self.kind == "setpoint":
-            values["ac_output_w"] = max(self.power_w, 0.0)
-            values["ac_input_w"] = max(-self.power_w, 0.0)
+            wobble = _noise(now, 5.0) if self.power_w else 0.0
+            values["ac_output_w"] = max(self.power_w + wobble, 0.0)
+            values["ac_input_w"] = max(-self.power_w - wobble, 0.0)
         else:
             values["ac_input_w"] = max(-self.power_w, 0.0)
             values["ac_output_w"] = 0.0
@@ -361,6 +362,8 @@ class StandInPlant:
     _t: float = 0.0
     _faults: dict[str, _Faults] = field(default_factory=dict)
     servers: dict[str, ModbusServer] = field(default_factory=dict)
+    _fresh_at: float | None = None
+    _dirty: bool = True
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _pv_used: float = 0.0
     _grid: float = 0.0
@@ -374,6 +377,8 @@ class StandInPlant:
     def advance(self) -> None:
         """Integrate every unit to the clock's now and refresh the registers."""
         now = self.clock.now()
+        if now == self._fresh_at and not self._dirty:
+            return  # every request of a cycle comes at the same instant: nothing moved
         t = self._t
         # Sub-steps of at most a minute, so a SoC bound or a revert timer lands close to when
         # it happens and load/PV are sampled often.
@@ -392,6 +397,7 @@ class StandInPlant:
             u.power_w = 0.0 if u.faults.unplugged else min(max(cmd, -ch), dis)
             u.publish(now)
         self._balance(now)
+        self._fresh_at, self._dirty = now, False
 
     def _balance(self, now: float) -> None:
         load = self.series.load_w(now)
@@ -415,6 +421,7 @@ class StandInPlant:
         def listener(_names: tuple[str, ...]) -> None:
             self.advance()  # the old command acted until now
             self.units[dev_id].decode(self.clock.now())
+            self._dirty = True
             self.advance()
 
         return listener
@@ -472,6 +479,7 @@ class StandInPlant:
                 unit.command_w = 0.0  # unplugged: the charge setting is lost with the link
         else:
             self._connection_fault(fault, active)
+        self._dirty = True
         self.advance()
 
     def _connection_fault(self, fault: FaultSpec, active: bool) -> None:

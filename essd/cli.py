@@ -107,6 +107,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from drivers.profile import ProfileError  # noqa: PLC0415
 
     path: Path = args.config
+    if (args.sim_start is not None or args.sim_anchor is not None) and args.sim_speed is None:
+        _err("--sim-start/--sim-anchor: need --sim-speed")
+        return EXIT_INVALID
+    if args.sim_speed is not None and not 0 < args.sim_speed <= 1e6:
+        _err(f"--sim-speed: must be in (0, 1e6], got {args.sim_speed}")
+        return EXIT_INVALID
     try:
         settings = load_settings(path)
     except ConfigError as exc:
@@ -119,10 +125,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             _err(line)
         return EXIT_INVALID
     configure_logging(args.log_level or settings.logging.level, settings.logging.format)
+    from essd.clock import Clock, RealClock, SimClock  # noqa: PLC0415
     from essd.daemon import Daemon  # noqa: PLC0415 - heavy imports (cvxpy) only when running
 
+    clock: Clock = RealClock()
+    if args.sim_speed is not None:
+        clock = SimClock(
+            args.sim_start if args.sim_start is not None else 0.0,
+            speed=args.sim_speed,
+            anchor_wall=args.sim_anchor,
+        )
     try:
-        return asyncio.run(Daemon(settings=settings).run())
+        return asyncio.run(Daemon(settings=settings, clock=clock).run())
     except ProfileError as exc:
         _err(str(exc))
         return EXIT_INVALID
@@ -140,6 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the daemon (production)")
     r.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH, help="TOML file")
     r.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=None)
+    hil = r.add_argument_group(
+        "simulated time (hardware-in-the-loop against `essd sim` only, never on a real site)"
+    )
+    hil.add_argument("--sim-speed", type=float, default=None, help="simulated s per real s")
+    hil.add_argument("--sim-start", type=float, default=None, help="simulated start, epoch s")
+    hil.add_argument(
+        "--sim-anchor",
+        type=float,
+        default=None,
+        help="wall-clock epoch s at which the simulated time was --sim-start (shared with the sim)",
+    )
     r.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check-config", help="validate a configuration file")
@@ -167,6 +192,14 @@ _EXTENSIONS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]]
 from essd.schema import register as _register_schema  # noqa: E402
 
 _EXTENSIONS.append(_register_schema)
+
+from hil_sim.cli import register_cli as _register_sim  # noqa: E402
+
+_EXTENSIONS.append(_register_sim)
+
+from essd.demo import register_cli as _register_demo  # noqa: E402
+
+_EXTENSIONS.append(_register_demo)
 
 from essd.hil.cli import register as _register_hil  # noqa: E402
 

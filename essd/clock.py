@@ -71,6 +71,9 @@ class RealClock:
 class SimClock:
     """A simulated clock: settable, and free to run faster than real time.
 
+    ``anchor_wall`` (epoch s on the wall clock) pins a running clock so that separate processes
+    (the daemon and a simulator) given the same start, speed and anchor agree on the time.
+
     With ``speed=None`` the clock is *stepped*: time stands still until :meth:`advance` or
     :meth:`set` moves it, and :meth:`sleep` jumps the clock forward to the sleeper's deadline
     (the earliest pending deadline wins), so a single control loop runs as fast as it can
@@ -78,12 +81,24 @@ class SimClock:
     per real second, which is what a separate simulator process needs to stay in step.
     """
 
-    def __init__(self, start: float = 1_767_225_600.0, *, speed: float | None = None) -> None:
+    def __init__(
+        self,
+        start: float = 1_767_225_600.0,
+        *,
+        speed: float | None = None,
+        anchor_wall: float | None = None,
+    ) -> None:
         if speed is not None and (not math.isfinite(speed) or speed <= 0):
             raise ValueError(f"speed: must be a positive finite number, got {speed!r}")
+        if anchor_wall is not None and speed is None:
+            raise ValueError("anchor_wall: only a running clock (with a speed) has one")
         self._speed = speed
         self._origin_sim = float(start)
         self._origin_real = time.monotonic()
+        if anchor_wall is not None:
+            # Simulated time ``start`` was (or will be) at wall-clock time ``anchor_wall``:
+            # processes given the same start, speed and anchor share one simulated time.
+            self._origin_real -= time.time() - anchor_wall
         self._offset = 0.0  # manual advances on top of the running clock
         self._start = float(start)
 

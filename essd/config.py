@@ -143,7 +143,7 @@ class ControlConfig(_Section):
     cycle_period_s: Annotated[float, Field(ge=1.0, le=300.0)] = 10.0
     step_s: Annotated[float, Field(ge=60.0, le=3600.0)] = 900.0
     horizon_steps: Annotated[int, Field(ge=2, le=1000)] = 96
-    solver: Literal["CLARABEL", "HIGHS"] = "CLARABEL"
+    solver: Literal["HIGHS", "CLARABEL"] = "HIGHS"  # HiGHS measured 2-5x faster here
     solve_budget_s: Annotated[float, Field(gt=0.0, le=60.0)] = 2.0
     reserve_soc: Ratio = 0.10
     max_soc: Ratio = 0.95

@@ -146,6 +146,7 @@ class ManagedDevice:
         self._last_signature: tuple[float | None, ...] | None = None
         self.counters = _Counters()
         self.safe_written = False
+        self._mismatching = False
 
     @property
     def id(self) -> str:
@@ -292,7 +293,14 @@ class ManagedDevice:
         self.counters.writes += result.registers_written
         if result.mismatches:
             self.counters.mismatches += len(result.mismatches)
-            log.warning("device %s: read-back mismatch: %s", self.id, "; ".join(result.mismatches))
+            if not self._mismatching:  # log the transition, then count quietly
+                self._mismatching = True
+                log.warning(
+                    "device %s: read-back mismatch: %s", self.id, "; ".join(result.mismatches)
+                )
+        elif self._mismatching and result.registers_written:
+            self._mismatching = False
+            log.info("device %s: writes read back correctly again", self.id)
 
     async def apply(self, setpoint: Setpoint) -> bool:
         """Write ``setpoint`` if it changed or a refresh is due; False when nothing was written."""

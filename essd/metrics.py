@@ -132,6 +132,18 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 _LABEL_VALUE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
+# Kinds of failed requests the drivers count (drivers.modbus.ErrorKind) plus the daemon's
+# whole-read deadline; other kinds are still exported, up to a bounded number of labels.
+ERROR_KINDS = (
+    "timeout",
+    "connection",
+    "backoff",
+    "exception",
+    "protocol",
+    "readback_mismatch",
+    "read_deadline",
+)
+
 
 class MetricsServerError(Exception):
     """The metrics endpoint could not be started; the message names the config field."""
@@ -254,7 +266,7 @@ class MetricsExporter:
         self._state = _State(mqtt_connected=False if mqtt_enabled else None)
         self._lock = threading.Lock()  # serializes writers; readers take the reference only
         self._phase = BoundedLabel(CYCLE_PHASES, extra=0)
-        self._error_kind = BoundedLabel(("timeout", "exception", "connection", "decode"), extra=12)
+        self._error_kind = BoundedLabel(ERROR_KINDS, extra=12)
         commands = tuple(commands)
         self._command = BoundedLabel(commands, extra=24)
         self._solver_status = BoundedLabel(SOLVER_STATUSES, extra=0)
@@ -742,7 +754,8 @@ def _device_families(
             d,
             c.requests_total,
         )
-        errors: dict[str, int] = {}
+        # Every known kind is exported from the start (at 0), so rates and alerts see a series.
+        errors: dict[str, int] = dict.fromkeys(ERROR_KINDS, 0)
         for kind, n in c.errors_total.items():
             label = x._error_kind(kind)
             errors[label] = errors.get(label, 0) + n

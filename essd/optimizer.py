@@ -690,7 +690,9 @@ def rule_based_plan(
     Each step the residual load (load - pv) is shared among the batteries in proportion to
     what each can still deliver (live limit, availability, SoC down to reserve) or absorb (up
     to max SoC); nothing is bought from the grid to charge and nothing is exported from a
-    battery. Raises InvalidDispatchInputsError for invalid inputs (the horizon is ``len(load_w)``).
+    battery. Prices only feed ``plan.objective`` (energy, carbon, wear and demand cost), so
+    zeros do when no tariff is known. Raises InvalidDispatchInputsError for invalid inputs (the
+    horizon is ``len(load_w)``); without valid inputs use :func:`safe_idle_plan`.
     """
     steps = len(inputs.load_w)
     a = validate_inputs(batteries, steps, inputs)
@@ -890,9 +892,15 @@ class Dispatcher:
     def solve(self, inputs: DispatchInputs, *, budget_s: float, last_plan: Plan | None) -> Plan:
         """Plan the horizon, walking down the fallback ladder when the solve fails or is late.
 
-        Raises InvalidDispatchInputsError only for invalid inputs (before solving); otherwise always
-        returns a plan whose ``rung`` and ``reason`` say how it was made.
+        Raises InvalidDispatchInputsError only for invalid inputs or budget (before solving);
+        otherwise returns a plan whose ``rung`` and ``reason`` say how it was made. On rung 2
+        ``plan.slack`` holds ``import_limit_w`` / ``export_limit_w`` (worst excess, W) and
+        ``reserve_soc[<id>]`` / ``max_soc[<id>]`` (how far the live SoC is outside, ratio).
+        ``last_plan``: the last plan applied; used (shifted to now) if this solve fails and it
+        was an optimized plan for the same batteries that still covers the present.
         """
+        if not (math.isfinite(budget_s) and budget_s > 0):
+            raise InvalidDispatchInputsError("budget_s", f"must be > 0, got {budget_s!r}")
         a = validate_inputs(self.batteries, self.steps, inputs)
         # Real compute time, not the injectable clock: the budget is about this thread's work.
         started = time.perf_counter()

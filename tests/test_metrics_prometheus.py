@@ -1,31 +1,30 @@
 """A real Prometheus scrapes essd's metrics endpoint; every dashboard and alert expression runs
 against it through the HTTP API.
 
-The target is a :class:`MetricsServer` fed by a fake 4-device site on the event bus (the same
-frozen events the daemon publishes). Only the ``metrics_target`` fixture knows that: pointing
-it at a running ``essd demo --no-tui --metrics-port P`` instead changes nothing else.
+The target is a running ``essd demo`` (the daemon on the simulated example site, publishing
+to a real mosquitto so the MQTT panels have data too).
 """
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from essd.clock import RealClock
-from essd.events import EventBus
-from essd.metrics import MetricsExporter, MetricsServer
+from tests.support.demo import running_demo
+from tests.support.mosquitto import Mosquitto
 from tests.support.prometheus import (
     ALERTS,
-    FakeSite,
     PanelQuery,
     PrometheusServer,
-    SiteFeeder,
     alert_rules,
     dashboard_queries,
     expand_grafana,
+    http_get,
+    program,
     running_prometheus,
     wait_for_metrics,
 )
@@ -36,20 +35,17 @@ DATA_TIMEOUT_S = 25.0
 
 
 @pytest.fixture
-def metrics_target() -> Iterator[str]:
-    """``host:port`` of a live /metrics endpoint with a busy site behind it."""
-    clock = RealClock()
-    exporter = MetricsExporter(clock=clock, site_id="demo", currency="CNY", default_max_soc=0.95)
-    bus = EventBus()
-    exporter.attach(bus)
-    server = MetricsServer(exporter.registry, port=0)
-    server.start_sync()
+def metrics_target(tmp_path: Path) -> Iterator[str]:
+    """``host:port`` of a running ``essd demo``'s /metrics endpoint."""
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    env = {"ESSD_MQTT__HOST": broker.host, "ESSD_MQTT__PORT": str(broker.port)}
     try:
-        with SiteFeeder(FakeSite(clock, period_s=0.5), bus, interval_s=0.5):
-            wait_for_metrics(server.url)
-            yield f"127.0.0.1:{server.port}"
+        with running_demo("--speed", "60", env=env) as (_, url):
+            wait_for_metrics(url)
+            yield url.removeprefix("http://").removesuffix("/metrics")
     finally:
-        server.stop_sync()
+        broker.stop()
 
 
 @pytest.fixture
@@ -81,9 +77,9 @@ def test_every_dashboard_query_parses_and_returns_data(prometheus: PrometheusSer
     soc = prometheus.query(expand_grafana('essd_device_soc_ratio{device=~"$device"}'))
     assert {r["metric"]["device"] for r in soc["data"]["result"]} == {
         "pcs1",
-        "pcs2",
-        "hybrid1",
-        "portable1",
+        "home-a",
+        "home-b",
+        "camp1",
     }
 
 
@@ -106,3 +102,23 @@ def test_every_alert_expression_parses_and_every_rule_evaluates(
     assert set(loaded) == {r["alert"] for r in rules}
     bad = {name: (r.get("health"), r.get("lastError")) for name, r in loaded.items()}
     assert all(h == "ok" for h, _ in bad.values()), bad
+
+
+def test_promtool_check_metrics_is_clean_on_the_running_demo(metrics_target: str) -> None:
+    deadline = time.monotonic() + 30
+    body = http_get(f"http://{metrics_target}/metrics")
+    while b"essd_device_soc_ratio" not in body and time.monotonic() < deadline:
+        time.sleep(0.5)  # the first cycles are still running
+        body = http_get(f"http://{metrics_target}/metrics")
+    assert b"essd_cycle_duration_seconds_bucket" in body
+    assert b'essd_device_soc_ratio{device="pcs1"' in body
+    out = subprocess.run(
+        [program("promtool"), "check", "metrics"],
+        input=body,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip() == b""
+    assert out.stderr.strip() == b""

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from essd import optimizer
 from essd.domain import FallbackRung, LiveLimits
 from essd.optimizer import (
     BatterySpec,
@@ -359,3 +360,27 @@ def test_solving_in_a_worker_thread_does_not_hold_the_gil() -> None:
     # A solve holding the GIL would stall this loop for the whole solve.
     assert took[0] > 0.2  # a solve long enough to tell
     assert max(gaps) < 0.5 * took[0]
+
+
+@pytest.mark.parametrize("budget", [0.0, -1.0, math.nan, math.inf])
+def test_invalid_budget_is_refused(budget: float) -> None:
+    """The time budget must be a positive finite number of seconds."""
+    bat = one_battery()
+    dispatcher = Dispatcher([bat], 4, step_s=HOUR)
+    with pytest.raises(InvalidDispatchInputsError, match=r"^budget_s: "):
+        dispatcher.solve(hourly_inputs(bat, load_w=[1e3] * 4), budget_s=budget, last_plan=None)
+
+
+def test_remaining_overlap_is_applied_as_honest_net_power(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The safety net behind the direction fix: with no re-solves allowed, the overlap left
+    in the LP is published as net power, clipped to limits and window, with an honest SoC."""
+    monkeypatch.setattr(optimizer, "_MAX_DIRECTION_FIXES", 0)
+    fleet, inputs = negative_price_instance(np.random.default_rng(11))
+    plan = Dispatcher(fleet, 24).solve(inputs, budget_s=10.0, last_plan=None)
+    assert "remaining overlap applied as net power" in plan.reason
+    for spec in fleet:
+        honest = simulate_soc(spec, inputs.soc[spec.id], plan.power_w[spec.id], inputs.step_s)
+        assert plan.soc[spec.id] == pytest.approx(honest, abs=1e-9)
+        assert max(plan.soc[spec.id]) <= inputs.max_soc[spec.id] + 1e-9
+        lim = inputs.limits[spec.id]
+        assert all(-lim.max_charge_w <= p <= lim.max_discharge_w for p in plan.power_w[spec.id])

@@ -258,6 +258,10 @@ def random_inputs(
     if negative_prices:
         price = price - 0.3
     export = price * rng.uniform(0.2, 0.9) - 0.02
+    if rng.random() < 0.3:
+        # Some steps pay more for export than import costs (the LP caps those, see essd.optimizer).
+        spikes = rng.random(steps) < 0.2
+        export = np.where(spikes, price + 0.05, export)
     availability = {}
     for b in batteries:
         if rng.random() < 0.3:

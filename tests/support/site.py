@@ -66,20 +66,42 @@ class StaticSite:
 
     settings: Settings
     images: dict[str, Image]
+    servers: dict[str, ModbusServer]
+
+    def unplug(self, device_id: str) -> None:
+        """The device stops answering (its unit falls silent), as an unplugged unit does."""
+        unit = self._unit(device_id)
+        self.servers[device_id].remove_store(unit)
+
+    def replug(self, device_id: str) -> None:
+        """The device answers again."""
+        self.servers[device_id].set_store(self._unit(device_id), self.images[device_id])
+
+    def _unit(self, device_id: str) -> int:
+        for dev in self.settings.devices:
+            if dev.id == device_id:
+                return dev.transport.unit
+        raise KeyError(device_id)
 
     def write_config(self, path: Path, **overrides: Any) -> Path:
         """Write the site's settings as a TOML file (with section overrides merged in)."""
-        data = self.settings.model_dump(mode="json", exclude_none=True)
-        for section, values in overrides.items():
-            data[section] = {**data.get(section, {}), **values}
-        path.write_text(tomli_w.dumps(data))
-        return path
+        return write_config(self.settings, path, **overrides)
+
+
+def write_config(settings: Settings, path: Path, **overrides: Any) -> Path:
+    """Write ``settings`` as a TOML file, with section overrides merged in."""
+    data = settings.model_dump(mode="json", exclude_none=True)
+    for section, values in overrides.items():
+        data[section] = {**data.get(section, {}), **values}
+    path.write_text(tomli_w.dumps(data))
+    return path
 
 
 @contextlib.asynccontextmanager
 async def serve_static_site(settings: Settings) -> AsyncIterator[StaticSite]:
     """Serve every TCP / RTU-over-TCP device of ``settings`` on a free loopback port."""
     images: dict[str, Image] = {}
+    servers: dict[str, ModbusServer] = {}
     devices = []
     async with contextlib.AsyncExitStack() as stack:
         for dev in settings.devices:
@@ -89,6 +111,7 @@ async def serve_static_site(settings: Settings) -> AsyncIterator[StaticSite]:
             server = ModbusServer.tcp({dev.transport.unit: image}, framing=framing)
             await stack.enter_async_context(server)
             images[dev.id] = image
+            servers[dev.id] = server
             transport = dev.transport.model_copy(update={"host": "127.0.0.1", "port": server.port})
             devices.append(dev.model_copy(update={"transport": transport}))
-        yield StaticSite(settings.model_copy(update={"devices": tuple(devices)}), images)
+        yield StaticSite(settings.model_copy(update={"devices": tuple(devices)}), images, servers)

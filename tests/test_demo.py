@@ -1,0 +1,42 @@
+"""`essd demo`: one command, no hardware, broker or config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_demo_runs_the_example_site_and_reports_no_violation() -> None:
+    # Two simulated hours at 240x real time: 30 s of wall clock at most.
+    out = subprocess.run(
+        [
+            *(sys.executable, "-m", "essd", "demo", "--no-tui"),
+            *("--speed", "240", "--duration", "7200", "--metrics-port", "0"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    # One line per simulated device with its Modbus address, as `essd sim` prints them.
+    for device in ("pcs1", "home-a", "home-b", "camp1", "meter"):
+        assert any(ln.startswith(f"{device} ") and "://127.0.0.1:" in ln for ln in lines), lines
+    assert any(ln.startswith("metrics: http://127.0.0.1:") for ln in lines)
+    cycles = [ln for ln in lines if " cycle=" in ln]
+    assert len(cycles) >= 50
+    assert all("rung=" in ln and "setpoints[" in ln for ln in cycles)
+    assert lines[-1].startswith("demo finished: 2.0 simulated hours, 0 limit violations")
+
+
+def test_demo_rejects_a_bad_flag() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "essd", "demo", "--speed", "-3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2
+    assert "--speed" in out.stderr

@@ -37,7 +37,12 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     (
         "fault on an unknown device",
         {"faults": [{"kind": "comm_loss", "device": "pcs9", "at": "10m", "duration": "5m"}]},
-        "faults.0.device: no such device 'pcs9'",
+        "faults.0.device: no device 'pcs9'",
+    ),
+    (
+        "meter loss on a battery",
+        {"faults": [{"kind": "meter_loss", "device": "home", "at": "10m", "duration": "5m"}]},
+        "faults.0.kind: meter_loss needs a meter",
     ),
     (
         "fault outlasting the scenario",

@@ -98,6 +98,9 @@ class Limits:
     import_limit_w: float
     export_limit_w: float
     site_tolerance_w: float = SITE_TOL_W
+    # Units essd commands a power to; the others (portable units) it steers through a charge
+    # limit, so their "commanded" power is the campers' use, not essd's.
+    commanded: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +258,7 @@ def violations_of(samples: Sequence[Sample], limits: Limits) -> list[Violation]:
                 out.append(Violation(s.time, "soc_window", dev, b.soc, lo))
             if b.soc > hi + SOC_TOL and b.power_w < -POWER_TOL_W:
                 out.append(Violation(s.time, "soc_window", dev, b.soc, hi))
-            if not s.after_cycle:
+            if not s.after_cycle or (limits.commanded is not None and dev not in limits.commanded):
                 continue
             ch = min(b.max_charge_w, limits.max_charge_w.get(dev, math.inf))
             dis = min(b.max_discharge_w, limits.max_discharge_w.get(dev, math.inf))

@@ -13,11 +13,12 @@ Battery W > 0 discharges into the site; grid W > 0 imports.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -47,9 +48,17 @@ from essd.hil.kpi import (
     grid_cost,
     unsafe_writes,
 )
-from essd.hil.plant import Plant, SiteTruth, open_stand_in_plant
+from essd.hil.plant import (
+    BatteryTruth,
+    Plant,
+    SiteTruth,
+    measurement_noise,
+)
 from essd.hil.scenario import INSTANT_KINDS, FaultSpec, Scenario
 from essd.optimizer import Dispatcher, DispatchInputs
+from hil_sim.devices import MeterDevice
+from hil_sim.runner import SimulatedSite
+from hil_sim.site import SiteSeries
 
 __all__ = [
     "PlantFactory",
@@ -200,20 +209,6 @@ PlantFactory = Callable[
 ]
 
 
-def stand_in_factory(
-    scenario: Scenario, settings: Settings, clock: SimClock, series: ScenarioSeries
-) -> AbstractAsyncContextManager[Plant]:
-    """The stand-in plant for ``scenario`` (hil_sim's simulated site replaces it)."""
-    return open_stand_in_plant(
-        settings,
-        clock=clock,
-        series=series,
-        initial_soc=scenario.site.initial_soc,
-        export_limiter=scenario.site.export_limiter,
-        delayed=sorted({f.device for f in scenario.faults if f.kind == "delay"}),
-    )
-
-
 @dataclass
 class RunResult:
     """A finished run: its figures, the expectations that failed, and the raw traces."""
@@ -265,6 +260,7 @@ def _limits(controller: Controller, settings: Settings, scenario: Scenario) -> L
         import_limit_w=settings.site.grid_import_limit_w if imp is None else imp,
         export_limit_w=settings.site.grid_export_limit_w if exp is None else exp,
         site_tolerance_w=scenario.expect.site_limit_tolerance_w,
+        commanded=frozenset(k for k, e in envs.items() if e.can_discharge),
     )
 
 
@@ -549,7 +545,7 @@ async def run_scenario(
     settings: Settings,
     *,
     workdir: Path,
-    plant_factory: PlantFactory = stand_in_factory,
+    plant_factory: PlantFactory | None = None,
     progress: Callable[[CycleCompleted], None] | None = None,
 ) -> RunResult:
     """Run ``scenario`` to the end and return its figures (no files but the series CSV)."""
@@ -570,7 +566,8 @@ async def run_scenario(
     if progress is not None:
         report = progress
         bus.subscribe(lambda ev: report(ev) if isinstance(ev, CycleCompleted) else None)
-    async with plant_factory(scenario, settings, clock, series) as plant:
+    factory = simulated_site_factory if plant_factory is None else plant_factory
+    async with factory(scenario, settings, clock, series) as plant:
         served = plant.settings.model_copy(update={"forecast": forecast})
         pool = EndpointPool(clock=clock)
         controller = build_controller(served, clock=clock, bus=bus, pool=pool)
@@ -621,3 +618,94 @@ async def run_scenario(
         settings=served,
         currency=served.tariff.currency,
     )
+
+
+class _SimulatedSitePlant:
+    """hil_sim's :class:`~hil_sim.runner.SimulatedSite` seen through the :class:`Plant` seam."""
+
+    def __init__(self, site: SimulatedSite) -> None:
+        self._site = site
+
+    @property
+    def settings(self) -> Settings:
+        """The settings pointing at the served devices."""
+        return self._site.settings
+
+    def truth(self) -> SiteTruth:
+        """The simulator's true state now."""
+        t = self._site.truth()
+        return SiteTruth(
+            time=t.time,
+            load_w=t.load_w,
+            pv_w=t.pv_w,
+            pv_available_w=t.pv_available_w,
+            grid_w=t.grid_w,
+            batteries={
+                d: BatteryTruth(
+                    device_id=b.device_id,
+                    soc=b.soc,
+                    energy_wh=b.energy_wh,
+                    capacity_wh=b.capacity_wh,
+                    power_w=b.power_w,
+                    commanded_w=b.commanded_w,
+                    max_charge_w=b.max_charge_w,
+                    max_discharge_w=b.max_discharge_w,
+                    available=b.available,
+                    alarm=b.alarm,
+                )
+                for d, b in t.batteries.items()
+            },
+        )
+
+    def set_fault(self, fault: FaultSpec, active: bool) -> None:
+        """Start or end a fault in the simulator."""
+        self._site.set_fault(fault, active=active)
+
+
+@contextlib.asynccontextmanager
+async def _open_simulated_site(
+    scenario: Scenario, settings: Settings, clock: SimClock, series: ScenarioSeries
+) -> AsyncIterator[Plant]:
+    tz = ZoneInfo(settings.site.timezone)
+    site = SimulatedSite(
+        settings,
+        clock=clock,
+        series=SiteSeries.load(series.path, tz),
+        free_ports=True,
+        initial_soc=dict(scenario.site.initial_soc),
+        # Delay faults need a proxy in front of the device; the runner switches every fault.
+        proxy=any(f.kind == "delay" for f in scenario.faults),
+        export_limiter=scenario.site.export_limiter,
+        source=str(scenario.source),
+    )
+    for dev in site.devices.values():
+        if isinstance(dev, MeterDevice):
+            _add_meter_noise(dev, clock)
+    async with site:
+        yield _SimulatedSitePlant(site)
+
+
+def _add_meter_noise(meter: MeterDevice, clock: SimClock) -> None:
+    """Give the simulated meter the measurement noise of a real one.
+
+    hil_sim's meter reads the exact grid power. Where an anti-backflow limiter holds export at
+    exactly 0 W, or the load is flat at night, it then reads one constant value for hours, and
+    essd rightly takes a meter that never changes for a frozen one (and idles every unit). A
+    real meter wobbles by a few watts; this adds that (deterministic, 3 W + 0.1 %) until the
+    simulator models it. The truth (``Plant.truth``) stays exact.
+    """
+    # The one hook the simulator offers for the reading: the callable it was built with.
+    exact: Callable[[], float] = meter._grid
+
+    def measured() -> float:
+        g = float(exact())
+        return g + measurement_noise(clock.now(), 3.0 + 0.001 * abs(g))
+
+    meter._grid = measured
+
+
+def simulated_site_factory(
+    scenario: Scenario, settings: Settings, clock: SimClock, series: ScenarioSeries
+) -> AbstractAsyncContextManager[Plant]:
+    """hil_sim's simulated site for ``scenario`` (the default plant)."""
+    return _open_simulated_site(scenario, settings, clock, series)

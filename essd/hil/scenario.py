@@ -16,7 +16,6 @@ Device transports may be left out: the runner serves every device on a free loop
 from __future__ import annotations
 
 import csv
-import math
 import re
 import tomllib
 from datetime import datetime
@@ -34,9 +33,20 @@ from pydantic import (
     model_validator,
 )
 
+from drivers.profile import ProfileError, resolve_profile
 from essd.config import Settings
+from hil_sim.faults import (
+    FAULT_KINDS,
+    INSTANT_KINDS,
+    FaultError,
+    FaultSpec,
+    check_devices,
+    parse_duration,
+)
 
 __all__ = [
+    "FAULT_KINDS",
+    "INSTANT_KINDS",
     "Expectations",
     "FaultSpec",
     "InlineSeries",
@@ -49,51 +59,6 @@ __all__ = [
 ]
 
 SERIES_COLUMNS = ("load_w", "pv_w", "import_price", "export_price", "carbon_g_per_kwh")
-
-# Fault kinds a scenario may name (the hil_sim fault catalogue, DESIGN.md "Safety invariants").
-FAULT_KINDS = (
-    "comm_loss",  # the device stops answering (timeouts)
-    "delay",  # every request answered late (``delay_s``)
-    "frozen_registers",  # measurements stop changing while power is commanded
-    "ignored_writes",  # writes acknowledged but not acted upon
-    "mode_reset",  # the device drops the commanded mode (e.g. after a firmware watchdog)
-    "exception_responses",  # every request answered with Modbus exception 4 (device failure)
-    "bms_fault",  # the BMS raises an alarm and its limits go to 0
-    "meter_loss",  # the site meter stops answering
-    "unplugged",  # a portable unit leaves the site (no answer, no power exchange)
-    "connection_drop",  # every open connection is cut once (clients must reconnect)
-    "connection_refused",  # connections cut and new ones refused for the duration
-)
-# Kinds that happen at one instant (``duration`` may be 0); the others last ``duration``.
-INSTANT_KINDS = frozenset({"mode_reset", "connection_drop"})
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
-_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from a number or a string like ``"90s"``, ``"15m"``, ``"2h"``, ``"1d"``."""
-    if isinstance(value, bool):
-        raise ValueError("must be a duration in seconds or like '15m', '2h'")
-    if isinstance(value, int | float):
-        v = float(value)
-    elif isinstance(value, str):
-        m = _DURATION.match(value)
-        if m is None:
-            try:
-                v = float(value)
-            except ValueError:
-                raise ValueError(
-                    f"not a duration: {value!r} (seconds, or a number with s/m/h/d)"
-                ) from None
-        else:
-            v = float(m.group(1)) * _UNIT_S[m.group(2)]
-    else:
-        raise ValueError("must be a duration in seconds or like '15m', '2h'")
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"must be a finite duration >= 0, got {value!r}")
-    return v
-
 
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
 
@@ -177,55 +142,6 @@ class SeriesSpec(_Strict):
         if (self.file is None) == (self.inline is None):
             raise ValueError("file: give either series.file or series.inline (exactly one)")
         return self
-
-
-class FaultSpec(_Strict):
-    """One fault on the timeline: ``kind`` on ``device`` from ``at`` for ``duration``."""
-
-    kind: Literal[
-        "comm_loss",
-        "delay",
-        "frozen_registers",
-        "ignored_writes",
-        "mode_reset",
-        "exception_responses",
-        "bms_fault",
-        "meter_loss",
-        "unplugged",
-        "connection_drop",
-        "connection_refused",
-    ]
-    device: str = Field(min_length=1)
-    at: Seconds = Field(description="offset from the scenario start")
-    duration: Seconds = 0.0
-    delay_s: Annotated[float, Field(gt=0, le=5.0)] | None = Field(
-        None, description="for kind delay: real seconds added to every answer"
-    )
-    away_use_w: Annotated[float, Field(ge=0)] = Field(
-        0.0, description="for kind unplugged: what the campers draw from the unit while away"
-    )
-    code: Literal[1, 2, 3, 4, 6] = Field(
-        4, description="for kind exception_responses: the Modbus exception code answered"
-    )
-
-    @model_validator(mode="after")
-    def _params(self) -> Self:
-        if self.kind not in INSTANT_KINDS and self.duration <= 0:
-            raise ValueError(f"duration: must be > 0 for kind {self.kind}")
-        if self.kind != "exception_responses" and "code" in self.model_fields_set:
-            raise ValueError("code: only for kind exception_responses")
-        if self.kind == "delay" and self.delay_s is None:
-            raise ValueError("delay_s: required for kind delay")
-        if self.kind != "delay" and self.delay_s is not None:
-            raise ValueError("delay_s: only for kind delay")
-        if self.kind != "unplugged" and self.away_use_w:
-            raise ValueError("away_use_w: only for kind unplugged")
-        return self
-
-    @property
-    def end(self) -> float:
-        """Offset from the start at which the fault clears."""
-        return self.at + self.duration
 
 
 class Expectations(_Strict):
@@ -360,8 +276,14 @@ def site_settings(scenario: Scenario) -> Settings:
         prefix = "site.settings."
     data = _merge(data, spec.overrides)
     devices = []
-    for dev in data.get("devices", []):
-        placed = {**dev, "transport": dict(_PLACEHOLDER)} if isinstance(dev, dict) else dev
+    for i, dev in enumerate(data.get("devices", [])):
+        # A device without a transport gets its own placeholder endpoint: the simulator serves
+        # it on a free loopback port and rewrites the address.
+        placed = (
+            {**dev, "transport": {**_PLACEHOLDER, "port": 20_000 + i}}
+            if isinstance(dev, dict)
+            else dev
+        )
         devices.append(dev if isinstance(dev, dict) and "transport" in dev else placed)
     data["devices"] = devices
     # The scenario's cycle period is the daemon's; a setpoint must outlive two cycles.
@@ -371,6 +293,8 @@ def site_settings(scenario: Scenario) -> Settings:
         float(control.get("setpoint_ttl_s", 60.0)), 2 * scenario.cycle_period
     )
     data["control"] = control
+    # Profile folders named in the scenario are relative to the scenario file.
+    data["profile_dirs"] = [str(scenario.resolve(Path(d))) for d in data.get("profile_dirs", [])]
     # The HIL run publishes nowhere: no metrics port, no broker.
     data.pop("mqtt", None)
     data["metrics"] = {**data.get("metrics", {}), "enabled": False}
@@ -384,11 +308,16 @@ def site_settings(scenario: Scenario) -> Settings:
         for dev in spec.initial_soc
         if dev not in ids
     ]
-    problems += [
-        f"{src}: faults.{i}.device: no such device {f.device!r}"
-        for i, f in enumerate(scenario.faults)
-        if f.device not in ids
-    ]
+    classes = {}
+    for d in settings.devices:
+        try:
+            classes[d.id] = resolve_profile(d.profile, settings.profile_dirs).device_class.value
+        except ProfileError as exc:
+            problems.append(f"{src}: {prefix}devices: {d.id}: {exc}")
+    try:
+        check_devices(scenario.faults, classes, src)
+    except FaultError as exc:
+        problems += str(exc).splitlines()
     if problems:
         raise ScenarioError(problems)
     return settings

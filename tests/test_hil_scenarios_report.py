@@ -135,3 +135,15 @@ def test_run_all_of_an_empty_folder_is_invalid(tmp_path: Path) -> None:
 def test_the_small_scenario_is_what_the_tests_think(small_run: RunResult) -> None:
     assert small_run.scenario.cycles == 24
     assert SMALL["expect"]["min_savings"] <= small_run.kpis.savings
+
+
+async def test_a_running_clock_covers_the_scenario_too(tmp_path: Path) -> None:
+    # 600 simulated seconds per real second: ten minutes of two five-minute cycles in ~1 s.
+    path = write_scenario(tmp_path / "running.yaml", speed=600, duration="10m", expect={})
+    scenario, settings = load_scenario(path)
+    result = await run_scenario(scenario, settings, workdir=tmp_path / "work")
+    assert result.kpis.cycles == 2
+    assert result.kpis.violations == 0
+    # Samples hold until the next one: the time after the first cycle is covered to the end.
+    last = result.samples[-1]
+    assert last.time + last.dt_s == pytest.approx(scenario.start_epoch + scenario.duration)

@@ -75,7 +75,7 @@ def make_figures(result: RunResult) -> dict[str, Figure]:
             if v is not None:
                 ax.axhline(v * 100, color=line.get_color(), ls=":", lw=1, label=f"{dev} {name}")
     ax.set_ylim(0, 100)
-    ax.legend(loc="upper left", fontsize="small", ncols=2)
+    ax.legend(loc="best", fontsize="small", ncols=2)
     figs["soc"] = fig
 
     fig, ax = _axes("battery power per device", "Power (kW, > 0 discharges)", result)
@@ -96,7 +96,7 @@ def make_figures(result: RunResult) -> dict[str, Figure]:
             label=f"{dev} commanded",
         )
     ax.axhline(0, color="black", lw=0.5)
-    ax.legend(loc="upper left", fontsize="small", ncols=2)
+    ax.legend(loc="best", fontsize="small", ncols=2)
     figs["power"] = fig
 
     fig, ax = _axes("grid power at the connection", "Grid power (kW, > 0 imports)", result)
@@ -118,7 +118,7 @@ def make_figures(result: RunResult) -> dict[str, Figure]:
             ls="--",
             label="export limit",
         )
-    ax.legend(loc="upper left", fontsize="small", ncols=2)
+    ax.legend(loc="best", fontsize="small", ncols=2)
     figs["grid"] = fig
 
     cur = result.currency

@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -395,7 +395,9 @@ def _fault_summary(
                 "worst_rung": max((c.rung for c in during), default=0),
                 "rungs": sorted({c.rung for c in during}),
                 "device_states": states,
-                "setpoint_sources": sorted({c.setpoint_sources.get(f.device, "-") for c in during}),
+                "setpoint_sources": sorted(
+                    {c.setpoint_sources.get(d, "-") for c in during for d in concerned(c)}
+                ),
                 # For a meter fault every unit is concerned: without the meter the site limits
                 # cannot be verified, so all of them must idle.
                 "setpoint_w_max": max(
@@ -513,14 +515,22 @@ class _Session:
         self.active = set()
 
     async def run(self) -> None:
-        """Every cycle of the scenario, the clock stepped in between."""
+        """Every cycle of the scenario; between cycles the clock moves in sub-steps.
+
+        With a stepped clock (``speed: null``) the runner moves it; with a running one it
+        sleeps on it, and each sample then holds until the next one is taken (the cycles
+        themselves take clock time too).
+        """
         sc = self.scenario
         period = sc.cycle_period
         sub = min(SUBSTEP_S, period)
+        stop = sc.start_epoch + sc.cycles * period
         for k in range(sc.cycles):
             t_cycle = sc.start_epoch + k * period
             if sc.speed is None:
                 self.clock.set(max(t_cycle, self.clock.now()))
+            elif self.clock.now() < t_cycle:
+                await self.clock.sleep(t_cycle - self.clock.now())
             faults = self.sync_faults()
             event = await self.controller.run_cycle()
             self.cycles.append(_record(event, faults))
@@ -538,6 +548,12 @@ class _Session:
                     self.clock.advance(dt)
                 else:
                     await self.clock.sleep(dt)
+        # Each sample holds until the next one (exactly dt on a stepped clock).
+        times = [s.time for s in self.samples[1:]] + [stop]
+        self.samples = [
+            replace(s, dt_s=max(0.0, nxt - s.time))
+            for s, nxt in zip(self.samples, times, strict=True)
+        ]
 
 
 async def run_scenario(

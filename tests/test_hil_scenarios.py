@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from essd.hil.report import write_report
 from essd.hil.runner import RunResult, run_scenario
 from essd.hil.scenario import FAULT_KINDS, load_scenario
 from tests.support.hil import SHIPPED
@@ -81,3 +82,8 @@ async def test_fault_campaign_touches_every_fault_kind_and_idles_what_it_cannot_
             assert f["device_states"] == ["fault"]
     # The daemon saw the trouble on the wire.
     assert result.kpis.modbus_errors > 0
+    # The report lists every fault with its rung and unsafe writes, and shades it on the plots.
+    text = write_report(result, tmp_path / "report").read_text()
+    for f in result.scenario.faults:
+        assert f"| {f.kind} | {f.device} |" in text
+    assert "| unsafe writes |" in text

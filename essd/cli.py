@@ -53,8 +53,27 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         _err(line)
     if problems:
         return EXIT_INVALID
+    for line in timing_warnings(settings):
+        _err(f"{path}: warning: {line}")
     print(f"{path}: ok (site {settings.site.id}, {len(settings.devices)} devices)")
     return EXIT_OK
+
+
+def timing_warnings(settings: Settings) -> list[str]:
+    """Devices whose own fixed timeouts the configured cycle cannot keep up with."""
+    from drivers.profile import resolve_profile  # noqa: PLC0415
+    from essd.devices import refresh_warning  # noqa: PLC0415
+
+    out = []
+    for dev in settings.devices:
+        warning = refresh_warning(
+            dev,
+            resolve_profile(dev.profile, settings.profile_dirs),
+            settings.control.cycle_period_s,
+        )
+        if warning is not None:
+            out.append(warning)
+    return out
 
 
 def cmd_profiles_list(args: argparse.Namespace) -> int:

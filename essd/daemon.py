@@ -21,7 +21,7 @@ from drivers.profile import resolve_profile
 from essd.clock import Clock, RealClock
 from essd.config import Settings
 from essd.cycle import Controller
-from essd.devices import ManagedDevice, envelope_for
+from essd.devices import ManagedDevice, envelope_for, refresh_warning
 from essd.domain import DeviceClass
 from essd.events import DaemonStatus, DaemonStatusChanged, EventBus
 from essd.forecast import Forecaster
@@ -47,6 +47,9 @@ def build_controller(
         if not cfg.enabled:
             continue
         profile = resolve_profile(cfg.profile, settings.profile_dirs)
+        warning = refresh_warning(cfg, profile, ctl.cycle_period_s)
+        if warning is not None:
+            log.warning("%s", warning)
         driver = build_driver(cfg, profile, clock=clock, pool=pool)
         envelope = (
             None

@@ -45,7 +45,7 @@ from essd.domain import (
 from essd.events import DeviceCounters, DeviceStateChanged, EventBus
 from essd.safety import DeviceEnvelope
 
-__all__ = ["ManagedDevice", "envelope_for"]
+__all__ = ["ManagedDevice", "envelope_for", "refresh_warning"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,28 @@ def envelope_for(
         can_discharge=can_discharge,
         ramp_w_per_s=ramp,
     )
+
+
+def refresh_warning(cfg: DeviceConfig, profile: Profile, cycle_period_s: float) -> str | None:
+    """Why ``cycle_period_s`` is too long for a device's own fixed timeout, or None.
+
+    A device that drops a command (or goes safe) when it is not refreshed within a fixed time
+    needs at least two writes inside that time, or one missed cycle makes it revert.
+    """
+    b = profile.behaviour
+    fixed = []
+    if b.setpoint_timeout_s is not None and not b.revert_timer_configurable:
+        fixed.append(("drops a setpoint not refreshed within", b.setpoint_timeout_s))
+    if b.heartbeat_timeout_s is not None:
+        fixed.append(("goes safe without a heartbeat within", b.heartbeat_timeout_s))
+    for what, timeout in fixed:
+        if cycle_period_s > timeout / 2:
+            return (
+                f"device {cfg.id} ({profile.name}) {what} {timeout:g} s, but "
+                f"control.cycle_period_s is {cycle_period_s:g} s: use {timeout / 2:g} s or less, "
+                "or the device will keep reverting between cycles"
+            )
+    return None
 
 
 @dataclass

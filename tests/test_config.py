@@ -184,3 +184,18 @@ def test_check_config_reports_unknown_profile(
     assert (
         f"{path}: devices.0.profile: profile 'no-such-device' not found" in capsys.readouterr().err
     )
+
+
+def test_check_config_warns_when_the_cycle_cannot_keep_a_device_refreshed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The ESS-style inverter drops its setpoint after 60 s without a refresh.
+    text = MINIMAL.replace("household-hybrid-forcible", "household-ess-setpoint")
+    path = write(tmp_path, text + "\n[control]\ncycle_period_s = 45\nsetpoint_ttl_s = 120\n")
+    assert main(["check-config", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert f"{path}: warning: device inv1 (household-ess-setpoint) drops a setpoint" in err
+    assert "control.cycle_period_s is 45 s: use 30 s or less" in err
+    path = write(tmp_path, text + "\n[control]\ncycle_period_s = 10\n")
+    assert main(["check-config", str(path)]) == 0
+    assert "warning" not in capsys.readouterr().err

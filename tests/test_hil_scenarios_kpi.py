@@ -180,6 +180,16 @@ def test_unsafe_writes_are_setpoints_the_truth_forbade() -> None:
     assert not any(line.startswith("cycle 4:") for line in lines)
 
 
+def test_no_cost_ratio_when_the_run_earns_money() -> None:
+    # A tiny baseline bill, a run that earns: a ratio would be a large negative number.
+    samples = [sample(0, 1000, 990, battery(0.0)), sample(1, 1000, 1000, battery(2000.0))]
+    k = compute_kpis(
+        scenario="earns", samples=samples, cycles=[], limits=LIMITS, model=CostModel(), wall_s=0
+    )
+    assert k.baseline_cost > 0 > k.cost
+    assert k.cost_ratio is None
+
+
 def test_an_empty_run_has_no_figures_to_divide_by() -> None:
     k = compute_kpis(
         scenario="empty", samples=[], cycles=[], limits=LIMITS, model=MODEL, wall_s=0.0

@@ -361,7 +361,9 @@ def compute_kpis(
         carbon_cost=run.carbon_cost,
         baseline_cost=base.total,
         savings=savings,
-        cost_ratio=run.total / base.total if base.total > 1e-9 else None,
+        # A ratio means something only when both pay: against a baseline that earns money, or
+        # a run that does, it would flip sign or explode.
+        cost_ratio=run.total / base.total if base.total > 1e-9 and run.total >= 0 else None,
         optimum_cost=optimum_cost,
         optimum_savings=opt_savings,
         savings_vs_optimum=vs_opt,

@@ -112,6 +112,15 @@ class ScenarioSeries:
         self._truth = Forecaster(source, settings.tariff, settings.site.timezone)
         self._truth_carbon_default = settings.forecast.carbon_intensity_g_per_kwh
         self._table = _read_table(self.path, self._tz)
+        times, _, columns = self._table
+        # Daily profiles wrap around midnight: the day's first sample follows its last.
+        self._wrapped = {
+            c: (
+                np.concatenate([times - 86_400.0, times, times + 86_400.0]),
+                np.concatenate([v, v, v]),
+            )
+            for c, v in columns.items()
+        }
         self._cache: dict[float, tuple[float, float, float, float, float]] = {}
 
     def _linear(self, column: str, t: float) -> float:
@@ -122,11 +131,8 @@ class ScenarioSeries:
         if daily:
             day = datetime.fromtimestamp(t, tz=self._tz)
             midnight = day.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
-            x = t - midnight
-            # Wrap around midnight: the day's first sample follows its last.
-            xs = np.concatenate([times - 86_400.0, times, times + 86_400.0])
-            ys = np.concatenate([values, values, values])
-            return float(np.interp(x, xs, ys))
+            xs, ys = self._wrapped[column]
+            return float(np.interp(t - midnight, xs, ys))
         return float(np.interp(t, times, values))
 
     def at(self, t: float) -> tuple[float, float, float, float, float]:

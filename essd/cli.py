@@ -231,6 +231,10 @@ from essd.demo import register_cli as _register_demo  # noqa: E402
 
 _EXTENSIONS.append(_register_demo)
 
+from essd.hil.cli import register as _register_hil  # noqa: E402
+
+_EXTENSIONS.append(_register_hil)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``essd`` console script."""

@@ -1,0 +1,251 @@
+"""The report of a HIL run: ``kpis.json``, PNG plots and a short Markdown page embedding them.
+
+Plots are drawn with matplotlib's object API on the Agg canvas (no display, no global pyplot
+state, safe in tests and on a headless gateway): SoC per device, power per device, grid power
+with the site limits and the no-battery baseline, and prices with the grid's carbon intensity.
+Every axis carries its unit; fault windows are shaded.
+
+Battery W > 0 discharges into the site; grid W > 0 imports.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+from essd.hil.kpi import baseline_grid_w
+from essd.hil.runner import RunResult, cost_model
+
+__all__ = ["PLOTS", "make_figures", "write_report"]
+
+PLOTS = ("soc", "power", "grid", "price")
+
+
+def _hours(result: RunResult) -> list[float]:
+    start = result.scenario.start_epoch
+    return [(s.time - start) / 3600.0 for s in result.samples]
+
+
+def _shade_faults(ax: Axes, result: RunResult) -> None:
+    for i, f in enumerate(result.scenario.faults):
+        ax.axvspan(
+            f.at / 3600.0,
+            f.end / 3600.0,
+            color="tab:red",
+            alpha=0.12,
+            label="fault window" if i == 0 else None,
+        )
+
+
+def _axes(title: str, ylabel: str, result: RunResult) -> tuple[Figure, Axes]:
+    from matplotlib.figure import Figure  # noqa: PLC0415 - optional dependency, loaded late
+
+    fig = Figure(figsize=(9, 3.6), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title(f"{result.scenario.name}: {title}")
+    ax.set_xlabel(f"Time from start (h, start {result.scenario.start.isoformat()})")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    _shade_faults(ax, result)
+    return fig, ax
+
+
+def make_figures(result: RunResult) -> dict[str, Figure]:
+    """The four report figures, by name (see :data:`PLOTS`)."""
+    x = _hours(result)
+    samples = result.samples
+    devices = sorted(samples[0].truth.batteries) if samples else []
+    figs: dict[str, Figure] = {}
+
+    fig, ax = _axes("state of charge per device", "State of charge (%)", result)
+    for dev in devices:
+        (line,) = ax.step(
+            x, [s.truth.batteries[dev].soc * 100 for s in samples], where="post", label=dev
+        )
+        lo = result.limits.reserve_soc.get(dev)
+        hi = result.limits.max_soc.get(dev)
+        for v, name in ((lo, "reserve"), (hi, "max")):
+            if v is not None:
+                ax.axhline(v * 100, color=line.get_color(), ls=":", lw=1, label=f"{dev} {name}")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="best", fontsize="small", ncols=2)
+    figs["soc"] = fig
+
+    fig, ax = _axes("battery power per device", "Power (kW, > 0 discharges)", result)
+    for dev in devices:
+        (line,) = ax.step(
+            x,
+            [s.truth.batteries[dev].power_w / 1000 for s in samples],
+            where="post",
+            label=f"{dev} actual",
+        )
+        ax.step(
+            x,
+            [s.truth.batteries[dev].commanded_w / 1000 for s in samples],
+            where="post",
+            ls="--",
+            lw=0.8,
+            color=line.get_color(),
+            label=f"{dev} commanded",
+        )
+    ax.axhline(0, color="black", lw=0.5)
+    ax.legend(loc="best", fontsize="small", ncols=2)
+    figs["power"] = fig
+
+    fig, ax = _axes("grid power at the connection", "Grid power (kW, > 0 imports)", result)
+    model = cost_model(result.scenario, result.settings)
+    ax.step(x, [s.truth.grid_w / 1000 for s in samples], where="post", label="grid (with essd)")
+    ax.step(
+        x,
+        [baseline_grid_w(s.truth, model) / 1000 for s in samples],
+        where="post",
+        ls=":",
+        color="tab:gray",
+        label="grid without battery",
+    )
+    ax.axhline(result.limits.import_limit_w / 1000, color="tab:red", ls="--", label="import limit")
+    if math.isfinite(result.limits.export_limit_w):
+        ax.axhline(
+            -result.limits.export_limit_w / 1000,
+            color="tab:purple",
+            ls="--",
+            label="export limit",
+        )
+    ax.legend(loc="best", fontsize="small", ncols=2)
+    figs["grid"] = fig
+
+    cur = result.currency
+    fig, ax = _axes("prices and grid carbon intensity", f"Price ({cur}/kWh)", result)
+    ax.step(x, [s.import_price for s in samples], where="post", label="import price")
+    ax.step(x, [s.export_price for s in samples], where="post", label="export price")
+    ax.axhline(0, color="black", lw=0.5)
+    ax2 = ax.twinx()
+    ax2.step(
+        x,
+        [s.carbon_g_per_kwh for s in samples],
+        where="post",
+        color="tab:green",
+        ls=":",
+        label="carbon intensity",
+    )
+    ax2.set_ylabel("Grid carbon intensity (g CO2/kWh)")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize="small")
+    figs["price"] = fig
+    return figs
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return str(v)
+
+
+def _markdown(result: RunResult) -> str:
+    k = result.kpis
+    cur = result.currency
+    sc = result.scenario
+    status = "PASS" if result.passed else "FAIL"
+    lines = [
+        f"# HIL scenario `{sc.name}`: {status}",
+        "",
+        sc.description,
+        "",
+        f"Start {sc.start.isoformat()}, {k.simulated_s / 3600:.1f} h simulated in "
+        f"{k.wall_s:.1f} s wall, {k.cycles} cycles of {sc.cycle_period:g} s.",
+        "",
+    ]
+    if result.failures:
+        lines += ["## Failed expectations", ""]
+        lines += [f"- {f}" for f in result.failures]
+        lines.append("")
+    lines += [
+        "## Key figures",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| cost | {_fmt(k.cost)} {cur} |",
+        f"| cost without battery | {_fmt(k.baseline_cost)} {cur} |",
+        f"| savings | {_fmt(k.savings)} {cur} |",
+        f"| perfect-foresight optimum | {_fmt(k.optimum_cost)} {cur} ({k.optimum_status}) |",
+        f"| share of achievable savings | {_fmt(k.savings_vs_optimum, 3)} |",
+        f"| peak import | {_fmt(k.peak_import_w / 1000)} kW |",
+        f"| imported / exported | {_fmt(k.imported_wh / 1000)} / "
+        f"{_fmt(k.exported_wh / 1000)} kWh |",
+        f"| PV self-consumption | {_fmt(k.self_consumption_ratio, 3)} "
+        f"(without battery {_fmt(k.baseline_self_consumption_ratio, 3)}) |",
+        f"| CO2 | {_fmt(k.co2_kg)} kg (without battery {_fmt(k.baseline_co2_kg)}) |",
+        f"| battery throughput | {_fmt(k.battery_throughput_wh / 1000)} kWh, "
+        f"{_fmt(k.equivalent_full_cycles, 3)} equivalent full cycles |",
+        f"| limit violations | {k.violations} {dict(k.violations_by_kind) or ''} |",
+        f"| unsafe setpoints written | {k.unsafe_writes} |",
+        f"| fallback rungs (cycles) | {dict(k.rung_counts)} |",
+        f"| Modbus errors / device writes | {k.modbus_errors} / {k.device_writes} |",
+        "",
+    ]
+    if k.faults:
+        lines += [
+            "## Faults",
+            "",
+            "| # | kind | device | at | for | plan rungs | device states | setpoint sources "
+            "| cycles at safe idle | max setpoint | unsafe writes | running again after |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for f in k.faults:
+            rec = f["recovered_after_s"]
+            lines.append(
+                f"| {f['index']} | {f['kind']} | {f['device']} | {f['at_s'] / 3600:.2f} h "
+                f"| {f['duration_s'] / 60:.0f} min | {f['rungs']} | "
+                f"{', '.join(f['device_states'])} | {', '.join(f['setpoint_sources'])} | "
+                f"{f['safe_idle_cycles']}/{f['cycles']} | "
+                f"{f['setpoint_w_max']:.0f} W | {len(f['unsafe_writes'])} | "
+                f"{'n/a' if rec is None else f'{rec:.0f} s'} |"
+            )
+        lines.append("")
+    lines += ["## Plots", ""]
+    lines += [f"![{name}]({name}.png)" for name in PLOTS]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(result: RunResult, directory: Path) -> Path:
+    """Write kpis.json, cycles.csv, the PNG plots and report.md into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {
+        **result.kpis.to_json(),
+        "passed": result.passed,
+        "failures": result.failures,
+        "currency": result.currency,
+    }
+    (directory / "kpis.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    with (directory / "cycles.csv").open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["cycle", "time", "rung", "reason", "grid_belief_w", "faults", "setpoints_w"])
+        for c in result.cycles:
+            w.writerow(
+                [
+                    c.cycle,
+                    f"{c.time:.0f}",
+                    c.rung,
+                    c.reason,
+                    "" if c.grid_belief_w is None else f"{c.grid_belief_w:.0f}",
+                    " ".join(c.active_faults),
+                    " ".join(f"{d}={p:.0f}" for d, p in sorted(c.setpoints_w.items())),
+                ]
+            )
+    for name, fig in make_figures(result).items():
+        fig.savefig(directory / f"{name}.png")
+    path = directory / "report.md"
+    path.write_text(_markdown(result), encoding="utf-8")
+    result.report_dir = directory
+    return path

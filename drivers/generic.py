@@ -165,17 +165,28 @@ class GenericDriver(ProfileDriver):
             read_specs.append(spec)
             if spec.scale_factor is not None:
                 read_specs.append(profile.register(spec.scale_factor))
+        self._plans: dict[tuple[str, ...], tuple[ReadBlock, ...]] = {}
         self._blocks = self._plan(read_specs)
 
     def _plan(self, specs: Iterable[RegisterSpec]) -> tuple[ReadBlock, ...]:
-        """Block reads for ``specs`` within the profile's transport limits."""
-        t = self._profile.transport
-        return plan_reads(
-            specs,
-            max_registers=t.max_registers_per_read,
-            gap_max=t.read_gap_max,
-            declared=self._profile.registers,
-        )
+        """Block reads for ``specs`` within the profile's transport limits.
+
+        The same few register sets are read back after every action: their plans are cached
+        (a profile is frozen, so a plan never goes stale).
+        """
+        specs = tuple(specs)
+        key = tuple(spec.name for spec in specs)
+        plan = self._plans.get(key)
+        if plan is None:
+            t = self._profile.transport
+            plan = plan_reads(
+                specs,
+                max_registers=t.max_registers_per_read,
+                gap_max=t.read_gap_max,
+                declared=self._profile.registers,
+            )
+            self._plans[key] = plan
+        return plan
 
     # -- identity ------------------------------------------------------------------------------
 

@@ -140,6 +140,7 @@ class SimDevice:
         self.image: ProfileImage | SunSpecImage = image
         self.clock = clock
         self.faults = DeviceFaults()
+        self._fresh_at: float | None = None  # simulated time the registers were last published
         self._point_names = {r.point: r.name for r in profile.registers if r.point is not None}
         self._touched: list[str] = []
         self._publish_errors: set[str] = set()
@@ -155,10 +156,21 @@ class SimDevice:
             raise RegisterAccessError(f.exception_code, "injected exception response")
 
     def read(self, table: Table, address: int, count: int) -> list[int]:
-        """Advance the device to now, publish its readings, answer from the registers."""
+        """Advance the device to now, publish its readings, answer from the registers.
+
+        A driver reads a device in several block requests at one instant: the readings are
+        published once per simulated instant, not once per request.
+        """
         self._gate()
-        self.update()
+        now = self.clock.now()
+        if now != self._fresh_at:
+            self.update()
+            self._fresh_at = now
         return self.image.read(table, address, count)
+
+    def invalidate(self) -> None:
+        """Publish again on the next read even at the same instant (a fault changed)."""
+        self._fresh_at = None
 
     def write(self, address: int, values: Sequence[int]) -> None:
         """Validate and apply a client's write, then act on it."""
@@ -773,6 +785,12 @@ class PortableDevice(StorageDevice):
 # -- meter ---------------------------------------------------------------------------------------
 
 
+def measurement_noise(t: float, amplitude_w: float) -> float:
+    """Deterministic measurement noise in [-amplitude, amplitude] W (a hash of the time)."""
+    x = math.sin(t * 12.9898 + 78.233) * 43758.5453
+    return (2.0 * (x - math.floor(x)) - 1.0) * amplitude_w
+
+
 class MeterDevice(SimDevice):
     """The grid meter at the connection point: grid = load - PV - sum(battery), > 0 imports."""
 
@@ -784,9 +802,13 @@ class MeterDevice(SimDevice):
         image: ProfileImage | SunSpecImage,
         clock: Clock,
         grid_power_w: Callable[[], float],
+        noise_w: float = 3.0,
+        noise_ratio: float = 0.001,
     ) -> None:
         super().__init__(device_id=device_id, profile=profile, image=image, clock=clock)
         self._grid = grid_power_w
+        self.noise_w = noise_w
+        self.noise_ratio = noise_ratio
         self._t = clock.now()
         self._last_w = 0.0
         self.imported_wh = 0.0
@@ -804,9 +826,13 @@ class MeterDevice(SimDevice):
         self._t, self._last_w = now, grid
         if self.faults.frozen:
             return
-        self.put_field("grid_power_w", grid)
+        # A real meter wobbles by a few watts (class 1: about 0.1 % plus a floor); an exact one
+        # would read one constant value at a zero-export limit, which essd rightly takes for
+        # frozen registers. The site's truth stays exact.
+        measured = grid + measurement_noise(now, self.noise_w + self.noise_ratio * abs(grid))
+        self.put_field("grid_power_w", measured)
         for phase in ("grid_l1_w", "grid_l2_w", "grid_l3_w"):
-            self.put_field(phase, grid / 3.0)
+            self.put_field(phase, measured / 3.0)
         self.put_field("frequency_hz", 50.0)
         for field in ("imported_wh", "import_energy_wh"):  # plain and SunSpec profiles' names
             self.put_field(field, self.imported_wh)

@@ -404,6 +404,7 @@ class SimulatedSite:
         g = self._group_of[fault.device]
         kind = fault.kind
         log.info("%s: fault %s %s", fault.device, kind, "starts" if active else "ends")
+        dev.invalidate()
         if kind in ("comm_loss", "meter_loss"):
             dev.faults.no_answer = active
         elif kind == "frozen_registers":

@@ -11,7 +11,6 @@ Grid = load - PV used - sum(battery).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -19,7 +18,7 @@ from typing import Protocol
 from essd.config import Settings
 from essd.hil.scenario import FaultSpec
 
-__all__ = ["BatteryTruth", "Plant", "SiteTruth", "measurement_noise"]
+__all__ = ["BatteryTruth", "Plant", "SiteTruth"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +68,3 @@ class Plant(Protocol):
     def set_fault(self, fault: FaultSpec, active: bool) -> None:
         """Start or clear one fault of the timeline."""
         ...
-
-
-def measurement_noise(t: float, amplitude_w: float) -> float:
-    """Deterministic measurement noise in [-amplitude, amplitude] W (a hash of the time)."""
-    x = math.sin(t * 12.9898 + 78.233) * 43758.5453
-    return (2.0 * (x - math.floor(x)) - 1.0) * amplitude_w

@@ -52,11 +52,9 @@ from essd.hil.plant import (
     BatteryTruth,
     Plant,
     SiteTruth,
-    measurement_noise,
 )
 from essd.hil.scenario import INSTANT_KINDS, FaultSpec, Scenario
 from essd.optimizer import Dispatcher, DispatchInputs
-from hil_sim.devices import MeterDevice
 from hil_sim.runner import SimulatedSite
 from hil_sim.site import SiteSeries
 
@@ -700,30 +698,8 @@ async def _open_simulated_site(
         export_limiter=scenario.site.export_limiter,
         source=str(scenario.source),
     )
-    for dev in site.devices.values():
-        if isinstance(dev, MeterDevice):
-            _add_meter_noise(dev, clock)
     async with site:
         yield _SimulatedSitePlant(site)
-
-
-def _add_meter_noise(meter: MeterDevice, clock: SimClock) -> None:
-    """Give the simulated meter the measurement noise of a real one.
-
-    hil_sim's meter reads the exact grid power. Where an anti-backflow limiter holds export at
-    exactly 0 W, or the load is flat at night, it then reads one constant value for hours, and
-    essd rightly takes a meter that never changes for a frozen one (and idles every unit). A
-    real meter wobbles by a few watts; this adds that (deterministic, 3 W + 0.1 %) until the
-    simulator models it. The truth (``Plant.truth``) stays exact.
-    """
-    # The one hook the simulator offers for the reading: the callable it was built with.
-    exact: Callable[[], float] = meter._grid
-
-    def measured() -> float:
-        g = float(exact())
-        return g + measurement_noise(clock.now(), 3.0 + 0.001 * abs(g))
-
-    meter._grid = measured
 
 
 def simulated_site_factory(

@@ -1,4 +1,4 @@
-"""Device lifecycle end to end over real Modbus: a unit unplugged and plugged back in."""
+"""Device lifecycle end to end over TCP against hil_sim: a unit unplugged and plugged back in."""
 
 from __future__ import annotations
 
@@ -8,29 +8,32 @@ from essd.config import load_settings
 from essd.daemon import build_controller
 from essd.domain import DeviceState
 from essd.events import DeviceStateChanged, Event, EventBus
-from tests.support.site import EXAMPLE, serve_static_site
+from hil_sim.faults import FaultSpec
+from hil_sim.runner import SimulatedSite
+from tests.support.site import EXAMPLE
 
 
 async def test_unplugged_unit_goes_degraded_then_recovers() -> None:
-    async with serve_static_site(load_settings(EXAMPLE)) as site:
-        clock = SimClock(1_782_900_000.0)
-        bus = EventBus()
-        changes: list[DeviceStateChanged] = []
+    clock = SimClock(1_767_225_600.0)
+    bus = EventBus()
+    changes: list[DeviceStateChanged] = []
 
-        def record(event: Event) -> None:
-            if isinstance(event, DeviceStateChanged) and event.device_id == "camp1":
-                changes.append(event)
+    def record(event: Event) -> None:
+        if isinstance(event, DeviceStateChanged) and event.device_id == "camp1":
+            changes.append(event)
 
-        bus.subscribe(record)
+    bus.subscribe(record)
+    unplugged = FaultSpec(kind="unplugged", device="camp1", at=0.0, duration=600.0)
+    async with SimulatedSite(load_settings(EXAMPLE), clock=clock, free_ports=True) as sim:
         pool = EndpointPool(clock=clock)
-        ctl = build_controller(site.settings, clock=clock, bus=bus, pool=pool)
+        ctl = build_controller(sim.settings, clock=clock, bus=bus, pool=pool)
         try:
             for _ in range(2):
                 event = await ctl.run_cycle()
                 clock.advance(10)
             assert event.device_states["camp1"] is DeviceState.RUNNING
 
-            site.unplug("camp1")
+            sim.set_fault(unplugged, active=True)  # the campers drive off with it
             for _ in range(3):
                 event = await ctl.run_cycle()
                 clock.advance(10)
@@ -40,13 +43,14 @@ async def test_unplugged_unit_goes_degraded_then_recovers() -> None:
             # The other devices carry on.
             assert event.device_states["home-a"] is DeviceState.RUNNING
 
-            site.replug("camp1")
+            sim.set_fault(unplugged, active=False)  # and bring it back
             for _ in range(12):  # the endpoint backs off after failures, then reconnects
                 event = await ctl.run_cycle()
                 clock.advance(10)
                 if event.device_states["camp1"] is DeviceState.RUNNING:
                     break
             assert event.device_states["camp1"] is DeviceState.RUNNING
+            assert sim.truth().violations == ()
         finally:
             await pool.close()
     # Logged as transitions, not every cycle: running -> degraded once, degraded -> running once.

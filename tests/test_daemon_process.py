@@ -11,8 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+from essd.clock import RealClock
 from essd.config import load_settings
-from tests.support.site import EXAMPLE, serve_static_site
+from hil_sim.devices import StorageDevice
+from hil_sim.runner import SimulatedSite
+from tests.support.site import EXAMPLE, write_config
 from tests.support.systemd import NotifyListener, service_invocation
 
 WATCHDOG_S = 2.0  # WATCHDOG_USEC as a unit with WatchdogSec=2 would set it: pings every 1 s
@@ -20,8 +23,9 @@ WATCHDOG_S = 2.0  # WATCHDOG_USEC as a unit with WatchdogSec=2 would set it: pin
 
 async def test_run_notifies_ready_then_watchdog_and_stops_safely(tmp_path: Path) -> None:
     settings = load_settings(EXAMPLE)
-    async with serve_static_site(settings) as site:
-        config = site.write_config(
+    async with SimulatedSite(settings, clock=RealClock(), free_ports=True) as sim:
+        config = write_config(
+            sim.settings,
             tmp_path / "essd.toml",
             control={"cycle_period_s": 1.0, "setpoint_ttl_s": 30.0, "solve_budget_s": 0.5},
             metrics={"enabled": False},
@@ -52,8 +56,8 @@ async def test_run_notifies_ready_then_watchdog_and_stops_safely(tmp_path: Path)
                 gaps = [b - a for a, b in itertools.pairwise(pings)]
                 assert 0.8 <= statistics.median(gaps) <= 1.3
 
-                # The cycle has been commanding the devices; now stop it.
-                assert site.images["home-a"].get_field("soc") is not None
+                # The cycle has been commanding the devices: the PCS setpoint function is on.
+                assert sim.devices["pcs1"].value("wset_enable") in ("ENABLED", 1)
                 sent = time.monotonic()
                 proc.send_signal(signal.SIGTERM)
                 stopping = await asyncio.to_thread(listener.wait_for, "STOPPING", 10.0)
@@ -68,8 +72,11 @@ async def test_run_notifies_ready_then_watchdog_and_stops_safely(tmp_path: Path)
             assert stopping.at - sent < 5.0
             assert elapsed < 10.0
 
-    # Safe mode as each profile defines it reached every storage unit.
-    pcs = site.images["pcs1"]
-    assert pcs.get_register("wset_w") == 0
-    assert pcs.get_register("wset_enable") in ("DISABLED", 0)
-    assert site.images["home-a"].value("forcible_charge_discharge").value == 0
+        # Safe mode as each profile defines it reached every storage unit.
+        pcs = sim.devices["pcs1"]
+        assert pcs.value("wset_enable") in ("DISABLED", 0)
+        assert pcs.value("wset_w") == 0
+        assert sim.devices["home-a"].value("forcible_charge_discharge") == 0
+        for dev in sim.devices.values():
+            if isinstance(dev, StorageDevice):
+                assert dev.commanded_power() == 0.0, dev.device_id

@@ -155,9 +155,6 @@ class Controller:
         self._last_time: float | None = None
         tz = ZoneInfo(settings.site.timezone)
         self._peak = _PeakTracker(ctl.step_s, tz)
-        self.healthy_cycles = 0
-        self.last_cycle_ok = False
-        self.last_event: CycleCompleted | None = None
 
     # --- operator commands (MQTT and CLI call these) ---------------------------------------
 
@@ -170,8 +167,6 @@ class Controller:
         self.mode = mode
         if mode != Mode.MANUAL:
             self._manual.clear()
-        for d in self.devices.values():
-            d.safe_written = d.safe_written and mode == Mode.STANDBY
 
     def set_reserve(self, reserve_soc: float) -> None:
         """Set the reserve SoC ratio for every battery (below every max SoC)."""
@@ -289,8 +284,6 @@ class Controller:
         overrun = duration > real_period
         if overrun:
             self.overruns += 1
-        self.last_cycle_ok = grid is not None or self.meter is None
-        self.healthy_cycles = self.healthy_cycles + 1 if self.last_cycle_ok else 0
         phase["publish"] = time.perf_counter() - t
         event = CycleCompleted(
             cycle=self.cycle_no,
@@ -315,7 +308,6 @@ class Controller:
             mode=self.mode,
             reserve_soc=self._reserve(),
         )
-        self.last_event = event
         self.bus.publish(event)
         return event
 

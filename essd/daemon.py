@@ -182,8 +182,9 @@ class Daemon:
                 next_tick = now + period - ((now - start) % period)
             await self._sleep_or_stop(next_tick - now)
 
-    async def _sleep_or_stop(self, seconds: float) -> None:
-        sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
+    async def _sleep_or_stop(self, seconds: float, clock: Clock | None = None) -> None:
+        """Wait ``seconds`` on ``clock`` (the daemon's by default), or until asked to stop."""
+        sleeper = asyncio.ensure_future((clock or self.clock).sleep(seconds))
         stopper = asyncio.ensure_future(self._stop.wait())
         try:
             await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -203,8 +204,4 @@ class Daemon:
             last = self._last_good_cycle_real
             if last is not None and time.monotonic() - last <= allowance:
                 self.notifier.watchdog()
-            sleeper = asyncio.ensure_future(real.sleep(interval))
-            stopper = asyncio.ensure_future(self._stop.wait())
-            await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            for t in (sleeper, stopper):
-                t.cancel()
+            await self._sleep_or_stop(interval, real)

@@ -360,7 +360,7 @@ class ManagedDevice:
         self._count(result)
         self.written = setpoint
         self._written_at = now
-        self.safe_written = setpoint.power_w == 0.0
+        self.safe_written = False  # 0 W is not the device's safe mode: that is written apart
         return True
 
     async def enter_safe_mode(self) -> bool:

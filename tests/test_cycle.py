@@ -171,3 +171,18 @@ async def test_invalid_soc_degrades_the_device_and_writes_safe_mode(site: Site) 
     event = await site.cycle()
     assert event.device_states["inv"] is DeviceState.DEGRADED
     assert site.inverter.value("forcible_charge_discharge").value == 0
+
+
+async def test_standby_writes_safe_mode_even_to_an_idle_unit(site: Site) -> None:
+    site.inverter.set_field("soc", 0.1)  # at reserve: the plan idles it at 0 W
+    await site.cycle()
+    assert site.commanded_w() == 0.0
+    written: list[tuple[str, ...]] = []
+    site.inverter.add_write_listener(written.append)
+    site.controller.set_mode(Mode.STANDBY)
+    await site.cycle()
+    # 0 W is not the device's safe mode: standby writes the profile's safe_mode action.
+    assert ("forcible_charge_discharge",) in written
+    written.clear()
+    await site.cycle()
+    assert written == []  # once, not every cycle

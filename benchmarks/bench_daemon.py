@@ -1,7 +1,7 @@
 """Control-cycle cost over real loopback Modbus: 4 devices (the example site) and 100 devices.
 
-Devices are served as static register images from their shipped profiles (hil_sim adds the
-physics; the cycle's cost is reading, solving, guarding and writing, which this measures).
+Devices are served by hil_sim in a separate process, as real units answer from their own
+hardware; the cycle's cost is reading, solving, guarding and writing, which this measures.
 Each cycle runs on a stepped simulated clock, back to back, so the figures are compute time.
 """
 
@@ -25,8 +25,9 @@ from essd.clock import SimClock
 from essd.config import Settings, load_settings
 from essd.daemon import build_controller
 from essd.events import CycleCompleted, EventBus
+from hil_sim.runner import SimulatedSite
 from tests.support.net import free_port
-from tests.support.site import EXAMPLE, serve_static_site, write_config
+from tests.support.site import EXAMPLE, write_config
 
 WARMUP = 5
 
@@ -43,7 +44,8 @@ def _many_devices(n_batteries: int) -> Settings:
         {
             "id": f"home-{i:03d}",
             "profile": "household-hybrid-forcible",
-            "transport": {"kind": "tcp", "host": "127.0.0.1", "port": 1, "unit": 1},
+            # One port each, as 100 units on a gateway's LAN would have; hil_sim picks free ones.
+            "transport": {"kind": "tcp", "host": "127.0.0.1", "port": 20_000 + i, "unit": 1},
         }
         for i in range(n_batteries)
     ]
@@ -61,21 +63,15 @@ def _many_devices(n_batteries: int) -> Settings:
 
 
 def _serve(settings_json: str, conn: Connection) -> None:
-    """Child process: serve the site's devices, keep their values moving, stop on request."""
+    """Child process: hil_sim serves the site's devices until the parent says stop."""
 
     async def main() -> None:
-        async with serve_static_site(Settings.model_validate_json(settings_json)) as site:
+        settings = Settings.model_validate_json(settings_json)
+        clock = SimClock(1_782_900_000.0, speed=1.0)
+        async with SimulatedSite(settings, clock=clock, free_ports=True) as site:
             conn.send(site.settings.model_dump_json())
-            tick = 0
             while not conn.poll():
-                tick += 1
-                # Static values would look frozen to the daemon (and rightly so).
-                for image in site.images.values():
-                    # Steps of 1 %: above every register's resolution.
-                    for field, base in (("soc", 0.5), ("grid_power_w", 2000.0)):
-                        if field in image.profile.fields:
-                            image.set_field(field, base * (1 + 0.01 * (tick % 2)))
-                await asyncio.sleep(0.05)
+                await clock.sleep(0.05)
 
     asyncio.run(main())
 

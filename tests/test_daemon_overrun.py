@@ -9,15 +9,17 @@ from essd.config import load_settings
 from essd.daemon import Daemon
 from essd.events import CycleCompleted, Event, EventBus
 from essd.sdnotify import SystemdNotifier
-from tests.support.site import EXAMPLE, serve_static_site
+from hil_sim.runner import SimulatedSite
+from tests.support.site import EXAMPLE
 
 
 async def test_cycles_longer_than_the_period_are_counted_not_stacked() -> None:
     base = load_settings(EXAMPLE)
     control = base.control.model_copy(update={"cycle_period_s": 1.0, "setpoint_ttl_s": 10.0})
-    async with serve_static_site(base.model_copy(update={"control": control})) as site:
-        # 1 simulated second is 0.5 ms of real time: every cycle (tens of ms) overruns.
-        clock = SimClock(1_767_225_600.0, speed=2000.0)
+    # 1 simulated second is 0.5 ms of real time: every cycle (tens of ms) overruns.
+    clock = SimClock(1_767_225_600.0, speed=2000.0)
+    settings = base.model_copy(update={"control": control})
+    async with SimulatedSite(settings, clock=clock, free_ports=True) as site:
         bus = EventBus()
         events: list[CycleCompleted] = []
 

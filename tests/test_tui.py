@@ -11,14 +11,15 @@ from essd.config import load_settings
 from essd.daemon import build_controller
 from essd.events import EventBus
 from essd.tui import LogLines, TerminalView, render
-from tests.support.site import EXAMPLE, serve_static_site
+from hil_sim.runner import SimulatedSite
+from tests.support.site import EXAMPLE
 
 TZ = ZoneInfo("Asia/Shanghai")
 
 
 async def test_view_shows_every_device_grid_price_and_rung() -> None:
-    async with serve_static_site(load_settings(EXAMPLE)) as site:
-        clock = SimClock(1_767_225_600.0)
+    clock = SimClock(1_767_225_600.0)
+    async with SimulatedSite(load_settings(EXAMPLE), clock=clock, free_ports=True) as site:
         pool = EndpointPool(clock=clock)
         bus = EventBus()
         screen, lines = io.StringIO(), io.StringIO()

@@ -158,12 +158,13 @@ class SimDevice:
     def read(self, table: Table, address: int, count: int) -> list[int]:
         """Advance the device to now, publish its readings, answer from the registers.
 
-        A driver reads a device in several block requests at one instant: the readings are
-        published once per simulated instant, not once per request.
+        Like a real unit, which refreshes its registers periodically rather than per request,
+        readings are published at most every ``PUBLISH_INTERVAL_S`` of simulated time (writes
+        and faults publish at once), so the several block requests of one read see one state.
         """
         self._gate()
         now = self.clock.now()
-        if now != self._fresh_at:
+        if self._fresh_at is None or not 0.0 <= now - self._fresh_at < PUBLISH_INTERVAL_S:
             self.update()
             self._fresh_at = now
         return self.image.read(table, address, count)
@@ -783,6 +784,10 @@ class PortableDevice(StorageDevice):
 
 
 # -- meter ---------------------------------------------------------------------------------------
+
+
+# How often a simulated unit refreshes the readings in its registers (simulated seconds).
+PUBLISH_INTERVAL_S = 0.1
 
 
 def measurement_noise(t: float, amplitude_w: float) -> float:

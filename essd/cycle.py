@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
+from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -33,11 +34,27 @@ from essd.domain import (
     LiveLimits,
     MeterReading,
     Plan,
+    PlanCause,
     Setpoint,
     Snapshot,
 )
-from essd.events import CycleCompleted, EventBus, SiteTotals
-from essd.forecast import Forecast, Forecaster, Override, billing_period_start
+from essd.events import (
+    CycleCompleted,
+    DeviceLimits,
+    DeviceRecord,
+    EventBus,
+    SiteTotals,
+    WriteOutcome,
+    WriteStatus,
+)
+from essd.forecast import (
+    Forecast,
+    Forecaster,
+    Override,
+    billing_period_start,
+    tariff_import_price,
+)
+from essd.ladder import SOLVED, descend
 from essd.optimizer import (
     BatterySpec,
     Dispatcher,
@@ -46,13 +63,19 @@ from essd.optimizer import (
     rule_based_plan,
     safe_idle_plan,
 )
-from essd.safety import DeviceEnvelope, GuardInput, guard
+from essd.safety import DeviceEnvelope, GuardInput, GuardResult, guard
 
-__all__ = ["PHASES", "CommandRejected", "Controller", "Mode"]
+__all__ = ["CommandRejected", "Controller", "Mode", "WallClockWatch"]
 
 log = logging.getLogger(__name__)
 
-PHASES = ("read", "snapshot", "forecast", "decide", "guard", "write", "publish")
+# On a stepped clock the solve is awaited whatever it takes (see Controller._solve).
+_STEPPED_SOLVE_BUDGET_S = 3600.0
+# Longest interval integrated into the totals at once: a gap longer than this (the process
+# was stopped, the host suspended) is not energy essd saw.
+_MAX_INTEGRATION_S = 900.0
+# A wall-clock jump larger than this (s) against the monotonic clock is a step, not drift.
+WALL_STEP_THRESHOLD_S = 2.0
 
 
 class Mode:
@@ -95,6 +118,35 @@ class _PeakTracker:
                 self.peak_w = max(self.peak_w, self._wh * 3600.0 / self._step_s)
             self._window_start, self._wh = window, 0.0
         self._wh += max(0.0, grid_w) * dt_s / 3600.0
+
+
+class WallClockWatch:
+    """Detects steps of the wall clock against the monotonic one (NTP, an operator, RTC).
+
+    Control schedules and integrates on the monotonic clock only; the wall clock names the
+    hour, the day and the billing period. A step is logged once when it happens.
+    """
+
+    def __init__(self, threshold_s: float = WALL_STEP_THRESHOLD_S) -> None:
+        self._threshold_s = threshold_s
+        self._last: tuple[float, float] | None = None
+        self.steps = 0
+
+    def observe(self, now: float, mono: float) -> float:
+        """The wall-clock step (s, + forward) since the last call; 0.0 when there was none."""
+        last, self._last = self._last, (now, mono)
+        if last is None:
+            return 0.0
+        step = (now - last[0]) - (mono - last[1])
+        if abs(step) <= self._threshold_s:
+            return 0.0
+        self.steps += 1
+        log.warning(
+            "wall clock stepped by %+.0f s; control runs on the monotonic clock, totals and "
+            "the billing peak are integrated on it",
+            step,
+        )
+        return step
 
 
 class Controller:
@@ -152,9 +204,13 @@ class Controller:
         self.last_plan: Plan | None = None
         self._solving: Future[Plan] | asyncio.Future[Plan] | None = None
         self._totals = SiteTotals()
-        self._last_time: float | None = None
+        self._last_mono: float | None = None
         tz = ZoneInfo(settings.site.timezone)
         self._peak = _PeakTracker(ctl.step_s, tz)
+        self._wall = WallClockWatch()
+        self._phase_failures: set[tuple[str, str]] = set()
+        # Overruns and solve deadlines exist only on clocks that run in real time.
+        self._realtime = not bool(getattr(clock, "stepped", False))
 
     # --- operator commands (MQTT and CLI call these) ---------------------------------------
 
@@ -210,80 +266,87 @@ class Controller:
     # --- the cycle -------------------------------------------------------------------------
 
     async def run_cycle(self) -> CycleCompleted:
-        """Run one full cycle and publish it."""
+        """Run one full cycle and publish it; never raises.
+
+        Each phase runs in its own error boundary (OpenEMS's cycle worker is the model): an
+        exception or an invalid value in forecast, decide or guard gives a typed cause and a
+        lower rung, and write and publish still run. ``phase_errors`` of the published record
+        names every phase that failed.
+        """
         phase: dict[str, float] = {}
+        errors: dict[str, str] = {}
         started = time.perf_counter()
         now = self.clock.now()
+        mono = self.clock.monotonic()
+        wall_step = self._wall.observe(now, mono)
         standby = self.mode == Mode.STANDBY
+        ctl = self.settings.control
 
         t = time.perf_counter()
-        await asyncio.gather(*(d.read(mode_safe=standby) for d in self.devices.values()))
+        await self._read_phase(standby, errors)
         phase["read"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        snapshot = self._snapshot(now)
-        grid = self._grid_power(snapshot)
+        snapshot, grid = self._snapshot_phase(now, mono, errors)
         phase["snapshot"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        ctl = self.settings.control
-        if grid is not None:
-            measured = sum(
-                r.power_w.value or 0.0 for r in snapshot.batteries.values() if r.power_w.valid
-            )
-            self.forecaster.observe_net_load(now, grid + measured)
-        forecast = self.forecaster.forecast(now, ctl.step_s, ctl.horizon_steps)
+        forecast, forecast_cause, detail = self._forecast(now, snapshot, grid)
+        if forecast_cause is not None:
+            errors["forecast"] = detail
         phase["forecast"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        plan, desired, source = await self._decide(now, snapshot, forecast)
-        if not plan.import_price:
-            n = plan.steps
-            plan = replace(
-                plan,
-                import_price=tuple(forecast.import_price[:n].tolist()),
-                export_price=tuple(forecast.export_price[:n].tolist()),
-            )
+        plan, desired, source = await self._decide_phase(
+            now,
+            snapshot,
+            forecast,
+            grid=grid,
+            forecast_cause=forecast_cause,
+            detail=detail,
+            errors=errors,
+        )
         phase["decide"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        result = guard(
-            GuardInput(
-                now_mono=self.clock.monotonic(),
-                dt_s=ctl.cycle_period_s,
-                ttl_s=ctl.setpoint_ttl_s,
-                envelopes={d.id: self._envelope(d) for d in self.batteries},
-                readings=snapshot.batteries,
-                healthy={d.id: d.healthy and not standby for d in self.batteries},
-                desired_w=desired,
-                previous_w={d.id: d.written.power_w if d.written else 0.0 for d in self.batteries},
-                grid_power_w=grid,
-                import_limit_w=self.settings.site.grid_import_limit_w,
-                export_limit_w=self.settings.site.grid_export_limit_w,
-                source=source,
-            )
+        envelopes = {d.id: self._envelope(d) for d in self.batteries}
+        result, plan = self._guard_phase(
+            snapshot,
+            envelopes,
+            desired,
+            plan,
+            grid=grid,
+            source=source,
+            mono=mono,
+            standby=standby,
+            errors=errors,
         )
-        if grid is None and self.batteries and plan.rung < FallbackRung.SAFE_IDLE:
-            # The guard idled every battery: say so, whatever the optimizer had planned.
-            plan = replace(
-                plan,
-                rung=FallbackRung.SAFE_IDLE,
-                reason="no valid meter reading: every battery idles until it returns",
-            )
         phase["guard"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        await self._write(result.setpoints, standby=standby)
+        outcomes = await self._write(result.setpoints, standby=standby)
         phase["write"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        self._integrate(now, grid, forecast)
+        try:
+            self._integrate(now, mono, grid, snapshot, forecast)
+        except Exception as exc:
+            errors["publish"] = self._phase_failed("publish", exc)
         self.cycle_no += 1
         duration = time.perf_counter() - started
-        real_period = ctl.cycle_period_s / self.clock.speed
-        overrun = duration > real_period
+        # Only a clock that runs in real time (or a multiple of it) can overrun: a stepped
+        # clock waits for the cycle, whatever the host's speed.
+        overrun = self._realtime and duration > ctl.cycle_period_s / self.clock.speed
         if overrun:
             self.overruns += 1
+        records = self._records(
+            snapshot=snapshot,
+            envelopes=envelopes,
+            desired=desired,
+            result=result,
+            outcomes=outcomes,
+            mono=mono,
+        )
         phase["publish"] = time.perf_counter() - t
         event = CycleCompleted(
             cycle=self.cycle_no,
@@ -307,9 +370,234 @@ class Controller:
             totals=self._totals,
             mode=self.mode,
             reserve_soc=self._reserve(),
+            devices=records,
+            predicted_grid_w=result.predicted_grid_w,
+            site_limit_unmet_w=result.site_limit_unmet_w,
+            phase_errors=errors,
+            wall_step_s=wall_step,
         )
         self.bus.publish(event)
         return event
+
+    async def _read_phase(self, standby: bool, errors: dict[str, str]) -> None:
+        """Read every device concurrently, each within its own timeout."""
+        try:
+            await asyncio.gather(*(d.read(mode_safe=standby) for d in self.devices.values()))
+        except Exception as exc:  # ManagedDevice.read never raises; be safe if it does
+            errors["read"] = self._phase_failed("read", exc)
+
+    def _snapshot_phase(
+        self, now: float, mono: float, errors: dict[str, str]
+    ) -> tuple[Snapshot, float | None]:
+        """The frozen process image and the meter's grid power (None: limits unverifiable)."""
+        try:
+            snapshot = self._snapshot(now)
+            return snapshot, self._grid_power(snapshot)
+        except Exception as exc:
+            errors["snapshot"] = self._phase_failed("snapshot", exc)
+            return Snapshot(time=now, mono=mono, batteries={}, meter=None), None
+
+    async def _decide_phase(
+        self,
+        now: float,
+        snapshot: Snapshot,
+        forecast: Forecast,
+        *,
+        grid: float | None,
+        forecast_cause: PlanCause | None,
+        detail: str,
+        errors: dict[str, str],
+    ) -> tuple[Plan, dict[str, float], str]:
+        """The plan and each unit's requested power; a failure descends the ladder."""
+        try:
+            plan, desired, source = await self._decide(
+                now, snapshot, forecast, grid=grid, forecast_cause=forecast_cause, detail=detail
+            )
+        except Exception as exc:
+            errors["decide"] = self._phase_failed("decide", exc)
+            plan = self._descend(
+                now,
+                snapshot,
+                forecast,
+                cause=PlanCause.DECIDE_FAILED,
+                reason=f"decide failed: {exc}",
+            )
+            desired, source = self._first_steps(plan), f"rung{int(plan.rung)}"
+        if not all(math.isfinite(v) for v in desired.values()):
+            errors.setdefault("decide", "non-finite setpoint requested")
+            plan = self._descend(
+                now,
+                snapshot,
+                forecast,
+                cause=PlanCause.PLAN_INVALID,
+                reason="non-finite setpoint requested",
+                allow_last_plan=False,
+            )
+            desired, source = self._first_steps(plan), f"rung{int(plan.rung)}"
+        if not plan.import_price:
+            n = plan.steps
+            plan = replace(
+                plan,
+                import_price=tuple(forecast.import_price[:n].tolist()),
+                export_price=tuple(forecast.export_price[:n].tolist()),
+            )
+        return plan, desired, source
+
+    def _guard_phase(
+        self,
+        snapshot: Snapshot,
+        envelopes: Mapping[str, DeviceEnvelope],
+        desired: Mapping[str, float],
+        plan: Plan,
+        *,
+        grid: float | None,
+        source: str,
+        mono: float,
+        standby: bool,
+        errors: dict[str, str],
+    ) -> tuple[GuardResult, Plan]:
+        """Safe setpoints from the requests; a failing guard idles every unit (rung 5)."""
+        ctl = self.settings.control
+        try:
+            result = guard(
+                GuardInput(
+                    now_mono=mono,
+                    dt_s=ctl.cycle_period_s,
+                    ttl_s=ctl.setpoint_ttl_s,
+                    envelopes=envelopes,
+                    readings=snapshot.batteries,
+                    healthy={d.id: d.healthy and not standby for d in self.batteries},
+                    desired_w=desired,
+                    previous_w={
+                        d.id: d.written.power_w if d.written else 0.0 for d in self.batteries
+                    },
+                    grid_power_w=grid,
+                    import_limit_w=self.settings.site.grid_import_limit_w,
+                    export_limit_w=self.settings.site.grid_export_limit_w,
+                    source=source,
+                )
+            )
+            if not all(math.isfinite(sp.power_w) for sp in result.setpoints.values()):
+                raise ValueError("guard produced a non-finite setpoint")
+        except Exception as exc:
+            errors["guard"] = self._phase_failed("guard", exc)
+            result = _idle_result(self.batteries, mono, ctl.setpoint_ttl_s)
+            plan = plan.with_cause(
+                FallbackRung.SAFE_IDLE, PlanCause.GUARD_FAILED, f"guard failed: {exc}; safe idle"
+            )
+        if grid is None and self.batteries and plan.rung < FallbackRung.SAFE_IDLE:
+            # The guard idled every battery: say so, whatever the optimizer had planned.
+            plan = plan.with_cause(
+                FallbackRung.SAFE_IDLE,
+                PlanCause.STALE_DATA,
+                "no valid meter reading: every battery idles until it returns",
+            )
+        return result, plan
+
+    def _phase_failed(self, name: str, exc: BaseException) -> str:
+        """Log a phase's failure once per kind (not every cycle) and return its text."""
+        text = f"{type(exc).__name__}: {exc}"
+        key = (name, type(exc).__name__)
+        if key not in self._phase_failures:
+            self._phase_failures.add(key)
+            log.error("%s phase failed (the cycle goes on, lower rung): %s", name, text)
+        return text
+
+    def _records(
+        self,
+        *,
+        snapshot: Snapshot,
+        envelopes: Mapping[str, DeviceEnvelope],
+        desired: Mapping[str, float],
+        result: GuardResult,
+        outcomes: Mapping[str, WriteOutcome],
+        mono: float,
+    ) -> dict[str, DeviceRecord]:
+        records: dict[str, DeviceRecord] = {}
+        for d in self.batteries:
+            env = envelopes[d.id]
+            reading = snapshot.batteries.get(d.id)
+            live = LiveLimits(env.max_charge_w, env.max_discharge_w)
+            if reading is not None and reading.limits is not None:
+                live = live.tighten(reading.limits)
+            sp = result.setpoints.get(d.id)
+            outcome = outcomes.get(d.id) or d.outcome(WriteStatus.SKIPPED)
+            accepted = outcome.accepted_at_mono
+            records[d.id] = DeviceRecord(
+                device_id=d.id,
+                device_class=d.profile.device_class,
+                state=d.state,
+                reason=d.reason,
+                limits=DeviceLimits(
+                    reserve_soc=env.reserve_soc,
+                    max_soc=env.max_soc,
+                    max_charge_w=live.max_charge_w,
+                    max_discharge_w=live.max_discharge_w,
+                ),
+                requested_w=float(desired.get(d.id, 0.0)),
+                setpoint_w=sp.power_w if sp is not None else 0.0,
+                guard_reasons=tuple(result.reasons.get(d.id, ())),
+                write=outcome,
+                setpoint_age_s=None if accepted is None else max(0.0, mono - accepted),
+            )
+        return records
+
+    def _first_steps(self, plan: Plan) -> dict[str, float]:
+        return {
+            d.id: plan.first_step_w(d.id) if d.id in plan.power_w else 0.0 for d in self.batteries
+        }
+
+    def _forecast(
+        self, now: float, snapshot: Snapshot, grid: float | None
+    ) -> tuple[Forecast, PlanCause | None, str]:
+        """The horizon's forecast, never raising: a failed forecaster gives a persistence
+        forecast of the measured net load, and non-finite values are replaced by safe ones;
+        either way the cause is returned so the cycle plans on a lower rung."""
+        ctl = self.settings.control
+        net = None
+        if grid is not None:
+            net = grid + sum(
+                r.power_w.value or 0.0 for r in snapshot.batteries.values() if r.power_w.valid
+            )
+        try:
+            if net is not None:
+                self.forecaster.observe(now, net, _measured_pv(snapshot))
+            forecast = self.forecaster.forecast(now, ctl.step_s, ctl.horizon_steps)
+        except Exception as exc:
+            detail = self._phase_failed("forecast", exc)
+            return self._persistence(now, net), PlanCause.FORECAST_FAILED, detail
+        clean, bad = _sanitize(forecast, self._persistence(now, net))
+        if bad:
+            detail = f"non-finite or negative forecast values in {', '.join(bad)}"
+            self._phase_failed("forecast", ValueError(detail))
+            return clean, PlanCause.FORECAST_INVALID, detail
+        return forecast, None, ""
+
+    def _persistence(self, now: float, net: float | None) -> Forecast:
+        """A forecast that needs nothing but the present: net load held, tariff prices."""
+        ctl = self.settings.control
+        n = ctl.horizon_steps
+        times = now + ctl.step_s * np.arange(n, dtype=np.float64)
+        tz = ZoneInfo(self.settings.site.timezone)
+        try:
+            imp = np.array(
+                [
+                    tariff_import_price(self.settings.tariff, datetime.fromtimestamp(float(x), tz))
+                    for x in times
+                ]
+            )
+        except Exception:  # a tariff that cannot be evaluated prices nothing
+            imp = np.zeros(n)
+        exp = np.full(n, self.settings.tariff.export_price_per_kwh)
+        return Forecast(
+            start=now,
+            step_s=ctl.step_s,
+            load_w=np.full(n, 0.0 if net is None or not math.isfinite(net) else net),
+            pv_w=np.zeros(n),
+            import_price=np.where(np.isfinite(imp), imp, 0.0),
+            export_price=np.minimum(np.where(np.isfinite(exp), exp, 0.0), imp),
+            carbon_g_per_kwh=np.full(n, self.settings.forecast.carbon_intensity_g_per_kwh),
+        )
 
     def _reserve(self) -> float:
         base = self.settings.control.reserve_soc
@@ -341,70 +629,133 @@ class Controller:
         return r.value if r.valid else None
 
     async def _decide(
-        self, now: float, snapshot: Snapshot, forecast: Forecast
+        self,
+        now: float,
+        snapshot: Snapshot,
+        forecast: Forecast,
+        *,
+        grid: float | None,
+        forecast_cause: PlanCause | None,
+        detail: str,
     ) -> tuple[Plan, dict[str, float], str]:
         ids = [d.id for d in self.batteries]
-        ctl = self.settings.control
         if self.mode == Mode.STANDBY:
-            plan = safe_idle_plan(
-                ids, time=now, step_s=ctl.step_s, steps=ctl.horizon_steps, reason="standby"
-            )
+            plan = self._idle(now, PlanCause.STANDBY, "standby")
             return plan, dict.fromkeys(ids, 0.0), "standby"
         if self.mode == Mode.MANUAL:
             desired = {}
             for dev_id in ids:
                 m = self._manual.get(dev_id)
                 desired[dev_id] = m.power_w if m is not None and m.expires_at > now else 0.0
-            plan = safe_idle_plan(
-                ids, time=now, step_s=ctl.step_s, steps=ctl.horizon_steps, reason="manual"
-            )
-            return plan, desired, "manual"
+            return self._idle(now, PlanCause.MANUAL, "manual"), desired, "manual"
         if self.dispatcher is None:
-            plan = safe_idle_plan(ids, time=now, step_s=ctl.step_s, steps=ctl.horizon_steps)
+            plan = self._idle(now, PlanCause.NO_BATTERY, "no battery to dispatch")
             return plan, dict.fromkeys(ids, 0.0), "safe"
+        if forecast_cause is not None:
+            plan = self._descend(now, snapshot, forecast, cause=forecast_cause, reason=detail)
+            self._remember(plan)
+            return plan, self._first_steps(plan), f"rung{int(plan.rung)}"
         try:
+            # Validated here, on the event loop: a solver thread never sees bad inputs.
             inputs = self._inputs(now, snapshot, forecast)
+            self.dispatcher.validate(inputs)
         except InvalidDispatchInputsError as exc:
-            plan = safe_idle_plan(
-                ids,
-                time=now,
-                step_s=ctl.step_s,
-                steps=ctl.horizon_steps,
+            plan = self._descend(
+                now,
+                snapshot,
+                forecast,
+                cause=PlanCause.INVALID_INPUTS,
                 reason=f"invalid inputs: {exc}",
+                allow_last_plan=False,
             )
-            return plan, dict.fromkeys(ids, 0.0), "safe"
+            return plan, self._first_steps(plan), "safe"
         plan = await self._solve(inputs, now)
-        self.last_plan = plan if plan.rung <= FallbackRung.SOFT else self.last_plan
-        return plan, {d: plan.first_step_w(d) for d in ids}, f"rung{int(plan.rung)}"
+        self._remember(plan)
+        return plan, self._first_steps(plan), f"rung{int(plan.rung)}"
+
+    def _remember(self, plan: Plan) -> None:
+        if plan.cause in SOLVED:
+            self.last_plan = plan
+
+    def _idle(self, now: float, cause: PlanCause, reason: str) -> Plan:
+        ctl = self.settings.control
+        return safe_idle_plan(
+            [d.id for d in self.batteries],
+            time=now,
+            step_s=ctl.step_s,
+            steps=ctl.horizon_steps,
+            reason=reason,
+            cause=cause,
+        )
+
+    def _descend(
+        self,
+        now: float,
+        snapshot: Snapshot,
+        forecast: Forecast,
+        *,
+        cause: PlanCause,
+        reason: str,
+        allow_last_plan: bool = True,
+    ) -> Plan:
+        """Rungs 3-5 (:func:`essd.ladder.descend`): rule-based only with valid inputs."""
+
+        def rule_based() -> Plan:
+            return rule_based_plan(self.specs, self._inputs(now, snapshot, forecast), cause=cause)
+
+        return descend(
+            now=now,
+            cause=cause,
+            reason=reason,
+            device_ids=[d.id for d in self.batteries],
+            last_plan=self.last_plan,
+            rule_based=rule_based if self.specs else None,
+            safe_idle=lambda: self._idle(now, cause, reason),
+            allow_last_plan=allow_last_plan,
+        )
 
     async def _solve(self, inputs: DispatchInputs, now: float) -> Plan:
         dispatcher = self.dispatcher
         assert dispatcher is not None
         budget = self.settings.control.solve_budget_s
+        if not self._realtime:
+            # A stepped clock waits for the solve: the budget is real time, which a simulated
+            # run does not have, and a slow host must give the same rungs as a fast one.
+            budget = _STEPPED_SOLVE_BUDGET_S
         if self._solving is not None and not self._solving.done():
-            return self._late_fallback(inputs, now, "previous solve still running")
+            return self._late_fallback(
+                inputs, now, PlanCause.SOLVE_BUSY, "previous solve still running"
+            )
         loop = asyncio.get_running_loop()
+        last = self.last_plan
         fut = loop.run_in_executor(
-            None, lambda: dispatcher.solve(inputs, budget_s=budget, last_plan=self.last_plan)
+            None, lambda: dispatcher.solve(inputs, budget_s=budget, last_plan=last)
         )
         self._solving = fut
-        done, _ = await asyncio.wait({fut}, timeout=budget * 1.5 + 0.05)
+        timeout = None if not self._realtime else budget * 1.5 + 0.05
+        done, _ = await asyncio.wait({fut}, timeout=timeout)
         if not done:
-            return self._late_fallback(inputs, now, f"solve late after {budget * 1.5:.2f} s")
+            return self._late_fallback(
+                inputs, now, PlanCause.SOLVE_LATE, f"solve late after {budget * 1.5:.2f} s"
+            )
         try:
             return fut.result()
         except Exception as exc:  # the dispatcher promises not to raise; be safe if it does
             log.exception("dispatcher failed")
-            return self._late_fallback(inputs, now, f"solver error: {exc}")
+            return self._late_fallback(inputs, now, PlanCause.SOLVER_ERROR, f"solver error: {exc}")
 
-    def _late_fallback(self, inputs: DispatchInputs, now: float, reason: str) -> Plan:
-        if self.last_plan is not None:
-            shifted = self.last_plan.shifted_to(
-                now, rung=FallbackRung.LAST_PLAN, reason=f"{reason}; last plan shifted"
-            )
-            if shifted is not None and shifted.steps > 0:
-                return shifted
-        return rule_based_plan(self.specs, inputs, reason=f"{reason}; rule-based")
+    def _late_fallback(
+        self, inputs: DispatchInputs, now: float, cause: PlanCause, reason: str
+    ) -> Plan:
+        return descend(
+            now=now,
+            cause=cause,
+            reason=reason,
+            device_ids=[d.id for d in self.batteries],
+            last_plan=self.last_plan,
+            rule_based=lambda: rule_based_plan(self.specs, inputs, cause=cause),
+            safe_idle=lambda: self._idle(now, cause, reason),
+        )
 
     def _inputs(self, now: float, snapshot: Snapshot, forecast: Forecast) -> DispatchInputs:
         ctl = self.settings.control
@@ -454,33 +805,64 @@ class Controller:
             terminal_value_per_kwh=terminal_value,
         )
 
-    async def _write(self, setpoints: Mapping[str, Setpoint], *, standby: bool) -> None:
-        async def one(d: ManagedDevice) -> None:
+    async def _write(
+        self, setpoints: Mapping[str, Setpoint], *, standby: bool
+    ) -> dict[str, WriteOutcome]:
+        """Write every unit concurrently; one unit's failure never stops another's write."""
+
+        async def one(d: ManagedDevice) -> WriteOutcome:
             sp = setpoints.get(d.id)
             if standby or d.state in (DeviceState.FAULT, DeviceState.SAFE):
-                if not d.safe_written:
-                    await d.enter_safe_mode()
-                return
+                if not d.safe_written and not await d.enter_safe_mode():
+                    return d.outcome(WriteStatus.FAILED, d.last_write_error or d.reason)
+                return d.outcome(WriteStatus.SAFE_MODE)
             if d.state is DeviceState.DEGRADED:
                 # Answering but with bad data: put it in safe mode once. Not answering: its
                 # revert timer or heartbeat takes it to safe on its own.
-                if d.last is not None and not d.safe_written and _answers(d):
-                    await d.enter_safe_mode()
-                return
-            if sp is not None and d.state is DeviceState.RUNNING:
-                await d.apply(sp)
+                answers = d.last is not None and not d.safe_written and _answers(d)
+                if answers and not await d.enter_safe_mode():
+                    return d.outcome(WriteStatus.FAILED, d.last_write_error)
+                return d.outcome(WriteStatus.SAFE_MODE if d.safe_written else WriteStatus.SKIPPED)
+            if sp is not None and d.state in (DeviceState.RUNNING, DeviceState.WRITE_FAILED):
+                return await d.apply(sp)
+            return d.outcome(WriteStatus.SKIPPED)
 
-        await asyncio.gather(*(one(d) for d in self.batteries))
+        async def isolated(d: ManagedDevice) -> tuple[str, WriteOutcome]:
+            try:
+                return d.id, await one(d)
+            except Exception as exc:  # a device's write must never end the cycle
+                self._phase_failed("write", exc)
+                return d.id, d.outcome(WriteStatus.FAILED, f"{type(exc).__name__}: {exc}")
 
-    def _integrate(self, now: float, grid: float | None, forecast: Forecast) -> None:
-        if self._last_time is None or grid is None:
-            self._last_time = now
+        return dict(await asyncio.gather(*(isolated(d) for d in self.batteries)))
+
+    def _integrate(
+        self,
+        now: float,
+        mono: float,
+        grid: float | None,
+        snapshot: Snapshot,
+        forecast: Forecast,
+    ) -> None:
+        """Add this cycle's energy, cost and carbon to the totals and the billing peak.
+
+        The interval comes from the monotonic clock, so a wall-clock step neither adds nor
+        removes energy; the wall clock only says which billing period and window it is.
+        """
+        last = self._last_mono
+        self._last_mono = mono
+        if last is None or grid is None:
             return
-        dt = max(0.0, now - self._last_time)
-        self._last_time = now
+        dt = min(max(0.0, mono - last), _MAX_INTEGRATION_S)
         kwh_in = max(0.0, grid) * dt / 3.6e6
         kwh_out = max(0.0, -grid) * dt / 3.6e6
         co2 = kwh_in * float(forecast.carbon_g_per_kwh[0]) / 1000.0
+        charged = discharged = 0.0
+        for r in snapshot.batteries.values():
+            if r.power_w.valid and r.power_w.value is not None:
+                wh = r.power_w.value * dt / 3600.0
+                discharged += max(0.0, wh)
+                charged += max(0.0, -wh)
         tot = self._totals
         cost = (
             kwh_in * float(forecast.import_price[0])
@@ -492,6 +874,8 @@ class Controller:
             exported_wh=tot.exported_wh + kwh_out * 1000.0,
             cost=tot.cost + cost,
             co2_kg=tot.co2_kg + co2,
+            battery_charged_wh=tot.battery_charged_wh + charged,
+            battery_discharged_wh=tot.battery_discharged_wh + discharged,
         )
         self._peak.add(now, grid, dt)
 
@@ -514,3 +898,49 @@ class Controller:
 def _answers(d: ManagedDevice) -> bool:
     last = d.last
     return isinstance(last, BatteryReading) and last.available
+
+
+def _measured_pv(snapshot: Snapshot) -> float | None:
+    """PV power measured by the units themselves (``pv_power_w`` of a profile), W, or None."""
+    values = [
+        r.extras["pv_power_w"].value
+        for r in snapshot.batteries.values()
+        if "pv_power_w" in r.extras and r.extras["pv_power_w"].valid
+    ]
+    return float(sum(v for v in values if v is not None)) if values else None
+
+
+_NON_NEGATIVE = ("pv_w", "carbon_g_per_kwh")
+
+
+def _sanitize(forecast: Forecast, safe: Forecast) -> tuple[Forecast, list[str]]:
+    """``forecast`` with every non-finite value (and negative PV or carbon) replaced by the
+    value of ``safe`` for that step; also the names of the series that needed it."""
+    bad: list[str] = []
+    arrays: dict[str, np.ndarray] = {}
+    for name in ("load_w", "pv_w", "import_price", "export_price", "carbon_g_per_kwh"):
+        arr = np.asarray(getattr(forecast, name), dtype=np.float64)
+        fallback = np.asarray(getattr(safe, name), dtype=np.float64)
+        if arr.shape != fallback.shape:
+            bad.append(name)
+            arrays[name] = fallback
+            continue
+        wrong = ~np.isfinite(arr)
+        if name in _NON_NEGATIVE:
+            wrong |= np.nan_to_num(arr, nan=0.0) < 0
+        if wrong.any():
+            bad.append(name)
+            arr = np.where(wrong, fallback, arr)
+        arrays[name] = arr
+    if not bad:
+        return forecast, bad
+    return Forecast(start=forecast.start, step_s=forecast.step_s, **arrays), bad
+
+
+def _idle_result(batteries: Sequence[ManagedDevice], mono: float, ttl_s: float) -> GuardResult:
+    """0 W for every unit: what the cycle applies when the guard itself failed."""
+    setpoints = {
+        d.id: Setpoint(device_id=d.id, power_w=0.0, issued_at_mono=mono, ttl_s=ttl_s, source="safe")
+        for d in batteries
+    }
+    return GuardResult(setpoints, {d.id: ("guard failed",) for d in batteries}, None, 0.0)

@@ -42,7 +42,13 @@ from essd.domain import (
     Reading,
     Setpoint,
 )
-from essd.events import DeviceCounters, DeviceStateChanged, EventBus
+from essd.events import (
+    DeviceCounters,
+    DeviceStateChanged,
+    EventBus,
+    WriteOutcome,
+    WriteStatus,
+)
 from essd.safety import DeviceEnvelope
 
 __all__ = ["ManagedDevice", "envelope_for", "refresh_warning"]
@@ -53,6 +59,8 @@ log = logging.getLogger(__name__)
 WRITE_DEADBAND_W = 20.0
 # Registers unchanged this long while the unit is told to move power: the data is frozen.
 FROZEN_AFTER_S = 300.0
+# Cycles in a row whose write failed before a unit counts as not controlled (WRITE_FAILED).
+WRITE_FAILED_AFTER = 2
 
 
 def envelope_for(
@@ -169,6 +177,11 @@ class ManagedDevice:
         self.counters = _Counters()
         self.safe_written = False
         self._mismatching = False
+        # The write phase's own record: last accepted write and the failures since.
+        self.accepted_at_mono: float | None = None
+        self.write_failures = 0
+        self.last_write_error = ""
+        self.safe_mode_unconfirmed = False
 
     @property
     def id(self) -> str:
@@ -280,12 +293,25 @@ class ManagedDevice:
                 self._transition(DeviceState.DEGRADED, problem)
             return
         self.last_good_mono = now
+        self._settle(reading, mode_safe=mode_safe)
+
+    def _settle(self, reading: BatteryReading | MeterReading, *, mode_safe: bool) -> None:
+        """The state of a unit whose data is good: fault, safe, not controlled or running."""
         if isinstance(reading, BatteryReading) and reading.alarms:
             self._transition(DeviceState.FAULT, "alarm: " + ", ".join(reading.alarms))
+            return
+        if self.safe_mode_unconfirmed:
+            self._transition(DeviceState.FAULT, "safe mode not confirmed by read-back")
             return
         if mode_safe:
             if self.state is not DeviceState.SAFE:
                 self._transition(DeviceState.SAFE, "standby")
+            return
+        if self.write_failures >= WRITE_FAILED_AFTER:
+            self._transition(
+                DeviceState.WRITE_FAILED,
+                f"{self.write_failures} writes in a row failed: {self.last_write_error}",
+            )
             return
         self._transition(DeviceState.RUNNING, "ok")
 
@@ -324,8 +350,46 @@ class ManagedDevice:
             self._mismatching = False
             log.info("device %s: writes read back correctly again", self.id)
 
-    async def apply(self, setpoint: Setpoint) -> bool:
-        """Write ``setpoint`` if it changed or a refresh is due; False when nothing was written."""
+    def outcome(self, status: WriteStatus, error: str = "") -> WriteOutcome:
+        """This cycle's write outcome with the unit's write history."""
+        return WriteOutcome(
+            status=status,
+            power_w=self.written.power_w if self.written is not None else None,
+            accepted_at_mono=self.accepted_at_mono,
+            error=error,
+            consecutive_failures=self.write_failures,
+        )
+
+    def _write_failed(self, exc: BaseException) -> WriteOutcome:
+        self.counters.errors[_error_kind(exc)] += 1
+        self.write_failures += 1
+        self.last_write_error = f"{_error_kind(exc)}: {exc}" if str(exc) else _error_kind(exc)
+        if self.write_failures == 1:
+            log.warning("device %s: write failed: %s", self.id, self.last_write_error)
+        if self.write_failures >= WRITE_FAILED_AFTER and self.state in (
+            DeviceState.RUNNING,
+            DeviceState.WRITE_FAILED,
+        ):
+            self._transition(
+                DeviceState.WRITE_FAILED,
+                f"{self.write_failures} writes in a row failed: {self.last_write_error}",
+            )
+        return self.outcome(WriteStatus.FAILED, self.last_write_error)
+
+    def _write_accepted(self) -> None:
+        if self.write_failures:
+            log.info("device %s: writes accepted again", self.id)
+        self.write_failures = 0
+        self.last_write_error = ""
+        self.accepted_at_mono = self._clock.monotonic()
+
+    async def apply(self, setpoint: Setpoint) -> WriteOutcome:
+        """Write ``setpoint`` if it changed or a refresh is due; never raises.
+
+        The outcome says whether a write was accepted (WRITTEN), nothing was due (HELD) or
+        the write failed (FAILED, with the error); ``accepted_at_mono`` always dates the last
+        accepted write, so the setpoint's age grows while writes fail.
+        """
         now = self._clock.monotonic()
         due = self._written_at is None or now - self._written_at >= self.refresh_interval_s()
         changed = self.written is None or abs(self.written.power_w - setpoint.power_w) >= (
@@ -343,8 +407,8 @@ class ManagedDevice:
                 if hb_due:
                     self._count(await self.driver.heartbeat())
                     self._heartbeat_at = now
-            if not (changed or due):
-                return False
+            if not (changed or due) and not self.write_failures:
+                return self.outcome(WriteStatus.HELD)
             if isinstance(self.driver, ActivePowerControl):
                 result = await self.driver.set_active_power(
                     setpoint.power_w, duration_s=setpoint.ttl_s
@@ -352,31 +416,41 @@ class ManagedDevice:
             elif isinstance(self.driver, ChargeLimitControl):
                 result = await self.driver.set_charge_limit(max(0.0, -setpoint.power_w))
             else:
-                return False
+                return self.outcome(WriteStatus.HELD)
         except (DeviceError, TimeoutError, OSError) as exc:
-            self.counters.errors[_error_kind(exc)] += 1
-            log.debug("device %s: write failed: %s", self.id, exc)
-            return False
+            return self._write_failed(exc)
         self._count(result)
         self.written = setpoint
         self._written_at = now
         self.safe_written = False  # 0 W is not the device's safe mode: that is written apart
-        return True
+        self._write_accepted()
+        return self.outcome(WriteStatus.WRITTEN)
 
     async def enter_safe_mode(self) -> bool:
-        """Write the device's own safe mode (or 0 W); True when the device acknowledged it."""
+        """Write the device's own safe mode (or 0 W); True when the device acknowledged it.
+
+        A safe mode whose read-back differs from what was written is not safe: the unit goes
+        to FAULT ("safe mode not confirmed by read-back") and the write is tried again.
+        """
         try:
             if isinstance(self.driver, SafeModeControl) and self.profile.has(Capability.SAFE_MODE):
-                self._count(await self.driver.safe_mode())
+                result = await self.driver.safe_mode()
             elif isinstance(self.driver, ActivePowerControl):
-                self._count(await self.driver.set_active_power(0.0, duration_s=self.ttl_s))
+                result = await self.driver.set_active_power(0.0, duration_s=self.ttl_s)
             elif isinstance(self.driver, ChargeLimitControl):
-                self._count(await self.driver.set_charge_limit(0.0))
+                result = await self.driver.set_charge_limit(0.0)
             else:
                 return True
         except (DeviceError, TimeoutError, OSError) as exc:
-            self.counters.errors[_error_kind(exc)] += 1
+            self._write_failed(exc)
             return False
+        self._count(result)
+        if not result.ok:
+            self.safe_mode_unconfirmed = True
+            self._transition(DeviceState.FAULT, "safe mode not confirmed by read-back")
+            return False
+        self.safe_mode_unconfirmed = False
+        self._write_accepted()
         self.safe_written = True
         self.written = None
         return True

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum, StrEnum
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "LiveLimits",
     "MeterReading",
     "Plan",
+    "PlanCause",
     "Quality",
     "Reading",
     "Setpoint",
@@ -122,6 +123,7 @@ class DeviceState(StrEnum):
     RUNNING = "running"
     DEGRADED = "degraded"  # stale or invalid data: held at safe idle until it recovers
     FAULT = "fault"  # the device reports a fault (alarm word, BMS limits at 0)
+    WRITE_FAILED = "write_failed"  # answers reads but refuses or loses writes: not controlled
     SAFE = "safe"  # deliberately in safe mode (stop, standby command)
 
 
@@ -200,6 +202,33 @@ class FallbackRung(IntEnum):
     SAFE_IDLE = 5  # 0 W or the device's safe mode
 
 
+class PlanCause(StrEnum):
+    """Why the plan in force was made: the typed provenance of every plan (never parsed text).
+
+    The values are the ``reason`` label of ``essd_plan_reason`` and the ``cause`` field of the
+    MQTT plan and state payloads; the plan's free-text ``reason`` adds detail for people.
+    """
+
+    OPTIMAL = "optimal"  # rung 1
+    SOFT_CONSTRAINTS = "soft_constraints"  # rung 2: solved with slack
+    SOLVER_TIMEOUT = "solver_timeout"  # the solver ran out of its budget
+    SOLVER_STATUS = "solver_status"  # the solver ended without an optimal solution
+    SOLVER_ERROR = "solver_error"  # the solver raised
+    SOLVE_LATE = "solve_late"  # the solve thread did not answer within the budget
+    SOLVE_BUSY = "solve_busy"  # the previous solve was still running
+    INVALID_INPUTS = "invalid_inputs"  # dispatch inputs failed validation
+    FORECAST_FAILED = "forecast_failed"  # the forecast phase raised
+    FORECAST_INVALID = "forecast_invalid"  # a forecast held non-finite or impossible values
+    DECIDE_FAILED = "decide_failed"  # the decide phase raised
+    PLAN_INVALID = "plan_invalid"  # a plan with non-finite setpoints was refused
+    GUARD_FAILED = "guard_failed"  # the safety guard raised: everything idles
+    STALE_DATA = "stale_data"  # no valid meter reading: site limits cannot be verified
+    METER_IMPLAUSIBLE = "meter_implausible"  # the meter reading is not credible
+    NO_BATTERY = "no_battery"  # nothing to dispatch
+    MANUAL = "manual"  # operator setpoints
+    STANDBY = "standby"  # operator standby: safe mode everywhere
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """A dispatch plan over the horizon; only its first step is applied.
@@ -221,6 +250,7 @@ class Plan:
     solver_status: str
     rung: FallbackRung
     reason: str
+    cause: PlanCause
     slack: Mapping[str, float] = field(default_factory=dict)
     solve_s: float = 0.0
     import_price: tuple[float, ...] = ()
@@ -231,6 +261,14 @@ class Plan:
         """Number of steps in the horizon."""
         return len(self.grid_w)
 
+    def with_cause(self, rung: FallbackRung, cause: PlanCause, reason: str) -> Plan:
+        """The same plan, made on another rung for another cause."""
+        return replace(self, rung=rung, cause=cause, reason=reason)
+
+    def finite(self) -> bool:
+        """True when every first-step setpoint is a finite number."""
+        return all(p and math.isfinite(p[0]) for p in self.power_w.values())
+
     def first_step_w(self, device_id: str) -> float:
         """The power to apply now for ``device_id`` (battery sign)."""
         return self.power_w[device_id][0]
@@ -239,7 +277,9 @@ class Plan:
         """True while ``time`` falls inside the plan's horizon."""
         return self.created_at <= time < self.created_at + self.steps * self.step_s
 
-    def shifted_to(self, time: float, *, rung: FallbackRung, reason: str) -> Plan | None:
+    def shifted_to(
+        self, time: float, *, rung: FallbackRung, reason: str, cause: PlanCause
+    ) -> Plan | None:
         """The remainder of this plan from the step containing ``time``, or None when expired."""
         if not self.covers(time):
             return None
@@ -255,6 +295,7 @@ class Plan:
             solver_status=self.solver_status,
             rung=rung,
             reason=reason,
+            cause=cause,
             slack=self.slack,
             solve_s=0.0,
             import_price=self.import_price[k:],

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from essd.domain import DeviceState, Plan, Setpoint, Snapshot
+from essd.domain import DeviceClass, DeviceState, Plan, PlanCause, Setpoint, Snapshot
 
 __all__ = [
     "CommandHandled",
@@ -24,12 +24,16 @@ __all__ = [
     "DaemonStatus",
     "DaemonStatusChanged",
     "DeviceCounters",
+    "DeviceLimits",
+    "DeviceRecord",
     "DeviceStateChanged",
     "Event",
     "EventBus",
     "Handler",
     "MqttConnectionChanged",
     "SiteTotals",
+    "WriteOutcome",
+    "WriteStatus",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,12 +56,79 @@ class DeviceCounters:
 
 @dataclass(frozen=True, slots=True)
 class SiteTotals:
-    """Cumulative site figures since start, integrated from the meter each cycle."""
+    """Cumulative site figures, integrated from the meter each cycle and kept in the durable
+    state, so they only ever grow (Home Assistant's ``total_increasing``).
+
+    ``battery_charged_wh``/``battery_discharged_wh`` integrate the units' measured AC power.
+    """
 
     imported_wh: float = 0.0
     exported_wh: float = 0.0
     cost: float = 0.0  # in the tariff currency: energy (import - export) + carbon price
     co2_kg: float = 0.0
+    battery_charged_wh: float = 0.0
+    battery_discharged_wh: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceLimits:
+    """The envelope in force for one unit this cycle, as the guard enforced it.
+
+    SoC window as ratios 0..1 (reserve includes an operator override); power limits are W
+    magnitudes after the live BMS limits were applied (0 when the unit cannot move that way).
+    """
+
+    reserve_soc: float
+    max_soc: float
+    max_charge_w: float
+    max_discharge_w: float
+
+
+class WriteStatus(StrEnum):
+    """What the write phase did for one unit this cycle."""
+
+    WRITTEN = "written"  # a setpoint was written and accepted
+    HELD = "held"  # the setpoint in force is unchanged and no refresh was due
+    FAILED = "failed"  # a write was attempted and refused or lost
+    SAFE_MODE = "safe_mode"  # the unit's safe mode is in force (written now or before)
+    SKIPPED = "skipped"  # not controlled this cycle (not answering: its own timer reverts it)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteOutcome:
+    """The write phase's result for one unit.
+
+    ``power_w``: the setpoint the unit last accepted (battery sign), None before the first or
+    after safe mode; ``accepted_at_mono``: when that write was accepted (clock monotonic s);
+    ``error``: the last failure this cycle; ``consecutive_failures`` counts failed cycles.
+    """
+
+    status: WriteStatus
+    power_w: float | None = None
+    accepted_at_mono: float | None = None
+    error: str = ""
+    consecutive_failures: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    """What happened to one storage unit in one cycle: the one source for every consumer.
+
+    ``requested_w``: what the plan or operator asked (battery sign: > 0 discharges);
+    ``setpoint_w``: what the guard let through; ``guard_reasons``: why they differ;
+    ``setpoint_age_s``: seconds since the last *accepted* write (None before the first).
+    """
+
+    device_id: str
+    device_class: DeviceClass
+    state: DeviceState
+    reason: str
+    limits: DeviceLimits | None
+    requested_w: float
+    setpoint_w: float
+    guard_reasons: tuple[str, ...]
+    write: WriteOutcome
+    setpoint_age_s: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +136,13 @@ class CycleCompleted(Event):
     """One control cycle, every phase done.
 
     ``phase_s`` maps phase name (read, snapshot, forecast, decide, guard, write, publish) to
-    seconds. ``setpoints`` are what the guard let through and was written (battery sign).
+    seconds. ``setpoints`` are what the guard let through (battery sign); ``devices`` is the
+    per-unit record (envelope, state, request, guard reasons, write outcome) that metrics,
+    MQTT, the terminal view and HIL read; ``phase_errors`` maps a phase that failed to its
+    error (the cycle went on: see ``plan.cause``). ``predicted_grid_w`` is the guard's
+    prediction after the new setpoints and ``site_limit_unmet_w`` how far a site limit stays
+    exceeded when no unit has headroom left. ``wall_step_s`` is a wall-clock step detected
+    this cycle (0 when none).
     """
 
     cycle: int
@@ -89,6 +166,16 @@ class CycleCompleted(Event):
     totals: SiteTotals
     mode: str  # auto | manual | standby
     reserve_soc: float
+    devices: Mapping[str, DeviceRecord] = field(default_factory=dict)
+    predicted_grid_w: float | None = None
+    site_limit_unmet_w: float = 0.0
+    phase_errors: Mapping[str, str] = field(default_factory=dict)
+    wall_step_s: float = 0.0
+
+    @property
+    def cause(self) -> PlanCause:
+        """Why the plan in force was made."""
+        return self.plan.cause
 
 
 @dataclass(frozen=True, slots=True)

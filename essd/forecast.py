@@ -7,8 +7,11 @@ Sources, in order of precedence for each quantity:
    *persistence* (the last observation, held) or a *daily profile* learned online from the meter
    (an exponentially weighted average per time-of-day bin, persistence until a bin has data).
 
-The meter sees only net load (load - PV): with no series file the learned profile forecasts net
-load and PV is folded into it (``pv_w`` is then zero).
+The meter sees only net load (load - PV). Where the units measure their own PV (a
+``pv_power_w`` field in their profile), load and PV are learned apart; elsewhere the learned
+profile forecasts net load, which is negative whenever PV exceeds load, and ``pv_w`` is zero.
+Learned state can be saved and restored (:meth:`Forecaster.state`, :meth:`Forecaster.restore`)
+so a restart does not forget what was learned.
 
 Units: W, prices per kWh in the tariff currency, carbon intensity in g/kWh.
 """
@@ -239,6 +242,32 @@ class DailyProfile:
         out = np.array([self._values[self._bin(float(t))] for t in times])
         return np.where(np.isnan(out), fallback, out)
 
+    def state(self) -> dict[str, object]:
+        """What was learned, as JSON-ready data (NaN bins as None)."""
+        return {
+            "bin_s": self._bin_s,
+            "values": [None if math.isnan(v) else float(v) for v in self._values],
+            "last": self._last,
+        }
+
+    def restore(self, data: object) -> None:
+        """Take back what :meth:`state` gave; ValueError naming the field if it does not fit."""
+        if not isinstance(data, dict):
+            raise ValueError("must be an object")
+        if data.get("bin_s") != self._bin_s:
+            raise ValueError(f"bin_s: expected {self._bin_s:g}")
+        values = data.get("values")
+        if not isinstance(values, list) or len(values) != len(self._values):
+            raise ValueError(f"values: expected a list of {len(self._values)} numbers")
+        arr = np.array([math.nan if v is None else float(v) for v in values])
+        if np.isinf(arr).any():
+            raise ValueError("values: must be finite numbers or null")
+        last = data.get("last")
+        if last is not None and not (isinstance(last, int | float) and math.isfinite(last)):
+            raise ValueError("last: must be a finite number or null")
+        self._values = arr
+        self._last = None if last is None else float(last)
+
 
 class Forecaster:
     """Builds the per-cycle :class:`Forecast` from config, series file, learning and overrides."""
@@ -250,12 +279,39 @@ class Forecaster:
         self._series = (
             SeriesFile(forecast.series_file, self._tz) if forecast.series_file is not None else None
         )
-        self._profile = DailyProfile(self._tz)
+        self._profile = DailyProfile(self._tz)  # net load, or load where PV is measured
+        self._pv = DailyProfile(self._tz)
+        self.pv_measured = False
         self.overrides: dict[str, Override] = {}
 
-    def observe_net_load(self, t: float, net_load_w: float) -> None:
-        """Feed one meter-derived net load observation (grid + battery discharge, W)."""
-        self._profile.observe(t, net_load_w)
+    def observe(self, t: float, net_load_w: float, pv_w: float | None = None) -> None:
+        """Feed one observation: meter-derived net load (grid + battery discharge, W) and,
+        where the units measure it, PV power (W >= 0); load is then learned as net + PV."""
+        if pv_w is not None and math.isfinite(pv_w) and pv_w >= 0:
+            self.pv_measured = True
+            self._profile.observe(t, net_load_w + pv_w)
+            self._pv.observe(t, pv_w)
+        elif not self.pv_measured:
+            self._profile.observe(t, net_load_w)
+
+    def state(self) -> dict[str, object]:
+        """Learned state for the durable state file."""
+        return {
+            "load": self._profile.state(),
+            "pv": self._pv.state(),
+            "pv_measured": self.pv_measured,
+        }
+
+    def restore(self, data: object) -> None:
+        """Restore :meth:`state`; ValueError naming the field when it does not fit."""
+        if not isinstance(data, dict):
+            raise ValueError("forecaster: must be an object")
+        for name, profile in (("load", self._profile), ("pv", self._pv)):
+            try:
+                profile.restore(data.get(name))
+            except ValueError as exc:
+                raise ValueError(f"forecaster.{name}: {exc}") from None
+        self.pv_measured = bool(data.get("pv_measured", False))
 
     def set_override(self, quantity: str, override: Override) -> None:
         """Install an external series for ``quantity`` (one of the Forecast fields)."""
@@ -268,6 +324,12 @@ class Forecaster:
             last = self._profile.last
             return np.full(len(times), 0.0 if last is None else last)
         return self._profile.predict(times)
+
+    def _learned_pv(self, kind: str, times: FloatArray) -> FloatArray:
+        if kind == "persistence":
+            last = self._pv.last
+            return np.full(len(times), 0.0 if last is None else max(last, 0.0))
+        return np.maximum(self._pv.predict(times), 0.0)
 
     def _from_file(self, column: str, times: FloatArray) -> FloatArray | None:
         if self._series is None or not self._series.has(column):
@@ -282,9 +344,12 @@ class Forecaster:
         imp = self._from_file("import_price", times)
         exp = self._from_file("export_price", times)
         carbon = self._from_file("carbon_g_per_kwh", times)
+        learned_pv = self.pv_measured and self._cfg.pv in ("daily-profile", "persistence")
+        if pv is None and learned_pv:
+            pv = self._learned_pv(self._cfg.pv, times)
         arrays = {
             "load_w": self._learned(self._cfg.load, times) if load is None else load,
-            # Learned load is already net of PV, so PV is zero unless a file gives it.
+            # Learned net load already has PV folded in: PV is zero unless measured or a file.
             "pv_w": np.zeros(steps) if pv is None else pv,
             "import_price": (
                 np.array([self._tariff_price(float(t)) for t in times]) if imp is None else imp

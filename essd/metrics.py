@@ -50,7 +50,7 @@ from prometheus_client.registry import Collector
 
 from essd import __version__
 from essd.clock import Clock
-from essd.domain import DeviceState, FallbackRung, Plan, Quality, Setpoint
+from essd.domain import DeviceState, FallbackRung, Plan, PlanCause, Quality, Setpoint
 from essd.events import (
     CommandHandled,
     CycleCompleted,
@@ -103,19 +103,8 @@ SOLVER_STATUSES = (
     "idle",
     "other",
 )
-#: Why the plan in force was made, as a bounded category of its free-text reason.
-REASON_CATEGORIES = (
-    "optimal",
-    "soft_constraints",
-    "solver_timeout",
-    "solver_status",
-    "solver_error",
-    "invalid_inputs",
-    "stale_data",
-    "manual",
-    "standby",
-    "other",
-)
+#: Why the plan in force was made: the values of the typed cause (essd.domain.PlanCause).
+REASON_CATEGORIES = tuple(c.value for c in PlanCause)
 #: Solver failures by cause (a fallback plan made because the optimizer did not deliver).
 SOLVER_FAILURE_CAUSES = ("timeout", "status", "error")
 CONTROL_MODES = ("auto", "manual", "standby")
@@ -176,43 +165,26 @@ class BoundedLabel:
 
 
 def reason_category(plan: Plan, mode: str = "auto") -> str:
-    """Map a plan's free-text reason to one of :data:`REASON_CATEGORIES`."""
-    text = plan.reason.lower()
-    cause = solver_failure_cause(plan)
+    """The ``reason`` label of a plan: its typed cause (manual and standby by mode)."""
     if mode in ("manual", "standby"):
-        category = mode
-    elif plan.rung is FallbackRung.OPTIMAL:
-        category = "optimal"
-    elif plan.rung is FallbackRung.SOFT:
-        category = "soft_constraints"
-    elif cause is not None:
-        category = f"solver_{cause}"
-    elif "invalid" in text:
-        category = "invalid_inputs"
-    elif "stale" in text or "no valid" in text or "missing" in text:
-        category = "stale_data"
-    else:
-        category = "other"
-    return category
+        return mode
+    return plan.cause.value
+
+
+_SOLVER_FAILURES = {
+    PlanCause.SOLVER_TIMEOUT: "timeout",
+    PlanCause.SOLVE_LATE: "timeout",
+    PlanCause.SOLVE_BUSY: "timeout",
+    PlanCause.SOLVER_STATUS: "status",
+    PlanCause.SOLVER_ERROR: "error",
+}
 
 
 def solver_failure_cause(plan: Plan) -> str | None:
     """``timeout``, ``status`` or ``error`` when a fallback plan is in force because the solve
     failed that way; None when the optimizer's plan is in force or it failed for another reason.
-
-    The optimizer states the cause first in the reason ("solver timeout after 2.01 s; last plan
-    shifted", "solver status infeasible after ...", "solver error after ...").
     """
-    if plan.rung <= FallbackRung.SOFT:
-        return None
-    text = plan.reason.lower()
-    if "solver timeout" in text or "time limit" in text:
-        return "timeout"
-    if "solver status" in text:
-        return "status"
-    if "solver error" in text:
-        return "error"
-    return None
+    return _SOLVER_FAILURES.get(plan.cause)
 
 
 @dataclass(frozen=True, slots=True)
@@ -579,6 +551,25 @@ def _control_families(f: _Families, x: MetricsExporter, ev: CycleCompleted, now:
         {},
         plan.objective,
     )
+    f.gauge(
+        "essd_site_limit_unmet_watts",
+        "How far a site limit stays exceeded after the guard (no unit had headroom left).",
+        {},
+        ev.site_limit_unmet_w,
+    )
+    f.gauge(
+        "essd_guard_predicted_grid_watts",
+        "Grid power the guard predicts after this cycle's setpoints (> 0 imports).",
+        {},
+        ev.predicted_grid_w,
+    )
+    for phase in CYCLE_PHASES:
+        f.gauge(
+            "essd_cycle_phase_failed",
+            "1 when the phase failed in the last cycle (the cycle went on on a lower rung).",
+            {"phase": phase},
+            float(phase in ev.phase_errors),
+        )
     if plan.grid_w:
         f.gauge(
             "essd_plan_grid_power_watts",
@@ -695,9 +686,17 @@ def _device_families(
             d,
             b.capacity_wh * JOULES_PER_WH,
         )
-        reserve, max_soc = x._soc_window(dev, ev.reserve_soc)
+        record = ev.devices.get(dev)
+        reserve, max_soc = _soc_window(x, ev, dev)
         f.gauge("essd_device_soc_reserve_ratio", "Lowest SoC allowed (reserve), 0..1.", d, reserve)
         f.gauge("essd_device_soc_max_ratio", "Highest SoC allowed, 0..1.", d, max_soc)
+        if record is not None:
+            f.gauge(
+                "essd_device_write_failures",
+                "Cycles in a row whose write to the device failed (0 when the last succeeded).",
+                d,
+                float(record.write.consecutive_failures),
+            )
         planned = plan.power_w.get(dev)
         if planned:
             f.gauge(
@@ -731,21 +730,7 @@ def _device_families(
             states=[s.value for s in DeviceState],
             current=state.value,
         )
-    for dev, sp in st.setpoints.items():
-        d = {"device": dev}
-        f.gauge(
-            "essd_device_setpoint_watts",
-            "Last power setpoint written (> 0 discharges, < 0 charges, 0 idle).",
-            d,
-            sp.power_w,
-        )
-        f.gauge("essd_device_setpoint_ttl_seconds", "Time-to-live of that setpoint.", d, sp.ttl_s)
-        f.gauge(
-            "essd_device_setpoint_age_seconds",
-            "Seconds since that setpoint was issued (on the daemon's clock).",
-            d,
-            max(0.0, now - sp.issued_at_mono),
-        )
+    _setpoint_families(f, st, ev, now)
     for dev, c in ev.device_counters.items():
         d = {"device": dev}
         f.counter(
@@ -774,6 +759,42 @@ def _device_families(
             "Writes whose read-back differed from the value written.",
             d,
             c.readback_mismatches_total,
+        )
+
+
+def _soc_window(x: MetricsExporter, ev: CycleCompleted, dev: str) -> tuple[float, float | None]:
+    """The SoC window the guard enforced this cycle (operator reserve included)."""
+    record = ev.devices.get(dev)
+    if record is not None and record.limits is not None:
+        return record.limits.reserve_soc, record.limits.max_soc
+    return x._soc_window(dev, ev.reserve_soc)
+
+
+def _setpoint_families(f: _Families, st: _State, ev: CycleCompleted, now: float) -> None:
+    """Each unit's last accepted setpoint and its age, from the cycle's record."""
+    since_cycle = max(0.0, now - ev.snapshot.mono)
+    for dev, sp in st.setpoints.items():
+        d = {"device": dev}
+        record = ev.devices.get(dev)
+        if record is None:
+            # No record of this device's writes (older producers): the guard's setpoint.
+            written: float | None = sp.power_w
+            age: float | None = max(0.0, now - sp.issued_at_mono)
+        else:
+            written = record.write.power_w if record.write.power_w is not None else 0.0
+            age = None if record.setpoint_age_s is None else record.setpoint_age_s + since_cycle
+        f.gauge(
+            "essd_device_setpoint_watts",
+            "Last power setpoint the device accepted (> 0 discharges, < 0 charges, 0 idle).",
+            d,
+            written,
+        )
+        f.gauge("essd_device_setpoint_ttl_seconds", "Time-to-live of that setpoint.", d, sp.ttl_s)
+        f.gauge(
+            "essd_device_setpoint_age_seconds",
+            "Seconds since the device last accepted a write (on the daemon's clock).",
+            d,
+            age,
         )
 
 

@@ -57,7 +57,8 @@ import numpy as np
 import numpy.typing as npt
 from cvxpy.reductions.solvers.conic_solvers.highs_conif import HIGHS as CVXPY_HIGHS
 
-from essd.domain import FallbackRung, LiveLimits, Plan
+from essd.domain import FallbackRung, LiveLimits, Plan, PlanCause
+from essd.ladder import descend
 
 # cvxpy re-exports its atoms through star imports that mypy cannot follow; treat it as untyped.
 cp: Any = cvxpy
@@ -654,6 +655,7 @@ def _make_plan(
     status: str,
     rung: FallbackRung,
     reason: str,
+    cause: PlanCause,
     slack: Mapping[str, float] | None = None,
     solve_s: float = 0.0,
 ) -> Plan:
@@ -674,6 +676,7 @@ def _make_plan(
         solver_status=status,
         rung=rung,
         reason=reason,
+        cause=cause,
         slack=dict(slack or {}),
         solve_s=solve_s,
     )
@@ -684,6 +687,7 @@ def rule_based_plan(
     inputs: DispatchInputs,
     *,
     reason: str = "rule-based self-consumption",
+    cause: PlanCause = PlanCause.INVALID_INPUTS,
 ) -> Plan:
     """Self-consumption without an optimizer: discharge to cover load, charge from PV surplus.
 
@@ -725,6 +729,7 @@ def rule_based_plan(
         status="rule_based",
         rung=FallbackRung.RULE_BASED,
         reason=reason,
+        cause=cause,
     )
 
 
@@ -737,6 +742,7 @@ def safe_idle_plan(
     soc: Mapping[str, float] | None = None,
     net_load_w: Sequence[float] | None = None,
     reason: str = "safe idle",
+    cause: PlanCause = PlanCause.INVALID_INPUTS,
 ) -> Plan:
     """0 W for every device over the horizon: the last rung, needs no valid inputs at all.
 
@@ -760,6 +766,7 @@ def safe_idle_plan(
         solver_status="idle",
         rung=FallbackRung.SAFE_IDLE,
         reason=reason,
+        cause=cause,
     )
 
 
@@ -782,6 +789,10 @@ def _solved_reason(slack: Mapping[str, float], fixed: int, overlap: bool) -> str
 
 class _SolveFailedError(Exception):
     """The optimizer produced no usable plan; the message is the reason."""
+
+    def __init__(self, cause: PlanCause, message: str) -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 @dataclass(frozen=True, slots=True)
@@ -907,52 +918,36 @@ class Dispatcher:
         try:
             return self._optimize(inputs, a, budget_s, started)
         except _SolveFailedError as exc:
-            reason = str(exc)
+            cause, reason = exc.cause, str(exc)
         except Exception as exc:  # any solver failure must end on a lower rung
+            cause = PlanCause.SOLVER_ERROR
             reason = f"solver error after {time.perf_counter() - started:.2f} s: {exc}"
-        return self.fallback(inputs, last_plan, reason)
+        return self.fallback(inputs, last_plan, reason, cause=cause)
 
-    def fallback(self, inputs: DispatchInputs, last_plan: Plan | None, reason: str) -> Plan:
-        """Rungs 3-5 of the ladder for valid ``inputs``: last plan, rule-based, safe idle."""
-        usable = (
-            last_plan is not None
-            and last_plan.rung in (FallbackRung.OPTIMAL, FallbackRung.SOFT, FallbackRung.LAST_PLAN)
-            and set(last_plan.device_ids) == set(self.device_ids)
-        )
-        if usable and last_plan is not None:
-            shifted = last_plan.shifted_to(
-                inputs.time, rung=FallbackRung.LAST_PLAN, reason=f"{reason}; last plan shifted"
-            )
-            if shifted is not None:
-                return shifted
-            reason = f"{reason}; last plan expired"
-        elif last_plan is None:
-            reason = f"{reason}; no last plan"
-        try:
-            plan = self._fallback(self.batteries, inputs)
-        except Exception as exc:  # the last rung must always be reachable
-            return safe_idle_plan(
+    def fallback(
+        self,
+        inputs: DispatchInputs,
+        last_plan: Plan | None,
+        reason: str,
+        *,
+        cause: PlanCause = PlanCause.SOLVER_ERROR,
+    ) -> Plan:
+        """Rungs 3-5 of the ladder (:func:`essd.ladder.descend`) for valid ``inputs``."""
+        return descend(
+            now=inputs.time,
+            cause=cause,
+            reason=reason,
+            device_ids=self.device_ids,
+            last_plan=last_plan,
+            rule_based=lambda: self._fallback(self.batteries, inputs),
+            safe_idle=lambda: safe_idle_plan(
                 self.device_ids,
                 time=inputs.time,
                 step_s=inputs.step_s,
                 steps=self.steps,
                 soc=inputs.soc,
                 net_load_w=[ld - pv for ld, pv in zip(inputs.load_w, inputs.pv_w, strict=True)],
-                reason=f"{reason}; rule-based planner failed: {exc}",
-            )
-        return Plan(
-            created_at=plan.created_at,
-            step_s=plan.step_s,
-            device_ids=plan.device_ids,
-            power_w=plan.power_w,
-            soc=plan.soc,
-            grid_w=plan.grid_w,
-            objective=plan.objective,
-            solver_status=plan.solver_status,
-            rung=FallbackRung.RULE_BASED,
-            reason=f"{reason}; rule-based self-consumption",
-            slack=plan.slack,
-            solve_s=plan.solve_s,
+            ),
         )
 
     def _run(self, model: _Model, remaining_s: float) -> tuple[str, float]:
@@ -981,15 +976,21 @@ class Dispatcher:
             e_lo, e_hi = model.assign(a, ub_c, ub_d)
             elapsed = time.perf_counter() - started
             if elapsed >= budget_s:
-                raise _SolveFailedError(f"solver timeout after {elapsed:.2f} s")
+                raise _SolveFailedError(
+                    PlanCause.SOLVER_TIMEOUT, f"solver timeout after {elapsed:.2f} s"
+                )
             status, s_time = self._run(model, budget_s - elapsed)
             solver_s += s_time
             solves += 1
             if status != cp.OPTIMAL:
                 elapsed = time.perf_counter() - started
                 if elapsed >= budget_s or "limit" in status:
-                    raise _SolveFailedError(f"solver timeout after {elapsed:.2f} s ({status})")
-                raise _SolveFailedError(f"solver status {status} after {elapsed:.2f} s")
+                    raise _SolveFailedError(
+                        PlanCause.SOLVER_TIMEOUT, f"solver timeout after {elapsed:.2f} s ({status})"
+                    )
+                raise _SolveFailedError(
+                    PlanCause.SOLVER_STATUS, f"solver status {status} after {elapsed:.2f} s"
+                )
             c = np.asarray(model.c.value)
             d = np.asarray(model.d.value)
             both = np.minimum(c, d) > _TOL_KW
@@ -1012,7 +1013,9 @@ class Dispatcher:
         elapsed = time.perf_counter() - started
         self.last_timing = SolveTiming(elapsed, solver_s, solves)
         if elapsed > budget_s:
-            raise _SolveFailedError(f"solver timeout after {elapsed:.2f} s")
+            raise _SolveFailedError(
+                PlanCause.SOLVER_TIMEOUT, f"solver timeout after {elapsed:.2f} s"
+            )
         slack = self._slack(model, a)
         rung = FallbackRung.SOFT if slack else FallbackRung.OPTIMAL
         reason = _solved_reason(slack, fixed, overlap)
@@ -1026,6 +1029,7 @@ class Dispatcher:
             status=str(model.problem.status),
             rung=rung,
             reason=reason,
+            cause=PlanCause.SOFT_CONSTRAINTS if slack else PlanCause.OPTIMAL,
             slack=slack,
             solve_s=elapsed,
         )

@@ -50,7 +50,7 @@ def test_daily_profile_learns_per_time_of_day_and_falls_back_to_persistence() ->
 
 def test_learned_forecast_is_net_load_with_zero_pv() -> None:
     f = Forecaster(ForecastConfig(load="persistence", pv="persistence"), TOU, "Asia/Shanghai")
-    f.observe_net_load(at(10), 4200.0)
+    f.observe(at(10), 4200.0)
     fc = f.forecast(at(10), 900, 3)
     assert fc.load_w.tolist() == [4200.0] * 3
     assert fc.pv_w.tolist() == [0.0] * 3

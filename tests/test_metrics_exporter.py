@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from essd.clock import SimClock
 from essd.config import MetricsConfig, load_settings
-from essd.domain import FallbackRung, Plan
+from essd.domain import FallbackRung, Plan, PlanCause
 from essd.events import (
     CommandHandled,
     CycleCompleted,
@@ -199,7 +199,10 @@ def test_fallback_plan_counts_a_solver_failure_by_cause(
     ev = site.next_event()
     bus.publish(ev)
     shifted = ev.plan.shifted_to(
-        ev.time + 10.0, rung=FallbackRung.LAST_PLAN, reason="solver timeout after 2.01 s"
+        ev.time + 10.0,
+        rung=FallbackRung.LAST_PLAN,
+        reason="solver timeout after 2.01 s",
+        cause=PlanCause.SOLVER_TIMEOUT,
     )
     assert shifted is not None
     bus.publish(dataclasses.replace(site.next_event(), plan=shifted))
@@ -238,35 +241,31 @@ def test_nothing_current_is_exposed_before_the_first_event(clock: SimClock) -> N
 
 
 @pytest.mark.parametrize(
-    ("rung", "reason", "mode", "category", "cause"),
+    ("cause", "mode", "category", "failure"),
     [
-        (FallbackRung.OPTIMAL, "optimal", "auto", "optimal", None),
-        (FallbackRung.SOFT, "soft constraints violated: x by 2", "auto", "soft_constraints", None),
-        (FallbackRung.LAST_PLAN, "solver timeout after 2.10 s; last plan shifted", "auto",
-         "solver_timeout", "timeout"),
-        (FallbackRung.RULE_BASED, "solver status infeasible after 0.2 s; no last plan; "
-         "rule-based self-consumption", "auto", "solver_status", "status"),
-        (FallbackRung.RULE_BASED, "solver error after 0.01 s: boom", "auto", "solver_error",
-         "error"),
-        (FallbackRung.SAFE_IDLE, "invalid inputs: soc.pcs1", "auto", "invalid_inputs", None),
-        (FallbackRung.SAFE_IDLE, "stale data from pcs2", "auto", "stale_data", None),
-        (FallbackRung.RULE_BASED, "manual setpoint until 12:00", "manual", "manual", None),
-        (FallbackRung.SAFE_IDLE, "standby command", "standby", "standby", None),
-        (FallbackRung.RULE_BASED, "something new", "auto", "other", None),
+        (PlanCause.OPTIMAL, "auto", "optimal", None),
+        (PlanCause.SOFT_CONSTRAINTS, "auto", "soft_constraints", None),
+        (PlanCause.SOLVER_TIMEOUT, "auto", "solver_timeout", "timeout"),
+        (PlanCause.SOLVE_LATE, "auto", "solve_late", "timeout"),
+        (PlanCause.SOLVER_STATUS, "auto", "solver_status", "status"),
+        (PlanCause.SOLVER_ERROR, "auto", "solver_error", "error"),
+        (PlanCause.INVALID_INPUTS, "auto", "invalid_inputs", None),
+        (PlanCause.FORECAST_INVALID, "auto", "forecast_invalid", None),
+        (PlanCause.STALE_DATA, "auto", "stale_data", None),
+        (PlanCause.MANUAL, "manual", "manual", None),
+        (PlanCause.STANDBY, "standby", "standby", None),
     ],
-)  # fmt: skip
-def test_reason_category_is_bounded(  # noqa: PLR0917 - one argument per parameter column
-    site: FakeSite,
-    rung: FallbackRung,
-    reason: str,
-    mode: str,
-    category: str,
-    cause: str | None,
+)
+def test_reason_label_is_the_typed_cause(
+    site: FakeSite, cause: PlanCause, mode: str, category: str, failure: str | None
 ) -> None:
-    plan: Plan = dataclasses.replace(site.next_event().plan, rung=rung, reason=reason)
+    # The free text is for people: the label comes from the cause, whatever the text says.
+    plan: Plan = dataclasses.replace(
+        site.next_event().plan, rung=FallbackRung.RULE_BASED, reason="optimal", cause=cause
+    )
     assert reason_category(plan, mode) == category
     assert category in REASON_CATEGORIES
-    assert solver_failure_cause(plan) == cause
+    assert solver_failure_cause(plan) == failure
 
 
 def test_label_values_from_outside_are_capped() -> None:

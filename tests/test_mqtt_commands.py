@@ -25,7 +25,7 @@ from essd.commands import (
     parse_command,
 )
 from essd.config import MqttConfig
-from essd.domain import FallbackRung, Quality, Reading
+from essd.domain import FallbackRung, PlanCause, Quality, Reading
 from essd.events import EventBus
 from essd.mqtt import (
     DeviceStatePayload,
@@ -360,7 +360,8 @@ def test_plan_payload_carries_the_whole_horizon() -> None:
 
 def test_shifted_plan_keeps_prices_aligned_with_steps() -> None:
     plan = make_cycle(1).plan
-    shifted = plan.shifted_to(T0 + 32 * 900 + 5, rung=FallbackRung.LAST_PLAN, reason="timeout")
+    shifted = plan.shifted_to(T0 + 32 * 900 + 5, rung=FallbackRung.LAST_PLAN, reason="timeout",
+                           cause=PlanCause.SOLVER_TIMEOUT)  # fmt: skip
     assert shifted is not None
     p = build_plan_payload("s", shifted)
     assert p.horizon_steps == 64

@@ -34,6 +34,7 @@ from essd.domain import (
     LiveLimits,
     MeterReading,
     Plan,
+    PlanCause,
     Reading,
     Setpoint,
     Snapshot,
@@ -277,11 +278,15 @@ class FakeSite:
             solver_status="optimal",
             rung=FallbackRung.OPTIMAL,
             reason="optimal",
+            cause=PlanCause.OPTIMAL,
             solve_s=0.02 + 0.005 * (k % 4),
         )
         if k % 10 == 9 and self.last_plan is not None:
             shifted = self.last_plan.shifted_to(
-                now, rung=FallbackRung.LAST_PLAN, reason="solver timeout after 2.01 s; last plan"
+                now,
+                rung=FallbackRung.LAST_PLAN,
+                reason="solver timeout after 2.01 s; last plan",
+                cause=PlanCause.SOLVER_TIMEOUT,
             )
             if shifted is not None:
                 return shifted

@@ -47,6 +47,7 @@ __all__ = [
     "MqttConfig",
     "Settings",
     "SiteConfig",
+    "StateConfig",
     "TariffConfig",
     "load_settings",
 ]
@@ -247,6 +248,18 @@ class MetricsConfig(_Section):
     port: Port = 9108
 
 
+class StateConfig(_Section):
+    """Durable state (billing peak, totals, learned forecasts, last plan, mode and reserve)."""
+
+    enabled: bool = True
+    directory: Path | None = Field(
+        None,
+        description="Where state.json lives; default: $STATE_DIRECTORY (systemd StateDirectory=),"
+        " else state is kept in memory only",
+    )
+    save_interval_s: Annotated[float, Field(ge=1.0, le=3600.0)] = 60.0
+
+
 class LoggingConfig(_Section):
     """Log level and format."""
 
@@ -275,6 +288,7 @@ class Settings(BaseSettings):
     forecast: ForecastConfig = ForecastConfig()
     mqtt: MqttConfig | None = None
     metrics: MetricsConfig = MetricsConfig()
+    state: StateConfig = StateConfig()
     logging: LoggingConfig = LoggingConfig()
     profile_dirs: tuple[Path, ...] = ()
 

@@ -13,6 +13,7 @@ Battery power in W: > 0 discharges into the site, < 0 charges. Grid W > 0 import
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -20,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -107,6 +109,25 @@ class _PeakTracker:
         self._window_start: float | None = None
         self._wh = 0.0
         self._period: float | None = None
+
+    def state(self) -> dict[str, Any]:
+        """The tracker as plain data for the durable state."""
+        return {
+            "period": self._period,
+            "peak_w": self.peak_w,
+            "window_start": self._window_start,
+            "window_wh": self._wh,
+        }
+
+    def restore(self, data: Mapping[str, Any]) -> None:
+        """Take back :meth:`state`; ValueError naming the field when it does not fit."""
+        period = _optional_number(data, "period")
+        window = _optional_number(data, "window_start")
+        peak = _number(data, "peak_w")
+        wh = _number(data, "window_wh")
+        if peak < 0 or wh < 0:
+            raise ValueError("peak_w, window_wh: must be >= 0")
+        self._period, self._window_start, self.peak_w, self._wh = period, window, peak, wh
 
     def add(self, t: float, grid_w: float, dt_s: float) -> None:
         period = billing_period_start(t, self._tz)
@@ -206,6 +227,7 @@ class Controller:
         self._totals = SiteTotals()
         self._last_mono: float | None = None
         tz = ZoneInfo(settings.site.timezone)
+        self._peak_tz = tz
         self._peak = _PeakTracker(ctl.step_s, tz)
         self._wall = WallClockWatch()
         self._phase_failures: set[tuple[str, str]] = set()
@@ -226,6 +248,10 @@ class Controller:
 
     def set_reserve(self, reserve_soc: float) -> None:
         """Set the reserve SoC ratio for every battery (below every max SoC)."""
+        self._check_reserve(reserve_soc)
+        self.reserve_override = reserve_soc
+
+    def _check_reserve(self, reserve_soc: float) -> None:
         if not (math.isfinite(reserve_soc) and 0.0 <= reserve_soc <= 1.0):
             raise CommandRejected("reserve_soc: must be a ratio between 0 and 1")
         for d in self.batteries:
@@ -233,7 +259,6 @@ class Controller:
                 raise CommandRejected(
                     f"reserve_soc: must be below {d.id}'s max SoC {d.envelope.max_soc:g}"
                 )
-        self.reserve_override = reserve_soc
 
     def set_manual_setpoint(self, device_id: str, power_w: float, expires_at: float) -> None:
         """Command ``power_w`` (battery sign) for ``device_id`` until epoch ``expires_at``."""
@@ -262,6 +287,48 @@ class Controller:
         if quantity not in ("load_w", "pv_w"):
             raise CommandRejected(f"quantity: not a forecast series: {quantity!r}")
         self.forecaster.set_override(quantity, Override(start, step_s, tuple(values)))
+
+    # --- durable state ---------------------------------------------------------------------
+
+    def durable_state(self) -> dict[str, Any]:
+        """What must survive a restart, as JSON-ready data (see :mod:`essd.state`)."""
+        return {
+            "totals": dataclasses.asdict(self._totals),
+            "peak": self._peak.state(),
+            "forecaster": self.forecaster.state(),
+            "mode": self.mode,
+            "reserve_override": self.reserve_override,
+            "last_plan": None if self.last_plan is None else _plan_data(self.last_plan),
+        }
+
+    def restore(self, data: Mapping[str, Any]) -> None:
+        """Take back :meth:`durable_state`: all of it or nothing.
+
+        Raises ValueError naming the field when any part does not fit this site; nothing is
+        changed then. A restored mode or reserve that this site refuses is an error too.
+        """
+        totals = _object(data, "totals")
+        fields = {f.name for f in dataclasses.fields(SiteTotals)}
+        if set(totals) - fields:
+            raise ValueError(f"totals: keys must be from {sorted(fields)}")
+        values = {k: _number(totals, k) for k in totals}
+        if any(v < 0 for k, v in values.items() if k != "cost"):
+            raise ValueError("totals: energy and carbon totals must be >= 0")
+        peak = _PeakTracker(self.settings.control.step_s, self._peak_tz)
+        peak.restore(_object(data, "peak"))
+        mode = data.get("mode", Mode.AUTO)
+        if mode not in Mode.ALL:
+            raise ValueError(f"mode: must be one of {', '.join(Mode.ALL)}")
+        reserve = _optional_number(data, "reserve_override")
+        if reserve is not None:
+            self._check_reserve(reserve)
+        plan_data = data.get("last_plan")
+        plan = None if plan_data is None else _plan_from_data(_object(data, "last_plan"))
+        self.forecaster.restore(data.get("forecaster"))  # the last check: all or nothing
+        self._totals, self._peak, self.mode = SiteTotals(**values), peak, mode
+        self.reserve_override = reserve
+        if plan is not None and set(plan.device_ids) == {d.id for d in self.batteries}:
+            self.last_plan = plan
 
     # --- the cycle -------------------------------------------------------------------------
 
@@ -944,3 +1011,78 @@ def _idle_result(batteries: Sequence[ManagedDevice], mono: float, ttl_s: float) 
         for d in batteries
     }
     return GuardResult(setpoints, {d.id: ("guard failed",) for d in batteries}, None, 0.0)
+
+
+def _number(data: Mapping[str, Any], key: str) -> float:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{key}: must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _optional_number(data: Mapping[str, Any], key: str) -> float | None:
+    return None if data.get(key) is None else _number(data, key)
+
+
+def _object(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = data.get(key)
+    if not isinstance(value, dict):
+        raise ValueError(f"{key}: must be an object")
+    return value
+
+
+def _plan_data(plan: Plan) -> dict[str, Any]:
+    """A plan as JSON-ready data (a non-finite objective becomes null)."""
+    return {
+        "created_at": plan.created_at,
+        "step_s": plan.step_s,
+        "device_ids": list(plan.device_ids),
+        "power_w": {d: list(v) for d, v in plan.power_w.items()},
+        "soc": {d: list(v) for d, v in plan.soc.items()},
+        "grid_w": list(plan.grid_w),
+        "objective": plan.objective if math.isfinite(plan.objective) else None,
+        "solver_status": plan.solver_status,
+        "rung": int(plan.rung),
+        "reason": plan.reason,
+        "cause": plan.cause.value,
+        "import_price": list(plan.import_price),
+        "export_price": list(plan.export_price),
+    }
+
+
+def _floats(data: Mapping[str, Any], key: str) -> tuple[float, ...]:
+    values = data.get(key)
+    if not isinstance(values, list):
+        raise ValueError(f"{key}: must be a list of numbers")
+    out = tuple(float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool))
+    if len(out) != len(values) or not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{key}: must be a list of finite numbers")
+    return out
+
+
+def _plan_from_data(data: Mapping[str, Any]) -> Plan:
+    """The plan :func:`_plan_data` gave; ValueError naming the field otherwise."""
+    ids = data.get("device_ids")
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ValueError("last_plan.device_ids: must be a list of ids")
+    power = _object(data, "power_w")
+    soc = _object(data, "soc")
+    grid = _floats(data, "grid_w")
+    plan = Plan(
+        created_at=_number(data, "created_at"),
+        step_s=_number(data, "step_s"),
+        device_ids=tuple(ids),
+        power_w={d: _floats(power, d) for d in ids},
+        soc={d: _floats(soc, d) for d in ids},
+        grid_w=grid,
+        objective=math.nan if data.get("objective") is None else _number(data, "objective"),
+        solver_status=str(data.get("solver_status", "")),
+        rung=FallbackRung(int(_number(data, "rung"))),
+        reason=str(data.get("reason", "")),
+        cause=PlanCause(str(data.get("cause"))),
+        import_price=_floats(data, "import_price"),
+        export_price=_floats(data, "export_price"),
+    )
+    if plan.step_s <= 0 or any(len(p) != len(grid) for p in plan.power_w.values()):
+        raise ValueError("last_plan: steps do not match")
+    return plan

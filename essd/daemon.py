@@ -1,9 +1,19 @@
 """The daemon: builds the site from the configuration and runs control cycles until stopped.
 
-Lifecycle: STARTING -> (first completed cycle) READY=1 / ONLINE -> cycles every period ->
-SIGTERM/SIGINT -> STOPPING=1, safe mode written to every storage unit within 5 s, OFFLINE,
-exit 0. The watchdog is fed from a separate task at half of ``WATCHDOG_USEC``, and only while
-cycles keep completing: a stuck cycle loop stops the pings and systemd restarts essd.
+Lifecycle: STARTING -> (durable state read) -> (first completed cycle) READY=1 / ONLINE ->
+cycles every period -> a stop signal -> STOPPING=1, safe mode written to every storage unit
+within 5 s, state saved, OFFLINE. The watchdog is fed from a separate task at half of
+``WATCHDOG_USEC``, and only while cycles keep completing: a stuck cycle loop stops the pings
+and systemd restarts essd.
+
+Signals: SIGTERM and SIGINT stop essd (exit 0). Every other signal whose default is to end
+the process and that can be caught (SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM) also leads to
+the safe stop, and the exit status is 128 + the signal number, so systemd's
+``Restart=on-failure`` starts essd again: essd reloads nothing on SIGHUP.
+
+Time: cycles are scheduled on the clock's monotonic time only. A step of the wall clock (NTP,
+an operator, a battery-less RTC) is detected and logged once by the controller; it never
+stalls control and never adds to the totals or the billing peak.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,12 +39,17 @@ from essd.forecast import Forecaster
 from essd.metrics import MetricsExporter, MetricsServer
 from essd.mqtt import open_bridge
 from essd.sdnotify import SystemdNotifier
+from essd.state import StateStore, resolve_state_directory
 
 __all__ = ["Daemon", "build_controller"]
 
 log = logging.getLogger(__name__)
 
 SAFE_STOP_TIMEOUT_S = 5.0
+#: Signals that stop essd cleanly with exit status 0.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: Other catchable signals whose default would end the process: safe stop, exit 128 + signo.
+FATAL_SIGNALS = (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
 
 
 def build_controller(
@@ -95,21 +111,71 @@ class Daemon:
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     on_started: Callable[[Daemon], None] | None = None
     metrics_url: str | None = None
+    state_store: StateStore | None = None
+    exit_code: int = 0
 
-    def request_stop(self) -> None:
-        """Ask the daemon to stop after the current cycle (signal-safe)."""
+    def request_stop(self, signum: int | None = None) -> None:
+        """Ask the daemon to stop after the current cycle (signal-safe).
+
+        ``signum``: the signal that asked, if any; a signal other than SIGTERM/SIGINT makes
+        the exit status 128 + signum (an unplanned stop that systemd restarts).
+        """
+        if signum is not None and signum not in STOP_SIGNALS:
+            if not self._stop.is_set():
+                log.warning(
+                    "%s: stopping safely (exit %d); essd reloads nothing on signals",
+                    signal.Signals(signum).name,
+                    128 + signum,
+                )
+            self.exit_code = 128 + signum
         self._stop.set()
+
+    def _open_state(self, controller: Controller) -> None:
+        """Read the durable state into ``controller``; an unusable file is set aside."""
+        cfg = self.settings.state
+        directory = resolve_state_directory(cfg.directory, os.environ) if cfg.enabled else None
+        if directory is None:
+            if cfg.enabled:
+                log.info(
+                    "no state directory (state.directory or $STATE_DIRECTORY): totals, the "
+                    "billing peak and learned forecasts are kept in memory only"
+                )
+            return
+        store = StateStore(
+            directory, site_id=self.settings.site.id, save_interval_s=cfg.save_interval_s
+        )
+        self.state_store = store
+        data = store.load()
+        if data is None:
+            return
+        try:
+            controller.restore(data)
+        except ValueError as exc:
+            store.set_aside(f"{store.path}: {exc}")
+            return
+        log.info("state restored from %s (mode %s)", store.path, controller.mode)
+
+    async def _save_state(self, controller: Controller, *, force: bool = False) -> None:
+        store = self.state_store
+        mono = self.clock.monotonic()
+        if store is None or not (force or store.due(mono)):
+            return
+        data = controller.durable_state()
+        saved_at = self.clock.now()
+        # Off the event loop: an fsync can take a while on an SD card.
+        await asyncio.to_thread(store.save, data, now_mono=mono, saved_at=saved_at)
 
     async def run(self, *, duration_s: float | None = None) -> int:
         """Run until stopped (or ``duration_s`` of clock time); returns the exit code."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self.request_stop)
+        for sig in (*STOP_SIGNALS, *FATAL_SIGNALS):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, self.request_stop, int(sig))
         self.bus.publish(DaemonStatusChanged(DaemonStatus.STARTING, self.clock.now()))
         pool = EndpointPool(clock=self.clock)
         controller = build_controller(self.settings, clock=self.clock, bus=self.bus, pool=pool)
         self.controller = controller
+        self._open_state(controller)
         try:
             async with self._services(controller), asyncio.TaskGroup() as tg:
                 tg.create_task(self._watchdog(), name="watchdog")
@@ -124,12 +190,13 @@ class Daemon:
             failed = sorted(d for d, ok in results.items() if not ok)
             if failed:
                 log.warning("safe mode not acknowledged by: %s", ", ".join(failed))
+            await self._save_state(controller, force=True)
             self.bus.publish(DaemonStatusChanged(DaemonStatus.OFFLINE, self.clock.now()))
             await pool.close()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                with contextlib.suppress(NotImplementedError, RuntimeError):
+            for sig in (*STOP_SIGNALS, *FATAL_SIGNALS):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(sig)
-        return 0
+        return self.exit_code
 
     @contextlib.asynccontextmanager
     async def _services(self, controller: Controller) -> AsyncIterator[None]:
@@ -153,8 +220,9 @@ class Daemon:
             yield
 
     async def _cycles(self, controller: Controller, duration_s: float | None) -> None:
+        """Run cycles every period on the monotonic clock until stopped."""
         period = self.settings.control.cycle_period_s
-        start = self.clock.now()
+        start = self.clock.monotonic()
         next_tick = start
         ready = False
         while not self._stop.is_set():
@@ -174,10 +242,11 @@ class Daemon:
                     self.bus.publish(DaemonStatusChanged(DaemonStatus.ONLINE, self.clock.now()))
                 elif event.cycle % 6 == 0:
                     self.notifier.status(status)
-            if duration_s is not None and self.clock.now() - start >= duration_s:
+                await self._save_state(controller)
+            if duration_s is not None and self.clock.monotonic() - start >= duration_s:
                 return
             next_tick += period
-            now = self.clock.now()
+            now = self.clock.monotonic()
             if now >= next_tick:  # overrun: skip to the next boundary, never stack cycles
                 next_tick = now + period - ((now - start) % period)
             await self._sleep_or_stop(next_tick - now)

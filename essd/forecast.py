@@ -306,11 +306,13 @@ class Forecaster:
         """Restore :meth:`state`; ValueError naming the field when it does not fit."""
         if not isinstance(data, dict):
             raise ValueError("forecaster: must be an object")
-        for name, profile in (("load", self._profile), ("pv", self._pv)):
+        fresh = {"load": DailyProfile(self._tz), "pv": DailyProfile(self._tz)}
+        for name, profile in fresh.items():
             try:
                 profile.restore(data.get(name))
             except ValueError as exc:
                 raise ValueError(f"forecaster.{name}: {exc}") from None
+        self._profile, self._pv = fresh["load"], fresh["pv"]
         self.pv_measured = bool(data.get("pv_measured", False))
 
     def set_override(self, quantity: str, override: Override) -> None:

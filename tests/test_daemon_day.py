@@ -7,7 +7,6 @@ violation from the true state (not the daemon's belief).
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -40,7 +39,6 @@ async def test_a_simulated_day_runs_without_a_single_violation() -> None:
             events.append(event)
 
     bus.subscribe(record)
-    started = time.perf_counter()
     async with SimulatedSite(settings, clock=clock, free_ports=True) as sim:
         pool = EndpointPool(clock=clock)
         ctl = build_controller(sim.settings, clock=clock, bus=bus, pool=pool)
@@ -51,7 +49,6 @@ async def test_a_simulated_day_runs_without_a_single_violation() -> None:
             truth = sim.truth()
         finally:
             await pool.close()
-    wall = time.perf_counter() - started
 
     assert len(events) == 288
     assert truth.violations == ()
@@ -63,4 +60,3 @@ async def test_a_simulated_day_runs_without_a_single_violation() -> None:
     for e in events:
         assert e.grid_power_w is not None
         assert -e.export_limit_w - 1.0 <= e.grid_power_w
-    assert wall < 120, f"a simulated day took {wall:.1f} s"

@@ -87,9 +87,7 @@ async def test_delay_through_the_proxy_keeps_answers_in_order() -> None:
         expected = await read(sim, clock, "pcs1", "wset_revert_time_s")
         ep, unit = endpoint_for(sim, "pcs1", clock, timeout_s=2.0)
         try:
-            started = time.perf_counter()
             assert await ep.read_registers(table, address, count, unit) == expected
-            assert time.perf_counter() - started < 0.25
             step(sim, clock, 10)
             for _ in range(3):  # several requests: every answer belongs to its request
                 started = time.perf_counter()

@@ -27,7 +27,7 @@ def _site(clock: SimClock, devices: int) -> FakeSite:
 
 def _measure(devices: int) -> list[Result]:
     clock = SimClock()
-    exporter = MetricsExporter(clock=clock, default_max_soc=0.95)
+    exporter = MetricsExporter(clock=clock)
     site = _site(clock, devices)
     for ev in site.startup_events():
         exporter.handle(ev)

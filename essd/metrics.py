@@ -78,7 +78,6 @@ __all__ = [
     "MetricsExporter",
     "MetricsServer",
     "MetricsServerError",
-    "SocWindow",
     "reason_category",
     "solver_failure_cause",
 ]
@@ -188,14 +187,6 @@ def solver_failure_cause(plan: Plan) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
-class SocWindow:
-    """The SoC window of one device, ratios 0..1; ``reserve`` None follows the live reserve."""
-
-    reserve: float | None
-    max: float | None
-
-
-@dataclass(frozen=True, slots=True)
 class _State:
     """What the scrape-time collector renders; replaced whole, never mutated (thread safety)."""
 
@@ -223,8 +214,6 @@ class MetricsExporter:
         clock: Clock,
         site_id: str = "",
         currency: str = "",
-        soc_windows: Mapping[str, SocWindow] | None = None,
-        default_max_soc: float | None = None,
         registry: CollectorRegistry | None = None,
         process_metrics: bool = True,
         commands: Iterable[str] = COMMANDS,
@@ -232,8 +221,6 @@ class MetricsExporter:
     ) -> None:
         self.clock = clock
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._soc_windows = dict(soc_windows or {})
-        self._default_max_soc = default_max_soc
         # With MQTT configured, "not connected" is the truth until the client says otherwise.
         self._state = _State(mqtt_connected=False if mqtt_enabled else None)
         self._lock = threading.Lock()  # serializes writers; readers take the reference only
@@ -321,20 +308,11 @@ class MetricsExporter:
     def from_settings(
         cls, settings: Settings, *, clock: Clock, registry: CollectorRegistry | None = None
     ) -> MetricsExporter:
-        """An exporter for the configured site: site id, currency, SoC windows, MQTT or not."""
-        windows = {
-            d.id: SocWindow(
-                reserve=d.reserve_soc,
-                max=d.max_soc if d.max_soc is not None else settings.control.max_soc,
-            )
-            for d in settings.devices
-        }
+        """An exporter for the configured site: site id, currency, MQTT or not."""
         return cls(
             clock=clock,
             site_id=settings.site.id,
             currency=settings.tariff.currency,
-            soc_windows=windows,
-            default_max_soc=settings.control.max_soc,
             registry=registry,
             mqtt_enabled=settings.mqtt is not None,
         )
@@ -400,13 +378,6 @@ class MetricsExporter:
                 setpoints={**self._state.setpoints, **ev.setpoints},
                 device_states={**self._state.device_states, **ev.device_states},
             )
-
-    def _soc_window(self, device: str, live_reserve: float) -> tuple[float, float | None]:
-        window = self._soc_windows.get(device)
-        if window is None:
-            return live_reserve, self._default_max_soc
-        reserve = window.reserve if window.reserve is not None else live_reserve
-        return reserve, window.max
 
 
 class _Families:
@@ -687,7 +658,7 @@ def _device_families(
             b.capacity_wh * JOULES_PER_WH,
         )
         record = ev.devices.get(dev)
-        reserve, max_soc = _soc_window(x, ev, dev)
+        reserve, max_soc = _soc_window(ev, dev)
         f.gauge("essd_device_soc_reserve_ratio", "Lowest SoC allowed (reserve), 0..1.", d, reserve)
         f.gauge("essd_device_soc_max_ratio", "Highest SoC allowed, 0..1.", d, max_soc)
         if record is not None:
@@ -762,12 +733,12 @@ def _device_families(
         )
 
 
-def _soc_window(x: MetricsExporter, ev: CycleCompleted, dev: str) -> tuple[float, float | None]:
+def _soc_window(ev: CycleCompleted, dev: str) -> tuple[float | None, float | None]:
     """The SoC window the guard enforced this cycle (operator reserve included)."""
     record = ev.devices.get(dev)
     if record is not None and record.limits is not None:
         return record.limits.reserve_soc, record.limits.max_soc
-    return x._soc_window(dev, ev.reserve_soc)
+    return None, None
 
 
 def _setpoint_families(f: _Families, st: _State, ev: CycleCompleted, now: float) -> None:

@@ -122,7 +122,7 @@ def publish_raises(s: Site, mp: pytest.MonkeyPatch) -> None:
         (guard_nan, "guard", PlanCause.GUARD_FAILED, FallbackRung.SAFE_IDLE),
     ],
 )
-async def test_a_failing_phase_gives_a_published_cycle_a_typed_cause_and_safe_units(
+async def test_a_failing_phase_gives_a_published_cycle_a_typed_cause_and_safe_units(  # noqa: PLR0917
     site: Site,  # noqa: F811 - the fixture
     monkeypatch: pytest.MonkeyPatch,
     inject: Inject,

@@ -23,6 +23,7 @@ from essd.events import (
     DeviceCounters,
     EventBus,
     MqttConnectionChanged,
+    WriteStatus,
 )
 from essd.metrics import (
     REASON_CATEGORIES,
@@ -62,7 +63,7 @@ def clock() -> SimClock:
 
 @pytest.fixture
 def exporter(clock: SimClock) -> MetricsExporter:
-    return MetricsExporter(clock=clock, site_id="demo", currency="CNY", default_max_soc=0.95)
+    return MetricsExporter(clock=clock, site_id="demo", currency="CNY")
 
 
 @pytest.fixture
@@ -176,19 +177,25 @@ def test_setpoint_and_cycle_ages_grow_on_the_daemon_clock(
     assert value(s, "essd_cycle_age_seconds") == pytest.approx(75.0)
 
 
-def test_a_device_left_out_of_the_setpoints_keeps_its_last_one(
+def test_setpoint_age_counts_from_the_last_accepted_write(
     exporter: MetricsExporter, site: FakeSite, clock: SimClock
 ) -> None:
     bus = EventBus()
     exporter.attach(bus)
-    bus.publish(site.next_event())
-    clock.advance(40.0)
     ev = site.next_event()
-    bus.publish(dataclasses.replace(ev, setpoints={"pcs1": ev.setpoints["pcs1"]}))
+    rec = ev.devices["pcs1"]
+    refused = dataclasses.replace(
+        rec,
+        setpoint_age_s=250.0,
+        write=dataclasses.replace(rec.write, status=WriteStatus.FAILED, consecutive_failures=25),
+    )
+    bus.publish(dataclasses.replace(ev, devices={**ev.devices, "pcs1": refused}))
     clock.advance(30.0)
     s = samples(exporter)
-    assert value(s, "essd_device_setpoint_age_seconds", device="pcs1") == pytest.approx(30.0)
-    assert value(s, "essd_device_setpoint_age_seconds", device="pcs2") == pytest.approx(70.0)
+    # The guard issued a setpoint 30 s ago, but the device last took one 280 s ago.
+    assert value(s, "essd_device_setpoint_age_seconds", device="pcs1") == pytest.approx(280.0)
+    assert value(s, "essd_device_write_failures", device="pcs1") == 25.0
+    assert value(s, "essd_device_write_failures", device="pcs2") == 0.0
 
 
 def test_fallback_plan_counts_a_solver_failure_by_cause(
@@ -337,7 +344,7 @@ def test_each_exporter_has_its_own_registry(clock: SimClock, site: FakeSite) -> 
     assert "essd_grid_power_watts" not in {k[0] for k in samples(b)}
 
 
-def test_from_settings_takes_site_currency_and_soc_windows(
+def test_from_settings_takes_site_currency_and_the_records_soc_windows(
     tmp_path: Path, clock: SimClock, site: FakeSite
 ) -> None:
     cfg = tmp_path / "essd.toml"
@@ -371,10 +378,14 @@ transport = { kind = "tcp", host = "127.0.0.1" }
     s = samples(exporter)
     assert value(s, "essd_site_info", site="plant-7", currency="EUR") == 1.0
     assert value(s, "essd_mqtt_connected") == 0.0
-    assert value(s, "essd_device_soc_reserve_ratio", device="pcs1") == 0.2
-    assert value(s, "essd_device_soc_reserve_ratio", device="pcs2") == 0.10  # live reserve
-    assert value(s, "essd_device_soc_max_ratio", device="pcs2") == 0.8
-    assert value(s, "essd_device_soc_max_ratio", device="hybrid1") == 0.9  # control default
+    # The SoC window is the one the guard enforced, from the cycle's record, never the config.
+    ev = site.next_event()
+    exporter.handle(ev)
+    s = samples(exporter)
+    for dev, record in ev.devices.items():
+        assert record.limits is not None
+        assert value(s, "essd_device_soc_reserve_ratio", device=dev) == record.limits.reserve_soc
+        assert value(s, "essd_device_soc_max_ratio", device=dev) == record.limits.max_soc
 
 
 # ------------------------------------------------------------------------- the HTTP endpoint

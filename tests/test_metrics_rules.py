@@ -142,7 +142,7 @@ def referenced_metrics(expr: str) -> set[str]:
 def served() -> dict[str, str]:
     """Family name -> type of everything the exporter serves for a busy fake site."""
     clock = SimClock()
-    exporter = MetricsExporter(clock=clock, default_max_soc=0.95)
+    exporter = MetricsExporter(clock=clock)
     bus = EventBus()
     exporter.attach(bus)
     site = FakeSite(clock)

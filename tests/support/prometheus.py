@@ -45,10 +45,14 @@ from essd.events import (
     DaemonStatus,
     DaemonStatusChanged,
     DeviceCounters,
+    DeviceLimits,
+    DeviceRecord,
     DeviceStateChanged,
     EventBus,
     MqttConnectionChanged,
     SiteTotals,
+    WriteOutcome,
+    WriteStatus,
 )
 from tests.support.net import free_port as _free_port
 
@@ -254,6 +258,27 @@ class FakeSite:
             device_states={d.id: DeviceState.RUNNING for d in self.devices}
             | {METER_ID: DeviceState.RUNNING},
             device_counters=counters,
+            devices={
+                d.id: DeviceRecord(
+                    device_id=d.id,
+                    device_class=d.device_class,
+                    state=DeviceState.RUNNING,
+                    reason="ok",
+                    limits=DeviceLimits(0.10, 0.95, d.max_w, d.max_w),
+                    requested_w=power[d.id],
+                    setpoint_w=power[d.id],
+                    guard_reasons=(),
+                    # Writes are refreshed every third cycle: the age saw-tooths.
+                    write=WriteOutcome(
+                        WriteStatus.WRITTEN if k % 3 == 0 else WriteStatus.HELD,
+                        power_w=power[d.id],
+                        accepted_at_mono=mono - self.period_s * (k % 3),
+                    ),
+                    setpoint_age_s=self.period_s * (k % 3),
+                )
+                for d in self.devices
+            },
+            predicted_grid_w=grid_w,
             grid_power_w=grid_w,
             import_limit_w=self.import_limit_w,
             export_limit_w=self.export_limit_w,

@@ -36,6 +36,7 @@ from drivers.layout import (
     from_base,
     register_words,
     to_base,
+    write_scale_problem,
 )
 from drivers.modbus import ModbusEndpoint
 from drivers.profile import ActionName, Profile, RegisterSpec
@@ -364,6 +365,17 @@ class GenericDriver(ProfileDriver):
                 assert step.value is not None
                 value = step.value
             sf = sfs.get(spec.scale_factor) if spec.scale_factor is not None else None
+            if sf is not None:
+                # The scale factor is the device's: one that cannot carry the rating (SF 15
+                # rounds every setpoint to raw 0) refuses the write rather than send nonsense.
+                problem = write_scale_problem(
+                    spec,
+                    self._profile.power_ratings(step.param),
+                    transport=self._profile.transport,
+                    sf=sf,
+                )
+                if problem is not None:
+                    raise ValueRefused(f"{self._device_id}: {action}: {spec.name}: {problem}")
             try:
                 words = encode_register(spec, value, transport=self._profile.transport, sf=sf)
             except EncodeError as exc:

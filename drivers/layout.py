@@ -40,8 +40,15 @@ __all__ = [
     "encode_register",
     "from_base",
     "register_words",
+    "resolution_problem",
     "to_base",
+    "write_scale_problem",
 ]
+
+# A power register must resolve its unit's rating to at least this fraction (1 %): coarser,
+# and every setpoint is rounded to a few levels, or to raw 0 (a scale factor of 15).
+MAX_STEP_OF_RATING = 0.01
+SF_RANGE = range(-10, 11)  # the scale factors SunSpec allows, and the only ones essd accepts
 
 # Register unit -> (essd base unit, factor to multiply by).
 _UNITS: dict[str, tuple[str, float]] = {
@@ -105,6 +112,44 @@ def _unsigned(raw: int, words: int) -> int:
 
 def _factor(spec: RegisterSpec, sf: int | None) -> float:
     return spec.scale * (10.0 ** (sf or 0))
+
+
+def resolution_problem(step_w: float, rating_w: float) -> str | None:
+    """Why a register whose raw step is ``step_w`` W cannot carry powers up to ``rating_w``."""
+    if rating_w > 0 and step_w > MAX_STEP_OF_RATING * rating_w:
+        return (
+            f"one raw step is {step_w:g} W, coarser than {MAX_STEP_OF_RATING:.0%} of the "
+            f"rating {rating_w:g} W"
+        )
+    return None
+
+
+def write_scale_problem(
+    spec: RegisterSpec,
+    ratings_w: Iterable[float],
+    *,
+    transport: Transport,
+    sf: int | None = None,
+) -> str | None:
+    """Why writing powers up to each of ``ratings_w`` (W, signed) through ``spec`` would not be
+    faithful: a scale factor outside -10..10, a raw step coarser than 1 % of the rating, or a
+    rating that does not fit the register type. None when it is fine."""
+    if sf is not None and sf not in SF_RANGE:
+        return f"scale factor {spec.scale_factor}={sf} outside -10..10"
+    for rating in ratings_w:
+        if rating == 0:
+            continue
+        if spec.rtype is not RegisterType.F32:
+            problem = resolution_problem(abs(to_base(_factor(spec, sf), spec.unit)), abs(rating))
+            if problem is not None:
+                return problem
+        try:
+            encode_register(
+                spec, from_base(rating, spec.unit), transport=transport, sf=sf, check_range=False
+            )
+        except EncodeError as exc:
+            return f"the rating {rating:g} W cannot be written: {exc}"
+    return None
 
 
 def decode_register(  # noqa: PLR0911 - one early return per kind of invalid value

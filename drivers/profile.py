@@ -4,6 +4,11 @@ A profile maps registers to typed, named fields and each control action to an or
 register writes. Adding a device is adding a YAML file under ``profiles/devices/``; no code.
 Validation errors name the file and the dotted field path.
 
+A profile file is UTF-8 text of at most :data:`MAX_PROFILE_BYTES` (checked before it is read),
+YAML without anchors or aliases (refused as soon as the parser meets one, so an alias bomb is
+never expanded), every number finite. Each file is parsed once per process: loads are cached by
+resolved path, size and modification time.
+
 Register references come in two kinds:
 - ``address`` (+ ``type``/``scale``/...): a plain vendor register map;
 - ``point: "<model>.<point>"``: a SunSpec point, located at run time by model discovery and
@@ -12,6 +17,8 @@ Register references come in two kinds:
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 from enum import StrEnum
 from pathlib import Path
@@ -19,11 +26,15 @@ from typing import Annotated, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from yaml.nodes import Node
 
-from drivers.registers import ByteOrder, RegisterType, Table, word_count
+from drivers.registers import ByteOrder, EncodeError, RegisterType, Table, word_count
+from essd.config import read_text_file
 from essd.domain import DeviceClass
 
 __all__ = [
+    "MAX_PROFILE_BYTES",
+    "POWER_PARAMS",
     "Action",
     "ActionName",
     "Capability",
@@ -42,8 +53,14 @@ Identifier = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
 SunSpecPoint = Annotated[str, Field(pattern=r"^[0-9]+\.[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")]
 
 
+MAX_PROFILE_BYTES = 1024 * 1024  # the largest shipped profile is under 10 KiB
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # allow_inf_nan=False: every number in a profile is finite (``.inf``/``.nan`` refused).
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
 
 
 class Capability(StrEnum):
@@ -92,6 +109,15 @@ ACTION_PARAMS: dict[ActionName, frozenset[str]] = {
     ActionName.CONFIGURE_REVERT_TIMER: frozenset({"seconds"}),
     ActionName.SAFE_MODE: frozenset(),
     ActionName.SET_SOC_LIMITS: frozenset({"min_soc", "max_soc"}),
+}
+
+# Power parameters (W) of the write actions, and which ratings bound each: the signed values
+# a register written from that parameter must be able to carry.
+POWER_PARAMS: dict[str, tuple[Literal["charge", "discharge"], ...]] = {
+    "power_w": ("charge", "discharge"),  # < 0 charging, > 0 discharging
+    "charge_w": ("charge",),
+    "discharge_w": ("discharge",),
+    "abs_w": ("charge", "discharge"),
 }
 
 # Fields each capability needs the profile to map.
@@ -281,7 +307,9 @@ class Profile(_Strict):
     )
     actions: dict[ActionName, Action] = Field(default_factory=dict)
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
 
     @model_validator(mode="after")
     def _check_registers(self) -> Self:
@@ -356,7 +384,80 @@ class Profile(_Strict):
                         raise ValueError(
                             f"actions.set_active_power.writes: nothing is written when {sign}"
                         )
+        self._check_write_values(by_name)
         return self
+
+    @model_validator(mode="after")
+    def _check_ratings(self) -> Self:
+        if self.device_class is DeviceClass.METER:
+            return self
+        # A capacity of 0 is allowed here: the site configuration may give it (capacity_wh).
+        r = self.ratings
+        charges = self.has(Capability.ACTIVE_POWER) or self.has(Capability.CHARGE_LIMIT)
+        discharges = self.has(Capability.ACTIVE_POWER) or self.has(Capability.DISCHARGE_LIMIT)
+        if charges and r.max_charge_w <= 0:
+            raise ValueError("ratings.max_charge_w: must be > 0 for a device essd charges")
+        if discharges and r.max_discharge_w <= 0:
+            raise ValueError("ratings.max_discharge_w: must be > 0 for a device essd discharges")
+        return self
+
+    @model_validator(mode="after")
+    def _check_overlaps(self) -> Self:
+        spans = sorted(
+            (r.table.value, r.address, r.address + word_count(r.rtype, r.count), r.name)
+            for r in self.registers
+            if r.address is not None and not (r.rtype is RegisterType.STRING and not r.count)
+        )
+        for (ta, a0, a1, na), (tb, b0, b1, nb) in itertools.pairwise(spans):
+            if ta == tb and b0 < a1:
+                raise ValueError(
+                    f"registers.{nb}.address: {tb} {b0}..{b1 - 1} overlaps register {na} "
+                    f"({ta} {a0}..{a1 - 1})"
+                )
+        return self
+
+    def _check_write_values(self, by_name: dict[str, RegisterSpec]) -> None:
+        """Literal values (safe mode...) fit their register; power registers carry the rating."""
+        from drivers.layout import (  # noqa: PLC0415 - layout imports this module
+            encode_register,
+            write_scale_problem,
+        )
+
+        for aname, act in self.actions.items():
+            for i, step in enumerate(act.writes):
+                spec = by_name[step.register]
+                where = f"actions.{aname.value}.writes.{i}"
+                if step.value is not None and not isinstance(step.value, str):
+                    v = step.value
+                    if (spec.min is not None and v < spec.min) or (
+                        spec.max is not None and v > spec.max
+                    ):
+                        raise ValueError(
+                            f"{where}.value: {v:g} outside register {spec.name}'s range "
+                            f"[{spec.min}, {spec.max}]"
+                        )
+                    if spec.address is not None and spec.scale_factor is None:
+                        try:
+                            encode_register(spec, v, transport=self.transport)
+                        except EncodeError as exc:
+                            raise ValueError(f"{where}.value: {exc}") from None
+                ratings = self.power_ratings(step.param)
+                if ratings and spec.address is not None and spec.scale_factor is None:
+                    problem = write_scale_problem(spec, ratings, transport=self.transport)
+                    if problem is not None:
+                        raise ValueError(f"registers.{spec.name}.scale: {problem} ({where})")
+
+    def power_ratings(self, param: str | None) -> list[float]:
+        """The rated values (W, signed as the parameter) a power parameter reaches; [] for
+        parameters that are not powers."""
+        out = []
+        for sense in POWER_PARAMS.get(param or "", ()):
+            if sense == "charge":
+                rating = self.ratings.max_charge_w
+                out.append(-rating if param == "power_w" else rating)
+            else:
+                out.append(self.ratings.max_discharge_w)
+        return out
 
     def register(self, name: str) -> RegisterSpec:
         """The register called ``name`` (KeyError naming it otherwise)."""
@@ -379,14 +480,42 @@ class ProfileError(ValueError):
     """A profile cannot be loaded; the message names the file and the field."""
 
 
+class _AnchorRefused(yaml.MarkedYAMLError):
+    """The profile uses a YAML anchor or alias."""
+
+
+class _ProfileLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases where it meets the first one.
+
+    Profiles have no use for them, and refusing them at composition means an alias bomb
+    ("billion laughs") is rejected before a single alias is expanded.
+    """
+
+    def compose_node(self, parent: Node | None, index: object) -> Node | None:
+        """Compose a node, refusing an alias (``*name``) or an anchor (``&name``)."""
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _AnchorRefused(
+                problem="YAML anchors and aliases (&name, *name) are not allowed in a profile",
+                problem_mark=event.start_mark,
+            )
+        return super().compose_node(parent, index)  # type: ignore[arg-type]
+
+
 def _loc(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "(top level)"
+    return ".".join(str(p) for p in loc)
 
 
 def load_profile_text(text: str, source: str) -> Profile:
     """Parse and validate profile YAML; ``source`` names it in errors."""
+    if len(text) > MAX_PROFILE_BYTES:
+        raise ProfileError(f"{source}: more than the {MAX_PROFILE_BYTES} bytes a profile may have")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_ProfileLoader)  # noqa: S506 - a SafeLoader subclass
+    except _AnchorRefused as exc:
+        mark = exc.problem_mark
+        where = f" line {mark.line + 1}:" if mark is not None else ""
+        raise ProfileError(f"{source}:{where} {exc.problem}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -399,19 +528,34 @@ def load_profile_text(text: str, source: str) -> Profile:
         lines = []
         for err in exc.errors():
             msg = re.sub(r"^Value error, ", "", err["msg"])
-            lines.append(f"{source}: {_loc(err['loc'])}: {msg}")
+            loc = _loc(err["loc"])
+            # A check across fields names its own dotted path at the start of its message.
+            lines.append(f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}")
         raise ProfileError("\n".join(lines)) from None
 
 
+# Profiles loaded so far, by (resolved path, size, mtime): each file is parsed once.
+_loaded: dict[tuple[Path, int, int], Profile] = {}
+
+
 def load_profile(path: Path) -> Profile:
-    """Load and validate one profile file."""
+    """Load and validate one profile file (cached while the file is unchanged)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        st = os.stat(path)
     except OSError as exc:
         raise ProfileError(f"{path}: cannot read: {exc.strerror}") from None
+    key = (path.resolve(), st.st_size, st.st_mtime_ns)
+    cached = _loaded.get(key)
+    if cached is not None:
+        return cached
+    try:
+        text = read_text_file(path, max_bytes=MAX_PROFILE_BYTES, what="profile")
+    except ValueError as exc:
+        raise ProfileError(str(exc)) from None
     profile = load_profile_text(text, str(path))
     if profile.name != path.stem:
         raise ProfileError(f"{path}: name: {profile.name!r} must match the file name {path.stem!r}")
+    _loaded[key] = profile
     return profile
 
 

@@ -53,7 +53,7 @@ from drivers.api import (
     WriteResult,
 )
 from drivers.base import TIME_PARAMS, ProfileDriver, Sense, live_limit_w
-from drivers.layout import FieldAccess, base_unit, from_base, to_base
+from drivers.layout import FieldAccess, base_unit, from_base, resolution_problem, to_base
 from drivers.modbus import ModbusEndpoint
 from drivers.profile import ActionName, Profile, ProfileError, RegisterSpec
 from drivers.registers import (
@@ -472,6 +472,8 @@ def encode_point(pdef: PointDef, value: float | str | None, sf: int | None = Non
         exp = pdef.sf if isinstance(pdef.sf, int) else (sf if pdef.sf is not None else 0)
         if exp is None:
             raise EncodeError(f"{pdef.qualified}: scale factor {pdef.sf} unknown")
+        if exp not in _SF_RANGE:
+            raise EncodeError(f"{pdef.qualified}: scale factor {exp} outside -10..10")
         if not math.isfinite(value):
             raise EncodeError(f"{pdef.qualified}: {value!r} is not a finite number")
         raw = value / 10.0**exp if pdef.type == "float32" else round(value / 10.0**exp)
@@ -905,6 +907,21 @@ class SunSpecDriver(ProfileDriver):
             value = math.ceil(value - 1e-9)
         return (value - spec.offset) / spec.scale
 
+    def _check_write_scale(
+        self, action: ActionName, spec: RegisterSpec, param: str | None, sf: int | None
+    ) -> None:
+        """ValueRefused when the device's scale factor cannot carry this write (SF 15 rounds
+        every setpoint to raw 0; a raw step over 1 % of the rating is no control)."""
+        if sf is None:
+            return
+        problem = f"scale factor {sf} outside -10..10" if sf not in _SF_RANGE else None
+        if problem is None:
+            step_w = abs(to_base(spec.scale * 10.0**sf, spec.unit))
+            for rating in self._profile.power_ratings(param):
+                problem = problem or resolution_problem(step_w, abs(rating))
+        if problem is not None:
+            raise ValueRefused(f"{self._device_id}: {action}: {spec.name}: {problem}")
+
     async def run_action(
         self, action: ActionName, params: Mapping[str, float] | None = None
     ) -> WriteResult:
@@ -935,6 +952,7 @@ class SunSpecDriver(ProfileDriver):
             value = self._point_value(b.spec, step.param, raw_value)
             m, pdef, address = smap.locate(f"{b.model_id}.{b.point_name}")
             sf = await self._sf_value(m, pdef)
+            self._check_write_scale(action, b.spec, step.param, sf)
             try:
                 words = encode_point(pdef, value, sf)
             except (EncodeError, SunSpecError) as exc:

@@ -26,60 +26,35 @@ def _err(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def check_profiles(settings: Settings, source: str) -> list[str]:
-    """Problems with the devices' profiles (missing or invalid), one line each."""
-    from drivers.profile import ProfileError, resolve_profile  # noqa: PLC0415 - keep startup lean
+def load_checked(path: Path) -> tuple[Settings, tuple[str, ...]] | None:
+    """The configuration at ``path`` and its warnings, checked exactly as ``run`` checks it
+    (:func:`essd.sitecheck.validate_site`); None after printing the problems."""
+    from essd.sitecheck import validate_site  # noqa: PLC0415 - keep startup lean
 
-    problems = []
-    for i, dev in enumerate(settings.devices):
-        try:
-            resolve_profile(dev.profile, settings.profile_dirs)
-        except ProfileError as exc:
-            problems.append(f"{source}: devices.{i}.profile: {exc}")
-    return problems
-
-
-def load_checked(path: Path) -> Settings | None:
-    """The configuration at ``path`` with its profiles checked; None after printing problems."""
     try:
         settings = load_settings(path)
     except ConfigError as exc:
         for line in exc.problems:
             _err(line)
         return None
-    problems = check_profiles(settings, str(path))
-    for line in problems:
+    check = validate_site(settings, str(path))
+    for line in check.problems:
         _err(line)
-    return None if problems else settings
+    return None if check.problems else (settings, check.warnings)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate a configuration file (and its device profiles)."""
+    """Validate a configuration file (and its device profiles); print warnings too."""
     path: Path = args.config_file
-    settings = load_checked(path)
-    if settings is None:
+    checked = load_checked(path)
+    if checked is None:
         return EXIT_INVALID
-    for line in timing_warnings(settings):
-        _err(f"{path}: warning: {line}")
+    settings, warnings = checked
+    for line in warnings:
+        source, _, rest = line.partition(": ")
+        _err(f"{source}: warning: {rest}")
     print(f"{path}: ok (site {settings.site.id}, {len(settings.devices)} devices)")
     return EXIT_OK
-
-
-def timing_warnings(settings: Settings) -> list[str]:
-    """Devices whose own fixed timeouts the configured cycle cannot keep up with."""
-    from drivers.profile import resolve_profile  # noqa: PLC0415
-    from essd.devices import refresh_warning  # noqa: PLC0415
-
-    out = []
-    for dev in settings.devices:
-        warning = refresh_warning(
-            dev,
-            resolve_profile(dev.profile, settings.profile_dirs),
-            settings.control.cycle_period_s,
-        )
-        if warning is not None:
-            out.append(warning)
-    return out
 
 
 def cmd_profiles_list(args: argparse.Namespace) -> int:
@@ -151,9 +126,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.sim_speed is not None and not 0 < args.sim_speed <= 1e6:
         _err(f"--sim-speed: must be in (0, 1e6], got {args.sim_speed}")
         return EXIT_INVALID
-    settings = load_checked(path)
-    if settings is None:
+    checked = load_checked(path)
+    if checked is None:
         return EXIT_INVALID
+    settings, _ = checked  # the warnings are logged once each as the devices are built
     configure_logging(args.log_level or settings.logging.level, settings.logging.format)
     from essd.clock import Clock, RealClock, SimClock  # noqa: PLC0415
     from essd.daemon import Daemon  # noqa: PLC0415 - heavy imports (cvxpy) only when running
@@ -169,6 +145,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return asyncio.run(Daemon(settings=settings, clock=clock).run())
     except ProfileError as exc:
         _err(str(exc))
+        return EXIT_INVALID
+    except ConfigError as exc:  # a file changed between the check above and the start
+        for line in exc.problems:
+            _err(line)
         return EXIT_INVALID
 
 

@@ -5,12 +5,19 @@ the file. Unknown keys are errors everywhere (``extra="forbid"``); a configured 
 not exist is an error too (pydantic-settings would silently ignore it). Every problem is
 reported as one line naming the dotted field path and where it came from.
 
+Every number must be finite: ``inf`` and ``nan`` (which TOML and the environment both accept)
+are refused everywhere; a limit that may be absent is optional (``None``), never infinite. The
+file must be UTF-8 text of at most :data:`MAX_CONFIG_BYTES`; anything else is refused before it
+is parsed. Checks across sections and files (profiles, series file, endpoints, meters) live in
+:mod:`essd.sitecheck`, which ``check-config`` and ``run`` both use.
+
 Units: power in W (site limits are magnitudes >= 0), energy in Wh, SoC as a ratio 0..1, prices
 in the tariff's currency per kWh (per kW for the demand charge), carbon in g/kWh and per kg.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -31,13 +38,14 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "MAX_CONFIG_BYTES",
     "ConfigError",
     "ControlConfig",
     "DeviceConfig",
@@ -50,10 +58,13 @@ __all__ = [
     "StateConfig",
     "TariffConfig",
     "load_settings",
+    "read_text_file",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/essd/essd.toml")
 ENV_PREFIX = "ESSD_"
+# A site with hundreds of devices fits in a few tens of KiB; anything larger is not a config.
+MAX_CONFIG_BYTES = 256 * 1024
 
 DeviceId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -63,7 +74,8 @@ NonNegW = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: every float in the configuration is finite.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SiteConfig(_Section):
@@ -244,8 +256,25 @@ class MetricsConfig(_Section):
     """The Prometheus endpoint (loopback by default: expose it deliberately)."""
 
     enabled: bool = True
-    bind: str = "127.0.0.1"
+    bind: str = Field("127.0.0.1", description="IP address or host name to listen on")
     port: Port = 9108
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, v: str) -> str:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            if not _HOSTNAME.fullmatch(v):
+                raise ValueError(f"{v!r} is neither an IP address nor a host name") from None
+        return v
+
+
+# RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens.
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
 
 
 class StateConfig(_Section):
@@ -267,7 +296,7 @@ class LoggingConfig(_Section):
     format: Literal["text", "json"] = "text"
 
 
-_config_path: ContextVar[Path | None] = ContextVar("essd_config_path", default=None)
+_config_data: ContextVar[dict[str, Any] | None] = ContextVar("essd_config_data", default=None)
 
 
 class Settings(BaseSettings):
@@ -279,6 +308,7 @@ class Settings(BaseSettings):
         extra="forbid",
         frozen=True,
         case_sensitive=False,
+        allow_inf_nan=False,
     )
 
     site: SiteConfig
@@ -309,11 +339,14 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Init arguments, then the environment, then the TOML file (earlier wins)."""
-        path = _config_path.get()
+        """Init arguments, then the environment, then the TOML file (earlier wins).
+
+        The file was read and parsed once by :func:`load_settings`; its data is used as is.
+        """
+        data = _config_data.get()
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if path is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        if data is not None:
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=data))
         return tuple(sources)
 
 
@@ -360,20 +393,50 @@ def load_settings(path: Path | None = DEFAULT_CONFIG_PATH, **overrides: Any) -> 
 
     ``path=None`` reads the environment (and ``overrides``) only.
     """
-    if path is not None:
-        if not path.is_file():
-            raise ConfigError([f"{path}: configuration file not found"])
-        try:
-            with path.open("rb") as fh:
-                tomllib.load(fh)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
-        except OSError as exc:
-            raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
-    token = _config_path.set(path)
+    data = None if path is None else _read_toml(path)
+    token = _config_data.set(data)
     try:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, path)) from None
     finally:
-        _config_path.reset(token)
+        _config_data.reset(token)
+
+
+def read_text_file(path: Path, *, max_bytes: int, what: str) -> str:
+    """The UTF-8 text of ``path``; ValueError naming the file when it is missing, larger than
+    ``max_bytes`` (checked before reading), binary (NUL bytes) or not UTF-8."""
+    try:
+        with path.open("rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > max_bytes:
+                raise ValueError(
+                    f"{path}: {what} is {size} bytes, more than the {max_bytes} allowed"
+                )
+            data = fh.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: {what} is a directory") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read: {exc.strerror}") from None
+    if len(data) > max_bytes:  # grew while being read, or not a regular file
+        raise ValueError(f"{path}: {what} is more than the {max_bytes} bytes allowed")
+    if b"\x00" in data:
+        raise ValueError(f"{path}: {what} is binary, not text (NUL bytes)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: {what} is not UTF-8 text (byte {exc.start})") from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """Read and parse the configuration file once; ConfigError naming the file otherwise."""
+    try:
+        text = read_text_file(path, max_bytes=MAX_CONFIG_BYTES, what="configuration file")
+    except ValueError as exc:
+        raise ConfigError([str(exc)]) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None

@@ -30,15 +30,16 @@ from dataclasses import dataclass, field
 from drivers.factory import EndpointPool, build_driver
 from drivers.profile import resolve_profile
 from essd.clock import Clock, RealClock
-from essd.config import Settings
+from essd.config import ConfigError, Settings
 from essd.cycle import Controller
-from essd.devices import ManagedDevice, envelope_for, refresh_warning
+from essd.devices import ManagedDevice, envelope_for
 from essd.domain import DeviceClass
 from essd.events import DaemonStatus, DaemonStatusChanged, EventBus
 from essd.forecast import Forecaster
 from essd.metrics import MetricsExporter, MetricsServer
 from essd.mqtt import open_bridge
 from essd.sdnotify import SystemdNotifier
+from essd.sitecheck import validate_site
 from essd.state import StateStore, resolve_state_directory
 
 __all__ = ["Daemon", "build_controller"]
@@ -55,17 +56,23 @@ FATAL_SIGNALS = (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, 
 def build_controller(
     settings: Settings, *, clock: Clock, bus: EventBus, pool: EndpointPool
 ) -> Controller:
-    """Drivers, devices, forecaster and optimizer for ``settings`` (no I/O yet)."""
+    """Drivers, devices, forecaster and optimizer for ``settings`` (no I/O yet).
+
+    Refuses (ConfigError) exactly what ``essd check-config`` refuses, and logs its warnings
+    once each (a device that cannot be refreshed in time, or that never reverts by itself).
+    """
+    check = validate_site(settings)
+    if check.problems:
+        raise ConfigError(list(check.problems))
+    for warning in check.warnings:
+        log.warning("%s", warning)
     ctl = settings.control
     stale_after = ctl.stale_after_s or 3 * ctl.cycle_period_s
     devices = []
     for cfg in settings.devices:
         if not cfg.enabled:
             continue
-        profile = resolve_profile(cfg.profile, settings.profile_dirs)
-        warning = refresh_warning(cfg, profile, ctl.cycle_period_s)
-        if warning is not None:
-            log.warning("%s", warning)
+        profile = resolve_profile(cfg.profile, settings.profile_dirs)  # cached by the check
         driver = build_driver(cfg, profile, clock=clock, pool=pool)
         envelope = (
             None

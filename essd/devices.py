@@ -51,7 +51,7 @@ from essd.events import (
 )
 from essd.safety import DeviceEnvelope
 
-__all__ = ["ManagedDevice", "envelope_for", "refresh_warning"]
+__all__ = ["ManagedDevice", "envelope_for", "refresh_warning", "revert_warning"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,32 @@ def refresh_warning(cfg: DeviceConfig, profile: Profile, cycle_period_s: float) 
                 "or the device will keep reverting between cycles"
             )
     return None
+
+
+def revert_warning(cfg: DeviceConfig, profile: Profile) -> str | None:
+    """Why a device essd can force would keep its last command if essd died, or None.
+
+    A unit with a power setpoint or a charge limit but neither a revert timer (fixed or
+    configurable) nor a heartbeat holds whatever essd wrote last until someone intervenes.
+    """
+    if profile.has(Capability.ACTIVE_POWER):
+        command = "power setpoint"
+    elif profile.has(Capability.CHARGE_LIMIT):
+        command = "charge limit"
+    else:
+        return None
+    b = profile.behaviour
+    if (
+        b.setpoint_timeout_s is not None
+        or b.heartbeat_timeout_s is not None
+        or profile.has(Capability.REVERT_TIMER)
+        or profile.has(Capability.HEARTBEAT)
+    ):
+        return None
+    return (
+        f"device {cfg.id} ({profile.name}) has neither a revert timer nor a heartbeat: it stays "
+        f"in forced charge/discharge if essd dies (its last {command} stays in force)"
+    )
 
 
 @dataclass

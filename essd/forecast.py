@@ -138,6 +138,8 @@ def read_series_csv(
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise error(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text (byte {exc.start})") from None
     rows = list(csv.DictReader(text.splitlines()))
     if not rows:
         raise error(f"{path}: no data rows")

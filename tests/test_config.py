@@ -194,8 +194,10 @@ def test_check_config_warns_when_the_cycle_cannot_keep_a_device_refreshed(
     path = write(tmp_path, text + "\n[control]\ncycle_period_s = 45\nsetpoint_ttl_s = 120\n")
     assert main(["check-config", str(path)]) == 0
     err = capsys.readouterr().err
-    assert f"{path}: warning: device inv1 (household-ess-setpoint) drops a setpoint" in err
+    assert (
+        f"{path}: warning: devices.0: device inv1 (household-ess-setpoint) drops a setpoint" in err
+    )
     assert "control.cycle_period_s is 45 s: use 30 s or less" in err
     path = write(tmp_path, text + "\n[control]\ncycle_period_s = 10\n")
     assert main(["check-config", str(path)]) == 0
-    assert "warning" not in capsys.readouterr().err
+    assert "drops a setpoint" not in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,7 @@ def _mutate(mutation: str) -> dict[str, object]:
     elif mutation == "duplicate-register":
         regs = data["registers"]
         assert isinstance(regs, list)
-        regs.append(dict(regs[0]))
+        regs.append(copy.deepcopy(regs[0]))  # no shared nodes: no YAML alias
     elif mutation == "derived-unknown-term":
         data["derived"] = {"net_w": {"nope": 1.0}}
     elif mutation == "power-without-idle":

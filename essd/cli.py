@@ -59,7 +59,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     settings = load_checked(path)
     if settings is None:
         return EXIT_INVALID
-    for line in timing_warnings(settings):
+    mqtt_warnings = settings.mqtt.security_warnings() if settings.mqtt is not None else []
+    for line in [*timing_warnings(settings), *mqtt_warnings]:
         _err(f"{path}: warning: {line}")
     print(f"{path}: ok (site {settings.site.id}, {len(settings.devices)} devices)")
     return EXIT_OK

@@ -106,8 +106,6 @@ REFUSED_ANONYMOUS = (
 )
 #: Reply to a retained command.
 REFUSED_RETAINED = "retain: retained commands are never applied (publish with retain false)"
-#: MQTT 5 DISCONNECT reason: another client connected with the same client id.
-_SESSION_TAKEN_OVER = 142
 #: Commands a ``standby`` makes moot while they wait in the queue.
 _SUPERSEDED_BY_STANDBY = ("mode", "setpoint")
 
@@ -650,7 +648,6 @@ class MqttBridge:
         self._task: asyncio.Task[None] | None = None
         self._retained_cmd_warned = False
         self._failing = False
-        self._takeover_warned = False
 
     # ------------------------------------------------------------------ bus side (sync)
 
@@ -767,11 +764,6 @@ class MqttBridge:
                     await self._session(client)
             except aiomqtt.MqttError as exc:
                 self.stats.connect_failures_total += 1
-                if getattr(exc, "rc", None) == _SESSION_TAKEN_OVER and not self._takeover_warned:
-                    log.warning(
-                        "MQTT session taken over: another client connected as %r", self.client_id
-                    )
-                    self._takeover_warned = True
                 if not self._failing:
                     # Log the transition once, not every retry.
                     log.warning(

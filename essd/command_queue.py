@@ -2,9 +2,10 @@
 
 Commands are applied one at a time, in the order they arrived. The queue holds at most
 ``maxsize`` of them; when a new one arrives at a full queue, the oldest is removed and answered
-``dropped`` (it never disappears without a reply). Replies that are already decided (a refusal,
-a ``dropped``, the result of a ``standby`` applied on arrival) wait in a separate lane that is
-served first, so every command gets exactly one reply and a reply never waits behind commands.
+``dropped`` (it never disappears without a reply). A command refused on arrival is queued as
+its refusal and answered in its turn. Replies decided out of turn (``dropped``, the result of a
+``standby`` applied on arrival) wait in a separate lane that is served first, so every command
+gets exactly one reply and those replies never wait behind commands.
 
 ``standby`` is never queued: the receiver applies it on arrival (see :mod:`essd.mqtt`) and
 calls :meth:`CommandQueue.supersede` so no older ``mode`` or ``setpoint`` command still waiting

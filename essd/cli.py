@@ -53,6 +53,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for line in warnings:
         source, _, rest = line.partition(": ")
         _err(f"{source}: warning: {rest}")
+    # The MQTT bridge logs these itself when it starts; check-config shows them before.
+    for line in settings.mqtt.security_warnings() if settings.mqtt is not None else ():
+        _err(f"{path}: warning: {line}")
     print(f"{path}: ok (site {settings.site.id}, {len(settings.devices)} devices)")
     return EXIT_OK
 

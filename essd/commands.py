@@ -21,6 +21,7 @@ import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol, Self, runtime_checkable
 
 from pydantic import (
@@ -36,6 +37,8 @@ from pydantic import (
 __all__ = [
     "COMMANDS",
     "MAX_SERIES_LENGTH",
+    "NO_LIMITS",
+    "CommandLimits",
     "CommandModel",
     "CommandRejected",
     "CommandResult",
@@ -46,8 +49,12 @@ __all__ = [
     "PricesCommand",
     "ReserveCommand",
     "SetpointCommand",
+    "apply_command",
+    "echo_id",
     "handle_command",
+    "is_safety_command",
     "parse_command",
+    "read_command",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,6 +88,22 @@ Timestamp = Annotated[
         }
     ),
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class CommandLimits:
+    """What an operator command may ask for, beyond what the payload schema allows.
+
+    ``None`` leaves a limit to the device (power) or to the schema (reserve).
+    """
+
+    max_manual_duration_s: float = MAX_SETPOINT_S
+    max_manual_power_w: float | None = None
+    min_reserve_soc: float | None = None
+
+
+#: No limits beyond the payload schema.
+NO_LIMITS = CommandLimits()
 
 
 class CommandRejected(ValueError):
@@ -160,6 +183,9 @@ class CommandModel(BaseModel):
         """Hand the validated command to ``target``; ``now`` is epoch seconds."""
         raise NotImplementedError
 
+    def check_limits(self, limits: CommandLimits, now: float) -> None:
+        """Raise :class:`CommandRejected` naming the field when the command exceeds ``limits``."""
+
 
 class ModeCommand(CommandModel):
     """``cmd/mode``: switch the operating mode."""
@@ -183,6 +209,12 @@ class ReserveCommand(CommandModel):
     def apply(self, target: CommandTarget, now: float) -> None:
         """Call ``set_reserve``."""
         target.set_reserve(self.reserve_soc)
+
+    def check_limits(self, limits: CommandLimits, now: float) -> None:
+        """Refuse a reserve below the configured floor."""
+        floor = limits.min_reserve_soc
+        if floor is not None and self.reserve_soc < floor:
+            raise CommandRejected(f"reserve_soc: below the configured minimum {floor:g}")
 
 
 class SetpointCommand(CommandModel):
@@ -212,18 +244,30 @@ class SetpointCommand(CommandModel):
             raise ValueError("ttl_s: give either ttl_s or expires_at")
         return self
 
-    def apply(self, target: CommandTarget, now: float) -> None:
-        """Call ``set_manual_setpoint`` with an absolute expiry."""
+    def _expires_at(self, now: float) -> float:
         if self.expires_at is not None:
             expires_at = self.expires_at.timestamp()
             if expires_at <= now:
                 raise CommandRejected("expires_at: already in the past")
             if expires_at > now + MAX_SETPOINT_S:
                 raise CommandRejected(f"expires_at: more than {MAX_SETPOINT_S:g} s ahead")
-        else:
-            assert self.ttl_s is not None  # checked by _one_expiry
-            expires_at = now + self.ttl_s
-        target.set_manual_setpoint(self.device, self.power_w, expires_at)
+            return expires_at
+        assert self.ttl_s is not None  # checked by _one_expiry
+        return now + self.ttl_s
+
+    def apply(self, target: CommandTarget, now: float) -> None:
+        """Call ``set_manual_setpoint`` with an absolute expiry."""
+        target.set_manual_setpoint(self.device, self.power_w, self._expires_at(now))
+
+    def check_limits(self, limits: CommandLimits, now: float) -> None:
+        """Refuse a setpoint held longer, or asking more power, than configured."""
+        longest = limits.max_manual_duration_s
+        if self._expires_at(now) - now > longest:
+            field = "ttl_s" if self.ttl_s is not None else "expires_at"
+            raise CommandRejected(f"{field}: longer than the configured maximum {longest:g} s")
+        most = limits.max_manual_power_w
+        if most is not None and abs(self.power_w) > most:
+            raise CommandRejected(f"power_w: beyond the configured maximum {most:g} W")
 
 
 SeriesValues = Annotated[list[FiniteFloat], Field(min_length=1, max_length=MAX_SERIES_LENGTH)]
@@ -338,6 +382,19 @@ def _reject_constant(token: str) -> Any:
     raise ValueError(f"{token} is not valid JSON")
 
 
+class _DuplicateKey(ValueError):
+    """A JSON object naming the same key twice (json.loads would keep the last silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 class _Invalid(Exception):
     """Internal: a payload that fails parsing; carries the result to send."""
 
@@ -364,7 +421,11 @@ def _parse(name: str, payload: bytes) -> CommandModel:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise _Invalid(f"payload: larger than {MAX_PAYLOAD_BYTES} bytes")
     try:
-        data = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+        data = json.loads(
+            payload.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys
+        )
+    except _DuplicateKey as exc:
+        raise _Invalid(f"{str(exc)[:64]}: duplicate key") from None
     except UnicodeDecodeError:
         raise _Invalid("payload: not UTF-8 text") from None
     except (ValueError, RecursionError) as exc:
@@ -380,30 +441,68 @@ def _parse(name: str, payload: bytes) -> CommandModel:
         raise _Invalid("payload: nested too deeply", echo) from None
 
 
-def handle_command(
-    name: str, payload: bytes, target: CommandTarget | None, *, now: float
+def read_command(name: str, payload: bytes) -> CommandModel | CommandResult:
+    """The validated command, or the refusal to send back when ``payload`` is not one."""
+    try:
+        return _parse(name, payload)
+    except _Invalid as exc:
+        return exc.result
+
+
+def echo_id(payload: bytes) -> str | None:
+    """The ``id`` of a command payload, if it has a valid one (to label any reply)."""
+    try:
+        data = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return None
+    return _echo_id(data)
+
+
+def is_safety_command(command: CommandModel | CommandResult) -> bool:
+    """True for ``standby``: it is never dropped from a queue and goes before other commands."""
+    return isinstance(command, ModeCommand) and command.mode == "standby"
+
+
+def apply_command(
+    command: CommandModel,
+    target: CommandTarget | None,
+    *,
+    now: float,
+    limits: CommandLimits = NO_LIMITS,
 ) -> CommandResult:
-    """Parse, validate and apply one command; never raises, always returns a result.
+    """Check ``command`` against ``limits`` and apply it; never raises, always returns a result.
 
     ``now`` (epoch seconds, from the daemon's clock) turns a setpoint's ``ttl_s`` into an
     absolute expiry. ``target`` None means commands are not accepted (a read-only publisher).
     """
-    try:
-        command = _parse(name, payload)
-    except _Invalid as exc:
-        return exc.result
     if target is None:
         return CommandResult(
             ok=False, error="command: this daemon accepts no commands", id=command.id
         )
     try:
+        command.check_limits(limits, now)
         command.apply(target, now)
     except ValueError as exc:  # CommandRejected, or a target's own ValueError subclass
         return CommandResult(ok=False, error=str(exc), id=command.id)
     except Exception:
         # A bug in the target must not kill the command loop; the operator still gets a reply.
-        log.exception("command %s failed in the target", name)
+        log.exception("command %s failed in the target", type(command).__name__)
         return CommandResult(
             ok=False, error="command: internal error (see the daemon log)", id=command.id
         )
     return CommandResult(ok=True, id=command.id)
+
+
+def handle_command(
+    name: str,
+    payload: bytes,
+    target: CommandTarget | None,
+    *,
+    now: float,
+    limits: CommandLimits = NO_LIMITS,
+) -> CommandResult:
+    """Parse, validate, check and apply one command; never raises, always returns a result."""
+    command = read_command(name, payload)
+    if isinstance(command, CommandResult):
+        return command
+    return apply_command(command, target, now=now, limits=limits)

@@ -231,7 +231,25 @@ class MqttConfig(_Section):
     password: SecretStr | None = None
     tls: bool = False
     ca_file: Path | None = None
-    client_id: str | None = None
+    cert_file: Path | None = Field(None, description="TLS client certificate (PEM)")
+    key_file: Path | None = Field(None, description="Private key of cert_file (PEM)")
+    client_id: str | None = Field(
+        None, description="Default essd-<site id>-<random hex>, unique per process"
+    )
+    protocol: Literal["5", "3.1.1"] = Field(
+        "5", description="MQTT version; 5 tells a retained command from a live one"
+    )
+    allow_anonymous_control: bool = Field(
+        False, description="Accept commands over a connection without credentials"
+    )
+    max_manual_duration_s: Annotated[float, Field(gt=0.0, le=86_400.0)] = 3600.0
+    max_manual_power_w: NonNegW | None = Field(
+        None, description="Largest manual setpoint magnitude, W (default: the device limit)"
+    )
+    min_reserve_soc: Ratio | None = Field(
+        None, description="Lowest reserve a command may set (default: control.reserve_soc)"
+    )
+    command_queue_size: Annotated[int, Field(ge=1, le=100_000)] = 100
     base_topic: str = "essd"
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     ha_discovery: bool = True
@@ -243,13 +261,49 @@ class MqttConfig(_Section):
     def _check(self) -> Self:
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s: must be at least reconnect_min_s")
-        if self.ca_file is not None and not self.tls:
-            raise ValueError("ca_file: only used with tls = true")
+        for name in ("ca_file", "cert_file", "key_file"):
+            if getattr(self, name) is not None and not self.tls:
+                raise ValueError(f"{name}: only used with tls = true")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("key_file: give both cert_file and key_file, or neither")
         for name in ("base_topic", "ha_prefix"):
             topic = getattr(self, name)
             if not topic.strip("/") or any(c in topic for c in "+#\x00"):
                 raise ValueError(f"{name}: must be a non-empty topic without wildcards + or #")
         return self
+
+    @property
+    def authenticated(self) -> bool:
+        """True when essd presents credentials: username and password, or a client certificate."""
+        has_password = self.username is not None and self.password is not None
+        return has_password or self.cert_file is not None
+
+    @property
+    def commands_enabled(self) -> bool:
+        """Commands are applied only over an authenticated connection, or by explicit opt-in."""
+        return self.authenticated or self.allow_anonymous_control
+
+    def security_warnings(self) -> list[str]:
+        """Risky but valid settings, one line each (logged at start, printed by check-config)."""
+        out = []
+        if not self.commands_enabled:
+            out.append(
+                "mqtt: commands disabled: anonymous connection (set username and password or "
+                "a TLS client certificate, or allow_anonymous_control = true)"
+            )
+        elif not self.authenticated:
+            out.append(
+                "mqtt: allow_anonymous_control = true: anyone who can publish on the broker "
+                "can control the batteries"
+            )
+        if not self.tls and (self.username is not None or self.password is not None):
+            out.append("mqtt: tls = false: the password crosses the network in plaintext")
+        if self.commands_enabled and self.protocol == "3.1.1":
+            out.append(
+                "mqtt: protocol 3.1.1 cannot tell a retained command published while essd is "
+                "connected from a live one; use protocol 5"
+            )
+        return out
 
 
 class MetricsConfig(_Section):

@@ -268,6 +268,11 @@ class Controller:
             raise CommandRejected(f"device: unknown battery {device_id!r}")
         if not math.isfinite(power_w):
             raise CommandRejected("power_w: must be finite")
+        # Refuse, rather than silently clamp, what the device's static envelope cannot do.
+        env = next(d.envelope for d in self.batteries if d.id == device_id)
+        limit = None if env is None else env.max_discharge_w if power_w > 0 else env.max_charge_w
+        if limit is not None and abs(power_w) > limit:
+            raise CommandRejected(f"power_w: beyond {device_id}'s limit {limit:g} W")
         if expires_at <= self.clock.now():
             raise CommandRejected("expires_at: already in the past")
         self._manual[device_id] = _Manual(power_w, expires_at)

@@ -7,8 +7,16 @@ Topics live under ``<base_topic>/<site_id>/`` (``docs/mqtt.md`` is the contract)
 - ``state``: retained JSON :class:`StatePayload` after every cycle.
 - ``plan``: retained JSON :class:`PlanPayload` whenever the core produced a new plan.
 - ``device/<id>/state``: retained JSON :class:`DeviceStatePayload`.
-- ``cmd/<name>``: commands (never retained; retained ones are ignored), answered on
-  ``cmd/<name>/result`` with a :class:`essd.commands.CommandResult`.
+- ``cmd/<name>``: commands, answered on ``cmd/<name>/result`` with a
+  :class:`essd.commands.CommandResult` (exactly one reply per command).
+
+Commands: applied only over an authenticated connection (username and password, or a TLS
+client certificate) unless ``allow_anonymous_control`` is set; never when retained (MQTT 5
+with retain-as-published shows the publisher's flag even on live delivery); checked against
+the configured limits; queued in a bounded :class:`essd.command_queue.CommandQueue` where an
+overflow answers the oldest ``dropped``. ``standby`` is applied on arrival, ahead of anything
+queued. The receiver only moves messages from aiomqtt (whose own queue is unbounded, so it
+never drops silently) into that queue; a separate task applies them and sends the replies.
 
 Decoupling: the bridge subscribes to the :class:`essd.events.EventBus` with a handler that only
 stores a reference to the newest event and wakes the MQTT task (O(1), never awaits, never
@@ -31,6 +39,7 @@ import json
 import logging
 import math
 import random
+import secrets
 import socket
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
@@ -39,12 +48,23 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 import aiomqtt
+from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel, ConfigDict, Field
 
 from essd import __version__
 from essd.clock import Clock
-from essd.commands import CommandTarget, handle_command
-from essd.config import MqttConfig, Settings
+from essd.command_queue import CommandQueue
+from essd.commands import (
+    CommandLimits,
+    CommandModel,
+    CommandResult,
+    CommandTarget,
+    apply_command,
+    echo_id,
+    is_safety_command,
+    read_command,
+)
+from essd.config import ControlConfig, MqttConfig, Settings
 from essd.domain import BatteryReading, DeviceState, FallbackRung, Plan, Quality
 from essd.events import (
     CommandHandled,
@@ -69,6 +89,7 @@ __all__ = [
     "build_device_payload",
     "build_plan_payload",
     "build_state_payload",
+    "command_limits",
     "discovery_messages",
     "open_bridge",
 ]
@@ -77,6 +98,28 @@ log = logging.getLogger(__name__)
 
 #: Version of the JSON payloads; bumped on any incompatible change (docs/mqtt.md).
 SCHEMA_VERSION = 1
+
+#: Reply to a command received while essd holds no credentials (and no opt-in).
+REFUSED_ANONYMOUS = (
+    "command: refused, essd is connected anonymously (configure username and password or a "
+    "TLS client certificate, or set mqtt.allow_anonymous_control)"
+)
+#: Reply to a retained command.
+REFUSED_RETAINED = "retain: retained commands are never applied (publish with retain false)"
+#: Commands a ``standby`` makes moot while they wait in the queue.
+_SUPERSEDED_BY_STANDBY = ("mode", "setpoint")
+
+
+def command_limits(mqtt: MqttConfig, control: ControlConfig) -> CommandLimits:
+    """The limits on operator commands: ``[mqtt]``'s, the reserve floor from ``[control]``."""
+    return CommandLimits(
+        max_manual_duration_s=mqtt.max_manual_duration_s,
+        max_manual_power_w=mqtt.max_manual_power_w,
+        min_reserve_soc=(
+            control.reserve_soc if mqtt.min_reserve_soc is None else mqtt.min_reserve_soc
+        ),
+    )
+
 
 OptFloat = float | None
 
@@ -547,6 +590,7 @@ class BridgeStats:
     messages_published_total: int = 0
     commands_total: int = 0
     commands_rejected_total: int = 0
+    commands_dropped_total: int = 0
     events_received_total: int = 0
 
 
@@ -558,7 +602,8 @@ class MqttBridge:
 
     Use as ``async with MqttBridge(...):`` (starts a background task, stops it cleanly with a
     retained ``offline``), or run :meth:`run` in a TaskGroup and call :meth:`stop`.
-    ``target`` None makes the bridge read-only (every command is refused).
+    ``target`` None makes the bridge read-only (every command is refused). ``limits``
+    default to :func:`command_limits` with the default ``[control]`` section.
     """
 
     def __init__(
@@ -571,6 +616,7 @@ class MqttBridge:
         *,
         currency: str = "",
         rng: random.Random | None = None,
+        limits: CommandLimits | None = None,
     ) -> None:
         self._config = config
         self._site_id = site_id
@@ -581,6 +627,11 @@ class MqttBridge:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self.topics = Topics.of(config, site_id)
         self.stats = BridgeStats()
+        self.limits = limits or command_limits(config, ControlConfig())
+        # Unique per bridge: two processes sharing an id would take each other's session over
+        # (and fire each other's "offline" will) in a loop.
+        self.client_id = config.client_id or f"essd-{site_id}-{secrets.token_hex(4)}"
+        self._commands = CommandQueue(config.command_queue_size)
         # Latest-value cache, written synchronously by the bus handler.
         self._cycle: CycleCompleted | None = None
         self._daemon_status: DaemonStatus | None = None
@@ -669,25 +720,36 @@ class MqttBridge:
         cfg = self._config
         tls = None
         if cfg.tls:
-            tls = aiomqtt.TLSParameters(ca_certs=str(cfg.ca_file) if cfg.ca_file else None)
+            tls = aiomqtt.TLSParameters(
+                ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
+                certfile=str(cfg.cert_file) if cfg.cert_file else None,
+                keyfile=str(cfg.key_file) if cfg.key_file else None,
+            )
+        v5 = cfg.protocol == "5"
         return aiomqtt.Client(
             cfg.host,
             cfg.port,
             username=cfg.username,
             password=cfg.password.get_secret_value() if cfg.password is not None else None,
-            identifier=cfg.client_id or f"essd-{self._site_id}",
+            identifier=self.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
             will=aiomqtt.Will(self.topics.status, b"offline", qos=1, retain=True),
             keepalive=cfg.keepalive_s,
             tls_params=tls,
             timeout=10.0,
-            # Bounds memory under a command flood; excess messages are dropped by the client.
-            max_queued_incoming_messages=1000,
+            # Unbounded: a bounded aiomqtt queue drops silently when full (after the broker
+            # had its PUBACK). The receive loop empties it at once into the bounded command
+            # queue, which answers whatever it has to drop.
+            max_queued_incoming_messages=0,
             # Small messages and request/reply commands: do not let Nagle hold them back.
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
 
     async def run(self) -> None:
         """Connect, publish and take commands until :meth:`stop`; reconnect with back-off."""
+        for warning in self._config.security_warnings():
+            if self._target is not None or "commands" not in warning:
+                log.warning("%s", warning)
         attempt = 0
         while not self._stopping.is_set():
             try:
@@ -757,7 +819,12 @@ class MqttBridge:
     async def _session(self, client: aiomqtt.Client) -> None:
         """One broker session: announce, subscribe, then send and receive until stop."""
         await self._publish(client, self.topics.status, self._status_payload(), retain=True, qos=1)
-        await client.subscribe(self.topics.commands, qos=1)
+        if self._config.protocol == "5":
+            # Retain-as-published: a retained command keeps its flag even when delivered live.
+            options = SubscribeOptions(qos=1, retainAsPublished=True)
+            await client.subscribe(self.topics.commands, options=options)
+        else:
+            await client.subscribe(self.topics.commands, qos=1)
         if self._config.ha_discovery:
             await client.subscribe(self.topics.ha_status, qos=1)
         # A new session (the broker may have lost its retained store): republish everything.
@@ -770,16 +837,18 @@ class MqttBridge:
         self._bus.publish(MqttConnectionChanged(True, self._clock.now()))
         send = asyncio.create_task(self._send_loop(client), name="mqtt-send")
         receive = asyncio.create_task(self._receive_loop(client), name="mqtt-receive")
+        command = asyncio.create_task(self._command_loop(client), name="mqtt-commands")
         stop = asyncio.create_task(self._stopping.wait(), name="mqtt-stop")
+        tasks = {send, receive, command, stop}
         try:
-            done, _ = await asyncio.wait({send, receive, stop}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             # Cancelled without stop(): still leave a retained "offline" if we can.
-            await self._cancel(send, receive, stop)
+            await self._cancel(*tasks)
             with contextlib.suppress(aiomqtt.MqttError):
                 await client.publish(self.topics.status, b"offline", qos=1, retain=True, timeout=1)
             raise
-        await self._cancel(send, receive, stop)
+        await self._cancel(*tasks)
         for t in done:
             error = None if t is stop else t.exception()
             if error is not None:
@@ -838,6 +907,7 @@ class MqttBridge:
                 await self._publish(client, topic, payload, retain=retain)
 
     async def _receive_loop(self, client: aiomqtt.Client) -> None:
+        """Move each message into the command queue at once; never waits on the network."""
         prefix = self.topics.command("")
         async for message in client.messages:
             topic = message.topic.value
@@ -849,27 +919,66 @@ class MqttBridge:
                     self._dirty_devices.update(self._device_state)
                     self._wake.set()
                 continue
-            if not topic.startswith(prefix):
-                continue
-            name = topic[len(prefix) :]
-            if message.retain:
-                # A retained command would be re-applied on every reconnect: never act on one.
-                if not self._retained_cmd_warned:
-                    log.warning("ignoring retained MQTT command on %s (send it unretained)", topic)
-                    self._retained_cmd_warned = True
-                continue
-            result = handle_command(name, payload, self._target, now=self._clock.now())
+            if topic.startswith(prefix):
+                self._receive_command(topic[len(prefix) :], payload, retained=message.retain)
+
+    def _receive_command(self, name: str, payload: bytes, *, retained: bool) -> None:
+        """Classify one command: refuse it, apply it now (standby), or queue it."""
+        if retained:
+            # A retained command would be re-applied on every reconnect: never act on one.
+            if not self._retained_cmd_warned:
+                log.warning("ignoring retained MQTT command on cmd/%s (send it unretained)", name)
+                self._retained_cmd_warned = True
+            self._queue(name, CommandResult(ok=False, error=REFUSED_RETAINED, id=echo_id(payload)))
+            return
+        if self._target is not None and not self._config.commands_enabled:
+            self._queue(name, CommandResult(ok=False, error=REFUSED_ANONYMOUS, id=echo_id(payload)))
+            return
+        command = read_command(name, payload)
+        if is_safety_command(command):
+            # Standby wins: applied on arrival, and nothing older still queued can undo it.
+            assert isinstance(command, CommandModel)
+            dropped = self._commands.supersede(_SUPERSEDED_BY_STANDBY)
+            self.stats.commands_dropped_total += dropped
+            self._commands.reply(name, self._apply(name, command))
+            return
+        self._queue(name, command)
+
+    def _queue(self, name: str, command: CommandModel | CommandResult) -> None:
+        if not self._commands.put(name, command):
+            self.stats.commands_dropped_total += 1
+            if self.stats.commands_dropped_total == 1:
+                log.warning(
+                    "MQTT command queue full (%d): dropping the oldest commands, answered "
+                    "'dropped'",
+                    self._commands.maxsize,
+                )
+
+    def _apply(self, name: str, command: CommandModel) -> CommandResult:
+        result = apply_command(command, self._target, now=self._clock.now(), limits=self.limits)
+        if result.ok:
+            log.info("MQTT command %s applied", name)
+        return result
+
+    async def _command_loop(self, client: aiomqtt.Client) -> None:
+        """Apply queued commands one at a time, in order, and send every reply."""
+        while True:
+            item = await self._commands.get()
+            command = item.command
+            result = (
+                command if isinstance(command, CommandResult) else self._apply(item.name, command)
+            )
             self.stats.commands_total += 1
             if not result.ok:
                 self.stats.commands_rejected_total += 1
-                log.info("MQTT command %s refused: %s", name, result.error)
-            else:
-                log.info("MQTT command %s applied", name)
+                log.debug("MQTT command %s refused: %s", item.name, result.error)
             self._bus.publish(
-                CommandHandled(name=name, ok=result.ok, error=result.error, time=self._clock.now())
+                CommandHandled(
+                    name=item.name, ok=result.ok, error=result.error, time=self._clock.now()
+                )
             )
             await self._publish(
-                client, self.topics.result(name), result.to_payload(), retain=False, qos=1
+                client, self.topics.result(item.name), result.to_payload(), retain=False, qos=1
             )
 
 
@@ -885,7 +994,13 @@ async def open_bridge(
         yield None
         return
     bridge = MqttBridge(
-        settings.mqtt, settings.site.id, bus, target, clock, currency=settings.tariff.currency
+        settings.mqtt,
+        settings.site.id,
+        bus,
+        target,
+        clock,
+        currency=settings.tariff.currency,
+        limits=command_limits(settings.mqtt, settings.control),
     )
     async with bridge:
         yield bridge

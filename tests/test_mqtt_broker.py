@@ -192,7 +192,8 @@ async def test_each_command_works_and_its_result_arrives(
     bus.subscribe(lambda e: handled.append(e) if isinstance(e, CommandHandled) else None)
     target = RecordingTarget()
     # A simulated clock standing at T0 makes the setpoint's absolute expiry exact.
-    bridge = MqttBridge(mqtt_config(broker.port), SITE, bus, target, SimClock(T0))
+    cfg = mqtt_config(broker.port, allow_anonymous_control=True)
+    bridge = MqttBridge(cfg, SITE, bus, target, SimClock(T0))
     async with bridge:
         await asyncio.wait_for(bridge.wait_connected(), 5)
         for name, payload, expected in COMMAND_EXAMPLES:
@@ -221,22 +222,32 @@ async def test_each_command_works_and_its_result_arrives(
     assert late.messages == []
 
 
-async def test_retained_commands_are_ignored(broker: Mosquitto, watcher: Watcher) -> None:
-    await watcher.publish(f"{BASE}/cmd/mode", '{"mode": "standby"}', retain=True)
+async def test_retained_commands_are_never_applied(broker: Mosquitto, watcher: Watcher) -> None:
+    """Neither one waiting on the broker at subscribe time nor one published while online."""
+    result = f"{BASE}/cmd/mode/result"
+    await watcher.publish(f"{BASE}/cmd/mode", '{"mode": "standby", "id": "old"}', retain=True)
     target = RecordingTarget()
-    bridge = MqttBridge(mqtt_config(broker.port), SITE, EventBus(), target, RealClock())
+    cfg = mqtt_config(broker.port, allow_anonymous_control=True)
+    bridge = MqttBridge(cfg, SITE, EventBus(), target, RealClock())
     async with bridge:
         await asyncio.wait_for(bridge.wait_connected(), 5)
-        await watcher.publish(f"{BASE}/cmd/mode", '{"mode": "manual"}')
-        await watcher.wait_for(f"{BASE}/cmd/mode/result")
-        await asyncio.sleep(0.2)
-    assert target.calls == [("mode", "manual")]
-    assert len(watcher.on(f"{BASE}/cmd/mode/result")) == 1
+        old = await watcher.wait_for(result, lambda m: m.json().get("id") == "old")
+        # Retained while essd is subscribed: MQTT 3.1.1 would deliver it with retain = 0.
+        await watcher.publish(f"{BASE}/cmd/mode", '{"mode": "manual", "id": "live"}', retain=True)
+        live = await watcher.wait_for(result, lambda m: m.json().get("id") == "live")
+        await watcher.publish(f"{BASE}/cmd/mode", '{"mode": "auto", "id": "plain"}')
+        plain = await watcher.wait_for(result, lambda m: m.json().get("id") == "plain")
+        await watcher.publish(f"{BASE}/cmd/mode", "", retain=True)  # clear the retained one
+    for refused in (old, live):
+        assert refused.json()["ok"] is False
+        assert refused.json()["error"].startswith("retain: ")
+    assert plain.json()["ok"] is True
+    assert target.calls == [("mode", "auto")]
 
 
 async def test_home_assistant_discovery_and_birth(broker: Mosquitto, watcher: Watcher) -> None:
     bus = EventBus()
-    cfg = mqtt_config(broker.port, ha_discovery=True)
+    cfg = mqtt_config(broker.port, ha_discovery=True, allow_anonymous_control=True)
     async with MqttBridge(cfg, SITE, bus, RecordingTarget(), RealClock(), currency="CNY"):
         bus.publish(make_cycle(1))
         topic = "homeassistant/select/essd_site_a/mode/config"
@@ -335,7 +346,8 @@ def _random_json(rng: random.Random, depth: int = 0) -> Any:
 async def test_fuzz_sample_over_the_broker(broker: Mosquitto, watcher: Watcher) -> None:
     rng = random.Random(20261122)
     target = RecordingTarget()
-    bridge = MqttBridge(mqtt_config(broker.port), SITE, EventBus(), target, RealClock())
+    cfg = mqtt_config(broker.port, allow_anonymous_control=True)
+    bridge = MqttBridge(cfg, SITE, EventBus(), target, RealClock())
     async with bridge:
         await asyncio.wait_for(bridge.wait_connected(), 5)
         sent = 0

@@ -172,6 +172,8 @@ def test_invalid_commands_name_the_field_and_apply_nothing(
         (b'{"reserve_soc": Infinity}', "payload: not valid JSON"),
         (b"[" * 100_000, "payload: not valid JSON"),
         (b" " * 300_000, "payload: larger than"),
+        (b'{"reserve_soc": 0.5, "reserve_soc": 0.1}', "reserve_soc: duplicate key"),
+        (b'{"reserve_soc": 0.5, "x": {"a": 1, "a": 2}}', "a: duplicate key"),
     ],
 )
 def test_malformed_payloads_are_refused(payload: bytes, error: str) -> None:
@@ -413,6 +415,9 @@ def test_backoff_is_jittered_exponential_and_capped() -> None:
         ({"base_topic": "essd/#"}, "base_topic: must be a non-empty topic"),
         ({"ha_prefix": ""}, "ha_prefix: must be a non-empty topic"),
         ({"ca_file": "/etc/ca.crt"}, "ca_file: only used with tls = true"),
+        ({"tls": True, "key_file": "/etc/essd.key"}, "key_file: give both cert_file and"),
+        ({"command_queue_size": 0}, "command_queue_size"),
+        ({"max_manual_duration_s": 0}, "max_manual_duration_s"),
     ],
 )
 def test_mqtt_config_names_the_bad_field(values: dict[str, Any], field: str) -> None:

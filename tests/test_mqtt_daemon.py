@@ -20,7 +20,12 @@ BASE = "essd/cq-liangjiang-demo"
 
 
 async def _start_demo(broker: Mosquitto) -> asyncio.subprocess.Process:
-    env = {**os.environ, "ESSD_MQTT__HOST": broker.host, "ESSD_MQTT__PORT": str(broker.port)}
+    env = {
+        **os.environ,
+        "ESSD_MQTT__HOST": broker.host,
+        "ESSD_MQTT__PORT": str(broker.port),
+        "ESSD_MQTT__ALLOW_ANONYMOUS_CONTROL": "true",  # the test broker has no accounts
+    }
     return await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "essd", "demo", "--no-tui", "--speed", "60"),
         *("--metrics-port", "0"),

@@ -1,7 +1,8 @@
 """A real mosquitto broker for tests: free loopback port, generated config, kill and restart.
 
 Optionally with a password file (``users``) and a TLS listener whose CA, key and certificate
-are generated with the ``openssl`` command line (``tls=True``; the CA is at :attr:`ca_file`).
+are generated with the ``openssl`` command line (``tls=True``; the CA is at :attr:`ca_file`), and
+any further configuration lines (``options``).
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tests.support.net import free_port as _free_port
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+MOSQUITTO_PUB = shutil.which("mosquitto_pub") or "/usr/bin/mosquitto_pub"
+MOSQUITTO_SUB = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
 HOST = "127.0.0.1"
 
@@ -63,12 +66,14 @@ class Mosquitto:
         *,
         users: Mapping[str, str] | None = None,
         tls: bool = False,
+        options: Sequence[str] = (),
     ) -> None:
         self.workdir = workdir
         self.host = HOST
         self.port = free_port()
         self.users = dict(users or {})
         self.tls = tls
+        self.options = tuple(options)
         self.ca_file: Path | None = None
         self.config_file = workdir / "mosquitto.conf"
         self.log_file = workdir / "mosquitto.log"
@@ -102,6 +107,7 @@ class Mosquitto:
             ca, crt, key = make_tls_files(self.workdir)
             self.ca_file = ca
             lines += [f"cafile {ca}", f"certfile {crt}", f"keyfile {key}"]
+        lines += self.options
         self.config_file.write_text("\n".join(lines) + "\n")
 
     @property

@@ -329,7 +329,7 @@ class ManagedDevice:
         if self.safe_mode_unconfirmed:
             self._transition(DeviceState.FAULT, "safe mode not confirmed by read-back")
             return
-        if mode_safe:
+        if mode_safe and not self.is_meter:  # standby is for storage: the meter keeps metering
             if self.state is not DeviceState.SAFE:
                 self._transition(DeviceState.SAFE, "standby")
             return

@@ -254,6 +254,8 @@ class MetricsConfig(_Section):
     idle_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     #: Bytes a request head may take (request line and headers).
     max_request_bytes: int = Field(default=8192, ge=1024, le=1_048_576)
+    #: Scrapes answered per second at most; more wait in line (0: no limit).
+    max_scrapes_per_s: float = Field(default=50.0, ge=0, le=10_000)
 
 
 class LoggingConfig(_Section):

@@ -12,8 +12,11 @@ thread per connection. It bounds what a client can hold: at most ``max_connectio
 connections (the next ones are closed at once), a request head must arrive complete within
 ``header_timeout_s`` and fit in ``max_request_bytes``, a kept-alive connection may wait
 ``idle_timeout_s`` for its next request, and a response must be taken up within
-``idle_timeout_s``. These are network timeouts, so they run on real time (``asyncio.timeout``)
-and never on the daemon's clock.
+``idle_timeout_s``. Answers to ``/metrics`` are paced to at most ``max_scrapes_per_s``, first
+come first served: a flood of scrapes waits in line (each connection has one request in
+flight, so the line is at most ``max_connections`` long) instead of taking the event loop from
+the control cycle. These are network limits, so they run on real time (``asyncio.timeout``,
+``asyncio.sleep``) and never on the daemon's clock.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_HEADER_TIMEOUT_S = 5.0
 DEFAULT_IDLE_TIMEOUT_S = 30.0
 DEFAULT_MAX_REQUEST_BYTES = 8192
+DEFAULT_MAX_SCRAPES_PER_S = 50.0
 
 _INDEX = b"essd metrics exporter: scrape /metrics\n"
 _REASONS = {
@@ -208,6 +212,7 @@ class MetricsServer:
         header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        max_scrapes_per_s: float = DEFAULT_MAX_SCRAPES_PER_S,
     ) -> None:
         if isinstance(source, ExpositionCache):
             self.cache = source
@@ -219,12 +224,16 @@ class MetricsServer:
         self.header_timeout_s = header_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.max_request_bytes = max_request_bytes
+        self.max_scrapes_per_s = max_scrapes_per_s
         #: Connections open now, the most open at once, and those closed for being over the cap.
         self.connections = 0
         self.peak_connections = 0
         self.refused_total = 0
         #: Connections closed because a request head or a response took too long.
         self.timed_out_total = 0
+        #: Scrapes that waited for their turn under ``max_scrapes_per_s``.
+        self.paced_total = 0
+        self._next_slot = 0.0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._at_cap = False
@@ -244,6 +253,7 @@ class MetricsServer:
             header_timeout_s=config.header_timeout_s,
             idle_timeout_s=config.idle_timeout_s,
             max_request_bytes=config.max_request_bytes,
+            max_scrapes_per_s=config.max_scrapes_per_s,
         )
 
     @property
@@ -371,6 +381,10 @@ class MetricsServer:
             self.timed_out_total += 1
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client went away
+        except asyncio.CancelledError:
+            # stop() cancels the connection: this is the top of its task and nothing awaits it
+            # but stop(), and the stream server's done-callback would log a cancelled task.
+            pass
         finally:
             if done:
                 writer.close()
@@ -412,6 +426,7 @@ class MetricsServer:
             elif request.method == "OPTIONS":
                 await self._send(writer, 200, [("Allow", "GET, HEAD, OPTIONS")], b"", keep=keep)
             elif request.path == "/metrics":
+                await self._pace()
                 payload = self.cache.payload(
                     request.headers.get("accept"), request.headers.get("accept-encoding")
                 )
@@ -428,6 +443,17 @@ class MetricsServer:
                 await self._send(writer, 404, [], b"", keep=keep)
             if not keep:
                 return
+
+    async def _pace(self) -> None:
+        """Wait for this scrape's turn: answers start at least 1/max_scrapes_per_s apart."""
+        if self.max_scrapes_per_s <= 0:
+            return
+        now = asyncio.get_running_loop().time()
+        slot = max(now, self._next_slot)
+        self._next_slot = slot + 1.0 / self.max_scrapes_per_s
+        if slot > now:
+            self.paced_total += 1
+            await asyncio.sleep(slot - now)  # real time: this paces network clients
 
     async def _send(
         self,

@@ -294,6 +294,17 @@ async def test_over_cap_connections_are_refused_and_scrapes_succeed_once_idle_on
         assert srv.refused_total == 1
 
 
+async def test_a_flood_of_scrapes_is_paced_and_every_scrape_is_answered(
+    exporter: MetricsExporter,
+) -> None:
+    async with limited(exporter, max_scrapes_per_s=2.0, header_timeout_s=5.0) as srv:
+        async with asyncio.timeout(GUARD_S):
+            answers = await asyncio.gather(*(get(srv.port) for _ in range(3)))
+        assert [status for status, _, _ in answers] == [200] * 3
+        # They arrived together: the first is answered at once, the others wait their turn.
+        assert srv.paced_total == 2
+
+
 async def test_an_oversized_or_malformed_request_is_answered_and_closed(
     exporter: MetricsExporter,
 ) -> None:

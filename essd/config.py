@@ -312,6 +312,17 @@ class MetricsConfig(_Section):
     enabled: bool = True
     bind: str = Field("127.0.0.1", description="IP address or host name to listen on")
     port: Port = 9108
+    #: Open connections at most; the next ones are closed at once until one ends.
+    max_connections: int = Field(default=64, ge=1, le=10_000)
+    #: Seconds a client has to send a whole request head after connecting.
+    header_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    #: Seconds a kept-alive connection may wait for its next request, and a response may
+    #: wait to be taken up by the client, before the connection is closed.
+    idle_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    #: Bytes a request head may take (request line and headers).
+    max_request_bytes: int = Field(default=8192, ge=1024, le=1_048_576)
+    #: Scrapes answered per second at most; more wait in line (0: no limit).
+    max_scrapes_per_s: float = Field(default=50.0, ge=0, le=10_000)
 
     @field_validator("bind")
     @classmethod

@@ -212,13 +212,10 @@ class Daemon:
             if self.serve_metrics and self.settings.metrics.enabled:
                 exporter = MetricsExporter.from_settings(self.settings, clock=self.clock)
                 stack.callback(exporter.attach(self.bus))
-                server = MetricsServer(
-                    exporter.registry,
-                    bind=self.settings.metrics.bind,
-                    port=self.settings.metrics.port
-                    if self.metrics_port is None
-                    else self.metrics_port,
-                )
+                config = self.settings.metrics
+                if self.metrics_port is not None:
+                    config = config.model_copy(update={"port": self.metrics_port})
+                server = MetricsServer.from_config(exporter.exposition_cache, config)
                 await stack.enter_async_context(server)
                 self.metrics_url = server.url
             await stack.enter_async_context(

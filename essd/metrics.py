@@ -3,8 +3,10 @@
 The control core never calls this module: :class:`MetricsExporter` subscribes to the
 :class:`~essd.events.EventBus` and turns events into metrics in its own
 :class:`~prometheus_client.CollectorRegistry` (not the process-global one, so a test can build
-several). :class:`MetricsServer` serves that registry over HTTP, bound to 127.0.0.1 unless
-configured otherwise (``metrics.bind`` / ``metrics.port``).
+several). :class:`MetricsServer` (in :mod:`essd.metrics_http`, re-exported here) serves that
+registry over HTTP on the daemon's event loop, bound to 127.0.0.1 unless configured otherwise
+(``metrics.bind`` / ``metrics.port``), from :attr:`MetricsExporter.exposition_cache`: the
+registry is rendered at most once per cycle, however often it is scraped.
 
 Names follow the Prometheus conventions: prefix ``essd_``, base units (``_watts``,
 ``_joules_total`` for energy, ``_ratio``, ``_seconds``, ``_grams``), counters end in ``_total``.
@@ -17,23 +19,22 @@ a plan's reason, is mapped to a small set of categories (:func:`reason_category`
 that arrive from outside (error kinds, command names) are capped (:class:`BoundedLabel`), so a
 misbehaving peer cannot blow up the number of series.
 
-Current values (power, SoC, limits, ages, cumulative counters) are rendered at scrape time
-from the last :class:`~essd.events.CycleCompleted` by a custom collector: ages are measured
-against the daemon's clock when Prometheus asks, so a stalled loop shows as a growing age.
+Current values (power, SoC, limits, ages, cumulative counters) are rendered from the last
+:class:`~essd.events.CycleCompleted` by a custom collector: ages are measured against the
+daemon's clock when the payload is rendered (after each cycle, and again once it is a second
+old), so a stalled loop shows as a growing age.
 Distributions (cycle, phase, solve and Modbus latency) are histograms updated per event.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import platform
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -41,7 +42,6 @@ from prometheus_client import (
     Histogram,
     Info,
     generate_latest,
-    start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.platform_collector import PlatformCollector
@@ -61,11 +61,10 @@ from essd.events import (
     EventBus,
     MqttConnectionChanged,
 )
+from essd.metrics_http import ExpositionCache, MetricsServer, MetricsServerError
 
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
-
-    from essd.config import MetricsConfig, Settings
+    from essd.config import Settings
 
 __all__ = [
     "COMMANDS",
@@ -75,6 +74,7 @@ __all__ = [
     "SOLVER_FAILURE_CAUSES",
     "SOLVER_STATUSES",
     "BoundedLabel",
+    "ExpositionCache",
     "MetricsExporter",
     "MetricsServer",
     "MetricsServerError",
@@ -131,10 +131,6 @@ ERROR_KINDS = (
     "readback_mismatch",
     "read_deadline",
 )
-
-
-class MetricsServerError(Exception):
-    """The metrics endpoint could not be started; the message names the config field."""
 
 
 class BoundedLabel:
@@ -303,6 +299,8 @@ class MetricsExporter:
             for result in ("ok", "refused"):
                 self.commands.labels(name, result)
         r.register(_LiveCollector(self))
+        #: What the HTTP endpoint serves: this registry, rendered at most once per cycle.
+        self.exposition_cache = ExpositionCache(r, clock=clock)
 
     @classmethod
     def from_settings(
@@ -330,6 +328,7 @@ class MetricsExporter:
         """Bus subscriber: update the metrics from one event (cheap, never blocks)."""
         if isinstance(event, CycleCompleted):
             self._on_cycle(event)
+            self.exposition_cache.cycle_completed()
         elif isinstance(event, DeviceStateChanged):
             self.device_transitions.labels(event.device_id, event.new.value).inc()
             with self._lock:
@@ -350,7 +349,8 @@ class MetricsExporter:
             self._state = replace(self._state, mqtt_connected=connected)
 
     def exposition(self) -> bytes:
-        """The registry in the Prometheus text format (what the HTTP endpoint serves)."""
+        """The registry rendered now in the Prometheus text format (the HTTP endpoint serves
+        the same, cached per cycle by :attr:`exposition_cache`)."""
         return generate_latest(self.registry)
 
     def _on_cycle(self, ev: CycleCompleted) -> None:
@@ -408,7 +408,7 @@ class _Families:
 
 
 class _LiveCollector(Collector):
-    """Renders the exporter's latest state when Prometheus scrapes (runs in the HTTP thread)."""
+    """Renders the exporter's latest state whenever the registry is rendered."""
 
     def __init__(self, exporter: MetricsExporter) -> None:
         self._x = exporter
@@ -767,88 +767,3 @@ def _setpoint_families(f: _Families, st: _State, ev: CycleCompleted, now: float)
             d,
             age,
         )
-
-
-class MetricsServer:
-    """The HTTP endpoint serving one registry (``/metrics``), in a thread of its own.
-
-    ``start``/``stop`` are coroutines so the daemon can await them; the blocking parts (bind,
-    shutdown and join) run in a worker thread. ``port=0`` picks a free port (see :attr:`port`).
-    Usable as an async context manager.
-    """
-
-    def __init__(
-        self, registry: CollectorRegistry, *, bind: str = "127.0.0.1", port: int = 9108
-    ) -> None:
-        self.registry = registry
-        self.bind = bind
-        self._port = port
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
-
-    @classmethod
-    def from_config(cls, registry: CollectorRegistry, config: MetricsConfig) -> MetricsServer:
-        """A server on ``metrics.bind`` / ``metrics.port``."""
-        return cls(registry, bind=config.bind, port=config.port)
-
-    @property
-    def port(self) -> int:
-        """The bound TCP port (the chosen one when started with port 0)."""
-        return self._server.server_port if self._server is not None else self._port
-
-    @property
-    def url(self) -> str:
-        """The scrape URL, e.g. ``http://127.0.0.1:9108/metrics``."""
-        host = f"[{self.bind}]" if ":" in self.bind else self.bind
-        return f"http://{host}:{self.port}/metrics"
-
-    @property
-    def running(self) -> bool:
-        """True between a successful :meth:`start` and :meth:`stop`."""
-        return self._server is not None
-
-    def start_sync(self) -> None:
-        """Bind and serve; MetricsServerError naming ``metrics.bind``/``metrics.port`` if not."""
-        if self._server is not None:
-            return
-        try:
-            self._server, self._thread = start_http_server(
-                self._port, addr=self.bind, registry=self.registry
-            )
-        except OSError as exc:
-            raise MetricsServerError(
-                f"metrics.bind/metrics.port: cannot listen on {self.bind}:{self._port}: "
-                f"{exc.strerror or exc}"
-            ) from None
-
-    def stop_sync(self) -> None:
-        """Stop serving and release the port."""
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is None:
-            return
-        server.shutdown()
-        # shutdown() alone keeps the socket bound (client_python issue #1068).
-        server.server_close()
-        if thread is not None:
-            thread.join()
-
-    async def start(self) -> None:
-        """Start serving without blocking the event loop."""
-        await asyncio.to_thread(self.start_sync)
-
-    async def stop(self) -> None:
-        """Stop serving without blocking the event loop (shutdown polls every 0.5 s)."""
-        await asyncio.to_thread(self.stop_sync)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()

@@ -133,10 +133,10 @@ async def test_kill_9_mid_month_keeps_peak_totals_profile_mode_and_reserve(
                 # The first state published after the restart already has the operator's choice.
                 assert state.json()["mode"] == "standby"
                 assert state.json()["reserve_soc"] == pytest.approx(0.3)
+                booked = before["totals"]["imported_wh"]
                 after = await _until_state(
-                    state_file, lambda d: d["totals"]["imported_wh"] > before["totals"]["imported_wh"],
-                    timeout_s=60,
-                )  # fmt: skip
+                    state_file, lambda d: d["totals"]["imported_wh"] > booked, timeout_s=60
+                )
             # Nothing started from zero: the totals, the month's peak and the profile went on.
             assert after["peak"]["period"] == before["peak"]["period"]
             assert after["peak"]["peak_w"] >= before["peak"]["peak_w"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import socket
@@ -448,6 +449,7 @@ def test_a_taken_port_is_a_clear_error(exporter: MetricsExporter) -> None:
 async def test_async_start_and_stop(exporter: MetricsExporter) -> None:
     async with MetricsServer(exporter.registry, port=0) as srv:
         assert srv.running
-        body = http_get(srv.url)
+        # The server answers on this loop: a blocking client must run off it.
+        body = await asyncio.to_thread(http_get, srv.url)
         assert b"essd_build_info" in body
     assert not srv.running

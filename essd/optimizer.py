@@ -566,7 +566,11 @@ class _HighsHotStart:
             h.changeColsCost(n_cols, cols, cost)
             h.changeColsBounds(n_cols, cols, col_lo, col_up)
             h.changeRowsBounds(n_rows, np.arange(n_rows, dtype=np.int32), row_lo, row_up)
-        h.setOptionValue("time_limit", float(max(time_limit_s, 1e-3)))
+        # HiGHS checks time_limit against the instance's run clock, which adds up every run()
+        # so far (ERGO-Code/HiGHS#1331, #1477; highspy 1.16 has no zeroAllClocks): a plain
+        # time_limit = budget failed every solve from the 2,105th on (4 x 96, budget 2 s).
+        # So the limit is this run's budget on top of the clock's reading (as HiGHS.jl does).
+        h.setOptionValue("time_limit", float(h.getRunTime() + max(time_limit_s, 1e-3)))
         started = time.perf_counter()
         h.run()
         self.last_solver_s = time.perf_counter() - started

@@ -70,6 +70,7 @@ __all__ = [
     "Dispatcher",
     "InvalidDispatchInputsError",
     "SolveTiming",
+    "SolverHealth",
     "rule_based_plan",
     "safe_idle_plan",
     "validate_inputs",
@@ -88,6 +89,12 @@ _MAX_DIRECTION_FIXES = 6
 _IPM_COLD_COLUMNS = 30_000
 # Solver used when the caller does not choose: picked by measurement (benchmarks/).
 DEFAULT_SOLVER = "HIGHS"
+# After this many solves in a row fail other than by running out of their budget, the
+# persistent solver is thrown away and rebuilt cold (see Dispatcher.health).
+DEFAULT_REBUILD_AFTER_FAILURES = 3
+# A solve stopped by its time limit is a plain budget overrun only if the solver used at least
+# this share of the time it was given; one stopped sooner has a broken clock or state.
+_OVERRUN_MIN_SHARE = 0.5
 # HiGHS model status name -> cvxpy status, as cvxpy's own HiGHS interface maps them.
 _HIGHS_STATUS: Mapping[str, str] = CVXPY_HIGHS.STATUS_MAP
 
@@ -502,6 +509,8 @@ class _HighsHotStart:
         self._highs: Any = None
         self._a_data: FloatArray | None = None
         self.last_solver_s = 0.0
+        # HiGHS's model status name of the last run ("kOptimal", "kTimeLimit", ...).
+        self.last_model_status = ""
 
     def reset(self) -> None:
         """Forget the HiGHS model (next solve starts cold)."""
@@ -580,6 +589,7 @@ class _HighsHotStart:
             # cycle, so a too-short budget still converges.
             h.setOptionValue("solver", "simplex")
         status = h.getModelStatus()
+        self.last_model_status = str(status.name)
         results: dict[str, Any] = {
             "solution": h.getSolution(),
             "basis": h.getBasis(),
@@ -785,7 +795,15 @@ def _solved_reason(slack: Mapping[str, float], fixed: int, overlap: bool) -> str
 
 
 class _SolveFailedError(Exception):
-    """The optimizer produced no usable plan; the message is the reason."""
+    """The optimizer produced no usable plan; the message is the reason.
+
+    ``overrun``: the solve merely ran out of its time budget (the solver is fine, the budget
+    short); otherwise the solver failed and the failure counts towards a rebuild.
+    """
+
+    def __init__(self, reason: str, *, overrun: bool) -> None:
+        super().__init__(reason)
+        self.overrun = overrun
 
 
 @dataclass(frozen=True, slots=True)
@@ -800,6 +818,28 @@ class SolveTiming:
     def cvxpy_s(self) -> float:
         """Time outside the solver (parameter mapping, cvxpy and result handling)."""
         return max(self.total_s - self.solver_s, 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class SolverHealth:
+    """Whether the optimizer's solver still works, for metrics and alerts.
+
+    A solve *fails* when it ends without a plan for any reason other than running out of its
+    time budget: a non-optimal solver status (infeasible, error, a limit hit long before the
+    budget was used) or an exception. A budget overrun neither counts as a failure nor ends
+    a streak (a large site may need a few cycles of a short budget to converge); a solve that
+    returns an optimized plan (rung 1 or 2) ends it.
+
+    - ``solver_failures_consecutive``: failed solves since the last successful one (a gauge;
+      0 when healthy).
+    - ``solver_failures_total``: failed solves since the Dispatcher was built (a counter).
+    - ``solver_rebuilds_total``: times the solver was thrown away and rebuilt cold because
+      ``rebuild_after_failures`` solves in a row failed (a counter; see :class:`Dispatcher`).
+    """
+
+    solver_failures_consecutive: int = 0
+    solver_failures_total: int = 0
+    solver_rebuilds_total: int = 0
 
 
 FallbackPlanner = Callable[[Sequence[BatterySpec], DispatchInputs], Plan]
@@ -823,7 +863,16 @@ class Dispatcher:
     a step-by-step simulation that clips it to limits and SoC window. Either way the published
     SoC is the one the published setpoints produce with the battery's efficiencies: honest.
 
-    Not thread-safe: one :meth:`solve` at a time per instance (the daemon's worker thread).
+    A solver that keeps failing is rebuilt: after ``rebuild_after_failures`` failed solves in a
+    row (and after every further ``rebuild_after_failures``; see :class:`SolverHealth` for
+    what counts), the persistent HiGHS instances are dropped, so the next solve starts cold
+    from a fresh one (other solvers: the cvxpy problem is rebuilt and recompiled). A HiGHS
+    instance left in a bad state (as its accumulating run clock once left it, see
+    ``_HighsHotStart.solve``) would otherwise fail every cycle from then on. :attr:`health`
+    holds the counters.
+
+    Not thread-safe: one :meth:`solve` at a time per instance (the daemon's worker thread);
+    :attr:`health` may be read from any thread (it is replaced whole, never mutated).
     """
 
     def __init__(
@@ -839,6 +888,7 @@ class Dispatcher:
         solver_options: Mapping[str, Any] | None = None,
         fallback_planner: FallbackPlanner = rule_based_plan,
         hot_start: bool = True,
+        rebuild_after_failures: int = DEFAULT_REBUILD_AFTER_FAILURES,
     ) -> None:
         if not batteries:
             raise InvalidDispatchInputsError("batteries", "at least one battery is needed")
@@ -847,6 +897,10 @@ class Dispatcher:
             raise InvalidDispatchInputsError("batteries", f"battery ids must be unique, got {ids}")
         if steps < 1:
             raise InvalidDispatchInputsError("steps", f"must be >= 1, got {steps!r}")
+        if rebuild_after_failures < 1:
+            raise InvalidDispatchInputsError(
+                "rebuild_after_failures", f"must be >= 1, got {rebuild_after_failures!r}"
+            )
         for name, v in (
             ("step_s", step_s),
             ("change_cost_per_kw", change_cost_per_kw),
@@ -870,8 +924,15 @@ class Dispatcher:
         self._fallback = fallback_planner
         self._models: dict[float, _Model] = {}
         self.last_timing = SolveTiming(0.0, 0.0, 0)
+        self._rebuild_after = rebuild_after_failures
+        self._health = SolverHealth()
         # Build and compile the default model now, not in the first cycle's time budget.
         self._model(step_s).compile(self.solver)
+
+    @property
+    def health(self) -> SolverHealth:
+        """Solver failure and rebuild counters (see :class:`SolverHealth`)."""
+        return self._health
 
     @property
     def device_ids(self) -> tuple[str, ...]:
@@ -909,12 +970,50 @@ class Dispatcher:
         # Real compute time, not the injectable clock: the budget is about this thread's work.
         started = time.perf_counter()
         try:
-            return self._optimize(inputs, a, budget_s, started)
+            plan = self._optimize(inputs, a, budget_s, started)
         except _SolveFailedError as exc:
             reason = str(exc)
+            if not exc.overrun:
+                reason += self._solver_failed()
         except Exception as exc:  # any solver failure must end on a lower rung
             reason = f"solver error after {time.perf_counter() - started:.2f} s: {exc}"
+            reason += self._solver_failed()
+        else:
+            health = self._health
+            if health.solver_failures_consecutive:
+                self._health = SolverHealth(
+                    solver_failures_consecutive=0,
+                    solver_failures_total=health.solver_failures_total,
+                    solver_rebuilds_total=health.solver_rebuilds_total,
+                )
+            return plan
         return self.fallback(inputs, last_plan, reason)
+
+    def _solver_failed(self) -> str:
+        """Count a failed solve; rebuild the solver every ``rebuild_after_failures`` in a row.
+
+        Returns a note for the plan's reason ("" when nothing was rebuilt).
+        """
+        health = self._health
+        streak = health.solver_failures_consecutive + 1
+        rebuild = streak % self._rebuild_after == 0
+        self._health = SolverHealth(
+            solver_failures_consecutive=streak,
+            solver_failures_total=health.solver_failures_total + 1,
+            solver_rebuilds_total=health.solver_rebuilds_total + int(rebuild),
+        )
+        if not rebuild:
+            return ""
+        if self._hot_start:
+            # The next solve builds a fresh HiGHS instance and starts cold. cvxpy's compiled
+            # problem stays: it maps the parameters to solver data afresh every solve.
+            for model in self._models.values():
+                model.hot = None
+        else:
+            # cvxpy builds a new solver every solve; what persists is its problem: drop it, the
+            # next solve builds and compiles it afresh (inside its error boundary).
+            self._models.clear()
+        return f"; solver rebuilt after {streak} failed solves in a row"
 
     def fallback(self, inputs: DispatchInputs, last_plan: Plan | None, reason: str) -> Plan:
         """Rungs 3-5 of the ladder for valid ``inputs``: last plan, rule-based, safe idle."""
@@ -959,18 +1058,21 @@ class Dispatcher:
             solve_s=plan.solve_s,
         )
 
-    def _run(self, model: _Model, remaining_s: float) -> tuple[str, float]:
+    def _run(self, model: _Model, remaining_s: float) -> tuple[str, float, bool]:
+        """One solver run: cvxpy status, seconds in the solver, stopped by the time limit."""
         if self._hot_start:
             if model.hot is None:
                 model.hot = _HighsHotStart(model.problem, self._solver_options)
             status = model.hot.solve(remaining_s)
-            return status, model.hot.last_solver_s
+            return status, model.hot.last_solver_s, model.hot.last_model_status == "kTimeLimit"
         opts = dict(self._solver_options)
         if self.solver in ("HIGHS", "CLARABEL"):
             opts.setdefault("time_limit", max(remaining_s, 1e-3))
         model.problem.solve(solver=self.solver, warm_start=True, **opts)
         stats = model.problem.solver_stats
-        return str(model.problem.status), float(stats.solve_time or 0.0)
+        status = str(model.problem.status)
+        # cvxpy reports every solver limit as USER_LIMIT; the time limit is the one set here.
+        return status, float(stats.solve_time or 0.0), status == cp.USER_LIMIT
 
     def _optimize(
         self, inputs: DispatchInputs, a: _Arrays, budget_s: float, started: float
@@ -985,15 +1087,28 @@ class Dispatcher:
             e_lo, e_hi = model.assign(a, ub_c, ub_d)
             elapsed = time.perf_counter() - started
             if elapsed >= budget_s:
-                raise _SolveFailedError(f"solver timeout after {elapsed:.2f} s")
-            status, s_time = self._run(model, budget_s - elapsed)
+                raise _SolveFailedError(f"solver timeout after {elapsed:.2f} s", overrun=True)
+            given = budget_s - elapsed
+            status, s_time, time_limited = self._run(model, given)
             solver_s += s_time
             solves += 1
             if status != cp.OPTIMAL:
                 elapsed = time.perf_counter() - started
-                if elapsed >= budget_s or "limit" in status:
-                    raise _SolveFailedError(f"solver timeout after {elapsed:.2f} s ({status})")
-                raise _SolveFailedError(f"solver status {status} after {elapsed:.2f} s")
+                if elapsed >= budget_s or (time_limited and s_time >= _OVERRUN_MIN_SHARE * given):
+                    raise _SolveFailedError(
+                        f"solver timeout after {elapsed:.2f} s ({status})", overrun=True
+                    )
+                if time_limited:
+                    # The limit struck long before the budget was used: the solver's clock
+                    # or state is broken, not the budget short.
+                    raise _SolveFailedError(
+                        f"solver stopped at its time limit after {s_time:.3f} s of"
+                        f" {given:.2f} s ({status})",
+                        overrun=False,
+                    )
+                raise _SolveFailedError(
+                    f"solver status {status} after {elapsed:.2f} s", overrun=False
+                )
             c = np.asarray(model.c.value)
             d = np.asarray(model.d.value)
             both = np.minimum(c, d) > _TOL_KW
@@ -1016,7 +1131,7 @@ class Dispatcher:
         elapsed = time.perf_counter() - started
         self.last_timing = SolveTiming(elapsed, solver_s, solves)
         if elapsed > budget_s:
-            raise _SolveFailedError(f"solver timeout after {elapsed:.2f} s")
+            raise _SolveFailedError(f"solver timeout after {elapsed:.2f} s", overrun=True)
         slack = self._slack(model, a)
         rung = FallbackRung.SOFT if slack else FallbackRung.OPTIMAL
         reason = _solved_reason(slack, fixed, overlap)

@@ -271,6 +271,8 @@ def test_time_limited_solve_goes_on_next_cycle() -> None:
     cut = dispatcher.solve(inputs, budget_s=0.003, last_plan=None)
     assert cut.rung is FallbackRung.RULE_BASED
     assert cut.reason.startswith("solver timeout after ")
+    # Running out of budget is not a solver failure (nothing is rebuilt, progress is kept).
+    assert dispatcher.health.solver_failures_total == 0
     plan = dispatcher.solve(inputs, budget_s=60.0, last_plan=None)
     assert plan.rung in (FallbackRung.OPTIMAL, FallbackRung.SOFT)
     fresh = Dispatcher(fleet, 96).solve(inputs, budget_s=60.0, last_plan=None)

@@ -1,12 +1,15 @@
-"""The optimizer over a long life: thousands of warm re-solves of one Dispatcher."""
+"""The optimizer over a long life: thousands of warm re-solves, and a solver that keeps failing."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import highspy
 import numpy as np
 import pytest
 
 from essd.domain import FallbackRung, LiveLimits, Plan
-from essd.optimizer import BatterySpec, Dispatcher, DispatchInputs
+from essd.optimizer import BatterySpec, Dispatcher, DispatchInputs, SolverHealth
 from tests.support.optimizer import T0
 
 HOUR = 3600.0
@@ -60,3 +63,103 @@ def test_ten_thousand_warm_resolves_all_stay_optimal() -> None:
         solves += 1
         solver_s += dispatcher.last_timing.solver_s
         assert solves < 200_000, "the solver's run time never added up to twice the budget"
+    assert dispatcher.health == SolverHealth()
+
+
+def _highs_with_stuck_clock(healthy_from: int) -> tuple[Any, list[Any]]:
+    """A stand-in for ``highspy.Highs``: its first instances stop every run at once.
+
+    The instances are real HiGHS models; only their time limit is forced to 0, as if their
+    run clock had passed any limit (the failure mode of ERGO-Code/HiGHS#1331). From instance
+    number ``healthy_from`` (counting from 1) on they are plain HiGHS.
+    """
+    real = highspy.Highs
+    made: list[Any] = []
+
+    class StuckClock(real):  # type: ignore[misc, valid-type]
+        def setOptionValue(self, name: str, value: Any) -> Any:  # noqa: N802 - highspy's name
+            return super().setOptionValue(name, 0.0 if name == "time_limit" else value)
+
+    def factory() -> Any:
+        instance = StuckClock() if len(made) + 1 < healthy_from else real()
+        made.append(instance)
+        return instance
+
+    return factory, made
+
+
+def test_failure_streak_rebuilds_the_solver_and_solves_recover(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three solves in a row stopped at once by the time limit: HiGHS is rebuilt cold."""
+    factory, made = _highs_with_stuck_clock(healthy_from=2)
+    monkeypatch.setattr(highspy, "Highs", factory)
+    rng = np.random.default_rng(1)
+    dispatcher = Dispatcher([BATTERY], STEPS, step_s=HOUR)
+    for k in range(1, 4):
+        plan = dispatcher.solve(cycle(rng, T0 + 60.0 * k, None), budget_s=30.0, last_plan=None)
+        assert plan.rung is FallbackRung.RULE_BASED
+        assert plan.reason.startswith("solver stopped at its time limit after ")
+        assert dispatcher.health.solver_failures_consecutive == k
+        assert ("solver rebuilt after 3 failed solves in a row" in plan.reason) == (k == 3)
+    assert dispatcher.health == SolverHealth(
+        solver_failures_consecutive=3, solver_failures_total=3, solver_rebuilds_total=1
+    )
+    assert len(made) == 1
+    recovered = dispatcher.solve(cycle(rng, T0 + 180.0, None), budget_s=30.0, last_plan=None)
+    assert recovered.rung is FallbackRung.OPTIMAL, recovered.reason
+    assert len(made) == 2  # a fresh HiGHS instance
+    assert dispatcher.health == SolverHealth(
+        solver_failures_consecutive=0, solver_failures_total=3, solver_rebuilds_total=1
+    )
+
+
+def test_a_lasting_failure_rebuilds_every_few_solves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the solver keeps failing the streak grows and it is rebuilt every third solve."""
+    factory, made = _highs_with_stuck_clock(healthy_from=10**9)
+    monkeypatch.setattr(highspy, "Highs", factory)
+    rng = np.random.default_rng(2)
+    dispatcher = Dispatcher([BATTERY], STEPS, step_s=HOUR, rebuild_after_failures=3)
+    last = None
+    for k in range(7):
+        last = dispatcher.solve(cycle(rng, T0 + 60.0 * k, None), budget_s=30.0, last_plan=last)
+        assert last.rung is FallbackRung.RULE_BASED
+    assert dispatcher.health == SolverHealth(
+        solver_failures_consecutive=7, solver_failures_total=7, solver_rebuilds_total=2
+    )
+    assert len(made) == 3
+
+
+def test_failures_through_cvxpy_are_counted_and_rebuild_the_problem() -> None:
+    """Without the hot start a failing solver is counted as well; the cvxpy problem is rebuilt."""
+    dispatcher = Dispatcher(
+        [BATTERY], STEPS, step_s=HOUR, hot_start=False, solver_options={"no_such_option": 1}
+    )
+    first = dispatcher.problem(HOUR)
+    rng = np.random.default_rng(3)
+    for k in range(3):
+        plan = dispatcher.solve(cycle(rng, T0 + 60.0 * k, None), budget_s=30.0, last_plan=None)
+        assert plan.reason.startswith("solver error")
+    assert dispatcher.health == SolverHealth(
+        solver_failures_consecutive=3, solver_failures_total=3, solver_rebuilds_total=1
+    )
+    assert dispatcher.problem(HOUR) is not first
+    assert dispatcher.problem(HOUR).is_dpp()
+
+
+def test_budget_overruns_are_not_solver_failures() -> None:
+    """A solve cut short by its budget falls back but leaves the health counters alone."""
+    rng = np.random.default_rng(4)
+    dispatcher = Dispatcher([BATTERY], STEPS, step_s=HOUR)
+    for k in range(4):
+        plan = dispatcher.solve(cycle(rng, T0 + 60.0 * k, None), budget_s=1e-9, last_plan=None)
+        assert plan.reason.startswith("solver timeout after ")
+    assert dispatcher.health == SolverHealth()
+    plan = dispatcher.solve(cycle(rng, T0 + 300.0, None), budget_s=30.0, last_plan=None)
+    assert plan.rung is FallbackRung.OPTIMAL
+
+
+def test_rebuild_threshold_is_validated() -> None:
+    """At least one failure must precede a rebuild."""
+    with pytest.raises(ValueError, match="rebuild_after_failures"):
+        Dispatcher([BATTERY], STEPS, rebuild_after_failures=0)

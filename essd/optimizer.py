@@ -153,6 +153,10 @@ class DispatchInputs:
     the horizon starting at ``time`` (epoch s), each step ``step_s`` long. Power in W (battery
     sign > 0 discharges; grid sign > 0 imports), prices per kWh, carbon in kg/kWh and per kg.
 
+    - ``load_w``: site consumption not served by ``pv_w``; it may be negative (net load of a
+      site whose unmeasured PV exports, as a net-load forecaster predicts it, with ``pv_w``
+      0). ``pv_w``: measured PV generation, >= 0. The grid without batteries is
+      ``load_w - pv_w`` either way.
     - ``soc``: live SoC ratio; ``limits``: live power limits (W magnitudes).
     - ``availability``: per step, False while a unit is away; a missing id means always there.
     - ``reserve_soc`` / ``max_soc``: the SoC window.
@@ -307,7 +311,8 @@ def validate_inputs(
         v = float(inputs.previous_setpoint_w.get(b.id, 0.0))
         _check_finite(f"previous_setpoint_w[{b.id}]", v)
         prev[k] = v / 1000.0
-    load = _series("load_w", inputs.load_w, steps, lo=0.0)
+    # Net consumption: negative where unmeasured PV exports (DispatchInputs docstring).
+    load = _series("load_w", inputs.load_w, steps)
     pv = _series("pv_w", inputs.pv_w, steps, lo=0.0)
     p_imp = _series("import_price", inputs.import_price, steps)
     p_exp = _series("export_price", inputs.export_price, steps)

@@ -12,6 +12,10 @@ horizon moved on a step. ``cvxpy_share`` is the fraction of re-solve time spent 
 the solver (cvxpy's parameter mapping, result unpacking and essd's own pre/post-processing);
 ``solver_ms`` is HiGHS itself. ``cvxpy_path_resolve_ms.10x288`` is the same kind of cycle solved
 through cvxpy's own HiGHS call (a new HiGHS model per solve): the baseline of the hot start.
+``soak_failures.10000`` counts the plans that were not optimal (rung 1) in 10,000 re-solves of
+one 1 x 96 Dispatcher with a 1 s budget, far more solver time in all than one budget: 0 unless
+something wears out over a solver's life (HiGHS's run clock once stopped every solve from
+about the 2,000th on).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import time
 import numpy as np
 
 from benchmarks import Result
-from essd.domain import LiveLimits, Plan
+from essd.domain import FallbackRung, LiveLimits, Plan
 from essd.optimizer import BatterySpec, Dispatcher, DispatchInputs
 
 T0 = 1_767_225_600.0  # 2026-01-01 00:00 UTC
@@ -143,6 +147,26 @@ def measure(
     ]
 
 
+def soak(solves: int = 10_000, *, budget_s: float = 1.0) -> list[Result]:
+    """Plans of ``solves`` re-solves of one 1 x 96 Dispatcher that were not rung 1."""
+    steps = 96
+    step_s = 86400.0 / steps
+    batteries = fleet(1)
+    rng = np.random.default_rng(10_000)
+    dispatcher = Dispatcher(batteries, steps, step_s=step_s)
+    now = T0
+    plan: Plan | None = None
+    failures = 0
+    for _ in range(solves):
+        # The SoC wanders across its window: every cycle is a rung-1 problem.
+        soc = {b.id: float(rng.uniform(0.2, 0.8)) for b in batteries}
+        inputs = cycle_inputs(batteries, steps=steps, step_s=step_s, now=now, soc=soc, rng=rng)
+        plan = dispatcher.solve(inputs, budget_s=budget_s, last_plan=plan)
+        failures += plan.rung is not FallbackRung.OPTIMAL
+        now += CYCLE_S
+    return [Result(f"optimizer.soak_failures.{solves}", float(failures), "plans")]
+
+
 def _ms(seconds: list[float]) -> float:
     return statistics.median(seconds) * 1000.0
 
@@ -160,4 +184,5 @@ def run() -> list[Result]:
     for solver in ("HIGHS", "CLARABEL"):
         for n, steps in ((1, 96), (10, 96)):
             results += measure(n, steps, 10, hot_start=False, solver=solver)
+    results += soak()
     return results

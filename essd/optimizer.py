@@ -71,6 +71,7 @@ __all__ = [
     "Dispatcher",
     "InvalidDispatchInputsError",
     "SolveTiming",
+    "SolverHealth",
     "rule_based_plan",
     "safe_idle_plan",
     "validate_inputs",
@@ -89,6 +90,12 @@ _MAX_DIRECTION_FIXES = 6
 _IPM_COLD_COLUMNS = 30_000
 # Solver used when the caller does not choose: picked by measurement (benchmarks/).
 DEFAULT_SOLVER = "HIGHS"
+# After this many solves in a row fail other than by running out of their budget, the
+# persistent solver is thrown away and rebuilt cold (see Dispatcher.health).
+DEFAULT_REBUILD_AFTER_FAILURES = 3
+# A solve stopped by its time limit is a plain budget overrun only if the solver used at least
+# this share of the time it was given; one stopped sooner has a broken clock or state.
+_OVERRUN_MIN_SHARE = 0.5
 # HiGHS model status name -> cvxpy status, as cvxpy's own HiGHS interface maps them.
 _HIGHS_STATUS: Mapping[str, str] = CVXPY_HIGHS.STATUS_MAP
 
@@ -147,6 +154,10 @@ class DispatchInputs:
     the horizon starting at ``time`` (epoch s), each step ``step_s`` long. Power in W (battery
     sign > 0 discharges; grid sign > 0 imports), prices per kWh, carbon in kg/kWh and per kg.
 
+    - ``load_w``: site consumption not served by ``pv_w``; it may be negative (net load of a
+      site whose unmeasured PV exports, as a net-load forecaster predicts it, with ``pv_w``
+      0). ``pv_w``: measured PV generation, >= 0. The grid without batteries is
+      ``load_w - pv_w`` either way.
     - ``soc``: live SoC ratio; ``limits``: live power limits (W magnitudes).
     - ``availability``: per step, False while a unit is away; a missing id means always there.
     - ``reserve_soc`` / ``max_soc``: the SoC window.
@@ -301,7 +312,8 @@ def validate_inputs(
         v = float(inputs.previous_setpoint_w.get(b.id, 0.0))
         _check_finite(f"previous_setpoint_w[{b.id}]", v)
         prev[k] = v / 1000.0
-    load = _series("load_w", inputs.load_w, steps, lo=0.0)
+    # Net consumption: negative where unmeasured PV exports (DispatchInputs docstring).
+    load = _series("load_w", inputs.load_w, steps)
     pv = _series("pv_w", inputs.pv_w, steps, lo=0.0)
     p_imp = _series("import_price", inputs.import_price, steps)
     p_exp = _series("export_price", inputs.export_price, steps)
@@ -503,6 +515,8 @@ class _HighsHotStart:
         self._highs: Any = None
         self._a_data: FloatArray | None = None
         self.last_solver_s = 0.0
+        # HiGHS's model status name of the last run ("kOptimal", "kTimeLimit", ...).
+        self.last_model_status = ""
 
     def reset(self) -> None:
         """Forget the HiGHS model (next solve starts cold)."""
@@ -567,7 +581,11 @@ class _HighsHotStart:
             h.changeColsCost(n_cols, cols, cost)
             h.changeColsBounds(n_cols, cols, col_lo, col_up)
             h.changeRowsBounds(n_rows, np.arange(n_rows, dtype=np.int32), row_lo, row_up)
-        h.setOptionValue("time_limit", float(max(time_limit_s, 1e-3)))
+        # HiGHS checks time_limit against the instance's run clock, which adds up every run()
+        # so far (ERGO-Code/HiGHS#1331, #1477; highspy 1.16 has no zeroAllClocks): a plain
+        # time_limit = budget failed every solve from the 2,105th on (4 x 96, budget 2 s).
+        # So the limit is this run's budget on top of the clock's reading (as HiGHS.jl does).
+        h.setOptionValue("time_limit", float(h.getRunTime() + max(time_limit_s, 1e-3)))
         started = time.perf_counter()
         h.run()
         self.last_solver_s = time.perf_counter() - started
@@ -577,6 +595,7 @@ class _HighsHotStart:
             # cycle, so a too-short budget still converges.
             h.setOptionValue("solver", "simplex")
         status = h.getModelStatus()
+        self.last_model_status = str(status.name)
         results: dict[str, Any] = {
             "solution": h.getSolution(),
             "basis": h.getBasis(),
@@ -788,11 +807,16 @@ def _solved_reason(slack: Mapping[str, float], fixed: int, overlap: bool) -> str
 
 
 class _SolveFailedError(Exception):
-    """The optimizer produced no usable plan; the message is the reason."""
+    """The optimizer produced no usable plan; the message is the reason.
 
-    def __init__(self, cause: PlanCause, message: str) -> None:
-        super().__init__(message)
+    ``overrun``: the solve merely ran out of its time budget (the solver is fine, the budget
+    short); otherwise the solver failed and the failure counts towards a rebuild.
+    """
+
+    def __init__(self, cause: PlanCause, reason: str, *, overrun: bool) -> None:
+        super().__init__(reason)
         self.cause = cause
+        self.overrun = overrun
 
 
 @dataclass(frozen=True, slots=True)
@@ -807,6 +831,28 @@ class SolveTiming:
     def cvxpy_s(self) -> float:
         """Time outside the solver (parameter mapping, cvxpy and result handling)."""
         return max(self.total_s - self.solver_s, 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class SolverHealth:
+    """Whether the optimizer's solver still works, for metrics and alerts.
+
+    A solve *fails* when it ends without a plan for any reason other than running out of its
+    time budget: a non-optimal solver status (infeasible, error, a limit hit long before the
+    budget was used) or an exception. A budget overrun neither counts as a failure nor ends
+    a streak (a large site may need a few cycles of a short budget to converge); a solve that
+    returns an optimized plan (rung 1 or 2) ends it.
+
+    - ``solver_failures_consecutive``: failed solves since the last successful one (a gauge;
+      0 when healthy).
+    - ``solver_failures_total``: failed solves since the Dispatcher was built (a counter).
+    - ``solver_rebuilds_total``: times the solver was thrown away and rebuilt cold because
+      ``rebuild_after_failures`` solves in a row failed (a counter; see :class:`Dispatcher`).
+    """
+
+    solver_failures_consecutive: int = 0
+    solver_failures_total: int = 0
+    solver_rebuilds_total: int = 0
 
 
 FallbackPlanner = Callable[[Sequence[BatterySpec], DispatchInputs], Plan]
@@ -830,7 +876,16 @@ class Dispatcher:
     a step-by-step simulation that clips it to limits and SoC window. Either way the published
     SoC is the one the published setpoints produce with the battery's efficiencies: honest.
 
-    Not thread-safe: one :meth:`solve` at a time per instance (the daemon's worker thread).
+    A solver that keeps failing is rebuilt: after ``rebuild_after_failures`` failed solves in a
+    row (and after every further ``rebuild_after_failures``; see :class:`SolverHealth` for
+    what counts), the persistent HiGHS instances are dropped, so the next solve starts cold
+    from a fresh one (other solvers: the cvxpy problem is rebuilt and recompiled). A HiGHS
+    instance left in a bad state (as its accumulating run clock once left it, see
+    ``_HighsHotStart.solve``) would otherwise fail every cycle from then on. :attr:`health`
+    holds the counters.
+
+    Not thread-safe: one :meth:`solve` at a time per instance (the daemon's worker thread);
+    :attr:`health` may be read from any thread (it is replaced whole, never mutated).
     """
 
     def __init__(
@@ -846,6 +901,7 @@ class Dispatcher:
         solver_options: Mapping[str, Any] | None = None,
         fallback_planner: FallbackPlanner = rule_based_plan,
         hot_start: bool = True,
+        rebuild_after_failures: int = DEFAULT_REBUILD_AFTER_FAILURES,
     ) -> None:
         if not batteries:
             raise InvalidDispatchInputsError("batteries", "at least one battery is needed")
@@ -854,6 +910,10 @@ class Dispatcher:
             raise InvalidDispatchInputsError("batteries", f"battery ids must be unique, got {ids}")
         if steps < 1:
             raise InvalidDispatchInputsError("steps", f"must be >= 1, got {steps!r}")
+        if rebuild_after_failures < 1:
+            raise InvalidDispatchInputsError(
+                "rebuild_after_failures", f"must be >= 1, got {rebuild_after_failures!r}"
+            )
         for name, v in (
             ("step_s", step_s),
             ("change_cost_per_kw", change_cost_per_kw),
@@ -877,8 +937,15 @@ class Dispatcher:
         self._fallback = fallback_planner
         self._models: dict[float, _Model] = {}
         self.last_timing = SolveTiming(0.0, 0.0, 0)
+        self._rebuild_after = rebuild_after_failures
+        self._health = SolverHealth()
         # Build and compile the default model now, not in the first cycle's time budget.
         self._model(step_s).compile(self.solver)
+
+    @property
+    def health(self) -> SolverHealth:
+        """Solver failure and rebuild counters (see :class:`SolverHealth`)."""
+        return self._health
 
     @property
     def device_ids(self) -> tuple[str, ...]:
@@ -916,13 +983,51 @@ class Dispatcher:
         # Real compute time, not the injectable clock: the budget is about this thread's work.
         started = time.perf_counter()
         try:
-            return self._optimize(inputs, a, budget_s, started)
+            plan = self._optimize(inputs, a, budget_s, started)
         except _SolveFailedError as exc:
             cause, reason = exc.cause, str(exc)
+            if not exc.overrun:
+                reason += self._solver_failed()
         except Exception as exc:  # any solver failure must end on a lower rung
             cause = PlanCause.SOLVER_ERROR
             reason = f"solver error after {time.perf_counter() - started:.2f} s: {exc}"
+            reason += self._solver_failed()
+        else:
+            health = self._health
+            if health.solver_failures_consecutive:
+                self._health = SolverHealth(
+                    solver_failures_consecutive=0,
+                    solver_failures_total=health.solver_failures_total,
+                    solver_rebuilds_total=health.solver_rebuilds_total,
+                )
+            return plan
         return self.fallback(inputs, last_plan, reason, cause=cause)
+
+    def _solver_failed(self) -> str:
+        """Count a failed solve; rebuild the solver every ``rebuild_after_failures`` in a row.
+
+        Returns a note for the plan's reason ("" when nothing was rebuilt).
+        """
+        health = self._health
+        streak = health.solver_failures_consecutive + 1
+        rebuild = streak % self._rebuild_after == 0
+        self._health = SolverHealth(
+            solver_failures_consecutive=streak,
+            solver_failures_total=health.solver_failures_total + 1,
+            solver_rebuilds_total=health.solver_rebuilds_total + int(rebuild),
+        )
+        if not rebuild:
+            return ""
+        if self._hot_start:
+            # The next solve builds a fresh HiGHS instance and starts cold. cvxpy's compiled
+            # problem stays: it maps the parameters to solver data afresh every solve.
+            for model in self._models.values():
+                model.hot = None
+        else:
+            # cvxpy builds a new solver every solve; what persists is its problem: drop it, the
+            # next solve builds and compiles it afresh (inside its error boundary).
+            self._models.clear()
+        return f"; solver rebuilt after {streak} failed solves in a row"
 
     def fallback(
         self,
@@ -950,18 +1055,21 @@ class Dispatcher:
             ),
         )
 
-    def _run(self, model: _Model, remaining_s: float) -> tuple[str, float]:
+    def _run(self, model: _Model, remaining_s: float) -> tuple[str, float, bool]:
+        """One solver run: cvxpy status, seconds in the solver, stopped by the time limit."""
         if self._hot_start:
             if model.hot is None:
                 model.hot = _HighsHotStart(model.problem, self._solver_options)
             status = model.hot.solve(remaining_s)
-            return status, model.hot.last_solver_s
+            return status, model.hot.last_solver_s, model.hot.last_model_status == "kTimeLimit"
         opts = dict(self._solver_options)
         if self.solver in ("HIGHS", "CLARABEL"):
             opts.setdefault("time_limit", max(remaining_s, 1e-3))
         model.problem.solve(solver=self.solver, warm_start=True, **opts)
         stats = model.problem.solver_stats
-        return str(model.problem.status), float(stats.solve_time or 0.0)
+        status = str(model.problem.status)
+        # cvxpy reports every solver limit as USER_LIMIT; the time limit is the one set here.
+        return status, float(stats.solve_time or 0.0), status == cp.USER_LIMIT
 
     def _optimize(
         self, inputs: DispatchInputs, a: _Arrays, budget_s: float, started: float
@@ -977,19 +1085,33 @@ class Dispatcher:
             elapsed = time.perf_counter() - started
             if elapsed >= budget_s:
                 raise _SolveFailedError(
-                    PlanCause.SOLVER_TIMEOUT, f"solver timeout after {elapsed:.2f} s"
+                    PlanCause.SOLVER_TIMEOUT, f"solver timeout after {elapsed:.2f} s", overrun=True
                 )
-            status, s_time = self._run(model, budget_s - elapsed)
+            given = budget_s - elapsed
+            status, s_time, time_limited = self._run(model, given)
             solver_s += s_time
             solves += 1
             if status != cp.OPTIMAL:
                 elapsed = time.perf_counter() - started
-                if elapsed >= budget_s or "limit" in status:
+                if elapsed >= budget_s or (time_limited and s_time >= _OVERRUN_MIN_SHARE * given):
                     raise _SolveFailedError(
-                        PlanCause.SOLVER_TIMEOUT, f"solver timeout after {elapsed:.2f} s ({status})"
+                        PlanCause.SOLVER_TIMEOUT,
+                        f"solver timeout after {elapsed:.2f} s ({status})",
+                        overrun=True,
+                    )
+                if time_limited:
+                    # The limit struck long before the budget was used: the solver's clock
+                    # or state is broken, not the budget short.
+                    raise _SolveFailedError(
+                        PlanCause.SOLVER_STATUS,
+                        f"solver stopped at its time limit after {s_time:.3f} s of"
+                        f" {given:.2f} s ({status})",
+                        overrun=False,
                     )
                 raise _SolveFailedError(
-                    PlanCause.SOLVER_STATUS, f"solver status {status} after {elapsed:.2f} s"
+                    PlanCause.SOLVER_STATUS,
+                    f"solver status {status} after {elapsed:.2f} s",
+                    overrun=False,
                 )
             c = np.asarray(model.c.value)
             d = np.asarray(model.d.value)
@@ -1014,7 +1136,7 @@ class Dispatcher:
         self.last_timing = SolveTiming(elapsed, solver_s, solves)
         if elapsed > budget_s:
             raise _SolveFailedError(
-                PlanCause.SOLVER_TIMEOUT, f"solver timeout after {elapsed:.2f} s"
+                PlanCause.SOLVER_TIMEOUT, f"solver timeout after {elapsed:.2f} s", overrun=True
             )
         slack = self._slack(model, a)
         rung = FallbackRung.SOFT if slack else FallbackRung.OPTIMAL

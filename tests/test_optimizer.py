@@ -199,6 +199,91 @@ def test_zero_export_by_hand() -> None:
     assert plan.soc["bat"][-1] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_negative_net_load_charges_from_surplus_by_hand() -> None:
+    """A negative net load (PV export, forecast with pv 0) is stored and later used: no import.
+
+    Net load -3 kW for two hours, then +3 kW for two.
+    """
+    bat = one_battery(capacity_wh=10_000.0)
+    dispatcher = Dispatcher([bat], 4, step_s=HOUR, change_cost_per_kw=0.0)
+    inputs = hourly_inputs(
+        bat,
+        soc={"bat": 0.0},
+        load_w=[-3e3, -3e3, 3e3, 3e3],
+        import_price=[0.3] * 4,
+        export_price=[0.05] * 4,
+    )
+    plan = dispatcher.solve(inputs, budget_s=5.0, last_plan=None)
+    assert plan.rung is FallbackRung.OPTIMAL, plan.reason
+    assert plan.power_w["bat"] == pytest.approx((-3e3, -3e3, 3e3, 3e3), abs=1e-3)
+    assert plan.grid_w == pytest.approx((0.0,) * 4, abs=1e-3)
+    assert plan.objective == pytest.approx(0.0, abs=1e-6)
+    # The same site described with PV apart gives the same plan.
+    split = dataclasses.replace(inputs, load_w=[0.0, 0.0, 3e3, 3e3], pv_w=[3e3, 3e3, 0.0, 0.0])
+    assert dispatcher.solve(split, budget_s=5.0, last_plan=None).power_w == plan.power_w
+
+
+def test_negative_net_load_matches_reference() -> None:
+    """Random sites given as net load (often < 0) and pv 0 agree with the reference LP.
+
+    And with the same site whose PV is given apart: only load - pv enters the LP.
+    """
+    rng = np.random.default_rng(31)
+    compared = 0
+    negative_steps = 0
+    for steps, nb in ((24, 1), (24, 2), (48, 3)):
+        fleet = random_fleet(rng, nb)
+        dispatcher = Dispatcher(fleet, steps)
+        for _ in range(8):
+            split = random_inputs(rng, fleet, steps)
+            net = np.asarray(split.load_w) - np.asarray(split.pv_w)
+            negative_steps += int((net < 0).sum())
+            inputs = dataclasses.replace(split, load_w=net.tolist(), pv_w=[0.0] * steps)
+            plan = dispatcher.solve(inputs, budget_s=10.0, last_plan=None)
+            assert plan.rung in (FallbackRung.OPTIMAL, FallbackRung.SOFT), plan.reason
+            assert plan.grid_w == pytest.approx(
+                tuple(net - np.sum([plan.power_w[b.id] for b in fleet], axis=0)), abs=1e-3
+            )
+            same = dispatcher.solve(split, budget_s=10.0, last_plan=None)
+            assert plan.objective == pytest.approx(same.objective, rel=1e-6, abs=1e-6)
+            if "re-solve" in plan.reason:
+                continue
+            ref = reference_solve(fleet, inputs)
+            assert plan.objective == pytest.approx(ref.objective, rel=1e-4, abs=1e-6)
+            compared += 1
+    assert compared >= 18
+    assert negative_steps > 40
+
+
+def test_below_reserve_recovers_from_negative_net_load_without_import() -> None:
+    """Below reserve, no import allowed: the SoC recovers on the surplus of a negative net load.
+
+    The recovery path into the SoC window may use only the import headroom, which a negative
+    net load widens; the site still imports nothing.
+    """
+    bat = one_battery(capacity_wh=10_000.0)
+    dispatcher = Dispatcher([bat], 4, step_s=HOUR)
+    inputs = hourly_inputs(
+        bat,
+        soc={"bat": 0.05},
+        reserve_soc={"bat": 0.3},
+        limits={"bat": LiveLimits(5e3, 5e3)},
+        load_w=[-1e3, -1e3, -1e3, -1e3],
+        import_limit_w=0.0,
+        import_price=[0.3] * 4,
+        export_price=[0.1] * 4,
+    )
+    plan = dispatcher.solve(inputs, budget_s=5.0, last_plan=None)
+    assert plan.rung is FallbackRung.SOFT, plan.reason
+    assert plan.slack == {"reserve_soc[bat]": pytest.approx(0.25)}
+    assert max(plan.grid_w) <= 1e-3
+    # 1 kW of surplus an hour: 0.1 SoC an hour, reserve reached after 2.5 h, never dipped under.
+    assert plan.soc["bat"][1:3] == pytest.approx((0.15, 0.25), abs=1e-6)
+    assert plan.soc["bat"][3] >= 0.3 - 1e-6
+    ref = reference_solve([bat], inputs)
+    assert plan.objective == pytest.approx(ref.objective, rel=1e-4, abs=1e-6)
+
+
 def negative_price_instance(rng: np.random.Generator) -> tuple[list[BatterySpec], DispatchInputs]:
     """Nearly full batteries, no degradation cost, paid to import for hours."""
     steps = 24

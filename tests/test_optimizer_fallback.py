@@ -177,6 +177,28 @@ def test_rule_based_self_consumption() -> None:
         assert plan.soc[spec.id] == pytest.approx(honest, abs=1e-9)
 
 
+def test_rule_based_plan_takes_negative_net_load() -> None:
+    """Net load with pv 0 (negative at midday) plans as the same site with PV given apart."""
+    split = day(soc={"home": 0.12, "portable": 0.5})
+    net = [ld - pv for ld, pv in zip(split.load_w, split.pv_w, strict=True)]
+    assert min(net) < 0
+    inputs = dataclasses.replace(split, load_w=net, pv_w=[0.0] * STEPS)
+    plan = rule_based_plan(FLEET, inputs)
+    assert plan.rung is FallbackRung.RULE_BASED
+    assert plan.power_w == rule_based_plan(FLEET, split).power_w
+    # Surplus steps charge and never import; the rest is covered down to reserve.
+    for t, n in enumerate(net):
+        if n < 0:
+            assert plan.power_w["home"][t] < 0
+            assert plan.grid_w[t] <= 1e-6
+    assert min(plan.soc["home"]) >= 0.1 - 1e-9
+    # The ladder reaches it too when the solve runs out of budget.
+    dispatcher = Dispatcher(FLEET, STEPS, step_s=HOUR)
+    fallen = dispatcher.solve(inputs, budget_s=1e-9, last_plan=None)
+    assert fallen.rung is FallbackRung.RULE_BASED
+    assert fallen.power_w == plan.power_w
+
+
 def test_safe_idle_without_inputs() -> None:
     """Safe idle needs nothing but ids and the horizon; unknown values are NaN."""
     plan = safe_idle_plan(["a", "b"], time=T0, step_s=900.0, steps=4)
@@ -271,6 +293,8 @@ def test_time_limited_solve_goes_on_next_cycle() -> None:
     cut = dispatcher.solve(inputs, budget_s=0.003, last_plan=None)
     assert cut.rung is FallbackRung.RULE_BASED
     assert cut.reason.startswith("solver timeout after ")
+    # Running out of budget is not a solver failure (nothing is rebuilt, progress is kept).
+    assert dispatcher.health.solver_failures_total == 0
     plan = dispatcher.solve(inputs, budget_s=60.0, last_plan=None)
     assert plan.rung in (FallbackRung.OPTIMAL, FallbackRung.SOFT)
     fresh = Dispatcher(fleet, 96).solve(inputs, budget_s=60.0, last_plan=None)

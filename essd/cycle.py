@@ -419,6 +419,7 @@ class Controller:
             outcomes=outcomes,
             mono=mono,
         )
+        health = self.dispatcher.health if self.dispatcher is not None else None
         phase["publish"] = time.perf_counter() - t
         event = CycleCompleted(
             cycle=self.cycle_no,
@@ -447,6 +448,8 @@ class Controller:
             site_limit_unmet_w=result.site_limit_unmet_w,
             phase_errors=errors,
             wall_step_s=wall_step,
+            solver_failures_consecutive=health.solver_failures_consecutive if health else 0,
+            solver_rebuilds_total=health.solver_rebuilds_total if health else 0,
         )
         self.bus.publish(event)
         return event

@@ -142,7 +142,9 @@ class CycleCompleted(Event):
     error (the cycle went on: see ``plan.cause``). ``predicted_grid_w`` is the guard's
     prediction after the new setpoints and ``site_limit_unmet_w`` how far a site limit stays
     exceeded when no unit has headroom left. ``wall_step_s`` is a wall-clock step detected
-    this cycle (0 when none).
+    this cycle (0 when none). ``solver_failures_consecutive`` counts solves in a row that
+    failed (not mere budget overruns) and ``solver_rebuilds_total`` how often the solver was
+    rebuilt cold because of such a streak.
     """
 
     cycle: int
@@ -171,6 +173,8 @@ class CycleCompleted(Event):
     site_limit_unmet_w: float = 0.0
     phase_errors: Mapping[str, str] = field(default_factory=dict)
     wall_step_s: float = 0.0
+    solver_failures_consecutive: int = 0
+    solver_rebuilds_total: int = 0
 
     @property
     def cause(self) -> PlanCause:

@@ -523,6 +523,18 @@ def _control_families(f: _Families, x: MetricsExporter, ev: CycleCompleted, now:
         plan.objective,
     )
     f.gauge(
+        "essd_solver_failures_consecutive",
+        "Dispatch solves in a row that failed (not budget overruns); 0 when the solver works.",
+        {},
+        float(ev.solver_failures_consecutive),
+    )
+    f.counter(
+        "essd_solver_rebuilds_total",
+        "Times the solver was rebuilt cold after a streak of failed solves.",
+        {},
+        float(ev.solver_rebuilds_total),
+    )
+    f.gauge(
         "essd_site_limit_unmet_watts",
         "How far a site limit stays exceeded after the guard (no unit had headroom left).",
         {},

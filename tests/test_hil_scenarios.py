@@ -37,7 +37,24 @@ def test_the_expected_scenarios_are_shipped() -> None:
         "negative-prices",
         "camping-unplugged",
         "fault-campaign",
+        "household-learned-2d",
     } <= names
+
+
+@pytest.mark.slow
+async def test_learned_forecasts_at_a_pv_exporting_site_keep_the_optimizer_in_charge(
+    tmp_path: Path,
+) -> None:
+    # Two days on the daemon's own learned net load, negative for hours at midday: every
+    # cycle solved (before, negative net load crashed the cycle with no report).
+    result = await _run(SHIPPED / "household-learned-2d.yaml", tmp_path)
+    assert result.failures == []
+    assert result.kpis.cycles == 576
+    exporting = [c for c in result.cycles if c.grid_belief_w is not None and c.grid_belief_w < 0]
+    assert len(exporting) > 24  # hours of export, on both days
+    assert {c.time // 86_400 for c in exporting} == {c.time // 86_400 for c in result.cycles}
+    causes = {c.cause for c in result.cycles}
+    assert causes <= {"optimal", "soft_constraints"}, causes
 
 
 async def _run(path: Path, tmp_path: Path) -> RunResult:

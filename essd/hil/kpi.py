@@ -74,6 +74,7 @@ class CycleRecord:
     device_writes: int
     active_faults: tuple[str, ...] = ()
     setpoint_sources: Mapping[str, str] = field(default_factory=dict)
+    cause: str = ""  # the plan's typed cause (essd.domain.PlanCause value)
 
 
 @dataclass(frozen=True, slots=True)

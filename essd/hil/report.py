@@ -230,13 +230,16 @@ def write_report(result: RunResult, directory: Path) -> Path:
     (directory / "kpis.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     with (directory / "cycles.csv").open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["cycle", "time", "rung", "reason", "grid_belief_w", "faults", "setpoints_w"])
+        w.writerow(
+            ["cycle", "time", "rung", "cause", "reason", "grid_belief_w", "faults", "setpoints_w"]
+        )
         for c in result.cycles:
             w.writerow(
                 [
                     c.cycle,
                     f"{c.time:.0f}",
                     c.rung,
+                    c.cause,
                     c.reason,
                     "" if c.grid_belief_w is None else f"{c.grid_belief_w:.0f}",
                     " ".join(c.active_faults),

@@ -249,6 +249,7 @@ def _record(event: CycleCompleted, faults: tuple[str, ...]) -> CycleRecord:
         device_writes=writes,
         active_faults=faults,
         setpoint_sources={d: sp.source for d, sp in event.setpoints.items()},
+        cause=event.plan.cause.value,
     )
 
 

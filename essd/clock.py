@@ -100,6 +100,7 @@ class SimClock:
             # processes given the same start, speed and anchor share one simulated time.
             self._origin_real -= time.time() - anchor_wall
         self._offset = 0.0  # manual advances on top of the running clock
+        self._wall_step = 0.0  # steps of the wall clock alone (see step_wall)
         self._start = float(start)
 
     @property
@@ -112,17 +113,31 @@ class SimClock:
         """True when time moves only by :meth:`advance`, :meth:`set` and :meth:`sleep`."""
         return self._speed is None
 
-    def now(self) -> float:
-        """Simulated seconds since the epoch."""
+    def _elapsed(self) -> float:
+        """Simulated seconds since the start, wall-clock steps excluded."""
         if self._speed is None:
-            return self._origin_sim + self._offset
+            return self._origin_sim - self._start + self._offset
         return (
-            self._origin_sim + self._offset + (time.monotonic() - self._origin_real) * self._speed
+            self._origin_sim
+            - self._start
+            + self._offset
+            + (time.monotonic() - self._origin_real) * self._speed
         )
+
+    def now(self) -> float:
+        """Simulated seconds since the epoch (including any wall-clock step)."""
+        return self._start + self._elapsed() + self._wall_step
 
     def monotonic(self) -> float:
         """Simulated seconds since this clock was created (never decreases)."""
-        return self.now() - self._start
+        return self._elapsed()
+
+    def step_wall(self, seconds: float) -> None:
+        """Step the wall clock alone by ``seconds`` (either way), as NTP or an operator does:
+        :meth:`now` jumps, :meth:`monotonic` and sleeps go on undisturbed."""
+        if not math.isfinite(seconds):
+            raise ValueError(f"seconds: must be finite, got {seconds!r}")
+        self._wall_step += seconds
 
     def advance(self, seconds: float) -> None:
         """Move the clock forward by ``seconds`` (negative values are refused)."""

@@ -9,6 +9,7 @@ test runs ``essd run`` as a real process against hil_sim.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import signal
 import sys
@@ -29,6 +30,7 @@ from tests.support.site import write_config
 from tests.test_cycle import START, settings
 from tests.test_daemon_kill import START as PEAK_START
 from tests.test_daemon_kill import _site as peak_site
+from tests.test_daemon_kill import _until
 
 PERIOD = 10.0
 GRID_W = 3000.0
@@ -63,7 +65,7 @@ async def test_a_wall_clock_step_neither_stalls_control_nor_corrupts_totals(
     # Control never stalled: a cycle every period of monotonic time.
     assert len(events) == 121  # at 0 s and every 10 s up to 1,200 s
     monos = [e.snapshot.mono for e in events]
-    assert all(b - a == pytest.approx(PERIOD) for a, b in zip(monos, monos[1:], strict=False))
+    assert all(b - a == pytest.approx(PERIOD) for a, b in itertools.pairwise(monos))
     # Each step detected once, in the cycle after it happened, and logged once.
     steps = {e.cycle: e.wall_step_s for e in events if e.wall_step_s}
     assert steps == {21: pytest.approx(step_s), 61: pytest.approx(-step_s)}
@@ -103,12 +105,10 @@ async def test_every_fatal_signal_takes_the_safe_stop(sig: signal.Signals, tmp_p
             and (d.profile.behaviour.setpoint_timeout_s or d.profile.behaviour.heartbeat_timeout_s)
         ]
         try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not all(
-                d.commanded_power() != 0.0 for d in storage
-            ):
-                await asyncio.sleep(0.05)
-            assert all(d.commanded_power() != 0.0 for d in storage), "essd never took control"
+            in_control = await _until(
+                lambda: all(d.commanded_power() != 0.0 for d in storage), 60.0
+            )
+            assert in_control, "essd never took control"
             proc.send_signal(sig)
             code = await asyncio.wait_for(proc.wait(), 30)
         finally:

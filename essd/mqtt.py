@@ -151,7 +151,7 @@ class _Payload(BaseModel):
 
 
 class TotalsPayload(BaseModel):
-    """Cumulative site figures since the daemon started."""
+    """Cumulative site figures, kept in the durable state across restarts (energies only grow)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -159,6 +159,8 @@ class TotalsPayload(BaseModel):
     exported_wh: OptFloat = Field(description="Energy exported to the grid, Wh")
     cost: OptFloat = Field(description="Energy cost (import - export) plus carbon, currency")
     co2_kg: OptFloat = Field(description="Grid carbon emissions attributed to imports, kg")
+    battery_charged_wh: OptFloat = Field(None, description="AC energy into the batteries, Wh")
+    battery_discharged_wh: OptFloat = Field(None, description="AC energy out of the batteries, Wh")
 
 
 class StatePayload(_Payload):
@@ -185,6 +187,18 @@ class StatePayload(_Payload):
     fallback_rung: int = Field(description="1 optimal .. 5 safe idle (DESIGN.md ladder)")
     fallback_rung_name: str = Field(description="optimal | soft | last_plan | ...")
     fallback_reason: str = Field(description="Why this rung is active (empty when optimal)")
+    fallback_cause: str = Field(
+        "", description="Why, as a typed cause: optimal | solver_timeout | stale_data | ..."
+    )
+    predicted_grid_w: OptFloat = Field(
+        None, description="Grid power the guard predicts after this cycle's setpoints, W"
+    )
+    site_limit_unmet_w: OptFloat = Field(
+        None, description="How far a site limit stays exceeded (no unit had headroom), W"
+    )
+    phase_errors: dict[str, str] = Field(
+        default_factory=dict, description="Phases that failed this cycle -> error"
+    )
     cycle_duration_s: OptFloat = Field(description="Duration of the cycle, s")
     cycle_period_s: OptFloat = Field(description="Configured cycle period, s")
     overruns_total: int = Field(description="Cycles that overran their period since start")
@@ -220,6 +234,7 @@ class PlanPayload(_Payload):
     fallback_rung: int = Field(description="1 optimal .. 5 safe idle")
     fallback_rung_name: str
     fallback_reason: str
+    fallback_cause: str = Field("", description="Why, as a typed cause (see the state payload)")
     slack: dict[str, OptFloat] = Field(description="Soft-constraint slack by constraint name")
     solve_s: OptFloat = Field(description="Solver wall time, s")
 
@@ -230,7 +245,7 @@ class DeviceStatePayload(_Payload):
     site_id: str
     device_id: str
     time: float = Field(description="Time of the newest data in this payload, epoch seconds")
-    state: str = Field(description="connecting | running | degraded | fault | safe")
+    state: str = Field(description="connecting | running | degraded | write_failed | fault | safe")
     reason: str = Field(description="Why the device entered this state (may be empty)")
     device_class: str | None = Field(description="industrial | household | portable | meter")
     available: bool | None = Field(description="False when the unit did not answer")
@@ -246,6 +261,23 @@ class DeviceStatePayload(_Payload):
     setpoint_ttl_s: OptFloat
     planned_w: OptFloat = Field(description="Plan step 0 for this device, W")
     alarms: list[str]
+    requested_w: OptFloat = Field(None, description="What the plan or operator asked, W")
+    guard_reasons: list[str] = Field(
+        default_factory=list, description="Why the setpoint differs from the request"
+    )
+    reserve_soc: OptFloat = Field(None, description="Reserve SoC the guard enforced, 0..1")
+    max_soc: OptFloat = Field(None, description="Highest SoC the guard allowed, 0..1")
+    write_status: str | None = Field(
+        None, description="written | held | failed | safe_mode | skipped"
+    )
+    write_error: str | None = Field(None, description="The last write error this cycle")
+    write_failures: int | None = Field(None, description="Cycles in a row whose write failed")
+    accepted_setpoint_w: OptFloat = Field(
+        None, description="The setpoint the device last accepted, W (null after safe mode)"
+    )
+    setpoint_age_s: OptFloat = Field(
+        None, description="Seconds since the device last accepted a write"
+    )
 
 
 def _site_soc(batteries: Iterable[BatteryReading]) -> tuple[float | None, float | None]:
@@ -289,6 +321,10 @@ def build_state_payload(site_id: str, ev: CycleCompleted) -> StatePayload:
         fallback_rung=int(ev.plan.rung),
         fallback_rung_name=_rung_name(ev.plan.rung),
         fallback_reason=ev.plan.reason,
+        fallback_cause=ev.plan.cause.value,
+        predicted_grid_w=_num(ev.predicted_grid_w),
+        site_limit_unmet_w=_num(ev.site_limit_unmet_w),
+        phase_errors=dict(ev.phase_errors),
         cycle_duration_s=_num(ev.duration_s),
         cycle_period_s=_num(ev.period_s),
         overruns_total=ev.overruns_total,
@@ -298,6 +334,8 @@ def build_state_payload(site_id: str, ev: CycleCompleted) -> StatePayload:
             exported_wh=_num(ev.totals.exported_wh),
             cost=_num(ev.totals.cost),
             co2_kg=_num(ev.totals.co2_kg),
+            battery_charged_wh=_num(ev.totals.battery_charged_wh),
+            battery_discharged_wh=_num(ev.totals.battery_discharged_wh),
         ),
     )
 
@@ -322,6 +360,7 @@ def build_plan_payload(site_id: str, plan: Plan) -> PlanPayload:
         fallback_rung=int(plan.rung),
         fallback_rung_name=_rung_name(plan.rung),
         fallback_reason=plan.reason,
+        fallback_cause=plan.cause.value,
         slack={k: _num(v) for k, v in plan.slack.items()},
         solve_s=_num(plan.solve_s),
     )
@@ -346,6 +385,20 @@ def build_device_payload(
     planned = None
     if cycle is not None and cycle.plan.power_w.get(device_id):
         planned = cycle.plan.power_w[device_id][0]
+    rec = cycle.devices.get(device_id) if cycle is not None else None
+    record: dict[str, Any] = {}
+    if rec is not None:
+        record = {
+            "requested_w": _num(rec.requested_w),
+            "guard_reasons": list(rec.guard_reasons),
+            "reserve_soc": _num(rec.limits.reserve_soc) if rec.limits else None,
+            "max_soc": _num(rec.limits.max_soc) if rec.limits else None,
+            "write_status": rec.write.status.value,
+            "write_error": rec.write.error or None,
+            "write_failures": rec.write.consecutive_failures,
+            "accepted_setpoint_w": _num(rec.write.power_w),
+            "setpoint_age_s": _num(rec.setpoint_age_s),
+        }
     return DeviceStatePayload(
         site_id=site_id,
         device_id=device_id,
@@ -366,6 +419,7 @@ def build_device_payload(
         setpoint_ttl_s=_num(sp.ttl_s) if sp is not None else None,
         planned_w=_num(planned),
         alarms=list(b.alarms) if b is not None else [],
+        **record,
     )
 
 
@@ -470,7 +524,12 @@ def discovery_messages(
         return f"{{{{ value_json.{field} if value_json.{field} is not none else None }}}}"
 
     power = {"unit_of_measurement": "W", "device_class": "power", "state_class": "measurement"}
-    energy = {"unit_of_measurement": "Wh", "device_class": "energy", "state_class": "total"}
+    # The totals are durable and only grow: HA's energy dashboard books them as meter readings.
+    energy = {
+        "unit_of_measurement": "Wh",
+        "device_class": "energy",
+        "state_class": "total_increasing",
+    }
     money: dict[str, Any] = {"state_class": "total"}
     if currency:
         money |= {"unit_of_measurement": currency, "device_class": "monetary"}
@@ -522,6 +581,22 @@ def discovery_messages(
             "Exported energy",
             state_topic=topics.state,
             value_template=val("totals.exported_wh"),
+            **energy,
+        ),
+        entity(
+            "sensor",
+            "battery_charged_energy",
+            "Battery charged energy",
+            state_topic=topics.state,
+            value_template=val("totals.battery_charged_wh"),
+            **energy,
+        ),
+        entity(
+            "sensor",
+            "battery_discharged_energy",
+            "Battery discharged energy",
+            state_topic=topics.state,
+            value_template=val("totals.battery_discharged_wh"),
             **energy,
         ),
         entity(

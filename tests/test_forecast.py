@@ -102,3 +102,40 @@ def test_override_wins_while_it_covers_and_then_expires() -> None:
     assert "import_price" not in f.overrides
     with pytest.raises(ValueError, match="quantity"):
         f.set_override("wind_w", Override(0, 900, (1.0,)))
+
+
+def test_measured_pv_is_learned_apart_from_load() -> None:
+    f = Forecaster(ForecastConfig(), TOU, "Asia/Shanghai")
+    # Midday: the meter sees -1,500 W (export) while the units measure 4,000 W of PV.
+    f.observe(at(12, 0), -1500.0, 4000.0)
+    f.observe(at(0, 0), 800.0, 0.0)
+    fc = f.forecast(at(12, 0, day=2), 900, 1)
+    assert fc.load_w.tolist() == [2500.0]  # net + PV: what the site consumed
+    assert fc.pv_w.tolist() == [4000.0]
+    night = f.forecast(at(0, 0, day=2), 900, 1)
+    assert (night.load_w.tolist(), night.pv_w.tolist()) == ([800.0], [0.0])
+
+
+def test_unmeasured_pv_leaves_a_negative_net_load() -> None:
+    f = Forecaster(ForecastConfig(), TOU, "Asia/Shanghai")
+    f.observe(at(12, 0), -1500.0)
+    fc = f.forecast(at(12, 0, day=2), 900, 1)
+    assert fc.load_w.tolist() == [-1500.0]  # negative net load is a normal forecast
+    assert fc.pv_w.tolist() == [0.0]
+
+
+def test_learned_state_round_trips_and_bad_state_is_refused_whole() -> None:
+    f = Forecaster(ForecastConfig(), TOU, "Asia/Shanghai")
+    f.observe(at(12, 0), -1500.0, 4000.0)
+    g = Forecaster(ForecastConfig(), TOU, "Asia/Shanghai")
+    g.restore(f.state())
+    for name in ("load_w", "pv_w"):
+        mine = getattr(g.forecast(at(12, 0, day=2), 900, 1), name).tolist()
+        assert mine == getattr(f.forecast(at(12, 0, day=2), 900, 1), name).tolist()
+    bad = f.state()
+    bad["pv"] = {"bin_s": 900.0, "values": [1.0], "last": None}  # wrong length
+    h = Forecaster(ForecastConfig(), TOU, "Asia/Shanghai")
+    h.observe(at(3, 0), 700.0)
+    with pytest.raises(ValueError, match="forecaster.pv: values"):
+        h.restore(bad)
+    assert h.forecast(at(3, 0, day=2), 900, 1).load_w.tolist() == [700.0]  # unchanged

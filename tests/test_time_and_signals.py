@@ -66,6 +66,8 @@ async def test_a_wall_clock_step_neither_stalls_control_nor_corrupts_totals(
     assert len(events) == 121  # at 0 s and every 10 s up to 1,200 s
     monos = [e.snapshot.mono for e in events]
     assert all(b - a == pytest.approx(PERIOD) for a, b in itertools.pairwise(monos))
+    # A stepped clock waits for every cycle: none can overrun (before, all of them did).
+    assert not any(e.overrun for e in events)
     # Each step detected once, in the cycle after it happened, and logged once.
     steps = {e.cycle: e.wall_step_s for e in events if e.wall_step_s}
     assert steps == {21: pytest.approx(step_s), 61: pytest.approx(-step_s)}

@@ -136,6 +136,6 @@ def test_learned_state_round_trips_and_bad_state_is_refused_whole() -> None:
     bad["pv"] = {"bin_s": 900.0, "values": [1.0], "last": None}  # wrong length
     h = Forecaster(ForecastConfig(), TOU, "Asia/Shanghai")
     h.observe(at(3, 0), 700.0)
-    with pytest.raises(ValueError, match="forecaster.pv: values"):
+    with pytest.raises(ValueError, match=r"forecaster\.pv: values"):
         h.restore(bad)
     assert h.forecast(at(3, 0, day=2), 900, 1).load_w.tolist() == [700.0]  # unchanged

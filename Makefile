@@ -28,9 +28,10 @@ venv: $(STAMP)  ## create .venv and install essd with its test extras (idempoten
 sysdeps:  ## install (as root) or name (otherwise) the Debian packages the tests use
 	@scripts/ensure-system-deps.sh
 
-lint: venv  ## ruff lint and format check
+lint: venv  ## ruff lint and format check, and the import layers (import-linter)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: venv  ## mypy --strict on the shipped packages
 	$(BIN)/mypy --strict essd drivers hil_sim

@@ -18,12 +18,13 @@ import statistics
 import time
 
 from benchmarks import Result
-from drivers.factory import EndpointPool, build_driver
+from drivers.factory import EndpointPool
 from drivers.modbus import ModbusEndpoint, TcpTarget
 from drivers.profile import resolve_profile, shipped_profiles_dir
 from drivers.registers import Table
 from essd.clock import RealClock, SimClock
 from essd.config import Settings, load_settings
+from essd.endpoints import build_driver
 from hil_sim.battery import Battery, BatteryParams
 from hil_sim.runner import SimulatedSite
 

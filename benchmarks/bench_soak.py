@@ -39,7 +39,7 @@ from essd.daemon import build_controller
 from essd.demo import EXAMPLE_SITE
 from essd.domain import FallbackRung
 from essd.events import CycleCompleted, Event, EventBus
-from essd.forecast import read_series_csv
+from essd.series import read_series_csv
 from hil_sim.runner import SimulatedSite
 from hil_sim.site import SiteSeries
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from drivers.profile import Profile
+from essd.counters import DeviceCounters
 from essd.domain import BatteryReading, MeterReading
-from essd.events import DeviceCounters
 
 __all__ = [
     "ActivePowerControl",

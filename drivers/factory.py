@@ -1,8 +1,9 @@
-"""Build drivers from the site configuration, sharing one Modbus endpoint per transport.
+"""Build drivers for endpoint targets, sharing one Modbus endpoint per transport.
 
 Units behind the same gateway (same host:port and framing, or the same serial path) share one
 :class:`~drivers.modbus.ModbusEndpoint`, so their requests queue on one connection instead of
-competing for it, as a real RS-485 bus requires.
+competing for it, as a real RS-485 bus requires. Drivers know endpoint targets, never the site
+configuration: :mod:`essd.endpoints` maps a configured device to its target and driver.
 """
 
 from __future__ import annotations
@@ -16,32 +17,14 @@ from drivers.modbus import (
     DEFAULT_TIMEOUT_S,
     Backoff,
     EndpointTarget,
-    Framing,
     ModbusEndpoint,
     SerialTarget,
-    TcpTarget,
 )
 from drivers.profile import Profile
 from essd.clock import Clock
-from essd.config import DeviceConfig, RtuOverTcpTransport, SerialTransport, TcpTransport
 from essd.domain import LiveLimits
 
-__all__ = ["EndpointPool", "build_driver", "config_limits", "target_of"]
-
-
-def target_of(transport: TcpTransport | RtuOverTcpTransport | SerialTransport) -> EndpointTarget:
-    """Where a configured transport connects (the endpoint's identity)."""
-    if isinstance(transport, TcpTransport):
-        return TcpTarget(transport.host, transport.port, Framing.SOCKET)
-    if isinstance(transport, RtuOverTcpTransport):
-        return TcpTarget(transport.host, transport.port, Framing.RTU)
-    return SerialTarget(
-        transport.port,
-        baudrate=transport.baudrate,
-        parity=transport.parity,
-        stopbits=transport.stopbits,
-        bytesize=transport.bytesize,
-    )
+__all__ = ["EndpointPool", "make_driver"]
 
 
 class EndpointPool:
@@ -77,10 +60,6 @@ class EndpointPool:
             self._endpoints[key] = ep
         return ep
 
-    def endpoint_for(self, device: DeviceConfig) -> ModbusEndpoint:
-        """The endpoint of a configured device."""
-        return self.endpoint(target_of(device.transport), timeout_s=device.poll_timeout_s)
-
     @property
     def endpoints(self) -> tuple[ModbusEndpoint, ...]:
         """Every endpoint created so far."""
@@ -92,37 +71,31 @@ class EndpointPool:
             await ep.close()
 
 
-def config_limits(device: DeviceConfig, profile: Profile) -> LiveLimits | None:
-    """The site config's power limits as LiveLimits (None when it sets none).
-
-    A direction the config leaves open takes the profile's rating, so the override only
-    tightens.
-    """
-    if device.max_charge_w is None and device.max_discharge_w is None:
-        return None
-    r = profile.ratings
-    return LiveLimits(
-        device.max_charge_w if device.max_charge_w is not None else r.max_charge_w,
-        device.max_discharge_w if device.max_discharge_w is not None else r.max_discharge_w,
-    )
-
-
-def build_driver(
-    device: DeviceConfig, profile: Profile, *, clock: Clock, pool: EndpointPool
+def make_driver(
+    profile: Profile,
+    *,
+    device_id: str,
+    endpoint: ModbusEndpoint,
+    unit: int,
+    clock: Clock,
+    limits_override: LiveLimits | None = None,
+    capacity_wh: float | None = None,
 ) -> DeviceDriver:
-    """The driver for one configured device: generic (profile-driven) or SunSpec."""
-    endpoint = pool.endpoint_for(device)
-    limits = config_limits(device, profile)
+    """The driver for one unit at ``endpoint``: generic (profile-driven) or SunSpec.
+
+    ``limits_override`` tightens the profile's power ratings (W magnitudes); ``capacity_wh``
+    is the usable energy when the profile does not give it.
+    """
     driver_class: Callable[..., DeviceDriver] = GenericDriver
     if profile.driver == "sunspec":
         # Imported on use: the SunSpec driver pulls in pysunspec2's model definitions.
         driver_class = importlib.import_module("drivers.sunspec").SunSpecDriver
     return driver_class(
-        device_id=device.id,
+        device_id=device_id,
         profile=profile,
         endpoint=endpoint,
-        unit=device.transport.unit,
+        unit=unit,
         clock=clock,
-        limits_override=limits,
-        capacity_wh=device.capacity_wh,
+        limits_override=limits_override,
+        capacity_wh=capacity_wh,
     )

@@ -42,12 +42,12 @@ from drivers.modbus import ModbusEndpoint
 from drivers.profile import ActionName, Profile, RegisterSpec
 from drivers.registers import EncodeError, RegisterType, Table
 from essd.clock import Clock
+from essd.counters import DeviceCounters
 from essd.domain import (
     LiveLimits,
     Quality,
     Reading,
 )
-from essd.events import DeviceCounters
 
 __all__ = ["GenericDriver", "ReadBlock", "plan_reads"]
 

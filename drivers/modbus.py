@@ -49,7 +49,7 @@ from drivers.registers import (
     Table,
 )
 from essd.clock import Clock
-from essd.events import DeviceCounters
+from essd.counters import DeviceCounters
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",

@@ -29,8 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from yaml.nodes import Node
 
 from drivers.registers import ByteOrder, EncodeError, RegisterType, Table, word_count
-from essd.config import read_text_file
 from essd.domain import DeviceClass
+from essd.textfile import read_text_file
 
 __all__ = [
     "MAX_PROFILE_BYTES",

@@ -67,12 +67,12 @@ from drivers.registers import (
     encode_raw,
 )
 from essd.clock import Clock
+from essd.counters import DeviceCounters
 from essd.domain import (
     LiveLimits,
     Quality,
     Reading,
 )
-from essd.events import DeviceCounters
 
 __all__ = [
     "SUNS_MARKER",

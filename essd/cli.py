@@ -12,6 +12,11 @@ from pathlib import Path
 
 from essd import __version__
 from essd.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
+from essd.demo import register_cli as register_demo
+from essd.hil.cli import register as register_hil
+from essd.logs import configure_logging
+from essd.schema import register as register_schema
+from hil_sim.cli import register_cli as register_sim
 
 __all__ = ["main"]
 
@@ -88,32 +93,6 @@ def cmd_profiles_show(args: argparse.Namespace) -> int:
 
     print(yaml.safe_dump(profile.model_dump(mode="json", by_alias=True), sort_keys=False), end="")
     return EXIT_OK
-
-
-def configure_logging(level: str, fmt: str = "text") -> None:
-    """Log to stderr (the journal under systemd) at ``level``; ``json``: one object a line."""
-    import json  # noqa: PLC0415
-    import logging  # noqa: PLC0415
-
-    class JsonFormatter(logging.Formatter):
-        def format(self, record: logging.LogRecord) -> str:
-            entry = {
-                "time": self.formatTime(record),
-                "level": record.levelname,
-                "logger": record.name,
-                "msg": record.getMessage(),
-            }
-            if record.exc_info:
-                entry["exc"] = self.formatException(record.exc_info)
-            return json.dumps(entry)
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter()
-        if fmt == "json"
-        else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-    )
-    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -194,29 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--profile-dir", type=Path, action="append", default=[])
     ps.set_defaults(func=cmd_profiles_show)
 
-    for register in _EXTENSIONS:
-        register(sub)
+    register_schema(sub)
+    register_sim(sub)
+    register_demo(sub)
+    register_hil(sub)
     return parser
-
-
-# Later parts (daemon, simulator, HIL runner, schema) add their subcommands here.
-_EXTENSIONS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
-
-from essd.schema import register as _register_schema  # noqa: E402
-
-_EXTENSIONS.append(_register_schema)
-
-from hil_sim.cli import register_cli as _register_sim  # noqa: E402
-
-_EXTENSIONS.append(_register_sim)
-
-from essd.demo import register_cli as _register_demo  # noqa: E402
-
-_EXTENSIONS.append(_register_demo)
-
-from essd.hil.cli import register as _register_hil  # noqa: E402
-
-_EXTENSIONS.append(_register_hil)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,6 +43,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from essd.textfile import read_text_file
+
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "MAX_CONFIG_BYTES",
@@ -58,7 +60,6 @@ __all__ = [
     "StateConfig",
     "TariffConfig",
     "load_settings",
-    "read_text_file",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/essd/essd.toml")
@@ -466,33 +467,6 @@ def load_settings(path: Path | None = DEFAULT_CONFIG_PATH, **overrides: Any) -> 
         raise ConfigError(_format_errors(exc, path)) from None
     finally:
         _config_data.reset(token)
-
-
-def read_text_file(path: Path, *, max_bytes: int, what: str) -> str:
-    """The UTF-8 text of ``path``; ValueError naming the file when it is missing, larger than
-    ``max_bytes`` (checked before reading), binary (NUL bytes) or not UTF-8."""
-    try:
-        with path.open("rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size > max_bytes:
-                raise ValueError(
-                    f"{path}: {what} is {size} bytes, more than the {max_bytes} allowed"
-                )
-            data = fh.read(max_bytes + 1)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path}: {what} is a directory") from None
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read: {exc.strerror}") from None
-    if len(data) > max_bytes:  # grew while being read, or not a regular file
-        raise ValueError(f"{path}: {what} is more than the {max_bytes} bytes allowed")
-    if b"\x00" in data:
-        raise ValueError(f"{path}: {what} is binary, not text (NUL bytes)")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: {what} is not UTF-8 text (byte {exc.start})") from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

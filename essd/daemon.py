@@ -27,13 +27,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from drivers.factory import EndpointPool, build_driver
+from drivers.factory import EndpointPool
 from drivers.profile import resolve_profile
 from essd.clock import Clock, RealClock
 from essd.config import ConfigError, Settings
 from essd.cycle import Controller
 from essd.devices import ManagedDevice, envelope_for
 from essd.domain import DeviceClass
+from essd.endpoints import build_driver
 from essd.events import DaemonStatus, DaemonStatusChanged, EventBus
 from essd.forecast import Forecaster
 from essd.metrics import MetricsExporter, MetricsServer

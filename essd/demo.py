@@ -24,6 +24,7 @@ from essd.clock import SimClock
 from essd.config import ConfigError, Settings, load_settings
 from essd.daemon import Daemon
 from essd.events import EventBus
+from essd.logs import configure_logging
 from essd.sdnotify import SystemdNotifier
 from essd.tui import LogLines, TerminalView
 
@@ -97,8 +98,6 @@ async def run_demo(
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from essd.cli import configure_logging  # noqa: PLC0415
-
     configure_logging(args.log_level)
     return asyncio.run(
         run_demo(

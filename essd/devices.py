@@ -33,6 +33,7 @@ from drivers.api import (
 from drivers.profile import Capability, Profile
 from essd.clock import Clock
 from essd.config import DeviceConfig
+from essd.counters import DeviceCounters
 from essd.domain import (
     BatteryReading,
     DeviceClass,
@@ -43,7 +44,6 @@ from essd.domain import (
     Setpoint,
 )
 from essd.events import (
-    DeviceCounters,
     DeviceStateChanged,
     EventBus,
     WriteOutcome,

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from essd.counters import DeviceCounters
 from essd.domain import DeviceClass, DeviceState, Plan, PlanCause, Setpoint, Snapshot
 
 __all__ = [
@@ -23,7 +24,6 @@ __all__ = [
     "CycleCompleted",
     "DaemonStatus",
     "DaemonStatusChanged",
-    "DeviceCounters",
     "DeviceLimits",
     "DeviceRecord",
     "DeviceStateChanged",
@@ -41,17 +41,6 @@ log = logging.getLogger(__name__)
 
 class Event:
     """Base class of every published event (all are frozen dataclasses)."""
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceCounters:
-    """Cumulative per-device communication counters (since start)."""
-
-    requests_total: int = 0
-    errors_total: Mapping[str, int] = field(default_factory=dict)  # by kind: timeout, exception...
-    writes_total: int = 0
-    readback_mismatches_total: int = 0
-    last_latency_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

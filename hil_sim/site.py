@@ -4,7 +4,7 @@ Sign conventions: battery W > 0 discharges into the site, < 0 charges; grid W > 
 Grid power at the connection point = load - PV used - sum(battery power).
 
 Series files (``profiles/sites/*.csv``) have the format essd's forecaster reads, parsed by
-:func:`essd.forecast.read_series_csv`: a ``time`` column (ISO 8601 with offset, or epoch seconds)
+:func:`essd.series.read_series_csv`: a ``time`` column (ISO 8601 with offset, or epoch seconds)
 and any of ``load_w, pv_w, import_price, export_price, carbon_g_per_kwh``. A file spanning less
 than a day is a daily profile, repeated every day in the site's time zone; a longer one is read
 by absolute time and holds its end values. The simulator interpolates linearly between samples
@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from essd.clock import Clock
-from essd.forecast import SERIES_COLUMNS, read_series_csv
+from essd.series import SERIES_COLUMNS, read_series_csv
 from hil_sim.battery import Alarm
 from hil_sim.devices import MeterDevice, PortableDevice, StorageDevice
 

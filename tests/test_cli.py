@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from essd import __version__
-from essd.cli import configure_logging, main
+from essd.cli import main
+from essd.logs import configure_logging
 
 
 def test_profiles_list_names_every_shipped_profile_with_its_class(

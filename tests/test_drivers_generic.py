@@ -20,7 +20,7 @@ from drivers.api import (
     SafeModeControl,
     ValueRefused,
 )
-from drivers.factory import EndpointPool, build_driver, config_limits
+from drivers.factory import EndpointPool
 from drivers.generic import GenericDriver, plan_reads
 from drivers.layout import ProfileImage
 from drivers.modbus import (
@@ -36,6 +36,7 @@ from drivers.registers import ModbusExceptionCode, RegisterAccessError, Table
 from essd.clock import RealClock
 from essd.config import DeviceConfig
 from essd.domain import BatteryReading, LiveLimits, MeterReading, Quality
+from essd.endpoints import build_driver, config_limits
 from tests.support.devices import sample_image, serve_profile, words_of
 
 PCS = """

@@ -8,13 +8,14 @@ from collections.abc import Iterator
 import pytest
 
 from drivers.api import ChargeLimitControl, CommunicationError, OutputControl
-from drivers.factory import EndpointPool, build_driver
+from drivers.factory import EndpointPool
 from drivers.modbus import ModbusEndpoint, ModbusServer, SerialTarget
 from drivers.profile import resolve_profile
 from drivers.registers import NoResponse, Table
 from essd.clock import RealClock
 from essd.config import DeviceConfig
 from essd.domain import BatteryReading
+from essd.endpoints import build_driver
 from tests.support.devices import pty_pair, sample_image
 
 

@@ -1,7 +1,7 @@
 """The example site's plain devices, built from the site config and read concurrently.
 
 Each device is served by its own ModbusServer (framing as its configured transport says) on a
-free loopback port; the drivers come from ``drivers.factory.build_driver``.
+free loopback port; the drivers come from ``essd.endpoints.build_driver``.
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ import contextlib
 from pathlib import Path
 
 from drivers.api import CommunicationError, DeviceDriver
-from drivers.factory import EndpointPool, build_driver
+from drivers.factory import EndpointPool
 from drivers.modbus import Framing, ModbusServer
 from drivers.profile import list_profiles, resolve_profile
 from essd.clock import RealClock
 from essd.config import DeviceConfig, SerialTransport, load_settings
 from essd.domain import BatteryReading, MeterReading
+from essd.endpoints import build_driver
 from tests.support.devices import sample_image
 
 EXAMPLE = Path(__file__).parents[1] / "profiles" / "sites" / "example.toml"

@@ -28,7 +28,7 @@ from drivers.api import (
     SocLimitControl,
     ValueRefused,
 )
-from drivers.factory import EndpointPool, build_driver
+from drivers.factory import EndpointPool
 from drivers.modbus import ModbusEndpoint
 from drivers.profile import (
     Profile,
@@ -49,6 +49,7 @@ from drivers.sunspec import (
 from essd.clock import RealClock, SimClock
 from essd.config import DeviceConfig, SerialTransport, load_settings
 from essd.domain import BatteryReading, LiveLimits, MeterReading, Quality
+from essd.endpoints import build_driver
 from tests.support.sunspec import loopback, serve_stores
 
 PCS = shipped_profiles_dir() / "devices" / "industrial-sunspec-pcs.yaml"

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from drivers.api import DeviceDriver
-from drivers.factory import EndpointPool, build_driver
+from drivers.factory import EndpointPool
 from drivers.modbus import Framing, ModbusEndpoint, TcpTarget
 from drivers.profile import resolve_profile
 from essd.clock import Clock
 from essd.config import Settings, load_settings
+from essd.endpoints import build_driver
 from hil_sim.faults import FaultSpec
 from hil_sim.runner import SimulatedSite
 from hil_sim.site import SiteSeries

@@ -21,6 +21,7 @@ import aiomqtt
 from essd.clock import RealClock
 from essd.commands import CommandRejected
 from essd.config import MqttConfig
+from essd.counters import DeviceCounters
 from essd.domain import (
     BatteryReading,
     DeviceClass,
@@ -34,7 +35,7 @@ from essd.domain import (
     Setpoint,
     Snapshot,
 )
-from essd.events import CycleCompleted, DeviceCounters, EventBus, SiteTotals
+from essd.events import CycleCompleted, EventBus, SiteTotals
 from essd.mqtt import MqttBridge
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from essd.clock import Clock
+from essd.counters import DeviceCounters
 from essd.domain import (
     BatteryReading,
     DeviceClass,
@@ -44,7 +45,6 @@ from essd.events import (
     CycleCompleted,
     DaemonStatus,
     DaemonStatusChanged,
-    DeviceCounters,
     DeviceLimits,
     DeviceRecord,
     DeviceStateChanged,

@@ -16,10 +16,11 @@ import time
 from benchmarks import Result
 from drivers.api import ActivePowerControl
 from drivers.generic import GenericDriver
-from drivers.layout import ProfileImage
-from drivers.modbus import Framing, ModbusEndpoint, ModbusServer, TcpTarget
+from drivers.modbus import Framing, ModbusEndpoint, TcpTarget
 from drivers.profile import list_profiles
 from essd.clock import RealClock
+from hil_sim.modbus_server import ModbusServer
+from hil_sim.profile_image import ProfileImage
 
 READS = 200
 

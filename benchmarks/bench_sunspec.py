@@ -12,10 +12,12 @@ import time
 
 from benchmarks import Result
 from drivers.api import ActivePowerControl
-from drivers.modbus import Framing, ModbusEndpoint, ModbusServer, TcpTarget
+from drivers.modbus import Framing, ModbusEndpoint, TcpTarget
 from drivers.profile import resolve_profile
-from drivers.sunspec import SunSpecDriver, build_sunspec_image, decode_point, load_model
+from drivers.sunspec import SunSpecDriver, decode_point, load_model
 from essd.clock import RealClock
+from hil_sim.modbus_server import ModbusServer
+from hil_sim.sunspec_image import build_sunspec_image
 
 _ROUNDS = 200
 

@@ -1,8 +1,9 @@
 """Register layout of a plain (address-based) profile, and the value codec both sides share.
 
 The driver decodes what it reads with :func:`decode_register` and encodes what it writes with
-:func:`encode_register`; the simulator lays out its register map with :class:`ProfileImage` and
-sets and gets named values through the very same functions. So the simulator serves exactly the
+:func:`encode_register`; the simulator lays out its register map with
+:class:`hil_sim.profile_image.ProfileImage` and sets and gets named values through the very same
+functions. So the simulator serves exactly the
 profile the driver reads, and the two cannot drift apart.
 
 Physical value = ``raw * scale * 10**sf + offset`` in the register's own unit (``unit:`` in the
@@ -12,20 +13,14 @@ for ``%`` (see :func:`to_base`).
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
 
-from drivers.profile import Profile, RegisterSpec, Transport
+from drivers.profile import RegisterSpec, Transport
 from drivers.registers import (
     EncodeError,
-    ModbusExceptionCode,
-    RegisterAccessError,
-    RegisterImage,
     RegisterType,
-    Table,
     decode_raw,
     encode_raw,
     word_count,
@@ -33,8 +28,6 @@ from drivers.registers import (
 
 __all__ = [
     "Decoded",
-    "FieldAccess",
-    "ProfileImage",
     "base_unit",
     "decode_register",
     "encode_register",
@@ -224,171 +217,3 @@ def encode_register(
         )
     except EncodeError as exc:
         raise EncodeError(f"register {spec.name}: {_quantity(value, spec.unit)}: {exc}") from None
-
-
-class _NamedValues(Protocol):
-    """Register access by name in the register's own unit (what :class:`FieldAccess` needs)."""
-
-    @property
-    def profile(self) -> Profile:
-        """The profile the image is laid out from."""
-        ...
-
-    def get_value(self, name: str) -> float | str | None:
-        """A register's value in its own unit, None when invalid or not implemented."""
-        ...
-
-    def set_value(self, name: str, value: float | str, *, check_range: bool = True) -> None:
-        """Set a register to a value in its own unit."""
-        ...
-
-
-class FieldAccess:
-    """Semantic-field access in essd base units, on an image with by-name register access."""
-
-    def field_spec(self: _NamedValues, field: str) -> RegisterSpec:
-        """The register mapped to a semantic field."""
-        spec = self.profile.field_register(field)
-        if spec is None:
-            raise KeyError(f"profile {self.profile.name}: no field {field!r}")
-        return spec
-
-    def get_field(self: _NamedValues, field: str) -> float | str | None:
-        """A semantic field in essd base units (W, Wh, s, ratio), None when not valid."""
-        spec = FieldAccess.field_spec(self, field)
-        v = self.get_value(spec.name)
-        return to_base(v, spec.unit) if isinstance(v, float | int) else v
-
-    def set_field(
-        self: _NamedValues, field: str, value: float | str, *, check_range: bool = True
-    ) -> None:
-        """Set a semantic field from essd base units (W, Wh, s, ratio)."""
-        spec = FieldAccess.field_spec(self, field)
-        physical = value if isinstance(value, str) else from_base(value, spec.unit)
-        self.set_value(spec.name, physical, check_range=check_range)
-
-
-class ProfileImage(FieldAccess, RegisterImage):
-    """A :class:`RegisterImage` laid out from a plain profile, with named physical access.
-
-    Every register of the profile exists (initialised to 0), plus the gaps a block read may
-    span (``transport.read_gap_max``), so a driver reading this image reads what it would read
-    from the device. It is a RegisterStore: :class:`drivers.modbus.ModbusServer` serves it.
-    """
-
-    def __init__(self, profile: Profile) -> None:
-        super().__init__()
-        if profile.driver != "generic":
-            raise ValueError(f"profile {profile.name}: only a plain profile can be laid out")
-        self.profile = profile
-        self._specs = {r.name: r for r in profile.registers}
-        self._owner: dict[int, RegisterSpec] = {}  # holding address -> register covering it
-        self._listeners: list[Callable[[tuple[str, ...]], None]] = []
-        spans: dict[Table, list[tuple[int, int]]] = {Table.HOLDING: [], Table.INPUT: []}
-        for spec in profile.registers:
-            assert spec.address is not None  # a generic profile has no SunSpec points
-            self.define(spec.table, spec.address, register_words(spec))
-            spans[spec.table].append((spec.address, spec.address + register_words(spec)))
-            if spec.table is Table.HOLDING:
-                for a in range(spec.address, spec.address + register_words(spec)):
-                    self._owner[a] = spec
-        gap_max = profile.transport.read_gap_max
-        for table, ranges in spans.items():
-            ranges.sort()
-            for (_, end), (start, _) in itertools.pairwise(ranges):
-                if 0 < start - end <= gap_max:
-                    self.define(table, end, start - end)
-
-    def add_write_listener(self, callback: Callable[[tuple[str, ...]], None]) -> None:
-        """Call ``callback(register names)`` after every write a Modbus client makes."""
-        self._listeners.append(callback)
-
-    def write(self, address: int, values: Sequence[int]) -> None:
-        """RegisterStore write, as the device takes it: only writable registers accept one.
-
-        Read-only registers and unassigned addresses answer ILLEGAL_DATA_ADDRESS. The simulator
-        itself sets any register with :meth:`set_value` / :meth:`set_raw`.
-        """
-        names: list[str] = []
-        for a in range(address, address + len(values)):
-            spec = self._owner.get(a)
-            if spec is None or spec.access == "r":
-                raise RegisterAccessError(ModbusExceptionCode.ILLEGAL_DATA_ADDRESS)
-            if spec.name not in names:
-                names.append(spec.name)
-        super().write(address, values)
-        for callback in list(self._listeners):
-            callback(tuple(names))
-
-    def spec(self, name: str) -> RegisterSpec:
-        """The register called ``name`` (KeyError naming it otherwise)."""
-        try:
-            return self._specs[name]
-        except KeyError:
-            raise KeyError(f"profile {self.profile.name}: no register {name!r}") from None
-
-    def _location(self, spec: RegisterSpec) -> tuple[Table, int, int]:
-        assert spec.address is not None
-        return spec.table, spec.address, register_words(spec)
-
-    def _sf(self, spec: RegisterSpec) -> int | None:
-        if spec.scale_factor is None:
-            return None
-        raw = self.get_raw(spec.scale_factor)
-        return raw if isinstance(raw, int) else None
-
-    def get_raw(self, name: str) -> int | float | str:
-        """The raw (unscaled) value of a register."""
-        spec = self.spec(name)
-        t = self.profile.transport
-        return decode_raw(
-            self.get(*self._location(spec)),
-            spec.rtype,
-            byte_order=t.byte_order,
-            word_order=t.word_order,
-        )
-
-    def set_raw(self, name: str, raw: int | float | str) -> None:
-        """Set a register's raw value (e.g. 0x8000 "not implemented" or NaN for fault tests)."""
-        spec = self.spec(name)
-        t = self.profile.transport
-        words = encode_raw(
-            raw,
-            spec.rtype,
-            byte_order=t.byte_order,
-            word_order=t.word_order,
-            string_words=spec.count,
-        )
-        table, address, _ = self._location(spec)
-        self.set(table, address, words)
-
-    def value(self, name: str) -> Decoded:
-        """A register's decoded value in its own unit (invalid values carry a reason)."""
-        spec = self.spec(name)
-        return decode_register(
-            spec,
-            self.get(*self._location(spec)),
-            transport=self.profile.transport,
-            sf=self._sf(spec),
-        )
-
-    def get_value(self, name: str) -> float | str | None:
-        """A register's value in its own unit, None when it is not valid."""
-        return self.value(name).value
-
-    def set_value(self, name: str, value: float | str, *, check_range: bool = True) -> None:
-        """Set a register to a physical value in its own unit."""
-        spec = self.spec(name)
-        words = encode_register(
-            spec,
-            value,
-            transport=self.profile.transport,
-            sf=self._sf(spec),
-            check_range=check_range,
-        )
-        table, address, _ = self._location(spec)
-        self.set(table, address, words)
-
-    def names(self) -> Iterable[str]:
-        """Names of every register of the profile."""
-        return self._specs.keys()

@@ -1,7 +1,9 @@
 """hil_sim: simulated devices and sites served over real Modbus, for hardware-in-the-loop tests.
 
 The register map of every simulated device is laid out from the very profile its driver reads
-(:mod:`drivers.layout`, :mod:`drivers.sunspec`), and served by :class:`drivers.modbus.ModbusServer`.
+(:mod:`hil_sim.profile_image` and :mod:`hil_sim.sunspec_image`, through the codecs of
+:mod:`drivers.layout` and :mod:`drivers.sunspec`), and served by
+:class:`hil_sim.modbus_server.ModbusServer` (:mod:`hil_sim.store`: what a served device is).
 Sign conventions: battery W > 0 discharges into the site, < 0 charges; grid W > 0 imports.
 
 - :class:`SimulatedSite` (:mod:`hil_sim.runner`): every device of an essd site config, on its

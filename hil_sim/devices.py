@@ -1,10 +1,11 @@
 """Simulated devices: register stores laid out from the very profiles the drivers read.
 
-Each device is a :class:`drivers.registers.RegisterStore` that :class:`drivers.modbus.ModbusServer`
-serves. Its register map comes from :class:`drivers.layout.ProfileImage` (plain profiles) or
-:func:`drivers.sunspec.build_sunspec_image` (SunSpec profiles), so the driver and the simulator
-cannot drift apart. Sign conventions: battery W > 0 discharges into the site, < 0 charges; grid
-W > 0 imports.
+Each device is a :class:`hil_sim.store.RegisterStore` that
+:class:`hil_sim.modbus_server.ModbusServer` serves. Its register map comes from
+:class:`hil_sim.profile_image.ProfileImage` (plain profiles) or
+:func:`hil_sim.sunspec_image.build_sunspec_image` (SunSpec profiles), so the driver and the
+simulator cannot drift apart. Sign conventions: battery W > 0 discharges into the site, < 0
+charges; grid W > 0 imports.
 
 What a storage device does is read from the profile, not from code:
 
@@ -44,19 +45,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from drivers.layout import ProfileImage, from_base, to_base
+from drivers.layout import from_base, to_base
 from drivers.profile import ActionName, Profile, RegisterSpec, WriteStep
-from drivers.registers import (
-    EncodeError,
-    ModbusExceptionCode,
-    NoResponse,
-    RegisterAccessError,
-    Table,
-)
-from drivers.sunspec import SunSpecError, SunSpecImage, build_sunspec_image
+from drivers.registers import EncodeError, Table
+from drivers.sunspec import SunSpecError
 from essd.clock import Clock
 from essd.domain import DeviceClass
 from hil_sim.battery import Alarm, Battery, BatteryParams, BatteryState
+from hil_sim.profile_image import ProfileImage
+from hil_sim.store import ModbusExceptionCode, NoResponse, RegisterAccessError
+from hil_sim.sunspec_image import SunSpecImage, build_sunspec_image
 
 __all__ = [
     "DeviceFaults",

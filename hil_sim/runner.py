@@ -7,7 +7,7 @@
         truth = sim.truth()                     # SoC, power per device, grid power, violations
 
 Devices that share a transport (host:port and framing, or a serial path) share one
-:class:`drivers.modbus.ModbusServer`, one store per unit id, as units behind one gateway do.
+:class:`hil_sim.modbus_server.ModbusServer`, one store per unit id, as units behind one gateway do.
 Serial devices get a pty pair from ``socat``: the configured path is the daemon's end.
 A device that has a ``delay`` fault on the timeline (or every TCP device with ``proxy=True``)
 sits behind a :class:`hil_sim.proxy.DelayProxy` on its configured port.
@@ -30,9 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from drivers.modbus import Framing, ModbusServer
+from drivers.modbus import Framing
 from drivers.profile import Profile, resolve_profile
-from drivers.registers import ModbusExceptionCode
 from essd.clock import Clock
 from essd.config import (
     DeviceConfig,
@@ -51,8 +50,10 @@ from hil_sim.devices import (
     build_storage_device,
 )
 from hil_sim.faults import FaultSpec, FaultTimeline, check_devices
+from hil_sim.modbus_server import ModbusServer
 from hil_sim.proxy import DelayProxy
 from hil_sim.site import Site, SiteLimits, SiteSeries, SiteTruth
+from hil_sim.store import ModbusExceptionCode
 
 __all__ = ["Endpoint", "SimulatedSite", "default_series_path"]
 

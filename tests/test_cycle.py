@@ -16,8 +16,6 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from drivers.factory import EndpointPool
-from drivers.layout import ProfileImage
-from drivers.modbus import ModbusServer
 from drivers.profile import resolve_profile
 from essd.clock import SimClock
 from essd.config import Settings
@@ -25,6 +23,8 @@ from essd.cycle import Controller, Mode
 from essd.daemon import build_controller
 from essd.domain import DeviceState, FallbackRung
 from essd.events import CycleCompleted, EventBus
+from hil_sim.modbus_server import ModbusServer
+from hil_sim.profile_image import ProfileImage
 
 TZ = ZoneInfo("Asia/Shanghai")
 # 10:45 local: a 30-minute price peak remains, then the valley.

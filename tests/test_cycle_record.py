@@ -18,10 +18,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from drivers.registers import ModbusExceptionCode, RegisterAccessError
 from essd.domain import DeviceState
 from essd.events import WriteStatus
 from essd.metrics import MetricsExporter
+from hil_sim.store import ModbusExceptionCode, RegisterAccessError
 from tests.support.prometheus import ALERTS, program
 from tests.test_cycle import Site, site  # noqa: F401 - the fixture is used by name
 

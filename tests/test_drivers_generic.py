@@ -22,21 +22,16 @@ from drivers.api import (
 )
 from drivers.factory import EndpointPool
 from drivers.generic import GenericDriver, plan_reads
-from drivers.layout import ProfileImage
-from drivers.modbus import (
-    ErrorKind,
-    Framing,
-    ModbusEndpoint,
-    ModbusServer,
-    SerialTarget,
-    TcpTarget,
-)
+from drivers.modbus import ErrorKind, Framing, ModbusEndpoint, SerialTarget, TcpTarget
 from drivers.profile import ActionName, Profile, load_profile_text, resolve_profile
-from drivers.registers import ModbusExceptionCode, RegisterAccessError, Table
+from drivers.registers import Table
 from essd.clock import RealClock
 from essd.config import DeviceConfig
 from essd.domain import BatteryReading, LiveLimits, MeterReading, Quality
 from essd.endpoints import build_driver, config_limits
+from hil_sim.modbus_server import ModbusServer
+from hil_sim.profile_image import ProfileImage
+from hil_sim.store import ModbusExceptionCode, RegisterAccessError
 from tests.support.devices import sample_image, serve_profile, words_of
 
 PCS = """

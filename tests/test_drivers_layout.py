@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from drivers.layout import ProfileImage, base_unit, from_base, to_base
+from drivers.layout import base_unit, from_base, to_base
 from drivers.profile import load_profile, load_profile_text, resolve_profile
-from drivers.registers import EncodeError, ModbusExceptionCode, RegisterAccessError, Table
+from drivers.registers import EncodeError, Table
 from essd.cli import main
+from hil_sim.profile_image import ProfileImage
+from hil_sim.store import ModbusExceptionCode, RegisterAccessError
 from tests.support.devices import shipped_profile_paths
 
 GAPPY = """

@@ -16,23 +16,11 @@ from dataclasses import dataclass, field
 import pytest
 
 from drivers.api import CommunicationError, DeviceExceptionResponse
-from drivers.modbus import (
-    Backoff,
-    ErrorKind,
-    Framing,
-    ModbusEndpoint,
-    ModbusServer,
-    SerialTarget,
-    TcpTarget,
-)
-from drivers.registers import (
-    ModbusExceptionCode,
-    NoResponse,
-    RegisterAccessError,
-    RegisterImage,
-    Table,
-)
+from drivers.modbus import Backoff, ErrorKind, Framing, ModbusEndpoint, SerialTarget, TcpTarget
+from drivers.registers import Table
 from essd.clock import RealClock, SimClock
+from hil_sim.modbus_server import ModbusServer
+from hil_sim.store import ModbusExceptionCode, NoResponse, RegisterAccessError, RegisterImage
 
 
 def _image() -> RegisterImage:

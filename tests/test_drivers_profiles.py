@@ -25,9 +25,10 @@ from drivers.api import (
     SafeModeControl,
     SocLimitControl,
 )
-from drivers.layout import ProfileImage, from_base
+from drivers.layout import from_base
 from drivers.profile import ActionName, Capability, load_profile
 from essd.domain import BatteryReading, DeviceClass, MeterReading, Quality
+from hil_sim.profile_image import ProfileImage
 from tests.support.devices import (
     close_enough,
     expected_fields,

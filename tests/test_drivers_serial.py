@@ -9,13 +9,15 @@ import pytest
 
 from drivers.api import ChargeLimitControl, CommunicationError, OutputControl
 from drivers.factory import EndpointPool
-from drivers.modbus import ModbusEndpoint, ModbusServer, SerialTarget
+from drivers.modbus import ModbusEndpoint, SerialTarget
 from drivers.profile import resolve_profile
-from drivers.registers import NoResponse, Table
+from drivers.registers import Table
 from essd.clock import RealClock
 from essd.config import DeviceConfig
 from essd.domain import BatteryReading
 from essd.endpoints import build_driver
+from hil_sim.modbus_server import ModbusServer
+from hil_sim.store import NoResponse
 from tests.support.devices import pty_pair, sample_image
 
 

@@ -12,12 +12,13 @@ from pathlib import Path
 
 from drivers.api import CommunicationError, DeviceDriver
 from drivers.factory import EndpointPool
-from drivers.modbus import Framing, ModbusServer
+from drivers.modbus import Framing
 from drivers.profile import list_profiles, resolve_profile
 from essd.clock import RealClock
 from essd.config import DeviceConfig, SerialTransport, load_settings
 from essd.domain import BatteryReading, MeterReading
 from essd.endpoints import build_driver
+from hil_sim.modbus_server import ModbusServer
 from tests.support.devices import sample_image
 
 EXAMPLE = Path(__file__).parents[1] / "profiles" / "sites" / "example.toml"

@@ -16,16 +16,18 @@ from drivers.api import (
     OutputControl,
     RevertTimerControl,
 )
-from drivers.layout import ProfileImage, encode_register
+from drivers.layout import encode_register
 from drivers.profile import Profile, list_profiles, resolve_profile
-from drivers.registers import RegisterAccessError, Table
+from drivers.registers import Table
 from essd.clock import SimClock
 from essd.config import SerialTransport, Settings
 from essd.domain import BatteryReading, MeterReading
 from hil_sim.devices import MeterDevice, build_storage_device
 from hil_sim.faults import FaultSpec
+from hil_sim.profile_image import ProfileImage
 from hil_sim.runner import SimulatedSite
 from hil_sim.site import SiteSeries
+from hil_sim.store import RegisterAccessError
 from tests.support.hil_sim import (
     endpoint_for,
     example_settings,

@@ -14,13 +14,14 @@ from drivers.api import (
     DeviceExceptionResponse,
     RevertTimerControl,
 )
-from drivers.layout import ProfileImage, register_words
+from drivers.layout import register_words
 from drivers.registers import Table
-from drivers.sunspec import SunSpecImage
 from essd.clock import SimClock
 from essd.domain import BatteryReading
 from hil_sim.faults import FaultError, FaultSpec, FaultTimeline, load_faults, load_faults_text
+from hil_sim.profile_image import ProfileImage
 from hil_sim.runner import SimulatedSite
+from hil_sim.sunspec_image import SunSpecImage
 from tests.support.hil_sim import (
     endpoint_for,
     example_settings,

@@ -16,11 +16,12 @@ import struct
 import pytest
 
 from drivers.api import DeviceError
-from drivers.layout import ProfileImage
-from drivers.modbus import Framing, ModbusEndpoint, ModbusServer, TcpTarget
+from drivers.modbus import Framing, ModbusEndpoint, TcpTarget
 from drivers.profile import resolve_profile
 from drivers.registers import Table
 from essd.clock import RealClock
+from hil_sim.modbus_server import ModbusServer
+from hil_sim.profile_image import ProfileImage
 
 
 def _mbap(pdu: bytes, *, unit: int = 1, length: int | None = None) -> bytes:

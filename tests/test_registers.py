@@ -9,17 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from drivers.registers import (
-    ByteOrder,
-    EncodeError,
-    ModbusExceptionCode,
-    RegisterAccessError,
-    RegisterImage,
-    RegisterType,
-    Table,
-    decode_raw,
-    encode_raw,
-)
+from drivers.registers import ByteOrder, EncodeError, RegisterType, Table, decode_raw, encode_raw
+from hil_sim.store import ModbusExceptionCode, RegisterAccessError, RegisterImage
 
 orders = st.sampled_from(list(ByteOrder))
 RANGES = {

@@ -38,18 +38,14 @@ from drivers.profile import (
     load_profile_text,
     shipped_profiles_dir,
 )
-from drivers.registers import RegisterImage, RegisterStore, Table
-from drivers.sunspec import (
-    SunSpecDiscoveryError,
-    SunSpecDriver,
-    SunSpecError,
-    SunSpecImage,
-    build_sunspec_image,
-)
+from drivers.registers import Table
+from drivers.sunspec import SunSpecDiscoveryError, SunSpecDriver, SunSpecError
 from essd.clock import RealClock, SimClock
 from essd.config import DeviceConfig, SerialTransport, load_settings
 from essd.domain import BatteryReading, LiveLimits, MeterReading, Quality
 from essd.endpoints import build_driver
+from hil_sim.store import RegisterImage, RegisterStore
+from hil_sim.sunspec_image import SunSpecImage, build_sunspec_image
 from tests.support.sunspec import loopback, serve_stores
 
 PCS = shipped_profiles_dir() / "devices" / "industrial-sunspec-pcs.yaml"

@@ -12,22 +12,10 @@ from hypothesis import strategies as st
 from sunspec2 import device as ss_device
 
 from drivers.profile import Profile, load_profile, shipped_profiles_dir
-from drivers.registers import (
-    EncodeError,
-    ModbusExceptionCode,
-    RegisterAccessError,
-    RegisterType,
-    Table,
-    encode_raw,
-)
-from drivers.sunspec import (
-    SUNS_MARKER,
-    SunSpecError,
-    build_sunspec_image,
-    decode_point,
-    encode_point,
-    load_model,
-)
+from drivers.registers import EncodeError, RegisterType, Table, encode_raw
+from drivers.sunspec import SUNS_MARKER, SunSpecError, decode_point, encode_point, load_model
+from hil_sim.store import ModbusExceptionCode, RegisterAccessError
+from hil_sim.sunspec_image import build_sunspec_image
 
 PCS = shipped_profiles_dir() / "devices" / "industrial-sunspec-pcs.yaml"
 

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from drivers.layout import ProfileImage
-from drivers.modbus import ModbusServer
 from drivers.profile import resolve_profile
 from essd.clock import SimClock
 from essd.daemon import Daemon
 from essd.events import CycleCompleted, Event, EventBus
 from hil_sim.devices import StorageDevice
+from hil_sim.modbus_server import ModbusServer
+from hil_sim.profile_image import ProfileImage
 from hil_sim.runner import SimulatedSite
 from tests.support.site import write_config
 from tests.test_cycle import START, settings

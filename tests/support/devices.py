@@ -1,7 +1,7 @@
 """Support for device-layer tests: sample register images, served profiles, pty pairs.
 
-Everything here is real: a :class:`drivers.modbus.ModbusServer` on a loopback socket or a pty,
-and a real :class:`drivers.modbus.ModbusEndpoint` talking to it.
+Everything here is real: a :class:`hil_sim.modbus_server.ModbusServer` on a loopback socket or a
+pty, and a real :class:`drivers.modbus.ModbusEndpoint` talking to it.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drivers.generic import GenericDriver
-from drivers.layout import ProfileImage, register_words
-from drivers.modbus import Framing, ModbusEndpoint, ModbusServer, TcpTarget
+from drivers.layout import register_words
+from drivers.modbus import Framing, ModbusEndpoint, TcpTarget
 from drivers.profile import Profile, RegisterSpec, shipped_profiles_dir
 from drivers.registers import RegisterType
 from essd.clock import Clock, RealClock
+from hil_sim.modbus_server import ModbusServer
+from hil_sim.profile_image import ProfileImage
 
 __all__ = [
     "ServedDevice",

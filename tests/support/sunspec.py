@@ -1,7 +1,7 @@
 """Loopback Modbus TCP for the SunSpec tests: the project's own server and endpoint.
 
-``serve_stores`` serves a RegisterStore per unit (a :class:`drivers.sunspec.SunSpecImage`, or
-any store) with :class:`drivers.modbus.ModbusServer` on 127.0.0.1 and yields the port;
+``serve_stores`` serves a RegisterStore per unit (a :class:`hil_sim.sunspec_image.SunSpecImage`, or
+any store) with :class:`hil_sim.modbus_server.ModbusServer` on 127.0.0.1 and yields the port;
 ``loopback`` is the :class:`drivers.modbus.ModbusEndpoint` the driver talks through.
 """
 
@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
-from drivers.modbus import Framing, ModbusEndpoint, ModbusServer, TcpTarget
-from drivers.registers import RegisterStore
+from drivers.modbus import Framing, ModbusEndpoint, TcpTarget
 from essd.clock import RealClock
+from hil_sim.modbus_server import ModbusServer
+from hil_sim.store import RegisterStore
 
 
 @asynccontextmanager

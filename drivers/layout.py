@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from drivers.profile import RegisterSpec, Transport
 from drivers.registers import (
     EncodeError,
     RegisterType,
@@ -25,6 +25,10 @@ from drivers.registers import (
     encode_raw,
     word_count,
 )
+
+if TYPE_CHECKING:
+    # Annotations only: the profile schema validates its literal writes with this codec.
+    from drivers.profile import RegisterSpec, Transport
 
 __all__ = [
     "Decoded",

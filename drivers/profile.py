@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from yaml.nodes import Node
 
+from drivers.layout import encode_register, write_scale_problem
 from drivers.registers import ByteOrder, EncodeError, RegisterType, Table, word_count
 from essd.domain import DeviceClass
 from essd.textfile import read_text_file
@@ -418,11 +419,6 @@ class Profile(_Strict):
 
     def _check_write_values(self, by_name: dict[str, RegisterSpec]) -> None:
         """Literal values (safe mode...) fit their register; power registers carry the rating."""
-        from drivers.layout import (  # noqa: PLC0415 - layout imports this module
-            encode_register,
-            write_scale_problem,
-        )
-
         for aname, act in self.actions.items():
             for i, step in enumerate(act.writes):
                 spec = by_name[step.register]

@@ -27,8 +27,8 @@ import time
 import numpy as np
 
 from benchmarks import Result
+from essd.dispatch import BatterySpec, Dispatcher, DispatchInputs
 from essd.domain import FallbackRung, LiveLimits, Plan
-from essd.optimizer import BatterySpec, Dispatcher, DispatchInputs
 
 T0 = 1_767_225_600.0  # 2026-01-01 00:00 UTC
 CYCLE_S = 60.0

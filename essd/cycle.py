@@ -29,6 +29,14 @@ import numpy as np
 from essd.clock import Clock
 from essd.config import Settings
 from essd.devices import ManagedDevice
+from essd.dispatch import (
+    BatterySpec,
+    Dispatcher,
+    DispatchInputs,
+    InvalidDispatchInputsError,
+    rule_based_plan,
+    safe_idle_plan,
+)
 from essd.domain import (
     BatteryReading,
     DeviceState,
@@ -57,14 +65,6 @@ from essd.forecast import (
     tariff_import_price,
 )
 from essd.ladder import SOLVED, descend
-from essd.optimizer import (
-    BatterySpec,
-    Dispatcher,
-    DispatchInputs,
-    InvalidDispatchInputsError,
-    rule_based_plan,
-    safe_idle_plan,
-)
 from essd.safety import DeviceEnvelope, GuardInput, GuardResult, guard
 
 __all__ = ["CommandRejected", "Controller", "Mode", "WallClockWatch"]

@@ -10,15 +10,15 @@ import time
 import numpy as np
 import pytest
 
-from essd import optimizer
-from essd.domain import FallbackRung, LiveLimits
-from essd.optimizer import (
+from essd.dispatch import (
     BatterySpec,
     Dispatcher,
     DispatchInputs,
     InvalidDispatchInputsError,
+    dispatcher,
     validate_inputs,
 )
+from essd.domain import FallbackRung, LiveLimits
 from tests.support.optimizer import (
     T0,
     random_fleet,
@@ -459,7 +459,7 @@ def test_invalid_budget_is_refused(budget: float) -> None:
 def test_remaining_overlap_is_applied_as_honest_net_power(monkeypatch: pytest.MonkeyPatch) -> None:
     """The safety net behind the direction fix: with no re-solves allowed, the overlap left
     in the LP is published as net power, clipped to limits and window, with an honest SoC."""
-    monkeypatch.setattr(optimizer, "_MAX_DIRECTION_FIXES", 0)
+    monkeypatch.setattr(dispatcher, "_MAX_DIRECTION_FIXES", 0)
     fleet, inputs = negative_price_instance(np.random.default_rng(11))
     plan = Dispatcher(fleet, 24).solve(inputs, budget_s=10.0, last_plan=None)
     assert "remaining overlap applied as net power" in plan.reason

@@ -11,14 +11,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from essd.domain import FallbackRung, LiveLimits, Plan
-from essd.optimizer import (
+from essd.dispatch import (
     BatterySpec,
     Dispatcher,
     DispatchInputs,
     rule_based_plan,
     safe_idle_plan,
 )
+from essd.domain import FallbackRung, LiveLimits, Plan
 from tests.support.optimizer import T0, random_fleet, random_inputs, simulate_soc
 
 HOUR = 3600.0

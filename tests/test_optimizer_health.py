@@ -8,8 +8,8 @@ import highspy
 import numpy as np
 import pytest
 
+from essd.dispatch import BatterySpec, Dispatcher, DispatchInputs, SolverHealth
 from essd.domain import FallbackRung, LiveLimits, Plan
-from essd.optimizer import BatterySpec, Dispatcher, DispatchInputs, SolverHealth
 from tests.support.optimizer import T0
 
 HOUR = 3600.0

@@ -34,6 +34,7 @@ from essd.clock import SimClock
 from essd.config import ForecastConfig, Settings
 from essd.cycle import Controller
 from essd.daemon import build_controller
+from essd.dispatch import Dispatcher, DispatchInputs
 from essd.domain import LiveLimits
 from essd.events import CycleCompleted, EventBus
 from essd.forecast import Forecaster
@@ -54,7 +55,6 @@ from essd.hil.plant import (
     SiteTruth,
 )
 from essd.hil.scenario import INSTANT_KINDS, FaultSpec, Scenario
-from essd.optimizer import Dispatcher, DispatchInputs
 from hil_sim.runner import SimulatedSite
 from hil_sim.site import SiteSeries
 

@@ -1,7 +1,7 @@
 """Test support for the dispatch optimizer: instance generators and an independent reference.
 
 The reference writes the dispatch LP of DESIGN.md directly as ``scipy.optimize.linprog``
-matrices (no cvxpy), following the semantics documented in ``essd.optimizer``: kW/kWh units,
+matrices (no cvxpy), following the semantics documented in ``essd.dispatch``: kW/kWh units,
 carbon added to the import price, export price capped at the import price, the SoC window
 relaxed to the fastest recovery path when the live SoC is outside it, soft site limits.
 """
@@ -16,8 +16,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, linprog, milp
 
+from essd.dispatch import BatterySpec, DispatchInputs
 from essd.domain import LiveLimits
-from essd.optimizer import BatterySpec, DispatchInputs
 
 T0 = 1_767_225_600.0
 
@@ -86,7 +86,7 @@ def reference_solve(
     imp_lim = inputs.import_limit_w / 1000
     exp_lim = inputs.export_limit_w / 1000
 
-    # Recovery into the SoC window (see essd.optimizer._energy_window): batteries outside it
+    # Recovery into the SoC window (see essd.dispatch.inputs.energy_window): batteries outside it
     # share the site's import (export) headroom in proportion to their charge (discharge) limit.
     def limit(spec: BatterySpec, t: int, charge: bool) -> float:
         here = list(inputs.availability.get(spec.id, [True] * nt))[t]
@@ -259,7 +259,7 @@ def random_inputs(
         price = price - 0.3
     export = price * rng.uniform(0.2, 0.9) - 0.02
     if rng.random() < 0.3:
-        # Some steps pay more for export than import costs (the LP caps those, see essd.optimizer).
+        # Some steps pay more for export than import costs (the LP caps them: essd.dispatch).
         spikes = rng.random(steps) < 0.2
         export = np.where(spikes, price + 0.05, export)
     availability = {}

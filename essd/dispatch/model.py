@@ -1,0 +1,168 @@
+"""The dispatch LP: a parameterized cvxpy problem for one topology and step length, compiled
+once and re-solved every cycle with new parameter values.
+
+Sign conventions: battery power W > 0 discharges into the site, < 0 charges; grid power W > 0
+imports. Internally the LP works in kW and kWh (prices are per kWh), which keeps its
+coefficients near 1 for the solver.
+
+The LP (docs/architecture.md, "Dispatch"), per battery b and step t, with ``h`` the step in
+hours:
+
+- charge ``c[b,t]`` in [0, ub_c], discharge ``d[b,t]`` in [0, ub_d] (AC side, kW); the bounds are
+  live limit x availability (0 where a portable unit is away; ub_d = 0 when a unit has no
+  discharge setpoint);
+- stored energy at the end of each step ``e[b,t] = e[b,t-1] + h*(eta_c*c - d/eta_d)`` (kWh)
+  inside the SoC window [reserve, max]; when the live SoC is already outside the window the
+  bound becomes a recovery path that fits the site's import/export headroom (see
+  :func:`essd.dispatch.inputs.energy_window`), so live data can never make the problem
+  infeasible, and the rung is SOFT with the violation published as slack;
+- grid ``g[t] = load - pv + sum_b (c - d)`` with import ``gp >= max(g, 0)``; soft site import
+  and export limits (slack priced at ``limit_violation_cost_per_kwh``);
+- a peak variable above the running billing-period peak for the demand charge.
+
+Objective: import cost - export revenue (carbon price x intensity added to the import price),
+degradation cost per kWh throughput, demand charge per kW of new peak, a penalty per kW of
+change of the first-step setpoint from the previous one, minus a terminal value per kWh stored
+at the end, plus a penalty per kWh short of a terminal SoC target.
+
+When the export price exceeds the import price the true cost of a single meter,
+``pi_i*max(g,0) - pi_e*max(-g,0)``, is concave in ``g`` and an LP would import and export at
+once. Such steps use ``pi_e = pi_i`` (export valued at the import price): conservative, and
+the cost stays convex.
+
+Every per-cycle number enters through a ``cp.Parameter`` and products of two inputs (limit x
+availability, import - export price, carbon price x intensity) are formed in numpy before they
+are assigned, so the problem is DPP and compiled once (``problem.is_dpp()`` is tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import cvxpy
+import numpy as np
+import numpy.typing as npt
+
+from essd.dispatch.highs import HighsHotStart
+from essd.dispatch.inputs import BatterySpec, DispatchArrays, energy_window
+
+__all__ = ["DispatchModel"]
+
+
+# cvxpy re-exports its atoms through star imports that mypy cannot follow; treat it as untyped.
+cp: Any = cvxpy
+
+
+FloatArray = npt.NDArray[np.float64]
+
+
+class DispatchModel:
+    """The cvxpy problem for one topology and step length; parameters set per solve."""
+
+    def __init__(
+        self,
+        batteries: Sequence[BatterySpec],
+        steps: int,
+        h: float,
+        *,
+        change_cost_per_kw: float,
+        violation_cost_per_kwh: float,
+        terminal_shortfall_cost_per_kwh: float,
+    ) -> None:
+        nb, nt = len(batteries), steps
+        self.batteries = tuple(batteries)
+        self.h = h
+        eta_c = np.array([[b.charge_efficiency] for b in batteries]) * np.ones((1, nt))
+        inv_eta_d = np.array([[1.0 / b.discharge_efficiency] for b in batteries]) * np.ones((1, nt))
+        deg = np.array([[b.degradation_cost_per_kwh] for b in batteries]) * np.ones((1, nt))
+
+        # No sign attributes: cvxpy then skips a value check per assignment, and validation
+        # has already established the signs.
+        p = self.params = {
+            "ub_c": cp.Parameter((nb, nt), name="ub_c"),
+            "ub_d": cp.Parameter((nb, nt), name="ub_d"),
+            "e_lo": cp.Parameter((nb, nt), name="e_lo"),
+            "e_hi": cp.Parameter((nb, nt), name="e_hi"),
+            "e0": cp.Parameter(nb, name="e0"),
+            "net": cp.Parameter(nt, name="net"),
+            "w_imp": cp.Parameter(nt, name="w_imp"),
+            "w_exp": cp.Parameter(nt, name="w_exp"),
+            "imp_lim": cp.Parameter(name="imp_lim"),
+            "exp_lim": cp.Parameter(name="exp_lim"),
+            "peak": cp.Parameter(name="peak"),
+            "demand": cp.Parameter(name="demand"),
+            "prev": cp.Parameter(nb, name="prev"),
+            "target": cp.Parameter(nb, name="target"),
+            "tvalue": cp.Parameter(name="tvalue"),
+        }
+        c = self.c = cp.Variable((nb, nt), name="charge_kw", bounds=[0, p["ub_c"]])
+        d = self.d = cp.Variable((nb, nt), name="discharge_kw", bounds=[0, p["ub_d"]])
+        e = self.e = cp.Variable((nb, nt), name="energy_kwh", bounds=[p["e_lo"], p["e_hi"]])
+        g = self.g = cp.Variable(nt, name="grid_kw")
+        gp = cp.Variable(nt, name="import_kw", nonneg=True)
+        s_imp = self.s_imp = cp.Variable(nt, name="import_slack_kw", nonneg=True)
+        s_exp = self.s_exp = cp.Variable(nt, name="export_slack_kw", nonneg=True)
+        pk = cp.Variable(name="new_peak_kw", nonneg=True)
+        churn = cp.Variable(nb, name="change_kw", nonneg=True)
+        short = cp.Variable(nb, name="terminal_short_kwh", nonneg=True)
+        # A copy of the final energy: ``e`` has parameter bounds, and cvxpy counts a parameter
+        # times such a variable as parameter x parameter (not DPP).
+        e_end = cp.Variable(nb, name="final_energy_kwh")
+
+        flow = h * (cp.multiply(eta_c, c) - cp.multiply(inv_eta_d, d))
+        first = d[:, 0] - c[:, 0]
+        constraints = [
+            e[:, 0] == p["e0"] + flow[:, 0],
+            e[:, 1:] == e[:, :-1] + flow[:, 1:],
+            g == p["net"] + cp.sum(c - d, axis=0),
+            gp >= g,
+            g <= p["imp_lim"] + s_imp,
+            g >= -p["exp_lim"] - s_exp,
+            pk >= g - p["peak"],
+            churn >= first - p["prev"],
+            churn >= p["prev"] - first,
+            e_end == e[:, nt - 1],
+            e_end + short >= p["target"],
+        ]
+        objective = (
+            h * (p["w_imp"] @ gp + p["w_exp"] @ g)
+            + h * cp.sum(cp.multiply(deg, c + d))
+            + p["demand"] * pk
+            + change_cost_per_kw * cp.sum(churn)
+            - p["tvalue"] * cp.sum(e_end)
+            + terminal_shortfall_cost_per_kwh * cp.sum(short)
+            + violation_cost_per_kwh * h * cp.sum(s_imp + s_exp)
+        )
+        self.problem = cp.Problem(cp.Minimize(objective), constraints)
+        self.hot: HighsHotStart | None = None
+
+    def compile(self, solver: str) -> None:
+        """Let cvxpy compile the problem (DPP: once) with placeholder parameter values."""
+        for param in self.params.values():
+            if param.value is None:
+                param.value = np.zeros(param.shape)
+        self.problem.get_problem_data(solver, enforce_dpp=True)
+
+    def assign(
+        self, a: DispatchArrays, ub_c: FloatArray, ub_d: FloatArray
+    ) -> tuple[FloatArray, FloatArray]:
+        """Set every parameter from validated inputs; returns the energy window used."""
+        e_lo, e_hi = energy_window(self.batteries, a, ub_c, ub_d)
+        p = self.params
+        p["ub_c"].value = ub_c
+        p["ub_d"].value = ub_d
+        p["e_lo"].value = e_lo
+        p["e_hi"].value = e_hi
+        p["e0"].value = a.e0
+        p["net"].value = a.net
+        p["w_imp"].value = a.price_imp - a.price_exp
+        p["w_exp"].value = a.price_exp
+        p["imp_lim"].value = a.imp_lim
+        p["exp_lim"].value = a.exp_lim
+        p["peak"].value = a.peak_kw
+        p["demand"].value = a.demand_charge
+        p["prev"].value = a.prev_kw
+        p["target"].value = a.target_e
+        p["tvalue"].value = a.terminal_value
+        return e_lo, e_hi

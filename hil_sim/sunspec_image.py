@@ -12,8 +12,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from drivers.profile import Profile, ProfileError, RegisterSpec
 from drivers.registers import EncodeError, RegisterType, Table, decode_raw, encode_raw
 from drivers.sunspec import (
-    END_MODEL_ID,
-    ENUM_TYPES,
     SUNS_MARKER,
     DiscoveredModel,
     ModelDef,
@@ -22,9 +20,11 @@ from drivers.sunspec import (
     SunSpecMap,
     decode_point,
     encode_point,
-    is_not_implemented,
     load_model,
 )
+from drivers.sunspec.codec import is_not_implemented
+from drivers.sunspec.discovery import END_MODEL_ID
+from drivers.sunspec.models import ENUM_TYPES
 from hil_sim.profile_image import FieldAccess
 from hil_sim.store import ModbusExceptionCode, RegisterAccessError, RegisterImage
 

@@ -15,13 +15,12 @@ from drivers.api import DeviceDriver
 from drivers.generic import GenericDriver
 from drivers.modbus import (
     DEFAULT_TIMEOUT_S,
-    Backoff,
     EndpointTarget,
     ModbusEndpoint,
     SerialTarget,
 )
 from drivers.profile import Profile
-from essd.clock import Clock
+from essd.clock import Backoff, Clock
 from essd.domain import LiveLimits
 
 __all__ = ["EndpointPool", "make_driver"]

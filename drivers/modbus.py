@@ -36,12 +36,11 @@ from drivers.api import CommunicationError, DeviceExceptionResponse
 from drivers.registers import (
     Table,
 )
-from essd.clock import Clock
+from essd.clock import Backoff, Clock
 from essd.counters import DeviceCounters
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
-    "Backoff",
     "EndpointTarget",
     "ErrorKind",
     "Framing",
@@ -103,21 +102,6 @@ class SerialTarget:
 
 
 EndpointTarget = TcpTarget | SerialTarget
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Reconnect back-off: ``initial_s`` after the first failed connect, doubling to ``max_s``."""
-
-    initial_s: float = 0.5
-    max_s: float = 30.0
-    factor: float = 2.0
-
-    def next_delay(self, previous_s: float) -> float:
-        """The delay after one more failure, given the previous delay (0 for none)."""
-        if previous_s <= 0:
-            return self.initial_s
-        return min(self.max_s, previous_s * self.factor)
 
 
 class ErrorKind(StrEnum):
@@ -209,6 +193,7 @@ class ModbusEndpoint:
         self._lock = asyncio.Lock()
         self._client: _Client | None = None
         self._delay_s = 0.0
+        self._failures = 0  # failed connects in a row
         self._retry_at: float | None = None
         self._last_connect_error = ""
         self._counters: dict[int, _Counters] = {}
@@ -271,6 +256,7 @@ class ModbusEndpoint:
             self._drop()
             self._retry_at = None
             self._delay_s = 0.0
+            self._failures = 0
 
     def _new_client(self) -> _Client:
         # retries=0: pymodbus would resend a write that timed out; reconnect_delay=0: pymodbus
@@ -328,7 +314,8 @@ class ModbusEndpoint:
             client.close()
             if self._delay_s == 0.0:  # log the failure once, not at every retry
                 log.warning("%s: cannot connect: %s", self, self._last_connect_error)
-            self._delay_s = self._backoff.next_delay(self._delay_s)
+            self._failures += 1
+            self._delay_s = self._backoff.delay_s(self._failures)
             self._retry_at = self._clock.monotonic() + self._delay_s
             if unit is not None:
                 self._unit(unit).error(ErrorKind.CONNECTION)
@@ -340,6 +327,7 @@ class ModbusEndpoint:
             log.info("%s: connected again", self)
         self._client = client
         self._delay_s = 0.0
+        self._failures = 0
         self._retry_at = None
 
     # -- requests ------------------------------------------------------------------------------

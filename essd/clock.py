@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Clock", "RealClock", "SimClock"]
+__all__ = ["Backoff", "Clock", "RealClock", "SimClock", "sleep_or_stop"]
 
 
 @runtime_checkable
@@ -164,3 +166,37 @@ class SimClock:
     def datetime(self) -> datetime:
         """Now as an aware UTC datetime."""
         return _datetime(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential back-off for reconnects: ``initial_s`` after the first failure, times
+    ``factor`` after each further one, at most ``max_s`` (seconds).
+
+    ``jitter`` in [0, 1): the delay is drawn from ``[(1 - jitter) * d, d]``, so that many
+    clients losing one server do not come back in step; 0 gives the plain sequence.
+    """
+
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    factor: float = 2.0
+    jitter: float = 0.0
+
+    def delay_s(self, failures: int, rng: random.Random | None = None) -> float:
+        """The wait after ``failures`` consecutive failures (>= 1), seconds."""
+        ceiling = min(self.max_s, self.initial_s * self.factor ** min(max(failures - 1, 0), 64))
+        if self.jitter <= 0.0:
+            return ceiling
+        draw = (rng or random.Random()).uniform(1.0 - self.jitter, 1.0)  # noqa: S311 - jitter
+        return ceiling * draw
+
+
+async def sleep_or_stop(clock: Clock, seconds: float, stop: asyncio.Event) -> None:
+    """Wait ``seconds`` on ``clock``, or until ``stop`` is set, whichever comes first."""
+    sleeper = asyncio.ensure_future(clock.sleep(seconds))
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (sleeper, stopper):
+            t.cancel()

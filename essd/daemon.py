@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from drivers.factory import EndpointPool
 from drivers.profile import resolve_profile
-from essd.clock import Clock, RealClock
+from essd.clock import Clock, RealClock, sleep_or_stop
 from essd.config import ConfigError, Settings
 from essd.cycle import Controller
 from essd.devices import ManagedDevice, envelope_for
@@ -254,17 +254,7 @@ class Daemon:
             now = self.clock.monotonic()
             if now >= next_tick:  # overrun: skip to the next boundary, never stack cycles
                 next_tick = now + period - ((now - start) % period)
-            await self._sleep_or_stop(next_tick - now)
-
-    async def _sleep_or_stop(self, seconds: float, clock: Clock | None = None) -> None:
-        """Wait ``seconds`` on ``clock`` (the daemon's by default), or until asked to stop."""
-        sleeper = asyncio.ensure_future((clock or self.clock).sleep(seconds))
-        stopper = asyncio.ensure_future(self._stop.wait())
-        try:
-            await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (sleeper, stopper):
-                t.cancel()
+            await sleep_or_stop(self.clock, next_tick - now, self._stop)
 
     async def _watchdog(self) -> None:
         """Feed the systemd watchdog while cycles keep completing (real time, as systemd)."""
@@ -278,4 +268,4 @@ class Daemon:
             last = self._last_good_cycle_real
             if last is not None and time.monotonic() - last <= allowance:
                 self.notifier.watchdog()
-            await self._sleep_or_stop(interval, real)
+            await sleep_or_stop(real, interval, self._stop)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
+import time
 
 import pytest
 
-from essd.clock import Clock, RealClock, SimClock
+from essd.clock import Backoff, Clock, RealClock, SimClock, sleep_or_stop
 
 
 def test_both_clocks_satisfy_the_protocol() -> None:
@@ -47,3 +49,22 @@ async def test_running_clock_runs_faster_than_real_time() -> None:
 def test_speed_must_be_positive() -> None:
     with pytest.raises(ValueError, match="speed"):
         SimClock(speed=0)
+
+
+def test_backoff_doubles_to_its_ceiling_and_jitters_below_it() -> None:
+    plain = Backoff(initial_s=0.5, max_s=3.0)
+    assert [plain.delay_s(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    jittered = Backoff(initial_s=1.0, max_s=8.0, jitter=0.5)
+    rng = random.Random(1)
+    delays = [jittered.delay_s(3, rng) for _ in range(50)]
+    assert all(2.0 <= d <= 4.0 for d in delays)
+    assert len(set(delays)) > 1
+
+
+async def test_sleep_or_stop_ends_when_stopped() -> None:
+    stop = asyncio.Event()
+    clock = RealClock()
+    stop.set()
+    started = time.monotonic()
+    await sleep_or_stop(clock, 30.0, stop)
+    assert time.monotonic() - started < 1.0

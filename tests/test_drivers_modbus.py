@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from drivers.api import CommunicationError, DeviceExceptionResponse
-from drivers.modbus import Backoff, ErrorKind, Framing, ModbusEndpoint, SerialTarget, TcpTarget
+from drivers.modbus import ErrorKind, Framing, ModbusEndpoint, SerialTarget, TcpTarget
 from drivers.registers import Table
-from essd.clock import RealClock, SimClock
+from essd.clock import Backoff, RealClock, SimClock
 from hil_sim.modbus_server import ModbusServer
 from hil_sim.store import ModbusExceptionCode, NoResponse, RegisterAccessError, RegisterImage
 

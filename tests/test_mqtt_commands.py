@@ -401,9 +401,10 @@ def test_discovery_binds_availability_and_commands() -> None:
 
 def test_backoff_is_jittered_exponential_and_capped() -> None:
     cfg = MqttConfig(host="h", reconnect_min_s=1.0, reconnect_max_s=30.0)
-    bridge = MqttBridge(cfg, "s", EventBus(), None, SimClock(), rng=random.Random(4))
-    for attempt, ceiling in [(0, 1.0), (1, 2.0), (3, 8.0), (5, 30.0), (60, 30.0)]:
-        delays = [bridge._backoff_s(attempt) for _ in range(50)]
+    bridge = MqttBridge(cfg, "s", EventBus(), None, SimClock())
+    rng = random.Random(4)
+    for failures, ceiling in [(1, 1.0), (2, 2.0), (4, 8.0), (6, 30.0), (61, 30.0)]:
+        delays = [bridge.backoff.delay_s(failures, rng) for _ in range(50)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays)
         assert len(set(delays)) > 1  # jittered
 

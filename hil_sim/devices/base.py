@@ -1,0 +1,250 @@
+"""The base of every simulated device: a register map laid out from the profile (plain or
+SunSpec), the faults a test can inject, and named access to registers and fields.
+Sign conventions: battery W > 0 discharges into the site, < 0 charges; grid W > 0 imports.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from drivers.layout import from_base, to_base
+from drivers.profile import ActionName, Profile, RegisterSpec, WriteStep
+from drivers.registers import EncodeError, Table
+from essd.clock import Clock
+from hil_sim.profile_image import ProfileImage
+from hil_sim.store import ModbusExceptionCode, NoResponse, RegisterAccessError
+from hil_sim.sunspec_image import SunSpecImage, build_sunspec_image
+
+__all__ = ["DeviceFaults", "RegisterMap", "SimDevice", "build_image"]
+
+
+log = logging.getLogger(__name__)
+
+# How often a simulated unit refreshes the readings in its registers (simulated seconds).
+PUBLISH_INTERVAL_S = 0.1
+
+
+class RegisterMap(Protocol):
+    """What :class:`ProfileImage` and :class:`SunSpecImage` share: named physical access."""
+
+    def read(self, table: Table, address: int, count: int) -> list[int]:
+        """RegisterStore read."""
+        ...
+
+    def write(self, address: int, values: Sequence[int]) -> None:
+        """RegisterStore write (a client's)."""
+        ...
+
+    def spec(self, name: str) -> RegisterSpec:
+        """The profile register called ``name``."""
+        ...
+
+    def names(self) -> Iterable[str]:
+        """Every register name of the profile."""
+        ...
+
+    def get_value(self, name: str) -> float | str | None:
+        """A register in the profile's units (None when invalid / not implemented)."""
+        ...
+
+    def set_value(self, name: str, value: float | str, *, check_range: bool = True) -> None:
+        """Set a register in the profile's units."""
+        ...
+
+    def add_write_listener(self, callback: Callable[[tuple[str, ...]], None]) -> None:
+        """Hear which registers (or SunSpec points) a client write touched."""
+        ...
+
+
+def build_image(profile: Profile, *, unit: int | None = None) -> ProfileImage | SunSpecImage:
+    """The register map of ``profile``, laid out by the drivers' own code."""
+    if profile.driver == "sunspec":
+        return build_sunspec_image(profile, unit=unit)
+    return ProfileImage(profile)
+
+
+@dataclass
+class DeviceFaults:
+    """Faults a device is under right now (the fault timeline switches them)."""
+
+    no_answer: bool = False  # silence: the client times out (dead device, meter loss)
+    exception_code: ModbusExceptionCode | None = None  # every request answers this exception
+    frozen: bool = False  # measurements stop updating (a stuck gateway cache)
+    ignore_writes: bool = False  # writes acknowledged but not applied
+    unplugged: bool = False  # a portable unit away from the site: no answer, no exchange
+    away_use_w: float = 0.0  # what the campers draw from an unplugged unit's outputs
+
+
+class SimDevice:
+    """Base of every simulated device: a RegisterStore with faults and lazy updates."""
+
+    def __init__(
+        self,
+        *,
+        device_id: str,
+        profile: Profile,
+        image: ProfileImage | SunSpecImage,
+        clock: Clock,
+    ) -> None:
+        self.device_id = device_id
+        self.profile = profile
+        self.image: ProfileImage | SunSpecImage = image
+        self.clock = clock
+        self.faults = DeviceFaults()
+        self._fresh_at: float | None = None  # simulated time the registers were last published
+        self._point_names = {r.point: r.name for r in profile.registers if r.point is not None}
+        self._touched: list[str] = []
+        self._publish_errors: set[str] = set()
+        image.add_write_listener(self._heard)
+
+    # -- RegisterStore -------------------------------------------------------------------------
+
+    def _gate(self) -> None:
+        f = self.faults
+        if f.no_answer or f.unplugged:
+            raise NoResponse
+        if f.exception_code is not None:
+            raise RegisterAccessError(f.exception_code, "injected exception response")
+
+    def read(self, table: Table, address: int, count: int) -> list[int]:
+        """Advance the device to now, publish its readings, answer from the registers.
+
+        Like a real unit, which refreshes its registers periodically rather than per request,
+        readings are published at most every ``PUBLISH_INTERVAL_S`` of simulated time (writes
+        and faults publish at once), so the several block requests of one read see one state.
+        """
+        self._gate()
+        now = self.clock.now()
+        if self._fresh_at is None or not 0.0 <= now - self._fresh_at < PUBLISH_INTERVAL_S:
+            self.update()
+            self._fresh_at = now
+        return self.image.read(table, address, count)
+
+    def invalidate(self) -> None:
+        """Publish again on the next read even at the same instant (a fault changed)."""
+        self._fresh_at = None
+
+    def write(self, address: int, values: Sequence[int]) -> None:
+        """Validate and apply a client's write, then act on it."""
+        self._gate()
+        self.update()
+        old = self.image.read(Table.HOLDING, address, len(values))  # address errors answer
+        if self.faults.ignore_writes:
+            return
+        self._touched = []
+        self.image.write(address, values)
+        names = list(dict.fromkeys(self._touched))
+        bad = next((n for n in names if not self._in_range(n)), None)
+        if bad is not None:
+            self._touched = []
+            self.image.write(address, old)  # undo: a refused write changes nothing
+            spec = self.profile.register(bad)
+            raise RegisterAccessError(
+                ModbusExceptionCode.ILLEGAL_DATA_VALUE,
+                f"{bad}: outside [{spec.min}, {spec.max}]",
+            )
+        self.on_write(names)
+
+    def _heard(self, names: tuple[str, ...]) -> None:
+        for n in names:
+            self._touched.append(self._point_names.get(n, n))
+
+    def _in_range(self, name: str) -> bool:
+        try:
+            spec = self.profile.register(name)
+        except KeyError:
+            return True  # a SunSpec point the profile does not map: the model's own rules
+        value = self.image.get_value(name)
+        if value is None:
+            return False  # out of range (plain decode) or a "not implemented" marker
+        if isinstance(value, str):
+            return True
+        return (spec.min is None or value >= spec.min - 1e-9) and (
+            spec.max is None or value <= spec.max + 1e-9
+        )
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    def update(self) -> None:
+        """Advance to the clock's now and publish readings (unless frozen)."""
+
+    def on_write(self, names: list[str]) -> None:
+        """React to a client write of the registers ``names``."""
+
+    # -- register helpers ----------------------------------------------------------------------
+
+    def value(self, name: str) -> float | str | None:
+        """A register in the profile's units."""
+        return self.image.get_value(name)
+
+    def base_value(self, name: str) -> float | None:
+        """A numeric register in essd base units (W, s, ratio), None when invalid."""
+        v = self.image.get_value(name)
+        if not isinstance(v, float | int):
+            return None
+        return to_base(float(v), self.profile.register(name).unit)
+
+    def put(self, name: str, value: float | str) -> None:
+        """Set a register (profile units), no range check; unrepresentable values are skipped.
+
+        The simulator publishes what the physics says, even outside the register's declared
+        range (the driver then reports it invalid, as with a real device).
+        """
+        try:
+            self.image.set_value(name, value, check_range=False)
+        except (EncodeError, ValueError, KeyError) as exc:
+            if name not in self._publish_errors:  # log once per register, not per read
+                self._publish_errors.add(name)
+                log.warning("%s: cannot publish %s=%r: %s", self.device_id, name, value, exc)
+
+    def put_base(self, name: str, value: float) -> None:
+        """Set a numeric register from a value in essd base units."""
+        self.put(name, from_base(value, self.profile.register(name).unit))
+
+    def put_field(self, field: str, value: float) -> None:
+        """Set a semantic field (base units) when the profile maps it."""
+        reg = self.profile.fields.get(field)
+        if reg is not None:
+            self.put_base(reg, value)
+
+    def literal(self, step: WriteStep) -> float | str:
+        """A step's literal in the register's numeric terms (SunSpec symbols resolved)."""
+        assert step.value is not None
+        want = step.value
+        if isinstance(want, str) and isinstance(self.image, SunSpecImage):
+            spec = self.profile.register(step.register)
+            if spec.point is not None:
+                _, pdef, _ = self.image.map.locate(spec.point)
+                if want in pdef.symbols:
+                    return float(pdef.symbols[want])
+        return want
+
+    def matches(self, step: WriteStep) -> bool:
+        """True when the register holds the step's literal value."""
+        want = self.literal(step)
+        cur = self.image.get_value(step.register)
+        if isinstance(want, str) or isinstance(cur, str) or cur is None:
+            return cur == want
+        spec = self.profile.register(step.register)
+        tolerance = max(abs(spec.scale) * 0.51, abs(want) * 1e-6, 1e-9)
+        return abs(float(cur) - float(want)) <= tolerance
+
+    def apply_literals(self, action: ActionName) -> bool:
+        """Perform an action's literal writes as the device itself (no client involved)."""
+        act = self.profile.actions.get(action)
+        if act is None:
+            return False
+        for step in act.writes:
+            if step.value is not None:
+                self.put(step.register, self.literal(step))
+        return True
+
+    def param_register(self, action: ActionName, param: str) -> str | None:
+        """The register an action writes ``param`` into, if any."""
+        act = self.profile.actions.get(action)
+        if act is None:
+            return None
+        return next((s.register for s in act.writes if s.param == param), None)

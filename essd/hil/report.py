@@ -20,8 +20,9 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+from essd.hil.foresight import cost_model
 from essd.hil.kpi import baseline_grid_w
-from essd.hil.runner import RunResult, cost_model
+from essd.hil.runner import RunResult
 
 __all__ = ["PLOTS", "make_figures", "write_report"]
 

@@ -9,44 +9,37 @@ series (the optimizer's own LP over the whole scenario) to say how much of the a
 saving the daemon took.
 
 Battery W > 0 discharges into the site; grid W > 0 imports.
+
+The true series are :mod:`essd.hil.truth`, the offline optimum :mod:`essd.hil.foresight`, the
+checks :mod:`essd.hil.expectations`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
-import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import numpy as np
-import numpy.typing as npt
-
 from drivers.factory import EndpointPool
 from essd.clock import SimClock
-from essd.config import ForecastConfig, Settings
+from essd.config import Settings
 from essd.cycle import Controller
 from essd.daemon import build_controller
-from essd.dispatch import Dispatcher, DispatchInputs
-from essd.domain import LiveLimits
 from essd.events import CycleCompleted, EventBus
-from essd.forecast import Forecaster
+from essd.hil.expectations import check_expectations, fault_summary, report_window
+from essd.hil.foresight import cost_model, perfect_foresight
 from essd.hil.kpi import (
-    CostModel,
     CycleRecord,
     Kpis,
     Limits,
-    PriceTrace,
     Sample,
     compute_kpis,
-    grid_cost,
     unsafe_writes,
 )
 from essd.hil.plant import (
@@ -55,158 +48,18 @@ from essd.hil.plant import (
     SiteTruth,
 )
 from essd.hil.scenario import INSTANT_KINDS, FaultSpec, Scenario
+from essd.hil.truth import ScenarioSeries
 from hil_sim.runner import SimulatedSite
 from hil_sim.site import SiteSeries
 
-__all__ = [
-    "PlantFactory",
-    "RunResult",
-    "ScenarioSeries",
-    "check_expectations",
-    "cost_model",
-    "run_scenario",
-]
+__all__ = ["PlantFactory", "RunResult", "run_scenario"]
+
 
 log = logging.getLogger(__name__)
 
+
 SUBSTEP_S = 60.0
 
-
-class ScenarioSeries:
-    """The scenario's true series, as a CSV the forecaster reads and as functions of time."""
-
-    def __init__(self, scenario: Scenario, settings: Settings, workdir: Path) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.path = workdir / "series.csv"
-        spec = scenario.series
-        if spec.file is not None:
-            self.path.write_text(
-                scenario.resolve(spec.file).read_text(encoding="utf-8"), encoding="utf-8"
-            )
-        else:
-            inline = spec.inline
-            assert inline is not None
-            cols = [
-                c
-                for c in ("load_w", "pv_w", "import_price", "export_price", "carbon_g_per_kwh")
-                if getattr(inline, c)
-            ]
-            with self.path.open("w", newline="", encoding="utf-8") as fh:
-                w = csv.writer(fh)
-                w.writerow(["time", *cols])
-                for k in range(len(inline.load_w)):
-                    t = scenario.start_epoch + k * inline.step_s
-                    w.writerow([f"{t:.0f}", *(getattr(inline, c)[k] for c in cols)])
-        # Prices are read through the daemon's own forecaster (the same file, the same tariff
-        # fallback): a price holds until the next sample. Load and PV are interpolated linearly
-        # between samples, as hil_sim does: a real load does not jump every quarter hour.
-        self._tz = ZoneInfo(settings.site.timezone)
-        source = ForecastConfig(
-            load="file",
-            pv="file",
-            series_file=self.path,
-            carbon_intensity_g_per_kwh=settings.forecast.carbon_intensity_g_per_kwh,
-        )
-        self._truth = Forecaster(source, settings.tariff, settings.site.timezone)
-        self._truth_carbon_default = settings.forecast.carbon_intensity_g_per_kwh
-        self._table = _read_table(self.path, self._tz)
-        times, _, columns = self._table
-        # Daily profiles wrap around midnight: the day's first sample follows its last.
-        self._wrapped = {
-            c: (
-                np.concatenate([times - 86_400.0, times, times + 86_400.0]),
-                np.concatenate([v, v, v]),
-            )
-            for c, v in columns.items()
-        }
-        self._cache: dict[float, tuple[float, float, float, float, float]] = {}
-
-    def _linear(self, column: str, t: float) -> float:
-        times, daily, cols = self._table
-        values = cols.get(column)
-        if values is None:
-            return 0.0
-        if daily:
-            day = datetime.fromtimestamp(t, tz=self._tz)
-            midnight = day.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
-            xs, ys = self._wrapped[column]
-            return float(np.interp(t - midnight, xs, ys))
-        return float(np.interp(t, times, values))
-
-    def at(self, t: float) -> tuple[float, float, float, float, float]:
-        """(load W, PV W, import price, export price, carbon g/kWh) at epoch ``t``."""
-        hit = self._cache.get(t)
-        if hit is None:
-            f = self._truth.forecast(t, 60.0, 1)
-            hit = (
-                self._linear("load_w", t),
-                self._linear("pv_w", t),
-                float(f.import_price[0]),
-                float(f.export_price[0]),
-                float(f.carbon_g_per_kwh[0]),
-            )
-            self._cache[t] = hit
-        return hit
-
-    def write_forecast(self, path: Path, start: float, end: float, step_s: float) -> ForecastConfig:
-        """The truth resampled every ``step_s`` from ``start`` to ``end`` as the daemon's series
-        file ("perfect" forecasts: the daemon holds each sample, so a fine resampling keeps its
-        view of the linear truth close)."""
-        with path.open("w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            w.writerow(["time", *_COLUMNS])
-            t = start
-            while t <= end:
-                w.writerow([f"{t:.0f}", *(f"{v:.6g}" for v in self.at(t))])
-                t += step_s
-        return ForecastConfig(
-            load="file",
-            pv="file",
-            series_file=path,
-            carbon_intensity_g_per_kwh=self._truth_carbon_default,
-        )
-
-    def load_w(self, t: float) -> float:
-        """True load (W)."""
-        return self.at(t)[0]
-
-    def pv_w(self, t: float) -> float:
-        """True available PV (W)."""
-        return self.at(t)[1]
-
-
-def _read_table(
-    path: Path, tz: ZoneInfo
-) -> tuple[npt.NDArray[np.float64], bool, dict[str, npt.NDArray[np.float64]]]:
-    """Sample times and load/PV columns of a series CSV; daily files as seconds of the day."""
-    with path.open(encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    times = []
-    for row in rows:
-        raw = row["time"]
-        try:
-            times.append(float(raw))
-        except ValueError:
-            dt = datetime.fromisoformat(raw)
-            times.append((dt if dt.tzinfo else dt.replace(tzinfo=tz)).timestamp())
-    t = np.asarray(times, dtype=np.float64)
-    cols = {
-        c: np.asarray([float(r[c]) for r in rows], dtype=np.float64)
-        for c in ("load_w", "pv_w")
-        if rows and c in rows[0]
-    }
-    daily = float(t[-1] - t[0]) < 86_400.0
-    if daily:
-        first = datetime.fromtimestamp(float(t[0]), tz=tz)
-        midnight = first.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
-        offsets = (t - midnight) % 86_400.0
-        order = np.argsort(offsets)
-        t = offsets[order]
-        cols = {c: v[order] for c, v in cols.items()}
-    return t, daily, cols
-
-
-_COLUMNS = ("load_w", "pv_w", "import_price", "export_price", "carbon_g_per_kwh")
 
 PlantFactory = Callable[
     [Scenario, Settings, SimClock, ScenarioSeries], AbstractAsyncContextManager[Plant]
@@ -267,212 +120,6 @@ def _limits(controller: Controller, settings: Settings, scenario: Scenario) -> L
         site_tolerance_w=scenario.expect.site_limit_tolerance_w,
         commanded=frozenset(k for k, e in envs.items() if e.can_discharge),
     )
-
-
-def cost_model(scenario: Scenario, settings: Settings) -> CostModel:
-    """The tariff terms the figures of ``scenario`` are costed with."""
-    return CostModel(
-        carbon_price_per_kg=settings.tariff.carbon_price_per_kg,
-        demand_charge_per_kw=settings.tariff.demand_charge_per_kw,
-        demand_window_s=settings.control.step_s,
-        export_limiter=scenario.site.export_limiter,
-        export_limit_w=settings.site.grid_export_limit_w,
-    )
-
-
-def perfect_foresight(
-    scenario: Scenario,
-    *,
-    controller: Controller,
-    series: ScenarioSeries,
-    first: SiteTruth,
-    final_soc: Mapping[str, float],
-    model: CostModel,
-) -> tuple[float | None, str]:
-    """Cost of the best dispatch knowing the true series, solved offline over the whole run.
-
-    The optimizer's own LP over the scenario, from the true initial SoC, must end at least
-    where the daemon ended (so stored energy is not counted as a saving); portable units are
-    unavailable while unplugged. Faults other than unplugging are unknown to it: the optimum
-    is an upper bound on what any controller could save.
-    """
-    if not controller.specs:
-        return None, "no batteries"
-    settings = controller.settings
-    step = settings.control.step_s
-    steps = max(1, math.ceil(scenario.duration / step))
-    start = scenario.start_epoch
-    times = [start + k * step for k in range(steps)]
-    values = [series.at(t) for t in times]
-    envs = {d.id: d.envelope for d in controller.batteries if d.envelope is not None}
-    availability: dict[str, list[bool]] = {}
-    for f in scenario.faults:
-        if f.kind == "unplugged" and f.device in envs:
-            row = availability.setdefault(f.device, [True] * steps)
-            for k, t in enumerate(times):
-                if start + f.at <= t < start + f.end or start + f.at < t + step <= start + f.end:
-                    row[k] = False
-    limiter = scenario.site.export_limiter
-    inputs = DispatchInputs(
-        time=start,
-        step_s=step,
-        soc={k: first.batteries[k].soc for k in envs},
-        limits={k: LiveLimits(e.max_charge_w, e.max_discharge_w) for k, e in envs.items()},
-        reserve_soc={k: min(e.reserve_soc, first.batteries[k].soc) for k, e in envs.items()},
-        max_soc={k: max(e.max_soc, first.batteries[k].soc) for k, e in envs.items()},
-        load_w=[v[0] for v in values],
-        pv_w=[v[1] for v in values],
-        import_price=[v[2] for v in values],
-        export_price=[v[3] for v in values],
-        availability=availability,
-        carbon_intensity=[v[4] / 1000.0 for v in values],
-        carbon_price_per_kg=model.carbon_price_per_kg,
-        demand_charge_per_kw=model.demand_charge_per_kw,
-        import_limit_w=settings.site.grid_import_limit_w,
-        export_limit_w=math.inf if limiter else settings.site.grid_export_limit_w,
-        terminal_soc={
-            k: min(max(final_soc.get(k, e.reserve_soc), e.reserve_soc), e.max_soc)
-            for k, e in envs.items()
-        },
-    )
-    dispatcher = Dispatcher(
-        controller.specs,
-        steps,
-        solver="HIGHS",
-        step_s=step,
-        change_cost_per_kw=0.0,
-        terminal_shortfall_cost_per_kwh=100.0,
-    )
-    plan = dispatcher.solve(inputs, budget_s=60.0, last_plan=None)
-    battery = np.zeros(steps)
-    for dev in plan.device_ids:
-        battery += np.asarray(plan.power_w[dev][:steps])
-    grid = [v[0] - v[1] - b for v, b in zip(values, battery.tolist(), strict=True)]
-    if limiter:
-        grid = [
-            max(g, -settings.site.grid_export_limit_w) if v[1] > 0 else g
-            for g, v in zip(grid, values, strict=True)
-        ]
-    trace = PriceTrace(
-        times=times,
-        dt_s=[step] * steps,
-        import_price=[v[2] for v in values],
-        export_price=[v[3] for v in values],
-        carbon_g_per_kwh=[v[4] for v in values],
-    )
-    cost = grid_cost(grid, trace, model)
-    return cost.total, f"rung {int(plan.rung)}: {plan.reason}"
-
-
-def report_window(scenario: Scenario, i: int) -> tuple[float, float]:
-    """Offsets (s) during which cycles are attributed to fault ``i``: its duration, or two
-    cycles for an instant fault (a mode reset, a dropped connection)."""
-    f = scenario.faults[i]
-    return f.at, max(f.end, f.at + 2 * scenario.cycle_period)
-
-
-def _fault_summary(
-    scenario: Scenario, cycles: Sequence[CycleRecord], unsafe: Sequence[str]
-) -> list[dict[str, Any]]:
-    start = scenario.start_epoch
-    out = []
-    for i, f in enumerate(scenario.faults):
-        label = f"{i}:{f.kind}:{f.device}"
-
-        def concerned(c: CycleRecord, f: FaultSpec = f) -> list[str]:
-            return sorted(c.setpoints_w) if f.kind == "meter_loss" else [f.device]
-
-        during = [c for c in cycles if label in c.active_faults]
-        after = [c for c in cycles if c.time >= start + report_window(scenario, i)[1]]
-        states = sorted({c.device_states.get(f.device, "?") for c in during})
-        recovered_at = next(
-            (c.time - (start + f.end) for c in after if c.device_states.get(f.device) == "running"),
-            None,
-        )
-        out.append(
-            {
-                "index": i,
-                "kind": f.kind,
-                "device": f.device,
-                "at_s": f.at,
-                "duration_s": f.duration,
-                "cycles": len(during),
-                "worst_rung": max((c.rung for c in during), default=0),
-                "rungs": sorted({c.rung for c in during}),
-                "device_states": states,
-                "setpoint_sources": sorted(
-                    {c.setpoint_sources.get(d, "-") for c in during for d in concerned(c)}
-                ),
-                # For a meter fault every unit is concerned: without the meter the site limits
-                # cannot be verified, so all of them must idle.
-                "setpoint_w_max": max(
-                    (abs(c.setpoints_w.get(d, 0.0)) for c in during for d in concerned(c)),
-                    default=0.0,
-                ),
-                "safe_idle_cycles": sum(
-                    1
-                    for c in during
-                    if all(
-                        c.setpoint_sources.get(d) == "safe" or c.setpoints_w.get(d, 0.0) == 0.0
-                        for d in concerned(c)
-                    )
-                ),
-                "unsafe_writes": [
-                    u for u in unsafe if any(u.startswith(f"cycle {c.cycle}:") for c in during)
-                ],
-                "recovered_after_s": recovered_at,
-                "reasons": sorted({c.reason for c in during})[:3],
-            }
-        )
-    return out
-
-
-def check_expectations(kpis: Kpis, scenario: Scenario) -> list[str]:
-    """One line per expectation that failed, naming it (empty when all hold)."""
-    e = scenario.expect
-    fails = []
-    if kpis.violations > e.max_violations:
-        fails.append(
-            f"max_violations: {kpis.violations} violations > {e.max_violations} "
-            f"({dict(kpis.violations_by_kind)})"
-        )
-    if kpis.worst_rung > e.worst_rung:
-        fails.append(f"worst_rung: rung {kpis.worst_rung} reached, at most {e.worst_rung} allowed")
-    if e.max_cost_ratio is not None and (
-        kpis.cost_ratio is None or kpis.cost_ratio > e.max_cost_ratio
-    ):
-        fails.append(f"max_cost_ratio: cost/baseline {kpis.cost_ratio} > {e.max_cost_ratio}")
-    if e.min_savings is not None and kpis.savings < e.min_savings:
-        fails.append(f"min_savings: saved {kpis.savings:.2f} < {e.min_savings}")
-    if e.min_savings_vs_optimum is not None and (
-        kpis.savings_vs_optimum is None or kpis.savings_vs_optimum < e.min_savings_vs_optimum
-    ):
-        fails.append(
-            f"min_savings_vs_optimum: {kpis.savings_vs_optimum} of the perfect-foresight "
-            f"savings < {e.min_savings_vs_optimum}"
-        )
-    if e.max_peak_import_w is not None and kpis.peak_import_w > e.max_peak_import_w:
-        fails.append(
-            f"max_peak_import_w: peak import {kpis.peak_import_w:.0f} W > {e.max_peak_import_w}"
-        )
-    if e.max_export_wh is not None and kpis.exported_wh > e.max_export_wh:
-        fails.append(f"max_export_wh: exported {kpis.exported_wh:.0f} Wh > {e.max_export_wh}")
-    if e.min_self_consumption is not None and (
-        kpis.self_consumption_ratio is None or kpis.self_consumption_ratio < e.min_self_consumption
-    ):
-        fails.append(
-            f"min_self_consumption: {kpis.self_consumption_ratio} < {e.min_self_consumption}"
-        )
-    if kpis.unsafe_writes > e.max_unsafe_writes:
-        fails.append(f"max_unsafe_writes: {kpis.unsafe_writes} unsafe setpoints written")
-    if e.min_rung_during_faults is not None:
-        for f in kpis.faults:
-            if f["worst_rung"] < e.min_rung_during_faults:
-                fails.append(
-                    f"min_rung_during_faults: fault {f['index']} ({f['kind']} on {f['device']}) "
-                    f"left the ladder at rung {f['worst_rung']}"
-                )
-    return fails
 
 
 @dataclass
@@ -627,7 +274,7 @@ async def run_scenario(
         wall_s=wall,
         optimum_cost=opt_cost,
         optimum_status=opt_status,
-        faults=_fault_summary(scenario, cycles, unsafe),
+        faults=fault_summary(scenario, cycles, unsafe),
     )
     return RunResult(
         scenario=scenario,

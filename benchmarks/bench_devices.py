@@ -17,7 +17,7 @@ from benchmarks import Result
 from drivers.api import ActivePowerControl
 from drivers.generic import GenericDriver
 from drivers.modbus import Framing, ModbusEndpoint, TcpTarget
-from drivers.profile import list_profiles
+from drivers.profile_loader import list_profiles
 from essd.clock import RealClock
 from hil_sim.modbus_server import ModbusServer
 from hil_sim.profile_image import ProfileImage

@@ -20,7 +20,7 @@ import time
 from benchmarks import Result
 from drivers.factory import EndpointPool
 from drivers.modbus import ModbusEndpoint, TcpTarget
-from drivers.profile import resolve_profile, shipped_profiles_dir
+from drivers.profile_loader import resolve_profile, shipped_profiles_dir
 from drivers.registers import Table
 from essd.clock import RealClock, SimClock
 from essd.config import Settings, load_settings

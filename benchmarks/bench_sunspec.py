@@ -13,7 +13,7 @@ import time
 from benchmarks import Result
 from drivers.api import ActivePowerControl
 from drivers.modbus import Framing, ModbusEndpoint, TcpTarget
-from drivers.profile import resolve_profile
+from drivers.profile_loader import resolve_profile
 from drivers.sunspec import SunSpecDriver, decode_point, load_model
 from essd.clock import RealClock
 from hil_sim.modbus_server import ModbusServer

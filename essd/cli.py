@@ -67,7 +67,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_profiles_list(args: argparse.Namespace) -> int:
     """One line per profile: name, device class, description."""
-    from drivers.profile import ProfileError, list_profiles  # noqa: PLC0415
+    from drivers.profile import ProfileError  # noqa: PLC0415
+    from drivers.profile_loader import list_profiles  # noqa: PLC0415
 
     try:
         profiles = list_profiles(tuple(args.profile_dir))
@@ -82,7 +83,8 @@ def cmd_profiles_list(args: argparse.Namespace) -> int:
 
 def cmd_profiles_show(args: argparse.Namespace) -> int:
     """Print one profile's file."""
-    from drivers.profile import ProfileError, resolve_profile  # noqa: PLC0415
+    from drivers.profile import ProfileError  # noqa: PLC0415
+    from drivers.profile_loader import resolve_profile  # noqa: PLC0415
 
     try:
         profile = resolve_profile(args.name, tuple(args.profile_dir))

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from drivers.factory import EndpointPool
-from drivers.profile import resolve_profile
+from drivers.profile_loader import resolve_profile
 from essd.clock import Clock, RealClock, sleep_or_stop
 from essd.config import ConfigError, Settings
 from essd.cycle import Controller

@@ -55,7 +55,8 @@ def _describe(key: tuple[str, str, int, int]) -> str:
 def validate_site(settings: Settings, source: str = "configuration") -> SiteCheck:
     """Problems and warnings of ``settings`` across sections and files (see the module doc)."""
     # Imported here: drivers and the forecaster are heavier than the configuration.
-    from drivers.profile import Profile, ProfileError, resolve_profile  # noqa: PLC0415
+    from drivers.profile import Profile, ProfileError  # noqa: PLC0415
+    from drivers.profile_loader import resolve_profile  # noqa: PLC0415
     from essd.devices import refresh_warning, revert_warning  # noqa: PLC0415
     from essd.domain import DeviceClass  # noqa: PLC0415
     from essd.forecast import ForecastError, SeriesFile  # noqa: PLC0415

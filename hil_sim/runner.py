@@ -31,7 +31,8 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from drivers.modbus import Framing
-from drivers.profile import Profile, resolve_profile
+from drivers.profile import Profile
+from drivers.profile_loader import resolve_profile
 from essd.clock import Clock
 from essd.config import (
     DeviceConfig,
@@ -94,7 +95,7 @@ def default_series_path(settings: Settings, site_file: Path | None) -> Path:
         return settings.forecast.series_file
     if site_file is not None and site_file.with_suffix(".csv").is_file():
         return site_file.with_suffix(".csv")
-    from drivers.profile import shipped_profiles_dir  # noqa: PLC0415
+    from drivers.profile_loader import shipped_profiles_dir  # noqa: PLC0415
 
     return shipped_profiles_dir() / "sites" / "example.csv"
 

@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 import yaml
 
-from drivers import profile as profile_module
+from drivers import profile_loader as profile_module
 from drivers.factory import EndpointPool
 from drivers.layout import write_scale_problem
-from drivers.profile import ProfileError, load_profile, resolve_profile
+from drivers.profile import ProfileError
+from drivers.profile_loader import load_profile, resolve_profile
 from essd.cli import main
 from essd.clock import SimClock
 from essd.config import MAX_CONFIG_BYTES, load_settings

@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from drivers.factory import EndpointPool
-from drivers.profile import resolve_profile
+from drivers.profile_loader import resolve_profile
 from essd.clock import SimClock
 from essd.config import Settings
 from essd.cycle import Controller, Mode

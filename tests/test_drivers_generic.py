@@ -23,7 +23,8 @@ from drivers.api import (
 from drivers.factory import EndpointPool
 from drivers.generic import GenericDriver, plan_reads
 from drivers.modbus import ErrorKind, Framing, ModbusEndpoint, SerialTarget, TcpTarget
-from drivers.profile import ActionName, Profile, load_profile_text, resolve_profile
+from drivers.profile import ActionName, Profile
+from drivers.profile_loader import load_profile_text, resolve_profile
 from drivers.registers import Table
 from essd.clock import RealClock
 from essd.config import DeviceConfig

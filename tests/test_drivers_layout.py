@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from drivers.layout import base_unit, from_base, to_base
-from drivers.profile import load_profile, load_profile_text, resolve_profile
+from drivers.profile_loader import load_profile, load_profile_text, resolve_profile
 from drivers.registers import EncodeError, Table
 from essd.cli import main
 from hil_sim.profile_image import ProfileImage

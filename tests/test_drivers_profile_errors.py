@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from drivers.profile import ProfileError, load_profile, resolve_profile
+from drivers.profile import ProfileError
+from drivers.profile_loader import load_profile, resolve_profile
 from hil_sim.profile_image import ProfileImage
 
 BASE = resolve_profile("household-hybrid-forcible").model_dump(mode="json", by_alias=True)

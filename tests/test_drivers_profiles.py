@@ -26,7 +26,8 @@ from drivers.api import (
     SocLimitControl,
 )
 from drivers.layout import from_base
-from drivers.profile import ActionName, Capability, load_profile
+from drivers.profile import ActionName, Capability
+from drivers.profile_loader import load_profile
 from essd.domain import BatteryReading, DeviceClass, MeterReading, Quality
 from hil_sim.profile_image import ProfileImage
 from tests.support.devices import (

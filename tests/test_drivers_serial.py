@@ -10,7 +10,7 @@ import pytest
 from drivers.api import ChargeLimitControl, CommunicationError, OutputControl
 from drivers.factory import EndpointPool
 from drivers.modbus import ModbusEndpoint, SerialTarget
-from drivers.profile import resolve_profile
+from drivers.profile_loader import resolve_profile
 from drivers.registers import Table
 from essd.clock import RealClock
 from essd.config import DeviceConfig

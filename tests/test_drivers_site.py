@@ -13,7 +13,7 @@ from pathlib import Path
 from drivers.api import CommunicationError, DeviceDriver
 from drivers.factory import EndpointPool
 from drivers.modbus import Framing
-from drivers.profile import list_profiles, resolve_profile
+from drivers.profile_loader import list_profiles, resolve_profile
 from essd.clock import RealClock
 from essd.config import DeviceConfig, SerialTransport, load_settings
 from essd.domain import BatteryReading, MeterReading

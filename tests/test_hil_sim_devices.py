@@ -17,7 +17,8 @@ from drivers.api import (
     RevertTimerControl,
 )
 from drivers.layout import encode_register
-from drivers.profile import Profile, list_profiles, resolve_profile
+from drivers.profile import Profile
+from drivers.profile_loader import list_profiles, resolve_profile
 from drivers.registers import Table
 from essd.clock import SimClock
 from essd.config import SerialTransport, Settings

@@ -16,7 +16,7 @@ import pytest
 
 from drivers.api import ActivePowerControl, RevertTimerControl
 from drivers.factory import EndpointPool
-from drivers.profile import shipped_profiles_dir
+from drivers.profile_loader import shipped_profiles_dir
 from essd.cli import main as essd_main
 from essd.clock import SimClock
 from essd.daemon import build_controller

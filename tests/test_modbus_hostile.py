@@ -17,7 +17,7 @@ import pytest
 
 from drivers.api import DeviceError
 from drivers.modbus import Framing, ModbusEndpoint, TcpTarget
-from drivers.profile import resolve_profile
+from drivers.profile_loader import resolve_profile
 from drivers.registers import Table
 from essd.clock import RealClock
 from hil_sim.modbus_server import ModbusServer

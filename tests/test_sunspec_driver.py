@@ -30,9 +30,8 @@ from drivers.api import (
 )
 from drivers.factory import EndpointPool
 from drivers.modbus import ModbusEndpoint
-from drivers.profile import (
-    Profile,
-    ProfileError,
+from drivers.profile import Profile, ProfileError
+from drivers.profile_loader import (
     list_profiles,
     load_profile,
     load_profile_text,

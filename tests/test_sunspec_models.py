@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sunspec2 import device as ss_device
 
-from drivers.profile import Profile, load_profile, shipped_profiles_dir
+from drivers.profile import Profile
+from drivers.profile_loader import load_profile, shipped_profiles_dir
 from drivers.registers import EncodeError, RegisterType, Table, encode_raw
 from drivers.sunspec import SUNS_MARKER, SunSpecError, decode_point, encode_point, load_model
 from hil_sim.store import ModbusExceptionCode, RegisterAccessError

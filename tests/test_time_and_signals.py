@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from drivers.profile import resolve_profile
+from drivers.profile_loader import resolve_profile
 from essd.clock import SimClock
 from essd.daemon import Daemon
 from essd.events import CycleCompleted, Event, EventBus

@@ -33,7 +33,8 @@ from pydantic import (
     model_validator,
 )
 
-from drivers.profile import ProfileError, resolve_profile
+from drivers.profile import ProfileError
+from drivers.profile_loader import resolve_profile
 from essd.config import Settings
 from hil_sim.faults import (
     FAULT_KINDS,

@@ -18,7 +18,8 @@ from pathlib import Path
 from drivers.generic import GenericDriver
 from drivers.layout import register_words
 from drivers.modbus import Framing, ModbusEndpoint, TcpTarget
-from drivers.profile import Profile, RegisterSpec, shipped_profiles_dir
+from drivers.profile import Profile, RegisterSpec
+from drivers.profile_loader import shipped_profiles_dir
 from drivers.registers import RegisterType
 from essd.clock import Clock, RealClock
 from hil_sim.modbus_server import ModbusServer

@@ -14,7 +14,7 @@ from typing import Any
 from drivers.api import DeviceDriver
 from drivers.factory import EndpointPool
 from drivers.modbus import Framing, ModbusEndpoint, TcpTarget
-from drivers.profile import resolve_profile
+from drivers.profile_loader import resolve_profile
 from essd.clock import Clock
 from essd.config import Settings, load_settings
 from essd.endpoints import build_driver

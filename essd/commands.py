@@ -1,41 +1,40 @@
-"""Operator commands: payload models, the daemon-side target protocol, and one pure handler.
+"""Operator commands: payload models, limits, results and the daemon-side target protocol.
 
 A command arrives as a name (``mode``, ``reserve``, ``setpoint``, ``prices``, ``forecast``) and
-a JSON payload (bytes). :func:`handle_command` parses it with a strict pydantic model (unknown
-keys, non-finite numbers, wrong lengths and out-of-range values are refused), and only a fully
-valid command reaches the :class:`CommandTarget`. Every outcome is a :class:`CommandResult`
-whose ``error`` names the field (``"reserve_soc: Input should be less than or equal to 1"``);
-a refused command changes nothing.
+a JSON payload (bytes). :func:`essd.command_handling.handle_command` parses it with a strict
+pydantic model (unknown keys, non-finite numbers, wrong lengths and out-of-range values are
+refused), and only a fully valid command reaches the :class:`CommandTarget`. Every outcome is
+a :class:`CommandResult` whose ``error`` names the field
+(``"reserve_soc: Input should be less than or equal to 1"``); a refused command changes nothing.
 
 Units and signs: power in W, **> 0 discharges into the site, < 0 charges**; SoC as a ratio
 0..1; prices per kWh in the tariff currency; carbon intensity in g/kWh; times are epoch
 seconds or ISO 8601 with a UTC offset; durations in seconds.
 
 The transport (MQTT, a CLI) is not this module's business: :mod:`essd.mqtt` calls
-:func:`handle_command` for every message on ``cmd/<name>`` and publishes the result.
+:func:`~essd.command_handling.handle_command` for every message on ``cmd/<name>`` and publishes
+the result.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Protocol, Self, runtime_checkable
+from typing import Annotated, Literal, Protocol, Self, runtime_checkable
 
 from pydantic import (
     AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     WithJsonSchema,
     model_validator,
 )
 
 __all__ = [
     "COMMANDS",
+    "ECHO_ID",
     "MAX_SERIES_LENGTH",
     "NO_LIMITS",
     "CommandLimits",
@@ -49,32 +48,44 @@ __all__ = [
     "PricesCommand",
     "ReserveCommand",
     "SetpointCommand",
-    "apply_command",
-    "echo_id",
-    "handle_command",
-    "is_safety_command",
-    "parse_command",
-    "read_command",
 ]
+
 
 log = logging.getLogger(__name__)
 
+
 Mode = Literal["auto", "manual", "standby"]
+
 
 #: Longest accepted time series (a week of 5-minute steps); bounds memory and solve size.
 MAX_SERIES_LENGTH = 2016
+
+
 #: Largest accepted power magnitude in a command, W (a sanity bound, not a device limit:
 #: the safety supervisor clamps to the live limits).
 MAX_COMMAND_POWER_W = 100_000_000.0
+
+
 #: Largest accepted JSON payload, bytes.
 MAX_PAYLOAD_BYTES = 256 * 1024
 
+
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
 NonNegFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+
+
 #: Longest a manual setpoint may be held, s.
 MAX_SETPOINT_S = 86_400.0
-_ECHO_ID = r"^[\x21-\x7e]{1,64}$"  # printable ASCII without spaces
-EchoId = Annotated[str, Field(pattern=_ECHO_ID)]
+
+
+ECHO_ID = r"^[\x21-\x7e]{1,64}$"  # printable ASCII without spaces
+
+
+EchoId = Annotated[str, Field(pattern=ECHO_ID)]
+
+
 # pydantic parses ISO 8601 strings and epoch numbers alike; the schema says so.
 Timestamp = Annotated[
     AwareDatetime,
@@ -271,6 +282,8 @@ class SetpointCommand(CommandModel):
 
 
 SeriesValues = Annotated[list[FiniteFloat], Field(min_length=1, max_length=MAX_SERIES_LENGTH)]
+
+
 NonNegSeriesValues = Annotated[list[NonNegFloat], Field(min_length=1, max_length=MAX_SERIES_LENGTH)]
 
 
@@ -304,6 +317,8 @@ class _SeriesCommand(CommandModel):
 
 
 _PRICE_SERIES = ("import_price", "export_price", "carbon_g_per_kwh")
+
+
 _FORECAST_SERIES = ("load_w", "pv_w")
 
 
@@ -356,153 +371,3 @@ COMMANDS: Mapping[str, type[CommandModel]] = {
     "prices": PricesCommand,
     "forecast": ForecastCommand,
 }
-
-
-def _first_error(exc: ValidationError) -> str:
-    """``"dotted.field: message"`` for the first problem (``payload`` for the whole object)."""
-    err = exc.errors(include_url=False)[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "payload"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown field"
-    return f"{loc}: {msg}"
-
-
-def _echo_id(data: object) -> str | None:
-    """The payload's ``id`` when it is a valid echo id, so even refusals can be matched."""
-    if isinstance(data, dict):
-        raw = data.get("id")
-        if isinstance(raw, str) and re.fullmatch(_ECHO_ID, raw):
-            return raw
-    return None
-
-
-def _reject_constant(token: str) -> Any:
-    # json.loads accepts NaN and Infinity by default; JSON has neither.
-    raise ValueError(f"{token} is not valid JSON")
-
-
-class _DuplicateKey(ValueError):
-    """A JSON object naming the same key twice (json.loads would keep the last silently)."""
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
-
-
-class _Invalid(Exception):
-    """Internal: a payload that fails parsing; carries the result to send."""
-
-    def __init__(self, error: str, echo: str | None = None) -> None:
-        super().__init__(error)
-        self.result = CommandResult(ok=False, error=error, id=echo)
-
-
-def parse_command(name: str, payload: bytes) -> CommandModel:
-    """The validated command model of ``payload`` for command ``name``.
-
-    Raises ValueError whose message is ``"field: reason"``.
-    """
-    try:
-        return _parse(name, payload)
-    except _Invalid as exc:
-        raise ValueError(exc.result.error) from None
-
-
-def _parse(name: str, payload: bytes) -> CommandModel:
-    model = COMMANDS.get(name)
-    if model is None:
-        raise _Invalid(f"command: unknown command {name[:64]!r} (one of {', '.join(COMMANDS)})")
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise _Invalid(f"payload: larger than {MAX_PAYLOAD_BYTES} bytes")
-    try:
-        data = json.loads(
-            payload.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys
-        )
-    except _DuplicateKey as exc:
-        raise _Invalid(f"{str(exc)[:64]}: duplicate key") from None
-    except UnicodeDecodeError:
-        raise _Invalid("payload: not UTF-8 text") from None
-    except (ValueError, RecursionError) as exc:
-        raise _Invalid(f"payload: not valid JSON ({str(exc)[:80]})") from None
-    echo = _echo_id(data)
-    if not isinstance(data, dict):
-        raise _Invalid("payload: must be a JSON object", echo)
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise _Invalid(_first_error(exc), echo) from None
-    except RecursionError:
-        raise _Invalid("payload: nested too deeply", echo) from None
-
-
-def read_command(name: str, payload: bytes) -> CommandModel | CommandResult:
-    """The validated command, or the refusal to send back when ``payload`` is not one."""
-    try:
-        return _parse(name, payload)
-    except _Invalid as exc:
-        return exc.result
-
-
-def echo_id(payload: bytes) -> str | None:
-    """The ``id`` of a command payload, if it has a valid one (to label any reply)."""
-    try:
-        data = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        return None
-    return _echo_id(data)
-
-
-def is_safety_command(command: CommandModel | CommandResult) -> bool:
-    """True for ``standby``: it is never dropped from a queue and goes before other commands."""
-    return isinstance(command, ModeCommand) and command.mode == "standby"
-
-
-def apply_command(
-    command: CommandModel,
-    target: CommandTarget | None,
-    *,
-    now: float,
-    limits: CommandLimits = NO_LIMITS,
-) -> CommandResult:
-    """Check ``command`` against ``limits`` and apply it; never raises, always returns a result.
-
-    ``now`` (epoch seconds, from the daemon's clock) turns a setpoint's ``ttl_s`` into an
-    absolute expiry. ``target`` None means commands are not accepted (a read-only publisher).
-    """
-    if target is None:
-        return CommandResult(
-            ok=False, error="command: this daemon accepts no commands", id=command.id
-        )
-    try:
-        command.check_limits(limits, now)
-        command.apply(target, now)
-    except ValueError as exc:  # CommandRejected, or a target's own ValueError subclass
-        return CommandResult(ok=False, error=str(exc), id=command.id)
-    except Exception:
-        # A bug in the target must not kill the command loop; the operator still gets a reply.
-        log.exception("command %s failed in the target", type(command).__name__)
-        return CommandResult(
-            ok=False, error="command: internal error (see the daemon log)", id=command.id
-        )
-    return CommandResult(ok=True, id=command.id)
-
-
-def handle_command(
-    name: str,
-    payload: bytes,
-    target: CommandTarget | None,
-    *,
-    now: float,
-    limits: CommandLimits = NO_LIMITS,
-) -> CommandResult:
-    """Parse, validate, check and apply one command; never raises, always returns a result."""
-    command = read_command(name, payload)
-    if isinstance(command, CommandResult):
-        return command
-    return apply_command(command, target, now=now, limits=limits)

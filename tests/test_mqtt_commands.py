@@ -16,14 +16,8 @@ from hypothesis import strategies as st
 
 from essd.cli import main
 from essd.clock import SimClock
-from essd.commands import (
-    COMMANDS,
-    CommandRejected,
-    CommandResult,
-    CommandTarget,
-    handle_command,
-    parse_command,
-)
+from essd.command_handling import handle_command, parse_command
+from essd.commands import COMMANDS, CommandRejected, CommandResult, CommandTarget
 from essd.config import MqttConfig
 from essd.domain import FallbackRung, PlanCause, Quality, Reading
 from essd.events import EventBus

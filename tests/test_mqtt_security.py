@@ -21,8 +21,9 @@ import pytest
 
 from drivers.factory import EndpointPool
 from essd.clock import RealClock, SimClock
+from essd.command_handling import handle_command
 from essd.command_queue import DROPPED_FULL, DROPPED_SUPERSEDED, CommandQueue
-from essd.commands import CommandLimits, CommandResult, handle_command
+from essd.commands import CommandLimits, CommandResult
 from essd.config import MqttConfig, Settings
 from essd.cycle import Mode
 from essd.daemon import build_controller
@@ -280,7 +281,7 @@ async def test_the_controller_refuses_a_setpoint_beyond_the_device_limit() -> No
 
 
 def test_queue_drops_the_oldest_and_answers_it() -> None:
-    from essd.commands import read_command  # noqa: PLC0415
+    from essd.command_handling import read_command  # noqa: PLC0415
 
     queue = CommandQueue(2)
     for k in range(3):

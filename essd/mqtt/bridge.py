@@ -36,17 +36,9 @@ import aiomqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from essd.clock import Backoff, Clock, RealClock, sleep_or_stop
+from essd.command_handling import apply_command, echo_id, is_safety_command, read_command
 from essd.command_queue import CommandQueue
-from essd.commands import (
-    CommandLimits,
-    CommandModel,
-    CommandResult,
-    CommandTarget,
-    apply_command,
-    echo_id,
-    is_safety_command,
-    read_command,
-)
+from essd.commands import CommandLimits, CommandModel, CommandResult, CommandTarget
 from essd.config import ControlConfig, MqttConfig, Settings
 from essd.domain import DeviceState, Plan
 from essd.events import (

@@ -38,8 +38,10 @@ def battery(
         commanded_w=power_w if commanded_w is None else commanded_w,
         max_charge_w=max_w,
         max_discharge_w=max_w,
+        temperature_c=25.0,
         available=available,
         alarm=alarm,
+        reverts=0,
     )
 
 

@@ -43,7 +43,6 @@ from essd.hil.kpi import (
     unsafe_writes,
 )
 from essd.hil.plant import (
-    BatteryTruth,
     Plant,
     SiteTruth,
 )
@@ -301,29 +300,7 @@ class _SimulatedSitePlant:
 
     def truth(self) -> SiteTruth:
         """The simulator's true state now."""
-        t = self._site.truth()
-        return SiteTruth(
-            time=t.time,
-            load_w=t.load_w,
-            pv_w=t.pv_w,
-            pv_available_w=t.pv_available_w,
-            grid_w=t.grid_w,
-            batteries={
-                d: BatteryTruth(
-                    device_id=b.device_id,
-                    soc=b.soc,
-                    energy_wh=b.energy_wh,
-                    capacity_wh=b.capacity_wh,
-                    power_w=b.power_w,
-                    commanded_w=b.commanded_w,
-                    max_charge_w=b.max_charge_w,
-                    max_discharge_w=b.max_discharge_w,
-                    available=b.available,
-                    alarm=b.alarm,
-                )
-                for d, b in t.batteries.items()
-            },
-        )
+        return self._site.truth()
 
     def set_fault(self, fault: FaultSpec, active: bool) -> None:
         """Start or end a fault in the simulator."""

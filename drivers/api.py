@@ -26,7 +26,6 @@ __all__ = [
     "DischargeLimitControl",
     "HeartbeatControl",
     "OutputControl",
-    "ReadBackMismatch",
     "RevertTimerControl",
     "SafeModeControl",
     "SocLimitControl",
@@ -53,10 +52,6 @@ class DeviceExceptionResponse(DeviceError):
 
 class ValueRefused(DeviceError, ValueError):
     """A command value does not fit a register (range or type); nothing was written."""
-
-
-class ReadBackMismatch(DeviceError):
-    """A write was accepted, but reading the register back gave another value."""
 
 
 @dataclass(frozen=True, slots=True)

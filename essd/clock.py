@@ -15,8 +15,9 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
+from zoneinfo import ZoneInfo
 
-__all__ = ["Backoff", "Clock", "RealClock", "SimClock", "sleep_or_stop"]
+__all__ = ["Backoff", "Clock", "RealClock", "SimClock", "local_midnight", "sleep_or_stop"]
 
 
 @runtime_checkable
@@ -200,3 +201,9 @@ async def sleep_or_stop(clock: Clock, seconds: float, stop: asyncio.Event) -> No
     finally:
         for t in (sleeper, stopper):
             t.cancel()
+
+
+def local_midnight(t: float, tz: ZoneInfo) -> float:
+    """Epoch seconds of the local midnight (in ``tz``) that starts the day containing ``t``."""
+    day = datetime.fromtimestamp(t, tz=tz)
+    return day.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()

@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from essd.clock import SimClock
+from essd.clock import SimClock, local_midnight
 from essd.config import ConfigError, Settings, load_settings
 from essd.daemon import Daemon
 from essd.events import EventBus
@@ -47,8 +47,7 @@ def demo_settings(base: Settings) -> Settings:
 def _start_time(tz: ZoneInfo) -> float:
     """Local midnight of the series' day, so the demo plays the whole day from its start."""
     first = EXAMPLE_SERIES.read_text().splitlines()[1].split(",", 1)[0]
-    day = datetime.fromisoformat(first).astimezone(tz)
-    return day.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+    return local_midnight(datetime.fromisoformat(first).timestamp(), tz)
 
 
 async def run_demo(

@@ -19,15 +19,15 @@ Units: W, prices per kWh in the tariff currency, carbon intensity in g/kWh.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, time
+from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import numpy as np
 import numpy.typing as npt
 
+from essd.clock import local_midnight
 from essd.config import ForecastConfig, TariffConfig
 from essd.series import SERIES_COLUMNS, read_series_csv
 
@@ -120,9 +120,7 @@ class SeriesFile:
         """Values of ``column`` at epoch ``times`` (previous sample; daily files by time of day)."""
         values = self._cols[column]
         if self.daily:
-            base = datetime.fromtimestamp(float(self._t[0]), tz=self._tz)
-            midnight = base.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
-            offsets = (self._t - midnight) % 86_400.0
+            offsets = (self._t - local_midnight(float(self._t[0]), self._tz)) % 86_400.0
             order = np.argsort(offsets)
             offs, vals = offsets[order], values[order]
             q = np.array(
@@ -310,19 +308,7 @@ class Forecaster:
         return tariff_import_price(self._tariff, datetime.fromtimestamp(t, tz=self._tz))
 
 
-def local_midnight(t: float, tz: ZoneInfo) -> float:
-    """Epoch seconds of the local midnight starting the day that contains ``t``."""
-    d = datetime.fromtimestamp(t, tz=tz)
-    return datetime.combine(d.date(), time(0), tzinfo=tz).timestamp()
-
-
 def billing_period_start(t: float, tz: ZoneInfo) -> float:
     """Epoch seconds of the start of the (monthly) billing period containing ``t``."""
     d = datetime.fromtimestamp(t, tz=tz)
     return datetime(d.year, d.month, 1, tzinfo=tz).timestamp()
-
-
-def steps_between(a: float, b: float, step_s: float) -> Sequence[float]:
-    """Epoch times from ``a`` (inclusive) to ``b`` (exclusive) every ``step_s``."""
-    n = max(0, math.ceil((b - a) / step_s))
-    return [a + k * step_s for k in range(n)]

@@ -19,15 +19,14 @@ grid's carbon intensity (525-635 g/kWh, lower at midday hydro and solar).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import numpy as np
 import numpy.typing as npt
 
-from essd.clock import Clock
-from essd.series import SERIES_COLUMNS, read_series_csv
+from essd.clock import Clock, local_midnight
+from essd.series import SERIES_COLUMNS, SeriesError, read_series_csv
 from hil_sim.battery import Alarm
 from hil_sim.devices import MeterDevice, PortableDevice, StorageDevice
 
@@ -42,10 +41,6 @@ __all__ = [
 ]
 
 _DAY = 86_400.0
-
-
-class SeriesError(ValueError):
-    """A series file cannot be used; the message names the file, line and column."""
 
 
 class SiteSeries:
@@ -71,7 +66,7 @@ class SiteSeries:
         if self.daily:
             # Offsets into the local day, sorted, with one wrapped sample on each side so that
             # interpolation runs across midnight.
-            midnight = self._midnight(float(t[0]))
+            midnight = local_midnight(float(t[0]), self._tz)
             offs = (t - midnight) % _DAY
             order = np.argsort(offs)
             offs = offs[order]
@@ -83,10 +78,6 @@ class SiteSeries:
         else:
             self._x = t
             self._y = self._cols
-
-    def _midnight(self, t: float) -> float:
-        d = datetime.fromtimestamp(t, tz=self._tz)
-        return d.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
 
     @classmethod
     def load(cls, path: Path, tz: ZoneInfo) -> SiteSeries:
@@ -110,7 +101,7 @@ class SiteSeries:
         y = self._y.get(column)
         if y is None:
             return default
-        x = (t - self._midnight(t)) % _DAY if self.daily else t
+        x = (t - local_midnight(t, self._tz)) % _DAY if self.daily else t
         return float(np.interp(x, self._x, y))
 
     def values(self, column: str, times: npt.ArrayLike) -> npt.NDArray[np.float64]:

@@ -100,11 +100,6 @@ class SolveTiming:
     solver_s: float
     solves: int
 
-    @property
-    def cvxpy_s(self) -> float:
-        """Time outside the solver (parameter mapping, cvxpy and result handling)."""
-        return max(self.total_s - self.solver_s, 0.0)
-
 
 @dataclass(frozen=True, slots=True)
 class SolverHealth:

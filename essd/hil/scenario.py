@@ -36,6 +36,7 @@ from pydantic import (
 from drivers.profile import ProfileError
 from drivers.profile_loader import resolve_profile
 from essd.config import Settings
+from essd.series import SERIES_COLUMNS
 from hil_sim.faults import (
     FAULT_KINDS,
     INSTANT_KINDS,
@@ -58,8 +59,6 @@ __all__ = [
     "load_scenario",
     "parse_duration",
 ]
-
-SERIES_COLUMNS = ("load_w", "pv_w", "import_price", "export_price", "carbon_g_per_kwh")
 
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
 

@@ -6,16 +6,14 @@ Units: W, prices per kWh, carbon g/kWh.
 from __future__ import annotations
 
 import csv
-from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
-
-import numpy as np
-import numpy.typing as npt
 
 from essd.config import ForecastConfig, Settings
 from essd.forecast import Forecaster
 from essd.hil.scenario import Scenario
+from essd.series import SERIES_COLUMNS, read_series_csv
+from hil_sim.site import SiteSeries
 
 __all__ = ["ScenarioSeries"]
 
@@ -34,11 +32,7 @@ class ScenarioSeries:
         else:
             inline = spec.inline
             assert inline is not None
-            cols = [
-                c
-                for c in ("load_w", "pv_w", "import_price", "export_price", "carbon_g_per_kwh")
-                if getattr(inline, c)
-            ]
+            cols = [c for c in SERIES_COLUMNS if getattr(inline, c)]
             with self.path.open("w", newline="", encoding="utf-8") as fh:
                 w = csv.writer(fh)
                 w.writerow(["time", *cols])
@@ -57,29 +51,15 @@ class ScenarioSeries:
         )
         self._truth = Forecaster(source, settings.tariff, settings.site.timezone)
         self._truth_carbon_default = settings.forecast.carbon_intensity_g_per_kwh
-        self._table = _read_table(self.path, self._tz)
-        times, _, columns = self._table
-        # Daily profiles wrap around midnight: the day's first sample follows its last.
-        self._wrapped = {
-            c: (
-                np.concatenate([times - 86_400.0, times, times + 86_400.0]),
-                np.concatenate([v, v, v]),
-            )
-            for c, v in columns.items()
-        }
+        # The same reader and interpolation as the simulator (daily profiles wrap at midnight).
+        times, columns = read_series_csv(self.path, self._tz)
+        self._plant_series = SiteSeries(
+            times,
+            {c: v for c, v in columns.items() if c in ("load_w", "pv_w")},
+            tz=self._tz,
+            source=str(self.path),
+        )
         self._cache: dict[float, tuple[float, float, float, float, float]] = {}
-
-    def _linear(self, column: str, t: float) -> float:
-        times, daily, cols = self._table
-        values = cols.get(column)
-        if values is None:
-            return 0.0
-        if daily:
-            day = datetime.fromtimestamp(t, tz=self._tz)
-            midnight = day.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
-            xs, ys = self._wrapped[column]
-            return float(np.interp(t - midnight, xs, ys))
-        return float(np.interp(t, times, values))
 
     def at(self, t: float) -> tuple[float, float, float, float, float]:
         """(load W, PV W, import price, export price, carbon g/kWh) at epoch ``t``."""
@@ -87,8 +67,8 @@ class ScenarioSeries:
         if hit is None:
             f = self._truth.forecast(t, 60.0, 1)
             hit = (
-                self._linear("load_w", t),
-                self._linear("pv_w", t),
+                self._plant_series.value("load_w", t),
+                self._plant_series.value("pv_w", t),
                 float(f.import_price[0]),
                 float(f.export_price[0]),
                 float(f.carbon_g_per_kwh[0]),
@@ -102,7 +82,7 @@ class ScenarioSeries:
         view of the linear truth close)."""
         with path.open("w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
-            w.writerow(["time", *_COLUMNS])
+            w.writerow(["time", *SERIES_COLUMNS])
             t = start
             while t <= end:
                 w.writerow([f"{t:.0f}", *(f"{v:.6g}" for v in self.at(t))])
@@ -121,37 +101,3 @@ class ScenarioSeries:
     def pv_w(self, t: float) -> float:
         """True available PV (W)."""
         return self.at(t)[1]
-
-
-def _read_table(
-    path: Path, tz: ZoneInfo
-) -> tuple[npt.NDArray[np.float64], bool, dict[str, npt.NDArray[np.float64]]]:
-    """Sample times and load/PV columns of a series CSV; daily files as seconds of the day."""
-    with path.open(encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    times = []
-    for row in rows:
-        raw = row["time"]
-        try:
-            times.append(float(raw))
-        except ValueError:
-            dt = datetime.fromisoformat(raw)
-            times.append((dt if dt.tzinfo else dt.replace(tzinfo=tz)).timestamp())
-    t = np.asarray(times, dtype=np.float64)
-    cols = {
-        c: np.asarray([float(r[c]) for r in rows], dtype=np.float64)
-        for c in ("load_w", "pv_w")
-        if rows and c in rows[0]
-    }
-    daily = float(t[-1] - t[0]) < 86_400.0
-    if daily:
-        first = datetime.fromtimestamp(float(t[0]), tz=tz)
-        midnight = first.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
-        offsets = (t - midnight) % 86_400.0
-        order = np.argsort(offsets)
-        t = offsets[order]
-        cols = {c: v[order] for c, v in cols.items()}
-    return t, daily, cols
-
-
-_COLUMNS = ("load_w", "pv_w", "import_price", "export_price", "carbon_g_per_kwh")

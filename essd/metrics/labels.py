@@ -8,7 +8,9 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Iterable
+from typing import get_args
 
+from essd.commands import Mode
 from essd.domain import Plan, PlanCause
 
 __all__ = [
@@ -59,7 +61,7 @@ REASON_CATEGORIES = tuple(c.value for c in PlanCause)
 SOLVER_FAILURE_CAUSES = ("timeout", "status", "error")
 
 
-CONTROL_MODES = ("auto", "manual", "standby")
+CONTROL_MODES: tuple[str, ...] = get_args(Mode)
 
 
 #: Operator commands of the MQTT contract (DESIGN.md); their counters exist from the start.

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, get_args
 
 from essd import __version__
+from essd.commands import Mode
 from essd.mqtt.topics import Topics
 
 __all__ = ["discovery_messages"]
@@ -146,7 +147,7 @@ def discovery_messages(
             value_template="{{ value_json.mode }}",
             command_topic=topics.command("mode"),
             command_template='{"mode": "{{ value }}"}',
-            options=["auto", "manual", "standby"],
+            options=list(get_args(Mode)),
         ),
         entity(
             "number",

@@ -193,7 +193,7 @@ class Setpoint:
 
 
 class FallbackRung(IntEnum):
-    """The fallback ladder of DESIGN.md; a higher number is a worse rung."""
+    """The fallback ladder (docs/architecture.md); a higher number is a worse rung."""
 
     OPTIMAL = 1  # optimal solve within the time budget
     SOFT = 2  # solved, but with soft-constraint slack > 0

@@ -1,10 +1,11 @@
 """The fallback ladder, in one place.
 
-DESIGN.md's ladder, from best to worst: 1 optimal solve, 2 soft-constraint solve (both made
-by the optimizer), 3 the last valid plan shifted to now, 4 rule-based self-consumption within
-limits, 5 safe idle. When the optimizer cannot deliver, or a phase before it fails, the cycle
-(and the dispatcher itself) walks down from rung 3 with :func:`descend`: each rung is tried
-only when the one above it is not available, and the last one always is.
+The ladder of docs/architecture.md, from best to worst: 1 optimal solve, 2 soft-constraint solve
+(both made by the optimizer), 3 the last valid plan shifted to now, 4 rule-based
+self-consumption within limits, 5 safe idle. When the optimizer cannot deliver, or a phase
+before it fails, the cycle (and the dispatcher itself) walks down from rung 3 with
+:func:`descend`: each rung is tried only when the one above it is not available, and the last
+one always is.
 
 The cause that sent the cycle down is typed (:class:`essd.domain.PlanCause`); the plan's
 ``reason`` adds the detail for people. Which planner makes rungs 4 and 5 is injected, so this

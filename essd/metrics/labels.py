@@ -32,7 +32,7 @@ JOULES_PER_WH = 3600.0
 GRAMS_PER_KG = 1000.0
 
 
-#: Phases of a cycle (DESIGN.md); any other phase name is counted as "other".
+#: Phases of a cycle (docs/architecture.md); any other phase name is counted as "other".
 CYCLE_PHASES = ("read", "snapshot", "forecast", "decide", "guard", "write", "publish")
 
 
@@ -64,7 +64,7 @@ SOLVER_FAILURE_CAUSES = ("timeout", "status", "error")
 CONTROL_MODES: tuple[str, ...] = get_args(Mode)
 
 
-#: Operator commands of the MQTT contract (DESIGN.md); their counters exist from the start.
+#: Operator commands of the MQTT contract (docs/mqtt.md); their counters exist from the start.
 COMMANDS = ("mode", "reserve", "setpoint", "prices", "forecast")
 
 

@@ -97,7 +97,7 @@ class StatePayload(_Payload):
     import_price: OptFloat = Field(description="Current import price per kWh")
     export_price: OptFloat = Field(description="Current export price per kWh")
     carbon_intensity_g_per_kwh: OptFloat = Field(description="Grid carbon intensity, g/kWh")
-    fallback_rung: int = Field(description="1 optimal .. 5 safe idle (DESIGN.md ladder)")
+    fallback_rung: int = Field(description="1 optimal .. 5 safe idle (docs/architecture.md ladder)")
     fallback_rung_name: str = Field(description="optimal | soft | last_plan | ...")
     fallback_reason: str = Field(description="Why this rung is active (empty when optimal)")
     fallback_cause: str = Field(

@@ -1,6 +1,6 @@
 """Test support for the dispatch optimizer: instance generators and an independent reference.
 
-The reference writes the dispatch LP of DESIGN.md directly as ``scipy.optimize.linprog``
+The reference writes the dispatch LP (essd.dispatch.model) directly as ``scipy.optimize.linprog``
 matrices (no cvxpy), following the semantics documented in ``essd.dispatch``: kW/kWh units,
 carbon added to the import price, export price capped at the import price, the SoC window
 relaxed to the fastest recovery path when the live SoC is outside it, soft site limits.

@@ -1,18 +1,7 @@
 """The Prometheus exporter: subscribes to the event bus and keeps the metrics of its registry.
 
-The control core never calls this module: :class:`MetricsExporter` subscribes to the
-:class:`~essd.events.EventBus` and turns events into metrics in its own
-:class:`~prometheus_client.CollectorRegistry` (not the process-global one, so a test can build
-several). :class:`MetricsServer` (in :mod:`essd.metrics.http`) serves that
-registry over HTTP on the daemon's event loop, bound to 127.0.0.1 unless configured otherwise
-(``metrics.bind`` / ``metrics.port``), from :attr:`MetricsExporter.exposition_cache`: the
-registry is rendered at most once per cycle, however often it is scraped.
-
-Names follow the Prometheus conventions: prefix ``essd_``, base units (``_watts``,
-``_joules_total`` for energy, ``_ratio``, ``_seconds``, ``_grams``), counters end in ``_total``.
-Sign conventions as everywhere in essd: battery W > 0 discharges into the site, < 0 charges;
-grid W > 0 imports, < 0 exports. Prices are per kWh in the tariff currency (``essd_site_info``
-names it), because no base unit for money exists and operators read tariffs per kWh.
+Histograms and counters are updated per event; current values are rendered at scrape time by
+:mod:`essd.metrics.live`. Names, units and sign conventions: see :mod:`essd.metrics`.
 """
 
 from __future__ import annotations

@@ -373,7 +373,6 @@ class Controller:
             now,
             snapshot,
             forecast,
-            grid=grid,
             forecast_cause=forecast_cause,
             detail=detail,
             errors=errors,
@@ -478,7 +477,6 @@ class Controller:
         snapshot: Snapshot,
         forecast: Forecast,
         *,
-        grid: float | None,
         forecast_cause: PlanCause | None,
         detail: str,
         errors: dict[str, str],
@@ -486,7 +484,7 @@ class Controller:
         """The plan and each unit's requested power; a failure descends the ladder."""
         try:
             plan, desired, source = await self._decide(
-                now, snapshot, forecast, grid=grid, forecast_cause=forecast_cause, detail=detail
+                now, snapshot, forecast, forecast_cause=forecast_cause, detail=detail
             )
         except Exception as exc:
             errors["decide"] = self._phase_failed("decide", exc)
@@ -709,7 +707,6 @@ class Controller:
         snapshot: Snapshot,
         forecast: Forecast,
         *,
-        grid: float | None,
         forecast_cause: PlanCause | None,
         detail: str,
     ) -> tuple[Plan, dict[str, float], str]:

@@ -46,6 +46,8 @@ for more simplex iterations.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +65,24 @@ from essd.ladder import descend
 # cvxpy re-exports its atoms through star imports that mypy cannot follow; treat it as untyped.
 cp: Any = cvxpy
 _highspy: Any = highspy
+
+
+def _silence_highs_banner() -> None:
+    """HiGHS prints its copyright banner to stdout (fd 1) when the first instance of a process
+    is built, whatever ``output_flag`` says later; under systemd that lands in the journal and
+    in a terminal it breaks the view. Build that first instance with fd 1 on /dev/null."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            _highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+_silence_highs_banner()
 
 __all__ = [
     "DEFAULT_SOLVER",

@@ -25,6 +25,7 @@ import numpy as np
 
 from essd.clock import Clock
 from essd.config import Settings
+from essd.credibility import CredibilityMonitor, settings_for_site, soc_resolution
 from essd.devices import ManagedDevice
 from essd.domain import (
     BatteryReading,
@@ -155,6 +156,10 @@ class Controller:
         self._last_time: float | None = None
         tz = ZoneInfo(settings.site.timezone)
         self._peak = _PeakTracker(ctl.step_s, tz)
+        self.credibility = CredibilityMonitor(
+            settings_for_site(settings, [d.envelope for d in self.batteries if d.envelope]),
+            {d.id: soc_resolution(d.profile) for d in self.batteries},
+        )
 
     # --- operator commands (MQTT and CLI call these) ---------------------------------------
 
@@ -247,7 +252,8 @@ class Controller:
         phase["decide"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        result = guard(
+        # Credibility (essd/credibility.py): what the guard may believe of readings and meter.
+        screened = self.credibility.screen(
             GuardInput(
                 now_mono=self.clock.monotonic(),
                 dt_s=ctl.cycle_period_s,
@@ -261,14 +267,20 @@ class Controller:
                 import_limit_w=self.settings.site.grid_import_limit_w,
                 export_limit_w=self.settings.site.grid_export_limit_w,
                 source=source,
-            )
+            ),
+            commanded_w={
+                d.id: d.written.power_w if d.written and d.state is DeviceState.RUNNING else None
+                for d in self.batteries
+            },
         )
-        if grid is None and self.batteries and plan.rung < FallbackRung.SAFE_IDLE:
+        result = guard(screened.guard_input)
+        meter = screened.report.meter
+        if not meter.plausible and self.batteries and plan.rung < FallbackRung.SAFE_IDLE:
             # The guard idled every battery: say so, whatever the optimizer had planned.
             plan = replace(
                 plan,
                 rung=FallbackRung.SAFE_IDLE,
-                reason="no valid meter reading: every battery idles until it returns",
+                reason=f"meter {meter.cause}: {meter.detail}: every battery idles until it returns",
             )
         phase["guard"] = time.perf_counter() - t
 
@@ -307,6 +319,7 @@ class Controller:
             totals=self._totals,
             mode=self.mode,
             reserve_soc=self._reserve(),
+            credibility=screened.report,
         )
         self.bus.publish(event)
         return event

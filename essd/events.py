@@ -15,8 +15,12 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from essd.domain import DeviceState, Plan, Setpoint, Snapshot
+
+if TYPE_CHECKING:
+    from essd.credibility import CredibilityReport
 
 __all__ = [
     "CommandHandled",
@@ -66,6 +70,8 @@ class CycleCompleted(Event):
 
     ``phase_s`` maps phase name (read, snapshot, forecast, decide, guard, write, publish) to
     seconds. ``setpoints`` are what the guard let through and was written (battery sign).
+    ``credibility``: which unit readings and which meter reading the guard believed, and why
+    not (None from producers that do not judge credibility).
     """
 
     cycle: int
@@ -89,6 +95,7 @@ class CycleCompleted(Event):
     totals: SiteTotals
     mode: str  # auto | manual | standby
     reserve_soc: float
+    credibility: CredibilityReport | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,8 @@ Rules for each storage unit (all on the injected monotonic clock, no I/O):
 
 - **Frozen, by physics.** SoC readings are quantized (one register step, e.g. 1 % of
   capacity). Energy moved since the SoC last changed is integrated from what the unit was told
-  and what it reports (the smaller of the two, with the charge efficiency): only when it
+  (for charge-rate units, the smaller of that and what it reports), with the charge
+  efficiency: only when it
   exceeds ``frozen_soc_steps`` register steps plus ``soc_tolerance`` without the SoC moving is
   the unit frozen. Steady idle or low power never moves that much energy, so it is never
   frozen. A heartbeat counter (``battery_heartbeat``) that was seen counting and then stops for
@@ -18,7 +19,9 @@ Rules for each storage unit (all on the injected monotonic clock, no I/O):
 - **Power follows the command.** ``settle_s`` after the command last changed, the reported
   power must be within tolerance (``power_tolerance_ratio`` of the rating, at least
   ``MIN_POWER_TOLERANCE_W``) of the command clamped to the live limits. Units that can only be
-  told to charge (a charge-rate limit) must merely not charge more than allowed.
+  told to charge (a charge-rate limit) must merely not charge more than allowed. A power
+  register reading exactly the same for ``settle_s`` while the command was away from it is
+  stuck, even when the command keeps changing (and so never settles).
 - **SoC follows the energy.** When the SoC changes, the change must match the energy moved
   since it last changed, within two register steps, ``soc_tolerance`` and 10 % of the change.
 - **Held, not flapping.** A unit failing any rule is not credible: the guard holds it at 0 W
@@ -277,6 +280,9 @@ class _UnitTrack:
     hb_value: float | None = None
     hb_changed_mono: float | None = None
     hb_counting: bool = False
+    power_value: float | None = None  # the power register's last value
+    power_static_since: float | None = None  # since when it has read exactly that
+    power_gap_since: float | None = None  # first time since then the command was away from it
     held_since: float | None = None
     hold_dwell_s: float = 0.0
     hold_cause: UnitCause | None = None
@@ -328,15 +334,20 @@ def _power_mismatch(
 def _integrate(
     track: _UnitTrack, env: DeviceEnvelope, cmd: float | None, power: float, dt: float
 ) -> tuple[float, float, float, float]:
-    """Energy (Wh, smaller of command and report) and SoC changes (lo, hi, expected)."""
+    """Energy moved (Wh, for the frozen rule) and SoC changes (lo, hi, expected)."""
     c = power if cmd is None else cmd
     hours = dt / 3600.0
     cap = env.capacity_wh
     eta_c, eta_d = env.charge_efficiency, env.discharge_efficiency
-    same_sign = (c > 0) == (power > 0) and c != 0 and power != 0
-    moved = min(abs(c), abs(power)) if same_sign else 0.0
-    if power < 0:
-        moved *= eta_c
+    if cmd is not None and env.can_charge and env.can_discharge:
+        # Told to move power: the SoC must follow, whatever the power register says (a unit
+        # that honestly does not follow is caught by the power rule anyway).
+        moved = abs(c) * (eta_c if c < 0 else 1.0)
+    else:  # a charge-rate limit is an upper bound: only what it reports and was allowed counts
+        same_sign = (c > 0) == (power > 0) and c != 0 and power != 0
+        moved = min(abs(c), abs(power)) if same_sign else 0.0
+        if power < 0:
+            moved *= eta_c
     ch_c, ch_p = max(0.0, -c), max(0.0, -power)
     dis_c, dis_p = max(0.0, c), max(0.0, power)
     lo = (min(ch_c, ch_p) * eta_c - max(dis_c, dis_p) / eta_d) * hours / cap
@@ -366,6 +377,31 @@ def _check_heartbeat(
     since = track.hb_changed_mono
     if track.hb_counting and since is not None and now - since >= cfg.heartbeat_stall_s:
         return track, (UnitCause.FROZEN_HEARTBEAT, f"heartbeat unchanged for {now - since:.0f} s")
+    return track, None
+
+
+def _check_power_register(
+    cfg: CredibilitySettings,
+    track: _UnitTrack,
+    *,
+    cmd: float | None,
+    power: float,
+    now: float,
+    tol: float,
+) -> tuple[_UnitTrack, _Finding]:
+    """A power register reading exactly the same for ``settle_s`` although the command was
+    away from it by more than the tolerance: frozen, even while the command keeps changing
+    (which the settled comparison alone would never see)."""
+    if track.power_value is None or power != track.power_value:
+        return replace(track, power_value=power, power_static_since=now, power_gap_since=None), None
+    if track.power_gap_since is None and cmd is not None and abs(cmd - power) > tol:
+        track = replace(track, power_gap_since=now)
+    since = track.power_gap_since
+    if since is not None and now - since >= cfg.settle_s:
+        detail = (
+            f"power register stuck at {power:.0f} W for {now - since:.0f} s while told otherwise"
+        )
+        return track, (UnitCause.POWER_MISMATCH, detail)
     return track, None
 
 
@@ -437,7 +473,7 @@ def _assess_unit(
     power = reading.power_w.value if reading is not None and reading.power_w.valid else None
     if reading is None or not reading.available or soc is None or power is None:
         # The device layer holds it (stale/invalid/unavailable); restart the physics on return.
-        track = replace(track, last_mono=None, soc_anchor=None, clean_since=None)
+        track = replace(track, last_mono=None, soc_anchor=None, clean_since=None, power_value=None)
         return track, _verdict(cfg, track, env, reading=None, now=now, settled=settled)
 
     track, hb_finding = _check_heartbeat(cfg, track, reading, now)
@@ -447,13 +483,17 @@ def _assess_unit(
     power_finding: _Finding = None
     if cmd is not None and settled and _power_mismatch(env, cmd, reading, power, tol):
         power_finding = (UnitCause.POWER_MISMATCH, f"reads {power:.0f} W, told {cmd:.0f} W")
+    track, stuck = _check_power_register(cfg, track, cmd=cmd, power=power, now=now, tol=tol)
+    power_finding = power_finding or stuck
     finding = hb_finding or power_finding or soc_finding
 
     track = replace(track, last_mono=now)
     # Readings within a settling time prove nothing: they neither hold nor release.
     track = _hold(cfg, track, finding, now, verified=cmd is None or settled)
     if track.held_since is None:
-        track = replace(track, credible_soc=soc)
+        # The pessimistic SoC of its last credible read: what a held unit is judged by.
+        anchor = track.soc_anchor if track.soc_anchor is not None else soc
+        track = replace(track, credible_soc=max(0.0, min(soc, anchor + track.dsoc_lo)))
     return track, _verdict(cfg, track, env, reading=reading, now=now, settled=settled)
 
 
@@ -591,11 +631,15 @@ def assess(
             resolution=inp.soc_resolution.get(dev_id, 0.01),
         )
         tracks[dev_id], verdicts[dev_id] = track, verdict
+    # The batteries' best estimate for the meter's net load: a settling unit at the middle of
+    # its band (its reading may lag or be stuck, its command may not be reached yet).
     battery_w = 0.0
     for dev_id, v in verdicts.items():
         r = inp.readings.get(dev_id)
-        if v.credible and r is not None and r.power_w.valid and r.power_w.value is not None:
-            battery_w += r.power_w.value
+        if not v.credible or r is None or not r.power_w.valid or r.power_w.value is None:
+            continue
+        band = v.power_band_w
+        battery_w += r.power_w.value if band is None else (band[0] + band[1]) / 2.0
     meter_track, meter = _assess_meter(cfg, state.meter, inp.grid_power_w, battery_w)
     report = CredibilityReport(verdicts, meter, cfg.limit_margin_w)
     return CredibilityState(tracks, meter_track), report

@@ -28,6 +28,12 @@ import numpy as np
 
 from essd.clock import Clock
 from essd.config import Settings
+from essd.credibility import (
+    CredibilityMonitor,
+    CredibilityReport,
+    settings_for_site,
+    soc_resolution,
+)
 from essd.devices import ManagedDevice
 from essd.domain import (
     BatteryReading,
@@ -233,6 +239,10 @@ class Controller:
         self._phase_failures: set[tuple[str, str]] = set()
         # Overruns and solve deadlines exist only on clocks that run in real time.
         self._realtime = not bool(getattr(clock, "stepped", False))
+        self.credibility = CredibilityMonitor(
+            settings_for_site(settings, [d.envelope for d in self.batteries if d.envelope]),
+            {d.id: soc_resolution(d.profile) for d in self.batteries},
+        )
 
     # --- operator commands (MQTT and CLI call these) ---------------------------------------
 
@@ -381,7 +391,7 @@ class Controller:
 
         t = time.perf_counter()
         envelopes = {d.id: self._envelope(d) for d in self.batteries}
-        result, plan = self._guard_phase(
+        result, plan, credibility = self._guard_phase(
             snapshot,
             envelopes,
             desired,
@@ -449,6 +459,7 @@ class Controller:
             wall_step_s=wall_step,
             solver_failures_consecutive=health.solver_failures_consecutive if health else 0,
             solver_rebuilds_total=health.solver_rebuilds_total if health else 0,
+            credibility=credibility,
         )
         self.bus.publish(event)
         return event
@@ -528,11 +539,13 @@ class Controller:
         mono: float,
         standby: bool,
         errors: dict[str, str],
-    ) -> tuple[GuardResult, Plan]:
-        """Safe setpoints from the requests; a failing guard idles every unit (rung 5)."""
+    ) -> tuple[GuardResult, Plan, CredibilityReport | None]:
+        """Safe setpoints from the requests, after the credibility screen decided what the
+        guard may believe of each unit and of the meter; a failing guard idles every unit."""
         ctl = self.settings.control
+        report: CredibilityReport | None = None
         try:
-            result = guard(
+            screened = self.credibility.screen(
                 GuardInput(
                     now_mono=mono,
                     dt_s=ctl.cycle_period_s,
@@ -548,8 +561,16 @@ class Controller:
                     import_limit_w=self.settings.site.grid_import_limit_w,
                     export_limit_w=self.settings.site.grid_export_limit_w,
                     source=source,
-                )
+                ),
+                commanded_w={
+                    d.id: d.written.power_w
+                    if d.written and d.state is DeviceState.RUNNING
+                    else None
+                    for d in self.batteries
+                },
             )
+            report = screened.report
+            result = guard(screened.guard_input)
             if not all(math.isfinite(sp.power_w) for sp in result.setpoints.values()):
                 raise ValueError("guard produced a non-finite setpoint")
         except Exception as exc:
@@ -558,14 +579,22 @@ class Controller:
             plan = plan.with_cause(
                 FallbackRung.SAFE_IDLE, PlanCause.GUARD_FAILED, f"guard failed: {exc}; safe idle"
             )
-        if grid is None and self.batteries and plan.rung < FallbackRung.SAFE_IDLE:
+        if self.batteries and plan.rung < FallbackRung.SAFE_IDLE:
             # The guard idled every battery: say so, whatever the optimizer had planned.
-            plan = plan.with_cause(
-                FallbackRung.SAFE_IDLE,
-                PlanCause.STALE_DATA,
-                "no valid meter reading: every battery idles until it returns",
-            )
-        return result, plan
+            meter = report.meter if report is not None else None
+            if grid is None:
+                plan = plan.with_cause(
+                    FallbackRung.SAFE_IDLE,
+                    PlanCause.STALE_DATA,
+                    "no valid meter reading: every battery idles until it returns",
+                )
+            elif meter is not None and not meter.plausible:
+                plan = plan.with_cause(
+                    FallbackRung.SAFE_IDLE,
+                    PlanCause.METER_IMPLAUSIBLE,
+                    f"meter {meter.cause}: {meter.detail}: every battery idles until it returns",
+                )
+        return result, plan, report
 
     def _phase_failed(self, name: str, exc: BaseException) -> str:
         """Log a phase's failure once per kind (not every cycle) and return its text."""

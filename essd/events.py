@@ -15,8 +15,12 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from essd.domain import DeviceClass, DeviceState, Plan, PlanCause, Setpoint, Snapshot
+
+if TYPE_CHECKING:
+    from essd.credibility import CredibilityReport
 
 __all__ = [
     "CommandHandled",
@@ -145,6 +149,8 @@ class CycleCompleted(Event):
     this cycle (0 when none). ``solver_failures_consecutive`` counts solves in a row that
     failed (not mere budget overruns) and ``solver_rebuilds_total`` how often the solver was
     rebuilt cold because of such a streak.
+    ``credibility``: which unit readings and which meter reading the guard believed, and why
+    not (None from producers that do not judge credibility).
     """
 
     cycle: int
@@ -175,6 +181,7 @@ class CycleCompleted(Event):
     wall_step_s: float = 0.0
     solver_failures_consecutive: int = 0
     solver_rebuilds_total: int = 0
+    credibility: CredibilityReport | None = None
 
     @property
     def cause(self) -> PlanCause:

@@ -562,12 +562,9 @@ class Controller:
                     export_limit_w=self.settings.site.grid_export_limit_w,
                     source=source,
                 ),
-                commanded_w={
-                    d.id: d.written.power_w
-                    if d.written and d.state is DeviceState.RUNNING
-                    else None
-                    for d in self.batteries
-                },
+                # What each unit was last told and accepted (a unit whose writes fail goes on
+                # with that); None where essd commands nothing (safe mode, not answering).
+                commanded_w={d.id: _commanded(d) for d in self.batteries},
             )
             report = screened.report
             result = guard(screened.guard_input)
@@ -999,6 +996,11 @@ class Controller:
 def _answers(d: ManagedDevice) -> bool:
     last = d.last
     return isinstance(last, BatteryReading) and last.available
+
+
+def _commanded(d: ManagedDevice) -> float | None:
+    controlled = d.state in (DeviceState.RUNNING, DeviceState.WRITE_FAILED)
+    return d.written.power_w if d.written is not None and controlled else None
 
 
 def _measured_pv(snapshot: Snapshot) -> float | None:

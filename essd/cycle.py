@@ -427,6 +427,7 @@ class Controller:
             result=result,
             outcomes=outcomes,
             mono=mono,
+            credibility=credibility,
         )
         health = self.dispatcher.health if self.dispatcher is not None else None
         phase["publish"] = time.perf_counter() - t
@@ -611,6 +612,7 @@ class Controller:
         result: GuardResult,
         outcomes: Mapping[str, WriteOutcome],
         mono: float,
+        credibility: CredibilityReport | None,
     ) -> dict[str, DeviceRecord]:
         records: dict[str, DeviceRecord] = {}
         for d in self.batteries:
@@ -622,6 +624,7 @@ class Controller:
             sp = result.setpoints.get(d.id)
             outcome = outcomes.get(d.id) or d.outcome(WriteStatus.SKIPPED)
             accepted = outcome.accepted_at_mono
+            verdict = credibility.units.get(d.id) if credibility is not None else None
             records[d.id] = DeviceRecord(
                 device_id=d.id,
                 device_class=d.profile.device_class,
@@ -638,6 +641,10 @@ class Controller:
                 guard_reasons=tuple(result.reasons.get(d.id, ())),
                 write=outcome,
                 setpoint_age_s=None if accepted is None else max(0.0, mono - accepted),
+                credible=verdict is None or verdict.credible,
+                credibility=""
+                if verdict is None or verdict.credible
+                else f"{verdict.cause}: {verdict.detail}",
             )
         return records
 

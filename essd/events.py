@@ -133,6 +133,8 @@ class DeviceRecord:
     guard_reasons: tuple[str, ...]
     write: WriteOutcome
     setpoint_age_s: float | None
+    credible: bool = True  # False while the credibility screen holds the unit at 0 W
+    credibility: str = ""  # why not: "<cause>: <detail>"
 
 
 @dataclass(frozen=True, slots=True)

@@ -278,6 +278,10 @@ class DeviceStatePayload(_Payload):
     setpoint_age_s: OptFloat = Field(
         None, description="Seconds since the device last accepted a write"
     )
+    credible: bool | None = Field(
+        None, description="False while essd holds it at 0 W because its readings are not credible"
+    )
+    credibility: str | None = Field(None, description="Why its readings are not believed")
 
 
 def _site_soc(batteries: Iterable[BatteryReading]) -> tuple[float | None, float | None]:
@@ -398,6 +402,8 @@ def build_device_payload(
             "write_failures": rec.write.consecutive_failures,
             "accepted_setpoint_w": _num(rec.write.power_w),
             "setpoint_age_s": _num(rec.setpoint_age_s),
+            "credible": rec.credible,
+            "credibility": rec.credibility or None,
         }
     return DeviceStatePayload(
         site_id=site_id,
@@ -892,8 +898,11 @@ class MqttBridge:
         self.stats.messages_published_total += 1
 
     async def _session(self, client: aiomqtt.Client) -> None:
-        """One broker session: announce, subscribe, then send and receive until stop."""
-        await self._publish(client, self.topics.status, self._status_payload(), retain=True, qos=1)
+        """One broker session: subscribe, announce, then send and receive until stop.
+
+        ``online`` is announced only once the command subscription is in place, so a command
+        sent by anyone who sees ``online`` is never lost.
+        """
         if self._config.protocol == "5":
             # Retain-as-published: a retained command keeps its flag even when delivered live.
             options = SubscribeOptions(qos=1, retainAsPublished=True)
@@ -902,6 +911,7 @@ class MqttBridge:
             await client.subscribe(self.topics.commands, qos=1)
         if self._config.ha_discovery:
             await client.subscribe(self.topics.ha_status, qos=1)
+        await self._publish(client, self.topics.status, self._status_payload(), retain=True, qos=1)
         # A new session (the broker may have lost its retained store): republish everything.
         self._dirty.update(("state", "plan", "discovery"))
         self._dirty_devices.update(self._device_state)

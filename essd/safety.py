@@ -8,7 +8,9 @@ Invariants held on every path (DESIGN.md "Safety invariants"):
 - a device whose data is stale, invalid, unavailable or in fault is held at 0 W;
 - ramp limits (W/s) on every change, except where a safety clamp must act at once;
 - site import and export limits, corrected in closed loop from the meter each cycle, kept
-  ``limit_margin_w`` inside each limit (meter error, a load step within one cycle);
+  ``limit_margin_w`` inside each limit (meter error, a load step within one cycle), at most
+  5 % of that limit plus 100 W (so a zero-export site keeps 100 W of import, not 3 % of its
+  import limit);
   without a valid meter reading the limits cannot be verified, so every device idles;
 - a unit whose present power is uncertain (``power_band_w``, from essd.credibility) counts at
   the pessimistic end of its band for each limit; when the bands together are wider than the
@@ -31,6 +33,8 @@ __all__ = ["DeviceEnvelope", "GuardInput", "GuardResult", "guard"]
 
 # Below this a command is treated as idle (W); avoids writing noise to device flash.
 EPSILON_W = 1.0
+# The margin inside a limit is never more than 5 % of that limit plus this (W).
+SIDE_MARGIN_FLOOR_W = 100.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +224,8 @@ def _site_correction(
     # The site's net load, batteries excluded, at each end of what their power may be.
     base_lo, base_hi = inp.grid_power_w + lo_sum, inp.grid_power_w + hi_sum
     margin = min(max(inp.limit_margin_w, 0.0), (inp.import_limit_w + inp.export_limit_w) / 4.0)
-    import_at, export_at = inp.import_limit_w - margin, inp.export_limit_w - margin
+    import_at = inp.import_limit_w - _side_margin(margin, inp.import_limit_w)
+    export_at = inp.export_limit_w - _side_margin(margin, inp.export_limit_w)
 
     def grid(base: float) -> float:
         return base - sum(power.values())
@@ -239,6 +244,15 @@ def _site_correction(
     g_lo, g_hi = grid(base_lo), grid(base_hi)
     unmet = max(0.0, g_hi - inp.import_limit_w, -inp.export_limit_w - g_lo)
     return (g_lo + g_hi) / 2.0, unmet
+
+
+def _side_margin(margin: float, limit_w: float) -> float:
+    """The margin held inside one limit: at most 5 % of that limit plus 100 W.
+
+    A site-wide margin sized for a 120 kW import limit would otherwise make a zero-export
+    site import kilowatts for nothing; 100 W covers a class-1 meter's error near zero.
+    """
+    return min(margin, 0.05 * limit_w + SIDE_MARGIN_FLOOR_W)
 
 
 def _shift(

@@ -29,8 +29,9 @@ from essd.events import CycleCompleted, EventBus
 TZ = ZoneInfo("Asia/Shanghai")
 # 10:45 local: a 30-minute price peak remains, then the valley.
 START = datetime(2026, 7, 1, 10, 45, tzinfo=TZ).timestamp()
-# The default site.limit_margin_w: 3 % of the larger limit (9 kW import), kept above zero export.
-MARGIN_W = 270.0
+# The default site.limit_margin_w is 3 % of the larger limit (270 W of 9 kW import); above a
+# zero export limit the guard keeps at most 5 % of that limit plus 100 W: 100 W.
+MARGIN_W = 100.0
 
 
 @dataclass

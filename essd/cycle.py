@@ -618,9 +618,7 @@ class Controller:
         for d in self.batteries:
             env = envelopes[d.id]
             reading = snapshot.batteries.get(d.id)
-            live = LiveLimits(env.max_charge_w, env.max_discharge_w)
-            if reading is not None and reading.limits is not None:
-                live = live.tighten(reading.limits)
+            live = _live_limits(env, reading)
             sp = result.setpoints.get(d.id)
             outcome = outcomes.get(d.id) or d.outcome(WriteStatus.SKIPPED)
             accepted = outcome.accepted_at_mono
@@ -877,10 +875,7 @@ class Controller:
             value = r.soc.value if r is not None and r.soc.value is not None else None
             soc[d.id] = min(max(value if value is not None else env.reserve_soc, 0.0), 1.0)
             ok = d.healthy and r is not None and r.available
-            live = LiveLimits(env.max_charge_w, env.max_discharge_w)
-            if ok and r is not None and r.limits is not None:
-                live = live.tighten(r.limits)
-            limits[d.id] = live if ok else LiveLimits(0.0, 0.0)
+            limits[d.id] = _live_limits(env, r) if ok else LiveLimits(0.0, 0.0)
             availability[d.id] = [ok] * ctl.horizon_steps
             reserve[d.id] = env.reserve_soc
             max_soc[d.id] = env.max_soc
@@ -1003,6 +998,15 @@ class Controller:
 def _answers(d: ManagedDevice) -> bool:
     last = d.last
     return isinstance(last, BatteryReading) and last.available
+
+
+def _live_limits(env: DeviceEnvelope, reading: BatteryReading | None) -> LiveLimits:
+    """A unit's power limits now: its static envelope tightened by the live BMS limits (the
+    guard applies the same rule, and the SoC window on top, in essd.safety)."""
+    live = LiveLimits(env.max_charge_w, env.max_discharge_w)
+    if reading is not None and reading.limits is not None:
+        live = live.tighten(reading.limits)
+    return live
 
 
 def _commanded(d: ManagedDevice) -> float | None:

@@ -50,6 +50,7 @@ __all__ = [
     "MAX_CONFIG_BYTES",
     "ConfigError",
     "ControlConfig",
+    "CredibilityConfig",
     "DeviceConfig",
     "ForecastConfig",
     "LoggingConfig",
@@ -88,6 +89,22 @@ class SiteConfig(_Section):
     grid_import_limit_w: NonNegW = Field(description="Import limit at the connection, W >= 0")
     grid_export_limit_w: NonNegW = Field(
         description="Export limit at the connection, W >= 0 (0 = zero export)"
+    )
+    limit_margin_w: NonNegW | None = Field(
+        None,
+        description="Kept inside both limits for meter error and load steps, W "
+        "(default 3 % of the larger limit)",
+    )
+    connection_max_w: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = Field(
+        None,
+        description="A meter reading beyond +- this is implausible, W (default twice the "
+        "largest of the limits and the batteries' total rating)",
+    )
+    max_load_step_w: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = Field(
+        None,
+        description="A larger net-load change between readings needs a second reading to be "
+        "believed, W (default a quarter of the largest of the limits and the batteries' total "
+        "rating)",
     )
 
     @field_validator("timezone")
@@ -173,6 +190,24 @@ class ControlConfig(_Section):
             raise ValueError("reserve_soc: must be below max_soc")
         if self.setpoint_ttl_s < 2 * self.cycle_period_s:
             raise ValueError("setpoint_ttl_s: must be at least twice cycle_period_s")
+        return self
+
+
+class CredibilityConfig(_Section):
+    """When readings are believed (essd.credibility): dwell, settling and tolerances."""
+
+    dwell_s: Annotated[float, Field(ge=0.0)] = 300.0
+    max_dwell_s: Annotated[float, Field(ge=0.0)] = 3600.0
+    settle_s: Annotated[float, Field(ge=0.0)] = 30.0
+    power_tolerance_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    frozen_soc_steps: Annotated[float, Field(ge=1.0)] = 2.0
+    soc_tolerance: Ratio = 0.01
+    heartbeat_stall_s: Annotated[float, Field(gt=0.0)] = 30.0
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.max_dwell_s < self.dwell_s:
+            raise ValueError("max_dwell_s: must be at least dwell_s")
         return self
 
 
@@ -380,6 +415,7 @@ class Settings(BaseSettings):
     site: SiteConfig
     devices: tuple[DeviceConfig, ...] = ()
     control: ControlConfig = ControlConfig()
+    credibility: CredibilityConfig = CredibilityConfig()
     tariff: TariffConfig = TariffConfig(import_price_per_kwh=0.6)
     forecast: ForecastConfig = ForecastConfig()
     mqtt: MqttConfig | None = None

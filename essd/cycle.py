@@ -28,6 +28,12 @@ import numpy as np
 
 from essd.clock import Clock
 from essd.config import Settings
+from essd.credibility import (
+    CredibilityMonitor,
+    CredibilityReport,
+    settings_for_site,
+    soc_resolution,
+)
 from essd.devices import ManagedDevice
 from essd.dispatch import (
     BatterySpec,
@@ -233,6 +239,10 @@ class Controller:
         self._phase_failures: set[tuple[str, str]] = set()
         # Overruns and solve deadlines exist only on clocks that run in real time.
         self._realtime = not bool(getattr(clock, "stepped", False))
+        self.credibility = CredibilityMonitor(
+            settings_for_site(settings, [d.envelope for d in self.batteries if d.envelope]),
+            {d.id: soc_resolution(d.profile) for d in self.batteries},
+        )
 
     # --- operator commands (MQTT and CLI call these) ---------------------------------------
 
@@ -373,7 +383,6 @@ class Controller:
             now,
             snapshot,
             forecast,
-            grid=grid,
             forecast_cause=forecast_cause,
             detail=detail,
             errors=errors,
@@ -382,7 +391,7 @@ class Controller:
 
         t = time.perf_counter()
         envelopes = {d.id: self._envelope(d) for d in self.batteries}
-        result, plan = self._guard_phase(
+        result, plan, credibility = self._guard_phase(
             snapshot,
             envelopes,
             desired,
@@ -418,6 +427,7 @@ class Controller:
             result=result,
             outcomes=outcomes,
             mono=mono,
+            credibility=credibility,
         )
         health = self.dispatcher.health if self.dispatcher is not None else None
         phase["publish"] = time.perf_counter() - t
@@ -450,6 +460,7 @@ class Controller:
             wall_step_s=wall_step,
             solver_failures_consecutive=health.solver_failures_consecutive if health else 0,
             solver_rebuilds_total=health.solver_rebuilds_total if health else 0,
+            credibility=credibility,
         )
         self.bus.publish(event)
         return event
@@ -478,7 +489,6 @@ class Controller:
         snapshot: Snapshot,
         forecast: Forecast,
         *,
-        grid: float | None,
         forecast_cause: PlanCause | None,
         detail: str,
         errors: dict[str, str],
@@ -486,7 +496,7 @@ class Controller:
         """The plan and each unit's requested power; a failure descends the ladder."""
         try:
             plan, desired, source = await self._decide(
-                now, snapshot, forecast, grid=grid, forecast_cause=forecast_cause, detail=detail
+                now, snapshot, forecast, forecast_cause=forecast_cause, detail=detail
             )
         except Exception as exc:
             errors["decide"] = self._phase_failed("decide", exc)
@@ -530,11 +540,13 @@ class Controller:
         mono: float,
         standby: bool,
         errors: dict[str, str],
-    ) -> tuple[GuardResult, Plan]:
-        """Safe setpoints from the requests; a failing guard idles every unit (rung 5)."""
+    ) -> tuple[GuardResult, Plan, CredibilityReport | None]:
+        """Safe setpoints from the requests, after the credibility screen decided what the
+        guard may believe of each unit and of the meter; a failing guard idles every unit."""
         ctl = self.settings.control
+        report: CredibilityReport | None = None
         try:
-            result = guard(
+            screened = self.credibility.screen(
                 GuardInput(
                     now_mono=mono,
                     dt_s=ctl.cycle_period_s,
@@ -550,8 +562,13 @@ class Controller:
                     import_limit_w=self.settings.site.grid_import_limit_w,
                     export_limit_w=self.settings.site.grid_export_limit_w,
                     source=source,
-                )
+                ),
+                # What each unit was last told and accepted (a unit whose writes fail goes on
+                # with that); None where essd commands nothing (safe mode, not answering).
+                commanded_w={d.id: _commanded(d) for d in self.batteries},
             )
+            report = screened.report
+            result = guard(screened.guard_input)
             if not all(math.isfinite(sp.power_w) for sp in result.setpoints.values()):
                 raise ValueError("guard produced a non-finite setpoint")
         except Exception as exc:
@@ -560,14 +577,22 @@ class Controller:
             plan = plan.with_cause(
                 FallbackRung.SAFE_IDLE, PlanCause.GUARD_FAILED, f"guard failed: {exc}; safe idle"
             )
-        if grid is None and self.batteries and plan.rung < FallbackRung.SAFE_IDLE:
+        if self.batteries and plan.rung < FallbackRung.SAFE_IDLE:
             # The guard idled every battery: say so, whatever the optimizer had planned.
-            plan = plan.with_cause(
-                FallbackRung.SAFE_IDLE,
-                PlanCause.STALE_DATA,
-                "no valid meter reading: every battery idles until it returns",
-            )
-        return result, plan
+            meter = report.meter if report is not None else None
+            if grid is None:
+                plan = plan.with_cause(
+                    FallbackRung.SAFE_IDLE,
+                    PlanCause.STALE_DATA,
+                    "no valid meter reading: every battery idles until it returns",
+                )
+            elif meter is not None and not meter.plausible:
+                plan = plan.with_cause(
+                    FallbackRung.SAFE_IDLE,
+                    PlanCause.METER_IMPLAUSIBLE,
+                    f"meter {meter.cause}: {meter.detail}: every battery idles until it returns",
+                )
+        return result, plan, report
 
     def _phase_failed(self, name: str, exc: BaseException) -> str:
         """Log a phase's failure once per kind (not every cycle) and return its text."""
@@ -587,17 +612,17 @@ class Controller:
         result: GuardResult,
         outcomes: Mapping[str, WriteOutcome],
         mono: float,
+        credibility: CredibilityReport | None,
     ) -> dict[str, DeviceRecord]:
         records: dict[str, DeviceRecord] = {}
         for d in self.batteries:
             env = envelopes[d.id]
             reading = snapshot.batteries.get(d.id)
-            live = LiveLimits(env.max_charge_w, env.max_discharge_w)
-            if reading is not None and reading.limits is not None:
-                live = live.tighten(reading.limits)
+            live = _live_limits(env, reading)
             sp = result.setpoints.get(d.id)
             outcome = outcomes.get(d.id) or d.outcome(WriteStatus.SKIPPED)
             accepted = outcome.accepted_at_mono
+            verdict = credibility.units.get(d.id) if credibility is not None else None
             records[d.id] = DeviceRecord(
                 device_id=d.id,
                 device_class=d.profile.device_class,
@@ -614,6 +639,10 @@ class Controller:
                 guard_reasons=tuple(result.reasons.get(d.id, ())),
                 write=outcome,
                 setpoint_age_s=None if accepted is None else max(0.0, mono - accepted),
+                credible=verdict is None or verdict.credible,
+                credibility=""
+                if verdict is None or verdict.credible
+                else f"{verdict.cause}: {verdict.detail}",
             )
         return records
 
@@ -709,7 +738,6 @@ class Controller:
         snapshot: Snapshot,
         forecast: Forecast,
         *,
-        grid: float | None,
         forecast_cause: PlanCause | None,
         detail: str,
     ) -> tuple[Plan, dict[str, float], str]:
@@ -847,10 +875,7 @@ class Controller:
             value = r.soc.value if r is not None and r.soc.value is not None else None
             soc[d.id] = min(max(value if value is not None else env.reserve_soc, 0.0), 1.0)
             ok = d.healthy and r is not None and r.available
-            live = LiveLimits(env.max_charge_w, env.max_discharge_w)
-            if ok and r is not None and r.limits is not None:
-                live = live.tighten(r.limits)
-            limits[d.id] = live if ok else LiveLimits(0.0, 0.0)
+            limits[d.id] = _live_limits(env, r) if ok else LiveLimits(0.0, 0.0)
             availability[d.id] = [ok] * ctl.horizon_steps
             reserve[d.id] = env.reserve_soc
             max_soc[d.id] = env.max_soc
@@ -973,6 +998,20 @@ class Controller:
 def _answers(d: ManagedDevice) -> bool:
     last = d.last
     return isinstance(last, BatteryReading) and last.available
+
+
+def _live_limits(env: DeviceEnvelope, reading: BatteryReading | None) -> LiveLimits:
+    """A unit's power limits now: its static envelope tightened by the live BMS limits (the
+    guard applies the same rule, and the SoC window on top, in essd.safety)."""
+    live = LiveLimits(env.max_charge_w, env.max_discharge_w)
+    if reading is not None and reading.limits is not None:
+        live = live.tighten(reading.limits)
+    return live
+
+
+def _commanded(d: ManagedDevice) -> float | None:
+    controlled = d.state in (DeviceState.RUNNING, DeviceState.WRITE_FAILED)
+    return d.written.power_w if d.written is not None and controlled else None
 
 
 def _measured_pv(snapshot: Snapshot) -> float | None:

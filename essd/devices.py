@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 
 # A change smaller than this (W) does not justify a write before the refresh is due.
 WRITE_DEADBAND_W = 20.0
-# Registers unchanged this long while the unit is told to move power: the data is frozen.
+# A meter's registers unchanged this long: the data is frozen. (Storage units are judged by
+# physics in essd.credibility: identical readings are normal at idle or low power.)
 FROZEN_AFTER_S = 300.0
 # Cycles in a row whose write failed before a unit counts as not controlled (WRITE_FAILED).
 WRITE_FAILED_AFTER = 2
@@ -303,7 +304,7 @@ class ManagedDevice:
             elif not reading.power_w.valid:
                 problem = f"power {reading.power_w.quality.value}: {reading.power_w.reason}"
             signature = (reading.soc.value, reading.power_w.value)
-            moving = self.written is not None and abs(self.written.power_w) > WRITE_DEADBAND_W
+            moving = False  # frozen units: essd.credibility, which knows the energy moved
         if signature != self._last_signature:
             self._last_signature = signature
             self._unchanged_since = now

@@ -15,9 +15,13 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from essd.counters import DeviceCounters
 from essd.domain import DeviceClass, DeviceState, Plan, PlanCause, Setpoint, Snapshot
+
+if TYPE_CHECKING:
+    from essd.credibility import CredibilityReport
 
 __all__ = [
     "CommandHandled",
@@ -118,6 +122,8 @@ class DeviceRecord:
     guard_reasons: tuple[str, ...]
     write: WriteOutcome
     setpoint_age_s: float | None
+    credible: bool = True  # False while the credibility screen holds the unit at 0 W
+    credibility: str = ""  # why not: "<cause>: <detail>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +140,8 @@ class CycleCompleted(Event):
     this cycle (0 when none). ``solver_failures_consecutive`` counts solves in a row that
     failed (not mere budget overruns) and ``solver_rebuilds_total`` how often the solver was
     rebuilt cold because of such a streak.
+    ``credibility``: which unit readings and which meter reading the guard believed, and why
+    not (None from producers that do not judge credibility).
     """
 
     cycle: int
@@ -164,6 +172,7 @@ class CycleCompleted(Event):
     wall_step_s: float = 0.0
     solver_failures_consecutive: int = 0
     solver_rebuilds_total: int = 0
+    credibility: CredibilityReport | None = None
 
     @property
     def cause(self) -> PlanCause:

@@ -7,8 +7,16 @@ Invariants held on every path (DESIGN.md "Safety invariants"):
   TTL must not cross those bounds either;
 - a device whose data is stale, invalid, unavailable or in fault is held at 0 W;
 - ramp limits (W/s) on every change, except where a safety clamp must act at once;
-- site import and export limits, corrected in closed loop from the meter each cycle;
-  without a valid meter reading the limits cannot be verified, so every device idles.
+- site import and export limits, corrected in closed loop from the meter each cycle, kept
+  ``limit_margin_w`` inside each limit (meter error, a load step within one cycle), at most
+  5 % of that limit plus 100 W (so a zero-export site keeps 100 W of import, not 3 % of its
+  import limit);
+  without a valid meter reading the limits cannot be verified, so every device idles;
+- a unit whose present power is uncertain (``power_band_w``, from essd.credibility) counts at
+  the pessimistic end of its band for each limit; when the bands together are wider than the
+  window between the limits, no setpoint can be vouched for and every device idles;
+- where a SoC interval is given (``soc_band``), the reserve is checked against its low end
+  and the maximum SoC against its high end.
 
 Battery power in W: > 0 discharges into the site, < 0 charges. Grid W > 0 imports.
 """
@@ -25,6 +33,8 @@ __all__ = ["DeviceEnvelope", "GuardInput", "GuardResult", "guard"]
 
 # Below this a command is treated as idle (W); avoids writing noise to device flash.
 EPSILON_W = 1.0
+# The margin inside a limit is never more than 5 % of that limit plus this (W).
+SIDE_MARGIN_FLOOR_W = 100.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +72,9 @@ class GuardInput:
     ``desired_w``: what the plan (or a manual command) asks per device. ``healthy``: False for
     devices whose data is stale/invalid/unavailable/in fault. ``previous_w``: what each device
     was last commanded (for ramps). ``grid_power_w``: the meter now (None = not valid).
+    ``limit_margin_w``: kept inside both site limits (W >= 0). ``power_band_w``: per device,
+    (lo, hi) W its power now may be in, used instead of its reading for the site balance.
+    ``soc_band``: per device, (lo, hi) ratio its SoC may be in, instead of its reading.
     """
 
     now_mono: float
@@ -76,6 +89,9 @@ class GuardInput:
     import_limit_w: float
     export_limit_w: float
     source: str = "optimizer"
+    limit_margin_w: float = 0.0
+    power_band_w: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    soc_band: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +111,12 @@ class _Bounds:
     reasons: list[str]
 
 
-def _device_bounds(env: DeviceEnvelope, reading: BatteryReading, ttl_s: float) -> _Bounds:
+def _device_bounds(
+    env: DeviceEnvelope,
+    reading: BatteryReading,
+    ttl_s: float,
+    soc_band: tuple[float, float] | None = None,
+) -> _Bounds:
     """[lo, hi] in battery sign from ratings, live limits, capability and the SoC window."""
     reasons: list[str] = []
     limits = LiveLimits(env.max_charge_w, env.max_discharge_w)
@@ -108,10 +129,11 @@ def _device_bounds(env: DeviceEnvelope, reading: BatteryReading, ttl_s: float) -
         lo = 0.0
     soc = reading.soc.value
     assert soc is not None  # healthy devices have a valid SoC
+    soc_lo, soc_hi = (soc, soc) if soc_band is None else (min(soc_band), max(soc_band))
     hours = ttl_s / 3600.0
     # Energy a setpoint may move over its whole TTL without crossing the SoC window.
-    dis_wh = max(0.0, (soc - env.reserve_soc) * env.capacity_wh * env.discharge_efficiency)
-    ch_wh = max(0.0, (env.max_soc - soc) * env.capacity_wh / env.charge_efficiency)
+    dis_wh = max(0.0, (soc_lo - env.reserve_soc) * env.capacity_wh * env.discharge_efficiency)
+    ch_wh = max(0.0, (env.max_soc - soc_hi) * env.capacity_wh / env.charge_efficiency)
     if dis_wh / hours < hi:
         hi = dis_wh / hours
         reasons.append("reserve")
@@ -137,7 +159,7 @@ def guard(inp: GuardInput) -> GuardResult:
             bounds[dev_id] = _Bounds(0.0, 0.0, ["unhealthy"])
             power[dev_id] = 0.0
             continue
-        b = _device_bounds(env, reading, inp.ttl_s)
+        b = _device_bounds(env, reading, inp.ttl_s, inp.soc_band.get(dev_id))
         want = inp.desired_w.get(dev_id, 0.0)
         if not math.isfinite(want):
             want = 0.0
@@ -179,31 +201,58 @@ def _site_correction(
     """Adjust ``power`` in place so the predicted grid power stays within the site limits.
 
     grid = load - pv - sum(battery), so with the meter's grid G and the batteries' measured
-    power B, the grid after the new setpoints P is G + sum(B) - sum(P). Returns that prediction
-    and how far a limit is still exceeded when no device has headroom left (0 when met).
+    power B, the grid after the new setpoints P is G + sum(B) - sum(P), held ``limit_margin_w``
+    inside each limit; where B is only known as a band, each limit is checked at the band's
+    pessimistic end. Returns the prediction (the band's middle) and how far a limit is still
+    exceeded when no device has headroom left (0 when met).
     """
     if inp.grid_power_w is None or not math.isfinite(inp.grid_power_w):
         for dev_id in power:
             power[dev_id] = 0.0
             bounds[dev_id].reasons.append("no valid meter")
         return None, 0.0
-    measured = 0.0
+    lo_sum = hi_sum = 0.0
     for dev_id in power:
+        band = inp.power_band_w.get(dev_id)
         reading = inp.readings.get(dev_id)
-        if reading is not None and reading.power_w.valid and reading.power_w.value is not None:
-            measured += reading.power_w.value
-    base = inp.grid_power_w + measured  # the site's net load, batteries excluded
+        if band is not None:
+            lo_sum += min(band)
+            hi_sum += max(band)
+        elif reading is not None and reading.power_w.valid and reading.power_w.value is not None:
+            lo_sum += reading.power_w.value
+            hi_sum += reading.power_w.value
+    # The site's net load, batteries excluded, at each end of what their power may be.
+    base_lo, base_hi = inp.grid_power_w + lo_sum, inp.grid_power_w + hi_sum
+    margin = min(max(inp.limit_margin_w, 0.0), (inp.import_limit_w + inp.export_limit_w) / 4.0)
+    import_at = inp.import_limit_w - _side_margin(margin, inp.import_limit_w)
+    export_at = inp.export_limit_w - _side_margin(margin, inp.export_limit_w)
 
-    def grid() -> float:
+    def grid(base: float) -> float:
         return base - sum(power.values())
 
-    # Too much import: less charging first, then more discharging.
-    _shift(power, bounds, grid() - inp.import_limit_w, up=True, reason="import limit")
-    # Too much export: less discharging first, then more charging.
-    _shift(power, bounds, -inp.export_limit_w - grid(), up=False, reason="export limit")
-    g = grid()
-    unmet = max(0.0, g - inp.import_limit_w, -inp.export_limit_w - g)
-    return g, unmet
+    if base_hi - base_lo > import_at + export_at:
+        # Uncertain battery power wider than the window between the limits: no setpoint can be
+        # vouched for in both directions, so none is issued.
+        for dev_id in power:
+            power[dev_id] = 0.0
+            bounds[dev_id].reasons.append("unknown battery power")
+    else:
+        # Too much import: less charging first, then more discharging.
+        _shift(power, bounds, grid(base_hi) - import_at, up=True, reason="import limit")
+        # Too much export: less discharging first, then more charging.
+        _shift(power, bounds, -export_at - grid(base_lo), up=False, reason="export limit")
+    g_lo, g_hi = grid(base_lo), grid(base_hi)
+    unmet = max(0.0, g_hi - inp.import_limit_w, -inp.export_limit_w - g_lo)
+    return (g_lo + g_hi) / 2.0, unmet
+
+
+def _side_margin(margin: float, limit_w: float) -> float:
+    """The margin held inside one limit: at most 5 % of that limit plus 100 W.
+
+    A site-wide margin sized for a 120 kW import limit would otherwise make a zero-export
+    site import kilowatts for nothing; 100 W covers a class-1 meter's error near zero.
+    """
+    return min(margin, 0.05 * limit_w + SIDE_MARGIN_FLOOR_W)
 
 
 def _shift(

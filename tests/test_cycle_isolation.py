@@ -157,14 +157,14 @@ async def test_a_nan_forecast_with_no_previous_plan_still_rewrites_a_discharging
 ) -> None:
     # Item 3 of the field report: the unit was left at 3,000 W until its own revert timer.
     await site.cycle()
-    assert site.commanded_w() == pytest.approx(3000.0, rel=0.01)
+    assert site.commanded_w() > 2000.0  # discharging into the 3 kW load (less the margin)
     site.controller.last_plan = None  # as after a start: nothing to fall back on
-    site.meter.set_field("grid_power_w", -2000.0)  # the load fell: 2 kW would be exported
+    site.meter.set_field("grid_power_w", 1000.0)  # the load fell to 1 kW
     forecast_nan(site, monkeypatch)
     event = await site.cycle()
     assert site.controller.last_plan is None
     assert event.plan.cause is PlanCause.FORECAST_INVALID
-    # Zero export holds: the unit was told to come down to the 1 kW that is still consumed.
+    # Zero export holds: the unit was told to come down to what is still consumed.
     assert site.commanded_w() <= 1000.0 + 1.0
     assert event.devices["inv"].write.status is WriteStatus.WRITTEN
 
@@ -195,4 +195,4 @@ async def test_a_later_good_cycle_recovers_the_optimal_rung(
     good = await site.cycle()
     assert good.plan.rung is FallbackRung.OPTIMAL
     assert good.phase_errors == {}
-    assert site.commanded_w() == pytest.approx(3000.0, rel=0.01)
+    assert site.commanded_w() > 2000.0  # discharging into the 3 kW load (less the margin)

@@ -12,6 +12,8 @@ for more simplex iterations.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -33,6 +35,24 @@ FloatArray = npt.NDArray[np.float64]
 
 
 _highspy: Any = highspy
+
+
+def _silence_highs_banner() -> None:
+    """HiGHS prints its copyright banner to stdout (fd 1) when the first instance of a process
+    is built, whatever ``output_flag`` says later; under systemd that lands in the journal and
+    in a terminal it breaks the view. Build that first instance with fd 1 on /dev/null."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            _highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+_silence_highs_banner()
 
 
 # From this many LP columns on, a cold solve (no basis yet) runs HiGHS's interior point method.

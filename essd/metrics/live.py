@@ -232,6 +232,19 @@ def _control_families(f: _Families, x: LiveSource, ev: CycleCompleted, now: floa
         {},
         float(ev.solver_rebuilds_total),
     )
+    if ev.credibility is not None:
+        f.gauge(
+            "essd_meter_plausible",
+            "1 when the grid meter's reading is believed; 0 idles every battery this cycle.",
+            {},
+            float(ev.credibility.meter.plausible),
+        )
+        f.gauge(
+            "essd_site_limit_margin_watts",
+            "Margin the guard keeps inside the import and export limits (meter error, steps).",
+            {},
+            ev.credibility.limit_margin_w,
+        )
     f.gauge(
         "essd_site_limit_unmet_watts",
         "How far a site limit stays exceeded after the guard (no unit had headroom left).",
@@ -372,6 +385,13 @@ def _device_families(
         f.gauge("essd_device_soc_reserve_ratio", "Lowest SoC allowed (reserve), 0..1.", d, reserve)
         f.gauge("essd_device_soc_max_ratio", "Highest SoC allowed, 0..1.", d, max_soc)
         if record is not None:
+            f.gauge(
+                "essd_device_credible",
+                "1 when the device's readings are believed, 0 while the credibility screen holds "
+                "it at 0 W (frozen, power or SoC not matching what it was told).",
+                d,
+                float(record.credible),
+            )
             f.gauge(
                 "essd_device_write_failures",
                 "Cycles in a row whose write to the device failed (0 when the last succeeded).",

@@ -289,8 +289,11 @@ class MqttBridge:
         self.stats.messages_published_total += 1
 
     async def _session(self, client: aiomqtt.Client) -> None:
-        """One broker session: announce, subscribe, then send and receive until stop."""
-        await self._publish(client, self.topics.status, self._status_payload(), retain=True, qos=1)
+        """One broker session: subscribe, announce, then send and receive until stop.
+
+        ``online`` is announced only once the command subscription is in place, so a command
+        sent by anyone who sees ``online`` is never lost.
+        """
         if self._config.protocol == "5":
             # Retain-as-published: a retained command keeps its flag even when delivered live.
             options = SubscribeOptions(qos=1, retainAsPublished=True)
@@ -299,6 +302,7 @@ class MqttBridge:
             await client.subscribe(self.topics.commands, qos=1)
         if self._config.ha_discovery:
             await client.subscribe(self.topics.ha_status, qos=1)
+        await self._publish(client, self.topics.status, self._status_payload(), retain=True, qos=1)
         # A new session (the broker may have lost its retained store): republish everything.
         self._dirty.update(("state", "plan", "discovery"))
         self._dirty_devices.update(self._device_state)

@@ -191,6 +191,10 @@ class DeviceStatePayload(_Payload):
     setpoint_age_s: OptFloat = Field(
         None, description="Seconds since the device last accepted a write"
     )
+    credible: bool | None = Field(
+        None, description="False while essd holds it at 0 W because its readings are not credible"
+    )
+    credibility: str | None = Field(None, description="Why its readings are not believed")
 
 
 def _site_soc(batteries: Iterable[BatteryReading]) -> tuple[float | None, float | None]:
@@ -311,6 +315,8 @@ def build_device_payload(
             "write_failures": rec.write.consecutive_failures,
             "accepted_setpoint_w": _num(rec.write.power_w),
             "setpoint_age_s": _num(rec.setpoint_age_s),
+            "credible": rec.credible,
+            "credibility": rec.credibility or None,
         }
     return DeviceStatePayload(
         site_id=site_id,

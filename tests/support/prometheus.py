@@ -27,6 +27,7 @@ import yaml
 
 from essd.clock import Clock
 from essd.counters import DeviceCounters
+from essd.credibility import CredibilityReport, MeterVerdict, UnitVerdict
 from essd.domain import (
     BatteryReading,
     DeviceClass,
@@ -279,6 +280,11 @@ class FakeSite:
                 for d in self.devices
             },
             predicted_grid_w=grid_w,
+            credibility=CredibilityReport(
+                units={d.id: UnitVerdict(credible=True) for d in self.devices},
+                meter=MeterVerdict(plausible=True, grid_power_w=grid_w),
+                limit_margin_w=3600.0,
+            ),
             grid_power_w=grid_w,
             import_limit_w=self.import_limit_w,
             export_limit_w=self.export_limit_w,

@@ -19,7 +19,8 @@ def test_power_register_gap_closes_when_the_command_meets_the_reading() -> None:
             SETTINGS, track, cmd=-12_000.0, power=0.0, now=t, tol=1_000.0
         )
         t += 30.0
-    assert finding is not None and finding[0] is UnitCause.POWER_MISMATCH
+    assert finding is not None
+    assert finding[0] is UnitCause.POWER_MISMATCH
     # Held at 0 W, it reads exactly 0 W: nothing stuck any more, however long it idles.
     for _ in range(200):
         track, finding = _check_power_register(

@@ -37,6 +37,7 @@ from essd.daemon import build_controller
 from essd.domain import LiveLimits
 from essd.events import CycleCompleted, EventBus
 from essd.forecast import Forecaster
+from essd.hil.hostile import DaemonClock, EventDriver, event_summary, mqtt_limits, safe_after_s
 from essd.hil.kpi import (
     CostModel,
     CycleRecord,
@@ -53,7 +54,7 @@ from essd.hil.plant import (
     Plant,
     SiteTruth,
 )
-from essd.hil.scenario import INSTANT_KINDS, FaultSpec, Scenario
+from essd.hil.scenario import INSTANT_KINDS, FaultSpec, Scenario, site_mqtt
 from essd.optimizer import Dispatcher, DispatchInputs
 from hil_sim.runner import SimulatedSite
 from hil_sim.site import SiteSeries
@@ -372,7 +373,11 @@ def report_window(scenario: Scenario, i: int) -> tuple[float, float]:
 
 
 def _fault_summary(
-    scenario: Scenario, cycles: Sequence[CycleRecord], unsafe: Sequence[str]
+    scenario: Scenario,
+    cycles: Sequence[CycleRecord],
+    unsafe: Sequence[str],
+    samples: Sequence[Sample] = (),
+    batteries: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     start = scenario.start_epoch
     out = []
@@ -389,6 +394,9 @@ def _fault_summary(
             (c.time - (start + f.end) for c in after if c.device_states.get(f.device) == "running"),
             None,
         )
+        # Every unit is affected by a meter fault: the site limits rest on the meter.
+        units = list(batteries) if f.device not in batteries else [f.device]
+        window_end = start + report_window(scenario, i)[1]
         out.append(
             {
                 "index": i,
@@ -421,10 +429,20 @@ def _fault_summary(
                     u for u in unsafe if any(u.startswith(f"cycle {c.cycle}:") for c in during)
                 ],
                 "recovered_after_s": recovered_at,
+                "safe_after_s": safe_after_s(samples, units, start + f.at, window_end),
                 "reasons": sorted({c.reason for c in during})[:3],
             }
         )
     return out
+
+
+def _daemon_totals(controller: Controller) -> dict[str, float]:
+    """The totals and billing peak essd itself kept (its durable state), to set against the
+    truth: a wall-clock step must add or remove nothing."""
+    state = controller.durable_state()
+    totals = {f"{k}": float(v) for k, v in state["totals"].items()}
+    totals["billing_peak_w"] = float(state["peak"]["peak_w"])
+    return totals
 
 
 def check_expectations(kpis: Kpis, scenario: Scenario) -> list[str]:
@@ -481,7 +499,7 @@ class _Session:
 
     scenario: Scenario
     plant: Plant
-    controller: Controller
+    events: EventDriver
     clock: SimClock
     series: ScenarioSeries
     samples: list[Sample] = field(default_factory=list)
@@ -537,15 +555,20 @@ class _Session:
             elif self.clock.now() < t_cycle:
                 await self.clock.sleep(t_cycle - self.clock.now())
             faults = self.sync_faults()
-            event = await self.controller.run_cycle()
-            self.cycles.append(_record(event, faults))
+            started = self.clock.now()
+            controller = await self.events.due(started)
+            faults += self.events.labels(started - sc.start_epoch)
+            if controller is not None:  # None: essd is down after a signal
+                event = await controller.run_cycle()
+                # The simulator's time, not the daemon's wall clock (which an event may step).
+                self.cycles.append(replace(_record(event, faults), time=started))
             end = t_cycle + period
             first = True
             while self.clock.now() < end - 1e-6:
                 t = self.clock.now()
                 dt = min(sub, end - t)
                 if not first:
-                    faults = self.sync_faults()
+                    faults = self.sync_faults() + self.events.labels(t - sc.start_epoch)
                 _, _, pi, pe, ci = self.series.at(t)
                 self.samples.append(Sample(t, dt, self.plant.truth(), pi, pe, ci, first, faults))
                 first = False
@@ -583,6 +606,8 @@ async def run_scenario(
         forecast = forecast.model_copy(update={"load": "daily-profile", "pv": "none"})
     settings = settings.model_copy(update={"forecast": forecast})
     clock = SimClock(scenario.start_epoch, speed=scenario.speed)
+    # The daemon's view of the time: a wall-clock step event moves its wall clock alone.
+    view = DaemonClock(clock)
     bus = EventBus()
     if progress is not None:
         report = progress
@@ -590,16 +615,30 @@ async def run_scenario(
     factory = simulated_site_factory if plant_factory is None else plant_factory
     async with factory(scenario, settings, clock, series) as plant:
         served = plant.settings.model_copy(update={"forecast": forecast})
-        pool = EndpointPool(clock=clock)
-        controller = build_controller(served, clock=clock, bus=bus, pool=pool)
+
+        def build() -> tuple[Controller, EndpointPool]:
+            pool = EndpointPool(clock=view)
+            return build_controller(served, clock=view, bus=bus, pool=pool), pool
+
+        command_limits, queue_size = mqtt_limits(site_mqtt(scenario), served)
+        events = EventDriver(
+            scenario.events,
+            scenario.start_epoch,
+            scenario.cycle_period,
+            view,
+            build,
+            command_limits,
+            queue_size,
+        )
         first = plant.truth()
-        session = _Session(scenario, plant, controller, clock, series)
+        session = _Session(scenario, plant, events, clock, series)
         try:
             await session.run()
         finally:
-            await controller.safe_stop(1.0)
-            await pool.close()
+            await events.close()
             session.clear_faults()
+    controller = events.controller
+    assert controller is not None
     samples, cycles = session.samples, session.cycles
     wall = time.perf_counter() - wall0
     limits = _limits(controller, served, scenario)
@@ -627,7 +666,13 @@ async def run_scenario(
         wall_s=wall,
         optimum_cost=opt_cost,
         optimum_status=opt_status,
-        faults=_fault_summary(scenario, cycles, unsafe),
+        faults=_fault_summary(
+            scenario, cycles, unsafe, samples, [d.id for d in controller.batteries]
+        ),
+        events=event_summary(
+            events, cycles=cycles, samples=samples, batteries=[d.id for d in controller.batteries]
+        ),
+        daemon_totals=_daemon_totals(controller),
     )
     return RunResult(
         scenario=scenario,

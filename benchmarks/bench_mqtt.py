@@ -43,7 +43,7 @@ async def _measure(broker: Mosquitto) -> list[Result]:
     bus = EventBus()
     events = [make_cycle(k, time=T0 + 10 * k) for k in range(1, 2001)]
     results: list[Result] = []
-    cfg = mqtt_config(broker.port, ha_discovery=False)
+    cfg = mqtt_config(broker.port, ha_discovery=False, allow_anonymous_control=True)
     async with (
         Watcher(broker.host, broker.port, [f"{BASE}/#"]) as w,
         MqttBridge(cfg, SITE, bus, RecordingTarget(), RealClock()) as bridge,

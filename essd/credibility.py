@@ -394,7 +394,11 @@ def _check_power_register(
     (which the settled comparison alone would never see)."""
     if track.power_value is None or power != track.power_value:
         return replace(track, power_value=power, power_static_since=now, power_gap_since=None), None
-    if track.power_gap_since is None and cmd is not None and abs(cmd - power) > tol:
+    if cmd is None or abs(cmd - power) <= tol:
+        # Told what it reads (a held unit told 0 W reads exactly 0 W): no gap, whatever came
+        # before; otherwise a unit once caught could never be released.
+        return replace(track, power_gap_since=None), None
+    if track.power_gap_since is None:
         track = replace(track, power_gap_since=now)
     since = track.power_gap_since
     if since is not None and now - since >= cfg.settle_s:

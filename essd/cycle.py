@@ -915,6 +915,8 @@ class Controller:
             if standby or d.state in (DeviceState.FAULT, DeviceState.SAFE):
                 if not d.safe_written and not await d.enter_safe_mode():
                     return d.outcome(WriteStatus.FAILED, d.last_write_error or d.reason)
+                if standby and d.state is DeviceState.RUNNING:
+                    d.hold_safe("standby")  # its safe mode is written and read back
                 return d.outcome(WriteStatus.SAFE_MODE)
             if d.state is DeviceState.DEGRADED:
                 # Answering but with bad data: put it in safe mode once. Not answering: its

@@ -331,7 +331,9 @@ class ManagedDevice:
             self._transition(DeviceState.FAULT, "safe mode not confirmed by read-back")
             return
         if mode_safe and not self.is_meter:  # standby is for storage: the meter keeps metering
-            if self.state is not DeviceState.SAFE:
+            # Safe only once its safe mode was written and read back (the write phase says so):
+            # a unit that was told standby is not yet a unit in standby.
+            if self.safe_written and self.state is not DeviceState.SAFE:
                 self._transition(DeviceState.SAFE, "standby")
             return
         if self.write_failures >= WRITE_FAILED_AFTER:

@@ -25,7 +25,16 @@ simulated seconds or as ``"90s"``, ``"15m"``, ``"2h"``, ``"1d"``. Kinds:
 - ``unplugged``: a portable unit leaves the site: no answer, no exchange, its outputs (when
   enabled) feed ``away_use_w`` to the campers;
 - ``connection_drop``: every open connection is cut at ``at`` (clients must reconnect);
-- ``connection_refused``: open connections are cut and new ones refused for ``duration``.
+- ``connection_refused``: open connections are cut and new ones refused for ``duration``;
+- ``meter_glitch``: the meter reports ``value_w`` (a wrong value inside its register range,
+  with the meter's usual wobble) for ``duration`` while the true grid is unchanged; a
+  ``duration`` shorter than one cycle period is a single glitched read;
+- ``meter_drift``: the meter's reading drifts away from the truth at ``drift_w_per_s`` (either
+  sign) for ``duration``, then reads true again;
+- ``safe_mode_ignored``: the unit acknowledges a write that would put it in its safe mode but
+  does not take it: the write of the safe mode's mode literals (not its power values) is
+  answered and undone, so a read-back shows the old value. The unit's own revert timer and
+  heartbeat loss still take it to safe mode.
 
 Transport faults (``delay``, ``connection_drop``, ``connection_refused``, and the connection
 cut of ``mode_reset``) act on the device's port, so they hit every unit served behind it.
@@ -46,6 +55,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 __all__ = [
     "FAULT_KINDS",
+    "METER_KINDS",
     "FaultError",
     "FaultFile",
     "FaultSpec",
@@ -68,10 +78,15 @@ FaultKind = Literal[
     "unplugged",
     "connection_drop",
     "connection_refused",
+    "meter_glitch",
+    "meter_drift",
+    "safe_mode_ignored",
 ]
 FAULT_KINDS: tuple[str, ...] = FaultKind.__args__  # type: ignore[attr-defined]
 # Kinds that happen at one instant; the others last ``duration``.
 INSTANT_KINDS = frozenset({"mode_reset", "connection_drop"})
+# Kinds only a meter can have.
+METER_KINDS = frozenset({"meter_loss", "meter_glitch", "meter_drift"})
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
@@ -116,6 +131,12 @@ class FaultSpec(BaseModel):
     code: Literal[1, 2, 3, 4, 6] = Field(
         4, description="kind exception_responses: the Modbus exception code answered"
     )
+    value_w: Annotated[float, Field(allow_inf_nan=False)] | None = Field(
+        None, description="kind meter_glitch: what the meter reports, W (> 0 imports)"
+    )
+    drift_w_per_s: Annotated[float, Field(allow_inf_nan=False)] | None = Field(
+        None, description="kind meter_drift: how fast the reading leaves the truth, W/s"
+    )
 
     @model_validator(mode="after")
     def _params(self) -> Self:
@@ -129,6 +150,14 @@ class FaultSpec(BaseModel):
             raise ValueError("away_use_w: only for kind unplugged")
         if self.kind != "exception_responses" and "code" in self.model_fields_set:
             raise ValueError("code: only for kind exception_responses")
+        for param, kind in (("value_w", "meter_glitch"), ("drift_w_per_s", "meter_drift")):
+            given = getattr(self, param) is not None
+            if self.kind == kind and not given:
+                raise ValueError(f"{param}: required for kind {kind}")
+            if self.kind != kind and given:
+                raise ValueError(f"{param}: only for kind {kind}")
+        if self.kind == "meter_drift" and self.drift_w_per_s == 0.0:
+            raise ValueError("drift_w_per_s: must not be 0")
         return self
 
     @property
@@ -196,10 +225,14 @@ def check_devices(
         if cls is None:
             known = ", ".join(sorted(devices)) or "none"
             problems.append(f"{source}: faults.{i}.device: no device {f.device!r} (known: {known})")
-        elif f.kind == "meter_loss" and cls != "meter":
-            problems.append(f"{source}: faults.{i}.kind: meter_loss needs a meter, not {cls}")
+        elif f.kind in METER_KINDS and cls != "meter":
+            problems.append(f"{source}: faults.{i}.kind: {f.kind} needs a meter, not {cls}")
         elif f.kind == "unplugged" and cls != "portable":
             problems.append(f"{source}: faults.{i}.kind: unplugged needs a portable unit")
+        elif f.kind == "safe_mode_ignored" and cls in ("meter", "portable"):
+            problems.append(
+                f"{source}: faults.{i}.kind: safe_mode_ignored needs a unit with a safe mode"
+            )
         elif f.kind in ("bms_fault", "mode_reset") and cls == "meter":
             problems.append(f"{source}: faults.{i}.kind: {f.kind} needs a storage unit")
     if problems:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from drivers.layout import from_base
 from drivers.modbus import Framing
 from drivers.profile import Profile
 from drivers.profile_loader import resolve_profile
@@ -50,17 +51,25 @@ from hil_sim.devices import (
     build_image,
     build_storage_device,
 )
-from hil_sim.faults import FaultSpec, FaultTimeline, check_devices
+from hil_sim.faults import FaultError, FaultSpec, FaultTimeline, check_devices
 from hil_sim.modbus_server import ModbusServer
 from hil_sim.proxy import DelayProxy
-from hil_sim.site import Site, SiteLimits, SiteSeries, SiteTruth
+from hil_sim.site import Site, SiteLimits, SiteSeries, SiteTruth, default_series_path
 from hil_sim.store import ModbusExceptionCode
 
-__all__ = ["Endpoint", "SimulatedSite", "default_series_path"]
+__all__ = ["Endpoint", "SimulatedSite"]
 
 log = logging.getLogger(__name__)
 
 _TICK_S = 0.02  # real seconds between fault-timeline checks
+# Faults that switch one flag of the device's DeviceFaults.
+_FLAG_FAULTS = {
+    "comm_loss": "no_answer",
+    "meter_loss": "no_answer",
+    "frozen_registers": "frozen",
+    "ignored_writes": "ignore_writes",
+    "safe_mode_ignored": "ignore_safe_mode",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,18 +95,6 @@ class Endpoint:
     def line(self) -> str:
         """``<device id> <profile> <url> unit=<id>``."""
         return f"{self.device_id} {self.profile} {self.url} unit={self.unit}"
-
-
-def default_series_path(settings: Settings, site_file: Path | None) -> Path:
-    """The series a site runs on: the forecast's series file, a CSV beside the site file
-    (same stem), else the example site's shipped one."""
-    if settings.forecast.series_file is not None:
-        return settings.forecast.series_file
-    if site_file is not None and site_file.with_suffix(".csv").is_file():
-        return site_file.with_suffix(".csv")
-    from drivers.profile_loader import shipped_profiles_dir  # noqa: PLC0415
-
-    return shipped_profiles_dir() / "sites" / "example.csv"
 
 
 @dataclass
@@ -136,11 +133,11 @@ class SimulatedSite:
     """Every enabled device of ``settings``, served on loopback, with physics and faults.
 
     ``free_ports``: serve on free ports (and rewrite :attr:`settings`) instead of the configured
-    ones. ``series``: load/PV (default: :func:`default_series_path`). ``faults``: the timeline,
-    offsets from the start. ``initial_soc``: per device id. ``proxy``: put every TCP device
-    behind a delaying proxy (otherwise only those with a delay fault). ``export_limiter``: the
-    PV inverters curtail to the export limit (zero-export sites). ``source`` and
-    ``faults_source`` name the site and fault files in error messages.
+    ones. ``series``: load/PV (default: :func:`~hil_sim.site.default_series_path`). ``faults``:
+    the timeline, offsets from the start. ``initial_soc``: per device id. ``proxy``: put every
+    TCP device behind a delaying proxy (otherwise only those with a delay fault).
+    ``export_limiter``: the PV inverters curtail to the export limit (zero-export sites).
+    ``source`` and ``faults_source`` name the site and fault files in error messages.
     """
 
     def __init__(
@@ -224,6 +221,30 @@ class SimulatedSite:
             group.stores[dev.transport.unit] = device
             self._group_of[dev.id] = group
         check_devices(self._faults, classes, self._faults_source)
+        self._check_glitch_ranges()
+
+    def _check_glitch_ranges(self) -> None:
+        """A meter glitch reports a value its grid-power register can hold (else the driver
+        would simply see an invalid reading, which is not the fault under test)."""
+        problems = []
+        for i, f in enumerate(self._faults):
+            if f.kind != "meter_glitch" or f.value_w is None:
+                continue
+            profile = self.profiles[f.device]
+            reg = profile.fields.get("grid_power_w")
+            if reg is None:
+                continue
+            spec = profile.register(reg)
+            value = from_base(f.value_w, spec.unit)
+            if (spec.min is not None and value < spec.min) or (
+                spec.max is not None and value > spec.max
+            ):
+                problems.append(
+                    f"{self._faults_source}: faults.{i}.value_w: {f.value_w:g} W is outside "
+                    f"the meter's register range [{spec.min}, {spec.max}] {spec.unit}"
+                )
+        if problems:
+            raise FaultError("\n".join(problems))
 
     def _device(self, dev: DeviceConfig, profile: Profile) -> SimDevice:
         if profile.device_class is DeviceClass.METER:
@@ -407,12 +428,11 @@ class SimulatedSite:
         kind = fault.kind
         log.info("%s: fault %s %s", fault.device, kind, "starts" if active else "ends")
         dev.invalidate()
-        if kind in ("comm_loss", "meter_loss"):
-            dev.faults.no_answer = active
-        elif kind == "frozen_registers":
-            dev.faults.frozen = active
-        elif kind == "ignored_writes":
-            dev.faults.ignore_writes = active
+        flag = _FLAG_FAULTS.get(kind)
+        if flag is not None:
+            setattr(dev.faults, flag, active)
+        elif kind in ("meter_glitch", "meter_drift"):
+            self._set_meter_fault(dev, fault, active, self.clock.now() if at is None else at)
         elif kind == "exception_responses":
             dev.faults.exception_code = ModbusExceptionCode(fault.code) if active else None
         elif kind == "bms_fault":
@@ -433,6 +453,15 @@ class SimulatedSite:
             self._drop(g)
         elif kind == "connection_refused":
             self._refuse(g, refuse=active)
+
+    @staticmethod
+    def _set_meter_fault(dev: SimDevice, fault: FaultSpec, active: bool, at: float) -> None:
+        """A wrong meter reading inside its range: a fixed glitch or a drift from ``at``."""
+        if fault.kind == "meter_glitch":
+            dev.faults.reading_w = fault.value_w if active else None
+        else:
+            dev.faults.drift_w_per_s = (fault.drift_w_per_s or 0.0) if active else 0.0
+            dev.faults.drift_since = at if active else None
 
     def _drop(self, g: _Group) -> None:
         if g.proxy is not None:

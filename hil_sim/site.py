@@ -25,7 +25,9 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import numpy.typing as npt
 
+from drivers.profile_loader import shipped_profiles_dir
 from essd.clock import Clock, local_midnight
+from essd.config import Settings
 from essd.series import SERIES_COLUMNS, SeriesError, read_series_csv
 from hil_sim.battery import Alarm
 from hil_sim.devices import MeterDevice, PortableDevice, StorageDevice
@@ -38,9 +40,20 @@ __all__ = [
     "SiteSeries",
     "SiteTruth",
     "Violation",
+    "default_series_path",
 ]
 
 _DAY = 86_400.0
+
+
+def default_series_path(settings: Settings, site_file: Path | None) -> Path:
+    """The series a site runs on: the forecast's series file, a CSV beside the site file
+    (same stem), else the example site's shipped one."""
+    if settings.forecast.series_file is not None:
+        return settings.forecast.series_file
+    if site_file is not None and site_file.with_suffix(".csv").is_file():
+        return site_file.with_suffix(".csv")
+    return shipped_profiles_dir() / "sites" / "example.csv"
 
 
 class SiteSeries:

@@ -7,10 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from essd.hil.kpi import (
-    CycleRecord,
-    Kpis,
-)
+from essd.hil.hostile import safe_after_s
+from essd.hil.kpi import CycleRecord, Kpis, Sample
 from essd.hil.scenario import FaultSpec, Scenario
 
 __all__ = ["check_expectations", "fault_summary"]
@@ -24,7 +22,11 @@ def report_window(scenario: Scenario, i: int) -> tuple[float, float]:
 
 
 def fault_summary(
-    scenario: Scenario, cycles: Sequence[CycleRecord], unsafe: Sequence[str]
+    scenario: Scenario,
+    cycles: Sequence[CycleRecord],
+    unsafe: Sequence[str],
+    samples: Sequence[Sample] = (),
+    batteries: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     start = scenario.start_epoch
     out = []
@@ -41,6 +43,9 @@ def fault_summary(
             (c.time - (start + f.end) for c in after if c.device_states.get(f.device) == "running"),
             None,
         )
+        # Every unit is affected by a meter fault: the site limits rest on the meter.
+        units = list(batteries) if f.device not in batteries else [f.device]
+        window_end = start + report_window(scenario, i)[1]
         out.append(
             {
                 "index": i,
@@ -73,6 +78,7 @@ def fault_summary(
                     u for u in unsafe if any(u.startswith(f"cycle {c.cycle}:") for c in during)
                 ],
                 "recovered_after_s": recovered_at,
+                "safe_after_s": safe_after_s(samples, units, start + f.at, window_end),
                 "reasons": sorted({c.reason for c in during})[:3],
             }
         )

@@ -235,6 +235,10 @@ class Kpis:
     modbus_errors: int
     device_writes: int
     faults: Sequence[Mapping[str, Any]] = field(default_factory=list)
+    # Runner-level events (essd.hil.hostile), reported like faults.
+    events: Sequence[Mapping[str, Any]] = field(default_factory=list)
+    # What essd itself counted (totals, billing peak), to compare with the truth above.
+    daemon_totals: Mapping[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -311,6 +315,8 @@ def compute_kpis(
     optimum_cost: float | None = None,
     optimum_status: str = "not solved",
     faults: Sequence[Mapping[str, Any]] = (),
+    events: Sequence[Mapping[str, Any]] = (),
+    daemon_totals: Mapping[str, float] | None = None,
 ) -> Kpis:
     """All figures of a run from its true samples and its cycle records."""
     dts = [s.dt_s for s in samples]
@@ -404,4 +410,6 @@ def compute_kpis(
         modbus_errors=last.modbus_errors if last else 0,
         device_writes=last.device_writes if last else 0,
         faults=list(faults),
+        events=list(events),
+        daemon_totals=dict(daemon_totals or {}),
     )

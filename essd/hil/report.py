@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -199,24 +200,85 @@ def _markdown(result: RunResult) -> str:
             "## Faults",
             "",
             "| # | kind | device | at | for | plan rungs | device states | setpoint sources "
-            "| cycles at safe idle | max setpoint | unsafe writes | running again after |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| cycles at safe idle | max setpoint | unsafe writes | all units at 0 W after "
+            "| running again after |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for f in k.faults:
             rec = f["recovered_after_s"]
+            safe = f.get("safe_after_s")
             lines.append(
                 f"| {f['index']} | {f['kind']} | {f['device']} | {f['at_s'] / 3600:.2f} h "
                 f"| {f['duration_s'] / 60:.0f} min | {f['rungs']} | "
                 f"{', '.join(f['device_states'])} | {', '.join(f['setpoint_sources'])} | "
                 f"{f['safe_idle_cycles']}/{f['cycles']} | "
                 f"{f['setpoint_w_max']:.0f} W | {len(f['unsafe_writes'])} | "
-                f"{'n/a' if rec is None else f'{rec:.0f} s'} |"
+                f"{_seconds(safe)} | {_seconds(rec)} |"
             )
         lines.append("")
+    lines += _events_section(k.events)
+    if k.daemon_totals:
+        t = k.daemon_totals
+        lines += [
+            "## What essd counted (its durable totals, against the truth above)",
+            "",
+            "| figure | essd | truth |",
+            "|---|---|---|",
+            f"| imported | {_fmt(t.get('imported_wh', 0.0) / 1000)} kWh "
+            f"| {_fmt(k.imported_wh / 1000)} kWh |",
+            f"| exported | {_fmt(t.get('exported_wh', 0.0) / 1000)} kWh "
+            f"| {_fmt(k.exported_wh / 1000)} kWh |",
+            f"| energy and carbon cost | {_fmt(t.get('cost', 0.0))} {cur} "
+            f"| {_fmt(k.energy_cost + k.carbon_cost)} {cur} |",
+            f"| billing peak (per-step average import) | "
+            f"{_fmt(t.get('billing_peak_w', 0.0) / 1000)} kW "
+            f"| {_fmt(k.peak_window_import_w / 1000)} kW |",
+            "",
+        ]
     lines += ["## Plots", ""]
     lines += [f"![{name}]({name}.png)" for name in PLOTS]
     lines.append("")
     return "\n".join(lines)
+
+
+def _seconds(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.0f} s"
+
+
+def _events_section(events: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The runner-level events (wall-clock steps, signals, commands) as a table."""
+    if not events:
+        return []
+    lines = [
+        "## Events",
+        "",
+        "| # | event | what | at | plan rungs | causes | device states | all units at 0 W after "
+        "| running again after | details |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in events:
+        details = ""
+        if e["kind"] == "signal":
+            stop = e.get("safe_stop", {})
+            acked = ", ".join(f"{d} {'ok' if ok else 'NOT acknowledged'}" for d, ok in stop.items())
+            details = (
+                f"safe stop: {acked or 'no units'}; restarted after "
+                f"{_seconds(e.get('restarted_after_s'))}"
+                + (f"; restore failed: {e['restore_error']}" if e.get("restore_error") else "")
+            )
+        elif e["kind"] == "command":
+            r = e["replies"]
+            refused = "; ".join(f"{n}x {err}" for err, n in r["refused"].items())
+            details = f"{r['total']} replies, {r['ok']} ok" + (
+                f"; refused: {refused}" if refused else ""
+            )
+        lines.append(
+            f"| {e['index']} | {e['kind']} | {e['what']} | {e['at_s'] / 3600:.2f} h | {e['rungs']} "
+            f"| {', '.join(e['causes'])} | {', '.join(e['device_states'])} "
+            f"| {_seconds(e['safe_after_s'])} | {_seconds(e['recovered_after_s'])} | {details} |"
+        )
+    lines.append("")
+    return lines
 
 
 def write_report(result: RunResult, directory: Path) -> Path:

@@ -34,6 +34,7 @@ from essd.daemon import build_controller
 from essd.events import CycleCompleted, EventBus
 from essd.hil.expectations import check_expectations, fault_summary, report_window
 from essd.hil.foresight import cost_model, perfect_foresight
+from essd.hil.hostile import DaemonClock, EventDriver, event_summary, mqtt_limits
 from essd.hil.kpi import (
     CycleRecord,
     Kpis,
@@ -46,7 +47,7 @@ from essd.hil.plant import (
     Plant,
     SiteTruth,
 )
-from essd.hil.scenario import INSTANT_KINDS, FaultSpec, Scenario
+from essd.hil.scenario import INSTANT_KINDS, FaultSpec, Scenario, site_mqtt
 from essd.hil.truth import ScenarioSeries
 from hil_sim.runner import SimulatedSite
 from hil_sim.site import SiteSeries
@@ -121,13 +122,22 @@ def _limits(controller: Controller, settings: Settings, scenario: Scenario) -> L
     )
 
 
+def _daemon_totals(controller: Controller) -> dict[str, float]:
+    """The totals and billing peak essd itself kept (its durable state), to set against the
+    truth: a wall-clock step must add or remove nothing."""
+    state = controller.durable_state()
+    totals = {f"{k}": float(v) for k, v in state["totals"].items()}
+    totals["billing_peak_w"] = float(state["peak"]["peak_w"])
+    return totals
+
+
 @dataclass
 class _Session:
     """One run in progress: drives cycles and the clock, switches faults, samples the truth."""
 
     scenario: Scenario
     plant: Plant
-    controller: Controller
+    events: EventDriver
     clock: SimClock
     series: ScenarioSeries
     samples: list[Sample] = field(default_factory=list)
@@ -183,15 +193,20 @@ class _Session:
             elif self.clock.now() < t_cycle:
                 await self.clock.sleep(t_cycle - self.clock.now())
             faults = self.sync_faults()
-            event = await self.controller.run_cycle()
-            self.cycles.append(_record(event, faults))
+            started = self.clock.now()
+            controller = await self.events.due(started)
+            faults += self.events.labels(started - sc.start_epoch)
+            if controller is not None:  # None: essd is down after a signal
+                event = await controller.run_cycle()
+                # The simulator's time, not the daemon's wall clock (which an event may step).
+                self.cycles.append(replace(_record(event, faults), time=started))
             end = t_cycle + period
             first = True
             while self.clock.now() < end - 1e-6:
                 t = self.clock.now()
                 dt = min(sub, end - t)
                 if not first:
-                    faults = self.sync_faults()
+                    faults = self.sync_faults() + self.events.labels(t - sc.start_epoch)
                 _, _, pi, pe, ci = self.series.at(t)
                 self.samples.append(Sample(t, dt, self.plant.truth(), pi, pe, ci, first, faults))
                 first = False
@@ -229,6 +244,8 @@ async def run_scenario(
         forecast = forecast.model_copy(update={"load": "daily-profile", "pv": "none"})
     settings = settings.model_copy(update={"forecast": forecast})
     clock = SimClock(scenario.start_epoch, speed=scenario.speed)
+    # The daemon's view of the time: a wall-clock step event moves its wall clock alone.
+    view = DaemonClock(clock)
     bus = EventBus()
     if progress is not None:
         report = progress
@@ -236,16 +253,30 @@ async def run_scenario(
     factory = simulated_site_factory if plant_factory is None else plant_factory
     async with factory(scenario, settings, clock, series) as plant:
         served = plant.settings.model_copy(update={"forecast": forecast})
-        pool = EndpointPool(clock=clock)
-        controller = build_controller(served, clock=clock, bus=bus, pool=pool)
+
+        def build() -> tuple[Controller, EndpointPool]:
+            pool = EndpointPool(clock=view)
+            return build_controller(served, clock=view, bus=bus, pool=pool), pool
+
+        command_limits, queue_size = mqtt_limits(site_mqtt(scenario), served)
+        events = EventDriver(
+            scenario.events,
+            scenario.start_epoch,
+            scenario.cycle_period,
+            view,
+            build,
+            command_limits,
+            queue_size,
+        )
         first = plant.truth()
-        session = _Session(scenario, plant, controller, clock, series)
+        session = _Session(scenario, plant, events, clock, series)
         try:
             await session.run()
         finally:
-            await controller.safe_stop(1.0)
-            await pool.close()
+            await events.close()
             session.clear_faults()
+    controller = events.controller
+    assert controller is not None
     samples, cycles = session.samples, session.cycles
     wall = time.perf_counter() - wall0
     limits = _limits(controller, served, scenario)
@@ -273,7 +304,13 @@ async def run_scenario(
         wall_s=wall,
         optimum_cost=opt_cost,
         optimum_status=opt_status,
-        faults=fault_summary(scenario, cycles, unsafe),
+        faults=fault_summary(
+            scenario, cycles, unsafe, samples, [d.id for d in controller.batteries]
+        ),
+        events=event_summary(
+            events, cycles=cycles, samples=samples, batteries=[d.id for d in controller.batteries]
+        ),
+        daemon_totals=_daemon_totals(controller),
     )
     return RunResult(
         scenario=scenario,

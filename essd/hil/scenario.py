@@ -16,6 +16,7 @@ Device transports may be left out: the runner serves every device on a free loop
 from __future__ import annotations
 
 import csv
+import json
 import re
 import tomllib
 from datetime import datetime
@@ -35,7 +36,7 @@ from pydantic import (
 
 from drivers.profile import ProfileError
 from drivers.profile_loader import resolve_profile
-from essd.config import Settings
+from essd.config import MqttConfig, Settings
 from essd.series import SERIES_COLUMNS
 from hil_sim.faults import (
     FAULT_KINDS,
@@ -49,6 +50,8 @@ from hil_sim.faults import (
 __all__ = [
     "FAULT_KINDS",
     "INSTANT_KINDS",
+    "SIGNALS",
+    "EventSpec",
     "Expectations",
     "FaultSpec",
     "InlineSeries",
@@ -58,6 +61,7 @@ __all__ = [
     "SiteSpec",
     "load_scenario",
     "parse_duration",
+    "site_mqtt",
 ]
 
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
@@ -170,6 +174,91 @@ class Expectations(_Strict):
     )
 
 
+SIGNALS = ("SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGTERM", "SIGINT")
+SignalName = Literal["SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGTERM", "SIGINT"]
+
+
+class EventSpec(BaseModel):
+    """One runner-level event at offset ``at`` (essd.hil.hostile says what each kind does)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["wall_clock_step", "signal", "command"]
+    at: Seconds
+    step_s: Annotated[float, Field(allow_inf_nan=False, ge=-366 * 86_400.0, le=366 * 86_400.0)] = (
+        Field(0.0, description="wall_clock_step: how far the wall clock jumps, s (either sign)")
+    )
+    signal: SignalName | None = Field(None, description="signal: the signal essd receives")
+    restart_after: Seconds | None = Field(
+        None, description="signal: simulated time until essd runs again (default 2m)"
+    )
+    topic: Annotated[str, Field(pattern=r"^(cmd/)?[a-z_]{1,32}$")] | None = Field(
+        None, description="command: the command name (mode, reserve, setpoint...), cmd/ optional"
+    )
+    payload: dict[str, Any] | str | None = Field(
+        None, description="command: the JSON payload (an object, or raw text sent as is)"
+    )
+    retain: bool = Field(False, description="command: published retained")
+    burst: Annotated[int, Field(ge=1, le=100_000)] | None = Field(
+        None, description="command: this many copies at once, then a standby"
+    )
+    window: Seconds | None = Field(
+        None,
+        description="how long its cycles are reported (default 2 cycles; a signal adds "
+        "restart_after)",
+    )
+
+    @model_validator(mode="after")
+    def _params(self) -> Self:
+        given = self.model_fields_set
+        own = {
+            "wall_clock_step": {"step_s"},
+            "signal": {"signal", "restart_after"},
+            "command": {"topic", "payload", "retain", "burst"},
+        }
+        for name in sorted(set().union(*own.values()) - own[self.kind]):
+            if name in given:
+                raise ValueError(
+                    f"{name}: only for kind {sorted(k for k, v in own.items() if name in v)[0]}"
+                )
+        if self.kind == "wall_clock_step" and self.step_s == 0.0:
+            raise ValueError("step_s: required (non-zero) for kind wall_clock_step")
+        if self.kind == "signal" and self.signal is None:
+            raise ValueError("signal: required for kind signal")
+        if self.kind == "command":
+            if self.topic is None:
+                raise ValueError("topic: required for kind command")
+            if self.payload is None:
+                raise ValueError("payload: required for kind command")
+        return self
+
+    @property
+    def name(self) -> str:
+        """The command name without ``cmd/``."""
+        return (self.topic or "").removeprefix("cmd/")
+
+    @property
+    def downtime_s(self) -> float:
+        """How long essd is down after a signal (0 for other kinds)."""
+        if self.kind != "signal":
+            return 0.0
+        return 120.0 if self.restart_after is None else self.restart_after
+
+    def payload_bytes(self) -> bytes:
+        """The payload as sent on the wire."""
+        if isinstance(self.payload, str):
+            return self.payload.encode()
+        return json.dumps(self.payload).encode()
+
+    def what(self) -> str:
+        """A short description for labels and the report."""
+        if self.kind == "wall_clock_step":
+            return f"{self.step_s:+g}s"
+        if self.kind == "signal":
+            return str(self.signal)
+        return self.name
+
+
 class Scenario(_Strict):
     """One HIL scenario (see the module docstring)."""
 
@@ -184,6 +273,9 @@ class Scenario(_Strict):
     cycle_period: Seconds = Field(ge=1.0, le=300.0, description="the daemon's cycle period")
     series: SeriesSpec
     faults: tuple[FaultSpec, ...] = ()
+    events: tuple[EventSpec, ...] = Field(
+        (), description="runner-level events: wall_clock_step, signal, command (essd.hil.hostile)"
+    )
     expect: Expectations = Expectations()
 
     # Filled by the loader: where relative paths resolve, and the validated site.
@@ -198,6 +290,10 @@ class Scenario(_Strict):
         for i, f in enumerate(self.faults):
             if f.end > self.duration:
                 raise ValueError(f"faults.{i}.duration: the fault outlasts the scenario")
+        for i, e in enumerate(self.events):
+            if e.at + e.downtime_s >= self.duration:
+                field = "restart_after" if e.kind == "signal" else "at"
+                raise ValueError(f"events.{i}.{field}: essd would not run again before the end")
         return self
 
     @property
@@ -256,8 +352,8 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 _PLACEHOLDER = {"kind": "tcp", "host": "127.0.0.1", "port": 502, "unit": 1}
 
 
-def site_settings(scenario: Scenario) -> Settings:
-    """The site's validated :class:`Settings` (ScenarioError naming file and field)."""
+def _site_data(scenario: Scenario) -> tuple[dict[str, Any], str]:
+    """The site's TOML content merged with its overrides, and the field prefix for errors."""
     spec = scenario.site
     src = str(scenario.source)
     if spec.config is not None:
@@ -274,7 +370,27 @@ def site_settings(scenario: Scenario) -> Settings:
     else:
         data = dict(spec.settings or {})
         prefix = "site.settings."
-    data = _merge(data, spec.overrides)
+    return _merge(data, spec.overrides), prefix
+
+
+def site_mqtt(scenario: Scenario) -> MqttConfig | None:
+    """The site's ``[mqtt]`` section (the run publishes nowhere, but operator commands of
+    ``events`` get its limits); None when the site has none."""
+    data, prefix = _site_data(scenario)
+    raw = data.get("mqtt")
+    if raw is None:
+        return None
+    try:
+        return MqttConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ScenarioError(_format(exc, str(scenario.source), prefix + "mqtt.")) from None
+
+
+def site_settings(scenario: Scenario) -> Settings:
+    """The site's validated :class:`Settings` (ScenarioError naming file and field)."""
+    spec = scenario.site
+    src = str(scenario.source)
+    data, prefix = _site_data(scenario)
     devices = []
     for i, dev in enumerate(data.get("devices", [])):
         # A device without a transport gets its own placeholder endpoint: the simulator serves
@@ -364,6 +480,8 @@ def load_scenario(path: Path) -> tuple[Scenario, Settings]:
     if problems:
         raise ScenarioError(problems)
     settings = site_settings(scenario)
+    if scenario.events:
+        site_mqtt(scenario)  # the command limits come from it: refuse a bad one now
     try:
         ZoneInfo(settings.site.timezone)
     except Exception:  # validated by Settings already; keep the error readable anyway

@@ -76,6 +76,10 @@ class DeviceFaults:
     ignore_writes: bool = False  # writes acknowledged but not applied
     unplugged: bool = False  # a portable unit away from the site: no answer, no exchange
     away_use_w: float = 0.0  # what the campers draw from an unplugged unit's outputs
+    reading_w: float | None = None  # a meter reports this instead of the truth (a glitch)
+    drift_w_per_s: float = 0.0  # a meter's reading leaves the truth at this rate...
+    drift_since: float | None = None  # ...since this epoch s
+    ignore_safe_mode: bool = False  # writes that would take the safe mode are acknowledged only
 
 
 class SimDevice:
@@ -137,6 +141,10 @@ class SimDevice:
         self._touched = []
         self.image.write(address, values)
         names = list(dict.fromkeys(self._touched))
+        if self.faults.ignore_safe_mode and self.refuses_as_safe_mode(names):
+            self._touched = []
+            self.image.write(address, old)  # acknowledged, not taken: read-back shows it
+            return
         bad = next((n for n in names if not self._in_range(n)), None)
         if bad is not None:
             self._touched = []
@@ -173,6 +181,22 @@ class SimDevice:
 
     def on_write(self, names: list[str]) -> None:
         """React to a client write of the registers ``names``."""
+
+    def refuses_as_safe_mode(self, names: list[str]) -> bool:
+        """Under ``safe_mode_ignored``: True when the write just made put one of the safe
+        mode's mode registers (a literal, not a power value) at its safe-mode value."""
+        act = self.profile.actions.get(ActionName.SAFE_MODE)
+        if act is None:
+            return False
+        power = self.profile.actions.get(ActionName.SET_ACTIVE_POWER)
+        params = {s.register for s in power.writes if s.param is not None} if power else set()
+        return any(
+            s.value is not None
+            and s.register in names
+            and s.register not in params
+            and self.matches(s)
+            for s in act.writes
+        )
 
     # -- register helpers ----------------------------------------------------------------------
 

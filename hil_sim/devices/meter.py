@@ -61,6 +61,11 @@ class MeterDevice(SimDevice):
         # would read one constant value at a zero-export limit, which essd rightly takes for
         # frozen registers. The site's truth stays exact.
         measured = grid + measurement_noise(now, self.noise_w + self.noise_ratio * abs(grid))
+        f = self.faults
+        if f.reading_w is not None:  # a glitch: a wrong value, wobbling as a real reading does
+            measured = f.reading_w + (measured - grid)
+        elif f.drift_since is not None:
+            measured += f.drift_w_per_s * max(0.0, now - f.drift_since)
         self.put_field("grid_power_w", measured)
         for phase in ("grid_l1_w", "grid_l2_w", "grid_l3_w"):
             self.put_field(phase, measured / 3.0)

@@ -22,7 +22,8 @@ from pathlib import Path
 from benchmarks import Result
 from drivers.factory import EndpointPool
 from essd.clock import SimClock
-from essd.config import Settings, load_settings
+from essd.config import Settings
+from essd.config_loading import load_settings
 from essd.daemon import build_controller
 from essd.events import CycleCompleted, EventBus
 from hil_sim.runner import SimulatedSite

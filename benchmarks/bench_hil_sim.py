@@ -23,7 +23,8 @@ from drivers.modbus import ModbusEndpoint, TcpTarget
 from drivers.profile_loader import resolve_profile, shipped_profiles_dir
 from drivers.registers import Table
 from essd.clock import RealClock, SimClock
-from essd.config import Settings, load_settings
+from essd.config import Settings
+from essd.config_loading import load_settings
 from essd.endpoints import build_driver
 from hil_sim.battery import Battery, BatteryParams
 from hil_sim.runner import SimulatedSite

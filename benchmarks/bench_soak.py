@@ -34,7 +34,7 @@ import numpy as np
 from benchmarks import Result
 from drivers.factory import EndpointPool
 from essd.clock import SimClock
-from essd.config import load_settings
+from essd.config_loading import load_settings
 from essd.daemon import build_controller
 from essd.demo import EXAMPLE_SITE
 from essd.domain import FallbackRung

@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from essd import __version__
-from essd.config import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
+from essd.config import DEFAULT_CONFIG_PATH, Settings
+from essd.config_loading import ConfigError, load_settings
 from essd.demo import register_cli as register_demo
 from essd.hil.cli import register as register_hil
 from essd.logs import configure_logging

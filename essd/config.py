@@ -13,14 +13,15 @@ is parsed. Checks across sections and files (profiles, series file, endpoints, m
 
 Units: power in W (site limits are magnitudes >= 0), energy in Wh, SoC as a ratio 0..1, prices
 in the tariff's currency per kWh (per kW for the demand charge), carbon in g/kWh and per kg.
+
+Loading (:func:`~essd.config_loading.load_settings`, :class:`~essd.config_loading.ConfigError`)
+is :mod:`essd.config_loading`.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
-import tomllib
 from contextvars import ContextVar
 from datetime import time
 from pathlib import Path
@@ -32,7 +33,6 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -43,12 +43,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from essd.textfile import read_text_file
-
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "MAX_CONFIG_BYTES",
-    "ConfigError",
     "ControlConfig",
     "CredibilityConfig",
     "DeviceConfig",
@@ -60,18 +57,32 @@ __all__ = [
     "SiteConfig",
     "StateConfig",
     "TariffConfig",
-    "load_settings",
+    "config_data",
 ]
 
+
 DEFAULT_CONFIG_PATH = Path("/etc/essd/essd.toml")
+
+
 ENV_PREFIX = "ESSD_"
+
+
 # A site with hundreds of devices fits in a few tens of KiB; anything larger is not a config.
 MAX_CONFIG_BYTES = 256 * 1024
 
+
 DeviceId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+
+
 Port = Annotated[int, Field(ge=1, le=65535)]
+
+
 UnitId = Annotated[int, Field(ge=0, le=247)]
+
+
 Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
 NonNegW = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 
 
@@ -397,7 +408,7 @@ class LoggingConfig(_Section):
     format: Literal["text", "json"] = "text"
 
 
-_config_data: ContextVar[dict[str, Any] | None] = ContextVar("essd_config_data", default=None)
+config_data: ContextVar[dict[str, Any] | None] = ContextVar("essd_config_data", default=None)
 
 
 class Settings(BaseSettings):
@@ -445,73 +456,8 @@ class Settings(BaseSettings):
 
         The file was read and parsed once by :func:`load_settings`; its data is used as is.
         """
-        data = _config_data.get()
+        data = config_data.get()
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if data is not None:
             sources.append(InitSettingsSource(settings_cls, init_kwargs=data))
         return tuple(sources)
-
-
-class ConfigError(Exception):
-    """The configuration is invalid: ``problems`` holds one line per problem."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
-
-
-def _env_name(loc: tuple[int | str, ...]) -> str:
-    return ENV_PREFIX + "__".join(str(p) for p in loc).upper()
-
-
-def _origin(loc: tuple[int | str, ...], path: Path | None, environ: dict[str, str]) -> str:
-    """Name the environment variable that set a field, else the file."""
-    upper = {k.upper() for k in environ}
-    for n in range(len(loc), 0, -1):
-        name = _env_name(loc[:n])
-        if name in upper:
-            return f"environment {name}"
-    return str(path) if path is not None else "configuration"
-
-
-def _format_errors(exc: ValidationError, path: Path | None) -> list[str]:
-    environ = dict(os.environ)
-    lines = []
-    for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
-        dotted = ".".join(str(p) for p in loc) or "(top level)"
-        msg = re.sub(r"^Value error, ", "", err["msg"])
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        lines.append(f"{_origin(loc, path, environ)}: {dotted}: {msg}")
-    return lines
-
-
-_UNION_TAGS = {"tcp", "rtu-over-tcp", "serial"}
-
-
-def load_settings(path: Path | None = DEFAULT_CONFIG_PATH, **overrides: Any) -> Settings:
-    """Load the configuration from ``path`` and the environment; ConfigError on any problem.
-
-    ``path=None`` reads the environment (and ``overrides``) only.
-    """
-    data = None if path is None else _read_toml(path)
-    token = _config_data.set(data)
-    try:
-        return Settings(**overrides)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, path)) from None
-    finally:
-        _config_data.reset(token)
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    """Read and parse the configuration file once; ConfigError naming the file otherwise."""
-    try:
-        text = read_text_file(path, max_bytes=MAX_CONFIG_BYTES, what="configuration file")
-    except ValueError as exc:
-        raise ConfigError([str(exc)]) from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from drivers.factory import EndpointPool
 from drivers.profile_loader import resolve_profile
 from essd.clock import Clock, RealClock, sleep_or_stop
-from essd.config import ConfigError, Settings
+from essd.config import Settings
+from essd.config_loading import ConfigError
 from essd.cycle import Controller
 from essd.devices import ManagedDevice, envelope_for
 from essd.domain import DeviceClass

@@ -21,7 +21,8 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from essd.clock import SimClock, local_midnight
-from essd.config import ConfigError, Settings, load_settings
+from essd.config import Settings
+from essd.config_loading import ConfigError, load_settings
 from essd.daemon import Daemon
 from essd.events import EventBus
 from essd.logs import configure_logging

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 from essd.clock import Clock, RealClock, SimClock
-from essd.config import ConfigError, load_settings
+from essd.config_loading import ConfigError, load_settings
 
 if TYPE_CHECKING:
     from hil_sim.runner import SimulatedSite

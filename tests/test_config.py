@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from essd.cli import main
-from essd.config import ConfigError, Settings, load_settings
+from essd.config import Settings
+from essd.config_loading import ConfigError, load_settings
 
 EXAMPLE = Path(__file__).parents[1] / "profiles" / "sites" / "example.toml"
 

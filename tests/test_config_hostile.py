@@ -24,7 +24,8 @@ from drivers.profile import ProfileError
 from drivers.profile_loader import load_profile, resolve_profile
 from essd.cli import main
 from essd.clock import SimClock
-from essd.config import MAX_CONFIG_BYTES, load_settings
+from essd.config import MAX_CONFIG_BYTES
+from essd.config_loading import load_settings
 from essd.daemon import build_controller
 from essd.events import EventBus
 

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 
 from drivers.factory import EndpointPool
 from essd.clock import SimClock
-from essd.config import load_settings
+from essd.config_loading import load_settings
 from essd.daemon import build_controller
 from essd.demo import EXAMPLE_SITE, demo_settings
 from essd.domain import FallbackRung

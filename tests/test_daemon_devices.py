@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from drivers.factory import EndpointPool
 from essd.clock import SimClock
-from essd.config import load_settings
+from essd.config_loading import load_settings
 from essd.daemon import build_controller
 from essd.domain import DeviceState
 from essd.events import DeviceStateChanged, Event, EventBus

@@ -14,7 +14,8 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from essd.clock import SimClock
-from essd.config import Settings, TouWindow, load_settings
+from essd.config import Settings, TouWindow
+from essd.config_loading import load_settings
 from hil_sim.devices import StorageDevice
 from hil_sim.runner import SimulatedSite
 from tests.support.site import EXAMPLE, write_config

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 from essd.clock import SimClock
-from essd.config import load_settings
+from essd.config_loading import load_settings
 from essd.daemon import Daemon
 from essd.events import CycleCompleted, Event, EventBus
 from essd.sdnotify import SystemdNotifier

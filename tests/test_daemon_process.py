@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from essd.clock import RealClock
-from essd.config import load_settings
+from essd.config_loading import load_settings
 from hil_sim.devices import StorageDevice
 from hil_sim.runner import SimulatedSite
 from tests.support.site import EXAMPLE, write_config

@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from essd.clock import SimClock
-from essd.config import load_settings
+from essd.config_loading import load_settings
 from essd.daemon import Daemon
 from essd.state import STATE_FILE
 from hil_sim.devices import StorageDevice

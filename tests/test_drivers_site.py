@@ -15,7 +15,8 @@ from drivers.factory import EndpointPool
 from drivers.modbus import Framing
 from drivers.profile_loader import list_profiles, resolve_profile
 from essd.clock import RealClock
-from essd.config import DeviceConfig, SerialTransport, load_settings
+from essd.config import DeviceConfig, SerialTransport
+from essd.config_loading import load_settings
 from essd.domain import BatteryReading, MeterReading
 from essd.endpoints import build_driver
 from hil_sim.modbus_server import ModbusServer

@@ -14,7 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from essd.clock import SimClock
-from essd.config import MetricsConfig, load_settings
+from essd.config import MetricsConfig
+from essd.config_loading import load_settings
 from essd.counters import DeviceCounters
 from essd.domain import FallbackRung, Plan, PlanCause
 from essd.events import (

@@ -19,7 +19,7 @@ import pytest
 
 from essd.clock import RealClock, SimClock
 from essd.commands import COMMANDS
-from essd.config import load_settings
+from essd.config_loading import load_settings
 from essd.domain import DeviceState
 from essd.events import (
     CommandHandled,

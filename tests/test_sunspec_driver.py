@@ -40,7 +40,8 @@ from drivers.profile_loader import (
 from drivers.registers import Table
 from drivers.sunspec import SunSpecDiscoveryError, SunSpecDriver, SunSpecError
 from essd.clock import RealClock, SimClock
-from essd.config import DeviceConfig, SerialTransport, load_settings
+from essd.config import DeviceConfig, SerialTransport
+from essd.config_loading import load_settings
 from essd.domain import BatteryReading, LiveLimits, MeterReading, Quality
 from essd.endpoints import build_driver
 from hil_sim.store import RegisterImage, RegisterStore

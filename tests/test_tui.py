@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 from drivers.factory import EndpointPool
 from essd.clock import SimClock
-from essd.config import load_settings
+from essd.config_loading import load_settings
 from essd.daemon import build_controller
 from essd.events import EventBus
 from essd.tui import LogLines, TerminalView, render

@@ -16,7 +16,8 @@ from drivers.factory import EndpointPool
 from drivers.modbus import Framing, ModbusEndpoint, TcpTarget
 from drivers.profile_loader import resolve_profile
 from essd.clock import Clock
-from essd.config import Settings, load_settings
+from essd.config import Settings
+from essd.config_loading import load_settings
 from essd.endpoints import build_driver
 from hil_sim.faults import FaultSpec
 from hil_sim.runner import SimulatedSite

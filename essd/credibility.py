@@ -71,7 +71,7 @@ from enum import StrEnum
 from drivers.profile import Profile
 from essd.config import Settings
 from essd.domain import BatteryReading, Quality, Reading
-from essd.safety import DeviceEnvelope, GuardInput
+from essd.safety import DeviceEnvelope, GuardInput, side_margin
 
 __all__ = [
     "HEARTBEAT_FIELDS",
@@ -220,6 +220,8 @@ class CredibilityInput:
     for charge-limit units minus the limit), None while it is under no W command (safe mode,
     never written). ``grid_power_w``: the meter, None when the device layer found it invalid.
     ``soc_resolution``: one SoC register step per unit (ratio; default 0.01).
+    ``import_limit_w``/``export_limit_w``: the site limits (a repeated meter reading may hide
+    no more battery movement than the guard's margin inside the tighter of them).
     """
 
     now_mono: float
@@ -228,6 +230,8 @@ class CredibilityInput:
     commanded_w: Mapping[str, float | None]
     grid_power_w: float | None
     soc_resolution: Mapping[str, float] = field(default_factory=dict)
+    import_limit_w: float = math.inf
+    export_limit_w: float = math.inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -584,6 +588,7 @@ def _assess_meter(
     track: _MeterTrack,
     grid: float | None,
     battery_w: float,
+    hidden_move_w: float,
 ) -> tuple[_MeterTrack, MeterVerdict]:
     if grid is None or not math.isfinite(grid):
         verdict = MeterVerdict(False, None, MeterCause.NO_READING, "no valid meter reading")
@@ -591,8 +596,10 @@ def _assess_meter(
     if abs(grid) > cfg.connection_max_w:
         detail = f"{grid:.0f} W is beyond the connection's +-{cfg.connection_max_w:.0f} W"
         return track, MeterVerdict(False, None, MeterCause.OUT_OF_RANGE, detail)
+    # A repeated reading hides what the batteries did since: more than the margin the guard
+    # keeps inside the tighter limit, and a limit could be crossed unseen.
     moved = track.battery_w is not None and abs(battery_w - track.battery_w) > max(
-        cfg.limit_margin_w, MIN_POWER_TOLERANCE_W
+        hidden_move_w, MIN_POWER_TOLERANCE_W
     )
     if track.frozen_at_w is not None and grid == track.frozen_at_w:
         detail = f"stuck at {grid:.0f} W"
@@ -605,17 +612,34 @@ def _assess_meter(
         return new, MeterVerdict(False, None, MeterCause.FROZEN, detail)
     track = replace(track, frozen_at_w=None, raw_w=grid, battery_w=battery_w)
     net = grid + battery_w
-    if track.net_w is not None and abs(net - track.net_w) > cfg.max_load_step_w:
-        pending = track.pending_net_w
-        if pending is None or abs(net - pending) > cfg.max_load_step_w / 2.0:
-            detail = (
-                f"net load jumped {net - track.net_w:+.0f} W (max step "
-                f"{cfg.max_load_step_w:.0f} W): waiting for a second reading"
-            )
-            return replace(track, pending_net_w=net), MeterVerdict(
-                False, None, MeterCause.UNCONFIRMED_JUMP, detail
-            )
+    unconfirmed = _unconfirmed(cfg, track, net)
+    if unconfirmed is not None:
+        return replace(track, pending_net_w=net), MeterVerdict(
+            False, None, MeterCause.UNCONFIRMED_JUMP, unconfirmed
+        )
     return replace(track, net_w=net, pending_net_w=None), MeterVerdict(True, grid)
+
+
+def _unconfirmed(cfg: CredibilitySettings, track: _MeterTrack, net: float) -> str | None:
+    """Why the net load ``net`` must wait for the next reading to confirm it, or None.
+
+    The first reading (at start) has no history to be checked against, so one glitch there
+    would steer the first cycle: the next reading must come within a load step of it. Later,
+    a jump beyond a load step must be confirmed by a next reading close to it.
+    """
+    pending = track.pending_net_w
+    if track.net_w is None:
+        if pending is None or abs(net - pending) > cfg.max_load_step_w:
+            return "first reading: waiting for a second one to confirm it"
+        return None
+    if abs(net - track.net_w) <= cfg.max_load_step_w:
+        return None
+    if pending is None or abs(net - pending) > cfg.max_load_step_w / 2.0:
+        return (
+            f"net load jumped {net - track.net_w:+.0f} W (max step "
+            f"{cfg.max_load_step_w:.0f} W): waiting for a second reading"
+        )
+    return None
 
 
 def assess(
@@ -644,7 +668,11 @@ def assess(
             continue
         band = v.power_band_w
         battery_w += r.power_w.value if band is None else (band[0] + band[1]) / 2.0
-    meter_track, meter = _assess_meter(cfg, state.meter, inp.grid_power_w, battery_w)
+    hidden = min(
+        side_margin(cfg.limit_margin_w, inp.import_limit_w),
+        side_margin(cfg.limit_margin_w, inp.export_limit_w),
+    )
+    meter_track, meter = _assess_meter(cfg, state.meter, inp.grid_power_w, battery_w, hidden)
     report = CredibilityReport(verdicts, meter, cfg.limit_margin_w)
     return CredibilityState(tracks, meter_track), report
 
@@ -716,6 +744,8 @@ class CredibilityMonitor:
                 commanded_w=commanded_w,
                 grid_power_w=inp.grid_power_w,
                 soc_resolution=self.soc_resolution,
+                import_limit_w=inp.import_limit_w,
+                export_limit_w=inp.export_limit_w,
             ),
         )
         self.last = report

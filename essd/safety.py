@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from essd.domain import BatteryReading, LiveLimits, Setpoint
 
-__all__ = ["DeviceEnvelope", "GuardInput", "GuardResult", "guard"]
+__all__ = ["DeviceEnvelope", "GuardInput", "GuardResult", "guard", "side_margin"]
 
 # Below this a command is treated as idle (W); avoids writing noise to device flash.
 EPSILON_W = 1.0
@@ -224,8 +224,8 @@ def _site_correction(
     # The site's net load, batteries excluded, at each end of what their power may be.
     base_lo, base_hi = inp.grid_power_w + lo_sum, inp.grid_power_w + hi_sum
     margin = min(max(inp.limit_margin_w, 0.0), (inp.import_limit_w + inp.export_limit_w) / 4.0)
-    import_at = inp.import_limit_w - _side_margin(margin, inp.import_limit_w)
-    export_at = inp.export_limit_w - _side_margin(margin, inp.export_limit_w)
+    import_at = inp.import_limit_w - side_margin(margin, inp.import_limit_w)
+    export_at = inp.export_limit_w - side_margin(margin, inp.export_limit_w)
 
     def grid(base: float) -> float:
         return base - sum(power.values())
@@ -246,7 +246,7 @@ def _site_correction(
     return (g_lo + g_hi) / 2.0, unmet
 
 
-def _side_margin(margin: float, limit_w: float) -> float:
+def side_margin(margin: float, limit_w: float) -> float:
     """The margin held inside one limit: at most 5 % of that limit plus 100 W.
 
     A site-wide margin sized for a 120 kW import limit would otherwise make a zero-export

@@ -36,6 +36,8 @@ async def _raise_async(*_: Any, **__: Any) -> Any:
 def read_raises(s: Site, mp: pytest.MonkeyPatch) -> None:
     for d in s.controller.devices.values():
         mp.setattr(d, "read", _raise_async)
+    # Failing long enough that the last good readings are stale (3 cycle periods).
+    s.clock.advance(30.0)
 
 
 def meter_reads_nan(s: Site, mp: pytest.MonkeyPatch) -> None:

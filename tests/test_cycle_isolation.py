@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -18,9 +19,15 @@ import numpy as np
 import pytest
 
 import essd.cycle
+from drivers.factory import EndpointPool
+from drivers.profile_loader import resolve_profile
+from essd.clock import SimClock
+from essd.daemon import build_controller
 from essd.domain import FallbackRung, MeterReading, PlanCause, Reading
-from essd.events import CycleCompleted, Event, WriteStatus
-from tests.test_cycle import Site, site  # noqa: F401 - the fixture is used by name
+from essd.events import CycleCompleted, Event, EventBus, WriteStatus
+from hil_sim.modbus_server import ModbusServer
+from hil_sim.profile_image import ProfileImage
+from tests.test_cycle import START, Site, settings, site  # noqa: F401 - the fixture by name
 
 Inject = Callable[[Site, pytest.MonkeyPatch], None]
 
@@ -198,3 +205,48 @@ async def test_a_later_good_cycle_recovers_the_optimal_rung(
     assert good.plan.rung is FallbackRung.OPTIMAL
     assert good.phase_errors == {}
     assert site.commanded_w() > 2000.0  # discharging into the 3 kW load (less the margin)
+
+
+async def test_a_late_solve_on_a_real_time_clock_falls_back_and_is_never_stacked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    inverter = ProfileImage(resolve_profile("household-hybrid-forcible"))
+    meter = ProfileImage(resolve_profile("site-meter"))
+    inverter.set_field("soc", 0.5)
+    meter.set_field("grid_power_w", 3000.0)
+    # A clock that runs in real time: the solve budget (0.1 s) is enforced.
+    clock = SimClock(START, speed=1.0)
+    async with ModbusServer.tcp({1: inverter, 2: meter}) as server:
+        pool = EndpointPool(clock=clock)
+        ctl = build_controller(
+            settings(server.port, solve_budget_s=0.1), clock=clock, bus=EventBus(), pool=pool
+        )
+        try:
+            assert ctl.dispatcher is not None
+            real = ctl.dispatcher.solve
+            first = await ctl.run_cycle()  # the meter's first reading waits for a second
+            good = await ctl.run_cycle()
+            assert good.plan.cause is PlanCause.OPTIMAL
+            # The unit does what it was told, and the meter sees it.
+            discharge = good.devices["inv"].setpoint_w
+            inverter.set_field("power_w", discharge)
+            meter.set_field("grid_power_w", 3000.0 - discharge)
+            release = threading.Event()
+
+            def stuck(*args: Any, **kwargs: Any) -> Any:
+                release.wait(10.0)  # a solver thread that does not come back in time
+                return real(*args, **kwargs)
+
+            monkeypatch.setattr(ctl.dispatcher, "solve", stuck)
+            late = await ctl.run_cycle()
+            busy = await ctl.run_cycle()
+            release.set()
+        finally:
+            await pool.close()
+    assert first.plan.rung is FallbackRung.SAFE_IDLE
+    assert late.plan.cause is PlanCause.SOLVE_LATE
+    assert late.plan.rung is FallbackRung.LAST_PLAN  # the good plan, shifted to now
+    # The stuck solve still runs: the next cycle does not start another one on top of it.
+    assert busy.plan.cause is PlanCause.SOLVE_BUSY
+    assert busy.plan.rung is FallbackRung.LAST_PLAN
+    assert math.isfinite(busy.devices["inv"].setpoint_w)

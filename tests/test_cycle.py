@@ -139,7 +139,8 @@ async def test_battery_at_reserve_stays_idle(site: Site) -> None:
 
 
 @pytest.mark.parametrize(
-    "site", [{"start": datetime(2026, 7, 2, 9, 45, tzinfo=TZ).timestamp(), "soc": 0.1}],
+    "site",
+    [{"start": datetime(2026, 7, 2, 9, 45, tzinfo=TZ).timestamp(), "soc": 0.1}],
     indirect=True,
 )
 async def test_valley_price_charges_for_the_next_peak(site: Site) -> None:

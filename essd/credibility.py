@@ -623,16 +623,12 @@ def _assess_meter(
 def _unconfirmed(cfg: CredibilitySettings, track: _MeterTrack, net: float) -> str | None:
     """Why the net load ``net`` must wait for the next reading to confirm it, or None.
 
-    The first reading (at start) has no history to be checked against, so one glitch there
-    would steer the first cycle: the next reading must come within a load step of it. Later,
-    a jump beyond a load step must be confirmed by a next reading close to it.
+    A jump beyond a load step must be confirmed by a next reading close to it. The first
+    reading after start has no history to be checked against and is taken as it is (a glitch
+    exactly then steers one cycle; the range check still applies).
     """
     pending = track.pending_net_w
-    if track.net_w is None:
-        if pending is None or abs(net - pending) > cfg.max_load_step_w:
-            return "first reading: waiting for a second one to confirm it"
-        return None
-    if abs(net - track.net_w) <= cfg.max_load_step_w:
+    if track.net_w is None or abs(net - track.net_w) <= cfg.max_load_step_w:
         return None
     if pending is None or abs(net - pending) > cfg.max_load_step_w / 2.0:
         return (

@@ -131,6 +131,8 @@ async def _soak(days: int) -> list[Result]:
         Result("soak.exceptions", float(exceptions + phase_failures), "count"),
         Result("soak.rung1_share", rungs[FallbackRung.OPTIMAL] / max(total, 1), "ratio"),
         Result("soak.rss_growth_mb", growth, "MB"),
+        Result("soak.rss_day1_mb", rss_day1, "MB"),
+        Result("soak.rss_end_mb", rss_day1 + growth if days > 1 else float("nan"), "MB"),
         Result("soak.violations", float(len(truth.violations)), "count"),
         Result("soak.wall_s", wall, "s"),
     ]

@@ -21,12 +21,14 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, get_args
 from zoneinfo import ZoneInfo
 
 import numpy as np
 
 from essd.clock import Clock
+from essd.commands import CommandRejected
+from essd.commands import Mode as WireMode
 from essd.config import Settings
 from essd.credibility import (
     CredibilityMonitor,
@@ -87,16 +89,12 @@ WALL_STEP_THRESHOLD_S = 2.0
 
 
 class Mode:
-    """Operating modes (strings on the wire)."""
+    """Operating modes: names for the values of :data:`essd.commands.Mode` (the wire contract)."""
 
     AUTO = "auto"
     MANUAL = "manual"
     STANDBY = "standby"
-    ALL = (AUTO, MANUAL, STANDBY)
-
-
-class CommandRejected(ValueError):
-    """An operator command refused for a semantic reason; the message starts with the field."""
+    ALL: tuple[str, ...] = get_args(WireMode)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -668,7 +668,8 @@ class Controller:
         except Exception as exc:
             detail = self._phase_failed("forecast", exc)
             return self._persistence(now, net), PlanCause.FORECAST_FAILED, detail
-        clean, bad = _sanitize(forecast, self._persistence(now, net))
+        # The safe stand-in (96 tariff lookups) is built only when a value needs replacing.
+        clean, bad = _sanitize(forecast, lambda: self._persistence(now, net))
         if bad:
             detail = f"non-finite or negative forecast values in {', '.join(bad)}"
             self._phase_failed("forecast", ValueError(detail))
@@ -1027,21 +1028,33 @@ def _measured_pv(snapshot: Snapshot) -> float | None:
 _NON_NEGATIVE = ("pv_w", "carbon_g_per_kwh")
 
 
-def _sanitize(forecast: Forecast, safe: Forecast) -> tuple[Forecast, list[str]]:
+def _sanitize(forecast: Forecast, make_safe: Callable[[], Forecast]) -> tuple[Forecast, list[str]]:
     """``forecast`` with every non-finite value (and negative PV or carbon) replaced by the
-    value of ``safe`` for that step; also the names of the series that needed it."""
+    value of the safe forecast ``make_safe()`` for that step (built only when needed); also
+    the names of the series that needed it."""
+    names = ("load_w", "pv_w", "import_price", "export_price", "carbon_g_per_kwh")
+    steps = len(forecast.load_w)
+
+    def wrong_at(name: str, arr: np.ndarray) -> np.ndarray:
+        wrong: np.ndarray = ~np.isfinite(arr)
+        if name in _NON_NEGATIVE:
+            wrong |= np.nan_to_num(arr, nan=0.0) < 0
+        return wrong
+
+    current = {n: np.asarray(getattr(forecast, n), dtype=np.float64) for n in names}
+    if all(a.shape == (steps,) and not wrong_at(n, a).any() for n, a in current.items()):
+        return forecast, []
+    safe = make_safe()
     bad: list[str] = []
     arrays: dict[str, np.ndarray] = {}
-    for name in ("load_w", "pv_w", "import_price", "export_price", "carbon_g_per_kwh"):
-        arr = np.asarray(getattr(forecast, name), dtype=np.float64)
+    for name in names:
+        arr = current[name]
         fallback = np.asarray(getattr(safe, name), dtype=np.float64)
         if arr.shape != fallback.shape:
             bad.append(name)
             arrays[name] = fallback
             continue
-        wrong = ~np.isfinite(arr)
-        if name in _NON_NEGATIVE:
-            wrong |= np.nan_to_num(arr, nan=0.0) < 0
+        wrong = wrong_at(name, arr)
         if wrong.any():
             bad.append(name)
             arr = np.where(wrong, fallback, arr)

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, Self, cast
 
 from drivers.api import CommunicationError, ValueRefused, WriteResult
+from drivers.derive import add_derived
 from drivers.profile import ActionName, Capability, Profile
 from essd.clock import Clock
 from essd.domain import (
@@ -171,19 +172,14 @@ class ProfileDriver:
             extras={k: v for k, v in extras.items() if k not in ("soc", "power_w")},
         )
 
-    def _add_derived(self, out: dict[str, Reading], at: float) -> None:
-        """Add the profile's derived fields (weighted sums of fields) to ``out``."""
-        for name, terms in self._profile.derived.items():
-            bad = [f for f in terms if not out[f].valid]
-            unit = out[next(iter(terms))].unit
-            if bad:
-                out[name] = Reading.bad(
-                    unit, at, Quality.INVALID, f"derived from invalid {', '.join(bad)}"
-                )
-            else:
-                out[name] = Reading.good(
-                    sum((out[f].value or 0.0) * k for f, k in terms.items()), unit, at
-                )
+    def _add_derived(
+        self,
+        out: dict[str, Reading],
+        at: float,
+        raws: Mapping[str, int | float | str] | None = None,
+    ) -> None:
+        """Add the profile's derived fields and battery-stack aggregates to ``out``."""
+        add_derived(self._profile, out, at, raws)
 
     def _unavailable(self, reason: str) -> BatteryReading:
         """The reading of an unplugged unit: no SoC, no power, held at 0 W both ways."""

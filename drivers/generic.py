@@ -281,7 +281,7 @@ class GenericDriver(ProfileDriver):
             )
             out[field] = _reading(decoded, spec, at)
             raw[field] = decoded.raw
-        self._add_derived(out, at)
+        self._add_derived(out, at, raw)
         return out, raw
 
     def _alarms(

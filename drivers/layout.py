@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from drivers.registers import (
+    ByteOrder,
     EncodeError,
     RegisterType,
     decode_raw,
@@ -36,9 +37,11 @@ __all__ = [
     "decode_register",
     "encode_register",
     "from_base",
+    "orders",
     "register_words",
     "resolution_problem",
     "to_base",
+    "unit_problem",
     "write_scale_problem",
 ]
 
@@ -47,33 +50,70 @@ __all__ = [
 MAX_STEP_OF_RATING = 0.01
 SF_RANGE = range(-10, 11)  # the scale factors SunSpec allows, and the only ones essd accepts
 
-# Register unit -> (essd base unit, factor to multiply by).
-_UNITS: dict[str, tuple[str, float]] = {
+# The units a register may carry: unit -> (essd base unit, factor to multiply by). Anything
+# else is refused when the profile is loaded (``unit: kw`` read as W would be a 1000x error).
+# "" is a plain number (a state, a counter, a scale factor).
+UNITS: dict[str, tuple[str, float]] = {
+    "": ("", 1.0),
+    "W": ("W", 1.0),
     "kW": ("W", 1000.0),
+    "MW": ("W", 1_000_000.0),
+    "VA": ("VA", 1.0),
     "kVA": ("VA", 1000.0),
+    "var": ("var", 1.0),
     "kvar": ("var", 1000.0),
+    "Wh": ("Wh", 1.0),
     "kWh": ("Wh", 1000.0),
     "MWh": ("Wh", 1_000_000.0),
+    "V": ("V", 1.0),
+    "mV": ("V", 0.001),
+    "A": ("A", 1.0),
+    "mA": ("A", 0.001),
+    "Ah": ("Ah", 1.0),
     "%": ("ratio", 0.01),
+    "ratio": ("ratio", 1.0),
+    "degC": ("degC", 1.0),
+    "Hz": ("Hz", 1.0),
+    "s": ("s", 1.0),
+    "ms": ("s", 0.001),
     "min": ("s", 60.0),
     "h": ("s", 3600.0),
-    "ms": ("s", 0.001),
 }
+
+
+def unit_problem(unit: str) -> str | None:
+    """Why ``unit`` is not one a register may carry, or None."""
+    if unit in UNITS:
+        return None
+    known = ", ".join(repr(u) for u in UNITS if u)
+    return f"unknown unit {unit!r} (known: {known}, or '' for a plain number)"
+
+
+def _unit(unit: str) -> tuple[str, float]:
+    try:
+        return UNITS[unit]
+    except KeyError:
+        raise ValueError(unit_problem(unit)) from None
 
 
 def base_unit(unit: str) -> str:
     """The essd base unit of a register unit (``kW`` -> ``W``, ``%`` -> ``ratio``)."""
-    return _UNITS.get(unit, (unit, 1.0))[0]
+    return _unit(unit)[0]
 
 
 def to_base(value: float, unit: str) -> float:
     """A value in the register's unit converted to essd's base unit."""
-    return value * _UNITS.get(unit, (unit, 1.0))[1]
+    return value * _unit(unit)[1]
 
 
 def from_base(value: float, unit: str) -> float:
     """A value in essd's base unit converted to the register's unit."""
-    return value / _UNITS.get(unit, (unit, 1.0))[1]
+    return value / _unit(unit)[1]
+
+
+def orders(spec: RegisterSpec, transport: Transport) -> tuple[ByteOrder, ByteOrder]:
+    """(byte order, word order) of ``spec``: its own where it gives them, else the device's."""
+    return (spec.byte_order or transport.byte_order, spec.word_order or transport.word_order)
 
 
 def register_words(spec: RegisterSpec) -> int:
@@ -158,9 +198,8 @@ def decode_register(  # noqa: PLR0911 - one early return per kind of invalid val
     ``sf`` is the raw value of the register's scale-factor register (None when it has none, or
     when that register is itself invalid: then the value is invalid too).
     """
-    raw = decode_raw(
-        words, spec.rtype, byte_order=transport.byte_order, word_order=transport.word_order
-    )
+    byte_order, word_order = orders(spec, transport)
+    raw = decode_raw(words, spec.rtype, byte_order=byte_order, word_order=word_order)
     if isinstance(raw, str):
         return Decoded(raw, raw)
     if spec.not_implemented and isinstance(raw, int):
@@ -191,12 +230,13 @@ def encode_register(
 ) -> list[int]:
     """Encode a physical value (register's unit) into words; EncodeError naming the register
     when it is outside the register's min/max or does not fit its type."""
+    byte_order, word_order = orders(spec, transport)
     if spec.rtype is RegisterType.STRING:
         return encode_raw(
             str(value),
             spec.rtype,
-            byte_order=transport.byte_order,
-            word_order=transport.word_order,
+            byte_order=byte_order,
+            word_order=word_order,
             string_words=spec.count,
         )
     if isinstance(value, str):
@@ -216,8 +256,6 @@ def encode_register(
     if spec.rtype is not RegisterType.F32:
         raw = round(raw)
     try:
-        return encode_raw(
-            raw, spec.rtype, byte_order=transport.byte_order, word_order=transport.word_order
-        )
+        return encode_raw(raw, spec.rtype, byte_order=byte_order, word_order=word_order)
     except EncodeError as exc:
         raise EncodeError(f"register {spec.name}: {_quantity(value, spec.unit)}: {exc}") from None

@@ -19,35 +19,44 @@ import itertools
 from enum import StrEnum
 from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from drivers.layout import encode_register, write_scale_problem
-from drivers.registers import ByteOrder, EncodeError, RegisterType, Table, word_count
+from drivers.layout import unit_problem
+from drivers.profile_checks import check_extensions, check_states, check_write_values
+from drivers.profile_parts import (
+    BatteryStack,
+    Derivation,
+    Identifier,
+    Severity,
+    StateValue,
+    Strict,
+)
+from drivers.registers import ByteOrder, RegisterType, Table, word_count
 from essd.domain import DeviceClass
 
 __all__ = [
     "POWER_PARAMS",
+    "SCHEMA_VERSIONS",
     "Action",
     "ActionName",
     "Capability",
     "Profile",
     "ProfileError",
     "RegisterSpec",
+    "Severity",
     "WriteStep",
 ]
 
-
-Identifier = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
+# 1: the original schema. 2 adds state maps (enum/bits with severities), derivations beyond
+# sums, per-register byte/word order, the write function code, on-change writes, battery
+# stacks, and checked units. Every schema-1 profile is a valid schema-2 profile.
+SCHEMA_VERSIONS = (1, 2)
 
 
 SunSpecPoint = Annotated[str, Field(pattern=r"^[0-9]+\.[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")]
 
 
-class _Strict(BaseModel):
-    # allow_inf_nan=False: every number in a profile is finite (``.inf``/``.nan`` refused).
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
-    )
+_Strict = Strict  # every number in a profile is finite (``.inf``/``.nan`` refused)
 
 
 class Capability(StrEnum):
@@ -172,6 +181,14 @@ class RegisterSpec(_Strict):
     description: str = ""
     # Read back after a write; false only for trigger registers the device clears itself.
     verify: bool = True
+    # schema 2: this register's own byte/word order where it differs from the device's.
+    byte_order: ByteOrder | None = None
+    word_order: ByteOrder | None = None
+    # schema 2: a state register (raw value -> meaning) or an alarm register (bit -> meaning);
+    # a value or set bit not listed has severity ``unlisted``.
+    enum: dict[int, StateValue] | None = None
+    bits: dict[int, StateValue] | None = None
+    unlisted: Severity = Severity.WARNING
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -189,6 +206,12 @@ class RegisterSpec(_Strict):
             raise ValueError("min: greater than max")
         if self.table is Table.INPUT and self.access != "r":
             raise ValueError("access: input registers are read-only")
+        problem = unit_problem(self.unit)
+        if problem is not None:
+            raise ValueError(f"unit: {problem}")
+        if self.point is not None and (self.byte_order or self.word_order):
+            raise ValueError("word_order: a SunSpec point is big-endian by definition")
+        check_states(self)
         return self
 
     @property
@@ -208,6 +231,9 @@ class WriteStep(_Strict):
     value: float | str | None = None
     param: Identifier | None = None
     when: Literal["always", "charge", "discharge", "idle"] = "always"
+    # schema 2: Modbus function code of the write. None: 6 for one register, 16 for several;
+    # 16 for devices that refuse 6 even for one register (Deye-style), 6 only for one word.
+    function: Literal[6, 16] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -226,6 +252,19 @@ class Action(_Strict):
 
     description: str = ""
     writes: tuple[WriteStep, ...] = Field(min_length=1)
+    # schema 2: ``on_change`` skips a step whose register already holds what it would write
+    # (as last written and read back), but rewrites it every ``refresh_s`` all the same: for
+    # devices whose setpoint holds and whose flash wears.
+    write: Literal["always", "on_change"] = "always"
+    refresh_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check_refresh(self) -> Self:
+        if self.write == "on_change" and self.refresh_s is None:
+            raise ValueError("refresh_s: required with write: on_change")
+        if self.write == "always" and self.refresh_s is not None:
+            raise ValueError("refresh_s: only with write: on_change")
+        return self
 
 
 class Ratings(_Strict):
@@ -273,9 +312,9 @@ class SunSpecLayout(_Strict):
 
 
 class Profile(_Strict):
-    """A device profile (``schema: 1``)."""
+    """A device profile (``schema: 1`` or ``2``; see :data:`SCHEMA_VERSIONS`)."""
 
-    schema_version: Literal[1] = Field(1, alias="schema")
+    schema_version: Literal[1, 2] = Field(1, alias="schema")
     name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]*$", max_length=64)]
     description: str = Field(min_length=1)
     device_class: DeviceClass
@@ -291,12 +330,15 @@ class Profile(_Strict):
     fields: dict[Identifier, Identifier] = Field(
         default_factory=dict, description="semantic field -> register name"
     )
-    # A field computed from others as a weighted sum, in base units (W...), for devices that
-    # do not report it: e.g. a power station's battery power = outputs - inputs.
-    derived: dict[Identifier, dict[Identifier, float]] = Field(
-        default_factory=dict, description="field -> {field: coefficient}"
+    # A field computed from others, in base units (W...), for devices that do not report it:
+    # e.g. a power station's battery power = outputs - inputs. Evaluated in order; a
+    # derivation may use fields and the derivations above it.
+    derived: dict[Identifier, Derivation] = Field(
+        default_factory=dict, description="field -> derivation (schema 1: {field: coefficient})"
     )
     actions: dict[ActionName, Action] = Field(default_factory=dict)
+    # schema 2: several batteries behind this endpoint, each with its own SoC and power field.
+    batteries: tuple[BatteryStack, ...] = ()
 
     model_config = ConfigDict(
         extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
@@ -319,22 +361,13 @@ class Profile(_Strict):
         for fname, reg in self.fields.items():
             if reg not in by_name:
                 raise ValueError(f"fields.{fname}: no register named {reg!r}")
-        for dname, terms in self.derived.items():
-            if dname in self.fields:
-                raise ValueError(f"derived.{dname}: already a field mapped to a register")
-            if not terms:
-                raise ValueError(f"derived.{dname}: needs at least one term")
-            for term in terms:
-                if term not in self.fields:
-                    raise ValueError(f"derived.{dname}.{term}: no field named {term!r}")
+        check_extensions(self)
         return self
 
     @model_validator(mode="after")
     def _check_capabilities(self) -> Self:
         for cap in self.capabilities:
-            missing = CAPABILITY_FIELDS.get(cap, frozenset()) - (
-                self.fields.keys() | self.derived.keys()
-            )
+            missing = CAPABILITY_FIELDS.get(cap, frozenset()) - self.field_names()
             if missing:
                 raise ValueError(
                     f"capabilities: {cap.value} needs fields {', '.join(sorted(missing))}"
@@ -375,7 +408,7 @@ class Profile(_Strict):
                         raise ValueError(
                             f"actions.set_active_power.writes: nothing is written when {sign}"
                         )
-        self._check_write_values(by_name)
+        check_write_values(self, by_name)
         return self
 
     @model_validator(mode="after")
@@ -407,32 +440,6 @@ class Profile(_Strict):
                 )
         return self
 
-    def _check_write_values(self, by_name: dict[str, RegisterSpec]) -> None:
-        """Literal values (safe mode...) fit their register; power registers carry the rating."""
-        for aname, act in self.actions.items():
-            for i, step in enumerate(act.writes):
-                spec = by_name[step.register]
-                where = f"actions.{aname.value}.writes.{i}"
-                if step.value is not None and not isinstance(step.value, str):
-                    v = step.value
-                    if (spec.min is not None and v < spec.min) or (
-                        spec.max is not None and v > spec.max
-                    ):
-                        raise ValueError(
-                            f"{where}.value: {v:g} outside register {spec.name}'s range "
-                            f"[{spec.min}, {spec.max}]"
-                        )
-                    if spec.address is not None and spec.scale_factor is None:
-                        try:
-                            encode_register(spec, v, transport=self.transport)
-                        except EncodeError as exc:
-                            raise ValueError(f"{where}.value: {exc}") from None
-                ratings = self.power_ratings(step.param)
-                if ratings and spec.address is not None and spec.scale_factor is None:
-                    problem = write_scale_problem(spec, ratings, transport=self.transport)
-                    if problem is not None:
-                        raise ValueError(f"registers.{spec.name}.scale: {problem} ({where})")
-
     def power_ratings(self, param: str | None) -> list[float]:
         """The rated values (W, signed as the parameter) a power parameter reaches; [] for
         parameters that are not powers."""
@@ -456,6 +463,13 @@ class Profile(_Strict):
         """The register mapped to a semantic field, or None when the profile has none."""
         reg = self.fields.get(field)
         return None if reg is None else self.register(reg)
+
+    def field_names(self) -> set[str]:
+        """Every field the profile provides: mapped, derived, and the stacks' aggregates."""
+        names = set(self.fields) | set(self.derived)
+        if self.batteries:
+            names |= {"soc", "power_w"}
+        return names
 
     def has(self, capability: Capability) -> bool:
         """True when the device has ``capability``."""

@@ -16,6 +16,7 @@ from drivers.layout import (
     decode_register,
     encode_register,
     from_base,
+    orders,
     register_words,
     to_base,
 )
@@ -140,23 +141,23 @@ class ProfileImage(FieldAccess, RegisterImage):
     def get_raw(self, name: str) -> int | float | str:
         """The raw (unscaled) value of a register."""
         spec = self.spec(name)
-        t = self.profile.transport
+        byte_order, word_order = orders(spec, self.profile.transport)
         return decode_raw(
             self.get(*self._location(spec)),
             spec.rtype,
-            byte_order=t.byte_order,
-            word_order=t.word_order,
+            byte_order=byte_order,
+            word_order=word_order,
         )
 
     def set_raw(self, name: str, raw: int | float | str) -> None:
         """Set a register's raw value (e.g. 0x8000 "not implemented" or NaN for fault tests)."""
         spec = self.spec(name)
-        t = self.profile.transport
+        byte_order, word_order = orders(spec, self.profile.transport)
         words = encode_raw(
             raw,
             spec.rtype,
-            byte_order=t.byte_order,
-            word_order=t.word_order,
+            byte_order=byte_order,
+            word_order=word_order,
             string_words=spec.count,
         )
         table, address, _ = self._location(spec)

@@ -28,9 +28,11 @@ Sign conventions: battery W > 0 discharges into the site, < 0 charges.
 from __future__ import annotations
 
 import logging
+import math
 
 from drivers.layout import from_base
 from drivers.profile import ActionName, Profile, WriteStep
+from drivers.profile_parts import Condition
 from essd.clock import Clock
 from hil_sim.battery import Alarm, Battery, BatteryState
 from hil_sim.devices.base import SimDevice
@@ -294,7 +296,7 @@ class StorageDevice(SimDevice):
 
     def publish(self, s: BatteryState) -> None:
         """Readings into the registers: SoC, power, live limits, capacity, alarms."""
-        self.put_field("soc", s.soc)
+        self.publish_soc(s.soc)
         self.publish_power(s.power_w)
         self.put_field("max_charge_w", s.limits.max_charge_w)
         self.put_field("max_discharge_w", s.limits.max_discharge_w)
@@ -312,16 +314,69 @@ class StorageDevice(SimDevice):
         return set()
 
     def publish_power(self, power_w: float) -> None:
-        """Battery power into ``power_w``, or split over the fields of a derived power."""
+        """Battery power into ``power_w``, or into the fields a derived power is made of."""
         if "power_w" in self.profile.fields:
             self.put_field("power_w", power_w)
             return
-        terms = self.profile.derived.get("power_w")
-        if not terms:
+        stacks = self.profile.batteries
+        if stacks and "power_w" not in self.profile.derived:
+            total = sum(s.capacity_wh for s in stacks)
+            for s in stacks:  # the inverter shares power by capacity
+                self.publish_derived(s.power_w, power_w * s.capacity_wh / total)
             return
-        chosen = next((f for f, k in terms.items() if k * power_w > 0), None)
-        for f, k in terms.items():
-            self.put_field(f, power_w / k if f == chosen else 0.0)
+        self.publish_derived("power_w", power_w)
+
+    def publish_soc(self, soc: float) -> None:
+        """SoC into ``soc``, or into each stack's SoC field (the stacks move together)."""
+        if "soc" in self.profile.fields or not self.profile.batteries:
+            self.put_field("soc", soc)
+            return
+        for s in self.profile.batteries:
+            self.publish_derived(s.soc, soc)
+
+    def publish_derived(self, field: str, value: float) -> None:
+        """Set the registers behind ``field`` (mapped or derived) so it reads ``value``."""
+        if field in self.profile.fields:
+            self.put_field(field, value)
+            return
+        d = self.profile.derived.get(field)
+        if d is None:
+            return
+        value /= d.scale
+        if d.sum is not None:
+            chosen = next((f for f, k in d.sum.items() if k * value > 0), None)
+            for f, k in d.sum.items():
+                self.publish_derived(f, value / k if f == chosen else 0.0)
+        elif d.magnitude is not None and d.negative_when is not None:
+            self.publish_derived(d.magnitude, abs(value))
+            self.set_condition(d.negative_when, value < 0)
+        elif d.product is not None:
+            first, *rest = d.product
+            held = [self.field_value(f) or 1.0 for f in rest]
+            self.publish_derived(first, value / math.prod(held))
+        elif d.select is not None:
+            self.set_condition(d.select.when, True)
+            self.publish_derived(d.select.then, value)
+
+    def field_value(self, field: str) -> float | None:
+        """A mapped field in base units, None when not mapped or not valid."""
+        reg = self.profile.fields.get(field)
+        return None if reg is None else self.base_value(reg)
+
+    def set_condition(self, cond: Condition, holds: bool) -> None:
+        """Set or clear the bit (or value) a condition tests in its field's register."""
+        reg = self.profile.fields[cond.field]
+        if not isinstance(self.image, ProfileImage):
+            return
+        raw = self.image.get_raw(reg)
+        raw = raw if isinstance(raw, int) else 0
+        if cond.bit is not None:
+            raw = raw | (1 << cond.bit) if holds else raw & ~(1 << cond.bit)
+        elif holds:
+            raw = cond.equals or 0
+        elif raw == cond.equals:
+            raw = 0 if cond.equals != 0 else 1
+        self.image.set_raw(reg, raw)
 
     def true_state(self) -> BatteryState:
         """The battery's true state now (advancing the device first)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from drivers.layout import UNITS, encode_register, register_words, write_scale_problem
+from drivers.layout import UNITS, base_unit, encode_register, register_words, write_scale_problem
 from drivers.registers import EncodeError, RegisterType, word_count
 
 if TYPE_CHECKING:
@@ -88,6 +88,11 @@ def check_write_values(profile: Profile, by_name: dict[str, RegisterSpec]) -> No
                     except EncodeError as exc:
                         raise ValueError(f"{where}.value: {exc}") from None
             ratings = profile.power_ratings(step.param)
+            if ratings and base_unit(spec.unit) != "W":
+                raise ValueError(
+                    f"{where}.param: {step.param} is a power in W, but register {spec.name} "
+                    f"holds {spec.unit or 'a plain number'}"
+                )
             if ratings and spec.address is not None and spec.scale_factor is None:
                 problem = write_scale_problem(spec, ratings, transport=profile.transport)
                 if problem is not None:

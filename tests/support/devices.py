@@ -118,11 +118,12 @@ def expected_fields(image: ProfileImage) -> dict[str, float | str | None]:
         if profile.batteries and key not in out:
             parts = [(s.capacity_wh, out[getattr(s, attr)]) for s in profile.batteries]
             total = sum(c for c, _ in parts)
-            out[key] = (
-                sum(c * float(v) for c, v in parts) / (total if key == "soc" else 1.0)  # type: ignore[arg-type]
-                if all(isinstance(v, float) for _, v in parts)
-                else None
-            )
+            if not all(isinstance(v, float) for _, v in parts):
+                out[key] = None
+            elif key == "soc":  # capacity-weighted mean
+                out[key] = sum(c * float(v) for c, v in parts) / total  # type: ignore[arg-type]
+            else:  # sum
+                out[key] = sum(float(v) for _, v in parts)  # type: ignore[arg-type]
     return out
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from drivers.profile_parts import Severity
 from drivers.registers import (
     ByteOrder,
     EncodeError,
@@ -32,8 +33,11 @@ if TYPE_CHECKING:
     from drivers.profile import RegisterSpec, Transport
 
 __all__ = [
+    "UNITS",
     "Decoded",
+    "StateFinding",
     "base_unit",
+    "classify_states",
     "decode_register",
     "encode_register",
     "from_base",
@@ -259,3 +263,40 @@ def encode_register(
         return encode_raw(raw, spec.rtype, byte_order=byte_order, word_order=word_order)
     except EncodeError as exc:
         raise EncodeError(f"register {spec.name}: {_quantity(value, spec.unit)}: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class StateFinding:
+    """What one state value or one set alarm bit of a register means, and how bad it is."""
+
+    register: str
+    raw: int
+    name: str
+    severity: Severity
+
+    def describe(self) -> str:
+        """``register=name (0x...)`` as logs and the MQTT state show it."""
+        return f"{self.register}={self.name} (0x{self.raw:X})"
+
+
+def classify_states(spec: RegisterSpec, raw: int, words: int) -> tuple[StateFinding, ...]:
+    """The meanings of ``raw`` for a register with an ``enum`` (one finding, listed or not) or
+    ``bits`` (one finding per set bit); () for a register with neither."""
+    value = raw % (1 << (16 * words))
+    if spec.enum is not None:
+        meaning = spec.enum.get(raw, spec.enum.get(value))
+        if meaning is None:
+            return (StateFinding(spec.name, value, f"unlisted value {value}", spec.unlisted),)
+        return (StateFinding(spec.name, value, meaning.name, meaning.severity),)
+    if spec.bits is None:
+        return ()
+    out = []
+    for bit in range(16 * words):
+        if (value >> bit) & 1:
+            meaning = spec.bits.get(bit)
+            out.append(
+                StateFinding(spec.name, 1 << bit, f"unlisted bit {bit}", spec.unlisted)
+                if meaning is None
+                else StateFinding(spec.name, 1 << bit, meaning.name, meaning.severity)
+            )
+    return tuple(out)

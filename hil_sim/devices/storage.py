@@ -32,7 +32,7 @@ import math
 
 from drivers.layout import from_base
 from drivers.profile import ActionName, Profile, WriteStep
-from drivers.profile_parts import Condition
+from drivers.profile_parts import Condition, Severity
 from essd.clock import Clock
 from hil_sim.battery import Alarm, Battery, BatteryState
 from hil_sim.devices.base import SimDevice
@@ -301,9 +301,44 @@ class StorageDevice(SimDevice):
         self.put_field("max_charge_w", s.limits.max_charge_w)
         self.put_field("max_discharge_w", s.limits.max_discharge_w)
         tripped = Alarm.OVER_TEMPERATURE in s.alarms
+        mapped = self.publish_states(tripped)
         for field in self.profile.fields:
-            if field.startswith(("alarm", "fault")) and not self._is_bitfield(field):
+            legacy_alarm = field.startswith(("alarm", "fault")) and not self._is_bitfield(field)
+            if legacy_alarm and self.profile.fields[field] not in mapped:
                 self.put_field(field, 1.0 if tripped else 0.0)
+
+    def publish_states(self, tripped: bool) -> set[str]:
+        """State (``enum``) and alarm (``bits``) registers the device sets itself: the first
+        listed normal state (or no bit) while healthy, the first listed fault while tripped.
+        Registers an action writes or a derivation tests are left alone. Returns their names."""
+        if not isinstance(self.image, ProfileImage):
+            return set()
+        tested = {
+            self.profile.fields[c.field]
+            for d in self.profile.derived.values()
+            for c in d.conditions()
+        }
+        done: set[str] = set()
+        for spec in self.profile.registers:
+            if spec.access != "r" or spec.name in tested:
+                continue
+            if spec.enum is not None:
+                wanted = Severity.FAULT if tripped else Severity.INFO
+                raw = next((k for k, v in spec.enum.items() if v.severity is wanted), None)
+                if raw is None and not tripped:
+                    continue
+                if raw is not None:
+                    self.image.set_raw(spec.name, raw)
+                done.add(spec.name)
+            elif spec.bits is not None:
+                fault_bit = next(
+                    (b for b, v in spec.bits.items() if v.severity is Severity.FAULT), None
+                )
+                self.image.set_raw(
+                    spec.name, 1 << fault_bit if tripped and fault_bit is not None else 0
+                )
+                done.add(spec.name)
+        return done
 
     def _is_bitfield(self, field: str) -> bool:
         return isinstance(self.image, SunSpecImage) and self.profile.fields[field] in (
@@ -315,24 +350,18 @@ class StorageDevice(SimDevice):
 
     def publish_power(self, power_w: float) -> None:
         """Battery power into ``power_w``, or into the fields a derived power is made of."""
-        if "power_w" in self.profile.fields:
-            self.put_field("power_w", power_w)
-            return
         stacks = self.profile.batteries
-        if stacks and "power_w" not in self.profile.derived:
-            total = sum(s.capacity_wh for s in stacks)
-            for s in stacks:  # the inverter shares power by capacity
-                self.publish_derived(s.power_w, power_w * s.capacity_wh / total)
-            return
-        self.publish_derived("power_w", power_w)
+        total = sum(s.capacity_wh for s in stacks)
+        for s in stacks:  # the inverter shares power between its batteries by capacity
+            self.publish_derived(s.power_w, power_w * s.capacity_wh / total)
+        if "power_w" in self.profile.fields or "power_w" in self.profile.derived:
+            self.publish_derived("power_w", power_w)
 
     def publish_soc(self, soc: float) -> None:
-        """SoC into ``soc``, or into each stack's SoC field (the stacks move together)."""
-        if "soc" in self.profile.fields or not self.profile.batteries:
-            self.put_field("soc", soc)
-            return
+        """SoC into ``soc`` and into each battery's SoC field (the batteries move together)."""
         for s in self.profile.batteries:
             self.publish_derived(s.soc, soc)
+        self.publish_derived("soc", soc)
 
     def publish_derived(self, field: str, value: float) -> None:
         """Set the registers behind ``field`` (mapped or derived) so it reads ``value``."""

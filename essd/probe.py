@@ -160,8 +160,8 @@ async def _read_plain(profile: Profile, endpoint: ModbusEndpoint, unit: int) -> 
     rows = []
     for spec in profile.registers:
         if spec.name in refused:
-            rows.append(Row(spec.name, f"{spec.table.value} {spec.address}", "", None, "",
-                            refused[spec.name]))  # fmt: skip
+            where = f"{spec.table.value} {spec.address}"
+            rows.append(Row(spec.name, where, "", None, "", refused[spec.name]))
             continue
         sf: int | None = None
         if spec.scale_factor is not None:
@@ -195,10 +195,8 @@ async def _read_sunspec(profile: Profile, driver: object) -> list[Row]:
                 value = None
             else:
                 value = to_base(physical, spec.unit)
-        row = Row(
-            spec.name, f"point {spec.point}", _raw_text(pv.raw, 2), value,
-            base_unit(spec.unit), problem,
-        )  # fmt: skip
+        raw = _raw_text(pv.raw, 2)
+        row = Row(spec.name, f"point {spec.point}", raw, value, base_unit(spec.unit), problem)
         if isinstance(pv.raw, int) and value is not None:
             row.states = tuple(
                 f"{f.name} ({f.severity.value})" for f in classify_states(spec, pv.raw, 4)

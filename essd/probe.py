@@ -56,6 +56,8 @@ def parse_transport(text: str) -> EndpointTarget:
     """``tcp://HOST:PORT``, ``rtu-over-tcp://HOST:PORT`` or
     ``rtu:///dev/ttyUSB0?baud=9600&parity=N&stopbits=1`` as an endpoint target."""
     url = urlsplit(text)
+    # `essd sim` prints modbus-tcp:// and modbus-rtu-over-tcp://: the same endpoints.
+    url = url._replace(scheme=url.scheme.removeprefix("modbus-"))
     if url.scheme in ("tcp", "rtu-over-tcp"):
         try:
             port = url.port

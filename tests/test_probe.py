@@ -75,9 +75,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
             line = proc.stdout.readline()
             assert line, proc.stderr.read() if proc.stderr else "sim ended"
             _, profile, url, _unit = line.split()
-            urls[profile] = url.replace("modbus-rtu-over-tcp://", "rtu-over-tcp://").replace(
-                "modbus-tcp://", "tcp://"
-            )
+            urls[profile] = url  # as `essd sim` prints it: modbus-tcp://, modbus-rtu-over-tcp://
         yield urls
     finally:
         proc.terminate()
@@ -143,6 +141,7 @@ def test_exit_1_when_the_device_does_not_answer(capsys: pytest.CaptureFixture[st
         ("rtu-over-tcp://gw.local:4001", TcpTarget("gw.local", 4001, Framing.RTU)),
         ("rtu:///dev/ttyUSB0?baud=19200&parity=E", SerialTarget("/dev/ttyUSB0", 19200, "E")),
         ("rtu:///dev/ttyUSB1", SerialTarget("/dev/ttyUSB1", 9600, "N")),
+        ("modbus-tcp://127.0.0.1:15020", TcpTarget("127.0.0.1", 15020, Framing.SOCKET)),
     ],
 )
 def test_transport_urls(transport: str, expected: object) -> None:

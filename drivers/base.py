@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal, Self, cast
 from drivers.api import CommunicationError, ValueRefused, WriteResult
 from drivers.derive import add_derived
 from drivers.profile import ActionName, Capability, Profile
+from drivers.states import DeviceStates
 from essd.clock import Clock
 from essd.domain import (
     BatteryReading,
@@ -118,8 +119,8 @@ class ProfileDriver:
 
     async def _read_state(
         self,
-    ) -> tuple[float, dict[str, Reading], dict[str, Reading], tuple[str, ...]]:
-        """Read the device once: (time, fields, extra readings, alarms).
+    ) -> tuple[float, dict[str, Reading], dict[str, Reading], DeviceStates]:
+        """Read the device once: (time, fields, extra readings, faults and warnings).
 
         Raises CommunicationError when the device does not answer.
         """
@@ -146,7 +147,7 @@ class ProfileDriver:
         says ``available=False``.
         """
         try:
-            at, fields, extras, alarms = await self._read_state()
+            at, fields, extras, states = await self._read_state()
         except CommunicationError as exc:
             if self._profile.has(Capability.AVAILABILITY):
                 return self._unavailable(str(exc))
@@ -168,7 +169,8 @@ class ProfileDriver:
             power_w=field("power_w", "W"),
             limits=self._limits(fields),
             capacity_wh=self._capacity_wh,
-            alarms=alarms,
+            alarms=states.alarms,
+            warnings=states.warnings,
             extras={k: v for k, v in extras.items() if k not in ("soc", "power_w")},
         )
 

@@ -39,8 +39,10 @@ from drivers.layout import (
     write_scale_problem,
 )
 from drivers.modbus import ModbusEndpoint
-from drivers.profile import ActionName, Profile, RegisterSpec
+from drivers.profile import ActionName, Profile, RegisterSpec, WriteStep
 from drivers.registers import EncodeError, RegisterType, Table
+from drivers.states import DeviceStates, sort_states
+from drivers.write_policy import WriteMemory
 from essd.clock import Clock
 from essd.counters import DeviceCounters
 from essd.domain import (
@@ -50,8 +52,6 @@ from essd.domain import (
 )
 
 __all__ = ["GenericDriver", "ReadBlock", "plan_reads"]
-
-_ALARM_PREFIXES = ("alarm", "fault")
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +168,7 @@ class GenericDriver(ProfileDriver):
                 read_specs.append(profile.register(spec.scale_factor))
         self._plans: dict[tuple[str, ...], tuple[ReadBlock, ...]] = {}
         self._blocks = self._plan(read_specs)
+        self._written = WriteMemory()  # on-change actions skip what the device already holds
 
     def _plan(self, specs: Iterable[RegisterSpec]) -> tuple[ReadBlock, ...]:
         """Block reads for ``specs`` within the profile's transport limits.
@@ -286,23 +287,14 @@ class GenericDriver(ProfileDriver):
 
     def _alarms(
         self, fields: Mapping[str, Reading], raws: Mapping[str, int | float | str]
-    ) -> tuple[str, ...]:
-        """Non-zero alarm/fault words as ``field=0x...`` (raw bits, as the vendor lists them)."""
-        alarms: list[str] = []
-        for field, reading in fields.items():
-            if not field.startswith(_ALARM_PREFIXES) or not reading.valid or not reading.value:
-                continue
-            raw = raws.get(field, reading.value)
-            if isinstance(raw, int):
-                spec = self._profile.register(self._profile.fields[field])
-                alarms.append(f"{field}=0x{raw % (1 << (16 * register_words(spec))):X}")
-            else:
-                alarms.append(f"{field}={raw}")
-        return tuple(alarms)
+    ) -> DeviceStates:
+        """Faults and warnings of the valid state and alarm fields (:mod:`drivers.states`)."""
+        valid = {f: raw for f, raw in raws.items() if f in fields and fields[f].valid}
+        return sort_states(self._profile, valid)
 
     async def _read_state(
         self,
-    ) -> tuple[float, dict[str, Reading], dict[str, Reading], tuple[str, ...]]:
+    ) -> tuple[float, dict[str, Reading], dict[str, Reading], DeviceStates]:
         fields, raws = await self._read_fields_and_raw()
         return self._clock.monotonic(), fields, fields, self._alarms(fields, raws)
 
@@ -355,7 +347,7 @@ class GenericDriver(ProfileDriver):
         steps = [s for s in act.writes if s.when in ("always", when)]
         specs = [self._profile.register(s.register) for s in steps]
         sfs = await self._scale_factors(specs)
-        encoded: list[tuple[RegisterSpec, list[int]]] = []
+        encoded: list[tuple[RegisterSpec, list[int], WriteStep]] = []
         for step, spec in zip(steps, specs, strict=True):
             if step.param is not None:
                 if step.param not in params:
@@ -380,11 +372,19 @@ class GenericDriver(ProfileDriver):
                 words = encode_register(spec, value, transport=self._profile.transport, sf=sf)
             except EncodeError as exc:
                 raise ValueRefused(f"{self._device_id}: {action}: {exc}") from None
-            encoded.append((spec, words))
-        for spec, words in encoded:
+            encoded.append((spec, words, step))
+        now = self._clock.monotonic()
+        sent = 0
+        for spec, words, step in encoded:
             assert spec.address is not None
-            await self._endpoint.write_registers(spec.address, words, self._unit)
-        expected = {spec.name: (spec, words) for spec, words in encoded}
+            if self._written.skip(act, spec.name, words, now):
+                continue  # on-change: the device holds these words, written < refresh_s ago
+            await self._endpoint.write_registers(
+                spec.address, words, self._unit, function=step.function
+            )
+            self._written.written(spec.name, words, now)
+            sent += 1
+        expected = {spec.name: (spec, words) for spec, words, _ in encoded}
         to_verify = [spec for spec, _ in expected.values() if spec.verify and spec.access == "rw"]
         blocks = self._plan(to_verify)
         got, refused = await self._read_words(blocks)
@@ -394,9 +394,10 @@ class GenericDriver(ProfileDriver):
             have = got.get(spec.name)
             if have != want:
                 self._endpoint.note_readback_mismatch(self._unit)
+                self._written.forget(spec.name)
                 seen = refused.get(spec.name, str(have))
                 mismatches.append(f"{spec.name}: wrote {want}, read back {seen}")
-        return WriteResult(action.value, len(encoded), tuple(mismatches))
+        return WriteResult(action.value, sent, tuple(mismatches))
 
     async def _run_action(
         self, action: ActionName, params: Mapping[str, float] | None, when: Sense

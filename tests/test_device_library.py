@@ -1,0 +1,162 @@
+"""The device library, one profile at a time: loaded, served by ``hil_sim``, read by essd's own
+driver over a real socket, every action written with read-back, and every documented state and
+alarm value of the profile decoded to its severity (only ``fault`` faults the device).
+
+Parametrized over every shipped profile, so a new profile is covered by adding its file. The
+vendor-documented severities below are checked on top of the profile's own maps, so a profile
+cannot quietly demote a documented fault.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from drivers.api import (
+    ActivePowerControl,
+    ChargeLimitControl,
+    DeviceDriver,
+    DischargeLimitControl,
+    OutputControl,
+    RevertTimerControl,
+    SafeModeControl,
+    SocLimitControl,
+    WriteResult,
+)
+from drivers.profile import Capability, Profile, Severity
+from drivers.profile_loader import load_profile, shipped_profiles_dir
+from essd.clock import SimClock
+from essd.config import Settings
+from essd.domain import BatteryReading, MeterReading
+from hil_sim.devices.storage import StorageDevice
+from hil_sim.profile_image import ProfileImage
+from hil_sim.runner import SimulatedSite
+from tests.support.hil_sim import site_drivers
+
+PATHS = sorted((shipped_profiles_dir() / "devices").glob("*.yaml"))
+
+# (profile, register, raw value) -> severity, as the vendor documents it.
+DOCUMENTED: dict[tuple[str, str, int], Severity] = {
+    ("sungrow-sh-rt", "system_state", 0x0040): Severity.INFO,  # Running
+    ("sungrow-sh-rt", "system_state", 0x0100): Severity.FAULT,  # Fault
+    ("sungrow-sh-rt", "system_state", 0x0002): Severity.WARNING,  # Stop
+    ("huawei-sun2000-luna2000", "running_status", 2): Severity.INFO,  # running
+    ("huawei-sun2000-luna2000", "running_status", 3): Severity.FAULT,  # fault
+    ("huawei-sun2000-luna2000", "device_status", 0x0300): Severity.FAULT,  # Shutdown: fault
+    ("sma-sunny-island", "health", 307): Severity.INFO,  # Ok
+    ("sma-sunny-island", "health", 455): Severity.WARNING,  # Warning (Wrn)
+    ("sma-sunny-island", "health", 35): Severity.FAULT,  # Fault (Alm)
+    ("victron-gx-ess", "state", 2): Severity.FAULT,  # Fault
+    ("victron-gx-ess", "state", 252): Severity.INFO,  # External control
+    ("solaredge-storedge", "battery_status", 5): Severity.FAULT,  # Fault
+    ("deye-sun-sg04lp3", "running_status", 4): Severity.FAULT,  # Fault
+    ("sinexcel-pws2-30k", "status_word", 1 << 0): Severity.FAULT,  # Fault status
+    ("sinexcel-pws2-30k", "status_word", 1 << 1): Severity.WARNING,  # Alert status
+}
+
+
+def _settings(profile: Profile) -> Settings:
+    kind = "rtu-over-tcp" if profile.transport.framing == "rtu" else "tcp"
+    device: dict[str, object] = {
+        "id": "dut",
+        "profile": profile.name,
+        "transport": {"kind": kind, "host": "127.0.0.1", "port": 1502,
+                      "unit": profile.transport.unit},
+    }  # fmt: skip
+    if profile.ratings.capacity_wh == 0:
+        device["capacity_wh"] = 50_000.0  # a PCS: the battery behind it is the site's
+    return Settings(
+        site={"id": "one", "grid_import_limit_w": 1e5, "grid_export_limit_w": 1e5},
+        devices=[device],
+    )
+
+
+def _documented_values(profile: Profile) -> list[tuple[str, int, Severity]]:
+    """(register, raw, severity) for every value the profile's maps list, one bit at a time."""
+    out = []
+    for spec in profile.registers:
+        if spec.name not in profile.fields.values():
+            continue
+        for key, meaning in (spec.enum or {}).items():
+            out.append((spec.name, key, meaning.severity))
+        for bit, meaning in (spec.bits or {}).items():
+            out.append((spec.name, 1 << bit, meaning.severity))
+    return out
+
+
+async def _run_actions(profile: Profile, driver: DeviceDriver) -> list[WriteResult]:
+    """Every action the profile has, through the driver's capability methods."""
+    r = profile.ratings
+    results: list[WriteResult] = []
+    if isinstance(driver, RevertTimerControl):
+        results.append(await driver.configure_revert_timer(60.0))
+    if isinstance(driver, SocLimitControl):
+        results.append(await driver.set_soc_limits(0.1, 0.95))
+    if isinstance(driver, ChargeLimitControl):
+        results.append(await driver.set_charge_limit(0.5 * r.max_charge_w))
+    if isinstance(driver, DischargeLimitControl):
+        results.append(await driver.set_discharge_limit(0.5 * r.max_discharge_w))
+    if isinstance(driver, OutputControl):
+        results.append(await driver.set_output(False))
+        results.append(await driver.set_output(True))
+    if isinstance(driver, ActivePowerControl):
+        for power in (-0.2 * r.max_charge_w, 0.0, 0.2 * r.max_discharge_w):
+            results.append(await driver.set_active_power(power, duration_s=60.0))
+    if isinstance(driver, SafeModeControl):
+        results.append(await driver.safe_mode())
+    return results
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[p.stem for p in PATHS])
+async def test_profile_is_served_read_written_and_its_states_decoded(path: Path) -> None:
+    profile = load_profile(path)
+    clock = SimClock()
+    async with (
+        SimulatedSite(_settings(profile), clock=clock, free_ports=True) as sim,
+        site_drivers(sim, clock) as drivers,
+    ):
+        driver = drivers["dut"]
+        reading = await driver.read()
+        if profile.device_class.value == "meter":
+            assert isinstance(reading, MeterReading)
+            assert reading.grid_power_w.valid
+            return
+        assert isinstance(reading, BatteryReading)
+        assert reading.power_w.valid, reading.power_w.reason
+        assert reading.soc.valid == profile.has(Capability.READ_STATE)
+        assert reading.alarms == ()  # a healthy simulated unit
+        # Every action, every write read back.
+        results = await _run_actions(profile, driver)
+        assert results or not profile.actions
+        for result in results:
+            assert result.mismatches == (), (result.action, result.mismatches)
+        # The charge command reached the simulated battery (where essd commands power).
+        dev = sim.device("dut")
+        assert isinstance(dev, StorageDevice)
+        if isinstance(driver, ActivePowerControl):
+            await driver.set_active_power(-0.2 * profile.ratings.max_charge_w, duration_s=60.0)
+            truth = dev.true_state()
+            assert truth.power_w == pytest.approx(-0.2 * profile.ratings.max_charge_w, rel=0.02)
+            if isinstance(driver, SafeModeControl):
+                await driver.safe_mode()
+        # Every documented state and alarm value, decoded to its severity.
+        dev.faults.frozen = True  # the unit stops publishing: the test sets the registers
+        image = dev.image
+        for register, raw, severity in _documented_values(profile):
+            want = DOCUMENTED.get((profile.name, register, raw))
+            if want is not None:
+                assert severity is want, (register, raw)
+            assert isinstance(image, ProfileImage)
+            previous = image.get_raw(register)
+            image.set_raw(register, raw)
+            reading = await driver.read()
+            assert isinstance(reading, BatteryReading)
+            field = next(f for f, reg in profile.fields.items() if reg == register)
+            in_alarms = any(a.startswith(f"{field}=") for a in reading.alarms)
+            in_warnings = any(w.startswith(f"{field}=") for w in reading.warnings)
+            assert in_alarms == (severity is Severity.FAULT), (register, hex(raw), reading.alarms)
+            assert in_warnings == (severity is Severity.WARNING), (register, hex(raw))
+            image.set_raw(register, previous)
+    for key in DOCUMENTED:
+        assert key[0] in {p.stem for p in PATHS}, key

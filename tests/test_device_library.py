@@ -32,6 +32,7 @@ from essd.domain import BatteryReading, MeterReading
 from hil_sim.devices.storage import StorageDevice
 from hil_sim.profile_image import ProfileImage
 from hil_sim.runner import SimulatedSite
+from hil_sim.sunspec_image import SunSpecImage
 from tests.support.hil_sim import site_drivers
 
 PATHS = sorted((shipped_profiles_dir() / "devices").glob("*.yaml"))
@@ -53,6 +54,9 @@ DOCUMENTED: dict[tuple[str, str, int], Severity] = {
     ("deye-sun-sg04lp3", "running_status", 4): Severity.FAULT,  # Fault
     ("sinexcel-pws2-30k", "status_word", 1 << 0): Severity.FAULT,  # Fault status
     ("sinexcel-pws2-30k", "status_word", 1 << 1): Severity.WARNING,  # Alert status
+    ("industrial-sunspec-pcs", "battery_state", 99): Severity.FAULT,  # 802 FAULT
+    ("industrial-sunspec-pcs", "battery_events_1", 1 << 1): Severity.FAULT,  # OVER_TEMP_ALARM
+    ("industrial-sunspec-pcs", "battery_events_1", 1 << 2): Severity.WARNING,  # ..._WARNING
 }
 
 
@@ -147,9 +151,15 @@ async def test_profile_is_served_read_written_and_its_states_decoded(path: Path)
             want = DOCUMENTED.get((profile.name, register, raw))
             if want is not None:
                 assert severity is want, (register, raw)
-            assert isinstance(image, ProfileImage)
-            previous = image.get_raw(register)
-            image.set_raw(register, raw)
+            spec = profile.register(register)
+            if isinstance(image, ProfileImage):
+                previous = image.get_raw(register)
+                image.set_raw(register, raw)
+            else:
+                assert isinstance(image, SunSpecImage)
+                assert spec.point is not None
+                previous = image.get_point(spec.point)
+                image.set_point(spec.point, raw)
             reading = await driver.read()
             assert isinstance(reading, BatteryReading)
             field = next(f for f, reg in profile.fields.items() if reg == register)
@@ -157,6 +167,9 @@ async def test_profile_is_served_read_written_and_its_states_decoded(path: Path)
             in_warnings = any(w.startswith(f"{field}=") for w in reading.warnings)
             assert in_alarms == (severity is Severity.FAULT), (register, hex(raw), reading.alarms)
             assert in_warnings == (severity is Severity.WARNING), (register, hex(raw))
-            image.set_raw(register, previous)
+            if isinstance(image, ProfileImage):
+                image.set_raw(register, previous)
+            elif spec.point is not None and previous is not None:
+                image.set_point(spec.point, previous)
     for key in DOCUMENTED:
         assert key[0] in {p.stem for p in PATHS}, key

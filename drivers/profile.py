@@ -289,6 +289,9 @@ class Behaviour(_Strict):
     revert_timer_configurable: bool = False
     heartbeat_timeout_s: float | None = Field(None, gt=0)
     safe_description: str = "0 W"
+    # What the public map leaves unknown (e.g. "whether forced mode reverts"); the simulator
+    # models the conservative case (a command without a documented timeout is held forever).
+    unknown: str = ""
 
 
 class Simulation(_Strict):

@@ -92,10 +92,10 @@ def validate_site(settings: Settings, source: str = "configuration") -> SiteChec
             settings, i, profile.ratings.capacity_wh, profile.name, source
         )
         if dev.enabled:
-            found = (
-                refresh_warning(dev, profile, settings.control.cycle_period_s),
-                revert_warning(dev, profile),
-            )
+            revert = revert_warning(dev, profile)
+            if revert is not None and profile.behaviour.unknown:
+                revert += f"; the public map leaves unknown: {profile.behaviour.unknown}"
+            found = (refresh_warning(dev, profile, settings.control.cycle_period_s), revert)
             warnings += [f"{source}: devices.{i}: {w}" for w in found if w is not None]
     problems += [
         f"{source}: devices.{j}.profile: a second grid meter (devices.{meters[0]}, "

@@ -26,6 +26,7 @@ from drivers.api import (
 )
 from drivers.profile import Capability, Profile, Severity
 from drivers.profile_loader import load_profile, shipped_profiles_dir
+from essd.cli import main
 from essd.clock import SimClock
 from essd.config import Settings
 from essd.domain import BatteryReading, MeterReading
@@ -173,3 +174,59 @@ async def test_profile_is_served_read_written_and_its_states_decoded(path: Path)
                 image.set_point(spec.point, previous)
     for key in DOCUMENTED:
         assert key[0] in {p.stem for p in PATHS}, key
+
+
+def test_check_config_warns_once_per_device_that_can_be_forced_without_revert(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    names = [
+        "sungrow-sh-rt",  # forced mode, no timeout documented: warned
+        "goodwe-et",  # EMS mode, no timeout documented: warned
+        "huawei-sun2000-luna2000",  # forcible period
+        "sma-sunny-island",  # Modbus timeout
+        "solaredge-storedge",  # remote-control timeout (configurable)
+        "victron-gx-ess",  # setpoint watchdog
+        "bluetti-ac300",  # nothing essd can force
+    ]
+    devices = "".join(
+        f'[[devices]]\nid = "d{i}"\nprofile = "{n}"\n'
+        f'transport = {{ kind = "tcp", host = "192.0.2.{10 + i}", port = 502, unit = 1 }}\n'
+        for i, n in enumerate([*names, "eastron-sdm630"])
+    )
+    path = tmp_path / "site.toml"
+    path.write_text(
+        '[site]\nid = "s"\ntimezone = "UTC"\ngrid_import_limit_w = 1e5\n'
+        "grid_export_limit_w = 0\n" + devices
+    )
+    assert main(["check-config", str(path)]) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if "neither a revert timer nor a heartbeat" in line]
+    assert len(warned) == 2, err
+    assert "devices.0: device d0 (sungrow-sh-rt)" in warned[0]
+    assert "the public map leaves unknown: whether a forced charge/discharge ends" in warned[0]
+    assert "devices.1: device d1 (goodwe-et)" in warned[1]
+
+
+async def test_simulator_holds_an_undocumented_forced_mode_and_reverts_a_documented_one() -> None:
+    """The conservative case: without a documented timeout the simulated unit keeps charging
+    after essd stops writing; with one (Huawei's forcible period) it stops by itself."""
+    held, reverted = "sungrow-sh-rt", "huawei-sun2000-luna2000"
+    for name in (held, reverted):
+        profile = load_profile(shipped_profiles_dir() / "devices" / f"{name}.yaml")
+        clock = SimClock()
+        async with (
+            SimulatedSite(_settings(profile), clock=clock, free_ports=True) as sim,
+            site_drivers(sim, clock) as drivers,
+        ):
+            driver = drivers["dut"]
+            assert isinstance(driver, ActivePowerControl)
+            await driver.set_active_power(-1000.0, duration_s=60.0)
+            dev = sim.device("dut")
+            assert isinstance(dev, StorageDevice)
+            assert dev.true_state().power_w == pytest.approx(-1000.0)
+            clock.advance(2 * 3600.0)  # essd is gone: nothing is written for two hours
+            power = dev.true_state().power_w
+        if name == held:
+            assert power == pytest.approx(-1000.0)
+        else:
+            assert power == 0.0

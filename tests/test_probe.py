@@ -25,6 +25,7 @@ from essd.config import Settings
 from essd.probe import TransportError, parse_transport, probe
 from hil_sim.profile_image import ProfileImage
 from hil_sim.runner import SimulatedSite
+from hil_sim.sunspec_image import SunSpecImage
 
 PROFILES = list_profiles()
 NAMES = [p.name for p in PROFILES]
@@ -239,3 +240,31 @@ async def test_write_test_declined_writes_nothing() -> None:
         )
     assert written == []
     assert report.failures == ["write test: not confirmed, nothing written"]
+
+
+async def test_a_sunspec_unit_with_a_wrong_scale_factor_fails_naming_the_register() -> None:
+    settings = Settings(
+        site={"id": "one", "grid_import_limit_w": 1e5, "grid_export_limit_w": 0},
+        devices=[
+            {
+                "id": "pcs",
+                "profile": "industrial-sunspec-pcs",
+                "transport": {"kind": "tcp", "host": "127.0.0.1", "port": 1502, "unit": 1},
+            }
+        ],
+    )
+    shipped = next(p for p in PROFILES if p.name == "industrial-sunspec-pcs")
+    async with SimulatedSite(settings, clock=SimClock(), free_ports=True) as sim:
+        ep = sim.endpoints()[0]
+        ok = await probe(shipped, TcpTarget(ep.host, ep.port), 1, out=lambda _: None)
+        image = sim.storage("pcs").image
+        assert isinstance(image, SunSpecImage)
+        image.set_point("802.SoC_SF", 0)  # firmware says SF 0 where the value is in 0.01 %
+        image.set_point("802.SoC", 5000.0)
+        dev = sim.storage("pcs")
+        dev.faults.frozen = True  # keep the unit's (wrong) registers as they are
+        bad = await probe(shipped, TcpTarget(ep.host, ep.port), 1, out=lambda _: None)
+    assert ok.failures == []
+    assert [f for f in bad.failures if f.startswith("soc:")] == [
+        "soc: 5000 % outside [0.0, 100.0]"
+    ], bad.failures

@@ -328,6 +328,35 @@ class GenericDriver(ProfileDriver):
             value = math.ceil(value / resolution - 1e-9) * resolution
         return value
 
+    async def _divisor(self, action: ActionName, field: str) -> float:
+        """The live value of ``field`` (base units) a parameter is divided by; ValueRefused
+        (nothing written) when it is not a positive reading."""
+        spec = self._profile.register(self._profile.fields[field])
+        words, refused = await self._read_words(self._plan([spec]))
+        got = words.get(spec.name)
+        decoded = (
+            None if got is None else decode_register(spec, got, transport=self._profile.transport)
+        )
+        if decoded is None or not isinstance(decoded.value, float) or decoded.value <= 0:
+            why = refused.get(spec.name) or (decoded.reason if decoded else "") or "not > 0"
+            raise ValueRefused(f"{self._device_id}: {action}: {field} is not usable ({why})")
+        return to_base(decoded.value, spec.unit)
+
+    async def _step_value(
+        self, action: ActionName, step: WriteStep, spec: RegisterSpec, params: Mapping[str, float]
+    ) -> float | str:
+        """A step's value in the register's unit: its literal, or its parameter (divided by
+        the live ``divide_by`` field where the profile says so)."""
+        if step.param is None:
+            assert step.value is not None
+            return step.value
+        if step.param not in params:
+            raise ValueRefused(f"{action}: parameter {step.param!r} not supplied")
+        base = params[step.param]
+        if step.divide_by is not None:
+            base /= await self._divisor(action, step.divide_by)
+        return self._value_for(spec, step.param, base)
+
     async def perform(
         self,
         action: ActionName,
@@ -349,13 +378,7 @@ class GenericDriver(ProfileDriver):
         sfs = await self._scale_factors(specs)
         encoded: list[tuple[RegisterSpec, list[int], WriteStep]] = []
         for step, spec in zip(steps, specs, strict=True):
-            if step.param is not None:
-                if step.param not in params:
-                    raise ValueRefused(f"{action}: parameter {step.param!r} not supplied")
-                value: float | str = self._value_for(spec, step.param, params[step.param])
-            else:
-                assert step.value is not None
-                value = step.value
+            value = await self._step_value(action, step, spec, params)
             sf = sfs.get(spec.scale_factor) if spec.scale_factor is not None else None
             if sf is not None:
                 # The scale factor is the device's: one that cannot carry the rating (SF 15

@@ -234,6 +234,9 @@ class WriteStep(_Strict):
     # schema 2: Modbus function code of the write. None: 6 for one register, 16 for several;
     # 16 for devices that refuse 6 even for one register (Deye-style), 6 only for one word.
     function: Literal[6, 16] | None = None
+    # schema 2: the parameter is divided by this field's live value (base units) before it is
+    # written: W / V = A for devices controlled by a current, W / W = ratio for a percentage.
+    divide_by: Identifier | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -305,6 +308,7 @@ class Simulation(_Strict):
     thermal_resistance_k_per_w: float = Field(0.02, gt=0)
     derate_start_c: float = 45.0
     trip_c: float = 60.0
+    battery_voltage_v: float = Field(51.2, gt=0, description="DC bus voltage it reports")
 
 
 class SunSpecLayout(_Strict):

@@ -88,15 +88,37 @@ def check_write_values(profile: Profile, by_name: dict[str, RegisterSpec]) -> No
                     except EncodeError as exc:
                         raise ValueError(f"{where}.value: {exc}") from None
             ratings = profile.power_ratings(step.param)
-            if ratings and base_unit(spec.unit) != "W":
+            wanted = _quotient_unit(profile, step.divide_by, where) if ratings else "W"
+            if ratings and base_unit(spec.unit) != wanted:
+                per = f" per {step.divide_by} ({wanted})" if step.divide_by else ""
                 raise ValueError(
-                    f"{where}.param: {step.param} is a power in W, but register {spec.name} "
-                    f"holds {spec.unit or 'a plain number'}"
+                    f"{where}.param: {step.param} is a power in W{per}, but register "
+                    f"{spec.name} holds {spec.unit or 'a plain number'}"
                 )
-            if ratings and spec.address is not None and spec.scale_factor is None:
+            if step.divide_by is not None and step.param is None:
+                raise ValueError(f"{where}.divide_by: only a parameter is divided")
+            if (
+                ratings
+                and step.divide_by is None
+                and spec.address is not None
+                and (spec.scale_factor is None)
+            ):
                 problem = write_scale_problem(spec, ratings, transport=profile.transport)
                 if problem is not None:
                     raise ValueError(f"registers.{spec.name}.scale: {problem} ({where})")
+
+
+def _quotient_unit(profile: Profile, divisor: str | None, where: str) -> str:
+    """The unit of a power (W) divided by the field ``divisor``: A per V, ratio per W."""
+    if divisor is None:
+        return "W"
+    reg = profile.fields.get(divisor)
+    if reg is None:
+        raise ValueError(f"{where}.divide_by: {divisor!r} is not a field mapped to a register")
+    quotient = {"V": "A", "W": "ratio"}.get(base_unit(profile.register(reg).unit))
+    if quotient is None:
+        raise ValueError(f"{where}.divide_by: {divisor} must be in V (giving A) or W (giving %)")
+    return quotient
 
 
 def check_extensions(profile: Profile) -> None:
@@ -122,8 +144,9 @@ def _check_version(profile: Profile) -> None:
         if act.write != "always":
             raise ValueError(f"actions.{aname.value}.write: {need}")
         for i, step in enumerate(act.writes):
-            if step.function is not None:
-                raise ValueError(f"actions.{aname.value}.writes.{i}.function: {need}")
+            if step.function is not None or step.divide_by is not None:
+                what = "function" if step.function is not None else "divide_by"
+                raise ValueError(f"actions.{aname.value}.writes.{i}.{what}: {need}")
     if profile.batteries:
         raise ValueError(f"batteries: {need}")
 
@@ -186,9 +209,10 @@ def _check_on_change(profile: Profile) -> None:
             if act.write != "always":
                 raise ValueError(f"actions.{aname.value}.write: only a plain profile has it")
             for i, step in enumerate(act.writes):
-                if step.function is not None:
+                if step.function is not None or step.divide_by is not None:
+                    what = "function" if step.function is not None else "divide_by"
                     raise ValueError(
-                        f"actions.{aname.value}.writes.{i}.function: only a plain profile has it"
+                        f"actions.{aname.value}.writes.{i}.{what}: only a plain profile has it"
                     )
         if act.write != "on_change":
             continue

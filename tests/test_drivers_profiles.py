@@ -153,7 +153,14 @@ def _expected_register_values(
             continue
         spec = image.spec(step.register)
         if step.param is not None:
-            value = from_base(params[step.param], spec.unit)
+            base = params[step.param]
+            if step.divide_by is not None:  # W / V = A: divided by the live field, then rounded
+                divisor = image.get_field(step.divide_by)
+                assert isinstance(divisor, float)
+                base /= divisor
+            value = from_base(base, spec.unit)
+            if step.divide_by is not None and spec.rtype.value != "f32":
+                value = round(value / spec.scale) * spec.scale
             if step.param in ("duration_s", "seconds"):
                 value = math.ceil(value / abs(spec.scale) - 1e-9) * abs(spec.scale)
             out[spec.name] = value

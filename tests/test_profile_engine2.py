@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from drivers.api import DeviceExceptionResponse
+from drivers.api import DeviceExceptionResponse, ValueRefused
 from drivers.profile_loader import resolve_profile
 from essd.clock import SimClock
 from essd.domain import BatteryReading
@@ -130,3 +130,17 @@ async def test_a_warning_is_reported_and_only_a_fault_faults() -> None:
     assert faulted.alarms == ("system_state=Fault (0x100)",)  # type: ignore[union-attr]
     assert unknown.alarms == ()  # type: ignore[union-attr]
     assert unknown.warnings == ("system_state=unlisted value 30583 (0x7777)",)  # type: ignore[union-attr]
+
+
+async def test_a_power_limit_is_written_as_a_current_at_the_live_voltage() -> None:
+    image = _image("deye-sun-sg04lp3")  # 108/109 in A, divide_by battery_voltage_v (587)
+    image.set_value("battery_1_voltage", 51.2)
+    async with serve_profile(image.profile, image=image, clock=SimClock(0.0)) as dev:
+        r = await dev.driver.set_charge_limit(5000.0)  # type: ignore[attr-defined]
+        assert r.ok
+        assert image.value("battery_max_charge_current").value == 98  # 5000 W / 51.2 V
+        assert image.function_counts == {16: 1}
+        image.set_value("battery_1_voltage", 0.0)  # no usable voltage: nothing is written
+        with pytest.raises(ValueRefused, match="battery_voltage_v is not usable"):
+            await dev.driver.set_discharge_limit(3000.0)  # type: ignore[attr-defined]
+    assert image.function_counts == {16: 1}

@@ -203,6 +203,24 @@ def test_battery_stacks_aggregate() -> None:
     assert "b" in out["soc"].reason
 
 
+def test_divide_by_a_live_voltage_writes_a_current() -> None:
+    regs = copy.deepcopy(BASE["registers"])
+    regs[4].update(unit="A", min=0, max=200, type="u16")
+    regs.append({"name": "volts", "vendor_name": "V", "address": 30, "unit": "V", "scale": 0.1})
+    p = profile_of(
+        registers=regs,
+        fields={**BASE["fields"], "bus_v": "volts"},
+        capabilities=["read_state", "charge_limit"],
+        actions={
+            "set_charge_limit": {
+                "writes": [{"register": "setpoint", "param": "charge_w", "divide_by": "bus_v"}]
+            }
+        },
+    )
+    step = p.actions[next(iter(p.actions))].writes[0]
+    assert step.divide_by == "bus_v"
+
+
 def test_write_function_code_and_on_change() -> None:
     p = profile_of(
         behaviour={"setpoint_timeout_s": 60},
@@ -339,6 +357,43 @@ BAD = {
         {"registers": _regs(4, unit="A")},
         "actions.set_active_power.writes.0.param: power_w is a power in W, but register "
         "setpoint holds A",
+    ),
+    "divide by a field that is not a voltage or power": (
+        {
+            "registers": _regs(4, unit="A"),
+            "actions": {
+                "set_active_power": {
+                    "writes": [{"register": "setpoint", "param": "power_w", "divide_by": "state"}]
+                }
+            },
+        },
+        "actions.set_active_power.writes.0.divide_by: state must be in V (giving A) or W",
+    ),
+    "divide by no field": (
+        {
+            "registers": _regs(4, unit="A"),
+            "actions": {
+                "set_active_power": {
+                    "writes": [{"register": "setpoint", "param": "power_w", "divide_by": "nope"}]
+                }
+            },
+        },
+        "actions.set_active_power.writes.0.divide_by: 'nope' is not a field",
+    ),
+    "divided power into a power register": (
+        {
+            "registers": [
+                *BASE["registers"],
+                {"name": "volts", "vendor_name": "V", "address": 30, "unit": "V"},
+            ],
+            "fields": {**BASE["fields"], "bus_v": "volts"},
+            "actions": {
+                "set_active_power": {
+                    "writes": [{"register": "setpoint", "param": "power_w", "divide_by": "bus_v"}]
+                }
+            },
+        },
+        "power_w is a power in W per bus_v (A), but register setpoint holds W",
     ),
     "schema 1 with an enum": ({"schema": 1}, "registers.state.enum: needs schema: 2"),
     "unknown schema version": ({"schema": 3}, "schema"),

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 
-from drivers.layout import from_base
+from drivers.layout import base_unit, from_base
 from drivers.profile import ActionName, Profile, WriteStep
 from drivers.profile_parts import Condition, Severity
 from essd.clock import Clock
@@ -128,6 +128,15 @@ class StorageDevice(SimDevice):
         sense = "charge" if power < 0 else "discharge" if power > 0 else "idle"
         return next((c for c in candidates if c[0] == sense), candidates[0])
 
+    def step_base(self, step: WriteStep) -> float | None:
+        """What a parameter step's register commands, in the parameter's base unit (W): the
+        register's value, times the live ``divide_by`` field where the profile divides."""
+        v = self.base_value(step.register)
+        if v is None or step.divide_by is None:
+            return v
+        divisor = self.field_value(step.divide_by)
+        return None if not divisor else v * divisor
+
     def _power_of(self, sense: str, steps: list[WriteStep]) -> float:
         if sense == "idle" and not any(s.param == "power_w" for s in steps):
             return 0.0  # the idle branch's magnitudes are left-overs, not a command
@@ -135,7 +144,7 @@ class StorageDevice(SimDevice):
         for s in steps:
             if s.param is None:
                 continue
-            v = self.base_value(s.register)
+            v = self.step_base(s)
             if v is None:
                 continue
             if s.param == "power_w":
@@ -167,8 +176,9 @@ class StorageDevice(SimDevice):
             (ActionName.SET_CHARGE_LIMIT, "charge_w"),
             (ActionName.SET_DISCHARGE_LIMIT, "discharge_w"),
         ):
-            reg = self.param_register(action, param)
-            out.append(None if reg is None else max(0.0, self.base_value(reg) or 0.0))
+            act = self.profile.actions.get(action)
+            step = next((s for s in act.writes if s.param == param), None) if act else None
+            out.append(None if step is None else max(0.0, self.step_base(step) or 0.0))
         return out[0], out[1]
 
     def soc_window(self) -> tuple[float, float]:
@@ -300,12 +310,26 @@ class StorageDevice(SimDevice):
         self.publish_power(s.power_w)
         self.put_field("max_charge_w", s.limits.max_charge_w)
         self.put_field("max_discharge_w", s.limits.max_discharge_w)
+        self.publish_divisors()
         tripped = Alarm.OVER_TEMPERATURE in s.alarms
         mapped = self.publish_states(tripped)
         for field in self.profile.fields:
             legacy_alarm = field.startswith(("alarm", "fault")) and not self._is_bitfield(field)
             if legacy_alarm and self.profile.fields[field] not in mapped:
                 self.put_field(field, 1.0 if tripped else 0.0)
+
+    def publish_divisors(self) -> None:
+        """Fields a write divides by: the DC bus voltage, or the rated power for a percentage."""
+        for act in self.profile.actions.values():
+            for step in act.writes:
+                if step.divide_by is None:
+                    continue
+                spec = self.profile.register(self.profile.fields[step.divide_by])
+                per_volt = base_unit(spec.unit) == "V"
+                sim, rated = self.profile.simulation, self.profile.ratings
+                self.put_field(
+                    step.divide_by, sim.battery_voltage_v if per_volt else rated.max_charge_w
+                )
 
     def publish_states(self, tripped: bool) -> set[str]:
         """State (``enum``) and alarm (``bits``) registers the device sets itself: the first

@@ -43,12 +43,7 @@ from essd.domain import (
     Reading,
     Setpoint,
 )
-from essd.events import (
-    DeviceStateChanged,
-    EventBus,
-    WriteOutcome,
-    WriteStatus,
-)
+from essd.events import DeviceStateChanged, EventBus, WriteOutcome, WriteStatus
 from essd.safety import DeviceEnvelope
 
 __all__ = ["ManagedDevice", "envelope_for", "refresh_warning", "revert_warning"]
@@ -360,10 +355,8 @@ class ManagedDevice:
         """Configure the revert timer once per connection, so a silent essd leaves it safe."""
         if self._setup_done:
             return
-        if isinstance(self.driver, RevertTimerControl) and self.profile.has(
-            Capability.REVERT_TIMER
-        ):
-            self._count(await self.driver.configure_revert_timer(self.ttl_s))
+        if (timer := self.driver.capability(RevertTimerControl)) is not None:
+            self._count(await timer.configure_revert_timer(self.ttl_s))
         self._setup_done = True
 
     def _count(self, result: WriteResult) -> None:
@@ -429,21 +422,18 @@ class ManagedDevice:
         try:
             if self.state is DeviceState.RUNNING:
                 await self._setup()
-            if isinstance(self.driver, HeartbeatControl) and self.profile.has(Capability.HEARTBEAT):
-                hb_due = self._heartbeat_at is None or now - self._heartbeat_at >= (
-                    self.refresh_interval_s()
-                )
-                if hb_due:
-                    self._count(await self.driver.heartbeat())
-                    self._heartbeat_at = now
+            hb = self.driver.capability(HeartbeatControl)
+            if hb is not None and (
+                self._heartbeat_at is None or now - self._heartbeat_at >= self.refresh_interval_s()
+            ):
+                self._count(await hb.heartbeat())
+                self._heartbeat_at = now
             if not (changed or due) and not self.write_failures:
                 return self.outcome(WriteStatus.HELD)
-            if isinstance(self.driver, ActivePowerControl):
-                result = await self.driver.set_active_power(
-                    setpoint.power_w, duration_s=setpoint.ttl_s
-                )
-            elif isinstance(self.driver, ChargeLimitControl):
-                result = await self.driver.set_charge_limit(max(0.0, -setpoint.power_w))
+            if (power := self.driver.capability(ActivePowerControl)) is not None:
+                result = await power.set_active_power(setpoint.power_w, duration_s=setpoint.ttl_s)
+            elif (charge := self.driver.capability(ChargeLimitControl)) is not None:
+                result = await charge.set_charge_limit(max(0.0, -setpoint.power_w))
             else:
                 return self.outcome(WriteStatus.HELD)
         except (DeviceError, TimeoutError, OSError) as exc:
@@ -462,12 +452,12 @@ class ManagedDevice:
         to FAULT ("safe mode not confirmed by read-back") and the write is tried again.
         """
         try:
-            if isinstance(self.driver, SafeModeControl) and self.profile.has(Capability.SAFE_MODE):
-                result = await self.driver.safe_mode()
-            elif isinstance(self.driver, ActivePowerControl):
-                result = await self.driver.set_active_power(0.0, duration_s=self.ttl_s)
-            elif isinstance(self.driver, ChargeLimitControl):
-                result = await self.driver.set_charge_limit(0.0)
+            if (safe := self.driver.capability(SafeModeControl)) is not None:
+                result = await safe.safe_mode()
+            elif (power := self.driver.capability(ActivePowerControl)) is not None:
+                result = await power.set_active_power(0.0, duration_s=self.ttl_s)
+            elif (charge := self.driver.capability(ChargeLimitControl)) is not None:
+                result = await charge.set_charge_limit(0.0)
             else:
                 return True
         except (DeviceError, TimeoutError, OSError) as exc:
@@ -487,8 +477,8 @@ class ManagedDevice:
     def frozen_counters(self) -> DeviceCounters:
         """Counters for the published event: the driver's own Modbus counters when it keeps
         them (requests, errors by kind, latency), else those counted here per action."""
-        if isinstance(self.driver, CounterSource):
-            wire = self.driver.counters()
+        if (source := self.driver.capability(CounterSource)) is not None:
+            wire = source.counters()
             errors = Counter(wire.errors_total)
             # The wire counts every failed request; only whole-read deadlines are added here.
             errors["read_deadline"] += self.counters.errors["read_deadline"]

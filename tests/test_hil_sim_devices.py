@@ -63,11 +63,11 @@ async def test_commands_move_power_soc_and_the_meter() -> None:
         commands = {"pcs1": -30_000.0, "home-a": 2_000.0, "home-b": -1_500.0}
         for dev_id, power in commands.items():
             drv = drivers[dev_id]
-            assert isinstance(drv, ActivePowerControl)
+            assert drv.capability(ActivePowerControl) is not None
             result = await drv.set_active_power(power, duration_s=600)
             assert result.ok, result.mismatches
         camp = drivers["camp1"]
-        assert isinstance(camp, ChargeLimitControl)
+        assert camp.capability(ChargeLimitControl) is not None
         await camp.set_charge_limit(500.0)
         before = sim.truth()
         for dev_id, power in commands.items():
@@ -108,9 +108,9 @@ async def test_device_reverts_within_its_timer_when_not_refreshed(
     clock = SimClock()
     async with simulated_example(clock) as sim, site_drivers(sim, clock) as drivers:
         drv = drivers[device_id]
-        if isinstance(drv, RevertTimerControl):
+        if drv.capability(RevertTimerControl) is not None:
             await drv.configure_revert_timer(timer_s)
-        assert isinstance(drv, ActivePowerControl)
+        assert drv.capability(ActivePowerControl) is not None
         # Refreshed well inside the timer: the command holds.
         for _ in range(4):
             await drv.set_active_power(power_w, duration_s=timer_s)
@@ -134,9 +134,9 @@ async def test_lost_heartbeat_sends_the_pcs_to_safe_mode() -> None:
     clock = SimClock()
     async with simulated_example(clock) as sim, site_drivers(sim, clock) as drivers:
         drv = drivers["pcs1"]
-        assert isinstance(drv, HeartbeatControl)
-        assert isinstance(drv, ActivePowerControl)
-        assert isinstance(drv, RevertTimerControl)
+        assert drv.capability(HeartbeatControl) is not None
+        assert drv.capability(ActivePowerControl) is not None
+        assert drv.capability(RevertTimerControl) is not None
         await drv.configure_revert_timer(3600)
         await drv.set_active_power(-40_000.0, duration_s=3600)
         for _ in range(5):
@@ -173,7 +173,7 @@ async def test_ess_setpoint_flags_and_mode_limit_directions() -> None:
     clock = SimClock()
     async with simulated_example(clock) as sim, site_drivers(sim, clock) as drivers:
         drv = drivers["home-b"]
-        assert isinstance(drv, ActivePowerControl)
+        assert drv.capability(ActivePowerControl) is not None
         dev = sim.storage("home-b")
         await drv.set_active_power(-2_000.0, duration_s=60)
         assert sim.truth().batteries["home-b"].power_w == pytest.approx(-2_000.0)
@@ -195,8 +195,8 @@ async def test_portable_outputs_and_availability() -> None:
     clock = SimClock()
     async with simulated_example(clock) as sim, site_drivers(sim, clock) as drivers:
         drv = drivers["camp1"]
-        assert isinstance(drv, OutputControl)
-        assert isinstance(drv, ChargeLimitControl)
+        assert drv.capability(OutputControl) is not None
+        assert drv.capability(ChargeLimitControl) is not None
         await drv.set_charge_limit(0.0)
         reading = await drv.read()
         assert isinstance(reading, BatteryReading)

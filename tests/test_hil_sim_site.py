@@ -81,8 +81,8 @@ async def test_running_clock_plays_time_at_600x() -> None:
     clock = SimClock(speed=600)
     async with simulated_example(clock) as sim, site_drivers(sim, clock) as drivers:
         drv = drivers["pcs1"]
-        assert isinstance(drv, ActivePowerControl)
-        assert isinstance(drv, RevertTimerControl)
+        assert drv.capability(ActivePowerControl) is not None
+        assert drv.capability(RevertTimerControl) is not None
         await drv.configure_revert_timer(3600)
         await drv.set_active_power(100_000.0, duration_s=3600)
         before = sim.truth()
@@ -108,7 +108,7 @@ async def test_violations_are_recorded_once_when_they_start() -> None:
         assert [v.kind for v in sim.truth().violations].count("export_limit") == 1
         # A command beyond the unit's live limits is a violation too (the unit never delivers it).
         ep_driver = drivers["home-a"]
-        assert isinstance(ep_driver, ActivePowerControl)
+        assert ep_driver.capability(ActivePowerControl) is not None
         await ep_driver.set_active_power(-5_000.0, duration_s=600)
         dev = sim.storage("home-a")
         dev.battery.set_power_caps(charge_w=1_000.0)

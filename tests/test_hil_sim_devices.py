@@ -19,6 +19,7 @@ from drivers.api import (
 from drivers.layout import encode_register
 from drivers.profile import Profile
 from drivers.profile_loader import list_profiles, resolve_profile
+from drivers.profile_simulation import SimulatedBehaviour
 from drivers.registers import Table
 from essd.clock import SimClock
 from essd.config import SerialTransport, Settings
@@ -189,6 +190,31 @@ async def test_ess_setpoint_flags_and_mode_limit_directions() -> None:
             assert dev.image.get_value("state") == 252.0  # external control
         finally:
             await ep.close()
+
+
+def test_status_register_shows_the_declared_values() -> None:
+    # household-hybrid-forcible declares running status 1 standby, 2 running, 3 fault.
+    dev = build_storage_device(
+        device_id="h", profile=resolve_profile("household-hybrid-forcible"), clock=SimClock()
+    )
+    assert dev.image.get_value("running_status") == 1.0
+    dev.set_bms_fault(True)
+    dev.update()
+    assert dev.image.get_value("running_status") == 3.0
+
+
+def test_vendor_behaviour_is_declared_not_inferred_from_names() -> None:
+    ess = resolve_profile("household-ess-setpoint")
+    declared = build_storage_device(device_id="b", profile=ess, clock=SimClock())
+    assert declared.image.get_value("mode") == 3.0  # power_on: /Mode "on"
+    assert declared.image.get_value("state") == 1.0  # status: idle
+    # The same registers and vendor names without the declaration: plain storage.
+    bare = ess.model_copy(
+        update={"simulation": ess.simulation.model_copy(update={"behaviour": SimulatedBehaviour()})}
+    )
+    plain = build_storage_device(device_id="b", profile=bare, clock=SimClock())
+    assert plain.image.get_value("mode") == 1.0  # the register's lower bound
+    assert plain.image.get_value("state") == 0.0  # no status kept
 
 
 async def test_portable_outputs_and_availability() -> None:

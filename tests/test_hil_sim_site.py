@@ -114,7 +114,7 @@ async def test_violations_are_recorded_once_when_they_start() -> None:
         dev.battery.set_power_caps(charge_w=1_000.0)
         truth = sim.truth()
         assert truth.batteries["home-a"].power_w == pytest.approx(-1_000.0)
-        assert "command_beyond_limits" in [v.kind for v in truth.violations]
+        assert "charge_limit" in [v.kind for v in truth.violations]
 
 
 async def test_export_limiter_curtails_pv() -> None:

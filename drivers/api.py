@@ -21,7 +21,6 @@ __all__ = [
     "ActivePowerControl",
     "ChargeLimitControl",
     "CommunicationError",
-    "CounterSource",
     "DeviceDriver",
     "DeviceError",
     "DeviceExceptionResponse",
@@ -106,6 +105,11 @@ class DeviceDriver(Protocol):
         """The driver as ``kind`` (one of the protocols below) when it can do that, else None."""
         ...
 
+    def counters(self) -> DeviceCounters:
+        """Cumulative communication counters of this device since start (requests, errors by
+        kind, writes, read-back mismatches, latency)."""
+        ...
+
 
 @runtime_checkable
 class ActivePowerControl(Protocol):
@@ -179,16 +183,7 @@ class SocLimitControl(Protocol):
         ...
 
 
-@runtime_checkable
-class CounterSource(Protocol):
-    """A driver that counts its Modbus traffic (requests, errors by kind, latency)."""
-
-    def counters(self) -> DeviceCounters:
-        """Cumulative communication counters of this device since start."""
-        ...
-
-
-# The profile capability each control protocol stands for (CounterSource needs none).
+# The profile capability each control protocol stands for.
 CAPABILITY_OF: dict[type, Capability] = {
     ActivePowerControl: Capability.ACTIVE_POWER,
     ChargeLimitControl: Capability.CHARGE_LIMIT,

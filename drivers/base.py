@@ -100,7 +100,7 @@ class ProfileDriver:
 
     def counters(self) -> DeviceCounters:
         """Cumulative communication counters of this device (from its Modbus endpoint)."""
-        return self._endpoint.stats(self._unit).to_device_counters()
+        return self._endpoint.stats(self._unit)
 
     async def connect(self) -> None:
         """Open the transport (CommunicationError if it cannot; reconnects back off)."""

@@ -18,7 +18,6 @@ from drivers.api import (
     ActivePowerControl,
     ChargeLimitControl,
     CommunicationError,
-    CounterSource,
     DeviceDriver,
     DischargeLimitControl,
     HeartbeatControl,
@@ -208,7 +207,6 @@ async def test_capabilities_follow_the_profile(rig: Rig) -> None:
         assert isinstance(d, proto), proto
     assert d.capability(OutputControl) is None
     assert d.capability(DischargeLimitControl) is None
-    assert d.capability(CounterSource) is not None
     await d.read()
     assert d.counters().requests_total > 0
 

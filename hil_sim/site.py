@@ -29,12 +29,12 @@ import numpy.typing as npt
 from drivers.profile_loader import shipped_profiles_dir
 from essd.clock import Clock, local_midnight
 from essd.config import Settings
-from essd.series import SERIES_COLUMNS, SeriesError, read_series_csv
+from essd.series import SeriesError, read_series_csv
 from hil_sim.battery import Alarm
 from hil_sim.devices import MeterDevice, PortableDevice, StorageDevice
 from hil_sim.truth import BatteryTruth, Limits, SiteTruth, Violation, violations_in
 
-__all__ = ["SERIES_COLUMNS", "SeriesError", "Site", "SiteSeries", "default_series_path"]
+__all__ = ["Site", "SiteSeries", "default_series_path"]
 
 _DAY = 86_400.0
 

@@ -21,8 +21,9 @@ from essd.cli import main as essd_main
 from essd.clock import SimClock
 from essd.daemon import build_controller
 from essd.events import EventBus
+from essd.series import SeriesError
 from hil_sim.cli import main as sim_main
-from hil_sim.site import SeriesError, SiteSeries
+from hil_sim.site import SiteSeries
 from tests.support.hil_sim import EXAMPLE_SITE, simulated_example, site_drivers
 
 TZ = ZoneInfo("Asia/Shanghai")

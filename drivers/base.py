@@ -276,6 +276,11 @@ class ProfileDriver:
             extras={k: v for k, v in extras.items() if k not in ("soc", "power_w")},
         )
 
+    async def read_fields(self) -> dict[str, Reading]:
+        """Every field of the profile (and derived field) as a reading in base units, invalid
+        ones with a reason. Raises CommunicationError when the device does not answer."""
+        return (await self._read_state())[1]
+
     def _add_derived(self, out: dict[str, Reading], at: float) -> None:
         """Add the profile's derived fields (weighted sums of fields) to ``out``."""
         for name, terms in self._profile.derived.items():

@@ -185,14 +185,6 @@ class GenericDriver(ProfileDriver):
             return None
         return sf.raw
 
-    async def read_fields(self) -> dict[str, Reading]:
-        """Every field of the profile (and derived field) as a reading in base units.
-
-        Raises CommunicationError when the device does not answer.
-        """
-        fields, _ = await self._read_fields_and_raw()
-        return fields
-
     async def _read_fields_and_raw(
         self,
     ) -> tuple[dict[str, Reading], dict[str, int | float | str]]:

@@ -172,7 +172,6 @@ class ModbusEndpoint:
         self._retry_at: float | None = None
         self._last_connect_error = ""
         self._counters: dict[int, _Counters] = {}
-        self._closed = False
         quiet_pymodbus_logging()
 
     # -- state ---------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from drivers.api import DeviceExceptionResponse, ValueRefused
 from drivers.base import ProfileDriver, live_limit_w
 from drivers.engine import Point
-from drivers.layout import base_unit, resolution_problem, to_base
+from drivers.layout import SF_RANGE, Decoded, base_unit, resolution_problem, to_base
 from drivers.profile import ActionName, ProfileError, RegisterSpec
 from drivers.registers import (
     EncodeError,
@@ -36,8 +36,6 @@ from drivers.registers import (
     decode_raw,
 )
 from drivers.sunspec.codec import (
-    SF_RANGE,
-    PointValue,
     decode_point,
     encode_point,
     is_not_implemented,
@@ -156,10 +154,10 @@ class SunSpecDriver(ProfileDriver):
             words += await self._endpoint.read_registers(Table.HOLDING, a, n, self._unit)
         return words
 
-    async def read_points(self) -> dict[str, PointValue]:
+    async def read_points(self) -> dict[str, Decoded]:
         """Read every model the profile maps (one block each) and decode each register."""
         smap = await self._ensure_map()
-        values: dict[str, PointValue] = {}
+        values: dict[str, Decoded] = {}
         for mid in dict.fromkeys(b.model_id for b in self._bound.values()):
             m = smap.model(mid)
             try:
@@ -186,7 +184,7 @@ class SunSpecDriver(ProfileDriver):
         return values
 
     @staticmethod
-    def _reading(spec: RegisterSpec, pv: PointValue, at: float) -> Reading:
+    def _reading(spec: RegisterSpec, pv: Decoded, at: float) -> Reading:
         """A register's reading in essd base units (``%`` -> ratio, ``kW`` -> W ...)."""
         unit = base_unit(spec.unit)
         if not pv.valid:
@@ -207,26 +205,14 @@ class SunSpecDriver(ProfileDriver):
             )
         return Reading.good(to_base(value, spec.unit), unit, at)
 
-    def _fields(self, by_register: Mapping[str, Reading], at: float) -> dict[str, Reading]:
-        """Every field of the profile, derived fields (weighted sums) included."""
-        out = {f: by_register[reg] for f, reg in self._profile.fields.items()}
-        self._add_derived(out, at)
-        return out
-
-    async def read_fields(self) -> dict[str, Reading]:
-        """Every field of the profile as a reading in base units (invalid ones with a reason)."""
-        values = await self.read_points()
-        at = self._clock.monotonic()
-        by_register = {n: self._reading(self._bound[n].spec, pv, at) for n, pv in values.items()}
-        return self._fields(by_register, at)
-
     async def _read_state(
         self,
     ) -> tuple[float, dict[str, Reading], dict[str, Reading], tuple[str, ...]]:
         values = await self.read_points()
         at = self._clock.monotonic()
         by_register = {n: self._reading(self._bound[n].spec, pv, at) for n, pv in values.items()}
-        fields = self._fields(by_register, at)
+        fields = {f: by_register[reg] for f, reg in self._profile.fields.items()}
+        self._add_derived(fields, at)
         # Every register read goes out, named by its field where it has one.
         extras = {self._field_of.get(n, n): r for n, r in by_register.items()}
         extras.update({d: fields[d] for d in self._profile.derived})
@@ -248,7 +234,7 @@ class SunSpecDriver(ProfileDriver):
             per_direction.append(min(candidates))
         return LiveLimits(per_direction[0], per_direction[1])
 
-    def _alarms(self, values: Mapping[str, PointValue]) -> tuple[str, ...]:
+    def _alarms(self, values: Mapping[str, Decoded]) -> tuple[str, ...]:
         alarms: list[str] = []
         for fname, reg in self._profile.fields.items():
             b = self._bound[reg]

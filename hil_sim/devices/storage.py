@@ -157,10 +157,6 @@ class StorageDevice(SimDevice):
         sense, steps = branch
         return self._power_of(sense, steps)
 
-    def under_external_control(self) -> bool:
-        """True while the registers hold a set_active_power command."""
-        return self._branch() is not None
-
     def caps(self) -> tuple[float | None, float | None]:
         """Charge and discharge caps (W) from the limit registers; None = no cap."""
         out: list[float | None] = []

@@ -13,31 +13,20 @@ Validation errors name the dotted field path; the loader puts the file name in f
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Self
+from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from drivers.profile_types import Identifier, Strict
 
 __all__ = [
     "BatteryStack",
     "Condition",
     "Derivation",
-    "Identifier",
     "Selection",
     "Severity",
     "StateValue",
-    "Strict",
 ]
-
-
-Identifier = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
-
-
-class Strict(BaseModel):
-    """Base of every profile model: unknown keys refused, frozen, every number finite."""
-
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
-    )
 
 
 class Severity(StrEnum):

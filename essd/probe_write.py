@@ -14,8 +14,8 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from drivers.api import ActivePowerControl, SafeModeControl
-from drivers.profile import Capability, Profile
+from drivers.api import ActivePowerControl, DeviceDriver, SafeModeControl
+from drivers.profile import Profile
 from essd.domain import BatteryReading
 
 if TYPE_CHECKING:
@@ -28,19 +28,21 @@ TEST_MAX_W = 1000.0  # a small cycle, whatever the rating
 NO_RESPONSE_FRACTION = 0.01  # of the rating: below this the unit has not moved (yet)
 
 
-async def _idle(driver: object) -> str:
-    if isinstance(driver, SafeModeControl):
-        await driver.safe_mode()
+async def _idle(driver: DeviceDriver) -> str:
+    safe = driver.capability(SafeModeControl)
+    if safe is not None:
+        await safe.safe_mode()
         return "safe mode"
-    if isinstance(driver, ActivePowerControl):
-        await driver.set_active_power(0.0, duration_s=60.0)
+    power = driver.capability(ActivePowerControl)
+    if power is not None:
+        await power.set_active_power(0.0, duration_s=60.0)
         return "0 W"
     return "nothing to idle"
 
 
 async def write_cycle(
     profile: Profile,
-    driver: object,
+    driver: DeviceDriver,
     report: Report,
     *,
     confirm: Callable[[str], bool],
@@ -48,7 +50,8 @@ async def write_cycle(
     out: Callable[[str], object] = print,
 ) -> None:
     """Run the cycle on ``driver`` (asking ``confirm`` first) and add to ``report``."""
-    if not profile.has(Capability.ACTIVE_POWER) or not isinstance(driver, ActivePowerControl):
+    control = driver.capability(ActivePowerControl)
+    if control is None:
         report.notes.append(f"write test: {profile.name} has no power setpoint; nothing written")
         return
     rating = min(profile.ratings.max_charge_w, profile.ratings.max_discharge_w)
@@ -68,11 +71,11 @@ async def write_cycle(
             ("discharge", float(power)),
             ("idle", 0.0),
         ):
-            result = await driver.set_active_power(setpoint, duration_s=ttl)
+            result = await control.set_active_power(setpoint, duration_s=ttl)
             for mismatch in result.mismatches:
                 report.failures.append(f"write test {label}: read back differs: {mismatch}")
             await asyncio.sleep(step_s)
-            reading = await driver.read()  # type: ignore[attr-defined]
+            reading = await driver.read()
             if not isinstance(reading, BatteryReading) or reading.power_w.value is None:
                 report.failures.append(f"write test {label}: battery power not readable")
                 continue

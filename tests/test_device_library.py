@@ -94,22 +94,22 @@ async def _run_actions(profile: Profile, driver: DeviceDriver) -> list[WriteResu
     """Every action the profile has, through the driver's capability methods."""
     r = profile.ratings
     results: list[WriteResult] = []
-    if isinstance(driver, RevertTimerControl):
-        results.append(await driver.configure_revert_timer(60.0))
-    if isinstance(driver, SocLimitControl):
-        results.append(await driver.set_soc_limits(0.1, 0.95))
-    if isinstance(driver, ChargeLimitControl):
-        results.append(await driver.set_charge_limit(0.5 * r.max_charge_w))
-    if isinstance(driver, DischargeLimitControl):
-        results.append(await driver.set_discharge_limit(0.5 * r.max_discharge_w))
-    if isinstance(driver, OutputControl):
-        results.append(await driver.set_output(False))
-        results.append(await driver.set_output(True))
-    if isinstance(driver, ActivePowerControl):
-        for power in (-0.2 * r.max_charge_w, 0.0, 0.2 * r.max_discharge_w):
-            results.append(await driver.set_active_power(power, duration_s=60.0))
-    if isinstance(driver, SafeModeControl):
-        results.append(await driver.safe_mode())
+    if (timer := driver.capability(RevertTimerControl)) is not None:
+        results.append(await timer.configure_revert_timer(60.0))
+    if (window := driver.capability(SocLimitControl)) is not None:
+        results.append(await window.set_soc_limits(0.1, 0.95))
+    if (charge := driver.capability(ChargeLimitControl)) is not None:
+        results.append(await charge.set_charge_limit(0.5 * r.max_charge_w))
+    if (discharge := driver.capability(DischargeLimitControl)) is not None:
+        results.append(await discharge.set_discharge_limit(0.5 * r.max_discharge_w))
+    if (outputs := driver.capability(OutputControl)) is not None:
+        results.append(await outputs.set_output(False))
+        results.append(await outputs.set_output(True))
+    if (power := driver.capability(ActivePowerControl)) is not None:
+        for watts in (-0.2 * r.max_charge_w, 0.0, 0.2 * r.max_discharge_w):
+            results.append(await power.set_active_power(watts, duration_s=60.0))
+    if (safe := driver.capability(SafeModeControl)) is not None:
+        results.append(await safe.safe_mode())
     return results
 
 
@@ -139,12 +139,12 @@ async def test_profile_is_served_read_written_and_its_states_decoded(path: Path)
         # The charge command reached the simulated battery (where essd commands power).
         dev = sim.device("dut")
         assert isinstance(dev, StorageDevice)
-        if isinstance(driver, ActivePowerControl):
-            await driver.set_active_power(-0.2 * profile.ratings.max_charge_w, duration_s=60.0)
+        if (power := driver.capability(ActivePowerControl)) is not None:
+            await power.set_active_power(-0.2 * profile.ratings.max_charge_w, duration_s=60.0)
             truth = dev.true_state()
             assert truth.power_w == pytest.approx(-0.2 * profile.ratings.max_charge_w, rel=0.02)
-            if isinstance(driver, SafeModeControl):
-                await driver.safe_mode()
+            if (safe := driver.capability(SafeModeControl)) is not None:
+                await safe.safe_mode()
         # Every documented state and alarm value, decoded to its severity.
         dev.faults.frozen = True  # the unit stops publishing: the test sets the registers
         image = dev.image
@@ -218,8 +218,8 @@ async def test_simulator_holds_an_undocumented_forced_mode_and_reverts_a_documen
             SimulatedSite(_settings(profile), clock=clock, free_ports=True) as sim,
             site_drivers(sim, clock) as drivers,
         ):
-            driver = drivers["dut"]
-            assert isinstance(driver, ActivePowerControl)
+            driver = drivers["dut"].capability(ActivePowerControl)
+            assert driver is not None
             await driver.set_active_power(-1000.0, duration_s=60.0)
             dev = sim.device("dut")
             assert isinstance(dev, StorageDevice)

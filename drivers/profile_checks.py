@@ -204,16 +204,6 @@ def _check_batteries(profile: Profile) -> None:
 def _check_on_change(profile: Profile) -> None:
     timeout = profile.behaviour.setpoint_timeout_s
     for aname, act in profile.actions.items():
-        if profile.driver == "sunspec":
-            # SunSpec writes follow the SunSpec rules; say so rather than ignore the request.
-            if act.write != "always":
-                raise ValueError(f"actions.{aname.value}.write: only a plain profile has it")
-            for i, step in enumerate(act.writes):
-                if step.function is not None or step.divide_by is not None:
-                    what = "function" if step.function is not None else "divide_by"
-                    raise ValueError(
-                        f"actions.{aname.value}.writes.{i}.{what}: only a plain profile has it"
-                    )
         if act.write != "on_change":
             continue
         where = f"actions.{aname.value}"

@@ -5,14 +5,21 @@ severities (a warning never faults the device, a fault does).
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from drivers.api import DeviceExceptionResponse, ValueRefused
-from drivers.profile_loader import resolve_profile
+import pytest
+import yaml
+
+from drivers.api import ActivePowerControl, DeviceExceptionResponse, ValueRefused
+from drivers.factory import make_driver
+from drivers.profile_loader import load_profile, resolve_profile, shipped_profiles_dir
 from essd.clock import SimClock
+from essd.config import Settings
 from essd.domain import BatteryReading
 from hil_sim.profile_image import ProfileImage
+from hil_sim.runner import SimulatedSite
 from tests.support.devices import serve_profile
+from tests.support.hil_sim import endpoint_for
 
 
 def _image(name: str) -> ProfileImage:
@@ -144,3 +151,40 @@ async def test_a_power_limit_is_written_as_a_current_at_the_live_voltage() -> No
         with pytest.raises(ValueRefused, match="battery_voltage_v is not usable"):
             await dev.driver.set_discharge_limit(3000.0)  # type: ignore[attr-defined]
     assert image.function_counts == {16: 1}
+
+
+async def test_on_change_through_the_one_engine_for_a_sunspec_profile(tmp_path: Path) -> None:
+    text = (shipped_profiles_dir() / "devices" / "industrial-sunspec-pcs.yaml").read_text()
+    data = yaml.safe_load(text)
+    data["actions"]["set_active_power"].update(write="on_change", refresh_s=20)
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    (folder / "industrial-sunspec-pcs.yaml").write_text(yaml.safe_dump(data))
+    settings = Settings(
+        site={"id": "one", "grid_import_limit_w": 1e5, "grid_export_limit_w": 0},
+        profile_dirs=(folder,),
+        devices=[
+            {
+                "id": "pcs",
+                "profile": "industrial-sunspec-pcs",
+                "transport": {"kind": "tcp", "host": "127.0.0.1", "port": 1502, "unit": 1},
+            }
+        ],
+    )
+    clock = SimClock()
+    profile = load_profile(folder / "industrial-sunspec-pcs.yaml")
+    async with SimulatedSite(settings, clock=clock, free_ports=True) as sim:
+        endpoint, unit = endpoint_for(sim, "pcs", clock)
+        driver = make_driver(profile, device_id="pcs", endpoint=endpoint, unit=unit, clock=clock)
+        power = driver.capability(ActivePowerControl)
+        assert power is not None
+        first = await power.set_active_power(-20_000.0, duration_s=60.0)
+        again = await power.set_active_power(-20_000.0, duration_s=60.0)
+        clock.advance(21.0)
+        refreshed = await power.set_active_power(-20_000.0, duration_s=60.0)
+        await endpoint.close()
+    assert (first.registers_written, again.registers_written) == (3, 0)
+    assert refreshed.registers_written == 3
+    assert first.ok
+    assert again.ok
+    assert refreshed.ok

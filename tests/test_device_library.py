@@ -9,6 +9,7 @@ cannot quietly demote a documented fault.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -24,12 +25,16 @@ from drivers.api import (
     SocLimitControl,
     WriteResult,
 )
+from drivers.factory import EndpointPool
 from drivers.profile import Capability, Profile, Severity
 from drivers.profile_loader import load_profile, shipped_profiles_dir
 from essd.cli import main
 from essd.clock import SimClock
 from essd.config import Settings
-from essd.domain import BatteryReading, MeterReading
+from essd.config_loading import load_settings
+from essd.daemon import build_controller
+from essd.domain import BatteryReading, DeviceState, MeterReading
+from essd.events import EventBus
 from hil_sim.devices.storage import StorageDevice
 from hil_sim.profile_image import ProfileImage
 from hil_sim.runner import SimulatedSite
@@ -230,3 +235,47 @@ async def test_simulator_holds_an_undocumented_forced_mode_and_reverts_a_documen
             assert power == pytest.approx(-1000.0)
         else:
             assert power == 0.0
+
+
+async def test_a_warning_state_keeps_the_device_running_and_a_fault_state_faults_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Sungrow's "Stop" (0x0002) is a warning: logged once, the inverter stays under control.
+    Its "Fault" (0x0100) faults it. Through the daemon's own cycle."""
+    devices = "".join(
+        f'[[devices]]\nid = "{i}"\nprofile = "{n}"\n'
+        f'transport = {{ kind = "tcp", host = "127.0.0.1", port = {p}, unit = 1 }}\n'
+        for i, n, p in (("inv", "sungrow-sh-rt", 15991), ("meter", "eastron-sdm630", 15992))
+    )
+    path = tmp_path / "site.toml"
+    path.write_text(
+        '[site]\nid = "s"\ntimezone = "UTC"\ngrid_import_limit_w = 1e5\n'
+        "grid_export_limit_w = 1e5\n" + devices
+    )
+    clock = SimClock(1_767_225_600.0)
+    async with SimulatedSite(load_settings(path), clock=clock, free_ports=True) as sim:
+        pool = EndpointPool(clock=clock)
+        ctl = build_controller(sim.settings, clock=clock, bus=EventBus(), pool=pool)
+        try:
+            for _ in range(2):
+                event = await ctl.run_cycle()
+                clock.advance(10)
+            assert event.device_states["inv"] is DeviceState.RUNNING
+            dev = sim.storage("inv")
+            dev.faults.frozen = True
+            image = dev.image
+            assert isinstance(image, ProfileImage)
+            image.set_raw("system_state", 0x0002)  # Stop: a warning
+            with caplog.at_level(logging.WARNING, logger="essd.devices"):
+                for _ in range(3):
+                    event = await ctl.run_cycle()
+                    clock.advance(10)
+            assert event.device_states["inv"] is DeviceState.RUNNING
+            assert event.snapshot.batteries["inv"].warnings == ("system_state=Stop (0x2)",)
+            logged = [r.getMessage() for r in caplog.records if "warning:" in r.getMessage()]
+            assert logged == ["device inv: warning: system_state=Stop (0x2)"]  # once
+            image.set_raw("system_state", 0x0100)  # Fault
+            event = await ctl.run_cycle()
+            assert event.device_states["inv"] is DeviceState.FAULT
+        finally:
+            await pool.close()

@@ -64,6 +64,23 @@ def test_the_shipped_profiles_are_there() -> None:
         "portable-power-station",
         "site-meter",
     } <= names
+    # Public maps: household hybrids, industrial PCS, a portable unit, meters.
+    assert {
+        "sungrow-sh-rt",
+        "huawei-sun2000-luna2000",
+        "goodwe-et",
+        "sma-sunny-island",
+        "fronius-gen24-sunspec",
+        "solaredge-storedge",
+        "deye-sun-sg04lp3",
+        "victron-gx-ess",
+        "industrial-sunspec-pcs",
+        "sinexcel-pws2-30k",
+        "bluetti-ac300",
+        "eastron-sdm630",
+        "carlo-gavazzi-em24",
+        "site-meter-sunspec",
+    } <= names
 
 
 @pytest.mark.parametrize("path", PATHS, ids=IDS)

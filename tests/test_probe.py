@@ -268,3 +268,26 @@ async def test_a_sunspec_unit_with_a_wrong_scale_factor_fails_naming_the_registe
     assert [f for f in bad.failures if f.startswith("soc:")] == [
         "soc: 5000 % outside [0.0, 100.0]"
     ], bad.failures
+
+
+async def test_probe_over_a_serial_line(tmp_path: Path) -> None:
+    """``rtu:///dev/...``: the simulator serves the unit on one end of a pty pair."""
+    settings = Settings(
+        site={"id": "one", "grid_import_limit_w": 1e5, "grid_export_limit_w": 0},
+        devices=[
+            {
+                "id": "deye",
+                "profile": "deye-sun-sg04lp3",
+                "transport": {"kind": "serial", "port": "/dev/null", "unit": 1},
+            }
+        ],
+    )
+    shipped = next(p for p in PROFILES if p.name == "deye-sun-sg04lp3")
+    async with SimulatedSite(settings, clock=SimClock(), free_ports=True) as sim:
+        path = sim.endpoints()[0].path
+        target = parse_transport(f"rtu://{path}?baud=9600&parity=N")
+        assert isinstance(target, SerialTarget)
+        lines: list[str] = []
+        report = await probe(shipped, target, 1, out=lines.append)
+    assert report.failures == [], report.failures
+    assert any(line.startswith("battery_1_capacity") for line in lines)

@@ -291,3 +291,46 @@ async def test_probe_over_a_serial_line(tmp_path: Path) -> None:
         report = await probe(shipped, target, 1, out=lines.append)
     assert report.failures == [], report.failures
     assert any(line.startswith("battery_1_capacity") for line in lines)
+
+
+def test_essd_probe_exits_1_naming_the_register_against_essd_sim_with_a_wrong_scale(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command pair, end to end: ``essd sim`` serves a Sungrow whose battery level is in
+    0.01 % (not the profile's 0.1 %), ``essd probe`` with the shipped profile exits 1."""
+    data = yaml.safe_load((shipped_profiles_dir() / "devices" / "sungrow-sh-rt.yaml").read_text())
+    for reg in data["registers"]:
+        if reg["name"] == "battery_level":
+            reg["scale"] = 0.01
+    variant = tmp_path / "variant"
+    variant.mkdir()
+    (variant / "sungrow-sh-rt.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    site = tmp_path / "site.toml"
+    site.write_text(
+        f'profile_dirs = ["{variant}"]\n'
+        '[site]\nid = "s"\ntimezone = "UTC"\ngrid_import_limit_w = 1e5\n'
+        "grid_export_limit_w = 0\n"
+        '[[devices]]\nid = "inv"\nprofile = "sungrow-sh-rt"\n'
+        'transport = { kind = "tcp", host = "127.0.0.1", port = 15993, unit = 1 }\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "essd", "sim", "--site", str(site), "--free-ports"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else "sim ended"
+        url = line.split()[2]
+        code = main(["probe", "--profile", "sungrow-sh-rt", "--transport", url, "--unit", "1"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "FAIL battery_level: 500 % outside [0, 100]" in err
+    assert "sungrow-sh-rt at 127.0.0.1" in out
+    assert "1 failed" in out

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 from essd.clock import Clock, RealClock, SimClock
-from essd.config_loading import ConfigError, load_settings
 
 if TYPE_CHECKING:
     from hil_sim.runner import SimulatedSite
@@ -108,6 +107,7 @@ def _load(args: argparse.Namespace) -> tuple[SimulatedSite, Clock] | int:
     # The simulator (pymodbus, SunSpec models) loads only when `sim` runs, so that `essd`'s
     # other commands start fast.
     from drivers.profile import ProfileError  # noqa: PLC0415
+    from essd.config_loading import ConfigError, load_settings  # noqa: PLC0415
     from hil_sim.faults import FaultError, FaultSpec, load_faults  # noqa: PLC0415
     from hil_sim.runner import SimulatedSite  # noqa: PLC0415
     from hil_sim.site import SeriesError, SiteSeries, default_series_path  # noqa: PLC0415

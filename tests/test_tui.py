@@ -23,13 +23,15 @@ async def test_view_shows_every_device_grid_price_and_rung() -> None:
         pool = EndpointPool(clock=clock)
         bus = EventBus()
         screen, lines = io.StringIO(), io.StringIO()
-        bus.subscribe(TerminalView(site="demo", tz=TZ, currency="CNY", out=screen))
+        view = TerminalView(site="demo", tz=TZ, currency="CNY", out=screen)
+        bus.subscribe(view)
         bus.subscribe(LogLines(tz=TZ, out=lines))
         ctl = build_controller(site.settings, clock=clock, bus=bus, pool=pool)
         try:
             event = await ctl.run_cycle()
         finally:
             await pool.close()
+    view.close()
     text = render(event, site="demo", tz=TZ)
     assert "2026-01-01 08:00:00" in text  # local time of the site
     for dev in ("pcs1", "home-a", "home-b", "camp1", "meter"):
@@ -37,6 +39,9 @@ async def test_view_shows_every_device_grid_price_and_rung() -> None:
     assert "grid " in text
     assert "rung 1 optimal" in text
     assert "CNY/kWh" in text
-    assert screen.getvalue().startswith("\x1b[H\x1b[2J")
+    # The view draws one live region (no full-screen clear that floods the scrollback).
+    assert "\x1b[2J" not in screen.getvalue()
+    assert "rung 1 optimal" in screen.getvalue()
+    assert "plan, next 24 h  battery " in text
     assert "cycle=1 " in lines.getvalue()
     assert "setpoints[camp1=" in lines.getvalue()

@@ -74,6 +74,7 @@ from essd.forecast import (
 )
 from essd.ladder import SOLVED, descend
 from essd.safety import DeviceEnvelope, GuardInput, GuardResult, guard
+from essd.site_energy import forecast_record, measured_pv_w, net_load_w, step_cost
 
 __all__ = ["CommandRejected", "Controller", "Mode", "WallClockWatch"]
 
@@ -325,7 +326,7 @@ class Controller:
         if set(totals) - fields:
             raise ValueError(f"totals: keys must be from {sorted(fields)}")
         values = {k: _number(totals, k) for k in totals}
-        if any(v < 0 for k, v in values.items() if k != "cost"):
+        if any(v < 0 for k, v in values.items() if k not in ("cost", "savings")):
             raise ValueError("totals: energy and carbon totals must be >= 0")
         peak = _PeakTracker(self.settings.control.step_s, self._peak_tz)
         peak.restore(_object(data, "peak"))
@@ -459,6 +460,10 @@ class Controller:
             solver_failures_consecutive=health.solver_failures_consecutive if health else 0,
             solver_rebuilds_total=health.solver_rebuilds_total if health else 0,
             credibility=credibility,
+            pv_power_w=measured_pv_w(snapshot),
+            net_load_w=net_load_w(snapshot, grid),
+            billing_peak_w=self._peak.peak_w,
+            forecast=forecast_record(forecast, plan.steps or ctl.horizon_steps),
         )
         self.bus.publish(event)
         return event
@@ -663,7 +668,7 @@ class Controller:
             )
         try:
             if net is not None:
-                self.forecaster.observe(now, net, _measured_pv(snapshot))
+                self.forecaster.observe(now, net, measured_pv_w(snapshot))
             forecast = self.forecaster.forecast(now, ctl.step_s, ctl.horizon_steps)
         except Exception as exc:
             detail = self._phase_failed("forecast", exc)
@@ -958,9 +963,10 @@ class Controller:
         kwh_in = max(0.0, grid) * dt / 3.6e6
         kwh_out = max(0.0, -grid) * dt / 3.6e6
         co2 = kwh_in * float(forecast.carbon_g_per_kwh[0]) / 1000.0
-        charged = discharged = 0.0
+        charged = discharged = battery_w = 0.0
         for r in snapshot.batteries.values():
             if r.power_w.valid and r.power_w.value is not None:
+                battery_w += r.power_w.value
                 wh = r.power_w.value * dt / 3600.0
                 discharged += max(0.0, wh)
                 charged += max(0.0, -wh)
@@ -970,6 +976,15 @@ class Controller:
             - kwh_out * float(forecast.export_price[0])
             + co2 * self.settings.tariff.carbon_price_per_kg
         )
+        prices = {
+            "import_price": float(forecast.import_price[0]),
+            "export_price": float(forecast.export_price[0]),
+            "carbon_g_per_kwh": float(forecast.carbon_g_per_kwh[0]),
+            "carbon_price_per_kg": self.settings.tariff.carbon_price_per_kg,
+        }
+        # With every battery idle, the meter would have read grid + battery power.
+        saved = step_cost(grid + battery_w, dt, **prices) - step_cost(grid, dt, **prices)
+        pv = measured_pv_w(snapshot) or 0.0
         self._totals = SiteTotals(
             imported_wh=tot.imported_wh + kwh_in * 1000.0,
             exported_wh=tot.exported_wh + kwh_out * 1000.0,
@@ -977,6 +992,8 @@ class Controller:
             co2_kg=tot.co2_kg + co2,
             battery_charged_wh=tot.battery_charged_wh + charged,
             battery_discharged_wh=tot.battery_discharged_wh + discharged,
+            pv_wh=tot.pv_wh + max(0.0, pv) * dt / 3600.0,
+            savings=tot.savings + saved,
         )
         self._peak.add(now, grid, dt)
 
@@ -1013,16 +1030,6 @@ def _live_limits(env: DeviceEnvelope, reading: BatteryReading | None) -> LiveLim
 def _commanded(d: ManagedDevice) -> float | None:
     controlled = d.state in (DeviceState.RUNNING, DeviceState.WRITE_FAILED)
     return d.written.power_w if d.written is not None and controlled else None
-
-
-def _measured_pv(snapshot: Snapshot) -> float | None:
-    """PV power measured by the units themselves (``pv_power_w`` of a profile), W, or None."""
-    values = [
-        r.extras["pv_power_w"].value
-        for r in snapshot.batteries.values()
-        if "pv_power_w" in r.extras and r.extras["pv_power_w"].valid
-    ]
-    return float(sum(v for v in values if v is not None)) if values else None
 
 
 _NON_NEGATIVE = ("pv_w", "carbon_g_per_kwh")

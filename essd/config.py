@@ -308,11 +308,18 @@ class MqttConfig(_Section):
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     ha_discovery: bool = True
     ha_prefix: str = "homeassistant"
+    ha_setpoint_ttl_s: Annotated[float, Field(gt=0.0, le=86_400.0)] = Field(
+        3600.0,
+        description="How long a manual setpoint chosen in Home Assistant holds, s "
+        "(at most max_manual_duration_s)",
+    )
     reconnect_min_s: Annotated[float, Field(gt=0.0, le=60.0)] = 1.0
     reconnect_max_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 60.0
 
     @model_validator(mode="after")
     def _check(self) -> Self:
+        if self.ha_setpoint_ttl_s > self.max_manual_duration_s:
+            raise ValueError("ha_setpoint_ttl_s: must be at most max_manual_duration_s")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s: must be at least reconnect_min_s")
         for name in ("ca_file", "cert_file", "key_file"):

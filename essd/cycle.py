@@ -230,6 +230,7 @@ class Controller:
         self.last_plan: Plan | None = None
         self._solving: Future[Plan] | asyncio.Future[Plan] | None = None
         self._totals = SiteTotals()
+        self._unit_wh: dict[str, tuple[float, float]] = {}  # id -> (charged, discharged)
         self._last_mono: float | None = None
         tz = ZoneInfo(settings.site.timezone)
         self._peak_tz = tz
@@ -308,6 +309,7 @@ class Controller:
         """What must survive a restart, as JSON-ready data (see :mod:`essd.state`)."""
         return {
             "totals": dataclasses.asdict(self._totals),
+            "unit_wh": {k: list(v) for k, v in self._unit_wh.items()},
             "peak": self._peak.state(),
             "forecaster": self.forecaster.state(),
             "mode": self.mode,
@@ -336,10 +338,12 @@ class Controller:
         reserve = _optional_number(data, "reserve_override")
         if reserve is not None:
             self._check_reserve(reserve)
+        unit_wh = _unit_energy(data.get("unit_wh", {}))
         plan_data = data.get("last_plan")
         plan = None if plan_data is None else _plan_from_data(_object(data, "last_plan"))
         self.forecaster.restore(data.get("forecaster"))  # the last check: all or nothing
         self._totals, self._peak, self.mode = SiteTotals(**values), peak, mode
+        self._unit_wh = unit_wh
         self.reserve_override = reserve
         if plan is not None and set(plan.device_ids) == {d.id for d in self.batteries}:
             self.last_plan = plan
@@ -642,6 +646,8 @@ class Controller:
                 guard_reasons=tuple(result.reasons.get(d.id, ())),
                 write=outcome,
                 setpoint_age_s=None if accepted is None else max(0.0, mono - accepted),
+                charged_wh=self._unit_wh.get(d.id, (0.0, 0.0))[0],
+                discharged_wh=self._unit_wh.get(d.id, (0.0, 0.0))[1],
                 credible=verdict is None or verdict.credible,
                 credibility=""
                 if verdict is None or verdict.credible
@@ -970,6 +976,8 @@ class Controller:
                 wh = r.power_w.value * dt / 3600.0
                 discharged += max(0.0, wh)
                 charged += max(0.0, -wh)
+                c, d = self._unit_wh.get(r.device_id, (0.0, 0.0))
+                self._unit_wh[r.device_id] = (c + max(0.0, -wh), d + max(0.0, wh))
         tot = self._totals
         cost = (
             kwh_in * float(forecast.import_price[0])
@@ -1011,6 +1019,23 @@ class Controller:
 
         await asyncio.gather(*(one(d) for d in self.batteries))
         return results
+
+
+def _unit_energy(data: Any) -> dict[str, tuple[float, float]]:
+    """The durable per-unit energy counters; ValueError naming the field when they do not fit."""
+    if not isinstance(data, Mapping):
+        raise ValueError("unit_wh: must be an object of device id -> [charged_wh, discharged_wh]")
+    out = {}
+    for k, v in data.items():
+        ok = (
+            isinstance(v, list)
+            and len(v) == 2
+            and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+        )
+        if not ok or not all(math.isfinite(x) and x >= 0 for x in v):
+            raise ValueError(f"unit_wh.{k}: must be [charged_wh, discharged_wh], both >= 0")
+        out[str(k)] = (float(v[0]), float(v[1]))
+    return out
 
 
 def _answers(d: ManagedDevice) -> bool:

@@ -132,6 +132,9 @@ class DeviceRecord:
     setpoint_age_s: float | None
     credible: bool = True  # False while the credibility screen holds the unit at 0 W
     credibility: str = ""  # why not: "<cause>: <detail>"
+    # AC energy into / out of this unit, integrated from its measured power; durable.
+    charged_wh: float = 0.0
+    discharged_wh: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -151,24 +151,23 @@ async def run_demo(
         print(intro, flush=True)
         bus.subscribe(LogLines(tz=tz, every=log_every, speed=speed))
 
-    def started(d: Daemon) -> None:
-        line = f"metrics: {d.metrics_url or 'off'}"
+    def show(line: str) -> None:
+        # With the view, on its screen for good; else as a line of the log.
         if view is not None:
             view.header.append(line)
-        print(line, flush=True)
+        else:
+            print(line, flush=True)
 
     async with SimulatedSite(settings, clock=clock, free_ports=True) as sim:
         for ep in sim.endpoints():
-            if view is not None:
-                view.header.append(ep.line())
-            print(ep.line(), flush=True)
+            show(ep.line())
         daemon = Daemon(
             settings=sim.settings,
             clock=clock,
             bus=bus,
             notifier=SystemdNotifier(address=None),
             metrics_port=metrics_port,
-            on_started=started,
+            on_started=lambda d: show(f"metrics: {d.metrics_url or 'off'}"),
         )
         try:
             code = await daemon.run(duration_s=duration_s)

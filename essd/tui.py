@@ -35,9 +35,10 @@ __all__ = [
 ]
 
 _BARS = "▁▂▃▄▅▆▇█"
-#: Share of overrun cycles above which the speed is too high for this host.
+#: Share of overrun cycles above which the speed is too high for this host (the first cycles,
+#: which connect to every device, may overrun once or twice on any host).
 OVERRUN_WARN_RATIO = 0.05
-_MIN_CYCLES_FOR_WARNING = 10
+_MIN_OVERRUNS_FOR_WARNING = 5
 
 
 def _kw(w: float | None) -> str:
@@ -105,8 +106,9 @@ def progress_line(p: Progress, sim_now: float, wall_now: float) -> str:
 
 
 def overrun_warning(event: CycleCompleted, speed: float) -> str:
-    """A warning when more than 5 % of the cycles so far overran their period, else ''."""
-    if event.cycle < _MIN_CYCLES_FOR_WARNING:
+    """A warning when more than 5 % of the cycles so far (and at least 5) overran their
+    period, else ''."""
+    if event.overruns_total < _MIN_OVERRUNS_FOR_WARNING:
         return ""
     if event.overruns_total <= OVERRUN_WARN_RATIO * event.cycle:
         return ""

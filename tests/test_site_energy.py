@@ -11,10 +11,11 @@ from drivers.factory import EndpointPool
 from essd.clock import SimClock
 from essd.config import Settings
 from essd.cycle import Controller
+from essd.cycle.energy import battery_power_w, net_load_w, step_cost
+from essd.cycle.forecasting import measured_pv
 from essd.daemon import build_controller
 from essd.domain import BatteryReading, DeviceClass, Quality, Reading, Snapshot
 from essd.events import EventBus
-from essd.site_energy import battery_power_w, measured_pv_w, net_load_w, step_cost
 from tests.support.mqtt import T0
 
 
@@ -50,12 +51,12 @@ def test_net_load_is_grid_plus_battery_plus_measured_pv() -> None:
         meter=None,
     )
     assert battery_power_w(snap) == 1500.0
-    assert measured_pv_w(snap) == 1500.0
+    assert measured_pv(snap) == 1500.0
     # grid 1000 W + batteries 1500 W + PV 1500 W = 4000 W consumed.
     assert net_load_w(snap, 1000.0) == 4000.0
     assert net_load_w(snap, None) is None
     no_pv = Snapshot(time=T0, mono=1.0, batteries={"b": _battery("b", -500.0)}, meter=None)
-    assert measured_pv_w(no_pv) is None
+    assert measured_pv(no_pv) is None
     assert net_load_w(no_pv, 1000.0) == 500.0
 
 

@@ -10,21 +10,12 @@ from __future__ import annotations
 
 import math
 
+from essd.cycle.forecasting import measured_pv
 from essd.domain import Snapshot
 from essd.events import ForecastRecord
 from essd.forecast import Forecast
 
-__all__ = ["battery_power_w", "forecast_record", "measured_pv_w", "net_load_w", "step_cost"]
-
-
-def measured_pv_w(snapshot: Snapshot) -> float | None:
-    """PV power measured by the units themselves (``pv_power_w`` of a profile), W, or None."""
-    values = [
-        r.extras["pv_power_w"].value
-        for r in snapshot.batteries.values()
-        if "pv_power_w" in r.extras and r.extras["pv_power_w"].valid
-    ]
-    return float(sum(v for v in values if v is not None)) if values else None
+__all__ = ["battery_power_w", "forecast_record", "net_load_w", "step_cost"]
 
 
 def battery_power_w(snapshot: Snapshot) -> float:
@@ -42,7 +33,7 @@ def net_load_w(snapshot: Snapshot, grid_w: float | None) -> float | None:
     """The site's consumption less unmeasured PV, W; None without a valid grid reading."""
     if grid_w is None or not math.isfinite(grid_w):
         return None
-    return grid_w + battery_power_w(snapshot) + (measured_pv_w(snapshot) or 0.0)
+    return grid_w + battery_power_w(snapshot) + (measured_pv(snapshot) or 0.0)
 
 
 def step_cost(

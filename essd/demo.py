@@ -17,7 +17,6 @@ so what it shows is the dispatch itself; a real site learns its load online.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
@@ -183,6 +182,8 @@ async def run_demo(
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415 - `essd --help` registers this module: keep it light
+
     from essd.logs import configure_logging  # noqa: PLC0415
 
     configure_logging(args.log_level)

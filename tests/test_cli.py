@@ -88,7 +88,8 @@ def test_help_loads_neither_the_optimizer_nor_pydantic_nor_the_simulator() -> No
     code = (
         "import sys, essd.cli\n"
         "essd.cli.build_parser().format_help()\n"
-        "heavy = ('cvxpy', 'highspy', 'pydantic', 'numpy', 'pymodbus', 'hil_sim.runner')\n"
+        "heavy = ('cvxpy', 'highspy', 'pydantic', 'numpy', 'pymodbus', 'hil_sim.runner',\n"
+        "         'asyncio')\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"
     )
     out = subprocess.run(

@@ -7,7 +7,6 @@ named on stderr), 2 invalid input (a scenario that does not validate, naming fil
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 import tempfile
@@ -82,6 +81,8 @@ class RunProgress:
 
 def _run_one(path: Path, report: Path | None) -> tuple[int, dict[str, object]]:
     """Run one scenario file; (exit code, table row)."""
+    import asyncio  # noqa: PLC0415 - `essd --help` registers this module: keep it light
+
     from drivers.profile import ProfileError  # noqa: PLC0415 - heavy imports only when running
     from essd.hil.report import write_report  # noqa: PLC0415
     from essd.hil.runner import run_scenario  # noqa: PLC0415

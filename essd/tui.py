@@ -8,12 +8,13 @@ Rendering is pure (``render(event) -> str``, :func:`progress_line`, :func:`spark
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 from zoneinfo import ZoneInfo
 
 from essd.domain import BatteryReading
@@ -223,6 +224,7 @@ class TerminalView:
         self.header: list[str] = []
         self._live: Live | None = None
         self._console: Console | None = None
+        self._moved: list[tuple[logging.StreamHandler[Any], Any]] = []
 
     def _start(self) -> Live:
         from rich.console import Console  # noqa: PLC0415 - only when a view is shown
@@ -234,10 +236,16 @@ class TerminalView:
             auto_refresh=False,
             transient=False,
             redirect_stdout=False,
-            redirect_stderr=False,
+            redirect_stderr=True,
             vertical_overflow="crop",
         )
         live.start()
+        # Log lines go above the live region, not through it: the handlers that write to the
+        # terminal's stderr write to the live view's stand-in for it while it runs.
+        for h in logging.getLogger().handlers:
+            if isinstance(h, logging.StreamHandler) and h.stream is sys.__stderr__:
+                self._moved.append((h, h.stream))
+                h.setStream(sys.stderr)
         self._live = live
         return live
 
@@ -271,6 +279,9 @@ class TerminalView:
     def close(self) -> None:
         """Stop redrawing; the last screen stays on the terminal."""
         if self._live is not None:
+            for handler, stream in self._moved:
+                handler.setStream(stream)
+            self._moved.clear()
             self._live.stop()
             self._live = None
 

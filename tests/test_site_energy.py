@@ -17,6 +17,7 @@ from essd.daemon import build_controller
 from essd.domain import BatteryReading, DeviceClass, Quality, Reading, Snapshot
 from essd.events import EventBus
 from tests.support.mqtt import T0
+from tests.test_cycle import Site, site  # noqa: F401 - the fixture is used by name
 
 
 def _battery(dev: str, power_w: float | None, pv_w: float | None = None) -> BatteryReading:
@@ -128,3 +129,32 @@ async def test_bad_unit_energy_is_refused_naming_the_field(
     with pytest.raises(ValueError, match=r"^unit_wh\.inv: "):
         controller.restore(state)
     assert controller.durable_state()["unit_wh"] == {}  # nothing changed
+
+
+async def test_the_record_adds_up_a_discharging_unit(
+    site: Site,  # noqa: F811 - the fixture
+) -> None:
+    """Given a unit discharging 2 kW and the meter importing 1 kW at the 1.20 peak price for
+    ten cycles of 10 s: these figures in the record."""
+    site.inverter.set_field("power_w", 2000.0)
+    site.meter.set_field("grid_power_w", 1000.0)
+    events = [await site.cycle() for _ in range(10)]
+    last = events[-1]
+    hours = 9 * 10.0 / 3600.0  # the first cycle only starts the integration
+    assert last.devices["inv"].discharged_wh == pytest.approx(2000.0 * hours)
+    assert last.devices["inv"].charged_wh == 0.0
+    assert last.totals.battery_discharged_wh == pytest.approx(last.devices["inv"].discharged_wh)
+    # Without the battery the site would have imported 3 kW: it saved 2 kW at 1.20 per kWh.
+    assert last.totals.savings == pytest.approx(2.0 * hours * 1.20)
+    assert last.totals.cost == pytest.approx(1.0 * hours * 1.20)
+    assert last.net_load_w == pytest.approx(3000.0)
+    assert last.pv_power_w is None  # this profile measures no PV
+    assert last.totals.pv_wh == 0.0
+    # The billing peak is the mean import of a finished 15-minute window: none finished yet.
+    assert last.billing_peak_w == 0.0
+    assert last.forecast is not None
+    assert len(last.forecast.load_w) == last.plan.steps
+    assert last.forecast.start == pytest.approx(last.plan.created_at, abs=900.0)
+    # What the unit stored survives a restart of the controller.
+    state = site.controller.durable_state()
+    assert state["unit_wh"]["inv"] == [0.0, pytest.approx(2000.0 * hours)]

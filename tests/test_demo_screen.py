@@ -50,6 +50,8 @@ class Tmux:
             text=True,
             timeout=30,
             check=False,
+            # CI has no terminal of its own: tmux needs a TERM to start its server.
+            env={**os.environ, "TERM": os.environ.get("TERM") or "xterm-256color"},
         )
         if out.returncode != 0:
             raise RuntimeError(f"tmux {' '.join(args)}: {out.stderr.strip()}")

@@ -16,12 +16,8 @@ Battery power in W: > 0 discharges into the site, < 0 charges.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from drivers.api import CommunicationError, DeviceError, DeviceExceptionResponse
@@ -34,10 +30,10 @@ from drivers.layout import (
     to_base,
 )
 from drivers.modbus import EndpointTarget, Framing, ModbusEndpoint, SerialTarget, TcpTarget
-from drivers.profile import Capability, Profile, RegisterSpec
+from drivers.profile import Profile, RegisterSpec
 from drivers.profile_parts import Severity
 
-__all__ = ["Row", "parse_transport", "probe", "register_cli"]
+__all__ = ["Report", "Row", "TransportError", "parse_transport", "probe"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -289,68 +285,3 @@ async def probe(
     finally:
         await endpoint.close()
     return report
-
-
-def cmd_probe(args: argparse.Namespace) -> int:
-    """The ``essd probe`` command."""
-    from drivers.profile import ProfileError  # noqa: PLC0415
-    from drivers.profile_loader import resolve_profile  # noqa: PLC0415
-
-    try:
-        profile = resolve_profile(args.profile, tuple(args.profile_dir))
-        target = parse_transport(args.transport)
-    except (ProfileError, TransportError) as exc:
-        print(str(exc), file=sys.stderr)
-        return EXIT_INVALID
-    unit = profile.transport.unit if args.unit is None else args.unit
-
-    def confirm(question: str) -> bool:
-        if args.yes:
-            return True
-        try:
-            return input(f"{question} Type 'yes' to go on: ").strip().lower() == "yes"
-        except EOFError:
-            return False
-
-    report = asyncio.run(
-        probe(
-            profile,
-            target,
-            unit,
-            write_test=args.write_test,
-            confirm=confirm,
-            step_s=args.step_s,
-        )
-    )
-    for note in report.notes:
-        print(note)
-    for failure in report.failures:
-        print(f"FAIL {failure}", file=sys.stderr)
-    verdict = "all checks passed" if not report.failures else f"{len(report.failures)} failed"
-    print(f"{profile.name} at {target} unit {unit}: {verdict}")
-    return EXIT_OK if not report.failures else EXIT_FAILURE
-
-
-def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``probe`` to ``essd``'s subcommands."""
-    p = subparsers.add_parser("probe", help="read a device through a profile before going live")
-    p.add_argument("--profile", required=True, help="profile name (essd profiles list)")
-    p.add_argument(
-        "--transport",
-        required=True,
-        help="tcp://HOST:PORT, rtu-over-tcp://HOST:PORT or rtu:///dev/ttyUSB0?baud=9600&parity=N",
-    )
-    p.add_argument("--unit", type=int, default=None, help="Modbus unit id (default: profile's)")
-    p.add_argument("--profile-dir", type=Path, action="append", default=[])
-    p.add_argument(
-        "--write-test",
-        action="store_true",
-        help="also write a small charge/idle/discharge/idle cycle (asks first; idles on exit)",
-    )
-    p.add_argument("--yes", action="store_true", help="do not ask before --write-test")
-    p.add_argument("--step-s", type=float, default=3.0, help="seconds per write-test step")
-    p.set_defaults(func=cmd_probe)
-
-
-# A capability the write test needs; named here so the help text and the check agree.
-WRITE_TEST_NEEDS = Capability.ACTIVE_POWER

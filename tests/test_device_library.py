@@ -77,7 +77,13 @@ def _settings(profile: Profile) -> Settings:
     if profile.ratings.capacity_wh == 0:
         device["capacity_wh"] = 50_000.0  # a PCS: the battery behind it is the site's
     return Settings(
-        site={"id": "one", "grid_import_limit_w": 1e5, "grid_export_limit_w": 1e5},
+        site={
+            "id": "one",
+            "timezone": "UTC",
+            "grid_import_limit_w": 1e5,
+            "grid_export_limit_w": 1e5,
+        },
+        tariff={"currency": "EUR", "import_price_per_kwh": 0.3},
         devices=[device],
     )
 
@@ -201,7 +207,8 @@ def test_check_config_warns_once_per_device_that_can_be_forced_without_revert(
     path = tmp_path / "site.toml"
     path.write_text(
         '[site]\nid = "s"\ntimezone = "UTC"\ngrid_import_limit_w = 1e5\n'
-        "grid_export_limit_w = 0\n" + devices
+        'grid_export_limit_w = 0\n[tariff]\ncurrency = "EUR"\nimport_price_per_kwh = 0.3\n'
+        + devices
     )
     assert main(["check-config", str(path)]) == 0
     err = capsys.readouterr().err
@@ -250,7 +257,8 @@ async def test_a_warning_state_keeps_the_device_running_and_a_fault_state_faults
     path = tmp_path / "site.toml"
     path.write_text(
         '[site]\nid = "s"\ntimezone = "UTC"\ngrid_import_limit_w = 1e5\n'
-        "grid_export_limit_w = 1e5\n" + devices
+        'grid_export_limit_w = 1e5\n[tariff]\ncurrency = "EUR"\nimport_price_per_kwh = 0.3\n'
+        + devices
     )
     clock = SimClock(1_767_225_600.0)
     async with SimulatedSite(load_settings(path), clock=clock, free_ports=True) as sim:

@@ -44,7 +44,7 @@ def _device(i: int, name: str, framing: str, unit: int, capacity: float) -> str:
 def _site(tmp: Path, profile_dir: Path | None = None) -> Path:
     head = (
         '[site]\nid = "probe"\ntimezone = "UTC"\ngrid_import_limit_w = 100000\n'
-        "grid_export_limit_w = 100000\n"
+        'grid_export_limit_w = 100000\n[tariff]\ncurrency = "EUR"\nimport_price_per_kwh = 0.3\n'
     )
     if profile_dir is not None:
         head += f'profile_dirs = ["{profile_dir}"]\n'
@@ -108,7 +108,8 @@ async def test_a_register_with_another_scale_fails_naming_it(tmp_path: Path) -> 
     variant.mkdir()
     (variant / "sungrow-sh-rt.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     settings = Settings(
-        site={"id": "one", "grid_import_limit_w": 1e5, "grid_export_limit_w": 0},
+        site={"id": "one", "timezone": "UTC", "grid_import_limit_w": 1e5, "grid_export_limit_w": 0},
+        tariff={"currency": "EUR", "import_price_per_kwh": 0.3},
         profile_dirs=(variant,),
         devices=[
             {
@@ -177,7 +178,8 @@ def test_unknown_profile_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 async def _sungrow_site() -> SimulatedSite:
     settings = Settings(
-        site={"id": "one", "grid_import_limit_w": 1e5, "grid_export_limit_w": 0},
+        site={"id": "one", "timezone": "UTC", "grid_import_limit_w": 1e5, "grid_export_limit_w": 0},
+        tariff={"currency": "EUR", "import_price_per_kwh": 0.3},
         devices=[
             {
                 "id": "dut",
@@ -244,7 +246,8 @@ async def test_write_test_declined_writes_nothing() -> None:
 
 async def test_a_sunspec_unit_with_a_wrong_scale_factor_fails_naming_the_register() -> None:
     settings = Settings(
-        site={"id": "one", "grid_import_limit_w": 1e5, "grid_export_limit_w": 0},
+        site={"id": "one", "timezone": "UTC", "grid_import_limit_w": 1e5, "grid_export_limit_w": 0},
+        tariff={"currency": "EUR", "import_price_per_kwh": 0.3},
         devices=[
             {
                 "id": "pcs",
@@ -273,7 +276,8 @@ async def test_a_sunspec_unit_with_a_wrong_scale_factor_fails_naming_the_registe
 async def test_probe_over_a_serial_line(tmp_path: Path) -> None:
     """``rtu:///dev/...``: the simulator serves the unit on one end of a pty pair."""
     settings = Settings(
-        site={"id": "one", "grid_import_limit_w": 1e5, "grid_export_limit_w": 0},
+        site={"id": "one", "timezone": "UTC", "grid_import_limit_w": 1e5, "grid_export_limit_w": 0},
+        tariff={"currency": "EUR", "import_price_per_kwh": 0.3},
         devices=[
             {
                 "id": "deye",
@@ -309,7 +313,7 @@ def test_essd_probe_exits_1_naming_the_register_against_essd_sim_with_a_wrong_sc
     site.write_text(
         f'profile_dirs = ["{variant}"]\n'
         '[site]\nid = "s"\ntimezone = "UTC"\ngrid_import_limit_w = 1e5\n'
-        "grid_export_limit_w = 0\n"
+        'grid_export_limit_w = 0\n[tariff]\ncurrency = "EUR"\nimport_price_per_kwh = 0.3\n'
         '[[devices]]\nid = "inv"\nprofile = "sungrow-sh-rt"\n'
         'transport = { kind = "tcp", host = "127.0.0.1", port = 15993, unit = 1 }\n'
     )

@@ -161,7 +161,8 @@ async def test_on_change_through_the_one_engine_for_a_sunspec_profile(tmp_path: 
     folder.mkdir()
     (folder / "industrial-sunspec-pcs.yaml").write_text(yaml.safe_dump(data))
     settings = Settings(
-        site={"id": "one", "grid_import_limit_w": 1e5, "grid_export_limit_w": 0},
+        site={"id": "one", "timezone": "UTC", "grid_import_limit_w": 1e5, "grid_export_limit_w": 0},
+        tariff={"currency": "EUR", "import_price_per_kwh": 0.3},
         profile_dirs=(folder,),
         devices=[
             {

@@ -25,6 +25,7 @@ from essd.dispatch.inputs import (
     check_finite,
     validate_inputs,
 )
+from essd.dispatch.lpmaps import LpMaps, NotAffineError
 from essd.dispatch.model import DispatchModel
 from essd.dispatch.planners import rule_based_plan, safe_idle_plan
 from essd.dispatch.simulate import make_plan, simulate_plan, stored_energy
@@ -207,8 +208,13 @@ class Dispatcher:
         self.last_timing = SolveTiming(0.0, 0.0, 0)
         self._rebuild_after = rebuild_after_failures
         self._health = SolverHealth()
+        # The affine maps of each model's HiGHS data (essd.dispatch.lpmaps), by step hours.
+        self._maps: dict[float, LpMaps | None] = {}
         # Build and compile the default model now, not in the first cycle's time budget.
-        self._model(step_s).compile(self.solver)
+        model = self._model(step_s)
+        model.compile(self.solver)
+        if self._hot_start:
+            self._lp_maps(model)
 
     @property
     def health(self) -> SolverHealth:
@@ -226,6 +232,16 @@ class Dispatcher:
             model = DispatchModel(self.batteries, self.steps, step_s / 3600.0, **self._costs)
             self._models[step_s] = model
         return model
+
+    def _lp_maps(self, model: DispatchModel) -> LpMaps | None:
+        """The model's parameter-to-HiGHS maps (derived once), None if it has none."""
+        key = model.h
+        if key not in self._maps:
+            try:
+                self._maps[key] = LpMaps(model.problem)
+            except NotAffineError:
+                self._maps[key] = None
+        return self._maps[key]
 
     def problem(self, step_s: float = 900.0) -> cp.Problem:
         """The cvxpy problem solved for steps of ``step_s`` (for inspection and tests)."""
@@ -323,12 +339,16 @@ class Dispatcher:
             ),
         )
 
-    def _run(self, model: DispatchModel, remaining_s: float) -> tuple[str, float, bool]:
-        """One solver run: cvxpy status, seconds in the solver, stopped by the time limit."""
+    def _run(self, model: DispatchModel, remaining_s: float, shift: int) -> tuple[str, float, bool]:
+        """One solver run: cvxpy status, seconds in the solver, stopped by the time limit.
+
+        ``shift``: steps the horizon moved on since this model's last solve.
+        """
         if self._hot_start:
             if model.hot is None:
-                model.hot = HighsHotStart(model.problem, self._solver_options)
-            status = model.hot.solve(remaining_s)
+                maps = self._lp_maps(model)
+                model.hot = HighsHotStart(model.problem, self._solver_options, maps=maps)
+            status = model.hot.solve(remaining_s, shift=shift)
             return status, model.hot.last_solver_s, model.hot.last_model_status == "kTimeLimit"
         opts = dict(self._solver_options)
         if self.solver in ("HIGHS", "CLARABEL"):
@@ -343,6 +363,11 @@ class Dispatcher:
         self, inputs: DispatchInputs, a: DispatchArrays, budget_s: float, started: float
     ) -> Plan:
         model = self._model(inputs.step_s)
+        # How many steps the horizon moved on since this model's last solve: the hot start
+        # shifts its basis by as many (the horizon starts at ``inputs.time``).
+        step_index = math.floor(inputs.time / inputs.step_s)
+        shift = step_index - model.step_index if model.step_index is not None else 0
+        model.step_index = step_index
         ub_c, ub_d = a.ub_c.copy(), a.ub_d.copy()
         solver_s = 0.0
         solves = 0
@@ -356,7 +381,7 @@ class Dispatcher:
                     PlanCause.SOLVER_TIMEOUT, f"solver timeout after {elapsed:.2f} s", overrun=True
                 )
             given = budget_s - elapsed
-            status, s_time, time_limited = self._run(model, given)
+            status, s_time, time_limited = self._run(model, given, shift if solves == 0 else 0)
             solver_s += s_time
             solves += 1
             if status != cp.OPTIMAL:
@@ -415,8 +440,8 @@ class Dispatcher:
             a,
             power,
             e,
-            objective=float(model.problem.value),
-            status=str(model.problem.status),
+            objective=model.hot.objective_value if model.hot else float(model.problem.value),
+            status=cp.OPTIMAL if model.hot else str(model.problem.status),
             rung=rung,
             reason=reason,
             cause=PlanCause.SOFT_CONSTRAINTS if slack else PlanCause.OPTIMAL,

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -65,16 +64,17 @@ def test_bad_series_files_name_file_line_and_column(tmp_path: Path) -> None:
         assert message in str(err.value)
 
 
-async def test_whole_site_starts_and_stops_within_a_second() -> None:
+async def test_whole_site_starts_and_stops() -> None:
     clock = SimClock(speed=600)
-    started = time.perf_counter()
-    async with simulated_example(clock) as sim:
-        up = time.perf_counter() - started
-        assert len(sim.endpoints()) == 5
-        stopping = time.perf_counter()
-    down = time.perf_counter() - stopping
-    # Generous bounds (shared CI cores); bench_hil_sim measures the real figure.
-    assert up + down < 1.0
+    # A hang guard, not a speed test: bench_hil_sim measures how long this takes.
+    async with asyncio.timeout(60):
+        async with simulated_example(clock) as sim:
+            assert len(sim.endpoints()) == 5
+            ep = next(e for e in sim.endpoints() if e.kind == "tcp")
+            _, w = await asyncio.open_connection(ep.host, ep.port)
+            w.close()
+        with pytest.raises(ConnectionRefusedError):  # stopped: the port no longer answers
+            await asyncio.open_connection(ep.host, ep.port)
 
 
 async def test_running_clock_plays_time_at_600x() -> None:

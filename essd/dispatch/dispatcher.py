@@ -16,6 +16,7 @@ from typing import Any
 import cvxpy
 import numpy as np
 
+from essd.dispatch.aggregate import Aggregation
 from essd.dispatch.highs import HighsHotStart
 from essd.dispatch.inputs import (
     BatterySpec,
@@ -23,6 +24,7 @@ from essd.dispatch.inputs import (
     DispatchInputs,
     InvalidDispatchInputsError,
     check_finite,
+    energy_window,
     validate_inputs,
 )
 from essd.dispatch.lpmaps import LpMaps, NotAffineError
@@ -145,6 +147,11 @@ class Dispatcher:
     a step-by-step simulation that clips it to limits and SoC window. Either way the published
     SoC is the one the published setpoints produce with the battery's efficiencies: honest.
 
+    ``aggregate=True``: units with the same specification are one battery in the LP and share
+    its plan (:mod:`essd.dispatch.aggregate`): a site of 100 identical units solves like one
+    of a single unit. Exact while the units' live data are equal; otherwise an approximation
+    whose loss the optimizer benchmark measures. Off by default.
+
     A solver that keeps failing is rebuilt: after ``rebuild_after_failures`` failed solves in a
     row (and after every further ``rebuild_after_failures``; see :class:`SolverHealth` for
     what counts), the persistent HiGHS instances are dropped, so the next solve starts cold
@@ -171,6 +178,7 @@ class Dispatcher:
         fallback_planner: FallbackPlanner = rule_based_plan,
         hot_start: bool = True,
         rebuild_after_failures: int = DEFAULT_REBUILD_AFTER_FAILURES,
+        aggregate: bool = False,
     ) -> None:
         if not batteries:
             raise InvalidDispatchInputsError("batteries", "at least one battery is needed")
@@ -193,6 +201,9 @@ class Dispatcher:
         if solver not in cp.installed_solvers():
             raise InvalidDispatchInputsError("solver", f"{solver!r} is not installed")
         self.batteries = tuple(batteries)
+        # Identical units as one battery in the LP (essd.dispatch.aggregate), when any are.
+        grouped = Aggregation.of(self.batteries) if aggregate else None
+        self._agg = grouped if grouped is not None and grouped.reduces else None
         self.steps = steps
         self.solver = solver
         # The persistent-HiGHS path (see HighsHotStart); other solvers go through cvxpy.
@@ -229,7 +240,8 @@ class Dispatcher:
     def _model(self, step_s: float) -> DispatchModel:
         model = self._models.get(step_s)
         if model is None:
-            model = DispatchModel(self.batteries, self.steps, step_s / 3600.0, **self._costs)
+            specs = self.batteries if self._agg is None else self._agg.specs
+            model = DispatchModel(specs, self.steps, step_s / 3600.0, **self._costs)
             self._models[step_s] = model
         return model
 
@@ -360,11 +372,13 @@ class Dispatcher:
         return status, float(stats.solve_time or 0.0), status == cp.USER_LIMIT
 
     def _optimize(
-        self, inputs: DispatchInputs, a: DispatchArrays, budget_s: float, started: float
+        self, inputs: DispatchInputs, full: DispatchArrays, budget_s: float, started: float
     ) -> Plan:
         model = self._model(inputs.step_s)
-        # How many steps the horizon moved on since this model's last solve: the hot start
-        # shifts its basis by as many (the horizon starts at ``inputs.time``).
+        # The LP's batteries: the units, or one per group of identical units (aggregate.py).
+        a = full if self._agg is None else self._agg.arrays(full)
+        # How many steps the horizon moved on since this model's last solve (the horizon
+        # starts at ``inputs.time``): the hot start then runs primal simplex.
         step_index = math.floor(inputs.time / inputs.step_s)
         shift = step_index - model.step_index if model.step_index is not None else 0
         model.step_index = step_index
@@ -418,7 +432,13 @@ class Dispatcher:
             # make room. (Measured against the MILP on such instances: 11-23 % short; keeping
             # the dominant direction instead was 11-29 % short, forbidding discharge 29-52 %.)
             ub_c = np.where(both, 0.0, ub_c)
-        if overlap:
+        if self._agg is not None:
+            # Each group's power shared by its members, then applied step by step within
+            # each member's own limits and window: the plan and its SoC are the units'.
+            power = self._agg.split(d - c, full)
+            lo, hi = energy_window(self.batteries, full, full.ub_c, full.ub_d)
+            power, e = simulate_plan(self.batteries, full, power, lo, hi)
+        elif overlap:
             power, e = simulate_plan(self.batteries, a, d - c, e_lo, e_hi)
         else:
             # One direction per step: publish d - c, held to the live limits exactly (the
@@ -431,13 +451,13 @@ class Dispatcher:
             raise _SolveFailedError(
                 PlanCause.SOLVER_TIMEOUT, f"solver timeout after {elapsed:.2f} s", overrun=True
             )
-        slack = self._slack(model, a)
+        slack = self._slack(model, full)
         rung = FallbackRung.SOFT if slack else FallbackRung.OPTIMAL
         reason = _solved_reason(slack, fixed, overlap)
         return make_plan(
             self.batteries,
             inputs,
-            a,
+            full,
             power,
             e,
             objective=model.hot.objective_value if model.hot else float(model.problem.value),

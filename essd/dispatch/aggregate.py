@@ -1,0 +1,116 @@
+"""Identical units planned as one: a large site's LP shrinks to one battery per kind of unit.
+
+Units with the same specification (capacity, efficiencies, wear cost, discharge capability)
+form a group; the LP sees one battery per group whose energies, limits, SoC window, previous
+setpoint and terminal target are the members' sums. The group's planned power is then shared
+among its members:
+
+- in proportion to each member's limit in that direction times its headroom at the start of
+  the horizon (energy above its reserve when discharging, room below its maximum when
+  charging), so members drift towards the same SoC instead of one emptying first;
+- a member's share is held to its own limit and the rest goes to the members with limit left.
+
+Exact when the members' live data are equal too (the same SoC, limits and window: the LP
+then has a symmetric optimum, which equal shares reproduce). Otherwise it is an
+approximation: a member can reach its window's edge before the group does, and the plan is
+then clipped there by the same step-by-step simulation every plan goes through, so the
+published SoC stays honest. ``benchmarks/bench_optimizer.py`` measures the objective lost
+against the full LP (``optimizer.aggregate_loss_ratio``).
+
+Sign conventions: battery power > 0 discharges into the site, < 0 charges. kW / kWh inside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import numpy.typing as npt
+
+from essd.dispatch.inputs import BatterySpec, DispatchArrays
+
+__all__ = ["Aggregation"]
+
+
+FloatArray = npt.NDArray[np.float64]
+
+
+def _kind(b: BatterySpec) -> tuple[float, float, float, float, bool]:
+    return (
+        b.capacity_wh,
+        b.charge_efficiency,
+        b.discharge_efficiency,
+        b.degradation_cost_per_kwh,
+        b.can_discharge,
+    )
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """The groups of identical units of one topology and the battery that stands for each."""
+
+    specs: tuple[BatterySpec, ...]  # one per group, in order of the group's first member
+    member_of: FloatArray  # (groups, units) 0/1: unit j belongs to group g
+
+    @classmethod
+    def of(cls, batteries: Sequence[BatterySpec]) -> Aggregation:
+        """Group ``batteries`` by specification (order of first appearance kept)."""
+        groups: dict[tuple[float, float, float, float, bool], list[int]] = {}
+        for k, b in enumerate(batteries):
+            groups.setdefault(_kind(b), []).append(k)
+        specs = []
+        member_of = np.zeros((len(groups), len(batteries)))
+        for g, members in enumerate(groups.values()):
+            first = batteries[members[0]]
+            name = first.id if len(members) == 1 else f"{first.id}+{len(members) - 1}"
+            specs.append(replace(first, id=name, capacity_wh=first.capacity_wh * len(members)))
+            member_of[g, members] = 1.0
+        return cls(tuple(specs), member_of)
+
+    @property
+    def reduces(self) -> bool:
+        """True when at least two units share a group (the LP gets smaller)."""
+        rows, cols = self.member_of.shape
+        return bool(rows < cols)
+
+    def arrays(self, a: DispatchArrays) -> DispatchArrays:
+        """The per-unit arrays summed per group (site-wide ones unchanged)."""
+        s = self.member_of
+        return replace(
+            a,
+            e0=s @ a.e0,
+            ub_c=s @ a.ub_c,
+            ub_d=s @ a.ub_d,
+            lo=s @ a.lo,
+            hi=s @ a.hi,
+            prev_kw=s @ a.prev_kw,
+            target_e=s @ a.target_e,
+        )
+
+    def split(self, power_kw: FloatArray, a: DispatchArrays) -> FloatArray:
+        """Each member's power (units, T) from its group's (groups, T); ``a``: per unit."""
+        discharge = self._share(np.maximum(power_kw, 0.0), a.ub_d, a.e0 - a.lo)
+        charge = self._share(np.maximum(-power_kw, 0.0), a.ub_c, a.hi - a.e0)
+        result: FloatArray = discharge - charge
+        return result
+
+    def _share(self, group_kw: FloatArray, limit: FloatArray, headroom: FloatArray) -> FloatArray:
+        """``group_kw`` (groups, T, >= 0) shared by limit x headroom, each held to its limit."""
+        s = self.member_of
+        weight = limit * np.maximum(headroom, 0.0)[:, None]
+        # Members without headroom still take their part by limit when all of them lack it.
+        total = s.T @ (s @ weight)
+        by_limit = s.T @ (s @ limit)
+        weight = np.where(total > 0.0, weight, limit)
+        total = np.where(total > 0.0, total, by_limit)
+        wanted = s.T @ group_kw
+        share = np.divide(weight * wanted, total, out=np.zeros_like(weight), where=total > 0.0)
+        first = np.minimum(share, limit)
+        # What the limits cut off goes to the members with limit left, in proportion to it.
+        rest = s.T @ (s @ (share - first))
+        left = limit - first
+        room = s.T @ (s @ left)
+        extra = np.divide(left * rest, room, out=np.zeros_like(left), where=room > 0.0)
+        result: FloatArray = first + np.minimum(extra, left)
+        return result

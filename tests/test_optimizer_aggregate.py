@@ -1,0 +1,110 @@
+"""Identical units as one battery in the LP (essd.dispatch.aggregate): exact, honest, shared."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from essd.dispatch import BatterySpec, Dispatcher, validate_inputs
+from essd.dispatch.aggregate import Aggregation
+from essd.domain import FallbackRung, LiveLimits
+from tests.support.optimizer import random_fleet, random_inputs
+
+STEPS = 24
+
+
+def identical(n: int, prefix: str = "u", **kw: object) -> list[BatterySpec]:
+    base: dict[str, object] = {
+        "capacity_wh": 10_000.0,
+        "charge_efficiency": 0.95,
+        "discharge_efficiency": 0.93,
+        "degradation_cost_per_kwh": 0.02,
+    }
+    base.update(kw)
+    return [BatterySpec(id=f"{prefix}{i}", **base) for i in range(n)]  # type: ignore[arg-type]
+
+
+def lp_batteries(dispatcher: Dispatcher) -> int:
+    """How many batteries the dispatcher's LP has."""
+    charge = next(v for v in dispatcher.problem().variables() if v.name() == "charge_kw")
+    return int(charge.shape[0])
+
+
+def test_identical_units_with_equal_data_plan_exactly_as_the_full_lp() -> None:
+    """Same specification and same live data: the aggregate loses nothing."""
+    rng = np.random.default_rng(21)
+    fleet = identical(5)
+    inputs = random_inputs(rng, fleet, STEPS)
+    same = dataclasses.replace(
+        inputs,
+        soc=dict.fromkeys(inputs.soc, 0.5),
+        limits=dict.fromkeys(inputs.limits, LiveLimits(4000.0, 4000.0)),
+        reserve_soc=dict.fromkeys(inputs.soc, 0.1),
+        max_soc=dict.fromkeys(inputs.soc, 0.9),
+        availability={},
+        previous_setpoint_w={},
+        terminal_soc={},
+    )
+    full = Dispatcher(fleet, STEPS).solve(same, budget_s=10.0, last_plan=None)
+    grouped = Dispatcher(fleet, STEPS, aggregate=True)
+    assert lp_batteries(grouped) == 1
+    agg = grouped.solve(same, budget_s=10.0, last_plan=None)
+    assert full.rung is FallbackRung.OPTIMAL, full.reason
+    assert agg.rung is FallbackRung.OPTIMAL, agg.reason
+    assert agg.objective == pytest.approx(full.objective, rel=1e-6, abs=1e-6)
+    total_full = np.sum([full.power_w[i] for i in full.device_ids], axis=0)
+    total_agg = np.sum([agg.power_w[i] for i in agg.device_ids], axis=0)
+    np.testing.assert_allclose(total_agg, total_full, atol=1e-3)
+    first = np.asarray(agg.power_w["u0"])
+    for unit in agg.device_ids:
+        np.testing.assert_allclose(agg.power_w[unit], first, atol=1e-6)
+
+
+def test_units_with_different_soc_stay_within_their_own_limits_and_window() -> None:
+    """An approximation when the SoCs differ, but every unit's plan is one it can follow."""
+    rng = np.random.default_rng(22)
+    fleet = identical(6) + identical(3, prefix="v", capacity_wh=5000.0)
+    dispatcher = Dispatcher(fleet, STEPS, aggregate=True)
+    assert lp_batteries(dispatcher) == 2  # two kinds of unit
+    for _ in range(8):
+        inputs = random_inputs(rng, fleet, STEPS)
+        plan = dispatcher.solve(inputs, budget_s=10.0, last_plan=None)
+        assert plan.rung in (FallbackRung.OPTIMAL, FallbackRung.SOFT), plan.reason
+        a = validate_inputs(fleet, STEPS, inputs)
+        for k, b in enumerate(fleet):
+            power = np.asarray(plan.power_w[b.id]) / 1000.0
+            assert np.all(power <= a.ub_d[k] + 1e-9)
+            assert np.all(-power <= a.ub_c[k] + 1e-9)
+            soc = np.asarray(plan.soc[b.id][1:])
+            lo = min(inputs.reserve_soc[b.id], inputs.soc[b.id])
+            hi = max(inputs.max_soc[b.id], inputs.soc[b.id])
+            assert np.all(soc >= lo - 1e-6)
+            assert np.all(soc <= hi + 1e-6)
+
+
+def test_split_keeps_the_group_total_and_each_limit() -> None:
+    """Shares add up to the group's power wherever the members' limits allow it."""
+    rng = np.random.default_rng(23)
+    fleet = identical(4) + identical(3, prefix="v", can_discharge=False)
+    agg = Aggregation.of(fleet)
+    inputs = random_inputs(rng, fleet, STEPS)
+    a = validate_inputs(fleet, STEPS, inputs)
+    group = agg.arrays(a)
+    power = rng.uniform(-1.0, 1.0, group.ub_c.shape) * np.where(
+        rng.uniform(size=group.ub_c.shape) < 0.5, group.ub_c, group.ub_d
+    )
+    power = np.clip(power, -group.ub_c, group.ub_d)
+    shared = agg.split(power, a)
+    np.testing.assert_allclose(agg.member_of @ shared, power, atol=1e-9)
+    assert np.all(shared <= a.ub_d + 1e-12)
+    assert np.all(-shared <= a.ub_c + 1e-12)
+
+
+def test_distinct_units_are_not_grouped() -> None:
+    """Nothing identical: the LP keeps one battery per unit."""
+    fleet = random_fleet(np.random.default_rng(24), 3)
+    assert not Aggregation.of(fleet).reduces
+    dispatcher = Dispatcher(fleet, STEPS, aggregate=True)
+    assert lp_batteries(dispatcher) == 3

@@ -5,9 +5,10 @@ form a group; the LP sees one battery per group whose energies, limits, SoC wind
 setpoint and terminal target are the members' sums. The group's planned power is then shared
 among its members:
 
-- in proportion to each member's limit in that direction times its headroom at the start of
-  the horizon (energy above its reserve when discharging, room below its maximum when
-  charging), so members drift towards the same SoC instead of one emptying first;
+- step by step in proportion to each member's limit in that direction times its headroom
+  (energy above its window's lower edge when discharging, room below its upper edge when
+  charging, as the earlier steps' shares leave it): members of one kind then reach their
+  window's edges together, as the group does, instead of one emptying first;
 - a member's share is held to its own limit and the rest goes to the members with limit left.
 
 Exact when the members' live data are equal too (the same SoC, limits and window: the LP
@@ -52,6 +53,8 @@ class Aggregation:
 
     specs: tuple[BatterySpec, ...]  # one per group, in order of the group's first member
     member_of: FloatArray  # (groups, units) 0/1: unit j belongs to group g
+    eta_c: FloatArray  # (units,) charge efficiency
+    eta_d: FloatArray  # (units,) discharge efficiency
 
     @classmethod
     def of(cls, batteries: Sequence[BatterySpec]) -> Aggregation:
@@ -66,7 +69,9 @@ class Aggregation:
             name = first.id if len(members) == 1 else f"{first.id}+{len(members) - 1}"
             specs.append(replace(first, id=name, capacity_wh=first.capacity_wh * len(members)))
             member_of[g, members] = 1.0
-        return cls(tuple(specs), member_of)
+        eta_c = np.array([b.charge_efficiency for b in batteries])
+        eta_d = np.array([b.discharge_efficiency for b in batteries])
+        return cls(tuple(specs), member_of, eta_c, eta_d)
 
     @property
     def reduces(self) -> bool:
@@ -88,22 +93,33 @@ class Aggregation:
             target_e=s @ a.target_e,
         )
 
-    def split(self, power_kw: FloatArray, a: DispatchArrays) -> FloatArray:
-        """Each member's power (units, T) from its group's (groups, T); ``a``: per unit."""
-        discharge = self._share(np.maximum(power_kw, 0.0), a.ub_d, a.e0 - a.lo)
-        charge = self._share(np.maximum(-power_kw, 0.0), a.ub_c, a.hi - a.e0)
-        result: FloatArray = discharge - charge
-        return result
+    def split(
+        self, power_kw: FloatArray, a: DispatchArrays, e_lo: FloatArray, e_hi: FloatArray
+    ) -> FloatArray:
+        """Each member's power (units, T) from its group's (groups, T).
+
+        ``a`` and the energy window ``e_lo`` / ``e_hi`` (units, T, kWh) are the members'. Step
+        by step, each member's headroom is taken from the energy its earlier shares leave.
+        """
+        eta_c, eta_d = self.eta_c, self.eta_d
+        out = np.empty_like(a.ub_c)
+        cur = a.e0.copy()
+        for t in range(out.shape[1]):
+            discharge = self._share(np.maximum(power_kw[:, t], 0.0), a.ub_d[:, t], cur - e_lo[:, t])
+            charge = self._share(np.maximum(-power_kw[:, t], 0.0), a.ub_c[:, t], e_hi[:, t] - cur)
+            p = discharge - charge
+            out[:, t] = p
+            cur = cur + a.h * np.where(p < 0.0, -p * eta_c, -p / eta_d)
+        return out
 
     def _share(self, group_kw: FloatArray, limit: FloatArray, headroom: FloatArray) -> FloatArray:
-        """``group_kw`` (groups, T, >= 0) shared by limit x headroom, each held to its limit."""
+        """``group_kw`` (groups, >= 0) shared by limit x headroom, each held to its limit."""
         s = self.member_of
-        weight = limit * np.maximum(headroom, 0.0)[:, None]
+        weight = limit * np.maximum(headroom, 0.0)
         # Members without headroom still take their part by limit when all of them lack it.
         total = s.T @ (s @ weight)
-        by_limit = s.T @ (s @ limit)
         weight = np.where(total > 0.0, weight, limit)
-        total = np.where(total > 0.0, total, by_limit)
+        total = np.where(total > 0.0, total, s.T @ (s @ limit))
         wanted = s.T @ group_kw
         share = np.divide(weight * wanted, total, out=np.zeros_like(weight), where=total > 0.0)
         first = np.minimum(share, limit)

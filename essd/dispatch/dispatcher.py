@@ -435,8 +435,8 @@ class Dispatcher:
         if self._agg is not None:
             # Each group's power shared by its members, then applied step by step within
             # each member's own limits and window: the plan and its SoC are the units'.
-            power = self._agg.split(d - c, full)
             lo, hi = energy_window(self.batteries, full, full.ub_c, full.ub_d)
+            power = self._agg.split(d - c, full, lo, hi)
             power, e = simulate_plan(self.batteries, full, power, lo, hi)
         elif overlap:
             power, e = simulate_plan(self.batteries, a, d - c, e_lo, e_hi)

@@ -11,12 +11,14 @@ among its members:
   window's edges together, as the group does, instead of one emptying first;
 - a member's share is held to its own limit and the rest goes to the members with limit left.
 
-Exact when the members' live data are equal too (the same SoC, limits and window: the LP
-then has a symmetric optimum, which equal shares reproduce). Otherwise it is an
-approximation: a member can reach its window's edge before the group does, and the plan is
-then clipped there by the same step-by-step simulation every plan goes through, so the
-published SoC stays honest. ``benchmarks/bench_optimizer.py`` measures the objective lost
-against the full LP (``optimizer.aggregate_loss_ratio``).
+Exact when the members' live data are equal (the LP then has a symmetric optimum, which
+equal shares reproduce), and also when their SoCs differ but no member's power limit binds
+before the group's: shares by headroom shrink every member's headroom by the same factor.
+Where a member's limit does bind it can reach its window's edge before the group does; the
+plan is then clipped there by the same step-by-step simulation every plan goes through, so the
+published SoC stays honest, and a little plan value is lost (tests: under 1 %).
+``benchmarks/bench_optimizer.py`` measures it against the full LP
+(``optimizer.aggregate_loss_ratio``).
 
 Sign conventions: battery power > 0 discharges into the site, < 0 charges. kW / kWh inside.
 """

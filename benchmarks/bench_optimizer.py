@@ -241,7 +241,13 @@ def soak(solves: int = 10_000, *, budget_s: float = 1.0) -> list[Result]:
         plan = dispatcher.solve(inputs, budget_s=budget_s, last_plan=plan)
         failures += plan.rung is not FallbackRung.OPTIMAL
         now += CYCLE_S
-    return [Result(f"optimizer.soak_failures.{solves}", float(failures), "plans")]
+    # Failures other than running out of the budget (a loaded machine can stall a solve past
+    # 1 s): what the solver itself got wrong.
+    solver_failures = float(dispatcher.health.solver_failures_total)
+    return [
+        Result(f"optimizer.soak_failures.{solves}", float(failures), "plans"),
+        Result(f"optimizer.soak_solver_failures.{solves}", solver_failures, "solves"),
+    ]
 
 
 def _ms(seconds: list[float]) -> float:

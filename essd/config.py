@@ -198,6 +198,9 @@ class ControlConfig(_Section):
     # (essd.dispatch.aggregate): for large sites of identical units; approximate when their
     # SoCs differ.
     aggregate_identical_units: bool = False
+    # More units than this are planned as about this many groups of similar units (an
+    # approximation for large sites of different units; essd.dispatch.aggregate).
+    aggregate_clusters: Annotated[int, Field(ge=1)] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Self:

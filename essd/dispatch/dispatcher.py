@@ -150,7 +150,9 @@ class Dispatcher:
     ``aggregate=True``: units with the same specification are one battery in the LP and share
     its plan (:mod:`essd.dispatch.aggregate`): a site of 100 identical units solves like one
     of a single unit. Exact while the units' live data are equal; otherwise an approximation
-    whose loss the optimizer benchmark measures. Off by default.
+    whose loss the optimizer benchmark measures. Off by default. ``clusters=k``: more than
+    ``k`` units are planned as about ``k`` groups of *similar* units
+    (:meth:`Aggregation.clustered`), an approximation for large sites of different units.
 
     A solver that keeps failing is rebuilt: after ``rebuild_after_failures`` failed solves in a
     row (and after every further ``rebuild_after_failures``; see :class:`SolverHealth` for
@@ -179,6 +181,7 @@ class Dispatcher:
         hot_start: bool = True,
         rebuild_after_failures: int = DEFAULT_REBUILD_AFTER_FAILURES,
         aggregate: bool = False,
+        clusters: int | None = None,
     ) -> None:
         if not batteries:
             raise InvalidDispatchInputsError("batteries", "at least one battery is needed")
@@ -202,7 +205,11 @@ class Dispatcher:
             raise InvalidDispatchInputsError("solver", f"{solver!r} is not installed")
         self.batteries = tuple(batteries)
         # Identical units as one battery in the LP (essd.dispatch.aggregate), when any are.
+        if clusters is not None and clusters < 1:
+            raise InvalidDispatchInputsError("clusters", f"must be >= 1, got {clusters!r}")
         grouped = Aggregation.of(self.batteries) if aggregate else None
+        if clusters is not None and len(self.batteries) > clusters:
+            grouped = Aggregation.clustered(self.batteries, clusters)
         self._agg = grouped if grouped is not None and grouped.reduces else None
         self.steps = steps
         self.solver = solver

@@ -1,14 +1,14 @@
-"""Identical units planned as one: a large site's LP shrinks to one battery per kind of unit.
+"""Units planned as groups: a large site's LP shrinks to one battery per kind of unit.
 
 Units with the same specification (capacity, efficiencies, wear cost, discharge capability)
 form a group; the LP sees one battery per group whose energies, limits, SoC window, previous
 setpoint and terminal target are the members' sums. The group's planned power is then shared
 among its members:
 
-- step by step in proportion to each member's limit in that direction times its headroom
-  (energy above its window's lower edge when discharging, room below its upper edge when
-  charging, as the earlier steps' shares leave it): members of one kind then reach their
-  window's edges together, as the group does, instead of one emptying first;
+- step by step in proportion to each member's headroom (energy above its window's lower
+  edge when discharging, room below its upper edge when charging, as the earlier steps'
+  shares leave it; a member without a limit in that direction takes none): members then
+  reach their window's edges together, as the group does, instead of one emptying first;
 - a member's share is held to its own limit and the rest goes to the members with limit left.
 
 Exact when the members' live data are equal (the LP then has a symmetric optimum, which
@@ -19,6 +19,11 @@ plan is then clipped there by the same step-by-step simulation every plan goes t
 published SoC stays honest, and a little plan value is lost (tests: under 1 %).
 ``benchmarks/bench_optimizer.py`` measures it against the full LP
 (``optimizer.aggregate_loss_ratio``).
+
+:meth:`Aggregation.clustered` groups *similar* units the same way for large sites of
+different units (the group's battery has their capacity-weighted efficiencies and wear cost):
+an approximation whose loss grows with how different a group's units are
+(``optimizer.cluster10_loss_ratio``).
 
 Sign conventions: battery power > 0 discharges into the site, < 0 charges. kW / kWh inside.
 """

@@ -71,6 +71,7 @@ class Aggregation:
 
     specs: tuple[BatterySpec, ...]  # one per group, in order of the group's first member
     member_of: FloatArray  # (groups, units) 0/1: unit j belongs to group g
+    group_of: npt.NDArray[np.intp]  # (units,) the group of each unit
     eta_c: FloatArray  # (units,) charge efficiency
     eta_d: FloatArray  # (units,) discharge efficiency
 
@@ -130,7 +131,7 @@ class Aggregation:
             member_of[g, members] = 1.0
         eta_c = np.array([b.charge_efficiency for b in batteries])
         eta_d = np.array([b.discharge_efficiency for b in batteries])
-        return cls(tuple(specs), member_of, eta_c, eta_d)
+        return cls(tuple(specs), member_of, np.argmax(member_of, axis=0), eta_c, eta_d)
 
     @property
     def reduces(self) -> bool:
@@ -160,33 +161,57 @@ class Aggregation:
         ``a`` and the energy window ``e_lo`` / ``e_hi`` (units, T, kWh) are the members'. Step
         by step, each member's headroom is taken from the energy its earlier shares leave.
         """
-        eta_c, eta_d = self.eta_c, self.eta_d
-        out = np.empty_like(a.ub_c)
+        gain_c, loss_d = a.h * self.eta_c, a.h / self.eta_d
+        # Step-major copies: each step reads contiguous rows.
+        up, down = np.maximum(power_kw, 0.0).T.copy(), np.maximum(-power_kw, 0.0).T.copy()
+        ub_d, ub_c, lo, hi = (x.T.copy() for x in (a.ub_d, a.ub_c, e_lo, e_hi))
+        out = np.empty_like(ub_c)
         cur = a.e0.copy()
-        for t in range(out.shape[1]):
-            discharge = self._share(np.maximum(power_kw[:, t], 0.0), a.ub_d[:, t], cur - e_lo[:, t])
-            charge = self._share(np.maximum(-power_kw[:, t], 0.0), a.ub_c[:, t], e_hi[:, t] - cur)
-            p = discharge - charge
-            out[:, t] = p
-            cur = cur + a.h * np.where(p < 0.0, -p * eta_c, -p / eta_d)
-        return out
+        for t in range(out.shape[0]):
+            discharge = self._share(up[t], ub_d[t], cur - lo[t])
+            p = discharge - self._share(down[t], ub_c[t], hi[t] - cur)
+            out[t] = p
+            cur -= np.where(p < 0.0, p * gain_c, p * loss_d)
+        result: FloatArray = out.T.copy()
+        return result
 
     def _share(self, group_kw: FloatArray, limit: FloatArray, headroom: FloatArray) -> FloatArray:
-        """``group_kw`` (groups, >= 0) shared by headroom, each held to its limit."""
-        s = self.member_of
+        """``group_kw`` (groups, >= 0) shared by headroom, each held to its limit.
+
+        Called twice per step: the common cases (nothing to share, no limit reached) take as
+        few numpy calls as possible.
+        """
+        g = self.group_of
+        n = len(self.specs)
+        if not group_kw.any():
+            return np.zeros_like(limit)
+
+        def total(x: FloatArray) -> FloatArray:
+            """Each member's group total of ``x``."""
+            summed: FloatArray = np.bincount(g, weights=x, minlength=n).astype(np.float64)[g]
+            return summed
+
         # Only where a unit may move at all (a unit that is away has no limit).
-        weight = np.where(limit > 0.0, np.maximum(headroom, 0.0), 0.0)
-        # Members without headroom still take their part by limit when all of them lack it.
-        total = s.T @ (s @ weight)
-        weight = np.where(total > 0.0, weight, limit)
-        total = np.where(total > 0.0, total, s.T @ (s @ limit))
-        wanted = s.T @ group_kw
-        share = np.divide(weight * wanted, total, out=np.zeros_like(weight), where=total > 0.0)
+        weight = np.maximum(headroom, 0.0)
+        weight[limit <= 0.0] = 0.0
+        weight_sum = total(weight)
+        empty = weight_sum <= 0.0
+        if empty.any():
+            # Members without headroom still take their part by limit when all of them lack it.
+            weight = np.where(empty, limit, weight)
+            weight_sum = np.where(empty, total(limit), weight_sum)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = weight * group_kw[g] / weight_sum
+        share[weight_sum <= 0.0] = 0.0
         first = np.minimum(share, limit)
+        cut = share - first
+        if not cut.any():
+            return first
         # What the limits cut off goes to the members with limit left, in proportion to it.
-        rest = s.T @ (s @ (share - first))
         left = limit - first
-        room = s.T @ (s @ left)
-        extra = np.divide(left * rest, room, out=np.zeros_like(left), where=room > 0.0)
+        room = total(left)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            extra = left * total(cut) / room
+        extra[room <= 0.0] = 0.0
         result: FloatArray = first + np.minimum(extra, left)
         return result

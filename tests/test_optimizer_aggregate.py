@@ -6,8 +6,10 @@ import dataclasses
 import math
 
 import numpy as np
+import pydantic
 import pytest
 
+from essd.config import ControlConfig
 from essd.dispatch import BatterySpec, Dispatcher, validate_inputs
 from essd.dispatch.aggregate import Aggregation
 from essd.dispatch.inputs import energy_window
@@ -214,3 +216,11 @@ def test_clusters_never_mix_units_that_cannot_discharge() -> None:
     np.testing.assert_array_equal(agg.member_of.sum(axis=0), np.ones(10))
     with pytest.raises(ValueError, match="clusters"):
         Dispatcher(fleet, STEPS, clusters=0)
+
+
+def test_the_control_options_are_validated() -> None:
+    """Both options live in [control]; a cluster count below one is refused."""
+    assert ControlConfig(aggregate_identical_units=True).aggregate_identical_units
+    assert ControlConfig(aggregate_clusters=10).aggregate_clusters == 10
+    with pytest.raises(pydantic.ValidationError, match="aggregate_clusters"):
+        ControlConfig(aggregate_clusters=0)

@@ -85,6 +85,8 @@ class Controller:
                 solver=ctl.solver,
                 step_s=ctl.step_s,
                 change_cost_per_kw=ctl.churn_penalty_per_kw,
+                aggregate=ctl.aggregate_identical_units,
+                clusters=ctl.aggregate_clusters,
             )
         self.mode = Mode.AUTO
         self.reserve_override: float | None = None

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from essd import __version__
+from essd.backtest.cli import register_cli as register_backtest
 from essd.config import DEFAULT_CONFIG_PATH, Settings
 from essd.config_loading import ConfigError, load_settings
 from essd.demo import register_cli as register_demo
@@ -179,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_schema(sub)
     register_sim(sub)
     register_demo(sub)
+    register_backtest(sub)
     register_hil(sub)
     return parser
 

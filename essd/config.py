@@ -23,7 +23,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from contextvars import ContextVar
-from datetime import time
+from datetime import date, time
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -53,6 +53,7 @@ __all__ = [
     "LoggingConfig",
     "MetricsConfig",
     "MqttConfig",
+    "PvArrayConfig",
     "Settings",
     "SiteConfig",
     "StateConfig",
@@ -182,7 +183,7 @@ class DeviceConfig(_Section):
 class ControlConfig(_Section):
     """The control cycle and the dispatch optimization."""
 
-    cycle_period_s: Annotated[float, Field(ge=1.0, le=300.0)] = 10.0
+    cycle_period_s: Annotated[float, Field(ge=1.0, le=900.0)] = 10.0
     step_s: Annotated[float, Field(ge=60.0, le=3600.0)] = 900.0
     horizon_steps: Annotated[int, Field(ge=2, le=1000)] = 96
     solver: Literal["HIGHS", "CLARABEL"] = "HIGHS"  # HiGHS measured 2-5x faster here
@@ -235,6 +236,10 @@ class TariffConfig(_Section):
     currency: str = "CNY"
     import_price_per_kwh: Annotated[float, Field(allow_inf_nan=False)] | None = None
     import_tou: tuple[TouWindow, ...] = ()
+    import_tou_weekend: tuple[TouWindow, ...] = Field(
+        (), description="Time-of-use table for weekends and holidays (default: import_tou)"
+    )
+    holidays: tuple[date, ...] = Field((), description="Dates priced and forecast as Sundays")
     export_price_per_kwh: Annotated[float, Field(allow_inf_nan=False)] = 0.0
     demand_charge_per_kw: Annotated[float, Field(ge=0.0)] = 0.0
     carbon_price_per_kg: Annotated[float, Field(ge=0.0)] = 0.0
@@ -243,20 +248,44 @@ class TariffConfig(_Section):
     def _check(self) -> Self:
         if (self.import_price_per_kwh is None) == (not self.import_tou):
             raise ValueError("import_price_per_kwh: give either it or import_tou, not both")
-        starts = [w.start for w in self.import_tou]
-        if starts:
-            if starts != sorted(set(starts)):
-                raise ValueError("import_tou: start times must be increasing and unique")
-            if starts[0] != time(0, 0):
-                raise ValueError("import_tou: the first window must start at 00:00")
+        if self.import_tou_weekend and not self.import_tou:
+            raise ValueError("import_tou_weekend: only with import_tou")
+        for name in ("import_tou", "import_tou_weekend"):
+            starts = [w.start for w in getattr(self, name)]
+            if starts:
+                if starts != sorted(set(starts)):
+                    raise ValueError(f"{name}: start times must be increasing and unique")
+                if starts[0] != time(0, 0):
+                    raise ValueError(f"{name}: the first window must start at 00:00")
         return self
 
 
-class ForecastConfig(_Section):
-    """Where the forecasts over the horizon come from (MQTT forecasts override them)."""
+class PvArrayConfig(_Section):
+    """The site's PV array, for the clear-sky PV forecaster."""
 
-    load: Literal["daily-profile", "persistence", "file"] = "daily-profile"
-    pv: Literal["daily-profile", "persistence", "file", "none"] = "daily-profile"
+    latitude: Annotated[float, Field(ge=-90.0, le=90.0)]
+    longitude: Annotated[float, Field(ge=-180.0, le=180.0)]
+    tilt_deg: Annotated[float, Field(ge=0.0, le=90.0)] = 30.0
+    azimuth_deg: Annotated[float, Field(ge=0.0, le=360.0)] = Field(
+        180.0, description="Direction the modules face, degrees from north (180 = south)"
+    )
+    kwp: Annotated[float, Field(gt=0.0)]
+    losses: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.86, description="AC output per kWp at 1 kW/m2 on the module plane (ratio)"
+    )
+
+
+class ForecastConfig(_Section):
+    """Where the forecasts over the horizon come from (MQTT forecasts override them).
+
+    ``week-profile`` (load): weekday and weekend/holiday time-of-day profiles, robust to
+    outliers, plus the latest deviation decaying; ``clear-sky`` (pv): pvlib clear-sky power of
+    ``pv_array`` times a learned clearness (essd.forecasters).
+    """
+
+    load: Literal["daily-profile", "week-profile", "persistence", "file"] = "daily-profile"
+    pv: Literal["daily-profile", "clear-sky", "persistence", "file", "none"] = "daily-profile"
+    pv_array: PvArrayConfig | None = None
     series_file: Path | None = Field(
         None, description="CSV: time, load_w, pv_w, import_price, export_price, carbon_g_per_kwh"
     )
@@ -266,6 +295,8 @@ class ForecastConfig(_Section):
     def _check(self) -> Self:
         if "file" in (self.load, self.pv) and self.series_file is None:
             raise ValueError("series_file: required when load or pv is 'file'")
+        if self.pv == "clear-sky" and self.pv_array is None:
+            raise ValueError("pv_array: required when pv is 'clear-sky'")
         return self
 
 

@@ -1,6 +1,8 @@
 """Generate the example histories of ``essd backtest`` (profiles/backtest/*.csv).
 
-Two sites, 36 days each (2025-05-01 to 2025-06-05, Europe/Berlin, 15-minute steps):
+Two sites, 28 days each (2025-05-18 to 2025-06-15, Europe/Berlin, 15-minute steps; the last
+14 days are a billing month of their own from 1 June, so a demand charge scored over them is
+June's peak for every contender):
 
 - ``household``: a house with an 8 kWp PV roof (south, 35 deg) near Berlin; load from the
   BDEW H0 standard load profile (dynamised) for 4 200 kWh a year;
@@ -33,8 +35,8 @@ import pvlib
 
 OUT = Path(__file__).parents[1] / "profiles" / "backtest"
 TZ = "Europe/Berlin"
-START = pd.Timestamp("2025-05-01 00:00", tz=TZ)
-DAYS = 36
+START = pd.Timestamp("2025-05-18 00:00", tz=TZ)
+DAYS = 28
 STEP = "15min"
 
 

@@ -127,7 +127,7 @@ def test_demand_charge_flattens_peak_by_hand() -> None:
     30 - L <= 10 + 2 (L - 10) gives L = 40/3 kW, so the optimum costs 40/3.
     """
     bat = one_battery()
-    dispatcher = Dispatcher([bat], 4, step_s=HOUR, change_cost_per_kw=0.0)
+    dispatcher = Dispatcher([bat], 4, step_s=HOUR, change_cost_per_kw=0.0, hold_value_per_kwh=0.0)
     inputs = hourly_inputs(bat, load_w=[10e3, 10e3, 30e3, 10e3], demand_charge_per_kw=1.0)
     plan = dispatcher.solve(inputs, budget_s=5.0, last_plan=None)
     assert plan.rung is FallbackRung.OPTIMAL
@@ -140,7 +140,7 @@ def test_demand_charge_flattens_peak_by_hand() -> None:
 def test_demand_charge_counts_only_above_running_peak() -> None:
     """Running peak 25 kW, empty battery: charge off-peak, shave 5 kW at the peak, cost 0."""
     bat = one_battery()
-    dispatcher = Dispatcher([bat], 4, step_s=HOUR, change_cost_per_kw=0.0)
+    dispatcher = Dispatcher([bat], 4, step_s=HOUR, change_cost_per_kw=0.0, hold_value_per_kwh=0.0)
     inputs = hourly_inputs(
         bat,
         load_w=[10e3, 10e3, 30e3, 10e3],
@@ -160,7 +160,7 @@ def test_demand_charge_counts_only_above_running_peak() -> None:
 def test_export_limit_by_hand() -> None:
     """5 kW PV surplus for 2 h, 2 kW export limit: 4 kWh sold at 0.1, 6 kWh kept at 0.05."""
     bat = one_battery(capacity_wh=10_000.0)
-    dispatcher = Dispatcher([bat], 2, step_s=HOUR, change_cost_per_kw=0.0)
+    dispatcher = Dispatcher([bat], 2, step_s=HOUR, change_cost_per_kw=0.0, hold_value_per_kwh=0.0)
     inputs = hourly_inputs(
         bat,
         soc={"bat": 0.0},
@@ -182,7 +182,7 @@ def test_export_limit_by_hand() -> None:
 def test_zero_export_by_hand() -> None:
     """Export limit 0: all 10 kWh of surplus go into the battery, nothing leaves the site."""
     bat = one_battery(capacity_wh=10_000.0)
-    dispatcher = Dispatcher([bat], 2, step_s=HOUR, change_cost_per_kw=0.0)
+    dispatcher = Dispatcher([bat], 2, step_s=HOUR, change_cost_per_kw=0.0, hold_value_per_kwh=0.0)
     inputs = hourly_inputs(
         bat,
         soc={"bat": 0.0},
@@ -205,7 +205,7 @@ def test_negative_net_load_charges_from_surplus_by_hand() -> None:
     Net load -3 kW for two hours, then +3 kW for two.
     """
     bat = one_battery(capacity_wh=10_000.0)
-    dispatcher = Dispatcher([bat], 4, step_s=HOUR, change_cost_per_kw=0.0)
+    dispatcher = Dispatcher([bat], 4, step_s=HOUR, change_cost_per_kw=0.0, hold_value_per_kwh=0.0)
     inputs = hourly_inputs(
         bat,
         soc={"bat": 0.0},

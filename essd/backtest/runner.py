@@ -72,7 +72,8 @@ def forecast_config(settings: Settings, forecaster: str, history: History) -> Fo
     if forecaster == "persistence":
         update.update(load="persistence", pv="persistence")
     elif forecaster == "learned":
-        update.update(load="daily-profile", pv="daily-profile")
+        pv = "clear-sky" if base.pv_array is not None else "daily-profile"
+        update.update(load="week-profile", pv=pv)
     elif forecaster == "true":
         update.update(load="file", pv="file")
     elif base.load == "file" or base.pv == "file":

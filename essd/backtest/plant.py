@@ -13,22 +13,63 @@ Battery W > 0 discharges into the site, < 0 charges; grid W > 0 imports.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import ClassVar
+from typing import TypeVar, cast
 
-from drivers.api import WriteResult
-from drivers.base import ProfileDriver, Sense
-from drivers.profile import ActionName, Profile
+from drivers.api import CAPABILITY_OF, WriteResult
+from drivers.profile import Profile
 from essd.clock import Clock
+from essd.counters import DeviceCounters
 from essd.domain import BatteryReading, DeviceClass, LiveLimits, MeterReading, Reading
 
 __all__ = ["ReplayBattery", "ReplayMeter"]
 
+C = TypeVar("C")
 
-class ReplayBattery(ProfileDriver):
+
+class _Replayed:
+    """Identity, lifetime and capabilities shared by the replayed devices."""
+
+    def __init__(self, device_id: str, profile: Profile, clock: Clock) -> None:
+        self._device_id = device_id
+        self._profile = profile
+        self._clock = clock
+        self._writes = 0
+        self._reads = 0
+
+    @property
+    def device_id(self) -> str:
+        """The device id from the site config."""
+        return self._device_id
+
+    @property
+    def profile(self) -> Profile:
+        """The profile the device was built from."""
+        return self._profile
+
+    async def connect(self) -> None:
+        """Nothing to connect to."""
+
+    async def close(self) -> None:
+        """Nothing to close."""
+
+    def capability(self, kind: type[C]) -> C | None:
+        """This device as ``kind`` when its profile declares that capability, else None."""
+        needed = CAPABILITY_OF.get(kind)
+        if needed is not None and not self._profile.has(needed):
+            return None
+        return cast(C, self) if isinstance(self, kind) else None
+
+    def counters(self) -> DeviceCounters:
+        """Reads and writes so far (nothing can fail in memory)."""
+        return DeviceCounters(requests_total=self._reads, writes_total=self._writes)
+
+    def _written(self, action: str) -> WriteResult:
+        self._writes += 1
+        return WriteResult(action, 1)
+
+
+class ReplayBattery(_Replayed):
     """One storage unit as an energy model; commands are taken as they are written."""
-
-    _compose_root: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -43,15 +84,8 @@ class ReplayBattery(ProfileDriver):
         charge_efficiency: float,
         discharge_efficiency: float,
     ) -> None:
-        self._init_identity(
-            device_id=device_id,
-            profile=profile,
-            unit=None,
-            clock=clock,
-            limits_override=None,
-            capacity_wh=capacity_wh,
-            owns_endpoint=True,
-        )
+        super().__init__(device_id, profile, clock)
+        self._capacity_wh = capacity_wh
         self.energy_wh = soc * capacity_wh
         self.commanded_w = 0.0
         self.power_w = 0.0  # what the unit did over the last step
@@ -66,53 +100,45 @@ class ReplayBattery(ProfileDriver):
         """Stored energy as a ratio of capacity."""
         return self.energy_wh / self._capacity_wh
 
-    async def connect(self) -> None:
-        """Nothing to connect to."""
-
-    async def close(self) -> None:
-        """Nothing to close."""
-
-    async def _read_state(
-        self,
-    ) -> tuple[float, dict[str, Reading], dict[str, Reading], tuple[str, ...]]:
-        at = self._clock.monotonic()
-        fields = {
-            "soc": Reading.good(self.soc, "ratio", at),
-            "power_w": Reading.good(self.power_w, "W", at),
-        }
-        extras = {} if self.pv_w is None else {"pv_power_w": Reading.good(self.pv_w, "W", at)}
-        return at, fields, extras, ()
-
     async def read(self) -> BatteryReading | MeterReading:
         """The unit's state (SoC, last step's power, ratings as limits)."""
-        at, fields, extras, alarms = await self._read_state()
+        self._reads += 1
+        at = self._clock.monotonic()
+        extras = {} if self.pv_w is None else {"pv_power_w": Reading.good(self.pv_w, "W", at)}
         return BatteryReading(
             device_id=self._device_id,
             device_class=self._profile.device_class,
             read_at_mono=at,
             available=True,
-            soc=fields["soc"],
-            power_w=fields["power_w"],
+            soc=Reading.good(self.soc, "ratio", at),
+            power_w=Reading.good(self.power_w, "W", at),
             limits=LiveLimits(self.max_charge_w, self.max_discharge_w),
             capacity_wh=self._capacity_wh,
-            alarms=alarms,
             extras=extras,
         )
 
-    async def _run_action(
-        self, action: ActionName, params: Mapping[str, float] | None, when: Sense
-    ) -> WriteResult:
-        p = params or {}
-        if action is ActionName.SET_ACTIVE_POWER:
-            self.commanded_w = float(p["power_w"])
-        elif action is ActionName.SET_CHARGE_LIMIT:
-            self.commanded_w = -float(p["charge_w"])
-        elif action in (ActionName.SAFE_MODE, ActionName.DISABLE_OUTPUT):
-            self.commanded_w = 0.0
-        return WriteResult(action.value, 1)
+    async def set_active_power(self, power_w: float, *, duration_s: float) -> WriteResult:
+        """Hold ``power_w`` (> 0 discharges) until the next command."""
+        self.commanded_w = float(power_w)
+        return self._written("set_active_power")
 
-    def _heartbeat_after(self, previous: int) -> int:
-        return (previous + 1) % 65_536
+    async def set_charge_limit(self, charge_w: float) -> WriteResult:
+        """Charge at ``charge_w`` (a unit without a power setpoint charges at its limit)."""
+        self.commanded_w = -float(charge_w)
+        return self._written("set_charge_limit")
+
+    async def safe_mode(self) -> WriteResult:
+        """Idle."""
+        self.commanded_w = 0.0
+        return self._written("safe_mode")
+
+    async def configure_revert_timer(self, seconds: float) -> WriteResult:
+        """Accepted; the replay holds every command for its step."""
+        return self._written("configure_revert_timer")
+
+    async def heartbeat(self) -> WriteResult:
+        """Accepted."""
+        return self._written("heartbeat")
 
     def step(self, dt_s: float) -> float:
         """Run the held command for ``dt_s`` seconds; returns the AC power it achieved (W)."""
@@ -129,29 +155,12 @@ class ReplayBattery(ProfileDriver):
         return p
 
 
-class ReplayMeter(ProfileDriver):
+class ReplayMeter(_Replayed):
     """The grid meter: reports the average grid power of the step that just ended."""
 
-    _compose_root: ClassVar[bool] = True
-
     def __init__(self, device_id: str, profile: Profile, *, clock: Clock) -> None:
-        self._init_identity(
-            device_id=device_id,
-            profile=profile,
-            unit=None,
-            clock=clock,
-            limits_override=None,
-            capacity_wh=0.0,
-            owns_endpoint=True,
-        )
+        super().__init__(device_id, profile, clock)
         self.grid_w = 0.0
-        self._reads = 0
-
-    async def connect(self) -> None:
-        """Nothing to connect to."""
-
-    async def close(self) -> None:
-        """Nothing to close."""
 
     async def read(self) -> BatteryReading | MeterReading:
         """The last step's grid power (W, > 0 imports).
@@ -164,11 +173,6 @@ class ReplayMeter(ProfileDriver):
         self._reads += 1
         dither = 0.01 if self._reads % 2 else -0.01
         return MeterReading(self._device_id, at, Reading.good(self.grid_w + dither, "W", at))
-
-    async def _run_action(
-        self, action: ActionName, params: Mapping[str, float] | None, when: Sense
-    ) -> WriteResult:
-        return WriteResult(action.value, 0)
 
 
 def is_meter(profile: Profile) -> bool:

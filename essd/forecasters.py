@@ -179,7 +179,7 @@ class WeekProfile:
             return
         r = value - m
         # The band never collapses to nothing on a perfectly regular load.
-        band = 3.0 * max(mad, 0.05 * abs(m), 10.0)
+        band = 6.0 * max(mad, 0.05 * abs(m), 10.0)
         r = min(max(r, -band), band)
         self._mean[kind, b] = m + self._alpha * r
         self._mad[kind, b] = mad + self._alpha * (abs(r) - mad)

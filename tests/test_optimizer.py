@@ -16,6 +16,7 @@ from essd.dispatch import (
     DispatchInputs,
     InvalidDispatchInputsError,
     dispatcher,
+    terminal_value,
     validate_inputs,
 )
 from essd.domain import FallbackRung, LiveLimits
@@ -471,3 +472,15 @@ def test_remaining_overlap_is_applied_as_honest_net_power(monkeypatch: pytest.Mo
         assert max(plan.soc[spec.id]) <= inputs.max_soc[spec.id] + 1e-9
         lim = inputs.limits[spec.id]
         assert all(-lim.max_charge_w <= p <= lim.max_discharge_w for p in plan.power_w[spec.id])
+
+
+def test_terminal_value_is_the_cheapest_way_to_store_energy_again() -> None:
+    """Stored energy is worth the export price forgone when the horizon has more PV surplus
+    than the batteries can take, else the cheapest import price."""
+    imp = np.array([0.3, 0.4, 0.3, 0.2])
+    exp = np.array([0.08, 0.08, 0.05, 0.08])
+    sunny = np.array([500.0, -6000.0, -6000.0, 500.0])  # 3 kWh over at 15-min steps
+    assert terminal_value(imp, exp, sunny, 900.0, room_kwh=2.5) == 0.08
+    assert terminal_value(imp, exp, sunny, 900.0, room_kwh=8.5) == 0.2
+    night = np.full(4, 500.0)
+    assert terminal_value(imp, exp, night, 900.0, room_kwh=0.0) == 0.2

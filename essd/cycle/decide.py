@@ -15,8 +15,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import get_args
 
-import numpy as np
-
 from essd.commands import Mode as WireMode
 from essd.config import Settings
 from essd.devices import ManagedDevice
@@ -27,6 +25,7 @@ from essd.dispatch import (
     InvalidDispatchInputsError,
     rule_based_plan,
     safe_idle_plan,
+    terminal_value,
 )
 from essd.domain import BatteryReading, LiveLimits, Plan, PlanCause, Snapshot
 from essd.forecast import Forecast
@@ -247,8 +246,20 @@ class Decider:
             availability[d.id] = [ok] * ctl.horizon_steps
             reserve[d.id] = env.reserve_soc
             max_soc[d.id] = env.max_soc
-        # Energy left at the end is worth what it would cost to buy back at the cheapest time.
-        terminal_value = max(0.0, float(np.min(forecast.import_price)))
+        # Energy left at the end is worth what it would cost to store again in the horizon.
+        room_kwh = sum(
+            (self._envelope(d).max_soc - self._envelope(d).reserve_soc)
+            * self._envelope(d).capacity_wh
+            / 1000.0
+            for d in self._batteries
+        )
+        tvalue = terminal_value(
+            forecast.import_price,
+            forecast.export_price,
+            forecast.load_w - forecast.pv_w,
+            ctl.step_s,
+            room_kwh,
+        )
         return DispatchInputs(
             time=now,
             step_s=ctl.step_s,
@@ -270,5 +281,5 @@ class Decider:
             previous_setpoint_w={
                 d.id: d.written.power_w if d.written is not None else 0.0 for d in self._batteries
             },
-            terminal_value_per_kwh=terminal_value,
+            terminal_value_per_kwh=tvalue,
         )

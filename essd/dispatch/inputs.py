@@ -25,6 +25,7 @@ __all__ = [
     "InvalidDispatchInputsError",
     "check_finite",
     "energy_window",
+    "terminal_value",
     "validate_inputs",
 ]
 
@@ -318,3 +319,27 @@ def _share(limit: FloatArray, recovering: BoolArray, headroom: FloatArray) -> Fl
     )
     shared: FloatArray = rate * np.minimum(scale, 1.0)
     return shared
+
+
+def terminal_value(
+    import_price: FloatArray,
+    export_price: FloatArray,
+    net_w: FloatArray,
+    step_s: float,
+    room_kwh: float,
+) -> float:
+    """What a kWh left stored at the end of the horizon is worth, per kWh: what it would cost
+    to store it again within the horizon.
+
+    Where the forecast leaves at least ``room_kwh`` (the batteries' usable window) of PV over
+    (net load ``net_w`` < 0), refilling costs the export price forgone, at most the highest
+    one among those steps; otherwise it costs the cheapest import price. Valued at the import
+    price on a sunny day, energy kept overnight is energy tomorrow's PV would have replaced
+    for free, and the plan leaves the evening's load to the grid.
+    """
+    buy = max(0.0, float(np.min(import_price)))
+    surplus = net_w < 0
+    surplus_kwh = float(np.sum(-net_w[surplus])) * step_s / 3.6e6
+    if surplus.any() and surplus_kwh >= room_kwh:
+        return min(buy, max(0.0, float(np.max(export_price[surplus]))))
+    return buy

@@ -178,8 +178,10 @@ def _markdown(result: RunResult) -> str:
         "|---|---|",
         f"| cost | {_fmt(k.cost)} {cur} |",
         f"| cost without battery | {_fmt(k.baseline_cost)} {cur} |",
-        f"| savings | {_fmt(k.savings)} {cur} |",
+        f"| savings (corrected for stored energy) | {_fmt(k.savings)} {cur} |",
+        f"| uncorrected savings (baseline - cost) | {_fmt(k.uncorrected_savings)} {cur} |",
         f"| perfect-foresight optimum | {_fmt(k.optimum_cost)} {cur} ({k.optimum_status}) |",
+        f"| optimum to the run's final SoC | {_fmt(k.optimum_cost_to_end_soc)} {cur} |",
         f"| share of achievable savings | {_fmt(k.savings_vs_optimum, 3)} |",
         f"| peak import | {_fmt(k.peak_import_w / 1000)} kW |",
         f"| imported / exported | {_fmt(k.imported_wh / 1000)} / "

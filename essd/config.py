@@ -102,6 +102,7 @@ class SiteConfig(_Section):
     grid_export_limit_w: NonNegW = Field(
         description="Export limit at the connection, W >= 0 (0 = zero export)"
     )
+    pv_curtailable: bool = Field(False, description="PV inverters curtail to hold the limit")
     limit_margin_w: NonNegW | None = Field(
         None,
         description="Kept inside both limits for meter error and load steps, W "
@@ -242,6 +243,9 @@ class TariffConfig(_Section):
     holidays: tuple[date, ...] = Field((), description="Dates priced and forecast as Sundays")
     export_price_per_kwh: Annotated[float, Field(allow_inf_nan=False)] = 0.0
     demand_charge_per_kw: Annotated[float, Field(ge=0.0)] = 0.0
+    demand_headroom_ratio: Ratio = Field(
+        0.05, description="Plans keep the import this far below the running billed peak"
+    )
     carbon_price_per_kg: Annotated[float, Field(ge=0.0)] = 0.0
 
     @model_validator(mode="after")

@@ -66,6 +66,9 @@ class Forecast:
     import_price: FloatArray
     export_price: FloatArray
     carbon_g_per_kwh: FloatArray
+    # How far the load may come in above ``load_w`` (W, >= 0; a typical deviation): the
+    # demand charge is planned against load + a multiple of it.
+    load_spread_w: FloatArray | None = None
 
     @property
     def steps(self) -> int:
@@ -349,7 +352,10 @@ class Forecaster:
                 if v is not None:
                     arr[k] = v
             arrays[name] = arr
-        return Forecast(start=start, step_s=step_s, **arrays)
+        spread = None
+        if self._cfg.load == "week-profile" and "load_w" not in self.overrides and load is None:
+            spread = self._week.spread(times)
+        return Forecast(start=start, step_s=step_s, **arrays, load_spread_w=spread)
 
     def _tariff_price(self, t: float) -> float:
         return tariff_import_price(self._tariff, datetime.fromtimestamp(t, tz=self._tz))

@@ -184,6 +184,11 @@ class WeekProfile:
         self._mean[kind, b] = m + self._alpha * r
         self._mad[kind, b] = mad + self._alpha * (abs(r) - mad)
 
+    def spread(self, times: FloatArray) -> FloatArray:
+        """The running mean absolute deviation of the load in each step's bin (W; 0 unknown)."""
+        out = np.array([self._mad[self._key(float(t))] for t in times])
+        return np.where(np.isnan(out), 0.0, out)
+
     def predict(self, times: FloatArray) -> FloatArray:
         """The profile at ``times`` plus the latest deviation carried forward (0 W unknown)."""
         base = np.array([self._base(*self._key(float(t))) for t in times])

@@ -475,12 +475,13 @@ def test_remaining_overlap_is_applied_as_honest_net_power(monkeypatch: pytest.Mo
 
 
 def test_terminal_value_is_the_cheapest_way_to_store_energy_again() -> None:
-    """Stored energy is worth the export price forgone when the horizon has more PV surplus
-    than the batteries can take, else the cheapest import price."""
+    """Stored energy is worth the middle between the export price forgone and the cheapest
+    import price when the horizon has more PV surplus than the batteries can take, else the
+    cheapest import price."""
     imp = np.array([0.3, 0.4, 0.3, 0.2])
     exp = np.array([0.08, 0.08, 0.05, 0.08])
     sunny = np.array([500.0, -6000.0, -6000.0, 500.0])  # 3 kWh over at 15-min steps
-    assert terminal_value(imp, exp, sunny, 900.0, room_kwh=2.5) == 0.08
+    assert terminal_value(imp, exp, sunny, 900.0, room_kwh=2.5) == pytest.approx(0.14)
     assert terminal_value(imp, exp, sunny, 900.0, room_kwh=8.5) == 0.2
     night = np.full(4, 500.0)
     assert terminal_value(imp, exp, night, 900.0, room_kwh=0.0) == 0.2

@@ -36,6 +36,11 @@ __all__ = ["Decider", "Manual", "Mode", "live_limits"]
 
 log = logging.getLogger(__name__)
 
+# The demand charge is planned against the forecast import plus this many typical deviations
+# of the load (the forecaster's spread): the expected highest import of a day is above the
+# highest expected import, and a plan that just meets the forecast misses the real peak.
+PEAK_MARGIN_SPREADS = 2.0
+
 # On a stepped clock the solve is awaited whatever it takes (see Decider._solve).
 _STEPPED_SOLVE_BUDGET_S = 3600.0
 
@@ -275,11 +280,17 @@ class Decider:
             carbon_intensity=(forecast.carbon_g_per_kwh / 1000.0).tolist(),
             carbon_price_per_kg=tariff.carbon_price_per_kg,
             demand_charge_per_kw=tariff.demand_charge_per_kw,
-            peak_import_w=self._peak_w(),
+            # Headroom for forecast error: a plan that just touches the running peak exceeds
+            # it whenever the load comes in above its forecast.
+            peak_import_w=self._peak_w() * (1.0 - tariff.demand_headroom_ratio),
             import_limit_w=site.grid_import_limit_w,
             export_limit_w=site.grid_export_limit_w,
             previous_setpoint_w={
                 d.id: d.written.power_w if d.written is not None else 0.0 for d in self._batteries
             },
             terminal_value_per_kwh=tvalue,
+            pv_curtailable=site.pv_curtailable,
+            peak_margin_w=None
+            if forecast.load_spread_w is None
+            else (PEAK_MARGIN_SPREADS * forecast.load_spread_w).tolist(),
         )

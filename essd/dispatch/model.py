@@ -18,7 +18,11 @@ hours:
   infeasible, and the rung is SOFT with the violation published as slack;
 - grid ``g[t] = load - pv + sum_b (c - d)`` with import ``gp >= max(g, 0)``; soft site import
   and export limits (slack priced at ``limit_violation_cost_per_kwh``);
-- a peak variable above the running billing-period peak for the demand charge.
+- a peak variable above the running billing-period peak for the demand charge, planned
+  against the import plus a per-step margin for forecast error (``pk_margin``);
+- PV curtailment ``curt[t]`` in [0, pv] where the site's inverters can curtail (else [0, 0]),
+  which raises the grid by as much: a zero-export site with more PV than load and storage
+  can take plans the curtailment the inverters will do, instead of violating its limit.
 
 Objective: import cost - export revenue (carbon price x intensity added to the import price),
 degradation cost per kWh throughput, demand charge per kW of new peak, a penalty per kW of
@@ -104,11 +108,15 @@ class DispatchModel:
             "prev": cp.Parameter(nb, name="prev"),
             "target": cp.Parameter(nb, name="target"),
             "tvalue": cp.Parameter(name="tvalue"),
+            "curt_ub": cp.Parameter(nt, name="curt_ub"),
+            "pk_margin": cp.Parameter(nt, name="pk_margin"),
         }
         c = self.c = cp.Variable((nb, nt), name="charge_kw", bounds=[0, p["ub_c"]])
         d = self.d = cp.Variable((nb, nt), name="discharge_kw", bounds=[0, p["ub_d"]])
         e = self.e = cp.Variable((nb, nt), name="energy_kwh", bounds=[p["e_lo"], p["e_hi"]])
         g = self.g = cp.Variable(nt, name="grid_kw")
+        # PV curtailed (kW): up to the forecast PV where the inverters can curtail, else 0.
+        curt = self.curt = cp.Variable(nt, name="curtailed_kw", bounds=[0, p["curt_ub"]])
         gp = cp.Variable(nt, name="import_kw", nonneg=True)
         s_imp = self.s_imp = cp.Variable(nt, name="import_slack_kw", nonneg=True)
         s_exp = self.s_exp = cp.Variable(nt, name="export_slack_kw", nonneg=True)
@@ -125,11 +133,11 @@ class DispatchModel:
         constraints = [
             e[:, 0] == p["e0"] + flow[:, 0],
             e[:, 1:] == e[:, :-1] + flow[:, 1:],
-            g == p["net"] + cp.sum(c - d, axis=0),
+            g == p["net"] + cp.sum(c - d, axis=0) + curt,
             gp >= g,
             g <= p["imp_lim"] + s_imp,
             g >= -p["exp_lim"] - s_exp,
-            pk >= g - p["peak"],
+            pk >= g + p["pk_margin"] - p["peak"],
             churn[:, 0] >= first - p["prev"],
             churn[:, 0] >= p["prev"] - first,
             e_end == e[:, nt - 1],
@@ -181,4 +189,6 @@ class DispatchModel:
         p["prev"].value = a.prev_kw
         p["target"].value = a.target_e
         p["tvalue"].value = a.terminal_value
+        p["curt_ub"].value = a.curt_ub
+        p["pk_margin"].value = a.peak_margin
         return e_lo, e_hi

@@ -170,9 +170,12 @@ class WeekProfile:
             return
         kind, b = self._key(t)
         base = self._base(kind, b)
-        if not math.isnan(base):
-            self._resid.add(t, value - base)
         m, mad = self._mean[kind, b], self._mad[kind, b]
+        if not math.isnan(base):
+            # A burst (a kettle, an oven) is over before the next step: carry forward only
+            # the part of the deviation within twice the usual one.
+            usual = 2.0 * (mad if not math.isnan(mad) else abs(base) * 0.3)
+            self._resid.add(t, min(max(value - base, -usual), usual))
         if math.isnan(m):
             self._mean[kind, b] = value
             self._mad[kind, b] = abs(value - base) if not math.isnan(base) else abs(value) * 0.3

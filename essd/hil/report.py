@@ -188,6 +188,7 @@ def _markdown(result: RunResult) -> str:
         f"{_fmt(k.exported_wh / 1000)} kWh |",
         f"| PV self-consumption | {_fmt(k.self_consumption_ratio, 3)} "
         f"(without battery {_fmt(k.baseline_self_consumption_ratio, 3)}) |",
+        f"| PV used / curtailed | {_fmt(k.pv_wh / 1000)} / {_fmt(k.pv_curtailed_wh / 1000)} kWh |",
         f"| CO2 | {_fmt(k.co2_kg)} kg (without battery {_fmt(k.baseline_co2_kg)}) |",
         f"| battery throughput | {_fmt(k.battery_throughput_wh / 1000)} kWh, "
         f"{_fmt(k.equivalent_full_cycles, 3)} equivalent full cycles |",

@@ -80,7 +80,9 @@ def _jsonable(arr: FloatArray) -> list[Any]:
 
 
 class _Residual:
-    """The latest deviation from a base forecast and its learned lag-one autocorrelation."""
+    """The latest deviation from a base forecast and its learned lag-one (one step)
+    autocorrelation; observations may come more often than once a step (short cycles): the
+    autocorrelation is learned from pairs about one step apart."""
 
     def __init__(self, step_s: float, alpha: float = 0.02) -> None:
         self.step_s = step_s
@@ -89,17 +91,22 @@ class _Residual:
         self.c1 = 0.0
         self.last: float | None = None
         self.last_t: float | None = None
+        self._ref: tuple[float, float] | None = None  # (t, deviation) about a step back
 
     def add(self, t: float, resid: float) -> None:
         a = self.alpha
-        if (
-            self.last is not None
-            and self.last_t is not None
-            and abs(t - self.last_t - self.step_s) < 0.5 * self.step_s
-        ):
-            self.c1 += a * (resid * self.last - self.c1)
-        self.c0 += a * (resid * resid - self.c0)
         self.last, self.last_t = resid, t
+        if self._ref is None:
+            self._ref = (t, resid)
+            self.c0 += a * (resid * resid - self.c0)
+            return
+        gap = t - self._ref[0]
+        if gap < 0.5 * self.step_s:
+            return  # within the step of the reference: wait for the next step
+        if gap <= 1.5 * self.step_s:
+            self.c1 += a * (resid * self._ref[1] - self.c1)
+        self.c0 += a * (resid * resid - self.c0)
+        self._ref = (t, resid)
 
     @property
     def phi(self) -> float:
@@ -126,6 +133,7 @@ class _Residual:
         if c0 < 0:
             raise ValueError("c0: must be >= 0")
         self.c0, self.c1, self.last, self.last_t = c0, c1, last, last_t
+        self._ref = None if last is None or last_t is None else (last_t, last)
 
 
 class WeekProfile:

@@ -131,3 +131,22 @@ def test_weekend_and_holiday_time_of_use() -> None:
     assert tariff_import_price(tariff, datetime(2025, 5, 31, 9, tzinfo=TZ)) == 0.25
     with pytest.raises(ValueError, match="import_tou_weekend"):
         TariffConfig(import_price_per_kwh=0.3, import_tou_weekend=tariff.import_tou_weekend)
+
+
+def test_week_profile_follows_the_present_on_short_cycles() -> None:
+    """Observed every 5 minutes (three times a step), the profile still learns how much of
+    a deviation lasts into the next step, and the current step's forecast follows it."""
+    rng = np.random.default_rng(3)
+    wp = WeekProfile(TZ)
+    dev = 0.0
+    for k in range(int(14 * DAY / STEP)):
+        t = MONDAY + k * STEP
+        dev = 0.8 * dev + rng.normal(0.0, 150.0)
+        for j in range(3):  # the step's average, seen three times within it
+            wp.observe(t + (j + 1) * 300.0 - 150.0, _truth(t) + dev)
+    now = MONDAY + 14 * DAY + 10 * 3600
+    wp.observe(now - 150.0, _truth(now) + 900.0)  # the present runs 900 W above the profile
+    ahead = wp.predict(np.array([now, now + STEP, now + 8 * STEP]))
+    assert ahead[0] - 2000.0 > 400.0  # most of the deviation is there now
+    assert ahead[0] > ahead[1] > ahead[2]  # and fades
+    assert ahead[2] == pytest.approx(2000.0, abs=300.0)  # the profile, within its noise

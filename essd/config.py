@@ -179,6 +179,7 @@ class DeviceConfig(_Section):
     reserve_soc: Ratio | None = None
     max_soc: Ratio | None = None
     degradation_cost_per_kwh: Annotated[float, Field(ge=0.0)] | None = None
+    terminal_soc: Ratio | None = Field(None, description="Soft SoC target at the horizon's end")
 
 
 class ControlConfig(_Section):

@@ -11,7 +11,7 @@ import pytest
 
 from essd.backtest.history import HistoryError, read_history
 from essd.backtest.results import score_span
-from essd.backtest.runner import Replay
+from essd.backtest.runner import Replay, replay
 from essd.backtest.score import Prices, UnitLimits
 from essd.cli import main
 from essd.config_loading import load_settings
@@ -169,3 +169,39 @@ def test_draining_the_battery_is_not_savings() -> None:
     # The old figure (baseline - cost) counted that as savings; the corrected one does not.
     assert abs(result.savings) < 0.02 * result.uncorrected_savings
     assert result.soc_end == pytest.approx(0.1, abs=1e-9)
+
+
+def test_the_controller_passes_terminal_soc_headroom_and_curtailment_to_the_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Site config reaches the dispatch problem: a unit's terminal SoC target, the load
+    forecaster's margin for the demand charge, and whether PV can be curtailed."""
+    from essd.backtest.history import read_history  # noqa: PLC0415
+    from essd.dispatch import Dispatcher, DispatchInputs  # noqa: PLC0415
+
+    seen: list[DispatchInputs] = []
+    solve = Dispatcher.solve
+
+    def spy(self: Dispatcher, inputs: DispatchInputs, **kw: object) -> object:
+        seen.append(inputs)
+        return solve(self, inputs, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Dispatcher, "solve", spy)
+    text = (ROOT / "commercial.toml").read_text()
+    text = text.replace(
+        'profile = "industrial-sunspec-pcs"',
+        'profile = "industrial-sunspec-pcs"\nterminal_soc = 0.6',
+    )
+    text = text.replace(
+        "grid_export_limit_w = 100000", "grid_export_limit_w = 0\npv_curtailable = true"
+    )
+    site = tmp_path / "site.toml"
+    site.write_text(text)
+    settings = load_settings(site)
+    history = read_history(_head(ROOT / "commercial.csv", tmp_path / "h.csv", 2 * 96))
+    replay(settings, history, forecaster="learned")
+    last = seen[-1]
+    assert last.terminal_soc == {"pcs1": 0.6}
+    assert last.pv_curtailable is True
+    assert last.peak_margin_w is not None
+    assert max(last.peak_margin_w) > 0.0  # the week profile's spread, learned over a day

@@ -285,6 +285,11 @@ class Decider:
             peak_import_w=self._peak_w() * (1.0 - tariff.demand_headroom_ratio),
             import_limit_w=site.grid_import_limit_w,
             export_limit_w=site.grid_export_limit_w,
+            terminal_soc={
+                d.id: d.config.terminal_soc
+                for d in self._batteries
+                if d.config.terminal_soc is not None
+            },
             previous_setpoint_w={
                 d.id: d.written.power_w if d.written is not None else 0.0 for d in self._batteries
             },

@@ -23,7 +23,6 @@ from __future__ import annotations
 import ipaddress
 import re
 from contextvars import ContextVar
-from datetime import date, time
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -43,6 +42,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from essd import DEFAULT_CONFIG_PATH as _DEFAULT_CONFIG_PATH
+from essd.config_forecast import ForecastConfig, PvArrayConfig, TariffConfig, TouWindow
+
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "MAX_CONFIG_BYTES",
@@ -58,11 +60,12 @@ __all__ = [
     "SiteConfig",
     "StateConfig",
     "TariffConfig",
+    "TouWindow",
     "config_data",
 ]
 
 
-DEFAULT_CONFIG_PATH = Path("/etc/essd/essd.toml")
+DEFAULT_CONFIG_PATH = _DEFAULT_CONFIG_PATH  # defined where the CLI reads it without pydantic
 
 
 ENV_PREFIX = "ESSD_"
@@ -97,7 +100,10 @@ class SiteConfig(_Section):
 
     id: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
     name: str = ""
-    timezone: str = "Asia/Shanghai"
+    timezone: str = Field(
+        description="IANA time zone of the site, e.g. Europe/Berlin (required: it names the "
+        "hour of every tariff window, the day of the daily totals and the billing period)"
+    )
     grid_import_limit_w: NonNegW = Field(description="Import limit at the connection, W >= 0")
     grid_export_limit_w: NonNegW = Field(
         description="Export limit at the connection, W >= 0 (0 = zero export)"
@@ -197,6 +203,13 @@ class ControlConfig(_Section):
     stale_after_s: Annotated[float, Field(gt=0.0)] | None = None
     degradation_cost_per_kwh: Annotated[float, Field(ge=0.0)] = 0.02
     churn_penalty_per_kw: Annotated[float, Field(ge=0.0)] = 0.001
+    # Units of the same specification planned as one battery and the plan shared among them
+    # (essd.dispatch.aggregate): for large sites of identical units; approximate when their
+    # SoCs differ.
+    aggregate_identical_units: bool = False
+    # More units than this are planned as about this many groups of similar units (an
+    # approximation for large sites of different units; essd.dispatch.aggregate).
+    aggregate_clusters: Annotated[int, Field(ge=1)] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -222,86 +235,6 @@ class CredibilityConfig(_Section):
     def _check(self) -> Self:
         if self.max_dwell_s < self.dwell_s:
             raise ValueError("max_dwell_s: must be at least dwell_s")
-        return self
-
-
-class TouWindow(_Section):
-    """A time-of-use window starting at ``start`` (local time) until the next one."""
-
-    start: time
-    price_per_kwh: Annotated[float, Field(allow_inf_nan=False)]
-
-
-class TariffConfig(_Section):
-    """Prices. A flat import price or a time-of-use table (exactly one)."""
-
-    currency: str = "CNY"
-    import_price_per_kwh: Annotated[float, Field(allow_inf_nan=False)] | None = None
-    import_tou: tuple[TouWindow, ...] = ()
-    import_tou_weekend: tuple[TouWindow, ...] = Field(
-        (), description="Time-of-use table for weekends and holidays (default: import_tou)"
-    )
-    holidays: tuple[date, ...] = Field((), description="Dates priced and forecast as Sundays")
-    export_price_per_kwh: Annotated[float, Field(allow_inf_nan=False)] = 0.0
-    demand_charge_per_kw: Annotated[float, Field(ge=0.0)] = 0.0
-    demand_headroom_ratio: Ratio = Field(
-        0.05, description="Plans keep the import this far below the running billed peak"
-    )
-    carbon_price_per_kg: Annotated[float, Field(ge=0.0)] = 0.0
-
-    @model_validator(mode="after")
-    def _check(self) -> Self:
-        if (self.import_price_per_kwh is None) == (not self.import_tou):
-            raise ValueError("import_price_per_kwh: give either it or import_tou, not both")
-        if self.import_tou_weekend and not self.import_tou:
-            raise ValueError("import_tou_weekend: only with import_tou")
-        for name in ("import_tou", "import_tou_weekend"):
-            starts = [w.start for w in getattr(self, name)]
-            if starts:
-                if starts != sorted(set(starts)):
-                    raise ValueError(f"{name}: start times must be increasing and unique")
-                if starts[0] != time(0, 0):
-                    raise ValueError(f"{name}: the first window must start at 00:00")
-        return self
-
-
-class PvArrayConfig(_Section):
-    """The site's PV array, for the clear-sky PV forecaster."""
-
-    latitude: Annotated[float, Field(ge=-90.0, le=90.0)]
-    longitude: Annotated[float, Field(ge=-180.0, le=180.0)]
-    tilt_deg: Annotated[float, Field(ge=0.0, le=90.0)] = 30.0
-    azimuth_deg: Annotated[float, Field(ge=0.0, le=360.0)] = Field(
-        180.0, description="Direction the modules face, degrees from north (180 = south)"
-    )
-    kwp: Annotated[float, Field(gt=0.0)]
-    losses: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
-        0.86, description="AC output per kWp at 1 kW/m2 on the module plane (ratio)"
-    )
-
-
-class ForecastConfig(_Section):
-    """Where the forecasts over the horizon come from (MQTT forecasts override them).
-
-    ``week-profile`` (load): weekday and weekend/holiday time-of-day profiles, robust to
-    outliers, plus the latest deviation decaying; ``clear-sky`` (pv): pvlib clear-sky power of
-    ``pv_array`` times a learned clearness (essd.forecasters).
-    """
-
-    load: Literal["daily-profile", "week-profile", "persistence", "file"] = "daily-profile"
-    pv: Literal["daily-profile", "clear-sky", "persistence", "file", "none"] = "daily-profile"
-    pv_array: PvArrayConfig | None = None
-    series_file: Path | None = Field(
-        None, description="CSV: time, load_w, pv_w, import_price, export_price, carbon_g_per_kwh"
-    )
-    carbon_intensity_g_per_kwh: Annotated[float, Field(ge=0.0)] = 581.0
-
-    @model_validator(mode="after")
-    def _check(self) -> Self:
-        if "file" in (self.load, self.pv) and self.series_file is None:
-            raise ValueError("series_file: required when load or pv is 'file'")
-        if self.pv == "clear-sky" and self.pv_array is None:
-            raise ValueError("pv_array: required when pv is 'clear-sky'")
         return self
 
 
@@ -337,11 +270,18 @@ class MqttConfig(_Section):
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     ha_discovery: bool = True
     ha_prefix: str = "homeassistant"
+    ha_setpoint_ttl_s: Annotated[float, Field(gt=0.0, le=86_400.0)] = Field(
+        3600.0,
+        description="How long a manual setpoint chosen in Home Assistant holds, s "
+        "(at most max_manual_duration_s)",
+    )
     reconnect_min_s: Annotated[float, Field(gt=0.0, le=60.0)] = 1.0
     reconnect_max_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 60.0
 
     @model_validator(mode="after")
     def _check(self) -> Self:
+        if self.ha_setpoint_ttl_s > self.max_manual_duration_s:
+            raise ValueError("ha_setpoint_ttl_s: must be at most max_manual_duration_s")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s: must be at least reconnect_min_s")
         for name in ("ca_file", "cert_file", "key_file"):
@@ -463,7 +403,7 @@ class Settings(BaseSettings):
     devices: tuple[DeviceConfig, ...] = ()
     control: ControlConfig = ControlConfig()
     credibility: CredibilityConfig = CredibilityConfig()
-    tariff: TariffConfig = TariffConfig(import_price_per_kwh=0.6)
+    tariff: TariffConfig
     forecast: ForecastConfig = ForecastConfig()
     mqtt: MqttConfig | None = None
     metrics: MetricsConfig = MetricsConfig()

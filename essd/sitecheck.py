@@ -55,7 +55,7 @@ def _describe(key: tuple[str, str, int, int]) -> str:
 def validate_site(settings: Settings, source: str = "configuration") -> SiteCheck:
     """Problems and warnings of ``settings`` across sections and files (see the module doc)."""
     # Imported here: drivers and the forecaster are heavier than the configuration.
-    from drivers.profile import Profile, ProfileError  # noqa: PLC0415
+    from drivers.profile import Capability, Profile, ProfileError  # noqa: PLC0415
     from drivers.profile_loader import resolve_profile  # noqa: PLC0415
     from essd.devices import refresh_warning, revert_warning  # noqa: PLC0415
     from essd.domain import DeviceClass  # noqa: PLC0415
@@ -81,14 +81,21 @@ def validate_site(settings: Settings, source: str = "configuration") -> SiteChec
             meters += [i] if dev.enabled else []
             continue
         batteries += int(dev.enabled)
+        if not profile.has(Capability.READ_STATE):
+            problems.append(
+                f"{source}: devices.{i}.profile: {profile.name} reads no SoC and battery power "
+                "(no read_state capability, e.g. a PCS whose BMS is a separate device): essd "
+                "cannot dispatch it"
+            )
+            continue
         problems += _storage_problems(
             settings, i, profile.ratings.capacity_wh, profile.name, source
         )
         if dev.enabled:
-            found = (
-                refresh_warning(dev, profile, settings.control.cycle_period_s),
-                revert_warning(dev, profile),
-            )
+            revert = revert_warning(dev, profile)
+            if revert is not None and profile.behaviour.unknown:
+                revert += f"; the public map leaves unknown: {profile.behaviour.unknown}"
+            found = (refresh_warning(dev, profile, settings.control.cycle_period_s), revert)
             warnings += [f"{source}: devices.{i}: {w}" for w in found if w is not None]
     problems += [
         f"{source}: devices.{j}.profile: a second grid meter (devices.{meters[0]}, "

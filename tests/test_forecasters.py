@@ -119,6 +119,7 @@ def test_clear_sky_pv_learns_the_clearness_and_decays_to_the_seasonal_mean() -> 
 
 def test_weekend_and_holiday_time_of_use() -> None:
     tariff = TariffConfig(
+        currency="EUR",
         import_tou=[
             {"start": "00:00", "price_per_kwh": 0.2},
             {"start": "08:00", "price_per_kwh": 0.4},
@@ -130,7 +131,9 @@ def test_weekend_and_holiday_time_of_use() -> None:
     assert tariff_import_price(tariff, datetime(2025, 5, 29, 9, tzinfo=TZ)) == 0.25
     assert tariff_import_price(tariff, datetime(2025, 5, 31, 9, tzinfo=TZ)) == 0.25
     with pytest.raises(ValueError, match="import_tou_weekend"):
-        TariffConfig(import_price_per_kwh=0.3, import_tou_weekend=tariff.import_tou_weekend)
+        TariffConfig(
+            currency="EUR", import_price_per_kwh=0.3, import_tou_weekend=tariff.import_tou_weekend
+        )
 
 
 def test_week_profile_follows_the_present_on_short_cycles() -> None:

@@ -17,16 +17,16 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from drivers.profile import ProfileError
-from essd.backtest.history import HistoryError, read_history
-from essd.backtest.report import write_report
-from essd.backtest.results import score_replay
-from essd.backtest.runner import FORECASTERS, Replay, replay
-from essd.config_loading import ConfigError, load_settings
+if TYPE_CHECKING:
+    from essd.backtest.runner import Replay
 
-__all__ = ["register_cli", "run"]
+__all__ = ["FORECASTERS", "register_cli", "run"]
+
+# --forecaster: the site's own configuration, or one of the built-in comparisons. The
+# command line is built without loading the controller (``essd --help`` stays light).
+FORECASTERS = ("site", "persistence", "learned", "true")
 
 
 def _when(text: str | None, name: str) -> float | None:
@@ -55,6 +55,11 @@ def run(
 
     Raises ConfigError, HistoryError, ProfileError or ValueError for unusable input.
     """
+    from essd.backtest.history import read_history  # noqa: PLC0415 - heavy, see FORECASTERS
+    from essd.backtest.results import score_replay  # noqa: PLC0415
+    from essd.backtest.runner import replay  # noqa: PLC0415
+    from essd.config_loading import load_settings  # noqa: PLC0415
+
     settings = load_settings(site)
     history = read_history(history_path)
     t0, t1 = _when(start, "from"), _when(end, "to")
@@ -74,6 +79,11 @@ def run(
 
 
 def _cmd(args: argparse.Namespace) -> int:
+    from drivers.profile import ProfileError  # noqa: PLC0415 - heavy, see FORECASTERS
+    from essd.backtest.history import HistoryError  # noqa: PLC0415
+    from essd.backtest.report import write_report  # noqa: PLC0415
+    from essd.config_loading import ConfigError  # noqa: PLC0415
+
     logging.basicConfig(level=logging.ERROR)
     try:
         out, result, (i0, i1) = run(

@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from drivers.profile_loader import resolve_profile
+from essd.backtest.cli import FORECASTERS
 from essd.backtest.history import History
 from essd.backtest.plant import ReplayBattery, ReplayMeter, is_meter
 from essd.backtest.score import Prices, UnitLimits
@@ -37,9 +38,6 @@ __all__ = ["FORECASTERS", "Replay", "replay"]
 log = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float64]
-
-# --forecaster: the site's own configuration, or one of the built-in comparisons.
-FORECASTERS = ("site", "persistence", "learned", "true")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Any
 import cvxpy
 import numpy as np
 
+from essd.dispatch.aggregate import Aggregation
 from essd.dispatch.highs import HighsHotStart
 from essd.dispatch.inputs import (
     BatterySpec,
@@ -23,8 +24,10 @@ from essd.dispatch.inputs import (
     DispatchInputs,
     InvalidDispatchInputsError,
     check_finite,
+    energy_window,
     validate_inputs,
 )
+from essd.dispatch.lpmaps import LpMaps, NotAffineError
 from essd.dispatch.model import HOLD_VALUE_PER_KWH, DispatchModel
 from essd.dispatch.planners import rule_based_plan, safe_idle_plan
 from essd.dispatch.simulate import make_plan, simulate_plan, stored_energy
@@ -144,6 +147,13 @@ class Dispatcher:
     a step-by-step simulation that clips it to limits and SoC window. Either way the published
     SoC is the one the published setpoints produce with the battery's efficiencies: honest.
 
+    ``aggregate=True``: units with the same specification are one battery in the LP and share
+    its plan (:mod:`essd.dispatch.aggregate`): a site of 100 identical units solves like one
+    of a single unit. Exact while the units' live data are equal; otherwise an approximation
+    whose loss the optimizer benchmark measures. Off by default. ``clusters=k``: more than
+    ``k`` units are planned as about ``k`` groups of *similar* units
+    (:meth:`Aggregation.clustered`), an approximation for large sites of different units.
+
     A solver that keeps failing is rebuilt: after ``rebuild_after_failures`` failed solves in a
     row (and after every further ``rebuild_after_failures``; see :class:`SolverHealth` for
     what counts), the persistent HiGHS instances are dropped, so the next solve starts cold
@@ -171,6 +181,8 @@ class Dispatcher:
         fallback_planner: FallbackPlanner = rule_based_plan,
         hot_start: bool = True,
         rebuild_after_failures: int = DEFAULT_REBUILD_AFTER_FAILURES,
+        aggregate: bool = False,
+        clusters: int | None = None,
     ) -> None:
         if not batteries:
             raise InvalidDispatchInputsError("batteries", "at least one battery is needed")
@@ -194,6 +206,13 @@ class Dispatcher:
         if solver not in cp.installed_solvers():
             raise InvalidDispatchInputsError("solver", f"{solver!r} is not installed")
         self.batteries = tuple(batteries)
+        # Identical units as one battery in the LP (essd.dispatch.aggregate), when any are.
+        if clusters is not None and clusters < 1:
+            raise InvalidDispatchInputsError("clusters", f"must be >= 1, got {clusters!r}")
+        grouped = Aggregation.of(self.batteries) if aggregate else None
+        if clusters is not None and len(self.batteries) > clusters:
+            grouped = Aggregation.clustered(self.batteries, clusters)
+        self._agg = grouped if grouped is not None and grouped.reduces else None
         self.steps = steps
         self.solver = solver
         # The persistent-HiGHS path (see HighsHotStart); other solvers go through cvxpy.
@@ -210,8 +229,13 @@ class Dispatcher:
         self.last_timing = SolveTiming(0.0, 0.0, 0)
         self._rebuild_after = rebuild_after_failures
         self._health = SolverHealth()
+        # The affine maps of each model's HiGHS data (essd.dispatch.lpmaps), by step hours.
+        self._maps: dict[float, LpMaps | None] = {}
         # Build and compile the default model now, not in the first cycle's time budget.
-        self._model(step_s).compile(self.solver)
+        model = self._model(step_s)
+        model.compile(self.solver)
+        if self._hot_start:
+            self._lp_maps(model)
 
     @property
     def health(self) -> SolverHealth:
@@ -226,9 +250,20 @@ class Dispatcher:
     def _model(self, step_s: float) -> DispatchModel:
         model = self._models.get(step_s)
         if model is None:
-            model = DispatchModel(self.batteries, self.steps, step_s / 3600.0, **self._costs)
+            specs = self.batteries if self._agg is None else self._agg.specs
+            model = DispatchModel(specs, self.steps, step_s / 3600.0, **self._costs)
             self._models[step_s] = model
         return model
+
+    def _lp_maps(self, model: DispatchModel) -> LpMaps | None:
+        """The model's parameter-to-HiGHS maps (derived once), None if it has none."""
+        key = model.h
+        if key not in self._maps:
+            try:
+                self._maps[key] = LpMaps(model.problem)
+            except NotAffineError:
+                self._maps[key] = None
+        return self._maps[key]
 
     def problem(self, step_s: float = 900.0) -> cp.Problem:
         """The cvxpy problem solved for steps of ``step_s`` (for inspection and tests)."""
@@ -326,12 +361,16 @@ class Dispatcher:
             ),
         )
 
-    def _run(self, model: DispatchModel, remaining_s: float) -> tuple[str, float, bool]:
-        """One solver run: cvxpy status, seconds in the solver, stopped by the time limit."""
+    def _run(self, model: DispatchModel, remaining_s: float, shift: int) -> tuple[str, float, bool]:
+        """One solver run: cvxpy status, seconds in the solver, stopped by the time limit.
+
+        ``shift``: steps the horizon moved on since this model's last solve.
+        """
         if self._hot_start:
             if model.hot is None:
-                model.hot = HighsHotStart(model.problem, self._solver_options)
-            status = model.hot.solve(remaining_s)
+                maps = self._lp_maps(model)
+                model.hot = HighsHotStart(model.problem, self._solver_options, maps=maps)
+            status = model.hot.solve(remaining_s, shift=shift)
             return status, model.hot.last_solver_s, model.hot.last_model_status == "kTimeLimit"
         opts = dict(self._solver_options)
         if self.solver in ("HIGHS", "CLARABEL"):
@@ -343,9 +382,16 @@ class Dispatcher:
         return status, float(stats.solve_time or 0.0), status == cp.USER_LIMIT
 
     def _optimize(
-        self, inputs: DispatchInputs, a: DispatchArrays, budget_s: float, started: float
+        self, inputs: DispatchInputs, full: DispatchArrays, budget_s: float, started: float
     ) -> Plan:
         model = self._model(inputs.step_s)
+        # The LP's batteries: the units, or one per group of identical units (aggregate.py).
+        a = full if self._agg is None else self._agg.arrays(full)
+        # How many steps the horizon moved on since this model's last solve (the horizon
+        # starts at ``inputs.time``): the hot start then runs primal simplex.
+        step_index = math.floor(inputs.time / inputs.step_s)
+        shift = step_index - model.step_index if model.step_index is not None else 0
+        model.step_index = step_index
         ub_c, ub_d = a.ub_c.copy(), a.ub_d.copy()
         solver_s = 0.0
         solves = 0
@@ -359,7 +405,7 @@ class Dispatcher:
                     PlanCause.SOLVER_TIMEOUT, f"solver timeout after {elapsed:.2f} s", overrun=True
                 )
             given = budget_s - elapsed
-            status, s_time, time_limited = self._run(model, given)
+            status, s_time, time_limited = self._run(model, given, shift if solves == 0 else 0)
             solver_s += s_time
             solves += 1
             if status != cp.OPTIMAL:
@@ -396,7 +442,13 @@ class Dispatcher:
             # make room. (Measured against the MILP on such instances: 11-23 % short; keeping
             # the dominant direction instead was 11-29 % short, forbidding discharge 29-52 %.)
             ub_c = np.where(both, 0.0, ub_c)
-        if overlap:
+        if self._agg is not None:
+            # Each group's power shared by its members, then applied step by step within
+            # each member's own limits and window: the plan and its SoC are the units'.
+            lo, hi = energy_window(self.batteries, full, full.ub_c, full.ub_d)
+            power = self._agg.split(d - c, full, lo, hi)
+            power, e = simulate_plan(self.batteries, full, power, lo, hi)
+        elif overlap:
             power, e = simulate_plan(self.batteries, a, d - c, e_lo, e_hi)
         else:
             # One direction per step: publish d - c, held to the live limits exactly (the
@@ -409,17 +461,17 @@ class Dispatcher:
             raise _SolveFailedError(
                 PlanCause.SOLVER_TIMEOUT, f"solver timeout after {elapsed:.2f} s", overrun=True
             )
-        slack = self._slack(model, a)
+        slack = self._slack(model, full)
         rung = FallbackRung.SOFT if slack else FallbackRung.OPTIMAL
         reason = _solved_reason(slack, fixed, overlap)
         return make_plan(
             self.batteries,
             inputs,
-            a,
+            full,
             power,
             e,
-            objective=float(model.problem.value),
-            status=str(model.problem.status),
+            objective=model.hot.objective_value if model.hot else float(model.problem.value),
+            status=cp.OPTIMAL if model.hot else str(model.problem.status),
             rung=rung,
             reason=reason,
             cause=PlanCause.SOFT_CONSTRAINTS if slack else PlanCause.OPTIMAL,

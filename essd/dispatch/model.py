@@ -51,6 +51,7 @@ import numpy.typing as npt
 
 from essd.dispatch.highs import HighsHotStart
 from essd.dispatch.inputs import BatterySpec, DispatchArrays, energy_window
+from essd.dispatch.lpmaps import set_parameter
 
 __all__ = ["HOLD_VALUE_PER_KWH", "DispatchModel"]
 
@@ -160,6 +161,8 @@ class DispatchModel:
         )
         self.problem = cp.Problem(cp.Minimize(objective), constraints)
         self.hot: HighsHotStart | None = None
+        # floor(time / step) of the last solve's horizon start (see Dispatcher._optimize).
+        self.step_index: int | None = None
 
     def compile(self, solver: str) -> None:
         """Let cvxpy compile the problem (DPP: once) with placeholder parameter values."""
@@ -173,22 +176,26 @@ class DispatchModel:
     ) -> tuple[FloatArray, FloatArray]:
         """Set every parameter from validated inputs; returns the energy window used."""
         e_lo, e_hi = energy_window(self.batteries, a, ub_c, ub_d)
-        p = self.params
-        p["ub_c"].value = ub_c
-        p["ub_d"].value = ub_d
-        p["e_lo"].value = e_lo
-        p["e_hi"].value = e_hi
-        p["e0"].value = a.e0
-        p["net"].value = a.net
-        p["w_imp"].value = a.price_imp - a.price_exp
-        p["w_exp"].value = a.price_exp
-        p["imp_lim"].value = a.imp_lim
-        p["exp_lim"].value = a.exp_lim
-        p["peak"].value = a.peak_kw
-        p["demand"].value = a.demand_charge
-        p["prev"].value = a.prev_kw
-        p["target"].value = a.target_e
-        p["tvalue"].value = a.terminal_value
-        p["curt_ub"].value = a.curt_ub
-        p["pk_margin"].value = a.peak_margin
+        values = {
+            "ub_c": ub_c,
+            "ub_d": ub_d,
+            "e_lo": e_lo,
+            "e_hi": e_hi,
+            "e0": a.e0,
+            "net": a.net,
+            "w_imp": a.price_imp - a.price_exp,
+            "w_exp": a.price_exp,
+            "imp_lim": a.imp_lim,
+            "exp_lim": a.exp_lim,
+            "peak": a.peak_kw,
+            "demand": a.demand_charge,
+            "prev": a.prev_kw,
+            "target": a.target_e,
+            "tvalue": a.terminal_value,
+            "curt_ub": a.curt_ub,
+            "pk_margin": a.peak_margin,
+        }
+        for name, value in values.items():
+            # The inputs are validated (essd.dispatch.inputs); skip cvxpy's own value check.
+            set_parameter(self.params[name], value)
         return e_lo, e_hi

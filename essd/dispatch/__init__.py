@@ -24,6 +24,7 @@ from essd.dispatch.inputs import (
     BatterySpec,
     DispatchInputs,
     InvalidDispatchInputsError,
+    terminal_value,
     validate_inputs,
 )
 from essd.dispatch.planners import rule_based_plan, safe_idle_plan
@@ -38,5 +39,6 @@ __all__ = [
     "SolverHealth",
     "rule_based_plan",
     "safe_idle_plan",
+    "terminal_value",
     "validate_inputs",
 ]

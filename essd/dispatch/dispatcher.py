@@ -28,7 +28,7 @@ from essd.dispatch.inputs import (
     validate_inputs,
 )
 from essd.dispatch.lpmaps import LpMaps, NotAffineError
-from essd.dispatch.model import DispatchModel
+from essd.dispatch.model import HOLD_VALUE_PER_KWH, DispatchModel
 from essd.dispatch.planners import rule_based_plan, safe_idle_plan
 from essd.dispatch.simulate import make_plan, simulate_plan, stored_energy
 from essd.domain import FallbackRung, Plan, PlanCause
@@ -176,6 +176,7 @@ class Dispatcher:
         change_cost_per_kw: float = 0.001,
         limit_violation_cost_per_kwh: float = 1000.0,
         terminal_shortfall_cost_per_kwh: float = 1.0,
+        hold_value_per_kwh: float = HOLD_VALUE_PER_KWH,
         solver_options: Mapping[str, Any] | None = None,
         fallback_planner: FallbackPlanner = rule_based_plan,
         hot_start: bool = True,
@@ -199,6 +200,7 @@ class Dispatcher:
             ("change_cost_per_kw", change_cost_per_kw),
             ("limit_violation_cost_per_kwh", limit_violation_cost_per_kwh),
             ("terminal_shortfall_cost_per_kwh", terminal_shortfall_cost_per_kwh),
+            ("hold_value_per_kwh", hold_value_per_kwh),
         ):
             check_finite(name, v, lo=0.0)
         if solver not in cp.installed_solvers():
@@ -220,6 +222,7 @@ class Dispatcher:
             "change_cost_per_kw": change_cost_per_kw,
             "violation_cost_per_kwh": limit_violation_cost_per_kwh,
             "terminal_shortfall_cost_per_kwh": terminal_shortfall_cost_per_kwh,
+            "hold_value_per_kwh": hold_value_per_kwh,
         }
         self._fallback = fallback_planner
         self._models: dict[float, DispatchModel] = {}

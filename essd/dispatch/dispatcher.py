@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import cvxpy
 import numpy as np
+import numpy.typing as npt
 
+from essd.dispatch.flex import FlexModel
 from essd.dispatch.highs import HighsHotStart
 from essd.dispatch.inputs import (
     BatterySpec,
@@ -27,6 +29,7 @@ from essd.dispatch.inputs import (
 )
 from essd.dispatch.model import DispatchModel
 from essd.dispatch.planners import rule_based_plan, safe_idle_plan
+from essd.dispatch.sessions import FlexArrays, validate_sessions
 from essd.dispatch.simulate import make_plan, simulate_plan, stored_energy
 from essd.domain import FallbackRung, Plan, PlanCause
 from essd.ladder import descend
@@ -36,6 +39,9 @@ __all__ = ["DEFAULT_SOLVER", "Dispatcher", "SolveTiming", "SolverHealth"]
 
 # cvxpy re-exports its atoms through star imports that mypy cannot follow; treat it as untyped.
 cp: Any = cvxpy
+
+
+FloatArray = npt.NDArray[np.float64]
 
 
 # A power below this (kW) counts as zero when checking for simultaneous charge and discharge
@@ -170,6 +176,8 @@ class Dispatcher:
         fallback_planner: FallbackPlanner = rule_based_plan,
         hot_start: bool = True,
         rebuild_after_failures: int = DEFAULT_REBUILD_AFTER_FAILURES,
+        flex_columns: int = 0,
+        session_shortfall_cost_per_kwh: float = 5.0,
     ) -> None:
         if not batteries:
             raise InvalidDispatchInputsError("batteries", "at least one battery is needed")
@@ -187,6 +195,7 @@ class Dispatcher:
             ("change_cost_per_kw", change_cost_per_kw),
             ("limit_violation_cost_per_kwh", limit_violation_cost_per_kwh),
             ("terminal_shortfall_cost_per_kwh", terminal_shortfall_cost_per_kwh),
+            ("session_shortfall_cost_per_kwh", session_shortfall_cost_per_kwh),
         ):
             check_finite(name, v, lo=0.0)
         if solver not in cp.installed_solvers():
@@ -203,6 +212,11 @@ class Dispatcher:
             "terminal_shortfall_cost_per_kwh": terminal_shortfall_cost_per_kwh,
         }
         self._fallback = fallback_planner
+        if flex_columns < 0:
+            raise InvalidDispatchInputsError("flex_columns", f"must be >= 0, got {flex_columns!r}")
+        # Columns for flexible loads (EV sessions, swap packs; essd.dispatch.flex).
+        self.flex_columns = flex_columns
+        self._shortfall_cost = session_shortfall_cost_per_kwh
         self._models: dict[float, DispatchModel] = {}
         self.last_timing = SolveTiming(0.0, 0.0, 0)
         self._rebuild_after = rebuild_after_failures
@@ -223,7 +237,16 @@ class Dispatcher:
     def _model(self, step_s: float) -> DispatchModel:
         model = self._models.get(step_s)
         if model is None:
-            model = DispatchModel(self.batteries, self.steps, step_s / 3600.0, **self._costs)
+            h = step_s / 3600.0
+            flex = None
+            if self.flex_columns:
+                flex = FlexModel(
+                    self.flex_columns,
+                    self.steps,
+                    h,
+                    shortfall_cost_per_kwh=self._shortfall_cost,
+                )
+            model = DispatchModel(self.batteries, self.steps, h, **self._costs, flex=flex)
             self._models[step_s] = model
         return model
 
@@ -234,6 +257,16 @@ class Dispatcher:
     def validate(self, inputs: DispatchInputs) -> None:
         """Raise InvalidDispatchInputsError (a ValueError naming the field) for unusable inputs."""
         validate_inputs(self.batteries, self.steps, inputs)
+        self._sessions(inputs)
+
+    def _sessions(self, inputs: DispatchInputs) -> FlexArrays:
+        return validate_sessions(
+            inputs.sessions,
+            self.flex_columns,
+            time=inputs.time,
+            step_s=inputs.step_s,
+            steps=self.steps,
+        )
 
     def solve(self, inputs: DispatchInputs, *, budget_s: float, last_plan: Plan | None) -> Plan:
         """Plan the horizon, walking down the fallback ladder when the solve fails or is late.
@@ -248,10 +281,11 @@ class Dispatcher:
         if not (math.isfinite(budget_s) and budget_s > 0):
             raise InvalidDispatchInputsError("budget_s", f"must be > 0, got {budget_s!r}")
         a = validate_inputs(self.batteries, self.steps, inputs)
+        flex = self._sessions(inputs)
         # Real compute time, not the injectable clock: the budget is about this thread's work.
         started = time.perf_counter()
         try:
-            plan = self._optimize(inputs, a, budget_s, started)
+            plan = self._optimize(inputs, a, flex, budget_s, started)
         except _SolveFailedError as exc:
             cause, reason = exc.cause, str(exc)
             if not exc.overrun:
@@ -340,9 +374,16 @@ class Dispatcher:
         return status, float(stats.solve_time or 0.0), status == cp.USER_LIMIT
 
     def _optimize(
-        self, inputs: DispatchInputs, a: DispatchArrays, budget_s: float, started: float
+        self,
+        inputs: DispatchInputs,
+        a: DispatchArrays,
+        flex: FlexArrays,
+        budget_s: float,
+        started: float,
     ) -> Plan:
         model = self._model(inputs.step_s)
+        if model.flex is not None:
+            model.flex.assign(flex)
         ub_c, ub_d = a.ub_c.copy(), a.ub_d.copy()
         solver_s = 0.0
         solves = 0
@@ -407,9 +448,10 @@ class Dispatcher:
                 PlanCause.SOLVER_TIMEOUT, f"solver timeout after {elapsed:.2f} s", overrun=True
             )
         slack = self._slack(model, a)
+        session_kw = self._flex_result(model, flex, slack)
         rung = FallbackRung.SOFT if slack else FallbackRung.OPTIMAL
         reason = _solved_reason(slack, fixed, overlap)
-        return make_plan(
+        plan = make_plan(
             self.batteries,
             inputs,
             a,
@@ -423,6 +465,31 @@ class Dispatcher:
             slack=slack,
             solve_s=elapsed,
         )
+        if not flex.ids:
+            return plan
+        # The sessions draw from the same meter: the predicted grid includes them.
+        total = session_kw.sum(axis=0) * 1000.0
+        grid = tuple(g - x for g, x in zip(plan.grid_w, total, strict=True))
+        sessions = {
+            sid: tuple(map(float, session_kw[k] * 1000.0)) for k, sid in enumerate(flex.ids)
+        }
+        return replace(plan, grid_w=grid, session_power_w=sessions)
+
+    def _flex_result(
+        self, model: DispatchModel, flex: FlexArrays, slack: dict[str, float]
+    ) -> FloatArray:
+        """Per-session power (S', T) kW, battery sign; a shortfall goes into ``slack`` (Wh)."""
+        if model.flex is None or not flex.ids:
+            return np.zeros((0, self.steps))
+        n = len(flex.ids)
+        short = model.flex.shortfall_kwh()[:n] * flex.efficiency[:n] * 1000.0
+        for k, sid in enumerate(flex.ids):
+            if short[k] > _TOL_KW * 1000.0:
+                slack[f"session_shortfall_wh[{sid}]"] = float(short[k])
+        power: FloatArray = model.flex.power_kw()[:n]
+        # Held to the session's limits exactly (solver tolerance aside), and no V2G overlap:
+        # the charger applies one signed number.
+        return np.clip(power, -flex.ub_ch[:n], flex.ub_dis[:n])
 
     def _slack(self, model: DispatchModel, a: DispatchArrays) -> dict[str, float]:
         """Soft-constraint violations: site limits in W, SoC window in SoC ratio."""

@@ -11,12 +11,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from essd.domain import LiveLimits
+
+if TYPE_CHECKING:
+    from essd.dispatch.sessions import FlexSession
 
 __all__ = [
     "BatterySpec",
@@ -101,6 +104,8 @@ class DispatchInputs:
     - ``previous_setpoint_w``: the first-step setpoint applied last cycle (missing id = 0 W).
     - ``terminal_soc``: a soft minimum SoC at the end of the horizon (missing id = none);
       ``terminal_value_per_kwh``: value of energy left stored at the end.
+    - ``sessions``: flexible loads with a deadline (EV sessions, swap packs), see
+      :mod:`essd.dispatch.sessions`; at most the Dispatcher's ``flex_columns``.
     """
 
     time: float
@@ -123,6 +128,7 @@ class DispatchInputs:
     previous_setpoint_w: Mapping[str, float] = field(default_factory=dict)
     terminal_soc: Mapping[str, float] = field(default_factory=dict)
     terminal_value_per_kwh: float = 0.0
+    sessions: Sequence[FlexSession] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,7 @@ import cvxpy
 import numpy as np
 import numpy.typing as npt
 
+from essd.dispatch.flex import FlexModel
 from essd.dispatch.highs import HighsHotStart
 from essd.dispatch.inputs import BatterySpec, DispatchArrays, energy_window
 
@@ -69,6 +70,7 @@ class DispatchModel:
         change_cost_per_kw: float,
         violation_cost_per_kwh: float,
         terminal_shortfall_cost_per_kwh: float,
+        flex: FlexModel | None = None,
     ) -> None:
         nb, nt = len(batteries), steps
         self.batteries = tuple(batteries)
@@ -115,7 +117,8 @@ class DispatchModel:
         constraints = [
             e[:, 0] == p["e0"] + flow[:, 0],
             e[:, 1:] == e[:, :-1] + flow[:, 1:],
-            g == p["net"] + cp.sum(c - d, axis=0),
+            # Flexible loads (EV sessions, swap packs) draw from the same site balance.
+            g == p["net"] + cp.sum(c - d, axis=0) + (flex.site_kw if flex else 0),
             gp >= g,
             g <= p["imp_lim"] + s_imp,
             g >= -p["exp_lim"] - s_exp,
@@ -134,6 +137,10 @@ class DispatchModel:
             + terminal_shortfall_cost_per_kwh * cp.sum(short)
             + violation_cost_per_kwh * h * cp.sum(s_imp + s_exp)
         )
+        self.flex = flex
+        if flex is not None:
+            constraints += flex.constraints
+            objective += flex.cost
         self.problem = cp.Problem(cp.Minimize(objective), constraints)
         self.hot: HighsHotStart | None = None
 

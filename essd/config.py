@@ -43,6 +43,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from essd.config_ev import ChargerConfig, OcppConfig
+
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "MAX_CONFIG_BYTES",
@@ -434,6 +436,8 @@ class Settings(BaseSettings):
     state: StateConfig = StateConfig()
     logging: LoggingConfig = LoggingConfig()
     profile_dirs: tuple[Path, ...] = ()
+    ocpp: OcppConfig | None = None
+    chargers: tuple[ChargerConfig, ...] = ()
 
     @model_validator(mode="after")
     def _unique_ids(self) -> Self:

@@ -1,0 +1,188 @@
+"""The control layer's side of EV charging: what a charger adapter (the OCPP central system)
+provides and takes, the users' session requests, learned departures, and the sessions the
+dispatch LP plans (:class:`essd.dispatch.sessions.FlexSession`).
+
+Units: power W (a vehicle's charge power > 0 here: it is what the charger draws), energy Wh,
+SoC ratio 0..1, times epoch s. The LP's plan uses the battery sign (< 0 charges); the
+conversion happens once, in :func:`charge_limits_w`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from essd.dispatch.sessions import FlexSession
+from essd.domain import Plan
+
+__all__ = [
+    "ChargerPort",
+    "DepartureLearner",
+    "PluggedVehicle",
+    "SessionBook",
+    "SessionRequest",
+    "charge_limits_w",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class PluggedVehicle:
+    """A vehicle (or pack) on a charger now, as the adapter sees it.
+
+    ``session_id``: the charger's transaction id; ``delivered_wh``: AC energy since it started;
+    ``soc``: NaN unless the charger reports it; power limits are the charger's (W).
+    """
+
+    charger_id: str
+    session_id: str
+    plugged_at: float
+    delivered_wh: float
+    max_power_w: float
+    min_power_w: float = 0.0
+    max_discharge_w: float = 0.0
+    soc: float = math.nan
+    default_energy_wh: float = 20_000.0
+    default_dwell_s: float = 8 * 3600.0
+
+
+class ChargerPort(Protocol):
+    """What the cycle needs from a charger adapter (the OCPP central system implements it)."""
+
+    def plugged(self) -> Sequence[PluggedVehicle]:
+        """Vehicles connected with a running session now."""
+
+    def apply(self, limits_w: Mapping[str, float], *, valid_s: float) -> None:
+        """Ask each charger (by id) to draw at most ``limits_w`` W, valid for ``valid_s`` s.
+
+        Non-blocking: the adapter sends in the background; a charger that does not renew
+        falls back to its own default limit when the validity ends.
+        """
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRequest:
+    """A user's request for the session on one charger (MQTT ``cmd/session`` or HA).
+
+    Either ``energy_wh`` (battery energy wanted in total for the session) or ``target_soc``
+    with ``capacity_wh``; ``departure_s`` when the vehicle leaves. Missing fields fall back
+    to the learned departure and the charger's default energy.
+    """
+
+    charger_id: str
+    departure_s: float | None = None
+    energy_wh: float | None = None
+    target_soc: float | None = None
+    capacity_wh: float | None = None
+    set_at: float = 0.0
+
+
+@dataclass(slots=True)
+class DepartureLearner:
+    """Learns how long vehicles stay on each charger, per hour of arrival (UTC), by EWMA.
+
+    ``predict`` returns None until the charger has seen a session at that hour or any hour.
+    """
+
+    weight: float = 0.3
+    dwell_s: dict[str, dict[int, float]] = field(default_factory=dict)
+
+    def observe(self, charger_id: str, arrival_s: float, departure_s: float) -> None:
+        """Record one finished session."""
+        stay = departure_s - arrival_s
+        if not (math.isfinite(stay) and 60.0 <= stay <= 7 * 86_400.0):
+            return  # a blip or a clock jump is not a stay
+        hours = self.dwell_s.setdefault(charger_id, {})
+        hour = int(arrival_s // 3600) % 24
+        old = hours.get(hour)
+        hours[hour] = stay if old is None else old + self.weight * (stay - old)
+
+    def predict(self, charger_id: str, arrival_s: float) -> float | None:
+        """Expected stay (s) of a vehicle arriving at ``arrival_s`` on ``charger_id``."""
+        hours = self.dwell_s.get(charger_id)
+        if not hours:
+            return None
+        hour = int(arrival_s // 3600) % 24
+        if hour in hours:
+            return hours[hour]
+        return sum(hours.values()) / len(hours)
+
+
+@dataclass(slots=True)
+class SessionBook:
+    """Turns plugged vehicles, requests and learned stays into the LP's sessions."""
+
+    learner: DepartureLearner = field(default_factory=DepartureLearner)
+    requests: dict[str, SessionRequest] = field(default_factory=dict)
+    _seen: dict[str, PluggedVehicle] = field(default_factory=dict)
+
+    def request(self, req: SessionRequest) -> None:
+        """Set (replace) the request for ``req.charger_id``."""
+        self.requests[req.charger_id] = req
+
+    def sessions(self, plugged: Sequence[PluggedVehicle], now: float) -> list[FlexSession]:
+        """The sessions to plan now; vehicles gone since the last call teach the learner."""
+        current = {v.charger_id: v for v in plugged}
+        for charger_id, old in list(self._seen.items()):
+            new = current.get(charger_id)
+            if new is None or new.session_id != old.session_id:
+                self.learner.observe(charger_id, old.plugged_at, now)
+                self.requests.pop(charger_id, None)
+                del self._seen[charger_id]
+        out = []
+        for v in plugged:
+            self._seen[v.charger_id] = v
+            req = self.requests.get(v.charger_id)
+            out.append(self._session(v, req, now))
+        return out
+
+    def _session(self, v: PluggedVehicle, req: SessionRequest | None, now: float) -> FlexSession:
+        departure = req.departure_s if req is not None else None
+        if departure is None:
+            stay = self.learner.predict(v.charger_id, v.plugged_at)
+            departure = v.plugged_at + (stay if stay is not None else v.default_dwell_s)
+        eta = 0.92
+        wanted = v.default_energy_wh
+        if req is not None and req.energy_wh is not None:
+            wanted = req.energy_wh
+        elif req is not None and req.target_soc is not None and req.capacity_wh is not None:
+            if math.isfinite(v.soc):
+                # The SoC is live: what is missing now, nothing about what was delivered.
+                wanted = max(req.target_soc - v.soc, 0.0) * req.capacity_wh
+                wanted += v.delivered_wh * eta
+            else:
+                wanted = req.target_soc * req.capacity_wh
+        needed = max(wanted - v.delivered_wh * eta, 0.0)
+        return FlexSession(
+            id=f"{v.charger_id}/{v.session_id}",
+            charger_id=v.charger_id,
+            arrival_s=min(v.plugged_at, now),
+            departure_s=max(departure, now + 1.0),
+            energy_needed_wh=needed,
+            max_power_w=v.max_power_w,
+            min_power_w=v.min_power_w,
+            max_discharge_w=v.max_discharge_w,
+            v2g_energy_wh=10_000.0 if v.max_discharge_w > 0 else 0.0,
+            charge_efficiency=eta,
+        )
+
+
+def charge_limits_w(plan: Plan, sessions: Sequence[FlexSession]) -> dict[str, float]:
+    """Per charger, the charge power (W >= 0) the plan's first step asks for.
+
+    A plan below the charger's minimum power rounds down to 0 (a pause: rounding up could
+    push the site over its import limit; the next solve plans the missing energy later); a
+    plan without session power (a lower rung) gives no limit, so the chargers keep or fall
+    back to their own.
+    """
+    out: dict[str, float] = {}
+    for s in sessions:
+        steps = plan.session_power_w.get(s.id)
+        if not steps:
+            continue
+        want = max(-steps[0], 0.0)
+        if want < s.min_power_w:
+            want = 0.0
+        out[s.charger_id] = out.get(s.charger_id, 0.0) + want
+    return out

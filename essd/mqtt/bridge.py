@@ -103,8 +103,11 @@ class MqttBridge:
         currency: str = "",
         rng: random.Random | None = None,
         limits: CommandLimits | None = None,
+        charger_ids: tuple[str, ...] = (),
     ) -> None:
         self._config = config
+        # EV chargers get Home Assistant entities for their session requests (cmd/session).
+        self._charger_ids = charger_ids
         self._site_id = site_id
         self._bus = bus
         self._target = target
@@ -372,7 +375,9 @@ class MqttBridge:
             known = frozenset(cycle.snapshot.batteries) if cycle is not None else frozenset()
             if "discovery" in dirty or known != self._discovered:
                 self._discovered = known
-                for topic, body in discovery_messages(self.topics, known, currency=self._currency):
+                for topic, body in discovery_messages(
+                    self.topics, known, currency=self._currency, charger_ids=self._charger_ids
+                ):
                     yield topic, body, True
 
     async def _send_loop(self, client: aiomqtt.Client) -> None:
@@ -477,6 +482,7 @@ async def open_bridge(
         clock,
         currency=settings.tariff.currency,
         limits=command_limits(settings.mqtt, settings.control),
+        charger_ids=tuple(c.id for c in settings.chargers),
     )
     async with bridge:
         yield bridge

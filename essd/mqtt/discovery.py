@@ -5,7 +5,8 @@ retained ``state`` and ``device/<id>/state`` payloads. Optional (``mqtt.ha_disco
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
 from typing import Any, get_args
 
 from essd import __version__
@@ -16,9 +17,15 @@ __all__ = ["discovery_messages"]
 
 
 def discovery_messages(
-    topics: Topics, device_ids: Iterable[str], *, currency: str = "", version: str = __version__
+    topics: Topics,
+    device_ids: Iterable[str],
+    *,
+    currency: str = "",
+    version: str = __version__,
+    charger_ids: Iterable[str] = (),
 ) -> list[tuple[str, bytes]]:
-    """Home Assistant MQTT discovery configs (topic, JSON) for the site and its devices."""
+    """Home Assistant MQTT discovery configs (topic, JSON) for the site, its devices and its
+    EV chargers (a session's energy and departure, sent as ``cmd/session``)."""
     device = {
         "identifiers": [topics.node_id],
         "name": f"essd {topics.site_id}",
@@ -185,4 +192,37 @@ def discovery_messages(
                 **soc,
             )
         )
+    out += [m for c in sorted(charger_ids) for m in _charger_entities(entity, topics, c)]
     return out
+
+
+def _charger_entities(
+    entity: Callable[..., tuple[str, bytes]], topics: Topics, charger: str
+) -> list[tuple[str, bytes]]:
+    """A charger's session request as HA entities: energy wanted (kWh) and departure."""
+    key = re.sub(r"[^a-z0-9_]", "_", charger.lower())
+    return [
+        entity(
+            "number",
+            f"{key}_session_energy",
+            f"{charger} energy wanted",
+            command_topic=topics.command("session"),
+            command_template=(
+                f'{{"charger": "{charger}", "energy_wh": '
+                "{{ (value | float * 1000) | round(0) }}}"
+            ),
+            min=0,
+            max=200,
+            step=1,
+            unit_of_measurement="kWh",
+            mode="box",
+        ),
+        entity(
+            "text",
+            f"{key}_session_departure",
+            f"{charger} departure",
+            command_topic=topics.command("session"),
+            command_template=f'{{"charger": "{charger}", "departure": "{{{{ value }}}}"}}',
+            pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2})?([+-]\d{2}:\d{2}|Z)$",
+        ),
+    ]

@@ -207,3 +207,28 @@ def test_more_sessions_than_columns_and_duplicates_rejected(dispatcher: Dispatch
     twice = [_ev("v", leave_h=5.0, need_wh=1.0)] * 2
     with pytest.raises(InvalidDispatchInputsError, match="duplicate"):
         dispatcher.validate(_inputs(twice))
+
+
+def test_chargers_only_site_uses_the_whole_connection() -> None:
+    # No battery at all; 10 vehicles needing 50 kWh each within 8 h under 60 kW: the import
+    # limit (not some internal bound) is what binds.
+    d = Dispatcher([], STEPS, step_s=STEP_S, flex_columns=10)
+    sessions = [_ev(f"v{i}", leave_h=8.0, need_wh=50_000.0) for i in range(10)]
+    inputs = replace(
+        _inputs(sessions, import_limit_w=60_000.0),
+        soc={},
+        limits={},
+        reserve_soc={},
+        max_soc={},
+    )
+    plan = d.solve(inputs, budget_s=10.0, last_plan=None)
+    assert plan.rung is FallbackRung.SOFT  # 543 kWh AC do not fit into 8 h x 59.5 kW
+    assert max(plan.grid_w) == pytest.approx(60_000.0, abs=1.0)
+    delivered = sum(_delivered_battery_wh(plan.session_power_w[s.id]) for s in sessions)
+    short = sum(
+        plan.slack[f"session_shortfall_wh[{s.id}]"]
+        for s in sessions
+        if f"session_shortfall_wh[{s.id}]" in plan.slack
+    )
+    assert delivered == pytest.approx(8 * 59.5 * 1000.0 * 0.92, rel=1e-4)
+    assert delivered + short == pytest.approx(500_000.0, rel=1e-4)

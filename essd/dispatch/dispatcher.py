@@ -179,8 +179,10 @@ class Dispatcher:
         flex_columns: int = 0,
         session_shortfall_cost_per_kwh: float = 5.0,
     ) -> None:
-        if not batteries:
-            raise InvalidDispatchInputsError("batteries", "at least one battery is needed")
+        if not batteries and not flex_columns:
+            raise InvalidDispatchInputsError(
+                "batteries", "at least one battery (or flexible-load column) is needed"
+            )
         ids = [b.id for b in batteries]
         if len(set(ids)) != len(ids):
             raise InvalidDispatchInputsError("batteries", f"battery ids must be unique, got {ids}")
@@ -282,6 +284,15 @@ class Dispatcher:
             raise InvalidDispatchInputsError("budget_s", f"must be > 0, got {budget_s!r}")
         a = validate_inputs(self.batteries, self.steps, inputs)
         flex = self._sessions(inputs)
+        if flex.ids:
+            # "No limit" is the most the grid can carry (see validate_inputs); the sessions
+            # can draw that much more (and V2G give it).
+            reach = 2.0 * float(flex.ub_ch.sum(0).max() + flex.ub_dis.sum(0).max())
+            a = replace(
+                a,
+                imp_lim=min(inputs.import_limit_w / 1000.0, a.imp_lim + reach),
+                exp_lim=min(inputs.export_limit_w / 1000.0, a.exp_lim + reach),
+            )
         # Real compute time, not the injectable clock: the budget is about this thread's work.
         started = time.perf_counter()
         try:

@@ -75,9 +75,11 @@ class DispatchModel:
         nb, nt = len(batteries), steps
         self.batteries = tuple(batteries)
         self.h = h
-        eta_c = np.array([[b.charge_efficiency] for b in batteries]) * np.ones((1, nt))
-        inv_eta_d = np.array([[1.0 / b.discharge_efficiency] for b in batteries]) * np.ones((1, nt))
-        deg = np.array([[b.degradation_cost_per_kwh] for b in batteries]) * np.ones((1, nt))
+        # (B, T) also for B = 0 (a site of flexible loads only).
+        ones = np.ones((1, nt))
+        eta_c = np.reshape([b.charge_efficiency for b in batteries], (nb, 1)) * ones
+        inv_eta_d = np.reshape([1 / b.discharge_efficiency for b in batteries], (nb, 1)) * ones
+        deg = np.reshape([b.degradation_cost_per_kwh for b in batteries], (nb, 1)) * ones
 
         # No sign attributes: cvxpy then skips a value check per assignment, and validation
         # has already established the signs.

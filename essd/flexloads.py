@@ -24,6 +24,8 @@ __all__ = [
     "SessionBook",
     "SessionRequest",
     "charge_limits_w",
+    "clamp_to_headroom",
+    "fallback_limits_w",
 ]
 
 
@@ -168,21 +170,65 @@ class SessionBook:
         )
 
 
-def charge_limits_w(plan: Plan, sessions: Sequence[FlexSession]) -> dict[str, float]:
+def charge_limits_w(
+    plan: Plan, sessions: Sequence[FlexSession], *, headroom_w: float = 0.0
+) -> dict[str, float]:
     """Per charger, the charge power (W >= 0) the plan's first step asks for.
 
-    A plan below the charger's minimum power rounds down to 0 (a pause: rounding up could
-    push the site over its import limit; the next solve plans the missing energy later); a
-    plan without session power (a lower rung) gives no limit, so the chargers keep or fall
-    back to their own.
+    A charger cannot run below its minimum power. A plan below it rounds up to the minimum
+    while ``headroom_w`` (the site import limit minus the plan's first-step grid, W) still
+    takes the difference, else down to 0 (a pause; the next solve plans the missing energy
+    later). Rounding up matters at the end of a session, when what is left is less than the
+    minimum for one step. A plan without session power (a lower rung) gives no limit: see
+    :func:`fallback_limits_w`.
     """
     out: dict[str, float] = {}
+    spare = max(headroom_w, 0.0)
     for s in sessions:
         steps = plan.session_power_w.get(s.id)
         if not steps:
             continue
         want = max(-steps[0], 0.0)
-        if want < s.min_power_w:
-            want = 0.0
+        if 0.0 < want < s.min_power_w:
+            if s.min_power_w - want <= spare and s.energy_needed_wh > 0:
+                spare -= s.min_power_w - want
+                want = s.min_power_w
+            else:
+                want = 0.0
         out[s.charger_id] = out.get(s.charger_id, 0.0) + want
+    return out
+
+
+def fallback_limits_w(sessions: Sequence[FlexSession], headroom_w: float) -> dict[str, float]:
+    """Per charger, an equal share of the site's import headroom (W), within its own limit.
+
+    For the cycles without an optimized plan (lower rungs): the vehicles keep charging, and the
+    site import limit still holds. A charger whose share is below its minimum gets 0.
+    """
+    if not sessions:
+        return {}
+    share = max(headroom_w, 0.0) / len(sessions)
+    out: dict[str, float] = {}
+    for s in sessions:
+        want = min(share, s.max_power_w) if s.energy_needed_wh > 0 else 0.0
+        out[s.charger_id] = want if want >= s.min_power_w else 0.0
+    return out
+
+
+def clamp_to_headroom(
+    limits_w: Mapping[str, float], sessions: Sequence[FlexSession], headroom_w: float
+) -> dict[str, float]:
+    """Scale the chargers' limits down so their sum fits ``headroom_w`` (W: the site import
+    limit minus what the meter says the rest of the site draws now), the closed-loop check a
+    plan made from forecasts needs. A limit scaled below its charger's minimum becomes 0.
+    """
+    total = sum(limits_w.values())
+    if total <= max(headroom_w, 0.0):
+        return dict(limits_w)
+    scale = max(headroom_w, 0.0) / total
+    minimum = {s.charger_id: s.min_power_w for s in sessions}
+    out = {}
+    for cid, w in limits_w.items():
+        v = w * scale
+        out[cid] = v if v >= minimum.get(cid, 0.0) else 0.0
     return out

@@ -55,12 +55,19 @@ def _epoch(text: object, default: float) -> float:
 
 @dataclass(slots=True)
 class SimVehicle:
-    """An EV (or a swap pack on a slot charger): battery energy and on-board charger limit."""
+    """An EV (or a swap pack on a slot charger): battery energy, on-board charger limit, and
+    the SoC at which the car itself stops charging (its own charge limit setting)."""
 
     capacity_wh: float
     energy_wh: float
     max_power_w: float = 11_000.0
     efficiency: float = 0.92
+    limit_soc: float = 1.0
+
+    @property
+    def full(self) -> bool:
+        """True when the car takes no more energy."""
+        return self.energy_wh >= self.limit_soc * self.capacity_wh - 1e-6
 
     @property
     def soc(self) -> float:
@@ -119,11 +126,10 @@ class SimStation:
                     evse.power_w = 0.0
                     continue
                 limit = self._limit_at(evse_id, t)
-                room = max(v.capacity_wh - v.energy_wh, 0.0) / v.efficiency / (dt / 3600.0)
+                top = v.limit_soc * v.capacity_wh
+                room = max(top - v.energy_wh, 0.0) / v.efficiency / (dt / 3600.0)
                 evse.power_w = max(min(limit, v.max_power_w, room), 0.0)
-                v.energy_wh = min(
-                    v.energy_wh + evse.power_w * dt / 3600.0 * v.efficiency, v.capacity_wh
-                )
+                v.energy_wh = min(v.energy_wh + evse.power_w * dt / 3600.0 * v.efficiency, top)
                 evse.meter_wh += evse.power_w * dt / 3600.0
             t += dt
         self.last_update = now

@@ -10,7 +10,8 @@ Per column s (one session, see :mod:`essd.dispatch.sessions`) and step t, ``h`` 
   vehicle costs more than it gives the site);
 - the requirement ``en[s,T-1] + short[s] >= need[s]``: a column has no power after its
   departure, so its energy at the end of the horizon is its energy at the departure. Soft,
-  each kWh short priced at ``shortfall_cost_per_kwh`` (well above any energy price, well
+  each kWh short priced at ``shortfall_cost_per_kwh`` x the session's priority (well above
+  any energy price, well
   below the site-limit violation cost, so a site limit wins over a deadline and the
   shortfall is published as slack);
 - the site sees ``sum_s (ch - dis)`` in its balance, so the sessions share the import limit and
@@ -70,6 +71,7 @@ class FlexModel:
             "lo": cp.Parameter((ns, nt), name="flex_lo"),
             "hi": cp.Parameter((ns, nt), name="flex_hi"),
             "need": cp.Parameter(ns, name="flex_need"),
+            "priority": cp.Parameter(ns, name="flex_priority"),
         }
         for param in p.values():
             param.value = np.zeros(param.shape)
@@ -88,7 +90,7 @@ class FlexModel:
         ]
         early = _EARLY_PER_KWH * h * np.arange(nt) / max(nt, 1)
         self.cost = (
-            shortfall_cost_per_kwh * cp.sum(short)
+            shortfall_cost_per_kwh * (p["priority"] @ short)
             + v2g_cost_per_kwh * h * cp.sum(dis)
             + cp.sum(ch @ early)
         )
@@ -103,6 +105,7 @@ class FlexModel:
         p["lo"].value = f.lo
         p["hi"].value = f.hi
         p["need"].value = f.need
+        p["priority"].value = f.priority
 
     def power_kw(self) -> FloatArray:
         """Solved per-column power (S, T), battery sign (< 0 charges the vehicle)."""

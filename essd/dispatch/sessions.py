@@ -47,6 +47,9 @@ class FlexSession:
       energy V2G may take below the level at arrival.
     - ``energy_room_wh``: battery energy that still fits (``math.inf`` when not known).
     - ``charge_efficiency``: AC to battery, in (0, 1].
+    - ``priority``: multiplies the cost of each kWh short (> 0). Where not every requirement
+      can be met, the LP meets those of higher priority first: a swap station ranks its packs
+      so that it completes some packs rather than half-charging all of them.
     """
 
     id: str
@@ -60,6 +63,7 @@ class FlexSession:
     v2g_energy_wh: float = 0.0
     energy_room_wh: float = math.inf
     charge_efficiency: float = 0.92
+    priority: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +84,7 @@ class FlexArrays:
     need: FloatArray  # (S,) AC kWh due
     need_wh: FloatArray  # (S,) battery energy needed by the departure (0 for unused columns)
     efficiency: FloatArray  # (S,) charge efficiency (1 for unused columns)
+    priority: FloatArray  # (S,) shortfall cost multiplier (1 for unused columns)
 
 
 def _check_session(k: int, s: FlexSession) -> None:
@@ -102,6 +107,8 @@ def _check_session(k: int, s: FlexSession) -> None:
         raise InvalidDispatchInputsError(f"{name}.departure_s", "must be after arrival_s")
     if not (math.isfinite(s.charge_efficiency) and 0 < s.charge_efficiency <= 1):
         raise InvalidDispatchInputsError(f"{name}.charge_efficiency", "must be in (0, 1]")
+    if not (math.isfinite(s.priority) and 0 < s.priority <= 1000):
+        raise InvalidDispatchInputsError(f"{name}.priority", "must be in (0, 1000]")
 
 
 def _presence(arrival: float, departure: float, t0: float, step_s: float, steps: int) -> FloatArray:
@@ -136,7 +143,7 @@ def validate_sessions(
     shape = (columns, steps)
     ub_ch, ub_dis = np.zeros(shape), np.zeros(shape)
     lo, hi, need = np.zeros(shape), np.zeros(shape), np.zeros(columns)
-    need_wh, eff = np.zeros(columns), np.ones(columns)
+    need_wh, eff, prio = np.zeros(columns), np.ones(columns), np.ones(columns)
     end = time + step_s * steps
     for k, s in enumerate(sessions):
         departure = max(s.departure_s, time + step_s)
@@ -156,5 +163,6 @@ def validate_sessions(
         hi[k] = min(room, float(ub_ch[k].sum()) * h + _UNKNOWN_ROOM_KWH)
         need[k] = min(due, hi[k, 0])
         need_wh[k] = s.energy_needed_wh
+        prio[k] = s.priority
     ids = tuple(s.id for s in sessions)
-    return FlexArrays(ids, ub_ch, ub_dis, lo, hi, need, need_wh, eff)
+    return FlexArrays(ids, ub_ch, ub_dis, lo, hi, need, need_wh, eff, prio)

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
 from essd.dispatch.sessions import FlexSession
 
@@ -45,13 +46,19 @@ class PackState:
 @dataclass(frozen=True, slots=True)
 class SwapStationSpec:
     """The station's fixed description: service level, the SoC of a charged pack, the SoC
-    a pack usually arrives with, and the margin added to the swap forecast (a ratio: 0.2
-    plans for 20 % more swaps than expected)."""
+    a pack usually arrives with, and how far above the expected swaps the plan goes: the
+    count by a time with ``Lambda`` swaps expected is planned as
+    ``Lambda * (1 + demand_margin) + demand_z * sqrt(Lambda)`` (a normal bound on the Poisson
+    count: z = 2.33 for 99 %), so a burst of arrivals still finds charged packs.
+    ``charge_margin_soc``: packs are charged this far past ``target_soc`` so a measurement
+    or rounding a hair below does not count a charged pack as not charged."""
 
     service_level: int
     target_soc: float = 0.95
     arrival_soc: float = 0.2
-    demand_margin: float = 0.2
+    demand_margin: float = 0.0
+    demand_z: float = 2.33
+    charge_margin_soc: float = 0.005
 
     def __post_init__(self) -> None:
         if self.service_level < 0:
@@ -60,18 +67,33 @@ class SwapStationSpec:
             v = getattr(self, name)
             if not (math.isfinite(v) and 0.0 <= v <= 1.0):
                 raise ValueError(f"{name}: must be a ratio in [0, 1], got {v!r}")
-        if not (math.isfinite(self.demand_margin) and self.demand_margin >= 0):
-            raise ValueError(f"demand_margin: must be >= 0, got {self.demand_margin!r}")
+        for name in ("demand_margin", "demand_z", "charge_margin_soc"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name}: must be >= 0, got {v!r}")
 
 
-def _swap_steps(demand: Sequence[float], margin: float, count: int) -> list[int | None]:
-    """Step in which the m-th swap (m = 1..count) is expected; None beyond the horizon."""
-    cumulative = np.cumsum(np.maximum(np.asarray(demand, dtype=np.float64), 0.0)) * (1 + margin)
+def _swap_steps(demand: Sequence[float], spec: SwapStationSpec, count: int) -> list[int | None]:
+    """Step in which the m-th swap (m = 1..count) is planned for; None beyond the horizon.
+
+    The count by the *start* of each step is bounded (see SwapStationSpec), so the m-th swap
+    is planned for the first step that could see it.
+    """
+    cumulative = _bound(demand, spec)
     out: list[int | None] = []
     for m in range(1, count + 1):
         idx = int(np.searchsorted(cumulative, m - 1e-9))
         out.append(idx if idx < len(cumulative) else None)
     return out
+
+
+def _bound(demand: Sequence[float], spec: SwapStationSpec) -> npt.NDArray[np.float64]:
+    """The planned swap count by the end of each step (see SwapStationSpec)."""
+    expected = np.cumsum(np.maximum(np.asarray(demand, dtype=np.float64), 0.0))
+    bound: npt.NDArray[np.float64] = expected * (1 + spec.demand_margin) + spec.demand_z * np.sqrt(
+        expected
+    )
+    return bound
 
 
 def swap_sessions(
@@ -93,18 +115,27 @@ def swap_sessions(
     end = now + step_s * steps
     order = sorted(packs, key=lambda p: -p.soc)
     n, k = len(order), spec.service_level
-    swap_at = _swap_steps(demand_per_step, spec.demand_margin, n + columns)
+    swap_at = _swap_steps(demand_per_step, spec, n + columns)
+    bound = _bound(demand_per_step, spec)
+    per_step = float(bound[-1]) / steps if steps and bound[-1] > 0 else 0.0
+    full = min(spec.target_soc + spec.charge_margin_soc, 1.0)
 
     def deadline(m: int) -> float:
-        """End of the step of swap ``m`` (m <= 0: now); past the horizon: its end + a step."""
+        """Start of the step of swap ``m`` (m <= 0: now); past the horizon, extrapolated at
+        the horizon's mean planned rate (a day on when no swap is expected at all)."""
         if m <= 0:
             return now + 1.0
         step = swap_at[m - 1] if m - 1 < len(swap_at) else None
-        return end + step_s if step is None else now + step_s * step
+        if step is None:
+            if per_step <= 0:
+                return end + 86_400.0
+            return end + (m - float(bound[-1])) / per_step * step_s
+        # A swap expected in the first step: the pack is due within it.
+        return max(now + step_s * step, now + 1.0)
 
     out: list[FlexSession] = []
     for j, p in enumerate(order):
-        need = max(spec.target_soc - p.soc, 0.0) * p.capacity_wh
+        need = max(full - p.soc, 0.0) * p.capacity_wh if p.soc < spec.target_soc else 0.0
         out.append(
             FlexSession(
                 id=f"pack:{p.slot}",
@@ -115,6 +146,8 @@ def swap_sessions(
                 max_power_w=p.max_charge_w,
                 charge_efficiency=p.charge_efficiency,
                 energy_room_wh=max(1.0 - p.soc, 0.0) * p.capacity_wh,
+                # Earlier in the queue, higher priority: complete packs in order.
+                priority=2.0 - j / (n + columns),
             )
         )
     # Docked packs: swap m takes the pack at place m-1 out and docks one into its slot.
@@ -126,7 +159,7 @@ def swap_sessions(
         arrive = now + step_s * step
         due = deadline(n + m - k)
         if due > arrive:
-            need = max(spec.target_soc - spec.arrival_soc, 0.0) * leaving.capacity_wh
+            need = max(full - spec.arrival_soc, 0.0) * leaving.capacity_wh
             out.append(
                 FlexSession(
                     id=f"dock:{m}",
@@ -137,6 +170,7 @@ def swap_sessions(
                     max_power_w=leaving.max_charge_w,
                     charge_efficiency=leaving.charge_efficiency,
                     energy_room_wh=(1.0 - spec.arrival_soc) * leaving.capacity_wh,
+                    priority=2.0 - (n + m - 1) / (n + columns),
                 )
             )
         m += 1

@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from essd.hil.ev_cli import add_parser as add_ev_parser
+
 __all__ = ["register"]
 
 EXIT_OK = 0
@@ -122,3 +124,4 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a.add_argument("--report", type=Path, default=None, help="one report folder per scenario")
     a.add_argument("--log-level", choices=levels, default="ERROR")
     a.set_defaults(func=cmd_hil_run_all)
+    add_ev_parser(hsub)

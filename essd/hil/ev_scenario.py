@@ -93,7 +93,8 @@ class SwapSpec(_Model):
     arrival_soc: tuple[Ratio, Ratio] = (0.1, 0.3)
     swaps_per_hour: Hourly
     demand: Literal["series", "learned"] = "series"
-    demand_margin: NonNeg = 0.3
+    demand_margin: NonNeg = 0.0
+    demand_z: Annotated[float, Field(ge=0.0, le=10.0)] = 2.33
     seed: int = 19
 
 

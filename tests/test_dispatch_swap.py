@@ -36,7 +36,8 @@ def test_deadlines_follow_the_queue_and_the_service_level() -> None:
     # Docked packs: swap m docks into the slot it freed, due at swap n + m - k.
     dock1 = by_id["dock:1"]
     assert dock1.charger_id == "s0"
-    assert dock1.arrival_s == T0 and dock1.departure_s == T0 + 3 * STEP
+    assert dock1.arrival_s == T0
+    assert dock1.departure_s == T0 + 3 * STEP
     assert len(sessions) == 8
     # Earlier in the queue, higher priority.
     priorities = [s.priority for s in sessions]

@@ -60,7 +60,9 @@ async def _profile_figures() -> list[Result]:
                     "requests",
                 )
             )
-            if isinstance(driver, ActivePowerControl) and profile.name.endswith("forcible"):
+            if driver.capability(ActivePowerControl) is not None and profile.name.endswith(
+                "forcible"
+            ):
                 times = []
                 for i in range(READS // 4):
                     t = time.perf_counter()

@@ -39,7 +39,9 @@ async def _loopback() -> list[Result]:
         await ep.connect()
         discovery: list[float] = []
         for _ in range(20):
-            driver = SunSpecDriver("pcs", profile, ep, 1, RealClock())
+            driver = SunSpecDriver(
+                device_id="pcs", profile=profile, endpoint=ep, unit=1, clock=RealClock()
+            )
             t0 = time.perf_counter()
             await driver.connect()
             discovery.append(time.perf_counter() - t0)
@@ -52,7 +54,7 @@ async def _loopback() -> list[Result]:
             await driver.read()
             reads.append(time.perf_counter() - t0)
         writes: list[float] = []
-        assert isinstance(driver, ActivePowerControl)
+        assert driver.capability(ActivePowerControl) is not None
         for i in range(_ROUNDS):
             t0 = time.perf_counter()
             await driver.set_active_power(-1000.0 * (i % 50), duration_s=30)

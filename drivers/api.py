@@ -1,7 +1,8 @@
 """Capability protocols of a device driver, and the errors drivers raise.
 
-Small one-purpose protocols, each with its unit: the daemon checks at run time which ones a
-driver implements (``isinstance(driver, ActivePowerControl)``) and never asks for a vendor.
+Small one-purpose protocols, each with its unit: the daemon asks a driver for the ones its
+profile declares (``driver.capability(ActivePowerControl)``, the driver or None, as evcc's
+``capability(T)``) and never asks for a vendor.
 
 Battery power in W: > 0 discharges into the site, < 0 charges. Grid power > 0 imports.
 """
@@ -9,17 +10,17 @@ Battery power in W: > 0 discharges into the site, < 0 charges. Grid power > 0 im
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
-from drivers.profile import Profile
+from drivers.profile import Capability, Profile
 from essd.counters import DeviceCounters
 from essd.domain import BatteryReading, MeterReading
 
 __all__ = [
+    "CAPABILITY_OF",
     "ActivePowerControl",
     "ChargeLimitControl",
     "CommunicationError",
-    "CounterSource",
     "DeviceDriver",
     "DeviceError",
     "DeviceExceptionResponse",
@@ -32,6 +33,9 @@ __all__ = [
     "ValueRefused",
     "WriteResult",
 ]
+
+
+C = TypeVar("C")
 
 
 class DeviceError(Exception):
@@ -95,6 +99,15 @@ class DeviceDriver(Protocol):
 
         Raises CommunicationError when the device does not answer at all.
         """
+        ...
+
+    def capability(self, kind: type[C]) -> C | None:
+        """The driver as ``kind`` (one of the protocols below) when it can do that, else None."""
+        ...
+
+    def counters(self) -> DeviceCounters:
+        """Cumulative communication counters of this device since start (requests, errors by
+        kind, writes, read-back mismatches, latency)."""
         ...
 
 
@@ -170,10 +183,14 @@ class SocLimitControl(Protocol):
         ...
 
 
-@runtime_checkable
-class CounterSource(Protocol):
-    """A driver that counts its Modbus traffic (requests, errors by kind, latency)."""
-
-    def counters(self) -> DeviceCounters:
-        """Cumulative communication counters of this device since start."""
-        ...
+# The profile capability each control protocol stands for.
+CAPABILITY_OF: dict[type, Capability] = {
+    ActivePowerControl: Capability.ACTIVE_POWER,
+    ChargeLimitControl: Capability.CHARGE_LIMIT,
+    DischargeLimitControl: Capability.DISCHARGE_LIMIT,
+    OutputControl: Capability.OUTPUT_SWITCH,
+    HeartbeatControl: Capability.HEARTBEAT,
+    RevertTimerControl: Capability.REVERT_TIMER,
+    SafeModeControl: Capability.SAFE_MODE,
+    SocLimitControl: Capability.SOC_LIMITS,
+}

@@ -1,11 +1,9 @@
-"""What every profile-driven driver shares: identity, capability composition, control methods.
+"""What every profile-driven driver shares: identity, readings, and the control methods.
 
-Constructing a concrete driver (``GenericDriver(...)``, ``SunSpecDriver(...)``) returns an
-instance of a subclass with one mixin per capability the profile declares, so
-``isinstance(driver, ActivePowerControl)`` is true exactly when the device can do it. Each
-capability method derives its action's parameters (in essd base units) and hands them to the
-driver's :meth:`ProfileDriver._run_action`; how an action becomes register writes is the
-concrete driver's business.
+Every control method derives its action's parameters (in essd base units) and hands them to the
+one action engine (:func:`drivers.engine.run_action`) with the concrete driver as its point
+codec. A driver has every control method; :meth:`ProfileDriver.capability` says which ones the
+profile declares (``driver.capability(ActivePowerControl)`` is the driver, or None).
 
 Battery power in W: > 0 discharges into the site, < 0 charges.
 """
@@ -13,12 +11,15 @@ Battery power in W: > 0 discharges into the site, < 0 charges.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any, ClassVar, Literal, Self, cast
+from collections.abc import Mapping, Sequence
+from typing import TypeVar, cast
 
-from drivers.api import CommunicationError, ValueRefused, WriteResult
-from drivers.profile import ActionName, Capability, Profile
+from drivers.api import CAPABILITY_OF, CommunicationError, ValueRefused, WriteResult
+from drivers.engine import Point, Sense, run_action
+from drivers.modbus import ModbusEndpoint
+from drivers.profile import ActionName, Capability, Profile, RegisterSpec
 from essd.clock import Clock
+from essd.counters import DeviceCounters
 from essd.domain import (
     BatteryReading,
     DeviceClass,
@@ -28,70 +29,49 @@ from essd.domain import (
     Reading,
 )
 
-__all__ = ["TIME_PARAMS", "ProfileDriver", "Sense", "live_limit_w"]
+__all__ = ["ProfileDriver", "live_limit_w"]
 
-# Parameters in seconds: rounded up when converted to a register (a 30.2 s TTL never becomes
-# 30 s, nor 0, which many devices read as "no limit").
-TIME_PARAMS = frozenset({"duration_s", "seconds"})
-
-Sense = Literal["always", "charge", "discharge", "idle"]
+C = TypeVar("C")
 
 
 class ProfileDriver:
-    """Base of the profile-driven drivers; subclasses implement :meth:`_run_action`.
+    """Base of the profile-driven drivers; a subclass is the point codec of its registers
+    (:class:`drivers.engine.PointCodec`) and reads the device (:meth:`_read_state`).
 
-    A subclass marks itself ``_compose_root = True`` to have ``__new__`` pick the composed
-    subclass matching the profile's capabilities.
+    ``limits_override`` (from the site config) can only tighten the profile's ratings and the
+    device's live limits; ``capacity_wh`` overrides the rated capacity.
     """
 
-    _composed: ClassVar[dict[tuple[type[ProfileDriver], frozenset[Capability]], type[Any]]] = {}
-    _capabilities: ClassVar[frozenset[Capability]] = frozenset()
-    _compose_root: ClassVar[bool] = False
-    # Whether capability methods refuse non-finite or out-of-domain arguments themselves
-    # (ValueRefused naming the argument) before any parameter reaches the action.
-    _check_arguments: ClassVar[bool] = True
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
-        """Pick the class whose methods match the profile's capabilities."""
-        profile = kwargs.get("profile", args[1] if len(args) > 1 else None)
-        sub: type[ProfileDriver] = cls
-        if cls.__dict__.get("_compose_root", False) and isinstance(profile, Profile):
-            sub = cls._composed_class(frozenset(profile.capabilities))
-        return cast(Self, object.__new__(sub))
-
-    @classmethod
-    def _composed_class(cls, capabilities: frozenset[Capability]) -> type[ProfileDriver]:
-        """The subclass of ``cls`` with one mixin per capability (cached)."""
-        key = (cls, capabilities)
-        sub = ProfileDriver._composed.get(key)
-        if sub is None:
-            mixins = tuple(m for cap, m in _MIXINS.items() if cap in capabilities)
-            name = f"{cls.__name__}[" + ",".join(sorted(c.value for c in capabilities)) + "]"
-            namespace = {"_capabilities": capabilities, "__module__": cls.__module__}
-            sub = type(name, (*mixins, cls), namespace)
-            ProfileDriver._composed[key] = sub
-        return cast(type[ProfileDriver], sub)
-
-    def _init_identity(
+    def __init__(
         self,
         *,
         device_id: str,
         profile: Profile,
-        unit: int | None,
+        endpoint: ModbusEndpoint,
+        unit: int | None = None,
         clock: Clock,
-        limits_override: LiveLimits | None,
-        capacity_wh: float | None,
-        owns_endpoint: bool,
+        limits_override: LiveLimits | None = None,
+        capacity_wh: float | None = None,
+        owns_endpoint: bool = False,
     ) -> None:
-        """Store what every driver keeps (the subclass keeps its own transport)."""
         self._device_id = device_id
         self._profile = profile
+        self._endpoint = endpoint
         self._unit = profile.transport.unit if unit is None else unit
         self._clock = clock
         self._limits_override = limits_override
         self._capacity_wh = capacity_wh if capacity_wh is not None else profile.ratings.capacity_wh
         self._owns_endpoint = owns_endpoint
         self._heartbeat_counter = 0
+        self._bind()
+
+    def capability(self, kind: type[C]) -> C | None:
+        """This driver as ``kind`` (a protocol of :mod:`drivers.api`) when the profile
+        declares that capability, else None."""
+        needed = CAPABILITY_OF.get(kind)
+        if needed is not None and not self._profile.has(needed):
+            return None
+        return cast(C, self) if isinstance(self, kind) else None
 
     # -- identity ------------------------------------------------------------------------------
 
@@ -113,7 +93,29 @@ class ProfileDriver:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._device_id} {self._profile.name} unit {self._unit}>"
 
+    @property
+    def endpoint(self) -> ModbusEndpoint:
+        """The (possibly shared) transport."""
+        return self._endpoint
+
+    def counters(self) -> DeviceCounters:
+        """Cumulative communication counters of this device (from its Modbus endpoint)."""
+        return self._endpoint.stats(self._unit)
+
+    async def connect(self) -> None:
+        """Open the transport (CommunicationError if it cannot; reconnects back off)."""
+        await self._endpoint.connect()
+
+    async def close(self) -> None:
+        """Close the transport when this driver owns it (a shared one is the pool's)."""
+        if self._owns_endpoint:
+            await self._endpoint.close()
+
     # -- what the concrete driver supplies -----------------------------------------------------
+
+    def _bind(self) -> None:
+        """Check the profile is one this driver runs and prepare its register map."""
+        raise NotImplementedError
 
     async def _read_state(
         self,
@@ -124,15 +126,118 @@ class ProfileDriver:
         """
         raise NotImplementedError
 
-    async def _run_action(
-        self, action: ActionName, params: Mapping[str, float] | None, when: Sense
-    ) -> WriteResult:
-        """Run a profile action with ``params`` (base units); ``when`` is the power sense."""
-        raise NotImplementedError
-
     def _heartbeat_after(self, previous: int) -> int:
         """The heartbeat value that follows ``previous`` (the driver's wrap rule)."""
         raise NotImplementedError
+
+    async def locate(self, specs: Sequence[RegisterSpec]) -> list[Point]:
+        """Point codec: each register's address and current scale factor."""
+        raise NotImplementedError
+
+    def encode(
+        self, action: ActionName, point: Point, param: str | None, value: float | str
+    ) -> list[int]:
+        """Point codec: the words of one step's value (register units)."""
+        raise NotImplementedError
+
+    async def read_back(self, points: Sequence[Point]) -> dict[str, list[int] | str]:
+        """Point codec: the words each register holds now, or why it could not be read."""
+        raise NotImplementedError
+
+    def mismatch(self, point: Point, wrote: list[int], back: list[int] | str) -> str:
+        """Point codec: how a read-back differs from what was written."""
+        raise NotImplementedError
+
+    # -- control: every action through the one engine ----------------------------------------
+
+    async def perform(
+        self,
+        action: ActionName,
+        params: Mapping[str, float] | None = None,
+        *,
+        when: Sense = "always",
+    ) -> WriteResult:
+        """Run one of the profile's actions with ``params`` (base units); read every write back.
+
+        Raises ValueRefused (nothing written) when a value does not fit its register, and
+        CommunicationError / DeviceExceptionResponse when a write fails.
+        """
+        return await run_action(
+            self,
+            self._endpoint,
+            unit=self._unit,
+            profile=self._profile,
+            device_id=self._device_id,
+            action=action,
+            params=params,
+            when=when,
+        )
+
+    async def set_active_power(self, power_w: float, *, duration_s: float) -> WriteResult:
+        """Command ``power_w`` (> 0 discharges, < 0 charges) for at most ``duration_s``."""
+        if not math.isfinite(power_w) or not math.isfinite(duration_s) or duration_s <= 0:
+            raise ValueRefused(
+                f"set_active_power: power_w={power_w!r} duration_s={duration_s!r} not usable"
+            )
+        params = {
+            "power_w": power_w,
+            "charge_w": max(0.0, -power_w),
+            "discharge_w": max(0.0, power_w),
+            "abs_w": abs(power_w),
+            "duration_s": duration_s,
+        }
+        when: Sense = "charge" if power_w < 0 else "discharge" if power_w > 0 else "idle"
+        return await self.perform(ActionName.SET_ACTIVE_POWER, params, when=when)
+
+    async def set_charge_limit(self, charge_w: float) -> WriteResult:
+        """Limit charging to ``charge_w`` W (>= 0)."""
+        if not math.isfinite(charge_w) or charge_w < 0:
+            raise ValueRefused(f"set_charge_limit: charge_w must be >= 0, got {charge_w!r}")
+        return await self.perform(ActionName.SET_CHARGE_LIMIT, {"charge_w": charge_w})
+
+    async def set_discharge_limit(self, discharge_w: float) -> WriteResult:
+        """Limit discharging to ``discharge_w`` W (>= 0)."""
+        if not math.isfinite(discharge_w) or discharge_w < 0:
+            raise ValueRefused(
+                f"set_discharge_limit: discharge_w must be >= 0, got {discharge_w!r}"
+            )
+        return await self.perform(ActionName.SET_DISCHARGE_LIMIT, {"discharge_w": discharge_w})
+
+    async def set_output(self, enabled: bool) -> WriteResult:
+        """Enable or disable the outputs."""
+        return await self.perform(
+            ActionName.ENABLE_OUTPUT if enabled else ActionName.DISABLE_OUTPUT
+        )
+
+    async def heartbeat(self) -> WriteResult:
+        """Write the next heartbeat value (the driver keeps the counter and wraps it)."""
+        if ActionName.HEARTBEAT not in self._profile.actions:
+            raise ValueRefused(f"{self._device_id}: profile {self._profile.name} has no heartbeat")
+        nxt = self._heartbeat_after(self._heartbeat_counter)
+        # Advance even if the write fails: the next value then differs from whatever the
+        # device holds, which is all a heartbeat watchdog looks at.
+        self._heartbeat_counter = nxt
+        return await self.perform(ActionName.HEARTBEAT, {"counter": float(nxt)})
+
+    async def configure_revert_timer(self, seconds: float) -> WriteResult:
+        """Make the device drop a setpoint not refreshed within ``seconds`` (rounded up)."""
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise ValueRefused(f"configure_revert_timer: seconds must be > 0, got {seconds!r}")
+        return await self.perform(ActionName.CONFIGURE_REVERT_TIMER, {"seconds": seconds})
+
+    async def safe_mode(self) -> WriteResult:
+        """Put the device into its safe state (the profile's safe_mode writes)."""
+        return await self.perform(ActionName.SAFE_MODE)
+
+    async def set_soc_limits(self, min_soc: float, max_soc: float) -> WriteResult:
+        """Set the device's own SoC window (ratios 0..1)."""
+        if not (0.0 <= min_soc <= max_soc <= 1.0):
+            raise ValueRefused(
+                f"set_soc_limits: need 0 <= min_soc <= max_soc <= 1, got {min_soc}, {max_soc}"
+            )
+        return await self.perform(
+            ActionName.SET_SOC_LIMITS, {"min_soc": min_soc, "max_soc": max_soc}
+        )
 
     # -- readings shared by every driver -------------------------------------------------------
 
@@ -170,6 +275,11 @@ class ProfileDriver:
             alarms=alarms,
             extras={k: v for k, v in extras.items() if k not in ("soc", "power_w")},
         )
+
+    async def read_fields(self) -> dict[str, Reading]:
+        """Every field of the profile (and derived field) as a reading in base units, invalid
+        ones with a reason. Raises CommunicationError when the device does not answer."""
+        return (await self._read_state())[1]
 
     def _add_derived(self, out: dict[str, Reading], at: float) -> None:
         """Add the profile's derived fields (weighted sums of fields) to ``out``."""
@@ -231,100 +341,3 @@ def live_limit_w(fields: Mapping[str, Reading], name: str) -> float | None:
     if r is None:
         return None  # not mapped: no opinion
     return max(0.0, r.value) if r.valid and r.value is not None else 0.0
-
-
-class _ActivePower(ProfileDriver):
-    async def set_active_power(self, power_w: float, *, duration_s: float) -> WriteResult:
-        """Command ``power_w`` (> 0 discharges, < 0 charges) for at most ``duration_s``."""
-        if self._check_arguments and (
-            not math.isfinite(power_w) or not math.isfinite(duration_s) or duration_s <= 0
-        ):
-            raise ValueRefused(
-                f"set_active_power: power_w={power_w!r} duration_s={duration_s!r} not usable"
-            )
-        when: Sense = "charge" if power_w < 0 else "discharge" if power_w > 0 else "idle"
-        params = {
-            "power_w": power_w,
-            "charge_w": max(0.0, -power_w),
-            "discharge_w": max(0.0, power_w),
-            "abs_w": abs(power_w),
-            "duration_s": duration_s,
-        }
-        return await self._run_action(ActionName.SET_ACTIVE_POWER, params, when)
-
-
-class _ChargeLimit(ProfileDriver):
-    async def set_charge_limit(self, charge_w: float) -> WriteResult:
-        """Limit charging to ``charge_w`` W (>= 0)."""
-        if self._check_arguments and (not math.isfinite(charge_w) or charge_w < 0):
-            raise ValueRefused(f"set_charge_limit: charge_w must be >= 0, got {charge_w!r}")
-        return await self._run_action(ActionName.SET_CHARGE_LIMIT, {"charge_w": charge_w}, "always")
-
-
-class _DischargeLimit(ProfileDriver):
-    async def set_discharge_limit(self, discharge_w: float) -> WriteResult:
-        """Limit discharging to ``discharge_w`` W (>= 0)."""
-        if self._check_arguments and (not math.isfinite(discharge_w) or discharge_w < 0):
-            raise ValueRefused(
-                f"set_discharge_limit: discharge_w must be >= 0, got {discharge_w!r}"
-            )
-        return await self._run_action(
-            ActionName.SET_DISCHARGE_LIMIT, {"discharge_w": discharge_w}, "always"
-        )
-
-
-class _Outputs(ProfileDriver):
-    async def set_output(self, enabled: bool) -> WriteResult:
-        """Enable or disable the outputs."""
-        action = ActionName.ENABLE_OUTPUT if enabled else ActionName.DISABLE_OUTPUT
-        return await self._run_action(action, None, "always")
-
-
-class _Heartbeat(ProfileDriver):
-    async def heartbeat(self) -> WriteResult:
-        """Write the next heartbeat value (the driver keeps the counter and wraps it)."""
-        nxt = self._heartbeat_after(self._heartbeat_counter)
-        # Advance even if the write fails: the next value then differs from whatever the
-        # device holds, which is all a heartbeat watchdog looks at.
-        self._heartbeat_counter = nxt
-        return await self._run_action(ActionName.HEARTBEAT, {"counter": float(nxt)}, "always")
-
-
-class _RevertTimer(ProfileDriver):
-    async def configure_revert_timer(self, seconds: float) -> WriteResult:
-        """Make the device drop a setpoint not refreshed within ``seconds`` (rounded up)."""
-        if self._check_arguments and (not math.isfinite(seconds) or seconds <= 0):
-            raise ValueRefused(f"configure_revert_timer: seconds must be > 0, got {seconds!r}")
-        return await self._run_action(
-            ActionName.CONFIGURE_REVERT_TIMER, {"seconds": seconds}, "always"
-        )
-
-
-class _SafeMode(ProfileDriver):
-    async def safe_mode(self) -> WriteResult:
-        """Put the device into its safe state (the profile's safe_mode writes)."""
-        return await self._run_action(ActionName.SAFE_MODE, None, "always")
-
-
-class _SocLimits(ProfileDriver):
-    async def set_soc_limits(self, min_soc: float, max_soc: float) -> WriteResult:
-        """Set the device's own SoC window (ratios 0..1)."""
-        if self._check_arguments and not (0.0 <= min_soc <= max_soc <= 1.0):
-            raise ValueRefused(
-                f"set_soc_limits: need 0 <= min_soc <= max_soc <= 1, got {min_soc}, {max_soc}"
-            )
-        return await self._run_action(
-            ActionName.SET_SOC_LIMITS, {"min_soc": min_soc, "max_soc": max_soc}, "always"
-        )
-
-
-_MIXINS: dict[Capability, type[ProfileDriver]] = {
-    Capability.ACTIVE_POWER: _ActivePower,
-    Capability.CHARGE_LIMIT: _ChargeLimit,
-    Capability.DISCHARGE_LIMIT: _DischargeLimit,
-    Capability.OUTPUT_SWITCH: _Outputs,
-    Capability.HEARTBEAT: _Heartbeat,
-    Capability.REVERT_TIMER: _RevertTimer,
-    Capability.SAFE_MODE: _SafeMode,
-    Capability.SOC_LIMITS: _SocLimits,
-}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-from drivers.api import DeviceDriver
+from drivers.base import ProfileDriver
 from drivers.generic import GenericDriver
 from drivers.modbus import (
     DEFAULT_TIMEOUT_S,
@@ -79,13 +79,13 @@ def make_driver(
     clock: Clock,
     limits_override: LiveLimits | None = None,
     capacity_wh: float | None = None,
-) -> DeviceDriver:
+) -> ProfileDriver:
     """The driver for one unit at ``endpoint``: generic (profile-driven) or SunSpec.
 
     ``limits_override`` tightens the profile's power ratings (W magnitudes); ``capacity_wh``
     is the usable energy when the profile does not give it.
     """
-    driver_class: Callable[..., DeviceDriver] = GenericDriver
+    driver_class: Callable[..., ProfileDriver] = GenericDriver
     if profile.driver == "sunspec":
         # Imported on use: the SunSpec driver pulls in pysunspec2's model definitions.
         driver_class = importlib.import_module("drivers.sunspec").SunSpecDriver

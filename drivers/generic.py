@@ -5,49 +5,33 @@ coalesced into as few block reads as ``transport.max_registers_per_read`` allows
 the shared codec of :mod:`drivers.layout`, and returned as readings in essd base units. A value
 that is "not implemented", NaN or outside its min/max becomes an INVALID reading with a reason.
 
-Writes: each control action is the profile's ordered list of register writes. Every value is
-encoded (and refused if it does not fit) before the first write, so an action is never left half
-done by a bad value; afterwards every written register is read back and a mismatch is counted and
-reported.
-
-Capability methods exist exactly when the profile declares the capability, so
-``isinstance(driver, ActivePowerControl)`` answers what the device can do.
+Writes: the one action engine (:mod:`drivers.engine`) runs each control action with this
+driver as the codec of its plain registers: addresses from the profile, scale factors read from
+their registers, values encoded with the shared codec of :mod:`drivers.layout`.
 
 Battery power in W: > 0 discharges into the site, < 0 charges. Grid power > 0 imports.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from drivers.api import (
-    DeviceExceptionResponse,
-    ValueRefused,
-    WriteResult,
-)
-from drivers.base import TIME_PARAMS, ProfileDriver, Sense
+from drivers.api import DeviceExceptionResponse, ValueRefused
+from drivers.base import ProfileDriver
+from drivers.engine import Point
 from drivers.layout import (
     Decoded,
     base_unit,
     decode_register,
     encode_register,
-    from_base,
     register_words,
     to_base,
     write_scale_problem,
 )
-from drivers.modbus import ModbusEndpoint
-from drivers.profile import ActionName, Profile, RegisterSpec
+from drivers.profile import ActionName, RegisterSpec
 from drivers.registers import EncodeError, RegisterType, Table
-from essd.clock import Clock
-from essd.counters import DeviceCounters
-from essd.domain import (
-    LiveLimits,
-    Quality,
-    Reading,
-)
+from essd.domain import Quality, Reading
 
 __all__ = ["GenericDriver", "ReadBlock", "plan_reads"]
 
@@ -126,40 +110,12 @@ def _reading(decoded: Decoded, spec: RegisterSpec, at: float) -> Reading:
 
 
 class GenericDriver(ProfileDriver):
-    """A Modbus device described entirely by its profile.
+    """A Modbus device described entirely by its profile: the point codec of plain registers."""
 
-    Constructing ``GenericDriver(...)`` returns an instance of a subclass that has exactly the
-    capability methods the profile declares. ``limits_override`` (from the site config) can only
-    tighten the profile's ratings and the device's live limits; ``capacity_wh`` overrides the
-    rated capacity.
-    """
-
-    _compose_root = True
-
-    def __init__(
-        self,
-        *,
-        device_id: str,
-        profile: Profile,
-        endpoint: ModbusEndpoint,
-        unit: int | None = None,
-        clock: Clock,
-        limits_override: LiveLimits | None = None,
-        capacity_wh: float | None = None,
-        owns_endpoint: bool = False,
-    ) -> None:
+    def _bind(self) -> None:
+        profile = self._profile
         if profile.driver != "generic":
             raise ValueError(f"profile {profile.name}: driver is {profile.driver!r}, not generic")
-        self._init_identity(
-            device_id=device_id,
-            profile=profile,
-            unit=unit,
-            clock=clock,
-            limits_override=limits_override,
-            capacity_wh=capacity_wh,
-            owns_endpoint=owns_endpoint,
-        )
-        self._endpoint = endpoint
         read_specs: list[RegisterSpec] = []
         for reg_name in profile.fields.values():
             spec = profile.register(reg_name)
@@ -189,32 +145,10 @@ class GenericDriver(ProfileDriver):
             self._plans[key] = plan
         return plan
 
-    # -- identity ------------------------------------------------------------------------------
-
-    @property
-    def endpoint(self) -> ModbusEndpoint:
-        """The (possibly shared) transport."""
-        return self._endpoint
-
     @property
     def read_plan(self) -> tuple[ReadBlock, ...]:
         """The block reads one :meth:`read` performs."""
         return self._blocks
-
-    def counters(self) -> DeviceCounters:
-        """Cumulative communication counters of this device."""
-        return self._endpoint.stats(self._unit).to_device_counters()
-
-    # -- lifetime ------------------------------------------------------------------------------
-
-    async def connect(self) -> None:
-        """Open the transport (CommunicationError if it cannot; reconnects back off)."""
-        await self._endpoint.connect()
-
-    async def close(self) -> None:
-        """Close the transport when this driver owns it (a shared one is the pool's)."""
-        if self._owns_endpoint:
-            await self._endpoint.close()
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -250,14 +184,6 @@ class GenericDriver(ProfileDriver):
         if sf.value is None or not isinstance(sf.raw, int):
             return None
         return sf.raw
-
-    async def read_fields(self) -> dict[str, Reading]:
-        """Every field of the profile (and derived field) as a reading in base units.
-
-        Raises CommunicationError when the device does not answer.
-        """
-        fields, _ = await self._read_fields_and_raw()
-        return fields
 
     async def _read_fields_and_raw(
         self,
@@ -328,80 +254,41 @@ class GenericDriver(ProfileDriver):
             )
         return out
 
-    def _value_for(self, spec: RegisterSpec, param: str, base_value: float) -> float:
-        value = from_base(base_value, spec.unit)
-        # Rounded up in coarser register units: a 30 s TTL in a minutes register becomes 1 min.
-        if param in TIME_PARAMS and spec.rtype is not RegisterType.F32:
-            resolution = abs(spec.scale)
-            value = math.ceil(value / resolution - 1e-9) * resolution
-        return value
-
-    async def perform(
-        self,
-        action: ActionName,
-        params: Mapping[str, float] | None = None,
-        *,
-        when: Sense = "always",
-    ) -> WriteResult:
-        """Run one of the profile's actions with ``params`` (base units); read every write back.
-
-        Raises ValueRefused (nothing written) when a value does not fit its register, and
-        CommunicationError / DeviceExceptionResponse when a write fails.
-        """
-        act = self._profile.actions.get(action)
-        if act is None:
-            raise ValueRefused(f"{self._device_id}: profile {self._profile.name} has no {action}")
-        params = dict(params or {})
-        steps = [s for s in act.writes if s.when in ("always", when)]
-        specs = [self._profile.register(s.register) for s in steps]
+    async def locate(self, specs: Sequence[RegisterSpec]) -> list[Point]:
+        """Point codec: the profile's addresses, and the scale factors read now."""
         sfs = await self._scale_factors(specs)
-        encoded: list[tuple[RegisterSpec, list[int]]] = []
-        for step, spec in zip(steps, specs, strict=True):
-            if step.param is not None:
-                if step.param not in params:
-                    raise ValueRefused(f"{action}: parameter {step.param!r} not supplied")
-                value: float | str = self._value_for(spec, step.param, params[step.param])
-            else:
-                assert step.value is not None
-                value = step.value
+        out = []
+        for spec in specs:
+            assert spec.address is not None  # a generic profile maps addresses only
             sf = sfs.get(spec.scale_factor) if spec.scale_factor is not None else None
-            if sf is not None:
-                # The scale factor is the device's: one that cannot carry the rating (SF 15
-                # rounds every setpoint to raw 0) refuses the write rather than send nonsense.
-                problem = write_scale_problem(
-                    spec,
-                    self._profile.power_ratings(step.param),
-                    transport=self._profile.transport,
-                    sf=sf,
-                )
-                if problem is not None:
-                    raise ValueRefused(f"{self._device_id}: {action}: {spec.name}: {problem}")
-            try:
-                words = encode_register(spec, value, transport=self._profile.transport, sf=sf)
-            except EncodeError as exc:
-                raise ValueRefused(f"{self._device_id}: {action}: {exc}") from None
-            encoded.append((spec, words))
-        for spec, words in encoded:
-            assert spec.address is not None
-            await self._endpoint.write_registers(spec.address, words, self._unit)
-        expected = {spec.name: (spec, words) for spec, words in encoded}
-        to_verify = [spec for spec, _ in expected.values() if spec.verify and spec.access == "rw"]
-        blocks = self._plan(to_verify)
-        got, refused = await self._read_words(blocks)
-        mismatches: list[str] = []
-        for spec in to_verify:
-            want = expected[spec.name][1]
-            have = got.get(spec.name)
-            if have != want:
-                self._endpoint.note_readback_mismatch(self._unit)
-                seen = refused.get(spec.name, str(have))
-                mismatches.append(f"{spec.name}: wrote {want}, read back {seen}")
-        return WriteResult(action.value, len(encoded), tuple(mismatches))
+            out.append(Point(spec, spec.address, sf))
+        return out
 
-    async def _run_action(
-        self, action: ActionName, params: Mapping[str, float] | None, when: Sense
-    ) -> WriteResult:
-        return await self.perform(action, params, when=when)
+    def encode(
+        self, action: ActionName, point: Point, param: str | None, value: float | str
+    ) -> list[int]:
+        """Point codec: a scale factor that cannot carry the rating (SF 15 rounds every
+        setpoint to raw 0) refuses the write rather than send nonsense."""
+        spec, sf = point.spec, point.sf
+        transport = self._profile.transport
+        if sf is not None:
+            ratings = self._profile.power_ratings(param)
+            problem = write_scale_problem(spec, ratings, transport=transport, sf=sf)
+            if problem is not None:
+                raise ValueRefused(f"{self._device_id}: {action}: {spec.name}: {problem}")
+        try:
+            return encode_register(spec, value, transport=transport, sf=sf)
+        except EncodeError as exc:
+            raise ValueRefused(f"{self._device_id}: {action}: {exc}") from None
+
+    async def read_back(self, points: Sequence[Point]) -> dict[str, list[int] | str]:
+        """Point codec: the written registers in as few block reads as the transport allows."""
+        got, refused = await self._read_words(self._plan(p.spec for p in points))
+        return {**refused, **got}
+
+    def mismatch(self, point: Point, wrote: list[int], back: list[int] | str) -> str:
+        """Point codec: the words written and the words (or error) read back."""
+        return f"{point.spec.name}: wrote {wrote}, read back {back}"
 
     def _heartbeat_after(self, previous: int) -> int:
         """Count up, and wrap to 0 past what the counter register holds."""

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from drivers.profile import RegisterSpec, Transport
 
 __all__ = [
+    "SF_RANGE",
     "Decoded",
     "base_unit",
     "decode_register",
@@ -172,7 +173,7 @@ def decode_register(  # noqa: PLR0911 - one early return per kind of invalid val
     if spec.scale_factor is not None:
         if sf is None:
             return Decoded(None, raw, f"scale factor {spec.scale_factor} is not valid")
-        if not -10 <= sf <= 10:
+        if sf not in SF_RANGE:
             return Decoded(None, raw, f"scale factor {spec.scale_factor}={sf} outside -10..10")
     value = raw * _factor(spec, sf) + spec.offset
     if (spec.min is not None and value < spec.min) or (spec.max is not None and value > spec.max):

@@ -17,7 +17,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
@@ -47,7 +47,6 @@ __all__ = [
     "ModbusEndpoint",
     "SerialTarget",
     "TcpTarget",
-    "UnitStats",
     "quiet_pymodbus_logging",
 ]
 
@@ -115,28 +114,6 @@ class ErrorKind(StrEnum):
     READBACK_MISMATCH = "readback_mismatch"  # a write read back as another value
 
 
-@dataclass(frozen=True, slots=True)
-class UnitStats:
-    """Cumulative counters of one unit id on one endpoint (since start)."""
-
-    requests_total: int = 0
-    writes_total: int = 0
-    errors_total: Mapping[str, int] = field(default_factory=dict)
-    readback_mismatches_total: int = 0
-    last_latency_s: float | None = None
-    latency_sum_s: float = 0.0
-
-    def to_device_counters(self) -> DeviceCounters:
-        """The daemon's per-device counters (:class:`essd.counters.DeviceCounters`)."""
-        return DeviceCounters(
-            requests_total=self.requests_total,
-            errors_total=dict(self.errors_total),
-            writes_total=self.writes_total,
-            readback_mismatches_total=self.readback_mismatches_total,
-            last_latency_s=self.last_latency_s,
-        )
-
-
 @dataclass(slots=True)
 class _Counters:
     requests: int = 0
@@ -144,21 +121,19 @@ class _Counters:
     errors: dict[str, int] = field(default_factory=dict)
     mismatches: int = 0
     last_latency_s: float | None = None
-    latency_sum_s: float = 0.0
 
     def error(self, kind: ErrorKind) -> None:
         """Count one failed request of ``kind``."""
         self.errors[kind.value] = self.errors.get(kind.value, 0) + 1
 
-    def freeze(self) -> UnitStats:
+    def freeze(self) -> DeviceCounters:
         """A frozen copy for callers."""
-        return UnitStats(
+        return DeviceCounters(
             requests_total=self.requests,
-            writes_total=self.writes,
             errors_total=dict(self.errors),
+            writes_total=self.writes,
             readback_mismatches_total=self.mismatches,
             last_latency_s=self.last_latency_s,
-            latency_sum_s=self.latency_sum_s,
         )
 
 
@@ -197,7 +172,6 @@ class ModbusEndpoint:
         self._retry_at: float | None = None
         self._last_connect_error = ""
         self._counters: dict[int, _Counters] = {}
-        self._closed = False
         quiet_pymodbus_logging()
 
     # -- state ---------------------------------------------------------------------------------
@@ -227,7 +201,7 @@ class ModbusEndpoint:
         """The current back-off delay (0 after a successful connect)."""
         return self._delay_s
 
-    def stats(self, unit: int) -> UnitStats:
+    def stats(self, unit: int) -> DeviceCounters:
         """Counters of one unit id on this endpoint."""
         return self._unit(unit).freeze()
 
@@ -408,9 +382,7 @@ class ModbusEndpoint:
                 self._after_timeout()  # an answer may still arrive: same care as a timeout
                 raise
             finally:
-                elapsed = self._timer() - started
-                counters.last_latency_s = elapsed
-                counters.latency_sum_s += elapsed
+                counters.last_latency_s = self._timer() - started
             if pdu.isError():
                 counters.error(ErrorKind.EXCEPTION)
                 code = int(pdu.exception_code)

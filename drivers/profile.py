@@ -19,9 +19,11 @@ import itertools
 from enum import StrEnum
 from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from drivers.layout import encode_register, write_scale_problem
+from drivers.profile_simulation import Simulation
+from drivers.profile_types import Identifier, Strict
 from drivers.registers import ByteOrder, EncodeError, RegisterType, Table, word_count
 from essd.domain import DeviceClass
 
@@ -37,17 +39,7 @@ __all__ = [
 ]
 
 
-Identifier = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=64)]
-
-
 SunSpecPoint = Annotated[str, Field(pattern=r"^[0-9]+\.[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")]
-
-
-class _Strict(BaseModel):
-    # allow_inf_nan=False: every number in a profile is finite (``.inf``/``.nan`` refused).
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
-    )
 
 
 class Capability(StrEnum):
@@ -128,7 +120,7 @@ CAPABILITY_ACTIONS: dict[Capability, ActionName] = {
 }
 
 
-class Transport(_Strict):
+class Transport(Strict):
     """Transport defaults; a site config may override host/port/unit."""
 
     framing: Literal["tcp", "rtu"] = "tcp"
@@ -145,7 +137,7 @@ class Transport(_Strict):
     read_gap_max: int = Field(0, ge=0, le=124)
 
 
-class RegisterSpec(_Strict):
+class RegisterSpec(Strict):
     """One register (or SunSpec point).
 
     The physical value is ``raw * scale * 10**sf + offset`` (``sf`` read from
@@ -197,7 +189,7 @@ class RegisterSpec(_Strict):
         return self.type or RegisterType.U16
 
 
-class WriteStep(_Strict):
+class WriteStep(Strict):
     """One register write of an action: a literal ``value`` or a named ``param``.
 
     ``when`` restricts the step to the sign of ``power_w`` for set_active_power (charge < 0,
@@ -221,14 +213,14 @@ class WriteStep(_Strict):
         return self.target
 
 
-class Action(_Strict):
+class Action(Strict):
     """An ordered list of register writes that performs one control action."""
 
     description: str = ""
     writes: tuple[WriteStep, ...] = Field(min_length=1)
 
 
-class Ratings(_Strict):
+class Ratings(Strict):
     """Nameplate ratings; live limits from the BMS and the config can only tighten them."""
 
     capacity_wh: float = Field(0.0, ge=0)
@@ -238,7 +230,7 @@ class Ratings(_Strict):
     discharge_efficiency: float = Field(0.95, gt=0, le=1)
 
 
-class Behaviour(_Strict):
+class Behaviour(Strict):
     """How the device acts when essd stops talking to it.
 
     ``setpoint_timeout_s``: the device drops a power command not refreshed within this time
@@ -252,27 +244,14 @@ class Behaviour(_Strict):
     safe_description: str = "0 W"
 
 
-class Simulation(_Strict):
-    """Parameters of the simulated unit served by hil_sim from this profile."""
-
-    initial_soc: float = Field(0.5, ge=0, le=1)
-    self_discharge_per_day: float = Field(0.001, ge=0, le=0.1)
-    taper_soc: float = Field(0.1, ge=0, le=0.5, description="SoC band near 0 and 1 that tapers")
-    ambient_c: float = 25.0
-    thermal_capacity_j_per_k: float = Field(200_000.0, gt=0)
-    thermal_resistance_k_per_w: float = Field(0.02, gt=0)
-    derate_start_c: float = 45.0
-    trip_c: float = 60.0
-
-
-class SunSpecLayout(_Strict):
+class SunSpecLayout(Strict):
     """Where SunSpec discovery looks, and which models the device carries (in order)."""
 
     base_addresses: tuple[int, ...] = (40000, 0, 50000)
     models: tuple[int, ...] = Field(min_length=1)
 
 
-class Profile(_Strict):
+class Profile(Strict):
     """A device profile (``schema: 1``)."""
 
     schema_version: Literal[1] = Field(1, alias="schema")
@@ -297,10 +276,6 @@ class Profile(_Strict):
         default_factory=dict, description="field -> {field: coefficient}"
     )
     actions: dict[ActionName, Action] = Field(default_factory=dict)
-
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
-    )
 
     @model_validator(mode="after")
     def _check_registers(self) -> Self:
@@ -390,6 +365,22 @@ class Profile(_Strict):
             raise ValueError("ratings.max_charge_w: must be > 0 for a device essd charges")
         if discharges and r.max_discharge_w <= 0:
             raise ValueError("ratings.max_discharge_w: must be > 0 for a device essd discharges")
+        return self
+
+    @model_validator(mode="after")
+    def _check_simulation(self) -> Self:
+        b = self.simulation.behaviour
+        names = {r.name for r in self.registers}
+        for where, reg in b.registers():
+            if reg not in names:
+                raise ValueError(f"simulation.behaviour.{where}: no register named {reg!r}")
+        if b.model == "sunspec" and self.driver != "sunspec":
+            raise ValueError("simulation.behaviour.model: sunspec needs driver: sunspec")
+        if b.power_through is not None and b.power_through not in self.derived.get("power_w", {}):
+            raise ValueError(
+                f"simulation.behaviour.power_through: {b.power_through!r} is not a term of "
+                "derived power_w"
+            )
         return self
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ with the very same code.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 import time
@@ -17,7 +18,20 @@ from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 from zoneinfo import ZoneInfo
 
-__all__ = ["Backoff", "Clock", "RealClock", "SimClock", "local_midnight", "sleep_or_stop"]
+__all__ = [
+    "Backoff",
+    "Clock",
+    "RealClock",
+    "SimClock",
+    "WallClockWatch",
+    "local_midnight",
+    "sleep_or_stop",
+]
+
+log = logging.getLogger(__name__)
+
+# A wall-clock jump larger than this (s) against the monotonic clock is a step, not drift.
+WALL_STEP_THRESHOLD_S = 2.0
 
 
 @runtime_checkable
@@ -207,3 +221,32 @@ def local_midnight(t: float, tz: ZoneInfo) -> float:
     """Epoch seconds of the local midnight (in ``tz``) that starts the day containing ``t``."""
     day = datetime.fromtimestamp(t, tz=tz)
     return day.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+
+class WallClockWatch:
+    """Detects steps of the wall clock against the monotonic one (NTP, an operator, RTC).
+
+    Control schedules and integrates on the monotonic clock only; the wall clock names the
+    hour, the day and the billing period. A step is logged once when it happens.
+    """
+
+    def __init__(self, threshold_s: float = WALL_STEP_THRESHOLD_S) -> None:
+        self._threshold_s = threshold_s
+        self._last: tuple[float, float] | None = None
+        self.steps = 0
+
+    def observe(self, now: float, mono: float) -> float:
+        """The wall-clock step (s, + forward) since the last call; 0.0 when there was none."""
+        last, self._last = self._last, (now, mono)
+        if last is None:
+            return 0.0
+        step = (now - last[0]) - (mono - last[1])
+        if abs(step) <= self._threshold_s:
+            return 0.0
+        self.steps += 1
+        log.warning(
+            "wall clock stepped by %+.0f s; control runs on the monotonic clock, totals and "
+            "the billing peak are integrated on it",
+            step,
+        )
+        return step

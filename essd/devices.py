@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import replace
 
 from drivers.api import (
     ActivePowerControl,
     ChargeLimitControl,
     CommunicationError,
-    CounterSource,
     DeviceDriver,
     DeviceError,
     DeviceExceptionResponse,
@@ -43,12 +40,7 @@ from essd.domain import (
     Reading,
     Setpoint,
 )
-from essd.events import (
-    DeviceStateChanged,
-    EventBus,
-    WriteOutcome,
-    WriteStatus,
-)
+from essd.events import DeviceStateChanged, EventBus, WriteOutcome, WriteStatus
 from essd.safety import DeviceEnvelope
 
 __all__ = ["ManagedDevice", "envelope_for", "refresh_warning", "revert_warning"]
@@ -140,24 +132,6 @@ def revert_warning(cfg: DeviceConfig, profile: Profile) -> str | None:
     )
 
 
-@dataclass
-class _Counters:
-    reads: int = 0
-    writes: int = 0
-    mismatches: int = 0
-    errors: Counter[str] = field(default_factory=Counter)
-    last_latency_s: float | None = None
-
-    def frozen(self) -> DeviceCounters:
-        return DeviceCounters(
-            requests_total=self.reads + self.writes,
-            errors_total=dict(self.errors),
-            writes_total=self.writes,
-            readback_mismatches_total=self.mismatches,
-            last_latency_s=self.last_latency_s,
-        )
-
-
 def _error_kind(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "read_deadline"  # the whole read overran its budget (not one request)
@@ -201,7 +175,7 @@ class ManagedDevice:
         self._setup_done = False
         self._unchanged_since: float | None = None
         self._last_signature: tuple[float | None, ...] | None = None
-        self.counters = _Counters()
+        self._deadlines = 0  # whole reads that overran their budget (the wire counts the rest)
         self.safe_written = False
         self._mismatching = False
         # The write phase's own record: last accepted write and the failures since.
@@ -249,18 +223,14 @@ class ManagedDevice:
     async def read(self, *, mode_safe: bool) -> BatteryReading | MeterReading | None:
         """Read the device within its timeout and update its state; never raises."""
         budget = self.config.poll_timeout_s * 4  # a read may take a few block requests
-        started = time.perf_counter()
         try:
             async with asyncio.timeout(budget):
                 await self.driver.connect()
                 reading = await self.driver.read()
         except (DeviceError, TimeoutError, OSError) as exc:
-            self.counters.reads += 1
-            self.counters.errors[_error_kind(exc)] += 1
+            self._deadlines += isinstance(exc, TimeoutError)
             self._on_failure(exc)
             return None
-        self.counters.reads += 1
-        self.counters.last_latency_s = time.perf_counter() - started
         self.last = reading
         self._evaluate(reading, mode_safe=mode_safe)
         return reading
@@ -360,16 +330,12 @@ class ManagedDevice:
         """Configure the revert timer once per connection, so a silent essd leaves it safe."""
         if self._setup_done:
             return
-        if isinstance(self.driver, RevertTimerControl) and self.profile.has(
-            Capability.REVERT_TIMER
-        ):
-            self._count(await self.driver.configure_revert_timer(self.ttl_s))
+        if (timer := self.driver.capability(RevertTimerControl)) is not None:
+            self._count(await timer.configure_revert_timer(self.ttl_s))
         self._setup_done = True
 
     def _count(self, result: WriteResult) -> None:
-        self.counters.writes += result.registers_written
         if result.mismatches:
-            self.counters.mismatches += len(result.mismatches)
             if not self._mismatching:  # log the transition, then count quietly
                 self._mismatching = True
                 log.warning(
@@ -390,7 +356,7 @@ class ManagedDevice:
         )
 
     def _write_failed(self, exc: BaseException) -> WriteOutcome:
-        self.counters.errors[_error_kind(exc)] += 1
+        self._deadlines += isinstance(exc, TimeoutError)
         self.write_failures += 1
         self.last_write_error = f"{_error_kind(exc)}: {exc}" if str(exc) else _error_kind(exc)
         if self.write_failures == 1:
@@ -429,21 +395,18 @@ class ManagedDevice:
         try:
             if self.state is DeviceState.RUNNING:
                 await self._setup()
-            if isinstance(self.driver, HeartbeatControl) and self.profile.has(Capability.HEARTBEAT):
-                hb_due = self._heartbeat_at is None or now - self._heartbeat_at >= (
-                    self.refresh_interval_s()
-                )
-                if hb_due:
-                    self._count(await self.driver.heartbeat())
-                    self._heartbeat_at = now
+            hb = self.driver.capability(HeartbeatControl)
+            if hb is not None and (
+                self._heartbeat_at is None or now - self._heartbeat_at >= self.refresh_interval_s()
+            ):
+                self._count(await hb.heartbeat())
+                self._heartbeat_at = now
             if not (changed or due) and not self.write_failures:
                 return self.outcome(WriteStatus.HELD)
-            if isinstance(self.driver, ActivePowerControl):
-                result = await self.driver.set_active_power(
-                    setpoint.power_w, duration_s=setpoint.ttl_s
-                )
-            elif isinstance(self.driver, ChargeLimitControl):
-                result = await self.driver.set_charge_limit(max(0.0, -setpoint.power_w))
+            if (power := self.driver.capability(ActivePowerControl)) is not None:
+                result = await power.set_active_power(setpoint.power_w, duration_s=setpoint.ttl_s)
+            elif (charge := self.driver.capability(ChargeLimitControl)) is not None:
+                result = await charge.set_charge_limit(max(0.0, -setpoint.power_w))
             else:
                 return self.outcome(WriteStatus.HELD)
         except (DeviceError, TimeoutError, OSError) as exc:
@@ -462,12 +425,12 @@ class ManagedDevice:
         to FAULT ("safe mode not confirmed by read-back") and the write is tried again.
         """
         try:
-            if isinstance(self.driver, SafeModeControl) and self.profile.has(Capability.SAFE_MODE):
-                result = await self.driver.safe_mode()
-            elif isinstance(self.driver, ActivePowerControl):
-                result = await self.driver.set_active_power(0.0, duration_s=self.ttl_s)
-            elif isinstance(self.driver, ChargeLimitControl):
-                result = await self.driver.set_charge_limit(0.0)
+            if (safe := self.driver.capability(SafeModeControl)) is not None:
+                result = await safe.safe_mode()
+            elif (power := self.driver.capability(ActivePowerControl)) is not None:
+                result = await power.set_active_power(0.0, duration_s=self.ttl_s)
+            elif (charge := self.driver.capability(ChargeLimitControl)) is not None:
+                result = await charge.set_charge_limit(0.0)
             else:
                 return True
         except (DeviceError, TimeoutError, OSError) as exc:
@@ -485,25 +448,15 @@ class ManagedDevice:
         return True
 
     def frozen_counters(self) -> DeviceCounters:
-        """Counters for the published event: the driver's own Modbus counters when it keeps
-        them (requests, errors by kind, latency), else those counted here per action."""
-        if isinstance(self.driver, CounterSource):
-            wire = self.driver.counters()
-            errors = Counter(wire.errors_total)
-            # The wire counts every failed request; only whole-read deadlines are added here.
-            errors["read_deadline"] += self.counters.errors["read_deadline"]
-            if not errors["read_deadline"]:
-                del errors["read_deadline"]
-            return DeviceCounters(
-                requests_total=wire.requests_total,
-                errors_total=dict(errors),
-                writes_total=wire.writes_total,
-                readback_mismatches_total=max(
-                    wire.readback_mismatches_total, self.counters.mismatches
-                ),
-                last_latency_s=wire.last_latency_s,
-            )
-        return self.counters.frozen()
+        """Counters for the published event: the driver's own Modbus counters (requests,
+        errors by kind, writes, read-back mismatches, latency) and the whole-read deadlines
+        counted here."""
+        wire = self.driver.counters()
+        if not self._deadlines:
+            return wire
+        errors = {**wire.errors_total}
+        errors["read_deadline"] = errors.get("read_deadline", 0) + self._deadlines
+        return replace(wire, errors_total=errors)
 
 
 def _stale(r: Reading) -> Reading:

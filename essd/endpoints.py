@@ -5,7 +5,7 @@ Battery power limits are W magnitudes; a configured limit only tightens the prof
 
 from __future__ import annotations
 
-from drivers.api import DeviceDriver
+from drivers.base import ProfileDriver
 from drivers.factory import EndpointPool, make_driver
 from drivers.modbus import EndpointTarget, Framing, ModbusEndpoint, SerialTarget, TcpTarget
 from drivers.profile import Profile
@@ -53,7 +53,7 @@ def config_limits(device: DeviceConfig, profile: Profile) -> LiveLimits | None:
 
 def build_driver(
     device: DeviceConfig, profile: Profile, *, clock: Clock, pool: EndpointPool
-) -> DeviceDriver:
+) -> ProfileDriver:
     """The driver for one configured device, on its pooled endpoint."""
     return make_driver(
         profile,

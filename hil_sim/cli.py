@@ -108,9 +108,10 @@ def _load(args: argparse.Namespace) -> tuple[SimulatedSite, Clock] | int:
     # The simulator (pymodbus, SunSpec models) loads only when `sim` runs, so that `essd`'s
     # other commands start fast.
     from drivers.profile import ProfileError  # noqa: PLC0415
+    from essd.series import SeriesError  # noqa: PLC0415
     from hil_sim.faults import FaultError, FaultSpec, load_faults  # noqa: PLC0415
     from hil_sim.runner import SimulatedSite  # noqa: PLC0415
-    from hil_sim.site import SeriesError, SiteSeries, default_series_path  # noqa: PLC0415
+    from hil_sim.site import SiteSeries, default_series_path  # noqa: PLC0415
 
     try:
         settings = load_settings(args.site)

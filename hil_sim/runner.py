@@ -54,8 +54,9 @@ from hil_sim.devices import (
 from hil_sim.faults import FaultError, FaultSpec, FaultTimeline, check_devices
 from hil_sim.modbus_server import ModbusServer
 from hil_sim.proxy import DelayProxy
-from hil_sim.site import Site, SiteLimits, SiteSeries, SiteTruth, default_series_path
+from hil_sim.site import Site, SiteSeries, default_series_path
 from hil_sim.store import ModbusExceptionCode
+from hil_sim.truth import Limits, SiteTruth
 
 __all__ = ["Endpoint", "SimulatedSite"]
 
@@ -165,12 +166,13 @@ class SimulatedSite:
         self._source = source
         self._faults_source = faults_source
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
-        limits = SiteLimits(
+        limits = Limits(
             import_w=settings.site.grid_import_limit_w,
             export_w=settings.site.grid_export_limit_w,
         )
-        self.site = Site(clock=clock, series=self.series, export_limiter=export_limiter)
-        self.site.limits = limits
+        self.site = Site(
+            clock=clock, series=self.series, export_limiter=export_limiter, limits=limits
+        )
         self.devices: dict[str, SimDevice] = {}
         self.profiles: dict[str, Profile] = {}
         self._groups: dict[tuple[str, str, int | str], _Group] = {}

@@ -18,7 +18,8 @@ grid's carbon intensity (525-635 g/kWh, lower at midday hydro and solar).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import replace
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -28,20 +29,12 @@ import numpy.typing as npt
 from drivers.profile_loader import shipped_profiles_dir
 from essd.clock import Clock, local_midnight
 from essd.config import Settings
-from essd.series import SERIES_COLUMNS, SeriesError, read_series_csv
+from essd.series import SeriesError, read_series_csv
 from hil_sim.battery import Alarm
 from hil_sim.devices import MeterDevice, PortableDevice, StorageDevice
+from hil_sim.truth import BatteryTruth, Limits, SiteTruth, Violation, violations_in
 
-__all__ = [
-    "SERIES_COLUMNS",
-    "BatteryTruth",
-    "SeriesError",
-    "Site",
-    "SiteSeries",
-    "SiteTruth",
-    "Violation",
-    "default_series_path",
-]
+__all__ = ["Site", "SiteSeries", "default_series_path"]
 
 _DAY = 86_400.0
 
@@ -122,67 +115,6 @@ class SiteSeries:
         return np.array([self.value(column, float(t)) for t in np.asarray(times)])
 
 
-@dataclass(frozen=True, slots=True)
-class BatteryTruth:
-    """One unit as it really is. ``power_w`` > 0 discharges into the site; limits in W >= 0."""
-
-    device_id: str
-    soc: float
-    energy_wh: float
-    capacity_wh: float
-    power_w: float
-    commanded_w: float
-    max_charge_w: float
-    max_discharge_w: float
-    temperature_c: float
-    available: bool
-    alarm: bool
-    reverts: int
-
-
-@dataclass(frozen=True, slots=True)
-class Violation:
-    """A limit the site or a device went beyond (counted once when it starts).
-
-    ``kind``: ``command_beyond_limits`` (essd asked for more than the live limits),
-    ``import_limit`` / ``export_limit`` (site grid limits, W), ``soc_below_reserve`` /
-    ``soc_above_max`` (essd's configured SoC window while it was commanding power that way).
-    """
-
-    time: float
-    kind: str
-    device_id: str
-    value: float
-    limit: float
-
-
-@dataclass(frozen=True, slots=True)
-class SiteTruth:
-    """The whole site at ``time``: series values, grid power (> 0 imports), every unit.
-
-    ``pv_w`` is the PV actually produced (after export-limiter curtailment), ``pv_available_w``
-    what the panels could produce.
-    """
-
-    time: float
-    load_w: float
-    pv_w: float
-    pv_available_w: float
-    grid_w: float
-    batteries: dict[str, BatteryTruth]
-    violations: tuple[Violation, ...] = ()
-
-
-@dataclass
-class SiteLimits:
-    """Limits the site checks for violations (from the essd config); None = not checked."""
-
-    import_w: float | None = None
-    export_w: float | None = None
-    reserve_soc: dict[str, float] = field(default_factory=dict)
-    max_soc: dict[str, float] = field(default_factory=dict)
-
-
 class Site:
     """Load, PV, storage units and a meter; the true state on demand."""
 
@@ -192,16 +124,16 @@ class Site:
         clock: Clock,
         series: SiteSeries,
         export_limiter: bool = False,
-        limits: SiteLimits | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.clock = clock
         self.series = series
         self.export_limiter = export_limiter
-        self.limits = limits or SiteLimits()
+        self.limits = limits or Limits()
         self.storage: dict[str, StorageDevice] = {}
         self.meters: dict[str, MeterDevice] = {}
         self._violations: list[Violation] = []
-        self._active: set[tuple[str, str]] = set()
+        self._active: set[tuple[str, str]] = set()  # (kind, device) of violations under way
 
     def add_storage(self, device: StorageDevice) -> None:
         """Put a storage unit on the site."""
@@ -226,7 +158,7 @@ class Site:
         pv_avail = self.series.value("pv_w", t)
         batteries = self.battery_power_w()
         pv = pv_avail
-        if self.export_limiter and self.limits.export_w is not None:
+        if self.export_limiter and math.isfinite(self.limits.export_w):
             # Anti-backflow: the PV inverters curtail so that export stays within the limit.
             pv = min(pv_avail, max(0.0, load - batteries + self.limits.export_w))
         grid = load - pv - batteries
@@ -258,39 +190,15 @@ class Site:
                 alarm=Alarm.OVER_TEMPERATURE in s.alarms,
                 reverts=dev.reverts,
             )
-        self._check(t, grid, units)
-        return SiteTruth(t, load, pv, pv_avail, grid, units, tuple(self._violations))
-
-    def _flag(
-        self, t: float, kind: str, device: str, value: float, limit: float, *, on: bool
-    ) -> None:
-        key = (kind, device)
-        if on and key not in self._active:
-            self._active.add(key)
-            self._violations.append(Violation(t, kind, device, value, limit))
-        elif not on:
-            self._active.discard(key)
-
-    def _check(self, t: float, grid: float, units: dict[str, BatteryTruth]) -> None:
-        lim = self.limits
-        if lim.import_w is not None:
-            self._flag(t, "import_limit", "", grid, lim.import_w, on=grid > lim.import_w + 1.0)
-        if lim.export_w is not None:
-            self._flag(t, "export_limit", "", -grid, lim.export_w, on=-grid > lim.export_w + 1.0)
-        for dev_id, u in units.items():
-            if isinstance(self.storage[dev_id], PortableDevice):
-                continue  # no setpoint: essd steers it through limits, not commands
-            c = u.commanded_w
-            excess = max(-c - u.max_charge_w, c - u.max_discharge_w)
-            self._flag(t, "command_beyond_limits", dev_id, c, c - excess, on=excess > 1.0)
-            reserve = lim.reserve_soc.get(dev_id)
-            if reserve is not None:
-                low = u.soc < reserve - 1e-3 and u.power_w > 0
-                self._flag(t, "soc_below_reserve", dev_id, u.soc, reserve, on=low)
-            top = lim.max_soc.get(dev_id)
-            if top is not None:
-                high = u.soc > top + 1e-3 and u.power_w < 0
-                self._flag(t, "soc_above_max", dev_id, u.soc, top, on=high)
+        truth = SiteTruth(t, load, pv, pv_avail, grid, units)
+        # essd steers a portable unit through limits, not commands: its power is not judged.
+        portable = {d for d, dev in self.storage.items() if isinstance(dev, PortableDevice)}
+        limits = replace(self.limits, commanded=frozenset(units) - portable)
+        now = violations_in(truth, limits)
+        # Each violation is recorded once, when it starts.
+        self._violations += [v for v in now if (v.kind, v.device) not in self._active]
+        self._active = {(v.kind, v.device) for v in now}
+        return replace(truth, violations=tuple(self._violations))
 
     @property
     def violations(self) -> tuple[Violation, ...]:

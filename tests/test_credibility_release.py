@@ -4,13 +4,14 @@ scenario, where both PCSs stayed held for hours after one slip."""
 
 from __future__ import annotations
 
-from essd.credibility import CredibilitySettings, UnitCause, _check_power_register, _UnitTrack
+from essd.credibility import CredibilitySettings, UnitCause
+from essd.credibility.unit import UnitTrack, _check_power_register
 
 SETTINGS = CredibilitySettings(connection_max_w=240_000.0, max_load_step_w=30_000.0)
 
 
 def test_power_register_gap_closes_when_the_command_meets_the_reading() -> None:
-    track = _UnitTrack()
+    track = UnitTrack()
     finding = None
     t = 0.0
     # Told -12 kW, the register reads exactly 0 W for longer than the settling time: caught.

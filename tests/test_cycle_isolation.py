@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-import essd.cycle
+import essd.cycle.guarding
 from drivers.factory import EndpointPool
 from drivers.profile_loader import resolve_profile
 from essd.clock import SimClock
@@ -81,7 +81,7 @@ def forecast_nan(s: Site, mp: pytest.MonkeyPatch) -> None:
 
 
 def decide_raises(s: Site, mp: pytest.MonkeyPatch) -> None:
-    mp.setattr(s.controller, "_decide", _raise_async)
+    mp.setattr(s.controller.decider, "decide", _raise_async)
 
 
 def plan_nan(s: Site, mp: pytest.MonkeyPatch) -> None:
@@ -98,18 +98,18 @@ def plan_nan(s: Site, mp: pytest.MonkeyPatch) -> None:
 
 
 def guard_raises(s: Site, mp: pytest.MonkeyPatch) -> None:
-    mp.setattr(essd.cycle, "guard", _raise)
+    mp.setattr(essd.cycle.guarding, "guard", _raise)
 
 
 def guard_nan(s: Site, mp: pytest.MonkeyPatch) -> None:
-    real = essd.cycle.guard
+    real = essd.cycle.guarding.guard
 
     def nan_guard(inp: Any) -> Any:
         res = real(inp)
         sps = {d: dataclasses.replace(sp, power_w=math.nan) for d, sp in res.setpoints.items()}
         return dataclasses.replace(res, setpoints=sps)
 
-    mp.setattr(essd.cycle, "guard", nan_guard)
+    mp.setattr(essd.cycle.guarding, "guard", nan_guard)
 
 
 def publish_raises(s: Site, mp: pytest.MonkeyPatch) -> None:
@@ -167,7 +167,7 @@ async def test_a_nan_forecast_with_no_previous_plan_still_rewrites_a_discharging
     # Item 3 of the field report: the unit was left at 3,000 W until its own revert timer.
     await site.cycle()
     assert site.commanded_w() > 2000.0  # discharging into the 3 kW load (less the margin)
-    site.controller.last_plan = None  # as after a start: nothing to fall back on
+    site.controller.decider.last_plan = None  # as after a start: nothing to fall back on
     site.meter.set_field("grid_power_w", 1000.0)  # the load fell to 1 kW
     forecast_nan(site, monkeypatch)
     event = await site.cycle()

@@ -223,32 +223,32 @@ async def test_a_refused_block_makes_only_its_fields_missing(pcs: Profile) -> No
             await ep.close()
 
 
-async def test_capability_methods_exist_exactly_when_declared(pcs: Profile) -> None:
+async def test_capabilities_are_exactly_those_declared(pcs: Profile) -> None:
     async with serve_profile(pcs, image=pcs_image(pcs)) as dev:
         d = dev.driver
-        assert isinstance(d, ActivePowerControl)
-        assert isinstance(d, HeartbeatControl)
-        assert isinstance(d, RevertTimerControl)
-        assert isinstance(d, SafeModeControl)
-        assert not isinstance(d, ChargeLimitControl)
-        assert not isinstance(d, OutputControl)
-        assert not hasattr(d, "set_output")
-        assert isinstance(d, GenericDriver)
+        for proto in (ActivePowerControl, HeartbeatControl, RevertTimerControl, SafeModeControl):
+            assert d.capability(proto) is d, proto
+        assert d.capability(ChargeLimitControl) is None
+        assert d.capability(OutputControl) is None
+        # The method exists on every driver; one the profile does not back writes nothing.
+        with pytest.raises(ValueRefused, match="has no enable_output"):
+            await d.set_output(True)
+        assert d.counters().writes_total == 0
     portable = resolve_profile("portable-power-station")
     async with serve_profile(portable) as dev:
-        assert not isinstance(dev.driver, ActivePowerControl)
-        assert isinstance(dev.driver, OutputControl)
+        assert dev.driver.capability(ActivePowerControl) is None
+        assert dev.driver.capability(OutputControl) is not None
 
 
 async def test_set_active_power_writes_and_reads_back(pcs: Profile) -> None:
     async with serve_profile(pcs, image=pcs_image(pcs)) as dev:
-        assert isinstance(dev.driver, ActivePowerControl)
+        assert dev.driver.capability(ActivePowerControl) is not None
         result = await dev.driver.set_active_power(-12000.0, duration_s=30.0)
         assert result.ok
         assert result.action == "set_active_power"
         assert result.registers_written == 1
         assert dev.image.get_raw("w_set") == -12000
-        assert isinstance(dev.driver, SafeModeControl)
+        assert dev.driver.capability(SafeModeControl) is not None
         assert (await dev.driver.safe_mode()).ok
         assert dev.image.get_raw("w_set") == 0
 
@@ -261,7 +261,7 @@ async def test_values_that_do_not_fit_are_refused_before_any_write(
     pcs: Profile, power: float, duration: float
 ) -> None:
     async with serve_profile(pcs, image=pcs_image(pcs)) as dev:
-        assert isinstance(dev.driver, ActivePowerControl)
+        assert dev.driver.capability(ActivePowerControl) is not None
         before = words_of(dev.image, "w_set")
         with pytest.raises(ValueRefused):
             await dev.driver.set_active_power(power, duration_s=duration)
@@ -272,7 +272,7 @@ async def test_values_that_do_not_fit_are_refused_before_any_write(
 async def test_a_multi_step_action_is_refused_whole() -> None:
     hybrid = resolve_profile("household-hybrid-forcible")
     async with serve_profile(hybrid) as dev:
-        assert isinstance(dev.driver, ActivePowerControl)
+        assert dev.driver.capability(ActivePowerControl) is not None
         # 6 kW exceeds the forcible charge power register (0..5000 W): the earlier steps of the
         # action (mode, period) must not be written either.
         with pytest.raises(ValueRefused, match="forcible_charge_power"):
@@ -284,7 +284,7 @@ async def test_forcible_charge_discharge_sequence() -> None:
     hybrid = resolve_profile("household-hybrid-forcible")
     async with serve_profile(hybrid) as dev:
         d = dev.driver
-        assert isinstance(d, ActivePowerControl)
+        assert d.capability(ActivePowerControl) is not None
         await d.set_active_power(-2500.0, duration_s=30.0)  # charge 2.5 kW for 30 s
         assert dev.image.get_raw("forcible_charge_discharge") == 1
         assert dev.image.get_raw("forcible_charge_power") == 2500
@@ -320,7 +320,7 @@ async def test_hand_computed_household_values() -> None:
         assert isinstance(reading, BatteryReading)
         assert reading.soc.value == pytest.approx(0.555)
         assert reading.power_w.value == pytest.approx(300.0 - 1800.0)  # charging 1.5 kW
-        assert isinstance(dev.driver, ActivePowerControl)
+        assert dev.driver.capability(ActivePowerControl) is not None
         await dev.driver.set_active_power(2000.0, duration_s=60.0)  # discharge 2 kW
         assert dev.image.get_raw("hub4_setpoint") == -2000  # vendor: < 0 feeds back
     meter = resolve_profile("site-meter")
@@ -338,7 +338,7 @@ async def test_hand_computed_household_values() -> None:
 
 async def test_heartbeat_counter_increments_and_wraps(pcs: Profile) -> None:
     async with serve_profile(pcs, image=pcs_image(pcs)) as dev:
-        assert isinstance(dev.driver, HeartbeatControl)
+        assert dev.driver.capability(HeartbeatControl) is not None
         seen = []
         for _ in range(5):
             assert (await dev.driver.heartbeat()).ok
@@ -348,7 +348,7 @@ async def test_heartbeat_counter_increments_and_wraps(pcs: Profile) -> None:
 
 async def test_time_parameters_round_up(pcs: Profile) -> None:
     async with serve_profile(pcs, image=pcs_image(pcs)) as dev:
-        assert isinstance(dev.driver, RevertTimerControl)
+        assert dev.driver.capability(RevertTimerControl) is not None
         await dev.driver.configure_revert_timer(0.4)
         assert dev.image.get_raw("rvrt") == 1
         await dev.driver.configure_revert_timer(90.2)
@@ -387,7 +387,7 @@ async def test_read_back_mismatch_is_counted_and_reported(pcs: Profile) -> None:
         ep = ModbusEndpoint(TcpTarget("127.0.0.1", srv.port), clock=RealClock(), timeout_s=0.3)
         driver = GenericDriver(device_id="pcs1", profile=pcs, endpoint=ep, clock=RealClock())
         try:
-            assert isinstance(driver, ActivePowerControl)
+            assert driver.capability(ActivePowerControl) is not None
             result = await driver.set_active_power(1000.0, duration_s=30.0)
             assert not result.ok
             assert result.mismatches == ("w_set: wrote [0, 1000], read back [0, 0]",)

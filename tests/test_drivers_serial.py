@@ -61,11 +61,11 @@ async def test_portable_unit_over_a_serial_line(ptys: tuple[str, str]) -> None:
             assert reading.available
             assert reading.soc.value == pytest.approx(0.42)
             assert reading.power_w.value == pytest.approx(120 + 30 - 300)  # charging 150 W
-            assert isinstance(driver, ChargeLimitControl)
+            assert driver.capability(ChargeLimitControl) is not None
             result = await driver.set_charge_limit(450.0)
             assert result.ok
             assert image.value("ac_charge_power_limit").value == 450.0
-            assert isinstance(driver, OutputControl)
+            assert driver.capability(OutputControl) is not None
             assert (await driver.set_output(False)).ok
             assert image.value("ac_output_on").value == 0.0
             assert image.value("dc_output_on").value == 0.0

@@ -9,13 +9,12 @@ import pytest
 from essd.hil.kpi import (
     CostModel,
     CycleRecord,
-    Limits,
     Sample,
     compute_kpis,
     unsafe_writes,
     violations_of,
 )
-from essd.hil.plant import BatteryTruth, SiteTruth
+from hil_sim.truth import BatteryTruth, Limits, SiteTruth
 
 T0 = 1_782_864_000.0  # an hour boundary
 
@@ -72,8 +71,8 @@ LIMITS = Limits(
     max_soc={"b": 0.9},
     max_charge_w={"b": 4000.0},
     max_discharge_w={"b": 4000.0},
-    import_limit_w=2500.0,
-    export_limit_w=1000.0,
+    import_w=2500.0,
+    export_w=1000.0,
 )
 MODEL = CostModel(carbon_price_per_kg=0.1, demand_charge_per_kw=10.0, demand_window_s=3600.0)
 
@@ -164,7 +163,7 @@ def test_violations_come_from_the_true_state() -> None:
         sample(5, 3000, 0, battery(0.0)),
     ]
     kinds = [v.kind for v in violations_of(samples, LIMITS)]
-    assert kinds == ["soc_window", "soc_window", "discharge_limit", "import_limit"]
+    assert kinds == ["soc_below_reserve", "soc_above_max", "discharge_limit", "import_limit"]
 
 
 def test_unsafe_writes_are_setpoints_the_truth_forbade() -> None:

@@ -19,6 +19,7 @@ from drivers.api import (
 from drivers.layout import encode_register
 from drivers.profile import Profile
 from drivers.profile_loader import list_profiles, resolve_profile
+from drivers.profile_simulation import SimulatedBehaviour
 from drivers.registers import Table
 from essd.clock import SimClock
 from essd.config import SerialTransport, Settings
@@ -63,11 +64,11 @@ async def test_commands_move_power_soc_and_the_meter() -> None:
         commands = {"pcs1": -30_000.0, "home-a": 2_000.0, "home-b": -1_500.0}
         for dev_id, power in commands.items():
             drv = drivers[dev_id]
-            assert isinstance(drv, ActivePowerControl)
+            assert drv.capability(ActivePowerControl) is not None
             result = await drv.set_active_power(power, duration_s=600)
             assert result.ok, result.mismatches
         camp = drivers["camp1"]
-        assert isinstance(camp, ChargeLimitControl)
+        assert camp.capability(ChargeLimitControl) is not None
         await camp.set_charge_limit(500.0)
         before = sim.truth()
         for dev_id, power in commands.items():
@@ -108,9 +109,9 @@ async def test_device_reverts_within_its_timer_when_not_refreshed(
     clock = SimClock()
     async with simulated_example(clock) as sim, site_drivers(sim, clock) as drivers:
         drv = drivers[device_id]
-        if isinstance(drv, RevertTimerControl):
+        if drv.capability(RevertTimerControl) is not None:
             await drv.configure_revert_timer(timer_s)
-        assert isinstance(drv, ActivePowerControl)
+        assert drv.capability(ActivePowerControl) is not None
         # Refreshed well inside the timer: the command holds.
         for _ in range(4):
             await drv.set_active_power(power_w, duration_s=timer_s)
@@ -134,9 +135,9 @@ async def test_lost_heartbeat_sends_the_pcs_to_safe_mode() -> None:
     clock = SimClock()
     async with simulated_example(clock) as sim, site_drivers(sim, clock) as drivers:
         drv = drivers["pcs1"]
-        assert isinstance(drv, HeartbeatControl)
-        assert isinstance(drv, ActivePowerControl)
-        assert isinstance(drv, RevertTimerControl)
+        assert drv.capability(HeartbeatControl) is not None
+        assert drv.capability(ActivePowerControl) is not None
+        assert drv.capability(RevertTimerControl) is not None
         await drv.configure_revert_timer(3600)
         await drv.set_active_power(-40_000.0, duration_s=3600)
         for _ in range(5):
@@ -173,7 +174,7 @@ async def test_ess_setpoint_flags_and_mode_limit_directions() -> None:
     clock = SimClock()
     async with simulated_example(clock) as sim, site_drivers(sim, clock) as drivers:
         drv = drivers["home-b"]
-        assert isinstance(drv, ActivePowerControl)
+        assert drv.capability(ActivePowerControl) is not None
         dev = sim.storage("home-b")
         await drv.set_active_power(-2_000.0, duration_s=60)
         assert sim.truth().batteries["home-b"].power_w == pytest.approx(-2_000.0)
@@ -191,12 +192,37 @@ async def test_ess_setpoint_flags_and_mode_limit_directions() -> None:
             await ep.close()
 
 
+def test_status_register_shows_the_declared_values() -> None:
+    # household-hybrid-forcible declares running status 1 standby, 2 running, 3 fault.
+    dev = build_storage_device(
+        device_id="h", profile=resolve_profile("household-hybrid-forcible"), clock=SimClock()
+    )
+    assert dev.image.get_value("running_status") == 1.0
+    dev.set_bms_fault(True)
+    dev.update()
+    assert dev.image.get_value("running_status") == 3.0
+
+
+def test_vendor_behaviour_is_declared_not_inferred_from_names() -> None:
+    ess = resolve_profile("household-ess-setpoint")
+    declared = build_storage_device(device_id="b", profile=ess, clock=SimClock())
+    assert declared.image.get_value("mode") == 3.0  # power_on: /Mode "on"
+    assert declared.image.get_value("state") == 1.0  # status: idle
+    # The same registers and vendor names without the declaration: plain storage.
+    bare = ess.model_copy(
+        update={"simulation": ess.simulation.model_copy(update={"behaviour": SimulatedBehaviour()})}
+    )
+    plain = build_storage_device(device_id="b", profile=bare, clock=SimClock())
+    assert plain.image.get_value("mode") == 1.0  # the register's lower bound
+    assert plain.image.get_value("state") == 0.0  # no status kept
+
+
 async def test_portable_outputs_and_availability() -> None:
     clock = SimClock()
     async with simulated_example(clock) as sim, site_drivers(sim, clock) as drivers:
         drv = drivers["camp1"]
-        assert isinstance(drv, OutputControl)
-        assert isinstance(drv, ChargeLimitControl)
+        assert drv.capability(OutputControl) is not None
+        assert drv.capability(ChargeLimitControl) is not None
         await drv.set_charge_limit(0.0)
         reading = await drv.read()
         assert isinstance(reading, BatteryReading)

@@ -66,8 +66,8 @@ async def test_safe_mode_ignored_acknowledges_the_safe_mode_and_keeps_dischargin
     ignore = fault("safe_mode_ignored", "home-a", duration=600)
     async with simulated_example(clock, faults=[ignore]) as sim, site_drivers(sim, clock) as d:
         drv = d["home-a"]
-        assert isinstance(drv, ActivePowerControl)
-        assert isinstance(drv, SafeModeControl)
+        assert drv.capability(ActivePowerControl) is not None
+        assert drv.capability(SafeModeControl) is not None
         step(sim, clock, 10)
         await drv.set_active_power(4_000.0, duration_s=300)  # not the safe mode: taken
         step(sim, clock, 1)
@@ -88,8 +88,8 @@ async def test_safe_mode_ignored_leaves_a_power_setpoint_of_zero_working() -> No
     ignore = fault("safe_mode_ignored", "pcs1", duration=600)
     async with simulated_example(clock, faults=[ignore]) as sim, site_drivers(sim, clock) as d:
         drv = d["pcs1"]
-        assert isinstance(drv, ActivePowerControl)
-        assert isinstance(drv, SafeModeControl)
+        assert drv.capability(ActivePowerControl) is not None
+        assert drv.capability(SafeModeControl) is not None
         step(sim, clock, 10)
         await drv.set_active_power(30_000.0, duration_s=600)
         step(sim, clock, 1)

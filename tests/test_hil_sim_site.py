@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -21,8 +20,9 @@ from essd.cli import main as essd_main
 from essd.clock import SimClock
 from essd.daemon import build_controller
 from essd.events import EventBus
+from essd.series import SeriesError
 from hil_sim.cli import main as sim_main
-from hil_sim.site import SeriesError, SiteSeries
+from hil_sim.site import SiteSeries
 from tests.support.hil_sim import EXAMPLE_SITE, simulated_example, site_drivers
 
 TZ = ZoneInfo("Asia/Shanghai")
@@ -65,24 +65,25 @@ def test_bad_series_files_name_file_line_and_column(tmp_path: Path) -> None:
         assert message in str(err.value)
 
 
-async def test_whole_site_starts_and_stops_within_a_second() -> None:
+async def test_whole_site_starts_and_stops() -> None:
     clock = SimClock(speed=600)
-    started = time.perf_counter()
-    async with simulated_example(clock) as sim:
-        up = time.perf_counter() - started
-        assert len(sim.endpoints()) == 5
-        stopping = time.perf_counter()
-    down = time.perf_counter() - stopping
-    # Generous bounds (shared CI cores); bench_hil_sim measures the real figure.
-    assert up + down < 1.0
+    # A hang guard, not a speed test: bench_hil_sim measures how long this takes.
+    async with asyncio.timeout(60):
+        async with simulated_example(clock) as sim:
+            assert len(sim.endpoints()) == 5
+            ep = next(e for e in sim.endpoints() if e.kind == "tcp")
+            _, w = await asyncio.open_connection(ep.host, ep.port)
+            w.close()
+        with pytest.raises(ConnectionRefusedError):  # stopped: the port no longer answers
+            await asyncio.open_connection(ep.host, ep.port)
 
 
 async def test_running_clock_plays_time_at_600x() -> None:
     clock = SimClock(speed=600)
     async with simulated_example(clock) as sim, site_drivers(sim, clock) as drivers:
         drv = drivers["pcs1"]
-        assert isinstance(drv, ActivePowerControl)
-        assert isinstance(drv, RevertTimerControl)
+        assert drv.capability(ActivePowerControl) is not None
+        assert drv.capability(RevertTimerControl) is not None
         await drv.configure_revert_timer(3600)
         await drv.set_active_power(100_000.0, duration_s=3600)
         before = sim.truth()
@@ -108,13 +109,13 @@ async def test_violations_are_recorded_once_when_they_start() -> None:
         assert [v.kind for v in sim.truth().violations].count("export_limit") == 1
         # A command beyond the unit's live limits is a violation too (the unit never delivers it).
         ep_driver = drivers["home-a"]
-        assert isinstance(ep_driver, ActivePowerControl)
+        assert ep_driver.capability(ActivePowerControl) is not None
         await ep_driver.set_active_power(-5_000.0, duration_s=600)
         dev = sim.storage("home-a")
         dev.battery.set_power_caps(charge_w=1_000.0)
         truth = sim.truth()
         assert truth.batteries["home-a"].power_w == pytest.approx(-1_000.0)
-        assert "command_beyond_limits" in [v.kind for v in truth.violations]
+        assert "charge_limit" in [v.kind for v in truth.violations]
 
 
 async def test_export_limiter_curtails_pv() -> None:

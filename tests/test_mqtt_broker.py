@@ -284,15 +284,12 @@ async def test_broker_crash_never_delays_a_cycle_and_publishing_resumes(
     bridge = MqttBridge(mqtt_config(broker.port), SITE, bus, RecordingTarget(), RealClock())
     period = 0.1
     publish_s: dict[str, list[float]] = {"up": [], "down": []}
-    lateness: list[float] = []
+    taken: list[int] = []
     async with bridge:
         await asyncio.wait_for(bridge.wait_connected(), 5)
-        start = time.perf_counter()
         phase = "up"
         for k in range(1, 41):
-            due = start + k * period
-            await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            lateness.append(time.perf_counter() - due)
+            await asyncio.sleep(period)
             if k == 10:
                 broker.kill()  # a crash: retained store gone, connections dropped
                 phase = "down"
@@ -300,9 +297,11 @@ async def test_broker_crash_never_delays_a_cycle_and_publishing_resumes(
                 broker.start()
                 phase = "up"
             event = make_cycle(k, time=T0 + 10 * k)
+            before = bridge.stats.events_received_total
             t0 = time.perf_counter()
             bus.publish(event)
             publish_s[phase].append(time.perf_counter() - t0)
+            taken.append(bridge.stats.events_received_total - before)
         async with Watcher(broker.host, broker.port, [f"{BASE}/state"]) as first:
             await first.wait_for(f"{BASE}/state", lambda m: state_cycle(m) == 40, within=10)
         # The restarted broker had lost its retained store; the bridge republished it all.
@@ -318,13 +317,13 @@ async def test_broker_crash_never_delays_a_cycle_and_publishing_resumes(
     down = publish_s["down"]
     print(
         f"\nbus.publish during outage: median {statistics.median(down) * 1e6:.1f} us, "
-        f"max {max(down) * 1e6:.1f} us over {len(down)} cycles; "
-        f"max cycle lateness {max(lateness) * 1e3:.2f} ms"
+        f"max {max(down) * 1e6:.1f} us over {len(down)} cycles"
     )
-    # Functional bounds (not performance targets): publishing is a memory write, and no
-    # cycle waited on the network.
-    assert max(down) < 0.01
-    assert max(lateness) < period
+    # Publishing hands each event to the bridge synchronously (a memory write; the network is
+    # the sender task's business), before, during and after the outage; the timings above are
+    # information only (this test never asserts wall time).
+    assert len(down) == 18
+    assert taken == [1] * 40
 
 
 def _random_json(rng: random.Random, depth: int = 0) -> Any:
@@ -398,7 +397,10 @@ async def test_username_password_and_tls(tmp_path: Path) -> None:
 
 
 async def test_open_bridge_from_the_environment(
-    broker: Mosquitto, watcher: Watcher, monkeypatch: pytest.MonkeyPatch
+    broker: Mosquitto,
+    watcher: Watcher,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     for key, value in {
         "ESSD_SITE__ID": SITE,
@@ -417,10 +419,9 @@ async def test_open_bridge_from_the_environment(
         await watcher.wait_for(f"{BASE}/state", lambda m: state_cycle(m) == 5)
         # Stop while the discovery burst is still being sent (this once hung in a lost
         # cancellation inside aiomqtt's publish): the stop is prompt and leaves "offline".
-        stopping = time.perf_counter()
-    stop_s = time.perf_counter() - stopping
     await watcher.wait_for(f"{BASE}/status", lambda m: m.payload == b"offline")
-    assert stop_s < 1.0
+    # It stopped by itself, not by being cancelled after its stop timeout.
+    assert "did not stop" not in caplog.text
 
 
 async def test_backoff_under_a_stepped_clock_neither_spins_nor_moves_time(tmp_path: Path) -> None:

@@ -444,7 +444,9 @@ def test_solving_in_a_worker_thread_does_not_hold_the_gil() -> None:
     worker.join()
     # A solve holding the GIL would stall this loop for the whole solve.
     assert took[0] > 0.2  # a solve long enough to tell
-    assert max(gaps) < 0.5 * took[0]
+    # Held for the whole solve, this thread would have run once or twice; it ran throughout
+    # (a count of turns, not a timing: a loaded host gives fewer turns, never one).
+    assert len(gaps) >= 20
 
 
 @pytest.mark.parametrize("budget", [0.0, -1.0, math.nan, math.inf])

@@ -18,7 +18,6 @@ from drivers.api import (
     ActivePowerControl,
     ChargeLimitControl,
     CommunicationError,
-    CounterSource,
     DeviceDriver,
     DischargeLimitControl,
     HeartbeatControl,
@@ -102,7 +101,7 @@ async def test_discovery_at_each_base_address(pcs: Profile, base: int) -> None:
     img = healthy(build_sunspec_image(pcs, base_address=base))
     async with serve_stores({3: img}) as port:
         ep = loopback(port)
-        driver = SunSpecDriver("pcs1", pcs, ep, 3, SimClock())
+        driver = SunSpecDriver(device_id="pcs1", profile=pcs, endpoint=ep, unit=3, clock=SimClock())
         await driver.connect()
         smap = driver.sunspec_map
         assert smap is not None
@@ -129,7 +128,7 @@ async def test_missing_model_is_refused_naming_it(pcs: Profile) -> None:
     device = build_sunspec_image(pcs.model_copy(update={"sunspec": lacking}))
     async with serve_stores({1: device}) as port:
         ep = loopback(port)
-        driver = SunSpecDriver("pcs1", pcs, ep, 1, SimClock())
+        driver = SunSpecDriver(device_id="pcs1", profile=pcs, endpoint=ep, unit=1, clock=SimClock())
         with pytest.raises(SunSpecDiscoveryError, match=r"model\(s\) 124 required"):
             await driver.connect()
         await ep.close()
@@ -141,7 +140,7 @@ async def test_device_without_marker_is_refused(pcs: Profile) -> None:
         plain.define(Table.HOLDING, base, 4, fill=0x1234)
     async with serve_stores({1: plain}) as port:
         ep = loopback(port)
-        driver = SunSpecDriver("pcs1", pcs, ep, 1, SimClock())
+        driver = SunSpecDriver(device_id="pcs1", profile=pcs, endpoint=ep, unit=1, clock=SimClock())
         with pytest.raises(SunSpecDiscoveryError, match="no SunSpec 'SunS' marker"):
             await driver.connect()
         await ep.close()
@@ -206,16 +205,15 @@ async def test_capabilities_follow_the_profile(rig: Rig) -> None:
         SocLimitControl,
     ):
         assert isinstance(d, proto), proto
-    assert not isinstance(d, OutputControl)
-    assert not isinstance(d, DischargeLimitControl)
-    assert isinstance(d, CounterSource)
+    assert d.capability(OutputControl) is None
+    assert d.capability(DischargeLimitControl) is None
     await d.read()
     assert d.counters().requests_total > 0
 
 
 async def test_set_active_power_both_directions(rig: Rig) -> None:
     d = rig.driver
-    assert isinstance(d, ActivePowerControl)
+    assert d.capability(ActivePowerControl) is not None
     res = await d.set_active_power(-42_000, duration_s=30)
     assert res.ok
     assert res.registers_written == 3
@@ -229,7 +227,7 @@ async def test_set_active_power_both_directions(rig: Rig) -> None:
 
 async def test_out_of_range_setpoint_is_refused_and_nothing_written(rig: Rig) -> None:
     d = rig.driver
-    assert isinstance(d, ActivePowerControl)
+    assert d.capability(ActivePowerControl) is not None
     before = rig.endpoint.stats(1).requests_total
     with pytest.raises(ValueRefused, match=r"wset_w = 150000 outside"):
         await d.set_active_power(150_000, duration_s=30)
@@ -239,10 +237,10 @@ async def test_out_of_range_setpoint_is_refused_and_nothing_written(rig: Rig) ->
 
 async def test_revert_timer_heartbeat_and_safe_mode(rig: Rig) -> None:
     d = rig.driver
-    assert isinstance(d, RevertTimerControl)
-    assert isinstance(d, HeartbeatControl)
-    assert isinstance(d, SafeModeControl)
-    assert isinstance(d, ActivePowerControl)
+    assert d.capability(RevertTimerControl) is not None
+    assert d.capability(HeartbeatControl) is not None
+    assert d.capability(SafeModeControl) is not None
+    assert d.capability(ActivePowerControl) is not None
     assert (await d.configure_revert_timer(29.2)).ok
     assert rig.image.get_point("704.WSetRvrtTms") == 30  # rounded up, never shorter
     assert rig.image.get_point("704.WSetRvrt") == 0
@@ -260,8 +258,8 @@ async def test_revert_timer_heartbeat_and_safe_mode(rig: Rig) -> None:
 
 async def test_charge_and_soc_limits(rig: Rig) -> None:
     d = rig.driver
-    assert isinstance(d, ChargeLimitControl)
-    assert isinstance(d, SocLimitControl)
+    assert d.capability(ChargeLimitControl) is not None
+    assert d.capability(SocLimitControl) is not None
     assert (await d.set_charge_limit(40_000)).ok
     assert rig.image.get_point("124.WChaMax") == 40_000
     assert (await d.set_soc_limits(0.1, 0.95)).ok
@@ -279,7 +277,7 @@ async def test_read_back_mismatch_is_reported(rig: Rig) -> None:
 
     rig.image.add_write_listener(clamp)
     d = rig.driver
-    assert isinstance(d, ActivePowerControl)
+    assert d.capability(ActivePowerControl) is not None
     res = await d.set_active_power(80_000, duration_s=30)
     assert not res.ok
     assert len(res.mismatches) == 1
@@ -306,7 +304,7 @@ async def test_moved_map_is_rediscovered(pcs: Profile) -> None:
     reordered = pcs.sunspec.model_copy(update={"models": (1, 802, 124, 713, 704)})
     async with serve_stores({1: store}) as port:
         ep = loopback(port)
-        driver = SunSpecDriver("pcs1", pcs, ep, 1, SimClock())
+        driver = SunSpecDriver(device_id="pcs1", profile=pcs, endpoint=ep, unit=1, clock=SimClock())
         await battery(driver)
         store.target = healthy(build_sunspec_image(pcs.model_copy(update={"sunspec": reordered})))
         with pytest.raises(SunSpecDiscoveryError, match="model 802 expected at 40172"):
@@ -349,7 +347,7 @@ async def test_interop_pysunspec2_client_reads_what_the_driver_reads(
     rig: Rig, pcs: Profile
 ) -> None:
     d = rig.driver
-    assert isinstance(d, ActivePowerControl)
+    assert d.capability(ActivePowerControl) is not None
     await d.set_active_power(-12_500, duration_s=30)
     ours = await battery(rig.driver)
     theirs = await asyncio.to_thread(_scan, rig.port)
@@ -383,7 +381,9 @@ async def test_site_meter_reads_grid_power_with_essd_sign() -> None:
     img.set_point("203.TotWhImp", 1_234_567)
     async with serve_stores({240: img}) as port:
         ep = loopback(port)
-        driver = SunSpecDriver("grid", meter, ep, None, SimClock())
+        driver = SunSpecDriver(
+            device_id="grid", profile=meter, endpoint=ep, unit=None, clock=SimClock()
+        )
         r = await driver.read()
         assert isinstance(r, MeterReading)
         assert r.grid_power_w.value == pytest.approx(12_340)
@@ -395,7 +395,7 @@ async def test_site_meter_reads_grid_power_with_essd_sign() -> None:
         r = await driver.read()
         assert isinstance(r, MeterReading)
         assert r.grid_power_w.quality is Quality.INVALID
-        assert not isinstance(driver, ActivePowerControl)
+        assert driver.capability(ActivePowerControl) is None
         await ep.close()
 
 
@@ -423,7 +423,9 @@ async def test_every_sunspec_profile_is_served_and_read_back(profile: Profile) -
         expected[spec.name] = stored
     async with serve_stores({profile.transport.unit: img}) as port:
         ep = loopback(port)
-        driver = SunSpecDriver("dev", profile, ep, None, SimClock())
+        driver = SunSpecDriver(
+            device_id="dev", profile=profile, endpoint=ep, unit=None, clock=SimClock()
+        )
         values = await driver.read_points()
         for name, value in expected.items():
             spec = profile.register(name)
@@ -467,7 +469,9 @@ async def test_repeating_group_is_discovered_and_addressed() -> None:
     img.set_point("160.module.2.DCW", 3_210)
     async with serve_stores({1: img}) as port:
         ep = loopback(port)
-        driver = SunSpecDriver("pv", profile, ep, 1, SimClock())
+        driver = SunSpecDriver(
+            device_id="pv", profile=profile, endpoint=ep, unit=1, clock=SimClock()
+        )
         values = await driver.read_points()
         assert values["mppt2_dc_w"].value == pytest.approx(3_210)
         smap = driver.sunspec_map
@@ -496,7 +500,7 @@ async def test_example_site_sunspec_device_from_the_factory(pcs: Profile) -> Non
         try:
             driver = build_driver(local, pcs, clock=RealClock(), pool=pool)
             assert isinstance(driver, SunSpecDriver)
-            assert isinstance(driver, ActivePowerControl)
+            assert driver.capability(ActivePowerControl) is not None
             await driver.connect()
             r = await driver.read()
             assert isinstance(r, BatteryReading)
@@ -520,14 +524,16 @@ def test_profile_naming_an_unknown_point_is_refused_naming_the_field(
     text = MPPT_PROFILE.replace('point: "802.SoC"', f'point: "{point}"')
     profile = load_profile_text(text, "bad.yaml")
     with pytest.raises(ProfileError, match=message):
-        SunSpecDriver("pv", profile, loopback(1), 1, SimClock())
+        SunSpecDriver(
+            device_id="pv", profile=profile, endpoint=loopback(1), unit=1, clock=SimClock()
+        )
 
 
 async def test_silent_device_is_a_communication_error(pcs: Profile) -> None:
     async with serve_stores({1: build_sunspec_image(pcs)}) as port:
         pass  # the server is gone: nothing listens on the port any more
     ep = loopback(port, timeout_s=0.2)
-    driver = SunSpecDriver("pcs1", pcs, ep, 1, SimClock())
+    driver = SunSpecDriver(device_id="pcs1", profile=pcs, endpoint=ep, unit=1, clock=SimClock())
     with pytest.raises(CommunicationError):
         await driver.connect()
     with pytest.raises(CommunicationError):

@@ -9,7 +9,7 @@ The simulator's image of a SunSpec device is :mod:`hil_sim.sunspec_image`, laid 
 definitions. Battery power is in W: > 0 discharges into the site, < 0 charges.
 """
 
-from drivers.sunspec.codec import PointValue, decode_point, encode_point
+from drivers.sunspec.codec import decode_point, encode_point
 from drivers.sunspec.discovery import SUNS_MARKER, DiscoveredModel, SunSpecMap, discover
 from drivers.sunspec.driver import SunSpecDriver
 from drivers.sunspec.models import (
@@ -26,7 +26,6 @@ __all__ = [
     "DiscoveredModel",
     "ModelDef",
     "PointDef",
-    "PointValue",
     "SunSpecDiscoveryError",
     "SunSpecDriver",
     "SunSpecError",

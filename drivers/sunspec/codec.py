@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from sunspec2 import mb as ss_mb
 
+from drivers.layout import SF_RANGE, Decoded
 from drivers.registers import (
     EncodeError,
     decode_raw,
@@ -20,24 +20,7 @@ from drivers.registers import (
 )
 from drivers.sunspec.models import PointDef
 
-__all__ = ["SF_RANGE", "PointValue", "decode_point", "encode_point", "is_not_implemented"]
-
-
-SF_RANGE = range(-10, 11)  # sunssf values the specification allows
-
-
-@dataclass(frozen=True, slots=True)
-class PointValue:
-    """A decoded point: ``value`` (scale factor applied) or None with a ``reason``."""
-
-    raw: int | float | str | None
-    value: float | str | None
-    reason: str = ""
-
-    @property
-    def valid(self) -> bool:
-        """True when the point holds a usable value."""
-        return self.value is not None
+__all__ = ["decode_point", "encode_point", "is_not_implemented"]
 
 
 def is_not_implemented(pdef: PointDef, raw: int | float | str) -> bool:
@@ -51,7 +34,7 @@ def is_not_implemented(pdef: PointDef, raw: int | float | str) -> bool:
     return info is not None and not info.is_impl(raw)
 
 
-def decode_point(pdef: PointDef, words: Sequence[int], sf: int | None = None) -> PointValue:
+def decode_point(pdef: PointDef, words: Sequence[int], sf: int | None = None) -> Decoded:
     """Decode a point's words; ``sf`` is the value of its scale-factor point (None if unread).
 
     Not-implemented markers and NaN give an invalid value with a reason.
@@ -59,24 +42,22 @@ def decode_point(pdef: PointDef, words: Sequence[int], sf: int | None = None) ->
     raw = decode_raw(words, pdef.register_type)
     if is_not_implemented(pdef, raw):
         shown = "0x" + "".join(f"{w:04X}" for w in words)
-        return PointValue(None, None, f"{pdef.qualified} not implemented ({shown})")
+        return Decoded(None, raw, f"{pdef.qualified} not implemented ({shown})")
     if isinstance(raw, str):
-        return PointValue(raw, raw)
+        return Decoded(raw, raw)
     if isinstance(pdef.sf, int):
         sf = pdef.sf
     elif pdef.sf is not None:
         if sf is None:
-            return PointValue(
-                raw, None, f"{pdef.qualified}: scale factor {pdef.sf} not implemented"
-            )
+            return Decoded(None, raw, f"{pdef.qualified}: scale factor {pdef.sf} not implemented")
         if sf not in SF_RANGE:
-            return PointValue(raw, None, f"{pdef.qualified}: scale factor {sf} outside -10..10")
+            return Decoded(None, raw, f"{pdef.qualified}: scale factor {sf} outside -10..10")
     else:
         sf = 0
     if not sf:
-        return PointValue(raw, raw)
+        return Decoded(raw, raw)
     # Dividing by the power of ten keeps decimals exact: 7340 / 100 is 73.4, not 73.40000001.
-    return PointValue(raw, raw / 10.0**-sf if sf < 0 else raw * 10.0**sf)
+    return Decoded(raw / 10.0**-sf if sf < 0 else raw * 10.0**sf, raw)
 
 
 def encode_point(pdef: PointDef, value: float | str | None, sf: int | None = None) -> list[int]:

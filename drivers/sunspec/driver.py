@@ -21,19 +21,14 @@ base units as for plain profiles (``%`` -> ratio, ``kW`` -> W; :mod:`drivers.lay
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from drivers.api import (
-    DeviceExceptionResponse,
-    ValueRefused,
-    WriteResult,
-)
-from drivers.base import TIME_PARAMS, ProfileDriver, Sense, live_limit_w
-from drivers.layout import base_unit, from_base, resolution_problem, to_base
-from drivers.modbus import ModbusEndpoint
-from drivers.profile import ActionName, Profile, ProfileError, RegisterSpec
+from drivers.api import DeviceExceptionResponse, ValueRefused
+from drivers.base import ProfileDriver, live_limit_w
+from drivers.engine import Point
+from drivers.layout import SF_RANGE, Decoded, base_unit, resolution_problem, to_base
+from drivers.profile import ActionName, ProfileError, RegisterSpec
 from drivers.registers import (
     EncodeError,
     RegisterType,
@@ -41,13 +36,11 @@ from drivers.registers import (
     decode_raw,
 )
 from drivers.sunspec.codec import (
-    SF_RANGE,
-    PointValue,
     decode_point,
     encode_point,
     is_not_implemented,
 )
-from drivers.sunspec.discovery import DiscoveredModel, RegisterEndpoint, SunSpecMap, discover
+from drivers.sunspec.discovery import DiscoveredModel, SunSpecMap, discover
 from drivers.sunspec.models import (
     BITFIELD_TYPES,
     ENUM_TYPES,
@@ -57,13 +50,7 @@ from drivers.sunspec.models import (
     load_model,
     parse_point_ref,
 )
-from essd.clock import Clock
-from essd.counters import DeviceCounters
-from essd.domain import (
-    LiveLimits,
-    Quality,
-    Reading,
-)
+from essd.domain import LiveLimits, Quality, Reading
 
 __all__ = ["SunSpecDriver"]
 
@@ -79,11 +66,9 @@ class SunSpecDriver(ProfileDriver):
     """A profile-driven driver for a SunSpec device (``driver: sunspec`` profiles).
 
     Registers of the profile name points (``point: "802.SoC"``); discovery locates them, the
-    model definitions type them, and each control action of the profile is executed as its
-    register writes, every one read back. Battery power: > 0 discharges into the site, < 0
-    charges. Constructing ``SunSpecDriver(...)`` returns an instance of a subclass that has
-    exactly the capability methods the profile declares, so ``isinstance(driver,
-    ActivePowerControl)`` answers what the device can do.
+    model definitions type them, and the action engine (:mod:`drivers.engine`) runs each
+    control action with this driver as the codec of its points. Battery power: > 0 discharges
+    into the site, < 0 charges.
 
     Readings are the profile register's value ``* scale + offset`` after the SunSpec scale
     factor. Live limits: the ratings, then the ``max_charge_w`` / ``max_discharge_w`` fields
@@ -96,37 +81,10 @@ class SunSpecDriver(ProfileDriver):
     ``state`` holding a FAULT symbol.
     """
 
-    _compose_root = True
-    # Arguments go unchecked here: each point's profile min/max (and the SunSpec encoding)
-    # refuses a value that does not fit, naming the register.
-    _check_arguments = False
-
-    def __init__(  # noqa: PLR0917 - the driver factory may build drivers positionally
-        self,
-        device_id: str,
-        profile: Profile,
-        endpoint: RegisterEndpoint,
-        unit: int | None = None,
-        clock: Clock | None = None,
-        limits_override: LiveLimits | None = None,
-        *,
-        capacity_wh: float | None = None,
-        owns_endpoint: bool = False,
-    ) -> None:
+    def _bind(self) -> None:
+        profile = self._profile
         if profile.driver != "sunspec" or profile.sunspec is None:
             raise ProfileError(f"profile {profile.name}: driver is {profile.driver!r}, not sunspec")
-        if clock is None:
-            raise TypeError("clock: required")
-        self._init_identity(
-            device_id=device_id,
-            profile=profile,
-            unit=unit,
-            clock=clock,
-            limits_override=limits_override,
-            capacity_wh=capacity_wh,
-            owns_endpoint=owns_endpoint,
-        )
-        self._endpoint = endpoint
         self._bound: dict[str, _Bound] = {}
         for spec in profile.registers:
             where = f"profile {profile.name}: registers.{spec.name}"
@@ -161,9 +119,7 @@ class SunSpecDriver(ProfileDriver):
         Raises SunSpecDiscoveryError naming the missing models, CommunicationError when the
         device does not answer.
         """
-        connect = getattr(self._endpoint, "connect", None)
-        if connect is not None:
-            await connect()
+        await super().connect()
         if self._map is not None:
             return
         assert self._profile.sunspec is not None  # checked in __init__
@@ -180,9 +136,7 @@ class SunSpecDriver(ProfileDriver):
         """Forget the map; close the transport when this driver owns it."""
         self._map = None
         self._sf.clear()
-        close = getattr(self._endpoint, "close", None)
-        if self._owns_endpoint and close is not None:
-            await close()
+        await super().close()
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -200,10 +154,10 @@ class SunSpecDriver(ProfileDriver):
             words += await self._endpoint.read_registers(Table.HOLDING, a, n, self._unit)
         return words
 
-    async def read_points(self) -> dict[str, PointValue]:
+    async def read_points(self) -> dict[str, Decoded]:
         """Read every model the profile maps (one block each) and decode each register."""
         smap = await self._ensure_map()
-        values: dict[str, PointValue] = {}
+        values: dict[str, Decoded] = {}
         for mid in dict.fromkeys(b.model_id for b in self._bound.values()):
             m = smap.model(mid)
             try:
@@ -230,7 +184,7 @@ class SunSpecDriver(ProfileDriver):
         return values
 
     @staticmethod
-    def _reading(spec: RegisterSpec, pv: PointValue, at: float) -> Reading:
+    def _reading(spec: RegisterSpec, pv: Decoded, at: float) -> Reading:
         """A register's reading in essd base units (``%`` -> ratio, ``kW`` -> W ...)."""
         unit = base_unit(spec.unit)
         if not pv.valid:
@@ -251,32 +205,14 @@ class SunSpecDriver(ProfileDriver):
             )
         return Reading.good(to_base(value, spec.unit), unit, at)
 
-    def _fields(self, by_register: Mapping[str, Reading], at: float) -> dict[str, Reading]:
-        """Every field of the profile, derived fields (weighted sums) included."""
-        out = {f: by_register[reg] for f, reg in self._profile.fields.items()}
-        self._add_derived(out, at)
-        return out
-
-    async def read_fields(self) -> dict[str, Reading]:
-        """Every field of the profile as a reading in base units (invalid ones with a reason)."""
-        values = await self.read_points()
-        at = self._clock.monotonic()
-        by_register = {n: self._reading(self._bound[n].spec, pv, at) for n, pv in values.items()}
-        return self._fields(by_register, at)
-
-    def counters(self) -> DeviceCounters:
-        """Cumulative communication counters of this device (from its Modbus endpoint)."""
-        if isinstance(self._endpoint, ModbusEndpoint):
-            return self._endpoint.stats(self._unit).to_device_counters()
-        return DeviceCounters()
-
     async def _read_state(
         self,
     ) -> tuple[float, dict[str, Reading], dict[str, Reading], tuple[str, ...]]:
         values = await self.read_points()
         at = self._clock.monotonic()
         by_register = {n: self._reading(self._bound[n].spec, pv, at) for n, pv in values.items()}
-        fields = self._fields(by_register, at)
+        fields = {f: by_register[reg] for f, reg in self._profile.fields.items()}
+        self._add_derived(fields, at)
         # Every register read goes out, named by its field where it has one.
         extras = {self._field_of.get(n, n): r for n, r in by_register.items()}
         extras.update({d: fields[d] for d in self._profile.derived})
@@ -298,7 +234,7 @@ class SunSpecDriver(ProfileDriver):
             per_direction.append(min(candidates))
         return LiveLimits(per_direction[0], per_direction[1])
 
-    def _alarms(self, values: Mapping[str, PointValue]) -> tuple[str, ...]:
+    def _alarms(self, values: Mapping[str, Decoded]) -> tuple[str, ...]:
         alarms: list[str] = []
         for fname, reg in self._profile.fields.items():
             b = self._bound[reg]
@@ -331,106 +267,58 @@ class SunSpecDriver(ProfileDriver):
             self._sf[key] = None if is_not_implemented(sfp, v) else int(v)
         return self._sf[key]
 
-    def _point_value(
-        self, spec: RegisterSpec, param: str | None, value: float | str
-    ) -> float | str:
-        """A step's value as the point's physical value (range checked).
+    async def locate(self, specs: Sequence[RegisterSpec]) -> list[Point]:
+        """Point codec: each point's address in the discovered map, and its scale factor."""
+        smap = await self._ensure_map()
+        out = []
+        for spec in specs:
+            b = self._bound[spec.name]
+            m, pdef, address = smap.locate(f"{b.model_id}.{b.point_name}")
+            out.append(Point(spec, address, await self._sf_value(m, pdef)))
+        return out
 
-        A parameter arrives in essd base units (W, s, ratio) and is converted to the
-        register's unit; a literal ``value`` is in the register's unit already.
-        """
-        if isinstance(value, str):
-            return value
-        if param is not None:
-            value = from_base(value, spec.unit)
-        if (spec.min is not None and value < spec.min) or (
-            spec.max is not None and value > spec.max
-        ):
-            raise ValueRefused(
-                f"{self._device_id}: {spec.name} = {value:g} outside [{spec.min}, {spec.max}]"
-            )
-        if param in TIME_PARAMS:  # rounded up: a 30.2 s TTL becomes 31 s
-            value = math.ceil(value - 1e-9)
-        return (value - spec.offset) / spec.scale
+    def _pdef(self, spec: RegisterSpec) -> PointDef:
+        b = self._bound[spec.name]
+        return load_model(b.model_id).point(b.point_name)
 
-    def _check_write_scale(
-        self, action: ActionName, spec: RegisterSpec, param: str | None, sf: int | None
-    ) -> None:
-        """ValueRefused when the device's scale factor cannot carry this write (SF 15 rounds
+    def encode(
+        self, action: ActionName, point: Point, param: str | None, value: float | str
+    ) -> list[int]:
+        """Point codec: a scale factor that cannot carry this write refuses it (SF 15 rounds
         every setpoint to raw 0; a raw step over 1 % of the rating is no control)."""
-        if sf is None:
-            return
-        problem = f"scale factor {sf} outside -10..10" if sf not in SF_RANGE else None
-        if problem is None:
+        spec, sf = point.spec, point.sf
+        where = f"{self._device_id}: {action}: {spec.name}"
+        if not isinstance(value, str):
+            value = (value - spec.offset) / spec.scale
+        problem = None if sf is None or sf in SF_RANGE else f"scale factor {sf} outside -10..10"
+        if sf is not None and problem is None:
             step_w = abs(to_base(spec.scale * 10.0**sf, spec.unit))
             for rating in self._profile.power_ratings(param):
                 problem = problem or resolution_problem(step_w, abs(rating))
         if problem is not None:
-            raise ValueRefused(f"{self._device_id}: {action}: {spec.name}: {problem}")
+            raise ValueRefused(f"{where}: {problem}")
+        try:
+            return encode_point(self._pdef(spec), value, sf)
+        except (EncodeError, SunSpecError) as exc:
+            raise ValueRefused(f"{where}: {exc}") from None
 
-    async def run_action(
-        self, action: ActionName, params: Mapping[str, float] | None = None
-    ) -> WriteResult:
-        """Execute a profile action as its ordered register writes, each read back.
-
-        Every value is encoded before the first write, so a bad value (ValueRefused) leaves
-        nothing half done. ``when`` steps follow the sign of ``params["power_w"]``.
-        """
-        act = self._profile.actions.get(action)
-        if act is None:
-            raise ValueRefused(f"{self._device_id}: profile {self._profile.name} has no {action}")
-        smap = await self._ensure_map()
-        params = dict(params or {})
-        power = params.get("power_w", 0.0)
-        sense = "charge" if power < 0 else "discharge" if power > 0 else "idle"
-        planned: list[tuple[RegisterSpec, PointDef, int, list[int], int | None]] = []
-        for step in act.writes:
-            if step.when not in ("always", sense):
-                continue
-            b = self._bound[step.register]
-            if step.param is not None:
-                if step.param not in params:
-                    raise ValueRefused(f"{action}: parameter {step.param!r} not supplied")
-                raw_value: float | str = params[step.param]
-            else:
-                assert step.value is not None  # the schema requires value or param
-                raw_value = step.value
-            value = self._point_value(b.spec, step.param, raw_value)
-            m, pdef, address = smap.locate(f"{b.model_id}.{b.point_name}")
-            sf = await self._sf_value(m, pdef)
-            self._check_write_scale(action, b.spec, step.param, sf)
-            try:
-                words = encode_point(pdef, value, sf)
-            except (EncodeError, SunSpecError) as exc:
-                raise ValueRefused(f"{self._device_id}: {action}: {b.spec.name}: {exc}") from None
-            planned.append((b.spec, pdef, address, words, sf))
-        for _, _, address, words, _ in planned:
-            await self._endpoint.write_registers(address, words, self._unit)
-        mismatches: list[str] = []
-        for spec, pdef, address, words, sf in planned:
-            if not spec.verify:
-                continue  # a trigger register the device clears itself
-            back = await self._endpoint.read_registers(
-                Table.HOLDING, address, len(words), self._unit
+    async def read_back(self, points: Sequence[Point]) -> dict[str, list[int] | str]:
+        """Point codec: each written point read on its own."""
+        out: dict[str, list[int] | str] = {}
+        for p in points:
+            size = self._pdef(p.spec).size
+            out[p.spec.name] = await self._endpoint.read_registers(
+                Table.HOLDING, p.address, size, self._unit
             )
-            if list(back) != words:
-                note = getattr(self._endpoint, "note_readback_mismatch", None)
-                if note is not None:
-                    note(self._unit)
-                want = decode_point(pdef, words, sf)
-                got = decode_point(pdef, back, sf)
-                mismatches.append(
-                    f"{spec.name} ({pdef.qualified}): wrote {want.value!r}, read back "
-                    f"{got.value if got.valid else got.reason!r}"
-                )
-        return WriteResult(action.value, len(planned), tuple(mismatches))
+        return out
 
-    async def _run_action(
-        self, action: ActionName, params: Mapping[str, float] | None, when: Sense
-    ) -> WriteResult:
-        # run_action takes the sense from params["power_w"], which set_active_power supplies.
-        del when
-        return await self.run_action(action, params)
+    def mismatch(self, point: Point, wrote: list[int], back: list[int] | str) -> str:
+        """Point codec: the values written and read back, decoded."""
+        pdef = self._pdef(point.spec)
+        want = decode_point(pdef, wrote, point.sf)
+        got = decode_point(pdef, back, point.sf) if isinstance(back, list) else None
+        seen = back if got is None else got.value if got.valid else got.reason
+        return f"{point.spec.name} ({pdef.qualified}): wrote {want.value!r}, read back {seen!r}"
 
     def _heartbeat_after(self, previous: int) -> int:
         """1, 2, ... wrapping below the 0xFFFF "not implemented" marker."""

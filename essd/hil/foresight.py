@@ -19,11 +19,9 @@ from essd.hil.kpi import (
     PriceTrace,
     grid_cost,
 )
-from essd.hil.plant import (
-    SiteTruth,
-)
 from essd.hil.scenario import Scenario
 from essd.hil.truth import ScenarioSeries
+from hil_sim.truth import SiteTruth
 
 __all__ = ["cost_model"]
 

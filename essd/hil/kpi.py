@@ -20,25 +20,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from essd.hil.plant import SiteTruth
+from hil_sim.truth import POWER_TOL_RATIO, POWER_TOL_W, Limits, SiteTruth, Violation, violations_in
 
 __all__ = [
     "CostModel",
     "CycleRecord",
     "Kpis",
-    "Limits",
     "PriceTrace",
     "Sample",
-    "Violation",
     "compute_kpis",
     "grid_cost",
 ]
-
-# Tolerances for what counts as a violation: register resolution and one sub-step of drift.
-POWER_TOL_W = 1.0
-POWER_TOL_RATIO = 0.005
-SOC_TOL = 0.005
-SITE_TOL_W = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,33 +67,6 @@ class CycleRecord:
     active_faults: tuple[str, ...] = ()
     setpoint_sources: Mapping[str, str] = field(default_factory=dict)
     cause: str = ""  # the plan's typed cause (essd.domain.PlanCause value)
-
-
-@dataclass(frozen=True, slots=True)
-class Violation:
-    """A limit the true state broke: ``kind`` at ``time`` on ``device`` (or "site")."""
-
-    time: float
-    kind: str  # soc_window | charge_limit | discharge_limit | import_limit | export_limit
-    device: str
-    value: float
-    limit: float
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """What must hold: per-device SoC window and configured power limits, site limits (W)."""
-
-    reserve_soc: Mapping[str, float]
-    max_soc: Mapping[str, float]
-    max_charge_w: Mapping[str, float]
-    max_discharge_w: Mapping[str, float]
-    import_limit_w: float
-    export_limit_w: float
-    site_tolerance_w: float = SITE_TOL_W
-    # Units essd commands a power to; the others (portable units) it steers through a charge
-    # limit, so their "commanded" power is the campers' use, not essd's.
-    commanded: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,37 +211,13 @@ class Kpis:
 
 
 def violations_of(samples: Sequence[Sample], limits: Limits) -> list[Violation]:
-    """Every limit the true state broke (see :class:`Violation`).
-
-    SoC counts when a unit is outside its window *and moving further out* (discharging below
-    reserve, charging above max): a unit that arrives outside (a portable coming home nearly
-    empty) is not the daemon's doing until it pushes it further. Power is judged on the
-    samples right after a cycle: what the daemon commanded against the true live limit and
-    the configured one.
-    """
-    out: list[Violation] = []
-    for s in samples:
-        t = s.truth
-        for dev, b in t.batteries.items():
-            lo, hi = limits.reserve_soc.get(dev, 0.0), limits.max_soc.get(dev, 1.0)
-            if b.soc < lo - SOC_TOL and b.power_w > POWER_TOL_W:
-                out.append(Violation(s.time, "soc_window", dev, b.soc, lo))
-            if b.soc > hi + SOC_TOL and b.power_w < -POWER_TOL_W:
-                out.append(Violation(s.time, "soc_window", dev, b.soc, hi))
-            if not s.after_cycle or (limits.commanded is not None and dev not in limits.commanded):
-                continue
-            ch = min(b.max_charge_w, limits.max_charge_w.get(dev, math.inf))
-            dis = min(b.max_discharge_w, limits.max_discharge_w.get(dev, math.inf))
-            if -b.commanded_w > ch * (1 + POWER_TOL_RATIO) + POWER_TOL_W:
-                out.append(Violation(s.time, "charge_limit", dev, -b.commanded_w, ch))
-            if b.commanded_w > dis * (1 + POWER_TOL_RATIO) + POWER_TOL_W:
-                out.append(Violation(s.time, "discharge_limit", dev, b.commanded_w, dis))
-        tol = limits.site_tolerance_w
-        if s.dt_s > 0 and t.grid_w > limits.import_limit_w + tol:
-            out.append(Violation(s.time, "import_limit", "site", t.grid_w, limits.import_limit_w))
-        if s.dt_s > 0 and -t.grid_w > limits.export_limit_w + tol:
-            out.append(Violation(s.time, "export_limit", "site", -t.grid_w, limits.export_limit_w))
-    return out
+    """Every limit the true state broke, sample by sample (:func:`hil_sim.truth.violations_in`):
+    commanded powers on the samples right after a cycle, the grid on samples that last."""
+    return [
+        v
+        for s in samples
+        for v in violations_in(s.truth, limits, commands=s.after_cycle, site=s.dt_s > 0)
+    ]
 
 
 def unsafe_writes(samples: Sequence[Sample], cycles: Sequence[CycleRecord]) -> list[str]:
@@ -396,10 +337,10 @@ def compute_kpis(
         equivalent_full_cycles=discharged / capacity if capacity > 0 else 0.0,
         final_soc=final,
         max_import_excess_w=max(
-            (s.truth.grid_w - limits.import_limit_w for s in samples if s.dt_s > 0), default=0.0
+            (s.truth.grid_w - limits.import_w for s in samples if s.dt_s > 0), default=0.0
         ),
         max_export_excess_w=max(
-            (-s.truth.grid_w - limits.export_limit_w for s in samples if s.dt_s > 0), default=0.0
+            (-s.truth.grid_w - limits.export_w for s in samples if s.dt_s > 0), default=0.0
         ),
         violations=len(viol),
         violations_by_kind=dict(Counter(v.kind for v in viol)),

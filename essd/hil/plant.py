@@ -2,7 +2,7 @@
 
 :class:`Plant` is what the runner needs from a simulated site: the settings pointing at its
 loopback devices, the *true* state (not the daemon's belief: the simulator's
-:class:`~hil_sim.site.SiteTruth`) and a switch per fault.
+:class:`~hil_sim.truth.SiteTruth`) and a switch per fault.
 :func:`essd.hil.runner.simulated_site_factory` adapts ``hil_sim``'s simulated site to it; a
 test may pass any other plant to :func:`essd.hil.runner.run_scenario`.
 
@@ -16,9 +16,9 @@ from typing import Protocol
 
 from essd.config import Settings
 from essd.hil.scenario import FaultSpec
-from hil_sim.site import BatteryTruth, SiteTruth
+from hil_sim.truth import SiteTruth
 
-__all__ = ["BatteryTruth", "Plant", "SiteTruth"]
+__all__ = ["Plant"]
 
 
 class Plant(Protocol):

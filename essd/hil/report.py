@@ -112,10 +112,10 @@ def make_figures(result: RunResult) -> dict[str, Figure]:
         color="tab:gray",
         label="grid without battery",
     )
-    ax.axhline(result.limits.import_limit_w / 1000, color="tab:red", ls="--", label="import limit")
-    if math.isfinite(result.limits.export_limit_w):
+    ax.axhline(result.limits.import_w / 1000, color="tab:red", ls="--", label="import limit")
+    if math.isfinite(result.limits.export_w):
         ax.axhline(
-            -result.limits.export_limit_w / 1000,
+            -result.limits.export_w / 1000,
             color="tab:purple",
             ls="--",
             label="export limit",

@@ -35,22 +35,13 @@ from essd.events import CycleCompleted, EventBus
 from essd.hil.expectations import check_expectations, fault_summary, report_window
 from essd.hil.foresight import cost_model, perfect_foresight
 from essd.hil.hostile import DaemonClock, EventDriver, event_summary, mqtt_limits
-from essd.hil.kpi import (
-    CycleRecord,
-    Kpis,
-    Limits,
-    Sample,
-    compute_kpis,
-    unsafe_writes,
-)
-from essd.hil.plant import (
-    Plant,
-    SiteTruth,
-)
+from essd.hil.kpi import CycleRecord, Kpis, Sample, compute_kpis, unsafe_writes
+from essd.hil.plant import Plant
 from essd.hil.scenario import INSTANT_KINDS, FaultSpec, Scenario, site_mqtt
 from essd.hil.truth import ScenarioSeries
 from hil_sim.runner import SimulatedSite
 from hil_sim.site import SiteSeries
+from hil_sim.truth import Limits, SiteTruth
 
 __all__ = ["PlantFactory", "RunResult", "run_scenario"]
 
@@ -115,8 +106,8 @@ def _limits(controller: Controller, settings: Settings, scenario: Scenario) -> L
         max_soc={k: e.max_soc for k, e in envs.items()},
         max_charge_w={k: e.max_charge_w for k, e in envs.items()},
         max_discharge_w={k: e.max_discharge_w for k, e in envs.items()},
-        import_limit_w=settings.site.grid_import_limit_w if imp is None else imp,
-        export_limit_w=settings.site.grid_export_limit_w if exp is None else exp,
+        import_w=settings.site.grid_import_limit_w if imp is None else imp,
+        export_w=settings.site.grid_export_limit_w if exp is None else exp,
         site_tolerance_w=scenario.expect.site_limit_tolerance_w,
         commanded=frozenset(k for k, e in envs.items() if e.can_discharge),
     )

@@ -15,7 +15,6 @@ Device transports may be left out: the runner serves every device on a free loop
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import tomllib
@@ -37,7 +36,7 @@ from pydantic import (
 from drivers.profile import ProfileError
 from drivers.profile_loader import resolve_profile
 from essd.config import MqttConfig, Settings
-from essd.series import SERIES_COLUMNS
+from essd.series import SERIES_COLUMNS, SeriesError, read_series_csv
 from hil_sim.faults import (
     FAULT_KINDS,
     INSTANT_KINDS,
@@ -439,24 +438,17 @@ def site_settings(scenario: Scenario) -> Settings:
     return settings
 
 
-def _check_series_file(scenario: Scenario) -> list[str]:
-    spec = scenario.series
-    if spec.file is None:
+def _check_series_file(scenario: Scenario, tz: ZoneInfo) -> list[str]:
+    """The series file read now as the run will read it (:func:`essd.series.read_series_csv`)."""
+    if scenario.series.file is None:
         return []
-    path = scenario.resolve(spec.file)
-    src = str(scenario.source)
+    path = scenario.resolve(scenario.series.file)
     try:
-        with path.open(encoding="utf-8") as fh:
-            header = next(csv.reader(fh), [])
-    except OSError as exc:
-        return [f"{src}: series.file: cannot read {path}: {exc.strerror}"]
-    if "time" not in header:
-        return [f"{src}: series.file: {path.name} has no 'time' column"]
-    if "load_w" not in header:
-        return [f"{src}: series.file: {path.name} has no 'load_w' column"]
-    unknown = sorted(set(header) - {"time", *SERIES_COLUMNS})
-    if unknown:
-        return [f"{src}: series.file: {path.name}: unknown column {unknown[0]!r}"]
+        _, columns = read_series_csv(path, tz)
+    except SeriesError as exc:
+        return [f"{scenario.source}: series.file: {exc}"]
+    if "load_w" not in columns:
+        return [f"{scenario.source}: series.file: {path.name} has no 'load_w' column"]
     return []
 
 
@@ -476,14 +468,14 @@ def load_scenario(path: Path) -> tuple[Scenario, Settings]:
         scenario = Scenario(**raw, source=path)
     except ValidationError as exc:
         raise ScenarioError(_format(exc, str(path))) from None
-    problems = _check_series_file(scenario)
-    if problems:
-        raise ScenarioError(problems)
     settings = site_settings(scenario)
     if scenario.events:
         site_mqtt(scenario)  # the command limits come from it: refuse a bad one now
     try:
-        ZoneInfo(settings.site.timezone)
+        tz = ZoneInfo(settings.site.timezone)
     except Exception:  # validated by Settings already; keep the error readable anyway
         raise ScenarioError([f"{path}: site.timezone: unknown"]) from None
+    problems = _check_series_file(scenario, tz)
+    if problems:
+        raise ScenarioError(problems)
     return scenario, settings

@@ -1,10 +1,10 @@
-"""Per-class behaviours where a profile's mode semantics need more than its actions say, selected
-from the profile's content (not its name): SunSpec 704/802 (revert to ``WSetRvrt``,
-``WSetRvrtRem`` count-down, 802 state and events, battery heartbeat), the Victron-style ESS
-setpoint (``/Mode``, ``DisableCharge``/``DisableFeedIn``, AC-in/out, state), the Huawei-style
-forcible charge (running status), and portable units (charge from the site while plugged in,
-outputs feeding the campers while away); and the factory that picks one for a profile.
-Sign conventions: battery W > 0 discharges into the site, < 0 charges.
+"""The simulated models a profile declares in ``simulation.behaviour.model`` beyond plain
+storage: SunSpec 704/802 (revert to ``WSetRvrt``, ``WSetRvrtRem`` count-down, 802 state and
+events, battery heartbeat) and portable units (charge from the site while plugged in, outputs
+feeding the campers while away); and the factory that builds the declared one. Gates, status
+registers and power-on values are declared too and work for every model
+(:mod:`hil_sim.devices.storage`). Sign conventions: battery W > 0 discharges into the site,
+< 0 charges.
 """
 
 from __future__ import annotations
@@ -28,15 +28,6 @@ __all__ = ["build_storage_device"]
 
 class SunSpecStorageDevice(StorageDevice):
     """SunSpec PCS + BMS: 704 reversion to WSetRvrt, 802 state, events and heartbeat, 713."""
-
-    def init_registers(self) -> None:
-        """Power-on: the generic values, then a revert time that is in range but disabled."""
-        super().init_registers()
-        timeout = self.profile.behaviour.setpoint_timeout_s or 60.0
-        if self._has_point("704.WSetRvrtTms"):
-            self.image_ss.set_point("704.WSetRvrtTms", timeout)
-        if self._has_point("713.SoH"):
-            self.image_ss.set_point("713.SoH", 100)
 
     @property
     def image_ss(self) -> SunSpecImage:
@@ -80,7 +71,7 @@ class SunSpecStorageDevice(StorageDevice):
         self.put_field("max_discharge_a", s.limits.max_discharge_w / volts)
         tripped = Alarm.OVER_TEMPERATURE in s.alarms
         if self._has_point("802.State"):
-            img.set_point("802.State", 99 if tripped else 3)  # FAULT / CONNECTED
+            img.set_point("802.State", "FAULT" if tripped else "CONNECTED")
         if self._has_point("802.Evt1"):
             img.set_point("802.Evt1", 1 << 1 if tripped else 0)  # bit 1: OVER_TEMP_ALARM
         if self._has_point("802.Hb"):
@@ -96,72 +87,6 @@ class SunSpecStorageDevice(StorageDevice):
             deadline = self.revert_deadline()
             remaining = 0.0 if deadline is None else max(0.0, deadline - self.clock.now())
             img.set_point("704.WSetRvrtRem", math.ceil(remaining))
-
-
-class EssSetpointDevice(StorageDevice):
-    """Victron-style ESS external control: AC setpoint held while refreshed, /Mode and flags."""
-
-    def init_registers(self) -> None:
-        """Power-on: the generic values and /Mode "on"."""
-        super().init_registers()
-        if self._reg_by_vendor("/Mode"):
-            self.put(self._reg_by_vendor("/Mode") or "", 3)
-
-    def _reg_by_vendor(self, vendor: str) -> str | None:
-        return next((r.name for r in self.profile.registers if r.vendor_name == vendor), None)
-
-    def _flag(self, vendor: str) -> bool:
-        reg = self._reg_by_vendor(vendor)
-        return reg is not None and (self.base_value(reg) or 0.0) >= 0.5
-
-    def caps(self) -> tuple[float | None, float | None]:
-        """DisableCharge / DisableFeedIn and /Mode (1 charger only, 2 inverter only, 4 off)."""
-        charge, discharge = super().caps()
-        mode_reg = self._reg_by_vendor("/Mode")
-        mode = self.base_value(mode_reg) if mode_reg else 3.0
-        if self._flag("/Hub4/DisableCharge") or mode in (2.0, 4.0):
-            charge = 0.0
-        if self._flag("/Hub4/DisableFeedIn") or mode in (1.0, 4.0):
-            discharge = 0.0
-        return charge, discharge
-
-    def commanded_power(self) -> float:
-        """The setpoint is a power, whatever the flags (they act as caps)."""
-        reg = self.param_register(ActionName.SET_ACTIVE_POWER, "power_w")
-        return (self.base_value(reg) or 0.0) if reg else 0.0
-
-    def publish_power(self, power_w: float) -> None:
-        """No loads on AC-out: AC-in carries the battery power (> 0 from the grid)."""
-        self.put_field("ac_output_w", 0.0)
-        self.put_field("ac_input_w", -power_w)
-
-    def publish(self, s: BatteryState) -> None:
-        """Generic readings plus /State: 252 external control, 9 inverting, 3 bulk, 2 fault."""
-        super().publish(s)
-        reg = self._reg_by_vendor("/State")
-        if reg is None:
-            return
-        if Alarm.OVER_TEMPERATURE in s.alarms:
-            state = 2.0
-        elif self._refreshed_at is not None:
-            state = 252.0
-        elif s.power_w > 0:
-            state = 9.0
-        elif s.power_w < 0:
-            state = 3.0
-        else:
-            state = 1.0
-        self.put(reg, state)
-
-
-class ForcibleDevice(StorageDevice):
-    """Huawei-style forcible charge/discharge: generic semantics plus the running status."""
-
-    def publish(self, s: BatteryState) -> None:
-        """Running status: 3 fault, 2 running, 1 standby."""
-        super().publish(s)
-        running = 2.0 if abs(s.power_w) > 0 else 1.0
-        self.put_field("running_status", 3.0 if Alarm.OVER_TEMPERATURE in s.alarms else running)
 
 
 class PortableDevice(StorageDevice):
@@ -226,10 +151,6 @@ class PortableDevice(StorageDevice):
         return 1.0 if self.outputs_enabled() else 0.0
 
 
-def _has_vendor(profile: Profile, prefix: str) -> bool:
-    return any(r.vendor_name.startswith(prefix) for r in profile.registers)
-
-
 def build_storage_device(
     *,
     device_id: str,
@@ -256,13 +177,12 @@ def build_storage_device(
     soc = profile.simulation.initial_soc if initial_soc is None else initial_soc
     battery = Battery(params, clock, initial_soc=soc)
     image = build_image(profile, unit=unit)
-    cls: type[StorageDevice] = StorageDevice
-    if profile.driver == "sunspec":
-        cls = SunSpecStorageDevice
-    elif profile.device_class is DeviceClass.PORTABLE:
-        cls = PortableDevice
-    elif _has_vendor(profile, "/Hub4/"):
-        cls = EssSetpointDevice
-    elif _has_vendor(profile, "[Energy storage] Forcible"):
-        cls = ForcibleDevice
+    cls = _MODELS[profile.simulation.behaviour.model]
     return cls(device_id=device_id, profile=profile, image=image, clock=clock, battery=battery)
+
+
+_MODELS: dict[str, type[StorageDevice]] = {
+    "storage": StorageDevice,
+    "sunspec": SunSpecStorageDevice,
+    "portable": PortableDevice,
+}

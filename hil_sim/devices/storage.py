@@ -61,6 +61,7 @@ class StorageDevice(SimDevice):
         self.battery = battery
         act = profile.actions.get(ActionName.SET_ACTIVE_POWER)
         self._power_regs = {s.register for s in act.writes} if act else set()
+        self._gated = {g.target for g in profile.simulation.behaviour.gates}
         hb = self.param_register(ActionName.HEARTBEAT, "counter")
         self._hb_reg = hb
         self._refreshed_at: float | None = None  # epoch s of the last setpoint write
@@ -101,6 +102,8 @@ class StorageDevice(SimDevice):
         for spec in p.registers:
             if spec.access != "r" and not self._in_range(spec.name) and spec.min is not None:
                 self.put(spec.name, spec.min)
+        for name, value in p.simulation.behaviour.power_on.items():
+            self.put(name, value)
 
     # -- command interpretation ----------------------------------------------------------------
 
@@ -112,7 +115,7 @@ class StorageDevice(SimDevice):
         found: list[tuple[int, str, list[WriteStep]]] = []
         for sense in _SENSES:
             steps = [s for s in act.writes if s.when in ("always", sense)]
-            literals = [s for s in steps if s.value is not None]
+            literals = [s for s in steps if s.value is not None and s.register not in self._gated]
             if all(self.matches(s) for s in literals):
                 found.append((sum(s.when == sense for s in literals), sense, steps))
         if not found:
@@ -154,10 +157,6 @@ class StorageDevice(SimDevice):
         sense, steps = branch
         return self._power_of(sense, steps)
 
-    def under_external_control(self) -> bool:
-        """True while the registers hold a set_active_power command."""
-        return self._branch() is not None
-
     def caps(self) -> tuple[float | None, float | None]:
         """Charge and discharge caps (W) from the limit registers; None = no cap."""
         out: list[float | None] = []
@@ -167,6 +166,12 @@ class StorageDevice(SimDevice):
         ):
             reg = self.param_register(action, param)
             out.append(None if reg is None else max(0.0, self.base_value(reg) or 0.0))
+        for gate in self.profile.simulation.behaviour.gates:
+            value = self.value(gate.target)
+            if value in gate.no_charge:
+                out[0] = 0.0
+            if value in gate.no_discharge:
+                out[1] = 0.0
         return out[0], out[1]
 
     def soc_window(self) -> tuple[float, float]:
@@ -302,6 +307,16 @@ class StorageDevice(SimDevice):
         for field in self.profile.fields:
             if field.startswith(("alarm", "fault")) and not self._is_bitfield(field):
                 self.put_field(field, 1.0 if tripped else 0.0)
+        status = self.profile.simulation.behaviour.status
+        if status is not None:
+            if tripped:
+                value = status.fault
+            elif status.external_control is not None and self._refreshed_at is not None:
+                value = status.external_control
+            else:
+                sign = (s.power_w > 0) - (s.power_w < 0)
+                value = (status.charging, status.idle, status.discharging)[sign + 1]
+            self.put(status.target, value)
 
     def _is_bitfield(self, field: str) -> bool:
         return isinstance(self.image, SunSpecImage) and self.profile.fields[field] in (
@@ -319,7 +334,9 @@ class StorageDevice(SimDevice):
         terms = self.profile.derived.get("power_w")
         if not terms:
             return
-        chosen = next((f for f, k in terms.items() if k * power_w > 0), None)
+        chosen = self.profile.simulation.behaviour.power_through or next(
+            (f for f, k in terms.items() if k * power_w > 0), None
+        )
         for f, k in terms.items():
             self.put_field(f, power_w / k if f == chosen else 0.0)
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from drivers.api import DeviceDriver
+from drivers.base import ProfileDriver
 from drivers.factory import EndpointPool
 from drivers.modbus import Framing, ModbusEndpoint, TcpTarget
 from drivers.profile_loader import resolve_profile
@@ -66,7 +66,7 @@ def endpoint_for(
 
 
 @contextlib.asynccontextmanager
-async def site_drivers(sim: SimulatedSite, clock: Clock) -> AsyncIterator[dict[str, DeviceDriver]]:
+async def site_drivers(sim: SimulatedSite, clock: Clock) -> AsyncIterator[dict[str, ProfileDriver]]:
     """The daemon's drivers for every device of the simulated site, connected."""
     settings = sim.settings
     pool = EndpointPool(clock=clock, timeout_s=0.5)

@@ -1,0 +1,134 @@
+"""What the site did, added up: energy, cost and carbon totals and the billing period's peak.
+
+Intervals come from the monotonic clock, so a wall-clock step neither adds nor removes
+energy; the wall clock only says which billing period and demand window it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from essd.cycle.plan_codec import number, obj, optional_number
+from essd.domain import Snapshot
+from essd.events import SiteTotals
+from essd.forecast import Forecast, billing_period_start
+
+__all__ = ["Accounting", "PeakTracker"]
+
+# Longest interval integrated into the totals at once: a gap longer than this (the process
+# was stopped, the host suspended) is not energy essd saw.
+MAX_INTEGRATION_S = 900.0
+
+
+class PeakTracker:
+    """The billing period's running peak of the per-step average grid import (demand charge)."""
+
+    def __init__(self, step_s: float, tz: ZoneInfo) -> None:
+        self._step_s = step_s
+        self._tz = tz
+        self.peak_w = 0.0
+        self._window_start: float | None = None
+        self._wh = 0.0
+        self._period: float | None = None
+
+    def state(self) -> dict[str, Any]:
+        """The tracker as plain data for the durable state."""
+        return {
+            "period": self._period,
+            "peak_w": self.peak_w,
+            "window_start": self._window_start,
+            "window_wh": self._wh,
+        }
+
+    def restore(self, data: Mapping[str, Any]) -> None:
+        """Take back :meth:`state`; ValueError naming the field when it does not fit."""
+        period = optional_number(data, "period")
+        window = optional_number(data, "window_start")
+        peak = number(data, "peak_w")
+        wh = number(data, "window_wh")
+        if peak < 0 or wh < 0:
+            raise ValueError("peak_w, window_wh: must be >= 0")
+        self._period, self._window_start, self.peak_w, self._wh = period, window, peak, wh
+
+    def add(self, t: float, grid_w: float, dt_s: float) -> None:
+        """Add ``dt_s`` seconds at ``grid_w`` ending at wall time ``t``."""
+        period = billing_period_start(t, self._tz)
+        if period != self._period:
+            self._period, self.peak_w = period, 0.0
+        window = t - (t % self._step_s)
+        if window != self._window_start:
+            if self._window_start is not None:
+                self.peak_w = max(self.peak_w, self._wh * 3600.0 / self._step_s)
+            self._window_start, self._wh = window, 0.0
+        self._wh += max(0.0, grid_w) * dt_s / 3600.0
+
+
+class Accounting:
+    """The site's totals and billing peak, integrated cycle by cycle."""
+
+    def __init__(self, step_s: float, tz: ZoneInfo, carbon_price_per_kg: float) -> None:
+        self._step_s = step_s
+        self._tz = tz
+        self._carbon_price = carbon_price_per_kg
+        self.totals = SiteTotals()
+        self.peak = PeakTracker(step_s, tz)
+        self._last_mono: float | None = None
+
+    def state(self) -> dict[str, Any]:
+        """Totals and peak as plain data for the durable state."""
+        return {"totals": dataclasses.asdict(self.totals), "peak": self.peak.state()}
+
+    def parse(self, data: Mapping[str, Any]) -> tuple[SiteTotals, PeakTracker]:
+        """What :meth:`state` gave, checked; ValueError naming the field, nothing changed."""
+        totals = obj(data, "totals")
+        fields = {f.name for f in dataclasses.fields(SiteTotals)}
+        if set(totals) - fields:
+            raise ValueError(f"totals: keys must be from {sorted(fields)}")
+        values = {k: number(totals, k) for k in totals}
+        if any(v < 0 for k, v in values.items() if k != "cost"):
+            raise ValueError("totals: energy and carbon totals must be >= 0")
+        peak = PeakTracker(self._step_s, self._tz)
+        peak.restore(obj(data, "peak"))
+        return SiteTotals(**values), peak
+
+    def integrate(
+        self,
+        now: float,
+        mono: float,
+        grid: float | None,
+        snapshot: Snapshot,
+        forecast: Forecast,
+    ) -> None:
+        """Add this cycle's energy, cost and carbon to the totals and the billing peak."""
+        last = self._last_mono
+        self._last_mono = mono
+        if last is None or grid is None:
+            return
+        dt = min(max(0.0, mono - last), MAX_INTEGRATION_S)
+        kwh_in = max(0.0, grid) * dt / 3.6e6
+        kwh_out = max(0.0, -grid) * dt / 3.6e6
+        co2 = kwh_in * float(forecast.carbon_g_per_kwh[0]) / 1000.0
+        charged = discharged = 0.0
+        for r in snapshot.batteries.values():
+            if r.power_w.valid and r.power_w.value is not None:
+                wh = r.power_w.value * dt / 3600.0
+                discharged += max(0.0, wh)
+                charged += max(0.0, -wh)
+        tot = self.totals
+        cost = (
+            kwh_in * float(forecast.import_price[0])
+            - kwh_out * float(forecast.export_price[0])
+            + co2 * self._carbon_price
+        )
+        self.totals = SiteTotals(
+            imported_wh=tot.imported_wh + kwh_in * 1000.0,
+            exported_wh=tot.exported_wh + kwh_out * 1000.0,
+            cost=tot.cost + cost,
+            co2_kg=tot.co2_kg + co2,
+            battery_charged_wh=tot.battery_charged_wh + charged,
+            battery_discharged_wh=tot.battery_discharged_wh + discharged,
+        )
+        self.peak.add(now, grid, dt)

@@ -1,0 +1,274 @@
+"""The cycle's decide phase: what each unit is asked to do, and the plan it comes from.
+
+Auto mode solves the dispatch LP in a worker thread under a time budget; a solve still
+running when the budget ends is left to finish in its thread and the cycle descends the
+ladder (:mod:`essd.ladder`: last plan shifted, rule-based, safe idle). Inputs are validated
+here, on the event loop, so a solver thread never sees bad data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import get_args
+
+import numpy as np
+
+from essd.commands import Mode as WireMode
+from essd.config import Settings
+from essd.devices import ManagedDevice
+from essd.dispatch import (
+    BatterySpec,
+    Dispatcher,
+    DispatchInputs,
+    InvalidDispatchInputsError,
+    rule_based_plan,
+    safe_idle_plan,
+)
+from essd.domain import BatteryReading, LiveLimits, Plan, PlanCause, Snapshot
+from essd.forecast import Forecast
+from essd.ladder import SOLVED, descend
+from essd.safety import DeviceEnvelope
+
+__all__ = ["Decider", "Manual", "Mode", "live_limits"]
+
+log = logging.getLogger(__name__)
+
+# On a stepped clock the solve is awaited whatever it takes (see Decider._solve).
+_STEPPED_SOLVE_BUDGET_S = 3600.0
+
+
+class Mode:
+    """Operating modes: names for the values of :data:`essd.commands.Mode` (the wire contract)."""
+
+    AUTO = "auto"
+    MANUAL = "manual"
+    STANDBY = "standby"
+    ALL: tuple[str, ...] = get_args(WireMode)
+
+
+@dataclass(frozen=True, slots=True)
+class Manual:
+    """An operator's setpoint for one unit (battery sign) until ``expires_at`` (epoch s)."""
+
+    power_w: float
+    expires_at: float
+
+
+def live_limits(env: DeviceEnvelope, reading: BatteryReading | None) -> LiveLimits:
+    """A unit's power limits now: its static envelope tightened by the live BMS limits (the
+    guard applies the same rule, and the SoC window on top, in essd.safety)."""
+    live = LiveLimits(env.max_charge_w, env.max_discharge_w)
+    if reading is not None and reading.limits is not None:
+        live = live.tighten(reading.limits)
+    return live
+
+
+class Decider:
+    """Chooses the plan for a cycle and remembers the last solved one."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        batteries: Sequence[ManagedDevice],
+        specs: Sequence[BatterySpec],
+        dispatcher: Dispatcher | None,
+        envelope: Callable[[ManagedDevice], DeviceEnvelope],
+        peak_w: Callable[[], float],
+        realtime: bool,
+    ) -> None:
+        self._settings = settings
+        self._batteries = list(batteries)
+        self._specs = list(specs)
+        self._dispatcher = dispatcher
+        self._envelope = envelope
+        self._peak_w = peak_w
+        self._realtime = realtime
+        self.last_plan: Plan | None = None
+        self._solving: Future[Plan] | asyncio.Future[Plan] | None = None
+
+    def first_steps(self, plan: Plan) -> dict[str, float]:
+        """Each unit's power in the plan's first step (0 W for a unit it does not name)."""
+        return {
+            d.id: plan.first_step_w(d.id) if d.id in plan.power_w else 0.0 for d in self._batteries
+        }
+
+    async def decide(
+        self,
+        now: float,
+        snapshot: Snapshot,
+        forecast: Forecast,
+        *,
+        mode: str,
+        manual: Mapping[str, Manual],
+        forecast_cause: PlanCause | None,
+        detail: str,
+    ) -> tuple[Plan, dict[str, float], str]:
+        """The plan, each unit's requested power and the setpoints' source."""
+        ids = [d.id for d in self._batteries]
+        if mode == Mode.STANDBY:
+            plan = self.idle(now, PlanCause.STANDBY, "standby")
+            return plan, dict.fromkeys(ids, 0.0), "standby"
+        if mode == Mode.MANUAL:
+            desired = {}
+            for dev_id in ids:
+                m = manual.get(dev_id)
+                desired[dev_id] = m.power_w if m is not None and m.expires_at > now else 0.0
+            return self.idle(now, PlanCause.MANUAL, "manual"), desired, "manual"
+        if self._dispatcher is None:
+            plan = self.idle(now, PlanCause.NO_BATTERY, "no battery to dispatch")
+            return plan, dict.fromkeys(ids, 0.0), "safe"
+        if forecast_cause is not None:
+            plan = self.descend(now, snapshot, forecast, cause=forecast_cause, reason=detail)
+            self._remember(plan)
+            return plan, self.first_steps(plan), f"rung{int(plan.rung)}"
+        try:
+            inputs = self.inputs(now, snapshot, forecast)
+            self._dispatcher.validate(inputs)
+        except InvalidDispatchInputsError as exc:
+            plan = self.descend(
+                now,
+                snapshot,
+                forecast,
+                cause=PlanCause.INVALID_INPUTS,
+                reason=f"invalid inputs: {exc}",
+                allow_last_plan=False,
+            )
+            return plan, self.first_steps(plan), "safe"
+        plan = await self._solve(inputs, now)
+        self._remember(plan)
+        return plan, self.first_steps(plan), f"rung{int(plan.rung)}"
+
+    def _remember(self, plan: Plan) -> None:
+        if plan.cause in SOLVED:
+            self.last_plan = plan
+
+    def idle(self, now: float, cause: PlanCause, reason: str) -> Plan:
+        """Rung 5: every unit at 0 W over the horizon."""
+        ctl = self._settings.control
+        return safe_idle_plan(
+            [d.id for d in self._batteries],
+            time=now,
+            step_s=ctl.step_s,
+            steps=ctl.horizon_steps,
+            reason=reason,
+            cause=cause,
+        )
+
+    def descend(
+        self,
+        now: float,
+        snapshot: Snapshot,
+        forecast: Forecast,
+        *,
+        cause: PlanCause,
+        reason: str,
+        allow_last_plan: bool = True,
+    ) -> Plan:
+        """Rungs 3-5 (:func:`essd.ladder.descend`): rule-based only with valid inputs."""
+        return self._ladder(
+            now, cause, reason, lambda: self.inputs(now, snapshot, forecast), allow_last_plan
+        )
+
+    def _ladder(
+        self,
+        now: float,
+        cause: PlanCause,
+        reason: str,
+        inputs: Callable[[], DispatchInputs],
+        allow_last_plan: bool = True,
+    ) -> Plan:
+        def rule_based() -> Plan:
+            return rule_based_plan(self._specs, inputs(), cause=cause)
+
+        return descend(
+            now=now,
+            cause=cause,
+            reason=reason,
+            device_ids=[d.id for d in self._batteries],
+            last_plan=self.last_plan,
+            rule_based=rule_based if self._specs else None,
+            safe_idle=lambda: self.idle(now, cause, reason),
+            allow_last_plan=allow_last_plan,
+        )
+
+    async def _solve(self, inputs: DispatchInputs, now: float) -> Plan:
+        dispatcher = self._dispatcher
+        assert dispatcher is not None
+        budget = self._settings.control.solve_budget_s
+        if not self._realtime:
+            # A stepped clock waits for the solve: the budget is real time, which a simulated
+            # run does not have, and a slow host must give the same rungs as a fast one.
+            budget = _STEPPED_SOLVE_BUDGET_S
+        if self._solving is not None and not self._solving.done():
+            return self._late(inputs, now, PlanCause.SOLVE_BUSY, "previous solve still running")
+        loop = asyncio.get_running_loop()
+        last = self.last_plan
+        fut = loop.run_in_executor(
+            None, lambda: dispatcher.solve(inputs, budget_s=budget, last_plan=last)
+        )
+        self._solving = fut
+        timeout = None if not self._realtime else budget * 1.5 + 0.05
+        done, _ = await asyncio.wait({fut}, timeout=timeout)
+        if not done:
+            return self._late(
+                inputs, now, PlanCause.SOLVE_LATE, f"solve late after {budget * 1.5:.2f} s"
+            )
+        try:
+            return fut.result()
+        except Exception as exc:  # the dispatcher promises not to raise; be safe if it does
+            log.exception("dispatcher failed")
+            return self._late(inputs, now, PlanCause.SOLVER_ERROR, f"solver error: {exc}")
+
+    def _late(self, inputs: DispatchInputs, now: float, cause: PlanCause, reason: str) -> Plan:
+        return self._ladder(now, cause, reason, lambda: inputs)
+
+    def inputs(self, now: float, snapshot: Snapshot, forecast: Forecast) -> DispatchInputs:
+        """The dispatch problem's data for this cycle."""
+        ctl = self._settings.control
+        site = self._settings.site
+        tariff = self._settings.tariff
+        soc: dict[str, float] = {}
+        limits: dict[str, LiveLimits] = {}
+        availability: dict[str, list[bool]] = {}
+        reserve: dict[str, float] = {}
+        max_soc: dict[str, float] = {}
+        for d in self._batteries:
+            env = self._envelope(d)
+            r = snapshot.batteries.get(d.id)
+            value = r.soc.value if r is not None and r.soc.value is not None else None
+            soc[d.id] = min(max(value if value is not None else env.reserve_soc, 0.0), 1.0)
+            ok = d.healthy and r is not None and r.available
+            limits[d.id] = live_limits(env, r) if ok else LiveLimits(0.0, 0.0)
+            availability[d.id] = [ok] * ctl.horizon_steps
+            reserve[d.id] = env.reserve_soc
+            max_soc[d.id] = env.max_soc
+        # Energy left at the end is worth what it would cost to buy back at the cheapest time.
+        terminal_value = max(0.0, float(np.min(forecast.import_price)))
+        return DispatchInputs(
+            time=now,
+            step_s=ctl.step_s,
+            soc=soc,
+            limits=limits,
+            reserve_soc=reserve,
+            max_soc=max_soc,
+            load_w=forecast.load_w.tolist(),
+            pv_w=forecast.pv_w.tolist(),
+            import_price=forecast.import_price.tolist(),
+            export_price=forecast.export_price.tolist(),
+            availability=availability,
+            carbon_intensity=(forecast.carbon_g_per_kwh / 1000.0).tolist(),
+            carbon_price_per_kg=tariff.carbon_price_per_kg,
+            demand_charge_per_kw=tariff.demand_charge_per_kw,
+            peak_import_w=self._peak_w(),
+            import_limit_w=site.grid_import_limit_w,
+            export_limit_w=site.grid_export_limit_w,
+            previous_setpoint_w={
+                d.id: d.written.power_w if d.written is not None else 0.0 for d in self._batteries
+            },
+            terminal_value_per_kwh=terminal_value,
+        )

@@ -14,12 +14,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from essd.commands import CommandRejected
 from essd.dispatch.sessions import FlexSession
 from essd.domain import Plan
 
 __all__ = [
     "ChargerPort",
     "DepartureLearner",
+    "FlexLoads",
     "PluggedVehicle",
     "SessionBook",
     "SessionRequest",
@@ -45,6 +47,7 @@ class PluggedVehicle:
     min_power_w: float = 0.0
     max_discharge_w: float = 0.0
     soc: float = math.nan
+    power_w: float = math.nan
     default_energy_wh: float = 20_000.0
     default_dwell_s: float = 8 * 3600.0
 
@@ -232,3 +235,82 @@ def clamp_to_headroom(
         v = w * scale
         out[cid] = v if v >= minimum.get(cid, 0.0) else 0.0
     return out
+
+
+class FlexLoads:
+    """The cycle's link to a charger adapter: sessions for the LP, limits for the chargers,
+    users' requests, and the chargers' own draw (kept out of the learned site load).
+
+    ``chargers`` maps each charger id (``id:N`` for a second connector) to nothing more than
+    its presence: the adapter knows the limits. One LP column per charger.
+    """
+
+    def __init__(
+        self,
+        port: ChargerPort,
+        charger_ids: Sequence[str],
+        *,
+        import_limit_w: float | None,
+        profile_validity_s: float,
+    ) -> None:
+        self.port = port
+        self.charger_ids = tuple(charger_ids)
+        self.columns = max(len(self.charger_ids), 1)
+        self.book = SessionBook()
+        self._import_limit_w = import_limit_w
+        self._validity_s = profile_validity_s
+        self._sessions: list[FlexSession] = []
+        self.last_limits_w: dict[str, float] = {}
+
+    def request(
+        self,
+        charger: str,
+        departure_s: float | None,
+        energy_wh: float | None,
+        target_soc: float | None,
+        capacity_wh: float | None,
+    ) -> None:
+        """A user's session request (``cmd/session``); an unknown charger is refused."""
+        if charger not in self.charger_ids:
+            raise CommandRejected(f"charger: unknown charger {charger!r}")
+        self.book.request(SessionRequest(charger, departure_s, energy_wh, target_soc, capacity_wh))
+
+    def sessions(self, now: float) -> list[FlexSession]:
+        """The sessions to plan this cycle (at most one per column)."""
+        self._sessions = self.book.sessions(self.port.plugged(), now)[: self.columns]
+        return list(self._sessions)
+
+    def drawn_w(self) -> float:
+        """What the chargers draw now (W), as they last reported it (0 when unknown)."""
+        total = 0.0
+        for v in self.port.plugged():
+            total += v.power_w if math.isfinite(v.power_w) else 0.0
+        return total
+
+    def apply(self, plan: Plan, site_other_w: float | None) -> dict[str, float]:
+        """Send the chargers their limits for this cycle; returns them (W).
+
+        ``site_other_w``: what the rest of the site draws now (grid minus the chargers' own
+        draw; None when the meter is not valid). With an optimized plan the limits are its
+        first step; otherwise the import headroom shared equally. Either way their sum is
+        clamped to the headroom the meter shows (without a valid meter: 0 W, the chargers
+        pause; the profile validity makes a charger fall back on its own if essd stops).
+        """
+        sessions = self._sessions
+        limit = self._import_limit_w
+        if site_other_w is None:
+            headroom = 0.0
+        elif limit is None:
+            headroom = math.inf
+        else:
+            headroom = limit - site_other_w
+        if plan.session_power_w:
+            known = limit is not None and site_other_w is not None
+            spare = limit - plan.grid_w[0] if known and limit is not None else 0.0
+            limits = charge_limits_w(plan, sessions, headroom_w=min(spare, 1e9))
+        else:
+            limits = fallback_limits_w(sessions, min(headroom, 1e9))
+        limits = clamp_to_headroom(limits, sessions, min(headroom, 1e9))
+        self.last_limits_w = limits
+        self.port.apply(limits, valid_s=self._validity_s)
+        return limits

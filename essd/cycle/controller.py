@@ -30,6 +30,7 @@ from essd.devices import ManagedDevice
 from essd.dispatch import BatterySpec, Dispatcher
 from essd.domain import BatteryReading, MeterReading, Plan, PlanCause, Snapshot
 from essd.events import CycleCompleted, EventBus, SiteTotals
+from essd.flexloads import FlexLoads
 from essd.forecast import Forecast, Forecaster, Override
 from essd.safety import DeviceEnvelope
 
@@ -50,8 +51,10 @@ class Controller:
         clock: Clock,
         bus: EventBus,
         dispatcher: Dispatcher | None = None,
+        flex: FlexLoads | None = None,
     ) -> None:
         self.settings = settings
+        self.flex = flex  # EV chargers (essd.flexloads), planned with the batteries
         self.devices = {d.id: d for d in devices}
         self.batteries = [d for d in devices if not d.is_meter and d.envelope is not None]
         meters = [d for d in devices if d.is_meter]
@@ -77,13 +80,14 @@ class Controller:
             if d.envelope is not None
         ]
         self.dispatcher = dispatcher
-        if self.dispatcher is None and self.specs:
+        if self.dispatcher is None and (self.specs or flex is not None):
             self.dispatcher = Dispatcher(
                 self.specs,
                 ctl.horizon_steps,
                 solver=ctl.solver,
                 step_s=ctl.step_s,
                 change_cost_per_kw=ctl.churn_penalty_per_kw,
+                flex_columns=flex.columns if flex is not None else 0,
             )
         self.mode = Mode.AUTO
         self.reserve_override: float | None = None
@@ -105,8 +109,11 @@ class Controller:
             envelope=self._envelope,
             peak_w=lambda: self.accounting.peak.peak_w,
             realtime=self._realtime,
+            sessions=flex.sessions if flex is not None else None,
         )
-        self._forecast = CycleForecast(settings, forecaster, self._phase_failed)
+        self._forecast = CycleForecast(
+            settings, forecaster, self._phase_failed, flex.drawn_w if flex is not None else None
+        )
         self.credibility = CredibilityMonitor(
             settings_for_site(settings, [d.envelope for d in self.batteries if d.envelope]),
             {d.id: soc_resolution(d.profile) for d in self.batteries},
@@ -189,6 +196,19 @@ class Controller:
         if quantity not in ("load_w", "pv_w"):
             raise CommandRejected(f"quantity: not a forecast series: {quantity!r}")
         self.forecaster.set_override(quantity, Override(start, step_s, tuple(values)))
+
+    def set_session_request(
+        self,
+        charger: str,
+        departure_s: float | None,
+        energy_wh: float | None,
+        target_soc: float | None,
+        capacity_wh: float | None,
+    ) -> None:
+        """A user's EV session request (``cmd/session``; essd.commands.SessionTarget)."""
+        if self.flex is None:
+            raise CommandRejected("command: this site has no chargers")
+        self.flex.request(charger, departure_s, energy_wh, target_soc, capacity_wh)
 
     # --- durable state ---------------------------------------------------------------------
 
@@ -282,6 +302,8 @@ class Controller:
         )
         phase["guard"] = time.perf_counter() - t
 
+        self._chargers_phase(plan, None if standby else grid, errors)
+
         t = time.perf_counter()
         outcomes = await write.write_all(
             self.batteries, result.setpoints, standby=standby, on_failure=self._phase_failed
@@ -363,6 +385,18 @@ class Controller:
         except Exception as exc:
             errors["snapshot"] = self._phase_failed("snapshot", exc)
             return Snapshot(time=now, mono=mono, batteries={}, meter=None), None
+
+    def _chargers_phase(self, plan: Plan, grid: float | None, errors: dict[str, str]) -> None:
+        """Send the EV chargers their limits (own error boundary; the write phase still runs).
+
+        ``grid`` None (no valid meter, or standby): the chargers pause.
+        """
+        if self.flex is None:
+            return
+        try:
+            self.flex.apply(plan, None if grid is None else grid - self.flex.drawn_w())
+        except Exception as exc:
+            errors["chargers"] = self._phase_failed("chargers", exc)
 
     async def _decide_phase(
         self,

@@ -28,6 +28,7 @@ from essd.dispatch import (
     rule_based_plan,
     safe_idle_plan,
 )
+from essd.dispatch.sessions import FlexSession
 from essd.domain import BatteryReading, LiveLimits, Plan, PlanCause, Snapshot
 from essd.forecast import Forecast
 from essd.ladder import SOLVED, descend
@@ -80,8 +81,11 @@ class Decider:
         envelope: Callable[[ManagedDevice], DeviceEnvelope],
         peak_w: Callable[[], float],
         realtime: bool,
+        sessions: Callable[[float], Sequence[FlexSession]] | None = None,
     ) -> None:
         self._settings = settings
+        # Flexible loads (EV sessions; essd.flexloads) planned with the batteries.
+        self._sessions = sessions
         self._batteries = list(batteries)
         self._specs = list(specs)
         self._dispatcher = dispatcher
@@ -271,4 +275,5 @@ class Decider:
                 d.id: d.written.power_w if d.written is not None else 0.0 for d in self._batteries
             },
             terminal_value_per_kwh=terminal_value,
+            sessions=tuple(self._sessions(now)) if self._sessions is not None else (),
         )

@@ -223,11 +223,11 @@ class CentralSystem:
                     continue
                 meter = rec.meter.get(tx.connector_id)
                 delivered = 0.0
-                soc = math.nan
+                soc = power = math.nan
                 if meter is not None:
                     if math.isfinite(meter.energy_wh):
                         delivered = max(meter.energy_wh - tx.meter_start_wh, 0.0)
-                    soc = meter.soc
+                    soc, power = meter.soc, meter.power_w
                 out.append(
                     PluggedVehicle(
                         charger_id=connector_key(cid, tx.connector_id),
@@ -238,6 +238,7 @@ class CentralSystem:
                         min_power_w=config.min_power_w,
                         max_discharge_w=config.max_power_w if config.v2g else 0.0,
                         soc=soc,
+                        power_w=power,
                         default_energy_wh=config.default_energy_wh,
                         default_dwell_s=config.default_dwell_s,
                     )

@@ -150,6 +150,12 @@ class PlanPayload(_Payload):
     fallback_cause: str = Field("", description="Why, as a typed cause (see the state payload)")
     slack: dict[str, OptFloat] = Field(description="Soft-constraint slack by constraint name")
     solve_s: OptFloat = Field(description="Solver wall time, s")
+    session_power_w: dict[str, list[OptFloat]] = Field(
+        default_factory=dict,
+        description="Per EV session (<charger>/<transaction>) or swap pack, per step: W,"
+        " battery sign (< 0 charges the vehicle, > 0 V2G); its shortfall is in slack as"
+        " session_shortfall_wh[<id>]",
+    )
 
 
 class DeviceStatePayload(_Payload):
@@ -280,6 +286,7 @@ def build_plan_payload(site_id: str, plan: Plan) -> PlanPayload:
         fallback_cause=plan.cause.value,
         slack={k: _num(v) for k, v in plan.slack.items()},
         solve_s=_num(plan.solve_s),
+        session_power_w={s: [_num(v) for v in p] for s, p in plan.session_power_w.items()},
     )
 
 

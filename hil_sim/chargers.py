@@ -18,6 +18,7 @@ import asyncio
 import base64
 import contextlib
 import math
+import ssl
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -209,8 +210,15 @@ class ChargerLink:
     """
 
     def __init__(
-        self, station: SimStation, url: str, *, version: str = "1.6", password: str | None = None
+        self,
+        station: SimStation,
+        url: str,
+        *,
+        version: str = "1.6",
+        password: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        self._ssl = ssl_context
         self.station = station
         self.url = url.rstrip("/") + "/" + station.id
         self.version = version
@@ -227,7 +235,10 @@ class ChargerLink:
             headers["Authorization"] = f"Basic {token}"
         protocol = "ocpp1.6" if self.version == "1.6" else "ocpp2.0.1"
         self._ws = await websockets.connect(
-            self.url, subprotocols=[Subprotocol(protocol)], additional_headers=headers
+            self.url,
+            subprotocols=[Subprotocol(protocol)],
+            additional_headers=headers,
+            ssl=self._ssl,
         )
         cls = _Cp16 if self.version == "1.6" else _Cp201
         self.cp = cls(self.station.id, self._ws, response_timeout=5)

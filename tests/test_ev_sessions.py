@@ -188,3 +188,23 @@ def test_charge_limits_from_the_plan_round_below_minimum_to_zero() -> None:
     limits = charge_limits_w(plan, sessions)
     assert limits == {"cp1": 6000.0, "cp2": 0.0}, "cp3 has no plan: no limit is sent"
     assert all(math.isfinite(v) for v in limits.values())
+
+
+def test_charge_limit_below_minimum_rounds_up_only_within_the_headroom() -> None:
+    s = FlexSession("cp1/7", "cp1", T0, T0 + 3600, 1000.0, 11_000.0, min_power_w=4140.0)
+    plan = Plan(
+        created_at=T0,
+        step_s=900.0,
+        device_ids=(),
+        power_w={},
+        soc={},
+        grid_w=(0.0,),
+        objective=0.0,
+        solver_status="optimal",
+        rung=FallbackRung.OPTIMAL,
+        reason="",
+        cause=PlanCause.OPTIMAL,
+        session_power_w={"cp1/7": (-3000.0,)},
+    )
+    assert charge_limits_w(plan, [s], headroom_w=1200.0) == {"cp1": 4140.0}
+    assert charge_limits_w(plan, [s], headroom_w=1000.0) == {"cp1": 0.0}

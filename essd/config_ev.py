@@ -37,7 +37,6 @@ class ChargerConfig(_Section):
     min_power_w: Annotated[float, Field(ge=0.0, le=1_000_000.0)] = Field(
         0.0, description="Least power the charger runs at while charging (e.g. 6 A x phases)"
     )
-    v2g: bool = False
     default_energy_wh: Annotated[float, Field(ge=0.0, le=1_000_000.0)] = Field(
         20_000.0, description="Energy asked for a session nobody gave a request for"
     )

@@ -236,7 +236,8 @@ class CentralSystem:
                         delivered_wh=delivered,
                         max_power_w=config.max_power_w,
                         min_power_w=config.min_power_w,
-                        max_discharge_w=config.max_power_w if config.v2g else 0.0,
+                        # OCPP 1.6J / 2.0.1 TxProfiles limit charging only: no V2G here.
+                        max_discharge_w=0.0,
                         soc=soc,
                         power_w=power,
                         default_energy_wh=config.default_energy_wh,

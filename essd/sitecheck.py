@@ -101,6 +101,20 @@ def validate_site(settings: Settings, source: str = "configuration") -> SiteChec
             "site's import and export limits cannot be verified, so every battery idles"
         )
 
+    ids = [c.id for c in settings.chargers]
+    problems += [
+        f"{source}: chargers.{i}.id: duplicate charger id {cid!r}"
+        for i, cid in enumerate(ids)
+        if cid in ids[:i]
+    ]
+    if settings.chargers and settings.ocpp is None:
+        warnings.append(f"{source}: chargers: no [ocpp] section: the chargers are not controlled")
+    if settings.ocpp is not None and not meters:
+        warnings.append(
+            f"{source}: ocpp: no grid meter: the chargers stay paused (the import limit cannot"
+            " be verified)"
+        )
+
     series: Path | None = settings.forecast.series_file
     if series is not None:
         try:

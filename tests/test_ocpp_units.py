@@ -168,3 +168,24 @@ async def test_central_system_over_tls(tmp_path: Path) -> None:
         with pytest.raises(ssl.SSLCertVerificationError):
             async with ChargerLink(station, url, ssl_context=ssl.create_default_context()):
                 pass
+
+
+def test_site_check_names_charger_problems() -> None:
+    from essd.config import Settings  # noqa: PLC0415 - only this test needs a whole site
+    from essd.sitecheck import validate_site  # noqa: PLC0415
+
+    base = {
+        "site": {
+            "id": "s",
+            "timezone": "UTC",
+            "grid_import_limit_w": 9000,
+            "grid_export_limit_w": 0,
+        },
+        "metrics": {"enabled": False},
+    }
+    twice = Settings.model_validate({**base, "ocpp": {}, "chargers": [{"id": "a"}, {"id": "a"}]})
+    check = validate_site(twice, "essd.toml")
+    assert "essd.toml: chargers.1.id: duplicate charger id 'a'" in check.problems
+    assert any("ocpp: no grid meter" in w for w in check.warnings)
+    alone = Settings.model_validate({**base, "chargers": [{"id": "a"}]})
+    assert any("no [ocpp] section" in w for w in validate_site(alone, "x").warnings)

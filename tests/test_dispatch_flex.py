@@ -137,7 +137,10 @@ def test_pv_surplus_preferred_to_cheap_night_import() -> None:
 
 
 def test_v2g_only_where_allowed_and_requirement_still_met() -> None:
-    d = Dispatcher([BatterySpec("bat", 1_000.0)], STEPS, step_s=STEP_S, flex_columns=1)
+    d = Dispatcher(
+        [BatterySpec("bat", 1_000.0)], STEPS, step_s=STEP_S, flex_columns=1, flex_v2g=True
+    )
+    assert d.problem(STEP_S).is_dpp()
     price = np.full(STEPS, 0.10)
     price[(HOURS >= 18) & (HOURS < 19)] = 2.0  # an evening spike worth exporting into
     ev = _ev("a", leave_h=23.5, need_wh=5_000.0, max_discharge_w=7000.0, v2g_energy_wh=10_000.0)
@@ -232,3 +235,23 @@ def test_chargers_only_site_uses_the_whole_connection() -> None:
     )
     assert delivered == pytest.approx(8 * 59.5 * 1000.0 * 0.92, rel=1e-4)
     assert delivered + short == pytest.approx(500_000.0, rel=1e-4)
+
+
+def test_charge_only_optimizer_refuses_v2g_sessions(dispatcher: Dispatcher) -> None:
+    ev = _ev("a", leave_h=5.0, need_wh=1_000.0, max_discharge_w=5000.0)
+    with pytest.raises(InvalidDispatchInputsError) as err:
+        dispatcher.validate(_inputs([ev]))
+    assert err.value.field == "sessions[a].max_discharge_w"
+
+
+def test_charge_only_and_v2g_models_agree_without_v2g() -> None:
+    sessions = [_ev(f"v{i}", leave_h=6.0 + i, need_wh=12_000.0) for i in range(4)]
+    plans = []
+    for v2g in (False, True):
+        d = Dispatcher(
+            [BatterySpec("bat", 10_000.0)], STEPS, step_s=STEP_S, flex_columns=4, flex_v2g=v2g
+        )
+        plans.append(
+            d.solve(_inputs(sessions, import_limit_w=20_000.0), budget_s=10.0, last_plan=None)
+        )
+    assert plans[0].objective == pytest.approx(plans[1].objective, rel=1e-6, abs=1e-6)

@@ -178,6 +178,7 @@ class Dispatcher:
         rebuild_after_failures: int = DEFAULT_REBUILD_AFTER_FAILURES,
         flex_columns: int = 0,
         session_shortfall_cost_per_kwh: float = 5.0,
+        flex_v2g: bool = False,
     ) -> None:
         if not batteries and not flex_columns:
             raise InvalidDispatchInputsError(
@@ -218,6 +219,8 @@ class Dispatcher:
             raise InvalidDispatchInputsError("flex_columns", f"must be >= 0, got {flex_columns!r}")
         # Columns for flexible loads (EV sessions, swap packs; essd.dispatch.flex).
         self.flex_columns = flex_columns
+        # V2G columns cost three times the size; chargers over OCPP 1.6J/2.0.1 cannot use it.
+        self.flex_v2g = flex_v2g
         self._shortfall_cost = session_shortfall_cost_per_kwh
         self._models: dict[float, DispatchModel] = {}
         self.last_timing = SolveTiming(0.0, 0.0, 0)
@@ -247,6 +250,7 @@ class Dispatcher:
                     self.steps,
                     h,
                     shortfall_cost_per_kwh=self._shortfall_cost,
+                    v2g=self.flex_v2g,
                 )
             model = DispatchModel(self.batteries, self.steps, h, **self._costs, flex=flex)
             self._models[step_s] = model
@@ -262,6 +266,12 @@ class Dispatcher:
         self._sessions(inputs)
 
     def _sessions(self, inputs: DispatchInputs) -> FlexArrays:
+        if not self.flex_v2g:
+            for s in inputs.sessions:
+                if getattr(s, "max_discharge_w", 0.0) > 0:
+                    raise InvalidDispatchInputsError(
+                        f"sessions[{s.id}].max_discharge_w", "this optimizer plans no V2G"
+                    )
         return validate_sessions(
             inputs.sessions,
             self.flex_columns,

@@ -60,11 +60,17 @@ class FlexModel:
         h: float,
         *,
         shortfall_cost_per_kwh: float,
+        v2g: bool = True,
         v2g_round_trip: float = 0.85,
         v2g_cost_per_kwh: float = 0.05,
     ) -> None:
         ns, nt = columns, steps
         self.columns = columns
+        self.v2g = v2g
+        early = _EARLY_PER_KWH * h * np.arange(nt) / max(nt, 1)
+        if not v2g:
+            self._charge_only(ns, nt, h, shortfall_cost_per_kwh, early)
+            return
         p = self.params = {
             "ub_ch": cp.Parameter((ns, nt), name="flex_ub_ch"),
             "ub_dis": cp.Parameter((ns, nt), name="flex_ub_dis"),
@@ -88,7 +94,6 @@ class FlexModel:
             en_end == en[:, nt - 1],
             en_end + short >= p["need"],
         ]
-        early = _EARLY_PER_KWH * h * np.arange(nt) / max(nt, 1)
         self.cost = (
             shortfall_cost_per_kwh * (p["priority"] @ short)
             + v2g_cost_per_kwh * h * cp.sum(dis)
@@ -97,19 +102,45 @@ class FlexModel:
         # Power the columns draw from the site, kW per step (> 0 imports, like load).
         self.site_kw = cp.sum(ch - dis, axis=0)
 
+    def _charge_only(
+        self, ns: int, nt: int, h: float, shortfall_cost: float, early: FloatArray
+    ) -> None:
+        """Without V2G a column's energy only grows: the requirement and the room bind only
+        its total, so the per-step energy variables are not needed (a third of the size)."""
+        p = self.params = {
+            "ub_ch": cp.Parameter((ns, nt), name="flex_ub_ch"),
+            "room": cp.Parameter(ns, name="flex_room"),
+            "need": cp.Parameter(ns, name="flex_need"),
+            "priority": cp.Parameter(ns, name="flex_priority"),
+        }
+        for param in p.values():
+            param.value = np.zeros(param.shape)
+        ch = self.ch = cp.Variable((ns, nt), name="flex_charge_kw", bounds=[0, p["ub_ch"]])
+        short = self.short = cp.Variable(ns, name="flex_short_kwh", nonneg=True)
+        delivered = h * cp.sum(ch, axis=1)
+        self.constraints = [delivered + short >= p["need"], delivered <= p["room"]]
+        self.cost = shortfall_cost * (p["priority"] @ short) + cp.sum(ch @ early)
+        self.site_kw = cp.sum(ch, axis=0)
+
     def assign(self, f: FlexArrays) -> None:
         """Set every parameter from validated sessions."""
         p = self.params
         p["ub_ch"].value = f.ub_ch
+        p["need"].value = f.need
+        p["priority"].value = f.priority
+        if not self.v2g:
+            p["room"].value = f.hi[:, 0]
+            return
         p["ub_dis"].value = f.ub_dis
         p["lo"].value = f.lo
         p["hi"].value = f.hi
-        p["need"].value = f.need
-        p["priority"].value = f.priority
 
     def power_kw(self) -> FloatArray:
         """Solved per-column power (S, T), battery sign (< 0 charges the vehicle)."""
-        power: FloatArray = np.asarray(self.dis.value) - np.asarray(self.ch.value)
+        charge = np.asarray(self.ch.value)
+        if not self.v2g:
+            return -charge
+        power: FloatArray = np.asarray(self.dis.value) - charge
         return power
 
     def shortfall_kwh(self) -> FloatArray:

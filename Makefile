@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help venv sysdeps lint typecheck test demo bench clean
+.PHONY: help venv sysdeps lint typecheck test demo bench dashboards clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -41,6 +41,9 @@ test: venv sysdeps lint typecheck  ## everything CI checks: set-up, lint, types,
 
 demo: venv  ## run the daemon against the simulated example site, no hardware needed
 	$(BIN)/essd demo $(DEMO_ARGS)
+
+dashboards: venv  ## regenerate observability/grafana/dashboards/*.json from generate.py
+	$(BIN)/python observability/grafana/generate.py
 
 bench: venv  ## run the benchmarks and write bench-results.json
 	$(BIN)/python -m benchmarks

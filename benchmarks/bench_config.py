@@ -41,6 +41,7 @@ def _site(folder: Path) -> Path:
         f'profile_dirs = ["{folder / "profiles"}"]\n'
         '[site]\nid = "bomb"\ntimezone = "Asia/Shanghai"\n'
         "grid_import_limit_w = 9000\ngrid_export_limit_w = 0\n"
+        '[tariff]\ncurrency = "CNY"\nimport_price_per_kwh = 0.5\n'
         '[[devices]]\nid = "inv"\nprofile = "hostile"\n'
         'transport = { kind = "tcp", host = "127.0.0.1", port = 1502, unit = 1 }\n',
         encoding="utf-8",

@@ -9,15 +9,17 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from essd import __version__
-from essd.config import DEFAULT_CONFIG_PATH, Settings
-from essd.config_loading import ConfigError, load_settings
+from essd import DEFAULT_CONFIG_PATH, __version__
 from essd.demo import register_cli as register_demo
 from essd.hil.cli import register as register_hil
 from essd.logs import configure_logging
 from essd.schema import register as register_schema
 from hil_sim.cli import register_cli as register_sim
+
+if TYPE_CHECKING:
+    from essd.config import Settings
 
 __all__ = ["main"]
 
@@ -35,7 +37,9 @@ def _err(message: str) -> None:
 def load_checked(path: Path) -> tuple[Settings, tuple[str, ...]] | None:
     """The configuration at ``path`` and its warnings, checked exactly as ``run`` checks it
     (:func:`essd.sitecheck.validate_site`); None after printing the problems."""
-    from essd.sitecheck import validate_site  # noqa: PLC0415 - keep startup lean
+    # `essd --help` must stay fast: pydantic and the site checks load only when used.
+    from essd.config_loading import ConfigError, load_settings  # noqa: PLC0415
+    from essd.sitecheck import validate_site  # noqa: PLC0415
 
     try:
         settings = load_settings(path)
@@ -103,6 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415
 
     from drivers.profile import ProfileError  # noqa: PLC0415
+    from essd.config_loading import ConfigError  # noqa: PLC0415
 
     path: Path = args.config
     if (args.sim_start is not None or args.sim_anchor is not None) and args.sim_speed is None:

@@ -43,6 +43,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from essd import DEFAULT_CONFIG_PATH as _DEFAULT_CONFIG_PATH
 from essd.config_ev import ChargerConfig, OcppConfig
 
 __all__ = [
@@ -63,7 +64,7 @@ __all__ = [
 ]
 
 
-DEFAULT_CONFIG_PATH = Path("/etc/essd/essd.toml")
+DEFAULT_CONFIG_PATH = _DEFAULT_CONFIG_PATH  # defined where the CLI reads it without pydantic
 
 
 ENV_PREFIX = "ESSD_"
@@ -98,7 +99,10 @@ class SiteConfig(_Section):
 
     id: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
     name: str = ""
-    timezone: str = "Asia/Shanghai"
+    timezone: str = Field(
+        description="IANA time zone of the site, e.g. Europe/Berlin (required: it names the "
+        "hour of every tariff window, the day of the daily totals and the billing period)"
+    )
     grid_import_limit_w: NonNegW = Field(description="Import limit at the connection, W >= 0")
     grid_export_limit_w: NonNegW = Field(
         description="Export limit at the connection, W >= 0 (0 = zero export)"
@@ -234,7 +238,9 @@ class TouWindow(_Section):
 class TariffConfig(_Section):
     """Prices. A flat import price or a time-of-use table (exactly one)."""
 
-    currency: str = "CNY"
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = Field(
+        description="ISO 4217 code of the tariff's currency, e.g. EUR (required)"
+    )
     import_price_per_kwh: Annotated[float, Field(allow_inf_nan=False)] | None = None
     import_tou: tuple[TouWindow, ...] = ()
     export_price_per_kwh: Annotated[float, Field(allow_inf_nan=False)] = 0.0
@@ -303,11 +309,18 @@ class MqttConfig(_Section):
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     ha_discovery: bool = True
     ha_prefix: str = "homeassistant"
+    ha_setpoint_ttl_s: Annotated[float, Field(gt=0.0, le=86_400.0)] = Field(
+        3600.0,
+        description="How long a manual setpoint chosen in Home Assistant holds, s "
+        "(at most max_manual_duration_s)",
+    )
     reconnect_min_s: Annotated[float, Field(gt=0.0, le=60.0)] = 1.0
     reconnect_max_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 60.0
 
     @model_validator(mode="after")
     def _check(self) -> Self:
+        if self.ha_setpoint_ttl_s > self.max_manual_duration_s:
+            raise ValueError("ha_setpoint_ttl_s: must be at most max_manual_duration_s")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s: must be at least reconnect_min_s")
         for name in ("ca_file", "cert_file", "key_file"):
@@ -429,7 +442,7 @@ class Settings(BaseSettings):
     devices: tuple[DeviceConfig, ...] = ()
     control: ControlConfig = ControlConfig()
     credibility: CredibilityConfig = CredibilityConfig()
-    tariff: TariffConfig = TariffConfig(import_price_per_kwh=0.6)
+    tariff: TariffConfig
     forecast: ForecastConfig = ForecastConfig()
     mqtt: MqttConfig | None = None
     metrics: MetricsConfig = MetricsConfig()

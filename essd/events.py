@@ -33,6 +33,7 @@ __all__ = [
     "DeviceStateChanged",
     "Event",
     "EventBus",
+    "ForecastRecord",
     "Handler",
     "MqttConnectionChanged",
     "SiteTotals",
@@ -52,7 +53,12 @@ class SiteTotals:
     """Cumulative site figures, integrated from the meter each cycle and kept in the durable
     state, so they only ever grow (Home Assistant's ``total_increasing``).
 
-    ``battery_charged_wh``/``battery_discharged_wh`` integrate the units' measured AC power.
+    ``battery_charged_wh``/``battery_discharged_wh`` integrate the units' measured AC power;
+    ``pv_wh`` the PV the units measure themselves (0 where none does). ``savings`` is what the
+    batteries saved so far: the cost the site would have paid with every battery idle (grid
+    power + battery power, at the same prices and carbon price) minus the cost it paid; it is
+    negative while they have cost more than they saved (charging ahead of a peak, losses).
+    The demand charge is not part of ``cost`` or ``savings``: see ``billing_peak_w``.
     """
 
     imported_wh: float = 0.0
@@ -61,6 +67,8 @@ class SiteTotals:
     co2_kg: float = 0.0
     battery_charged_wh: float = 0.0
     battery_discharged_wh: float = 0.0
+    pv_wh: float = 0.0
+    savings: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +132,24 @@ class DeviceRecord:
     setpoint_age_s: float | None
     credible: bool = True  # False while the credibility screen holds the unit at 0 W
     credibility: str = ""  # why not: "<cause>: <detail>"
+    # AC energy into / out of this unit, integrated from its measured power; durable.
+    charged_wh: float = 0.0
+    discharged_wh: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ForecastRecord:
+    """The forecast the plan was made against, per step from ``start`` (epoch s).
+
+    ``load_w`` is the load the optimizer saw (net of PV where PV is not measured apart),
+    ``pv_w`` the PV forecast (zeros where none is made), carbon in g/kWh.
+    """
+
+    start: float
+    step_s: float
+    load_w: tuple[float, ...]
+    pv_w: tuple[float, ...]
+    carbon_g_per_kwh: tuple[float, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +168,11 @@ class CycleCompleted(Event):
     rebuilt cold because of such a streak.
     ``credibility``: which unit readings and which meter reading the guard believed, and why
     not (None from producers that do not judge credibility).
+    ``pv_power_w``: PV measured by the units themselves (None where none does);
+    ``net_load_w``: the site's consumption less unmeasured PV, from the meter and the units
+    (grid + battery + measured PV; None without a valid meter reading);
+    ``billing_peak_w``: the billing period's running peak of the per-step average import (what
+    the demand charge is billed on); ``forecast``: what the plan was made against.
     """
 
     cycle: int
@@ -173,6 +204,10 @@ class CycleCompleted(Event):
     solver_failures_consecutive: int = 0
     solver_rebuilds_total: int = 0
     credibility: CredibilityReport | None = None
+    pv_power_w: float | None = None
+    net_load_w: float | None = None
+    billing_peak_w: float = 0.0
+    forecast: ForecastRecord | None = None
 
     @property
     def cause(self) -> PlanCause:

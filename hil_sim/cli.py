@@ -11,7 +11,6 @@ site, a profile, the series or the fault file), each problem naming the file and
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
 import signal
@@ -23,10 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
-from essd.clock import Clock, RealClock, SimClock
-from essd.config_loading import ConfigError, load_settings
-
 if TYPE_CHECKING:
+    from essd.clock import Clock
     from hil_sim.runner import SimulatedSite
 
 __all__ = ["add_arguments", "main", "register_cli", "run"]
@@ -108,6 +105,8 @@ def _load(args: argparse.Namespace) -> tuple[SimulatedSite, Clock] | int:
     # The simulator (pymodbus, SunSpec models) loads only when `sim` runs, so that `essd`'s
     # other commands start fast.
     from drivers.profile import ProfileError  # noqa: PLC0415
+    from essd.clock import RealClock, SimClock  # noqa: PLC0415
+    from essd.config_loading import ConfigError, load_settings  # noqa: PLC0415
     from essd.series import SeriesError  # noqa: PLC0415
     from hil_sim.faults import FaultError, FaultSpec, load_faults  # noqa: PLC0415
     from hil_sim.runner import SimulatedSite  # noqa: PLC0415
@@ -161,6 +160,8 @@ def _load(args: argparse.Namespace) -> tuple[SimulatedSite, Clock] | int:
 
 
 async def _serve(sim: SimulatedSite) -> int:
+    import asyncio  # noqa: PLC0415 - `essd --help` registers this module: keep it light
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -192,6 +193,8 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(loaded, int):
         return loaded
     sim, _ = loaded
+    import asyncio  # noqa: PLC0415
+
     return asyncio.run(_serve(sim))
 
 

@@ -11,6 +11,7 @@ declare -A need=(
   [prometheus]=prometheus          # real Prometheus scraping essd
   [systemd-analyze]=systemd        # unit verification and security score
   [socat]=socat                    # pty pairs: a real serial line for Modbus RTU
+  [tmux]=tmux                      # a real terminal for the screen of `make demo`
 )
 
 found() {

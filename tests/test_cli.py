@@ -80,3 +80,19 @@ def test_run_refuses_an_invalid_config_with_exit_2(tmp_path: Path) -> None:
     )
     assert out.returncode == 2
     assert "--sim-start/--sim-anchor: need --sim-speed" in out.stderr
+
+
+def test_help_loads_neither_the_optimizer_nor_pydantic_nor_the_simulator() -> None:
+    # `essd --help` answers without the heavy imports (their cost is in `make bench`,
+    # cli.help_s); checked by what got imported, not by timing.
+    code = (
+        "import sys, essd.cli\n"
+        "essd.cli.build_parser().format_help()\n"
+        "heavy = ('cvxpy', 'highspy', 'pydantic', 'numpy', 'pymodbus', 'hil_sim.runner',\n"
+        "         'asyncio')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]"

@@ -16,10 +16,12 @@ EXAMPLE = Path(__file__).parents[1] / "profiles" / "sites" / "example.toml"
 MINIMAL = """
 [site]
 id = "home-1"
+timezone = "Europe/Berlin"
 grid_import_limit_w = 9000
 grid_export_limit_w = 5000
 
 [tariff]
+currency = "EUR"
 import_price_per_kwh = 0.52
 
 [[devices]]
@@ -60,7 +62,62 @@ def test_example_site_loads() -> None:
 
 def test_unknown_key_is_named(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL + "\n[control]\ncycle_perod_s = 5\n")
-    assert problems_of(path) == [f"{path}: control.cycle_perod_s: unknown key"]
+    assert problems_of(path) == [
+        f"{path}: control.cycle_perod_s: unknown key; did you mean 'cycle_period_s'?"
+    ]
+
+
+def test_an_unknown_key_far_from_any_known_one_gets_no_guess(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "\n[control]\nbanana = 5\n")
+    assert problems_of(path) == [f"{path}: control.banana: unknown key"]
+
+
+def test_did_you_mean_looks_in_the_right_section_also_inside_lists(tmp_path: Path) -> None:
+    text = MINIMAL.replace('profile = "household', 'reserv_soc = 0.2\nprofile = "household')
+    text = text.replace("[site]", '[sit]\nid = "x"\n\n[site]')
+    problems = problems_of(write(tmp_path, text))
+    assert any(
+        p.endswith("devices.0.reserv_soc: unknown key; did you mean 'reserve_soc'?")
+        for p in problems
+    )
+    assert any(p.endswith("sit: unknown key; did you mean 'site'?") for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("line", "hint"),
+    [
+        ("reserve_soc = 15", "a ratio 0..1; did you mean 0.15?"),
+        ("max_soc = 95", "a ratio 0..1; did you mean 0.95?"),
+        ("reserve_soc = 150", "a ratio 0..1"),
+        ("reserve_soc = -0.1", "a ratio 0..1"),
+    ],
+)
+def test_a_ratio_given_as_a_percentage_gets_a_unit_hint(
+    tmp_path: Path, line: str, hint: str
+) -> None:
+    path = write(tmp_path, MINIMAL + f"\n[control]\n{line}\n")
+    (problem,) = problems_of(path)
+    field = line.split(" ", maxsplit=1)[0]
+    assert problem.startswith(f"{path}: control.{field}: ")
+    assert problem.endswith(hint)
+    if "did you mean" not in hint:
+        assert "did you mean" not in problem
+
+
+@pytest.mark.parametrize(
+    ("drop", "field"),
+    [('timezone = "Europe/Berlin"\n', "site.timezone"), ('currency = "EUR"\n', "tariff.currency")],
+)
+def test_timezone_and_currency_are_required(tmp_path: Path, drop: str, field: str) -> None:
+    path = write(tmp_path, MINIMAL.replace(drop, ""))
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"{path}: {field}: required (")
+
+
+def test_a_currency_must_be_an_iso_code(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL.replace('currency = "EUR"', 'currency = "euro"'))
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"{path}: tariff.currency: ")
 
 
 def test_unknown_top_level_section_is_named(tmp_path: Path) -> None:
@@ -134,7 +191,10 @@ def test_bad_environment_variable_is_named(tmp_path: Path, monkeypatch: pytest.M
 def test_mqtt_section_from_environment_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ESSD_MQTT__HOST", "127.0.0.1")
     monkeypatch.setenv("ESSD_MQTT__PORT", "1884")
-    s = Settings(site={"id": "s", "grid_import_limit_w": 1, "grid_export_limit_w": 0})
+    s = Settings(
+        site={"id": "s", "timezone": "UTC", "grid_import_limit_w": 1, "grid_export_limit_w": 0},
+        tariff={"currency": "EUR", "import_price_per_kwh": 0.3},
+    )
     assert s.mqtt is not None
     assert (s.mqtt.host, s.mqtt.port) == ("127.0.0.1", 1884)
 
@@ -160,9 +220,7 @@ def test_duplicate_device_ids(tmp_path: Path) -> None:
 
 
 def test_unknown_time_zone(tmp_path: Path) -> None:
-    path = write(
-        tmp_path, MINIMAL.replace('id = "home-1"', 'id = "home-1"\ntimezone = "Mars/Base"')
-    )
+    path = write(tmp_path, MINIMAL.replace('timezone = "Europe/Berlin"', 'timezone = "Mars/Base"'))
     assert problems_of(path) == [f"{path}: site.timezone: unknown time zone 'Mars/Base'"]
 
 

@@ -32,10 +32,12 @@ from essd.events import EventBus
 HEAD = """
 [site]
 id = "s1"
+timezone = "Asia/Shanghai"
 grid_import_limit_w = 9000
 grid_export_limit_w = 5000
 
 [tariff]
+currency = "CNY"
 import_price_per_kwh = 0.5
 """
 

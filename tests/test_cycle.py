@@ -66,6 +66,7 @@ def settings(port: int, **control: Any) -> Settings:
             "grid_export_limit_w": 0,
         },
         tariff={
+            "currency": "CNY",
             "import_tou": [
                 {"start": "00:00", "price_per_kwh": 0.30},
                 {"start": "10:00", "price_per_kwh": 1.20},

@@ -28,7 +28,13 @@ def test_demo_runs_the_example_site_and_reports_no_violation() -> None:
     cycles = [ln for ln in lines if " cycle=" in ln]
     assert cycles
     assert all("rung=" in ln and "setpoints[" in ln for ln in cycles)
-    assert lines[-1].startswith("demo finished: 2.0 simulated hours, 0 limit violations")
+    assert lines[-2].startswith("demo finished: 2.0 simulated hours, 0 limit violations")
+    assert lines[-1].startswith("cost ")
+    assert " saved by the batteries " in lines[-1]
+    assert lines[0].startswith("essd demo: 2 simulated hours at 240x")
+    # The solver never writes to stdout (HiGHS prints a banner unless told not to).
+    assert "HiGHS" not in out.stdout
+    assert "Running HiGHS" not in out.stderr
 
 
 def test_demo_rejects_a_bad_flag() -> None:

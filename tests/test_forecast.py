@@ -20,6 +20,7 @@ def at(hour: int, minute: int = 0, day: int = 1) -> float:
 
 
 TOU = TariffConfig(
+    currency="CNY",
     import_tou=(
         {"start": "00:00", "price_per_kwh": 0.3},
         {"start": "08:00", "price_per_kwh": 0.6},

@@ -55,6 +55,7 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
             "site": _site(
                 site={
                     "id": "x",
+                    "timezone": "UTC",
                     "grid_import_limit_w": -5,
                     "grid_export_limit_w": 0,
                 }

@@ -3,12 +3,14 @@ codes and the run-all table."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
 
 from essd.cli import main
+from essd.hil.cli import RunProgress
 from essd.hil.report import PLOTS, make_figures, write_report
 from essd.hil.runner import RunResult, run_scenario
 from essd.hil.scenario import load_scenario
@@ -147,3 +149,38 @@ async def test_a_running_clock_covers_the_scenario_too(tmp_path: Path) -> None:
     # Samples hold until the next one: the time after the first cycle is covered to the end.
     last = result.samples[-1]
     assert last.time + last.dt_s == pytest.approx(scenario.start_epoch + scenario.duration)
+
+
+def test_a_run_shows_progress_and_reports_one_wall_time(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_scenario(tmp_path / "small.yaml")
+    report = tmp_path / "report"
+    assert main(["hil", "run", str(path), "--report", str(report)]) == 0
+    out, err = capsys.readouterr()
+    progress = [ln for ln in err.splitlines() if ": simulated " in ln]
+    # Not a terminal: one line per tenth of the simulated time, in order, up to the last
+    # cycle (which starts one period before the end).
+    assert 5 <= len(progress) <= 11, err
+    shares = [int(ln.split("(")[1].split("%")[0]) for ln in progress]
+    assert shares == sorted(shares)
+    assert shares[-1] >= 90
+    kpis = json.loads((report / "kpis.json").read_text())
+    wall = f"{kpis['wall_s']:.1f} s wall"
+    (summary,) = [ln for ln in out.splitlines() if ln.startswith("small-household: pass")]
+    assert summary.endswith(wall)
+    assert wall in (report / "report.md").read_text()
+
+
+def test_progress_redraws_in_place_on_a_terminal() -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    progress = RunProgress("x", 0.0, 3600.0, out=out)
+    assert progress.line(1800.0, progress._wall0 + 2.0) == (
+        "x: simulated 0.5 of 1.0 h (50%), 2 s wall, ETA 2 s"
+    )
+    progress.close()
+    assert out.getvalue() == ""  # nothing drawn, nothing to clear

@@ -256,7 +256,8 @@ async def test_portable_outputs_and_availability() -> None:
 async def test_every_shipped_profile_is_served_and_read_by_its_driver(profile: Profile) -> None:
     kind = "rtu-over-tcp" if profile.transport.framing == "rtu" else "tcp"
     site_settings = Settings(
-        site={"id": "one", "grid_import_limit_w": 1e5, "grid_export_limit_w": 0},
+        site={"id": "one", "timezone": "UTC", "grid_import_limit_w": 1e5, "grid_export_limit_w": 0},
+        tariff={"currency": "EUR", "import_price_per_kwh": 0.3},
         devices=[
             {
                 "id": "dut",

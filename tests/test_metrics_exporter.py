@@ -354,6 +354,7 @@ def test_from_settings_takes_site_currency_and_the_records_soc_windows(
         """
 [site]
 id = "plant-7"
+timezone = "Europe/Berlin"
 grid_import_limit_w = 250000
 grid_export_limit_w = 0
 [mqtt]

@@ -16,6 +16,7 @@ from essd.metrics import MetricsExporter
 from tests.support.prometheus import (
     ALERTS,
     ALERTS_TEST,
+    DASHBOARDS,
     DATASOURCE_UID,
     OBSERVABILITY,
     PROMETHEUS_EXAMPLE,
@@ -73,11 +74,35 @@ def test_every_alert_names_severity_and_explains_itself() -> None:
         assert rule["annotations"]["description"], rule["alert"]
 
 
+def test_every_alert_waits_and_has_a_runbook_line() -> None:
+    doc = (OBSERVABILITY.parent / "docs" / "observability.md").read_text()
+    runbook = doc[doc.index("### Runbook") :]
+    for rule in alert_rules():
+        assert rule.get("for"), f"{rule['alert']}: no for:"
+        assert f"- **{rule['alert']}**: " in runbook, rule["alert"]
+        assert f"| `{rule['alert']}` |" in doc, rule["alert"]
+
+
+@pytest.mark.parametrize(
+    "alert",
+    [
+        "EssdSiteLimitExceeded",
+        "EssdDeviceFault",
+        "EssdDeviceWriteFailing",
+        "EssdSolverFailing",
+        "EssdSolverFailingInARow",
+    ],
+)
+def test_the_alerts_the_operators_asked_for_exist(alert: str) -> None:
+    assert alert in {r["alert"] for r in alert_rules()}
+
+
 # ------------------------------------------------------------------------------ dashboard
 
 
-def test_every_panel_uses_the_provisioned_datasource() -> None:
-    dash = dashboard()
+@pytest.mark.parametrize("name", DASHBOARDS)
+def test_every_panel_uses_the_provisioned_datasource(name: str) -> None:
+    dash = dashboard(name)
     for panel in all_panels(dash):
         if panel["type"] == "row":
             continue
@@ -85,8 +110,38 @@ def test_every_panel_uses_the_provisioned_datasource() -> None:
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == DATASOURCE_UID, panel["title"]
-    (device,) = [v for v in dash["templating"]["list"] if v["name"] == "device"]
-    assert device["datasource"]["uid"] == DATASOURCE_UID
+    for variable in dash["templating"]["list"]:
+        assert variable["datasource"]["uid"] == DATASOURCE_UID, variable["name"]
+
+
+@pytest.mark.parametrize("name", DASHBOARDS)
+def test_every_query_of_every_panel_selects_the_site(name: str) -> None:
+    # Several sites in one Prometheus never mix: every metric selector carries the
+    # instance of the chosen site.
+    for q in dashboard_queries(dashboard(name)):
+        for selector in re.findall(r"\b((?:essd|process)_[a-z0-9_]+)(\{[^}]*\})?", q.expr):
+            assert 'instance=~"$instance"' in selector[1], (q.panel, q.expr)
+
+
+@pytest.mark.parametrize("name", DASHBOARDS)
+def test_no_increase_on_a_rate_axis_and_money_names_its_currency(name: str) -> None:
+    for panel in all_panels(dashboard(name)):
+        unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit")
+        exprs = [t["expr"] for t in panel.get("targets", [])]
+        if unit in ("reqps", "ops", "cps"):
+            assert not any("increase(" in e for e in exprs), panel["title"]
+        if any(m in e for e in exprs for m in ("essd_site_cost", "essd_site_savings")):
+            # In the title, or (the fleet table, one currency per site) a column of its own.
+            named = "$currency" in panel["title"] or any(
+                "essd_site_info" in e and "currency" in e for e in exprs
+            )
+            assert named, panel["title"]
+
+
+def test_the_device_variable_lists_every_device_including_the_meter() -> None:
+    (device,) = [v for v in dashboard()["templating"]["list"] if v["name"] == "device"]
+    assert "essd_device_info" in device["query"]  # served for the meter too
+    assert 'instance=~"$instance"' in device["query"]
 
 
 def test_dashboard_layout() -> None:
@@ -142,7 +197,7 @@ def referenced_metrics(expr: str) -> set[str]:
 def served() -> dict[str, str]:
     """Family name -> type of everything the exporter serves for a busy fake site."""
     clock = SimClock()
-    exporter = MetricsExporter(clock=clock)
+    exporter = MetricsExporter(clock=clock, site_id="plant-7", currency="EUR")
     bus = EventBus()
     exporter.attach(bus)
     site = FakeSite(clock)

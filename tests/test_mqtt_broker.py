@@ -406,6 +406,9 @@ async def test_open_bridge_from_the_environment(
         "ESSD_SITE__ID": SITE,
         "ESSD_SITE__GRID_IMPORT_LIMIT_W": "9000",
         "ESSD_SITE__GRID_EXPORT_LIMIT_W": "0",
+        "ESSD_SITE__TIMEZONE": "Europe/Berlin",
+        "ESSD_TARIFF__CURRENCY": "EUR",
+        "ESSD_TARIFF__IMPORT_PRICE_PER_KWH": "0.3",
     }.items():
         monkeypatch.setenv(key, value)
     async with open_bridge(load_settings(None), EventBus(), None, RealClock()) as none:

@@ -472,6 +472,7 @@ def test_home_assistant_templates_render_states_and_valid_commands() -> None:
     ev = make_cycle(9, soc={"bess1": 0.5, "home2": 0.8}, power_w={"bess1": 2000, "home2": -500})
     by_topic = {
         topics.state: json.loads(build_state_payload("site-a", ev).to_payload()),
+        topics.plan: json.loads(build_plan_payload("site-a", ev.plan, ev.forecast).to_payload()),
         topics.device("bess1"): json.loads(
             build_device_payload(
                 "site-a", "bess1", time=T0, state=ev.device_states["bess1"], reason="", cycle=ev
@@ -488,10 +489,15 @@ def test_home_assistant_templates_render_states_and_valid_commands() -> None:
         if "command_template" in config:
             value = "manual" if config["command_topic"].endswith("mode") else 35.0
             command = env.from_string(config["command_template"]).render(value=value)
-            target = RecordingTarget()
             name = config["command_topic"].rsplit("/", 1)[-1]
+            # A setpoint needs manual mode: chosen from HA's mode select first.
+            target = RecordingTarget(mode="manual" if name == "setpoint" else "auto")
             assert handle_command(name, command.encode(), target, now=NOW).ok, command
-            assert target.calls in ([("mode", "manual")], [("reserve", 0.35)])
+            assert target.calls in (
+                [("mode", "manual")],
+                [("reserve", 0.35)],
+                [("setpoint", ("bess1", 35.0, NOW + 3600.0))],
+            )
     assert rendered["soc"] == "70.0"
     assert rendered["bess1_soc"] == "50.0"
     assert rendered["grid_power"] == "1200.0"

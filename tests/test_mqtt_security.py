@@ -171,7 +171,9 @@ def test_check_config_prints_the_mqtt_warnings(
 
     path = tmp_path / "essd.toml"
     path.write_text(
-        '[site]\nid = "home-1"\ngrid_import_limit_w = 9000\ngrid_export_limit_w = 0\n'
+        '[site]\nid = "home-1"\ntimezone = "Europe/Berlin"\n'
+        "grid_import_limit_w = 9000\ngrid_export_limit_w = 0\n"
+        '[tariff]\ncurrency = "EUR"\nimport_price_per_kwh = 0.3\n'
         '[mqtt]\nhost = "broker.local"\nusername = "essd"\npassword = "pw"\n'
     )
     assert main(["check-config", str(path)]) == 0
@@ -234,7 +236,8 @@ async def test_limits_are_refused_naming_the_field(
 
 def test_limits_come_from_mqtt_and_the_control_reserve() -> None:
     settings = Settings(
-        site={"id": "s", "grid_import_limit_w": 1, "grid_export_limit_w": 0},
+        site={"id": "s", "timezone": "UTC", "grid_import_limit_w": 1, "grid_export_limit_w": 0},
+        tariff={"currency": "EUR", "import_price_per_kwh": 0.3},
         control={"reserve_soc": 0.2},
         mqtt={"host": "h"},
     )
@@ -252,7 +255,8 @@ def test_limits_come_from_mqtt_and_the_control_reserve() -> None:
 
 async def test_the_controller_refuses_a_setpoint_beyond_the_device_limit() -> None:
     settings = Settings(
-        site={"id": "s", "grid_import_limit_w": 9000, "grid_export_limit_w": 0},
+        site={"id": "s", "timezone": "UTC", "grid_import_limit_w": 9000, "grid_export_limit_w": 0},
+        tariff={"currency": "EUR", "import_price_per_kwh": 0.3},
         devices=[
             {
                 "id": "inv",
@@ -439,7 +443,8 @@ async def test_open_bridge_applies_the_control_reserve_floor(
     auth_broker: Mosquitto, operator: Watcher
 ) -> None:
     settings = Settings(
-        site={"id": SITE, "grid_import_limit_w": 1, "grid_export_limit_w": 0},
+        site={"id": SITE, "timezone": "UTC", "grid_import_limit_w": 1, "grid_export_limit_w": 0},
+        tariff={"currency": "EUR", "import_price_per_kwh": 0.3},
         control={"reserve_soc": 0.25},
         mqtt={"host": auth_broker.host, "port": auth_broker.port, **ESSD_LOGIN},
     )

@@ -181,6 +181,7 @@ def test_site_check_names_charger_problems() -> None:
             "grid_import_limit_w": 9000,
             "grid_export_limit_w": 0,
         },
+        "tariff": {"currency": "CNY", "import_price_per_kwh": 0.6},
         "metrics": {"enabled": False},
     }
     twice = Settings.model_validate({**base, "ocpp": {}, "chargers": [{"id": "a"}, {"id": "a"}]})

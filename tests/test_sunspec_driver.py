@@ -29,7 +29,7 @@ from drivers.api import (
 )
 from drivers.factory import EndpointPool
 from drivers.modbus import ModbusEndpoint
-from drivers.profile import Profile, ProfileError
+from drivers.profile import ActionName, Profile, ProfileError
 from drivers.profile_loader import (
     list_profiles,
     load_profile,
@@ -283,6 +283,34 @@ async def test_read_back_mismatch_is_reported(rig: Rig) -> None:
     assert len(res.mismatches) == 1
     assert "wset_w (704.WSet): wrote 80000" in res.mismatches[0]
     assert "50000" in res.mismatches[0]
+
+
+async def test_conditional_steps_follow_the_sense_the_engine_is_given(pcs: Profile) -> None:
+    # The same engine as the generic driver: ``when`` selects the steps, whatever power_w says.
+    data = pcs.model_dump(mode="json", by_alias=True)
+    data["actions"]["set_active_power"]["writes"] = [
+        {"register": "wset_w", "param": "power_w"},
+        {"register": "wset_mode", "value": "WATTS"},
+        {"register": "wset_enable", "value": "ENABLED", "when": "charge"},
+        {"register": "wset_enable", "value": "ENABLED", "when": "discharge"},
+        {"register": "wset_enable", "value": "DISABLED", "when": "idle"},
+    ]
+    gated = Profile(**data)
+    img = healthy(build_sunspec_image(gated))
+    async with serve_stores({1: img}) as port:
+        ep = loopback(port)
+        d = SunSpecDriver(device_id="pcs1", profile=gated, endpoint=ep, unit=1, clock=SimClock())
+        res = await d.set_active_power(-1_000, duration_s=30)
+        assert (res.ok, res.registers_written) == (True, 3)
+        assert img.get_point("704.WSetEna") == 1  # ENABLED
+        await d.set_active_power(0.0, duration_s=30)
+        assert img.get_point("704.WSetEna") == 0  # idle: DISABLED
+        params = {"power_w": 0.0, "duration_s": 30.0}
+        await d.perform(ActionName.SET_ACTIVE_POWER, params, when="discharge")
+        assert img.get_point("704.WSetEna") == 1
+        with pytest.raises(ValueRefused, match="parameter 'power_w' not supplied"):
+            await d.perform(ActionName.SET_ACTIVE_POWER, {}, when="charge")
+        await ep.close()
 
 
 class Swappable:

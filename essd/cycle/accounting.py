@@ -7,10 +7,13 @@ energy; the wall clock only says which billing period and demand window it is.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from essd.cycle.energy import step_cost
+from essd.cycle.forecasting import measured_pv
 from essd.cycle.plan_codec import number, obj, optional_number
 from essd.domain import Snapshot
 from essd.events import SiteTotals
@@ -75,24 +78,33 @@ class Accounting:
         self._carbon_price = carbon_price_per_kg
         self.totals = SiteTotals()
         self.peak = PeakTracker(step_s, tz)
+        #: Per unit: (charged, discharged) AC energy, Wh; durable like the totals.
+        self.unit_wh: dict[str, tuple[float, float]] = {}
         self._last_mono: float | None = None
 
     def state(self) -> dict[str, Any]:
         """Totals and peak as plain data for the durable state."""
-        return {"totals": dataclasses.asdict(self.totals), "peak": self.peak.state()}
+        return {
+            "totals": dataclasses.asdict(self.totals),
+            "peak": self.peak.state(),
+            "unit_wh": {k: list(v) for k, v in self.unit_wh.items()},
+        }
 
-    def parse(self, data: Mapping[str, Any]) -> tuple[SiteTotals, PeakTracker]:
+    def parse(
+        self, data: Mapping[str, Any]
+    ) -> tuple[SiteTotals, PeakTracker, dict[str, tuple[float, float]]]:
         """What :meth:`state` gave, checked; ValueError naming the field, nothing changed."""
         totals = obj(data, "totals")
         fields = {f.name for f in dataclasses.fields(SiteTotals)}
         if set(totals) - fields:
             raise ValueError(f"totals: keys must be from {sorted(fields)}")
         values = {k: number(totals, k) for k in totals}
-        if any(v < 0 for k, v in values.items() if k != "cost"):
+        if any(v < 0 for k, v in values.items() if k not in ("cost", "savings")):
             raise ValueError("totals: energy and carbon totals must be >= 0")
         peak = PeakTracker(self._step_s, self._tz)
         peak.restore(obj(data, "peak"))
-        return SiteTotals(**values), peak
+        # Absent from a state written before the per-unit counters existed: they start at 0.
+        return SiteTotals(**values), peak, _unit_energy(data.get("unit_wh", {}))
 
     def integrate(
         self,
@@ -111,18 +123,30 @@ class Accounting:
         kwh_in = max(0.0, grid) * dt / 3.6e6
         kwh_out = max(0.0, -grid) * dt / 3.6e6
         co2 = kwh_in * float(forecast.carbon_g_per_kwh[0]) / 1000.0
-        charged = discharged = 0.0
+        charged = discharged = battery_w = 0.0
         for r in snapshot.batteries.values():
             if r.power_w.valid and r.power_w.value is not None:
+                battery_w += r.power_w.value
                 wh = r.power_w.value * dt / 3600.0
                 discharged += max(0.0, wh)
                 charged += max(0.0, -wh)
+                c, d = self.unit_wh.get(r.device_id, (0.0, 0.0))
+                self.unit_wh[r.device_id] = (c + max(0.0, -wh), d + max(0.0, wh))
         tot = self.totals
         cost = (
             kwh_in * float(forecast.import_price[0])
             - kwh_out * float(forecast.export_price[0])
             + co2 * self._carbon_price
         )
+        prices = {
+            "import_price": float(forecast.import_price[0]),
+            "export_price": float(forecast.export_price[0]),
+            "carbon_g_per_kwh": float(forecast.carbon_g_per_kwh[0]),
+            "carbon_price_per_kg": self._carbon_price,
+        }
+        # With every battery idle, the meter would have read grid + battery power.
+        saved = step_cost(grid + battery_w, dt, **prices) - step_cost(grid, dt, **prices)
+        pv = max(0.0, measured_pv(snapshot) or 0.0)
         self.totals = SiteTotals(
             imported_wh=tot.imported_wh + kwh_in * 1000.0,
             exported_wh=tot.exported_wh + kwh_out * 1000.0,
@@ -130,5 +154,21 @@ class Accounting:
             co2_kg=tot.co2_kg + co2,
             battery_charged_wh=tot.battery_charged_wh + charged,
             battery_discharged_wh=tot.battery_discharged_wh + discharged,
+            pv_wh=tot.pv_wh + pv * dt / 3600.0,
+            savings=tot.savings + saved,
         )
         self.peak.add(now, grid, dt)
+
+
+def _unit_energy(data: Any) -> dict[str, tuple[float, float]]:
+    """The durable per-unit energy counters; ValueError naming the field when they do not fit."""
+    if not isinstance(data, Mapping):
+        raise ValueError("unit_wh: must be an object of device id -> [charged_wh, discharged_wh]")
+    out = {}
+    for k, v in data.items():
+        ok = isinstance(v, list) and len(v) == 2
+        ok = ok and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+        if not ok or not all(math.isfinite(x) and x >= 0 for x in v):
+            raise ValueError(f"unit_wh.{k}: must be [charged_wh, discharged_wh], both >= 0")
+        out[str(k)] = (float(v[0]), float(v[1]))
+    return out

@@ -23,7 +23,8 @@ from essd.credibility import CredibilityMonitor, settings_for_site, soc_resoluti
 from essd.cycle import write
 from essd.cycle.accounting import Accounting
 from essd.cycle.decide import Decider, Manual, Mode
-from essd.cycle.forecasting import CycleForecast
+from essd.cycle.energy import forecast_record, net_load_w
+from essd.cycle.forecasting import CycleForecast, measured_pv
 from essd.cycle.guarding import GuardPhase, device_records
 from essd.cycle.plan_codec import obj, optional_number, plan_data, plan_from_data
 from essd.devices import ManagedDevice
@@ -229,7 +230,7 @@ class Controller:
         Raises ValueError naming the field when any part does not fit this site; nothing is
         changed then. A restored mode or reserve that this site refuses is an error too.
         """
-        totals, peak = self.accounting.parse(data)
+        totals, peak, unit_wh = self.accounting.parse(data)
         mode = data.get("mode", Mode.AUTO)
         if mode not in Mode.ALL:
             raise ValueError(f"mode: must be one of {', '.join(Mode.ALL)}")
@@ -239,6 +240,7 @@ class Controller:
         plan = None if data.get("last_plan") is None else plan_from_data(obj(data, "last_plan"))
         self.forecaster.restore(data.get("forecaster"))  # the last check: all or nothing
         self.accounting.totals, self.accounting.peak, self.mode = totals, peak, mode
+        self.accounting.unit_wh = unit_wh
         self.reserve_override = reserve
         if plan is not None and set(plan.device_ids) == {d.id for d in self.batteries}:
             self.decider.last_plan = plan
@@ -331,6 +333,7 @@ class Controller:
             outcomes=outcomes,
             mono=mono,
             credibility=credibility,
+            unit_wh=self.accounting.unit_wh,
         )
         health = self.dispatcher.health if self.dispatcher is not None else None
         phase["publish"] = time.perf_counter() - t
@@ -364,6 +367,10 @@ class Controller:
             solver_failures_consecutive=health.solver_failures_consecutive if health else 0,
             solver_rebuilds_total=health.solver_rebuilds_total if health else 0,
             credibility=credibility,
+            pv_power_w=measured_pv(snapshot),
+            net_load_w=net_load_w(snapshot, grid),
+            billing_peak_w=self.accounting.peak.peak_w,
+            forecast=forecast_record(forecast, plan.steps or ctl.horizon_steps),
         )
         self.bus.publish(event)
         return event

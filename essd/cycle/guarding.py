@@ -108,6 +108,7 @@ def device_records(
     outcomes: Mapping[str, WriteOutcome],
     mono: float,
     credibility: CredibilityReport | None,
+    unit_wh: Mapping[str, tuple[float, float]] | None = None,
 ) -> dict[str, DeviceRecord]:
     """Each unit's line in the cycle record: limits, request, setpoint, write, verdicts."""
     records: dict[str, DeviceRecord] = {}
@@ -134,6 +135,8 @@ def device_records(
             guard_reasons=tuple(result.reasons.get(d.id, ())),
             write=outcome,
             setpoint_age_s=None if accepted is None else max(0.0, mono - accepted),
+            charged_wh=(unit_wh or {}).get(d.id, (0.0, 0.0))[0],
+            discharged_wh=(unit_wh or {}).get(d.id, (0.0, 0.0))[1],
             credible=verdict is None or verdict.credible,
             credibility=""
             if verdict is None or verdict.credible

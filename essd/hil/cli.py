@@ -7,16 +7,19 @@ named on stderr), 2 invalid input (a scenario that does not validate, naming fil
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from essd.hil.ev_cli import add_parser as add_ev_parser
 
-__all__ = ["register"]
+if TYPE_CHECKING:
+    from essd.events import CycleCompleted
+
+__all__ = ["RunProgress", "register"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -27,15 +30,67 @@ def _err(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+class RunProgress:
+    """Progress of one scenario on stderr: redrawn in place on a terminal (at most 4 times a
+    real second), else one line per 10 % of the simulated duration."""
+
+    def __init__(
+        self, name: str, start: float, duration_s: float, *, out: TextIO | None = None
+    ) -> None:
+        self._name, self._start, self._duration = name, start, duration_s
+        out = sys.stderr if out is None else out  # the stream in force now, not at import
+        self._out = out
+        self._tty = out.isatty()
+        self._wall0 = time.perf_counter()
+        self._last_draw = 0.0
+        self._last_decile = -1
+        self.drawn = 0
+
+    def line(self, sim_now: float, wall_now: float) -> str:
+        """``<name>: simulated 6.0 of 24.0 h (25%), 3 s wall, ETA 9 s``."""
+        done = min(max(0.0, sim_now - self._start), self._duration)
+        share = done / self._duration
+        spent = max(0.0, wall_now - self._wall0)
+        eta = f", ETA {spent / share - spent:.0f} s" if share > 0 else ""
+        return (
+            f"{self._name}: simulated {done / 3600:.1f} of {self._duration / 3600:.1f} h "
+            f"({share:.0%}), {spent:.0f} s wall{eta}"
+        )
+
+    def __call__(self, event: CycleCompleted) -> None:
+        """A cycle ended: show the progress if it is time to."""
+        now = time.perf_counter()
+        decile = int(10 * min(1.0, max(0.0, event.time - self._start) / self._duration))
+        if self._tty:
+            if now - self._last_draw < 0.25:
+                return
+            self._last_draw = now
+            self._out.write("\r\x1b[2K" + self.line(event.time, now))
+        else:
+            if decile <= self._last_decile:
+                return
+            self._last_decile = decile
+            self._out.write(self.line(event.time, now) + "\n")
+        self.drawn += 1
+        self._out.flush()
+
+    def close(self) -> None:
+        """End the in-place line on a terminal."""
+        if self._tty and self.drawn:
+            self._out.write("\r\x1b[2K")
+            self._out.flush()
+
+
 def _run_one(path: Path, report: Path | None) -> tuple[int, dict[str, object]]:
     """Run one scenario file; (exit code, table row)."""
+    import asyncio  # noqa: PLC0415 - `essd --help` registers this module: keep it light
+
     from drivers.profile import ProfileError  # noqa: PLC0415 - heavy imports only when running
     from essd.hil.report import write_report  # noqa: PLC0415
     from essd.hil.runner import run_scenario  # noqa: PLC0415
     from essd.hil.scenario import ScenarioError, load_scenario  # noqa: PLC0415
 
     row: dict[str, object] = {"name": path.stem, "result": "invalid"}
-    wall0 = time.perf_counter()
     try:
         scenario, settings = load_scenario(path)
     except ScenarioError as exc:
@@ -46,7 +101,13 @@ def _run_one(path: Path, report: Path | None) -> tuple[int, dict[str, object]]:
     try:
         with tempfile.TemporaryDirectory(prefix="essd-hil-") as tmp:
             workdir = report if report is not None else Path(tmp)
-            result = asyncio.run(run_scenario(scenario, settings, workdir=workdir))
+            progress = RunProgress(scenario.name, scenario.start_epoch, scenario.duration)
+            try:
+                result = asyncio.run(
+                    run_scenario(scenario, settings, workdir=workdir, progress=progress)
+                )
+            finally:
+                progress.close()
             if report is not None:
                 md = write_report(result, report)
                 print(f"{scenario.name}: report written to {md}")
@@ -61,7 +122,7 @@ def _run_one(path: Path, report: Path | None) -> tuple[int, dict[str, object]]:
         savings=k.savings,
         violations=k.violations,
         worst_rung=k.worst_rung,
-        wall_s=time.perf_counter() - wall0,
+        wall_s=k.wall_s,  # the run's one wall time, as in kpis.json and the report
     )
     for failure in result.failures:
         _err(f"{path}: expectation failed: {failure}")

@@ -34,6 +34,7 @@ from essd.events import (
     EventBus,
     MqttConnectionChanged,
 )
+from essd.metrics.energy import EnergyCollector
 from essd.metrics.http import ExpositionCache
 from essd.metrics.labels import (
     COMMANDS,
@@ -170,6 +171,7 @@ class MetricsExporter:
             for result in ("ok", "refused"):
                 self.commands.labels(name, result)
         r.register(LiveCollector(self))
+        r.register(EnergyCollector(self))
         #: What the HTTP endpoint serves: this registry, rendered at most once per cycle.
         self.exposition_cache = ExpositionCache(r, clock=clock)
 

@@ -57,7 +57,7 @@ from essd.mqtt.command_rules import (
     SUPERSEDED_BY_STANDBY,
     command_limits,
 )
-from essd.mqtt.discovery import discovery_messages
+from essd.mqtt.discovery import DiscoveryPublisher
 from essd.mqtt.payloads import build_device_payload, build_plan_payload, build_state_payload
 from essd.mqtt.topics import Topics
 
@@ -106,8 +106,6 @@ class MqttBridge:
         charger_ids: tuple[str, ...] = (),
     ) -> None:
         self._config = config
-        # EV chargers get Home Assistant entities for their session requests (cmd/session).
-        self._charger_ids = charger_ids
         self._site_id = site_id
         self._bus = bus
         self._target = target
@@ -132,7 +130,13 @@ class MqttBridge:
         self._device_state: dict[str, tuple[DeviceState, str, float]] = {}
         self._dirty: set[_Dirty] = set()
         self._dirty_devices: set[str] = set()
-        self._discovered: frozenset[str] | None = None
+        # EV chargers get Home Assistant entities for their session requests (cmd/session).
+        self._discovery = DiscoveryPublisher(
+            self.topics,
+            currency=currency,
+            setpoint_ttl_s=config.ha_setpoint_ttl_s,
+            charger_ids=charger_ids,
+        )
         self._plan_sent: Plan | None = None
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -305,11 +309,12 @@ class MqttBridge:
             await client.subscribe(self.topics.commands, qos=1)
         if self._config.ha_discovery:
             await client.subscribe(self.topics.ha_status, qos=1)
+            await client.subscribe(self._discovery.filter, qos=1)  # to clear stale configs
         await self._publish(client, self.topics.status, self._status_payload(), retain=True, qos=1)
         # A new session (the broker may have lost its retained store): republish everything.
         self._dirty.update(("state", "plan", "discovery"))
         self._dirty_devices.update(self._device_state)
-        self._discovered = None
+        self._discovery.invalidate()
         self._plan_sent = None
         self._wake.set()
         self._connected.set()
@@ -363,7 +368,8 @@ class MqttBridge:
         # A plan is re-sent only when the core produced a new one (it is the largest payload).
         if cycle is not None and "plan" in dirty and cycle.plan is not self._plan_sent:
             self._plan_sent = cycle.plan
-            yield self.topics.plan, build_plan_payload(self._site_id, cycle.plan).to_payload(), True
+            plan = build_plan_payload(self._site_id, cycle.plan, cycle.forecast)
+            yield self.topics.plan, plan.to_payload(), True
         for d in sorted(devices):
             state, reason, when = self._device_state[d]
             payload = build_device_payload(
@@ -371,14 +377,10 @@ class MqttBridge:
             )
             yield self.topics.device(d), payload.to_payload(), True
         if self._config.ha_discovery:
-            # Per-device power/SoC entities exist for storage units only (not the meter).
-            known = frozenset(cycle.snapshot.batteries) if cycle is not None else frozenset()
-            if "discovery" in dirty or known != self._discovered:
-                self._discovered = known
-                for topic, body in discovery_messages(
-                    self.topics, known, currency=self._currency, charger_ids=self._charger_ids
-                ):
-                    yield topic, body, True
+            if "discovery" in dirty:
+                self._discovery.invalidate()
+            for topic, body in self._discovery.messages(cycle):
+                yield topic, body, True
 
     async def _send_loop(self, client: aiomqtt.Client) -> None:
         while not self._stopping.is_set():
@@ -398,6 +400,11 @@ class MqttBridge:
                     # Home Assistant (re)started: send discovery and the current state again.
                     self._dirty.update(("state", "plan", "discovery"))
                     self._dirty_devices.update(self._device_state)
+                    self._wake.set()
+                continue
+            if self._config.ha_discovery and topic.endswith("/config"):
+                if message.retain and self._discovery.seen(topic, payload):
+                    self._dirty.add("discovery")
                     self._wake.set()
                 continue
             if topic.startswith(prefix):

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from essd.domain import BatteryReading, DeviceState, FallbackRung, Plan, Quality
 from essd.events import (
     CycleCompleted,
+    ForecastRecord,
 )
 
 __all__ = [
@@ -74,6 +75,12 @@ class TotalsPayload(BaseModel):
     co2_kg: OptFloat = Field(description="Grid carbon emissions attributed to imports, kg")
     battery_charged_wh: OptFloat = Field(None, description="AC energy into the batteries, Wh")
     battery_discharged_wh: OptFloat = Field(None, description="AC energy out of the batteries, Wh")
+    pv_wh: OptFloat = Field(None, description="PV energy the units measured, Wh (0 where none)")
+    savings: OptFloat = Field(
+        None,
+        description="What the batteries saved: cost with every battery idle minus cost paid, "
+        "currency (demand charge excluded; negative while they cost more)",
+    )
 
 
 class StatePayload(_Payload):
@@ -117,6 +124,15 @@ class StatePayload(_Payload):
     overruns_total: int = Field(description="Cycles that overran their period since start")
     devices: dict[str, str] = Field(description="Device id -> lifecycle state")
     totals: TotalsPayload
+    pv_power_w: OptFloat = Field(
+        None, description="PV power the units measure themselves, W (null where none does)"
+    )
+    net_load_w: OptFloat = Field(
+        None, description="Site consumption less unmeasured PV (grid + battery + measured PV), W"
+    )
+    billing_peak_w: OptFloat = Field(
+        None, description="The billing period's running peak of the per-step mean import, W"
+    )
 
 
 class PlanPayload(_Payload):
@@ -150,6 +166,19 @@ class PlanPayload(_Payload):
     fallback_cause: str = Field("", description="Why, as a typed cause (see the state payload)")
     slack: dict[str, OptFloat] = Field(description="Soft-constraint slack by constraint name")
     solve_s: OptFloat = Field(description="Solver wall time, s")
+    battery_w: list[OptFloat] = Field(
+        default_factory=list, description="All batteries together per step, W; > 0 discharges"
+    )
+    forecast_load_w: list[OptFloat] = Field(
+        default_factory=list,
+        description="Load forecast the plan saw per step (net of unmeasured PV), W",
+    )
+    forecast_pv_w: list[OptFloat] = Field(
+        default_factory=list, description="PV forecast per step, W"
+    )
+    forecast_carbon_g_per_kwh: list[OptFloat] = Field(
+        default_factory=list, description="Grid carbon intensity forecast per step, g/kWh"
+    )
     session_power_w: dict[str, list[OptFloat]] = Field(
         default_factory=dict,
         description="Per EV session (<charger>/<transaction>) or swap pack, per step: W,"
@@ -201,6 +230,12 @@ class DeviceStatePayload(_Payload):
         None, description="False while essd holds it at 0 W because its readings are not credible"
     )
     credibility: str | None = Field(None, description="Why its readings are not believed")
+    charged_wh: OptFloat = Field(
+        None, description="AC energy into this unit, Wh (durable; only grows)"
+    )
+    discharged_wh: OptFloat = Field(
+        None, description="AC energy out of this unit, Wh (durable; only grows)"
+    )
 
 
 def _site_soc(batteries: Iterable[BatteryReading]) -> tuple[float | None, float | None]:
@@ -259,12 +294,28 @@ def build_state_payload(site_id: str, ev: CycleCompleted) -> StatePayload:
             co2_kg=_num(ev.totals.co2_kg),
             battery_charged_wh=_num(ev.totals.battery_charged_wh),
             battery_discharged_wh=_num(ev.totals.battery_discharged_wh),
+            pv_wh=_num(ev.totals.pv_wh),
+            savings=_num(ev.totals.savings),
         ),
+        pv_power_w=_num(ev.pv_power_w),
+        net_load_w=_num(ev.net_load_w),
+        billing_peak_w=_num(ev.billing_peak_w),
     )
 
 
-def build_plan_payload(site_id: str, plan: Plan) -> PlanPayload:
-    """The ``plan`` payload of a dispatch plan."""
+def build_plan_payload(
+    site_id: str, plan: Plan, forecast: ForecastRecord | None = None
+) -> PlanPayload:
+    """The ``plan`` payload of a dispatch plan (with the forecast it was made against)."""
+    n = plan.steps
+    battery = [sum(p[k] for p in plan.power_w.values() if k < len(p)) for k in range(n)]
+    fc: dict[str, Any] = {}
+    if forecast is not None:
+        fc = {
+            "forecast_load_w": [_num(v) for v in forecast.load_w[:n]],
+            "forecast_pv_w": [_num(v) for v in forecast.pv_w[:n]],
+            "forecast_carbon_g_per_kwh": [_num(v) for v in forecast.carbon_g_per_kwh[:n]],
+        }
     return PlanPayload(
         site_id=site_id,
         created_at=plan.created_at,
@@ -286,6 +337,8 @@ def build_plan_payload(site_id: str, plan: Plan) -> PlanPayload:
         fallback_cause=plan.cause.value,
         slack={k: _num(v) for k, v in plan.slack.items()},
         solve_s=_num(plan.solve_s),
+        battery_w=[_num(v) for v in battery],
+        **fc,
         session_power_w={s: [_num(v) for v in p] for s, p in plan.session_power_w.items()},
     )
 
@@ -324,6 +377,8 @@ def build_device_payload(
             "setpoint_age_s": _num(rec.setpoint_age_s),
             "credible": rec.credible,
             "credibility": rec.credibility or None,
+            "charged_wh": _num(rec.charged_wh),
+            "discharged_wh": _num(rec.discharged_wh),
         }
     return DeviceStatePayload(
         site_id=site_id,

@@ -21,7 +21,7 @@ SMALL: dict[str, Any] = {
                 "grid_export_limit_w": 3000,
             },
             "control": {"step_s": 900, "horizon_steps": 16, "solver": "HIGHS"},
-            "tariff": {"import_price_per_kwh": 0.6, "export_price_per_kwh": 0.2},
+            "tariff": {"currency": "CNY", "import_price_per_kwh": 0.6, "export_price_per_kwh": 0.2},
             "devices": [
                 {"id": "home", "profile": "household-hybrid-forcible"},
                 {"id": "meter", "profile": "site-meter"},

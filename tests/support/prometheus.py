@@ -50,6 +50,7 @@ from essd.events import (
     DeviceRecord,
     DeviceStateChanged,
     EventBus,
+    ForecastRecord,
     MqttConnectionChanged,
     SiteTotals,
     WriteOutcome,
@@ -59,7 +60,9 @@ from tests.support.net import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 OBSERVABILITY = ROOT / "observability"
-DASHBOARD = OBSERVABILITY / "grafana" / "dashboards" / "essd.json"
+DASHBOARD_DIR = OBSERVABILITY / "grafana" / "dashboards"
+DASHBOARD = DASHBOARD_DIR / "essd.json"  # control-loop health
+DASHBOARDS = ("essd-site.json", "essd.json", "essd-fleet.json")
 ALERTS = OBSERVABILITY / "prometheus" / "alerts.yml"
 ALERTS_TEST = OBSERVABILITY / "prometheus" / "alerts_test.yml"
 PROMETHEUS_EXAMPLE = OBSERVABILITY / "prometheus" / "prometheus.yml"
@@ -151,6 +154,7 @@ class FakeSite:
     mismatches: dict[str, int] = field(default_factory=dict)
     overruns: int = 0
     last_plan: Plan | None = None
+    peak_w: float = 0.0
 
     def __post_init__(self) -> None:
         for d in self.devices:
@@ -198,8 +202,15 @@ class FakeSite:
             exported_wh=self.totals.exported_wh + exported,
             cost=self.totals.cost + imported / 1000.0 * import_price - exported / 1000.0 * 0.3,
             co2_kg=self.totals.co2_kg + imported / 1000.0 * 0.581,
+            battery_charged_wh=self.totals.battery_charged_wh
+            + sum(max(0.0, -p) for p in power.values()) * dt_h,
+            battery_discharged_wh=self.totals.battery_discharged_wh
+            + sum(max(0.0, p) for p in power.values()) * dt_h,
+            pv_wh=self.totals.pv_wh + pv_w * dt_h,
+            savings=self.totals.savings + sum(power.values()) / 1000.0 * dt_h * import_price,
         )
-        plan = self._plan(k, now, power, grid_w)
+        self.peak_w = max(self.peak_w, grid_w)
+        plan = self._plan(k, now, power, grid_w, import_price)
         self.last_plan = plan
         batteries = {}
         for d in self.devices:
@@ -294,9 +305,21 @@ class FakeSite:
             totals=self.totals,
             mode="auto",
             reserve_soc=0.10,
+            pv_power_w=pv_w,
+            net_load_w=load_w,  # PV measured: the whole load
+            billing_peak_w=self.peak_w,
+            forecast=ForecastRecord(
+                start=now,
+                step_s=900.0,
+                load_w=(load_w - pv_w,) * 8,
+                pv_w=(pv_w,) * 8,
+                carbon_g_per_kwh=(581.0,) * 8,
+            ),
         )
 
-    def _plan(self, k: int, now: float, power: Mapping[str, float], grid_w: float) -> Plan:
+    def _plan(
+        self, k: int, now: float, power: Mapping[str, float], grid_w: float, price: float
+    ) -> Plan:
         steps = 8
         fresh = Plan(
             created_at=now,
@@ -311,6 +334,8 @@ class FakeSite:
             reason="optimal",
             cause=PlanCause.OPTIMAL,
             solve_s=0.02 + 0.005 * (k % 4),
+            import_price=(price,) * steps,
+            export_price=(0.3,) * steps,
         )
         if k % 10 == 9 and self.last_plan is not None:
             shifted = self.last_plan.shifted_to(
@@ -474,9 +499,9 @@ class PanelQuery:
     expr: str
 
 
-def dashboard() -> dict[str, Any]:
-    """The dashboard JSON."""
-    data: dict[str, Any] = json.loads(DASHBOARD.read_text())
+def dashboard(name: str = "essd.json") -> dict[str, Any]:
+    """One dashboard's JSON (default: the control-loop health board)."""
+    data: dict[str, Any] = json.loads((DASHBOARD_DIR / name).read_text())
     return data
 
 
@@ -490,22 +515,33 @@ def all_panels(dash: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def dashboard_queries(dash: Mapping[str, Any] | None = None) -> list[PanelQuery]:
-    """Every Prometheus expression of every panel."""
-    dash = dashboard() if dash is None else dash
+    """Every Prometheus expression of every panel (of every dashboard when ``dash`` is None)."""
+    boards = [dashboard(name) for name in DASHBOARDS] if dash is None else [dash]
     return [
-        PanelQuery(p["title"], t["refId"], t["expr"])
-        for p in all_panels(dash)
+        PanelQuery(f"{d['title']}: {p['title']}", t["refId"], t["expr"])
+        for d in boards
+        for p in all_panels(d)
         for t in p.get("targets", [])
         if "expr" in t
     ]
 
 
-def expand_grafana(expr: str, *, rate_interval: str = "10s", device: str = ".*") -> str:
-    """Replace the Grafana variables the dashboard uses with values Prometheus accepts."""
+def expand_grafana(
+    expr: str,
+    *,
+    rate_interval: str = "10s",
+    device: str = ".*",
+    instance: str = ".*",
+    range_: str = "1h",
+) -> str:
+    """Replace the Grafana variables the dashboards use with values Prometheus accepts
+    (``$__range``: the panel's time range, "today so far" for the daily figures)."""
     return (
         expr.replace("$__rate_interval", rate_interval)
+        .replace("$__range", range_)
         .replace("${device:regex}", device)
         .replace("$device", device)
+        .replace("$instance", instance)
     )
 
 

@@ -37,6 +37,11 @@ class ChargerConfig(_Section):
     min_power_w: Annotated[float, Field(ge=0.0, le=1_000_000.0)] = Field(
         0.0, description="Least power the charger runs at while charging (e.g. 6 A x phases)"
     )
+    initial_limit_w: Annotated[float, Field(ge=0.0, le=1_000_000.0)] | None = Field(
+        0.0,
+        description="Limit sent the moment a transaction starts, until the next cycle plans"
+        " the session (0: wait; none: leave the charger at its own default meanwhile)",
+    )
     default_energy_wh: Annotated[float, Field(ge=0.0, le=1_000_000.0)] = Field(
         20_000.0, description="Energy asked for a session nobody gave a request for"
     )

@@ -89,6 +89,9 @@ class SimEvse:
     profile_to: float = 0.0
     profiles_accepted: int = 0
     profiles_rejected: int = 0
+    # StartTransaction sent, its answer not yet read by the plug-in code (1.6): a real charger
+    # has processed the answer before the central system's next message.
+    starting: bool = False
 
 
 @dataclass(slots=True)
@@ -145,6 +148,8 @@ class SimStation:
         """Accept a TxProfile for the running transaction in the declared unit (snake_case)."""
         self.update()
         evse = self.evses.get(evse_id)
+        if evse is not None and evse.starting and evse.transaction_id is None:
+            evse.transaction_id = str(tx_id)
         if evse is None or evse.transaction_id is None or str(tx_id) != evse.transaction_id:
             if evse is not None:
                 evse.profiles_rejected += 1
@@ -340,6 +345,7 @@ class ChargerLink:
         now = _iso(self.station.clock.now())
         if self.version == "1.6":
             await self.status(evse_id, "Preparing")
+            evse.starting = True
             result = await self.cp.call(
                 call16.StartTransaction(
                     connector_id=evse_id,
@@ -348,7 +354,7 @@ class ChargerLink:
                     timestamp=now,
                 )
             )
-            evse.transaction_id = str(result.transaction_id)
+            evse.transaction_id, evse.starting = str(result.transaction_id), False
             await self.status(evse_id, "Charging")
         else:
             await self.status(evse_id, "Occupied")
@@ -369,6 +375,9 @@ class ChargerLink:
                     meter_value=[{"timestamp": now, "sampled_value": self._samples(evse_id)}],
                 )
             )
+        # A round trip more (a heartbeat), as a charger's next message: whatever the central
+        # system sent in answer to the start has arrived and been handled by then.
+        await self.heartbeat()
         return evse.transaction_id
 
     async def unplug(self, evse_id: int) -> None:

@@ -258,6 +258,8 @@ async def run_chargers(sc: EvScenario, *, mode: Literal["optimized", "now"]) -> 
             phases=c.phases,
             max_power_w=c.max_power_w,
             min_power_w=c.min_power_w,
+            # The baseline controls nothing, not even the wait at the start of a session.
+            initial_limit_w=0.0 if mode == "optimized" else None,
         )
         for c in sc.chargers
     ]

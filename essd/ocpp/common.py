@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -52,6 +53,13 @@ class ChargerContext:
     config: ChargerConfig
     clock: Clock
     heartbeat_interval_s: int
+    # Called (charger id, connector) after a transaction started and its answer went out.
+    on_started: Callable[[str, int], Awaitable[object]] | None = None
+
+    async def started(self, connector_id: int) -> None:
+        """A transaction started on ``connector_id``: let the central system limit it."""
+        if self.on_started is not None:
+            await self.on_started(self.record.id, connector_id)
 
     def new_transaction(self, connector_id: int, id_tag: str, t: float, meter_wh: float) -> str:
         """Record a started transaction and return its id (a charger's retry gets the same)."""

@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import ocpp.messages
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -43,6 +44,12 @@ __all__ = ["CentralSystem", "connector_key"]
 
 
 log = logging.getLogger("essd.ocpp")
+
+
+# Schema validation on the event loop (well under a millisecond a message) instead of the
+# library's default thread pool: a connection's messages are then handled strictly in order
+# (a charger's answer never overtakes the profile essd sent it first).
+ocpp.messages.ASYNC_VALIDATION = False
 
 
 Handler = V16Charger | V201Charger
@@ -166,7 +173,9 @@ class CentralSystem:
             await ws.close(code=1002, reason="no OCPP subprotocol in common")
             return
         record = self._records.setdefault(charger_id, ChargerRecord(charger_id))
-        ctx = ChargerContext(record, config, self._clock, self.config.heartbeat_interval_s)
+        ctx = ChargerContext(
+            record, config, self._clock, self.config.heartbeat_interval_s, self._started
+        )
         cls = V16Charger if ws.subprotocol == "ocpp1.6" else V201Charger
         handler: Handler = cls(ctx, ws, response_timeout_s=self.config.response_timeout_s)
         old = self._links.get(charger_id)
@@ -188,6 +197,18 @@ class CentralSystem:
                 del self._links[charger_id]
                 record.connected = False
                 log.info("%s: disconnected", charger_id)
+
+    async def _started(self, charger_id: int | str, connector_id: int) -> None:
+        """A transaction started: hold it at the charger's ``initial_limit_w`` until the next
+        cycle plans it (a car plugged in must not draw the charger's full default meanwhile)."""
+        config = self._charger_config(str(charger_id))
+        if config is not None and config.initial_limit_w is not None:
+            task = asyncio.create_task(
+                self.set_limit(str(charger_id), connector_id, config.initial_limit_w),
+                name=f"ocpp-initial-limit-{charger_id}",
+            )
+            self._sending[(str(charger_id), connector_id)] = task
+            await task
 
     def chargers(self) -> dict[str, ChargerInfo]:
         """A frozen view of every charger seen so far."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ocpp.routing import on
+from ocpp.routing import after, on
 from ocpp.v16 import ChargePoint, call, call_result
 from ocpp.v16.enums import (
     Action,
@@ -93,6 +93,10 @@ class V16Charger(GuardedRouting, ChargePoint):
         return call_result.StartTransaction(
             transaction_id=int(tx_id), id_tag_info={"status": AuthorizationStatus.accepted}
         )
+
+    @after(Action.start_transaction)
+    async def after_start_transaction(self, connector_id: int, **_: Any) -> None:
+        await self.ctx.started(connector_id)
 
     @on(Action.stop_transaction)
     def on_stop_transaction(

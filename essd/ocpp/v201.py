@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ocpp.routing import on
+from ocpp.routing import after, on
 from ocpp.v201 import ChargePoint, call, call_result
 from ocpp.v201.enums import (
     Action,
@@ -122,6 +122,12 @@ class V201Charger(GuardedRouting, ChargePoint):
             if kw.get("id_token")
             else None
         )
+
+    @after(Action.transaction_event)
+    async def after_transaction_event(self, event_type: str, **kw: Any) -> None:
+        evse = kw.get("evse")
+        if event_type == "Started" and isinstance(evse, dict):
+            await self.ctx.started(int(evse.get("id", 1)))
 
     async def set_limit(self, evse_id: int, limit_w: float, valid_s: float) -> LimitResult:
         """Send a TxProfile limiting ``evse_id``'s running transaction to ``limit_w``."""

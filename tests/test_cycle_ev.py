@@ -18,7 +18,8 @@ from essd.command_handling import handle_command
 from essd.config import Settings
 from essd.cycle import Controller, Mode
 from essd.daemon import build_controller
-from essd.events import EventBus
+from essd.events import CycleCompleted, EventBus
+from essd.mqtt import build_state_payload
 from essd.ocpp import CentralSystem
 from hil_sim.chargers import ChargerLink, SimStation, SimVehicle
 from hil_sim.modbus_server import ModbusServer
@@ -39,12 +40,13 @@ class EvSite:
     clock: SimClock
     meter: ProfileImage
 
-    async def cycle(self) -> None:
+    async def cycle(self) -> CycleCompleted:
         # A live meter moves a little (a frozen one is not credible: the chargers would pause).
         self.meter.set_field("grid_power_w", 1000.0 + self.clock.now() % 7)
         await self.link.meter_values(1)
-        await self.controller.run_cycle()
+        event = await self.controller.run_cycle()
         await self.central.drain()
+        return event
 
 
 def _settings(port: int) -> Settings:
@@ -96,7 +98,11 @@ async def test_cycle_waits_for_the_valley_then_charges_by_the_departure(ev_site:
         ev_site, {"charger": "wallbox", "departure": START + 2.5 * 3600, "energy_wh": 9000}
     )
     assert ok, error
-    await ev_site.cycle()
+    event = await ev_site.cycle()
+    # The cycle's record and the MQTT state say what the chargers were told.
+    assert event.charger_limits_w == {"wallbox": 0.0}
+    assert build_state_payload("home", event).charger_limits_w == {"wallbox": 0.0}
+    assert any(sid.startswith("wallbox/") for sid in event.plan.session_power_w)
     # At the peak price the vehicle waits: the charger is told 0 W (a pause), not its default.
     assert ev_site.controller.flex is not None
     assert ev_site.controller.flex.last_limits_w == {"wallbox": 0.0}

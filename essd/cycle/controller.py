@@ -198,18 +198,12 @@ class Controller:
             raise CommandRejected(f"quantity: not a forecast series: {quantity!r}")
         self.forecaster.set_override(quantity, Override(start, step_s, tuple(values)))
 
-    def set_session_request(
-        self,
-        charger: str,
-        departure_s: float | None,
-        energy_wh: float | None,
-        target_soc: float | None,
-        capacity_wh: float | None,
-    ) -> None:
-        """A user's EV session request (``cmd/session``; essd.commands.SessionTarget)."""
+    def set_session_request(self, charger: str, *request: float | None) -> None:
+        """A user's EV session request (``cmd/session``; essd.commands.SessionTarget):
+        departure (epoch s), energy (Wh), target SoC and capacity (Wh), each None if not given."""
         if self.flex is None:
             raise CommandRejected("command: this site has no chargers")
-        self.flex.request(charger, departure_s, energy_wh, target_soc, capacity_wh)
+        self.flex.request(charger, *request)
 
     # --- durable state ---------------------------------------------------------------------
 
@@ -371,6 +365,7 @@ class Controller:
             net_load_w=net_load_w(snapshot, grid),
             billing_peak_w=self.accounting.peak.peak_w,
             forecast=forecast_record(forecast, plan.steps or ctl.horizon_steps),
+            charger_limits_w=dict(self.flex.last_limits_w) if self.flex is not None else {},
         )
         self.bus.publish(event)
         return event
@@ -394,14 +389,11 @@ class Controller:
             return Snapshot(time=now, mono=mono, batteries={}, meter=None), None
 
     def _chargers_phase(self, plan: Plan, grid: float | None, errors: dict[str, str]) -> None:
-        """Send the EV chargers their limits (own error boundary; the write phase still runs).
-
-        ``grid`` None (no valid meter, or standby): the chargers pause.
-        """
-        if self.flex is None:
-            return
+        """EV chargers' limits, in their own error boundary; ``grid`` None (no valid meter, or
+        standby) pauses them."""
         try:
-            self.flex.apply(plan, None if grid is None else grid - self.flex.drawn_w())
+            if self.flex is not None:
+                self.flex.apply(plan, None if grid is None else grid - self.flex.drawn_w())
         except Exception as exc:
             errors["chargers"] = self._phase_failed("chargers", exc)
 

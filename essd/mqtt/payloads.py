@@ -133,6 +133,10 @@ class StatePayload(_Payload):
     billing_peak_w: OptFloat = Field(
         None, description="The billing period's running peak of the per-step mean import, W"
     )
+    charger_limits_w: dict[str, OptFloat] = Field(
+        default_factory=dict,
+        description="EV chargers: the limit sent to each this cycle, W (0: paused)",
+    )
 
 
 class PlanPayload(_Payload):
@@ -300,6 +304,7 @@ def build_state_payload(site_id: str, ev: CycleCompleted) -> StatePayload:
         pv_power_w=_num(ev.pv_power_w),
         net_load_w=_num(ev.net_load_w),
         billing_peak_w=_num(ev.billing_peak_w),
+        charger_limits_w={c: _num(w) for c, w in sorted(ev.charger_limits_w.items())},
     )
 
 

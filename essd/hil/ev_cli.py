@@ -8,20 +8,26 @@ file (the message names the file and the field).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from essd.hil.ev_report import Comparison, compare_chargers, compare_swap, render
-from essd.hil.ev_runner import run_chargers
-from essd.hil.ev_scenario import EvScenario, EvScenarioError, load_ev_scenario
-from essd.hil.swap_runner import run_swap
+if TYPE_CHECKING:
+    from essd.hil.ev_report import Comparison
+    from essd.hil.ev_scenario import EvScenario
 
 __all__ = ["add_parser", "cmd_hil_ev", "compare"]
 
 
 def compare(sc: EvScenario) -> Comparison:
     """Run ``sc`` optimized and as its baseline."""
+    # `essd --help` registers this module: the runners (optimizer, simulator) load only here.
+    import asyncio  # noqa: PLC0415
+
+    from essd.hil.ev_report import compare_chargers, compare_swap  # noqa: PLC0415
+    from essd.hil.ev_runner import run_chargers  # noqa: PLC0415
+    from essd.hil.swap_runner import run_swap  # noqa: PLC0415
+
     if sc.swap is not None:
         return compare_swap(sc, run_swap(sc, mode="optimized"), run_swap(sc, mode="asap"))
     opt = asyncio.run(run_chargers(sc, mode="optimized"))
@@ -31,6 +37,9 @@ def compare(sc: EvScenario) -> Comparison:
 
 def cmd_hil_ev(args: argparse.Namespace) -> int:
     """``essd hil ev SCENARIO... [--report FILE]``; see the module docstring."""
+    from essd.hil.ev_report import render  # noqa: PLC0415 - heavy imports only when running
+    from essd.hil.ev_scenario import EvScenarioError, load_ev_scenario  # noqa: PLC0415
+
     try:
         scenarios = [load_ev_scenario(p) for p in args.scenarios]
     except EvScenarioError as exc:

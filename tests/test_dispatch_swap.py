@@ -107,12 +107,12 @@ def test_lp_plan_keeps_k_charged_packs_at_the_planned_swaps() -> None:
 def test_swap_demand_learner_learns_hourly_counts() -> None:
     learner = SwapDemandLearner(weight=0.5, prior_per_hour=1.0)
     for day in range(4):
-        base = T0 + day * 7 * 86400  # the same hour of the week, four weeks
+        base = T0 + day * 86400  # 08:00-09:00 busy, four days running
         for k in range(6):
             learner.observe(base + 8 * 3600 + k * 500)
-        learner.close_hour(base + 10 * 3600)
-    forecast = learner.forecast(T0 + 4 * 7 * 86400 + 8 * 3600, STEP, 8)
+    learner.close_hour(T0 + 4 * 86400)
+    forecast = learner.forecast(T0 + 4 * 86400 + 8 * 3600, STEP, 8)
     # EWMA from 1 towards 6 by halves: 3.5, 4.75, 5.375, 5.6875 per hour.
     assert forecast[:4] == pytest.approx([5.6875 * STEP / 3600] * 4)
-    # The hour after: quiet every week, learned down towards 0.
+    # The hour after: quiet every day, learned down towards 0.
     assert forecast[4] == pytest.approx(1.0 / 16 * STEP / 3600)

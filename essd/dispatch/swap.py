@@ -179,7 +179,8 @@ def swap_sessions(
 
 @dataclass(slots=True)
 class SwapDemandLearner:
-    """Swaps per hour of the week (UTC), learned from past swaps by EWMA of hourly counts.
+    """Swaps per hour of the day (UTC), learned from past swaps by EWMA of hourly counts (a
+    taxi fleet's demand follows the day; a week would teach each hour of the week only once).
 
     ``observe`` each swap as it happens; ``close_hour`` at the end of every hour (a quiet
     hour teaches as much as a busy one); ``forecast`` the expected swaps per step.
@@ -205,7 +206,7 @@ class SwapDemandLearner:
         if self._counting is None:
             self._counting = hour
         while self._counting < hour:
-            slot = self._counting % 168
+            slot = self._counting % 24
             old = self.rate.get(slot, self.prior_per_hour)
             self.rate[slot] = old + self.weight * (self._count - old)
             self._counting += 1
@@ -216,5 +217,5 @@ class SwapDemandLearner:
         out = []
         for i in range(steps):
             t = start + step_s * (i + 0.5)
-            out.append(self.rate.get(int(t // 3600) % 168, self.prior_per_hour) * step_s / 3600.0)
+            out.append(self.rate.get(int(t // 3600) % 24, self.prior_per_hour) * step_s / 3600.0)
         return out

@@ -103,6 +103,30 @@ class DepartureLearner:
         old = hours.get(hour)
         hours[hour] = stay if old is None else old + self.weight * (stay - old)
 
+    def state(self) -> dict[str, dict[str, float]]:
+        """JSON-ready: charger -> hour of arrival (as text) -> learned stay (s)."""
+        return {c: {str(h): s for h, s in hours.items()} for c, hours in self.dwell_s.items()}
+
+    @classmethod
+    def from_state(cls, data: object) -> DepartureLearner:
+        """Take back :meth:`state`; raises ValueError naming the field when it does not fit."""
+        learner = cls()
+        if data is None:
+            return learner
+        if not isinstance(data, dict):
+            raise ValueError("departures: must be an object")
+        for charger, hours in data.items():
+            if not isinstance(hours, dict):
+                raise ValueError(f"departures.{charger}: must be an object")
+            for hour, stay in hours.items():
+                ok = str(hour).isdigit() and 0 <= int(hour) < 24
+                if not ok or isinstance(stay, bool) or not isinstance(stay, int | float):
+                    raise ValueError(f"departures.{charger}.{hour}: not an hour and a stay")
+                if not (math.isfinite(stay) and 60.0 <= stay <= 7 * 86_400.0):
+                    raise ValueError(f"departures.{charger}.{hour}: stay out of range")
+                learner.dwell_s.setdefault(str(charger), {})[int(hour)] = float(stay)
+        return learner
+
     def predict(self, charger_id: str, arrival_s: float) -> float | None:
         """Expected stay (s) of a vehicle arriving at ``arrival_s`` on ``charger_id``."""
         hours = self.dwell_s.get(charger_id)

@@ -146,3 +146,18 @@ async def test_a_dead_controller_leaves_the_charger_on_its_default(ev_site: EvSi
     # limit applies again.
     ev_site.clock.advance(121.0)
     assert ev_site.station.limit_w(1) == 7400.0
+
+
+async def test_learned_departures_are_durable_state(ev_site: EvSite) -> None:
+    flex = ev_site.controller.flex
+    assert flex is not None
+    flex.book.learner.observe("wallbox", START, START + 9 * 3600)
+    data = json.loads(json.dumps(ev_site.controller.durable_state()))
+    flex.book.learner.dwell_s.clear()
+    ev_site.controller.restore(data)
+    assert flex.book.learner.predict("wallbox", START + 86400) == 9 * 3600
+    data["departures"] = {"wallbox": {"8": "long"}}
+    data["mode"] = "manual"
+    with pytest.raises(ValueError, match=r"departures\.wallbox\.8"):
+        ev_site.controller.restore(data)
+    assert ev_site.controller.mode != "manual", "a state that does not fit changes nothing"

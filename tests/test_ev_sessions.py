@@ -208,3 +208,20 @@ def test_charge_limit_below_minimum_rounds_up_only_within_the_headroom() -> None
     )
     assert charge_limits_w(plan, [s], headroom_w=1200.0) == {"cp1": 4140.0}
     assert charge_limits_w(plan, [s], headroom_w=1000.0) == {"cp1": 0.0}
+
+
+def test_learned_departures_survive_as_state_and_bad_state_names_the_field() -> None:
+    learner = DepartureLearner()
+    learner.observe("cp1", T0 + 8 * 3600, T0 + 17 * 3600)
+    again = DepartureLearner.from_state(json.loads(json.dumps(learner.state())))
+    assert again.predict("cp1", T0 + 86400 + 8 * 3600) == 9 * 3600
+    assert DepartureLearner.from_state(None).dwell_s == {}
+    for bad, name in [
+        ([], "departures"),
+        ({"cp1": 5}, "departures.cp1"),
+        ({"cp1": {"25": 3600}}, "departures.cp1.25"),
+        ({"cp1": {"8": 1e9}}, "departures.cp1.8"),
+        ({"cp1": {"8": True}}, "departures.cp1.8"),
+    ]:
+        with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+            DepartureLearner.from_state(bad)

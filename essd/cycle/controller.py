@@ -31,7 +31,7 @@ from essd.devices import ManagedDevice
 from essd.dispatch import BatterySpec, Dispatcher
 from essd.domain import BatteryReading, MeterReading, Plan, PlanCause, Snapshot
 from essd.events import CycleCompleted, EventBus, SiteTotals
-from essd.flexloads import FlexLoads
+from essd.flexloads import DepartureLearner, FlexLoads
 from essd.forecast import Forecast, Forecaster, Override
 from essd.safety import DeviceEnvelope
 
@@ -199,8 +199,7 @@ class Controller:
         self.forecaster.set_override(quantity, Override(start, step_s, tuple(values)))
 
     def set_session_request(self, charger: str, *request: float | None) -> None:
-        """A user's EV session request (``cmd/session``; essd.commands.SessionTarget):
-        departure (epoch s), energy (Wh), target SoC and capacity (Wh), each None if not given."""
+        """``cmd/session`` (essd.commands.SessionTarget): departure, energy, SoC, capacity."""
         if self.flex is None:
             raise CommandRejected("command: this site has no chargers")
         self.flex.request(charger, *request)
@@ -216,6 +215,7 @@ class Controller:
             "mode": self.mode,
             "reserve_override": self.reserve_override,
             "last_plan": None if last is None else plan_data(last),
+            "departures": self.flex.book.learner.state() if self.flex is not None else None,
         }
 
     def restore(self, data: Mapping[str, Any]) -> None:
@@ -232,10 +232,13 @@ class Controller:
         if reserve is not None:
             self._check_reserve(reserve)
         plan = None if data.get("last_plan") is None else plan_from_data(obj(data, "last_plan"))
+        learned = DepartureLearner.from_state(data.get("departures"))
         self.forecaster.restore(data.get("forecaster"))  # the last check: all or nothing
         self.accounting.totals, self.accounting.peak, self.mode = totals, peak, mode
         self.accounting.unit_wh = unit_wh
         self.reserve_override = reserve
+        if self.flex is not None:
+            self.flex.book.learner = learned
         if plan is not None and set(plan.device_ids) == {d.id for d in self.batteries}:
             self.decider.last_plan = plan
 
@@ -389,8 +392,7 @@ class Controller:
             return Snapshot(time=now, mono=mono, batteries={}, meter=None), None
 
     def _chargers_phase(self, plan: Plan, grid: float | None, errors: dict[str, str]) -> None:
-        """EV chargers' limits, in their own error boundary; ``grid`` None (no valid meter, or
-        standby) pauses them."""
+        """EV chargers' limits, own error boundary; ``grid`` None (no meter, standby): pause."""
         try:
             if self.flex is not None:
                 self.flex.apply(plan, None if grid is None else grid - self.flex.drawn_w())

@@ -19,6 +19,7 @@ import numpy as np
 
 from benchmarks import Result
 from essd.dispatch import BatterySpec, Dispatcher, DispatchInputs
+from essd.dispatch.flex import FlexSpec
 from essd.dispatch.sessions import FlexSession
 from essd.domain import LiveLimits, Plan
 
@@ -90,7 +91,7 @@ def run() -> list[Result]:
     rng = np.random.default_rng(19)
     sessions = _sessions(rng)
     dispatcher = Dispatcher(
-        [BatterySpec("bat", 50_000.0)], STEPS, step_s=STEP_S, flex_columns=CHARGERS
+        [BatterySpec("bat", 50_000.0)], STEPS, step_s=STEP_S, flex=FlexSpec(CHARGERS)
     )
     now = T0 + 6 * 3600.0
     soc = 0.5

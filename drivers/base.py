@@ -15,9 +15,12 @@ from collections.abc import Mapping, Sequence
 from typing import TypeVar, cast
 
 from drivers.api import CAPABILITY_OF, CommunicationError, ValueRefused, WriteResult
+from drivers.derive import add_derived
 from drivers.engine import Point, Sense, run_action
 from drivers.modbus import ModbusEndpoint
 from drivers.profile import ActionName, Capability, Profile, RegisterSpec
+from drivers.states import DeviceStates
+from drivers.write_policy import WriteMemory
 from essd.clock import Clock
 from essd.counters import DeviceCounters
 from essd.domain import (
@@ -63,6 +66,7 @@ class ProfileDriver:
         self._capacity_wh = capacity_wh if capacity_wh is not None else profile.ratings.capacity_wh
         self._owns_endpoint = owns_endpoint
         self._heartbeat_counter = 0
+        self._written = WriteMemory()  # on-change actions skip what the device already holds
         self._bind()
 
     def capability(self, kind: type[C]) -> C | None:
@@ -119,8 +123,8 @@ class ProfileDriver:
 
     async def _read_state(
         self,
-    ) -> tuple[float, dict[str, Reading], dict[str, Reading], tuple[str, ...]]:
-        """Read the device once: (time, fields, extra readings, alarms).
+    ) -> tuple[float, dict[str, Reading], dict[str, Reading], DeviceStates]:
+        """Read the device once: (time, fields, extra readings, faults and warnings).
 
         Raises CommunicationError when the device does not answer.
         """
@@ -171,7 +175,19 @@ class ProfileDriver:
             action=action,
             params=params,
             when=when,
+            memory=self._written,
+            now=self._clock.monotonic(),
+            divisor=self._divisor,
         )
+
+    async def _divisor(self, action: ActionName, field: str) -> float:
+        """The live value of ``field`` (base units) a parameter is divided by (``divide_by``);
+        ValueRefused (nothing written) when it is not a positive reading."""
+        reading = (await self.read_fields()).get(field)
+        if reading is None or reading.value is None or reading.value <= 0:
+            why = "not read" if reading is None else (reading.reason or "not > 0")
+            raise ValueRefused(f"{self._device_id}: {action}: {field} is not usable ({why})")
+        return reading.value
 
     async def set_active_power(self, power_w: float, *, duration_s: float) -> WriteResult:
         """Command ``power_w`` (> 0 discharges, < 0 charges) for at most ``duration_s``."""
@@ -250,7 +266,7 @@ class ProfileDriver:
         says ``available=False``.
         """
         try:
-            at, fields, extras, alarms = await self._read_state()
+            at, fields, extras, states = await self._read_state()
         except CommunicationError as exc:
             if self._profile.has(Capability.AVAILABILITY):
                 return self._unavailable(str(exc))
@@ -272,7 +288,8 @@ class ProfileDriver:
             power_w=field("power_w", "W"),
             limits=self._limits(fields),
             capacity_wh=self._capacity_wh,
-            alarms=alarms,
+            alarms=states.alarms,
+            warnings=states.warnings,
             extras={k: v for k, v in extras.items() if k not in ("soc", "power_w")},
         )
 
@@ -281,19 +298,14 @@ class ProfileDriver:
         ones with a reason. Raises CommunicationError when the device does not answer."""
         return (await self._read_state())[1]
 
-    def _add_derived(self, out: dict[str, Reading], at: float) -> None:
-        """Add the profile's derived fields (weighted sums of fields) to ``out``."""
-        for name, terms in self._profile.derived.items():
-            bad = [f for f in terms if not out[f].valid]
-            unit = out[next(iter(terms))].unit
-            if bad:
-                out[name] = Reading.bad(
-                    unit, at, Quality.INVALID, f"derived from invalid {', '.join(bad)}"
-                )
-            else:
-                out[name] = Reading.good(
-                    sum((out[f].value or 0.0) * k for f, k in terms.items()), unit, at
-                )
+    def _add_derived(
+        self,
+        out: dict[str, Reading],
+        at: float,
+        raws: Mapping[str, int | float | str] | None = None,
+    ) -> None:
+        """Add the profile's derived fields and battery-stack aggregates to ``out``."""
+        add_derived(self._profile, out, at, raws)
 
     def _unavailable(self, reason: str) -> BatteryReading:
         """The reading of an unplugged unit: no SoC, no power, held at 0 W both ways."""

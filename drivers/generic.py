@@ -31,11 +31,10 @@ from drivers.layout import (
 )
 from drivers.profile import ActionName, RegisterSpec
 from drivers.registers import EncodeError, RegisterType, Table
+from drivers.states import DeviceStates, sort_states
 from essd.domain import Quality, Reading
 
 __all__ = ["GenericDriver", "ReadBlock", "plan_reads"]
-
-_ALARM_PREFIXES = ("alarm", "fault")
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,28 +206,19 @@ class GenericDriver(ProfileDriver):
             )
             out[field] = _reading(decoded, spec, at)
             raw[field] = decoded.raw
-        self._add_derived(out, at)
+        self._add_derived(out, at, raw)
         return out, raw
 
     def _alarms(
         self, fields: Mapping[str, Reading], raws: Mapping[str, int | float | str]
-    ) -> tuple[str, ...]:
-        """Non-zero alarm/fault words as ``field=0x...`` (raw bits, as the vendor lists them)."""
-        alarms: list[str] = []
-        for field, reading in fields.items():
-            if not field.startswith(_ALARM_PREFIXES) or not reading.valid or not reading.value:
-                continue
-            raw = raws.get(field, reading.value)
-            if isinstance(raw, int):
-                spec = self._profile.register(self._profile.fields[field])
-                alarms.append(f"{field}=0x{raw % (1 << (16 * register_words(spec))):X}")
-            else:
-                alarms.append(f"{field}={raw}")
-        return tuple(alarms)
+    ) -> DeviceStates:
+        """Faults and warnings of the valid state and alarm fields (:mod:`drivers.states`)."""
+        valid = {f: raw for f, raw in raws.items() if f in fields and fields[f].valid}
+        return sort_states(self._profile, valid)
 
     async def _read_state(
         self,
-    ) -> tuple[float, dict[str, Reading], dict[str, Reading], tuple[str, ...]]:
+    ) -> tuple[float, dict[str, Reading], dict[str, Reading], DeviceStates]:
         fields, raws = await self._read_fields_and_raw()
         return self._clock.monotonic(), fields, fields, self._alarms(fields, raws)
 

@@ -18,7 +18,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from drivers.profile_parts import Severity
 from drivers.registers import (
+    ByteOrder,
     EncodeError,
     RegisterType,
     decode_raw,
@@ -32,14 +34,19 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SF_RANGE",
+    "UNITS",
     "Decoded",
+    "StateFinding",
     "base_unit",
+    "classify_states",
     "decode_register",
     "encode_register",
     "from_base",
+    "orders",
     "register_words",
     "resolution_problem",
     "to_base",
+    "unit_problem",
     "write_scale_problem",
 ]
 
@@ -48,33 +55,70 @@ __all__ = [
 MAX_STEP_OF_RATING = 0.01
 SF_RANGE = range(-10, 11)  # the scale factors SunSpec allows, and the only ones essd accepts
 
-# Register unit -> (essd base unit, factor to multiply by).
-_UNITS: dict[str, tuple[str, float]] = {
+# The units a register may carry: unit -> (essd base unit, factor to multiply by). Anything
+# else is refused when the profile is loaded (``unit: kw`` read as W would be a 1000x error).
+# "" is a plain number (a state, a counter, a scale factor).
+UNITS: dict[str, tuple[str, float]] = {
+    "": ("", 1.0),
+    "W": ("W", 1.0),
     "kW": ("W", 1000.0),
+    "MW": ("W", 1_000_000.0),
+    "VA": ("VA", 1.0),
     "kVA": ("VA", 1000.0),
+    "var": ("var", 1.0),
     "kvar": ("var", 1000.0),
+    "Wh": ("Wh", 1.0),
     "kWh": ("Wh", 1000.0),
     "MWh": ("Wh", 1_000_000.0),
+    "V": ("V", 1.0),
+    "mV": ("V", 0.001),
+    "A": ("A", 1.0),
+    "mA": ("A", 0.001),
+    "Ah": ("Ah", 1.0),
     "%": ("ratio", 0.01),
+    "ratio": ("ratio", 1.0),
+    "degC": ("degC", 1.0),
+    "Hz": ("Hz", 1.0),
+    "s": ("s", 1.0),
+    "ms": ("s", 0.001),
     "min": ("s", 60.0),
     "h": ("s", 3600.0),
-    "ms": ("s", 0.001),
 }
+
+
+def unit_problem(unit: str) -> str | None:
+    """Why ``unit`` is not one a register may carry, or None."""
+    if unit in UNITS:
+        return None
+    known = ", ".join(repr(u) for u in UNITS if u)
+    return f"unknown unit {unit!r} (known: {known}, or '' for a plain number)"
+
+
+def _unit(unit: str) -> tuple[str, float]:
+    try:
+        return UNITS[unit]
+    except KeyError:
+        raise ValueError(unit_problem(unit)) from None
 
 
 def base_unit(unit: str) -> str:
     """The essd base unit of a register unit (``kW`` -> ``W``, ``%`` -> ``ratio``)."""
-    return _UNITS.get(unit, (unit, 1.0))[0]
+    return _unit(unit)[0]
 
 
 def to_base(value: float, unit: str) -> float:
     """A value in the register's unit converted to essd's base unit."""
-    return value * _UNITS.get(unit, (unit, 1.0))[1]
+    return value * _unit(unit)[1]
 
 
 def from_base(value: float, unit: str) -> float:
     """A value in essd's base unit converted to the register's unit."""
-    return value / _UNITS.get(unit, (unit, 1.0))[1]
+    return value / _unit(unit)[1]
+
+
+def orders(spec: RegisterSpec, transport: Transport) -> tuple[ByteOrder, ByteOrder]:
+    """(byte order, word order) of ``spec``: its own where it gives them, else the device's."""
+    return (spec.byte_order or transport.byte_order, spec.word_order or transport.word_order)
 
 
 def register_words(spec: RegisterSpec) -> int:
@@ -159,9 +203,8 @@ def decode_register(  # noqa: PLR0911 - one early return per kind of invalid val
     ``sf`` is the raw value of the register's scale-factor register (None when it has none, or
     when that register is itself invalid: then the value is invalid too).
     """
-    raw = decode_raw(
-        words, spec.rtype, byte_order=transport.byte_order, word_order=transport.word_order
-    )
+    byte_order, word_order = orders(spec, transport)
+    raw = decode_raw(words, spec.rtype, byte_order=byte_order, word_order=word_order)
     if isinstance(raw, str):
         return Decoded(raw, raw)
     if spec.not_implemented and isinstance(raw, int):
@@ -192,12 +235,13 @@ def encode_register(
 ) -> list[int]:
     """Encode a physical value (register's unit) into words; EncodeError naming the register
     when it is outside the register's min/max or does not fit its type."""
+    byte_order, word_order = orders(spec, transport)
     if spec.rtype is RegisterType.STRING:
         return encode_raw(
             str(value),
             spec.rtype,
-            byte_order=transport.byte_order,
-            word_order=transport.word_order,
+            byte_order=byte_order,
+            word_order=word_order,
             string_words=spec.count,
         )
     if isinstance(value, str):
@@ -217,8 +261,43 @@ def encode_register(
     if spec.rtype is not RegisterType.F32:
         raw = round(raw)
     try:
-        return encode_raw(
-            raw, spec.rtype, byte_order=transport.byte_order, word_order=transport.word_order
-        )
+        return encode_raw(raw, spec.rtype, byte_order=byte_order, word_order=word_order)
     except EncodeError as exc:
         raise EncodeError(f"register {spec.name}: {_quantity(value, spec.unit)}: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class StateFinding:
+    """What one state value or one set alarm bit of a register means, and how bad it is."""
+
+    register: str
+    raw: int
+    name: str
+    severity: Severity
+
+    def describe(self) -> str:
+        """``register=name (0x...)`` as logs and the MQTT state show it."""
+        return f"{self.register}={self.name} (0x{self.raw:X})"
+
+
+def classify_states(spec: RegisterSpec, raw: int, words: int) -> tuple[StateFinding, ...]:
+    """The meanings of ``raw`` for a register with an ``enum`` (one finding, listed or not) or
+    ``bits`` (one finding per set bit); () for a register with neither."""
+    value = raw % (1 << (16 * words))
+    if spec.enum is not None:
+        meaning = spec.enum.get(raw, spec.enum.get(value))
+        if meaning is None:
+            return (StateFinding(spec.name, value, f"unlisted value {value}", spec.unlisted),)
+        return (StateFinding(spec.name, value, meaning.name, meaning.severity),)
+    if spec.bits is None:
+        return ()
+    out = []
+    for bit in range(16 * words):
+        if (value >> bit) & 1:
+            meaning = spec.bits.get(bit)
+            out.append(
+                StateFinding(spec.name, 1 << bit, f"unlisted bit {bit}", spec.unlisted)
+                if meaning is None
+                else StateFinding(spec.name, 1 << bit, meaning.name, meaning.severity)
+            )
+    return tuple(out)

@@ -329,20 +329,31 @@ class ModbusEndpoint:
             )
         return registers
 
-    async def write_registers(self, address: int, values: Sequence[int], unit: int) -> None:
+    async def write_registers(
+        self,
+        address: int,
+        values: Sequence[int],
+        unit: int,
+        *,
+        function: Literal[6, 16] | None = None,
+    ) -> None:
         """Write holding registers from ``address`` on ``unit`` (never retried).
 
-        One register goes as function 6, several as function 16, as most devices expect.
+        By default one register goes as function 6, several as function 16, as most devices
+        expect; ``function=16`` forces 16 for one register too (devices that refuse 6).
         """
         words = [int(v) for v in values]
         if not 1 <= len(words) <= 123:
             raise ValueError(f"values: 1..123 registers per write, got {len(words)}")
         if any(not 0 <= w <= 0xFFFF for w in words):
             raise ValueError(f"values: register words must be 0..65535, got {words}")
+        if function == 6 and len(words) != 1:
+            raise ValueError(f"function 6 writes one register, not {len(words)}")
+        single = len(words) == 1 and function != 16
 
         async def call(client: _Client) -> ModbusPDU:
-            """Function 6 for one register, 16 for several."""
-            if len(words) == 1:
+            """Function 6 for one register (unless 16 is asked for), 16 for several."""
+            if single:
                 return await client.write_register(address, words[0], device_id=unit)
             return await client.write_registers(address, words, device_id=unit)
 

@@ -21,22 +21,31 @@ from typing import Annotated, Literal, Self
 
 from pydantic import Field, model_validator
 
-from drivers.layout import encode_register, write_scale_problem
+from drivers.layout import unit_problem
+from drivers.profile_checks import check_extensions, check_states, check_write_values
+from drivers.profile_parts import BatteryStack, Derivation, Severity, StateValue
 from drivers.profile_simulation import Simulation
 from drivers.profile_types import Identifier, Strict
-from drivers.registers import ByteOrder, EncodeError, RegisterType, Table, word_count
+from drivers.registers import ByteOrder, RegisterType, Table, word_count
 from essd.domain import DeviceClass
 
 __all__ = [
     "POWER_PARAMS",
+    "SCHEMA_VERSIONS",
     "Action",
     "ActionName",
     "Capability",
     "Profile",
     "ProfileError",
     "RegisterSpec",
+    "Severity",
     "WriteStep",
 ]
+
+# 1: the original schema. 2 adds state maps (enum/bits with severities), derivations beyond
+# sums, per-register byte/word order, the write function code, on-change writes, battery
+# stacks, and checked units. Every schema-1 profile is a valid schema-2 profile.
+SCHEMA_VERSIONS = (1, 2)
 
 
 SunSpecPoint = Annotated[str, Field(pattern=r"^[0-9]+\.[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")]
@@ -164,6 +173,14 @@ class RegisterSpec(Strict):
     description: str = ""
     # Read back after a write; false only for trigger registers the device clears itself.
     verify: bool = True
+    # schema 2: this register's own byte/word order where it differs from the device's.
+    byte_order: ByteOrder | None = None
+    word_order: ByteOrder | None = None
+    # schema 2: a state register (raw value -> meaning) or an alarm register (bit -> meaning);
+    # a value or set bit not listed has severity ``unlisted``.
+    enum: dict[int, StateValue] | None = None
+    bits: dict[int, StateValue] | None = None
+    unlisted: Severity = Severity.WARNING
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -181,6 +198,12 @@ class RegisterSpec(Strict):
             raise ValueError("min: greater than max")
         if self.table is Table.INPUT and self.access != "r":
             raise ValueError("access: input registers are read-only")
+        problem = unit_problem(self.unit)
+        if problem is not None:
+            raise ValueError(f"unit: {problem}")
+        if self.point is not None and (self.byte_order or self.word_order):
+            raise ValueError("word_order: a SunSpec point is big-endian by definition")
+        check_states(self)
         return self
 
     @property
@@ -200,6 +223,12 @@ class WriteStep(Strict):
     value: float | str | None = None
     param: Identifier | None = None
     when: Literal["always", "charge", "discharge", "idle"] = "always"
+    # schema 2: Modbus function code of the write. None: 6 for one register, 16 for several;
+    # 16 for devices that refuse 6 even for one register (Deye-style), 6 only for one word.
+    function: Literal[6, 16] | None = None
+    # schema 2: the parameter is divided by this field's live value (base units) before it is
+    # written: W / V = A for devices controlled by a current, W / W = ratio for a percentage.
+    divide_by: Identifier | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -218,6 +247,19 @@ class Action(Strict):
 
     description: str = ""
     writes: tuple[WriteStep, ...] = Field(min_length=1)
+    # schema 2: ``on_change`` skips a step whose register already holds what it would write
+    # (as last written and read back), but rewrites it every ``refresh_s`` all the same: for
+    # devices whose setpoint holds and whose flash wears.
+    write: Literal["always", "on_change"] = "always"
+    refresh_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check_refresh(self) -> Self:
+        if self.write == "on_change" and self.refresh_s is None:
+            raise ValueError("refresh_s: required with write: on_change")
+        if self.write == "always" and self.refresh_s is not None:
+            raise ValueError("refresh_s: only with write: on_change")
+        return self
 
 
 class Ratings(Strict):
@@ -242,6 +284,9 @@ class Behaviour(Strict):
     revert_timer_configurable: bool = False
     heartbeat_timeout_s: float | None = Field(None, gt=0)
     safe_description: str = "0 W"
+    # What the public map leaves unknown (e.g. "whether forced mode reverts"); the simulator
+    # models the conservative case (a command without a documented timeout is held forever).
+    unknown: str = ""
 
 
 class SunSpecLayout(Strict):
@@ -252,9 +297,9 @@ class SunSpecLayout(Strict):
 
 
 class Profile(Strict):
-    """A device profile (``schema: 1``)."""
+    """A device profile (``schema: 1`` or ``2``; see :data:`SCHEMA_VERSIONS`)."""
 
-    schema_version: Literal[1] = Field(1, alias="schema")
+    schema_version: Literal[1, 2] = Field(1, alias="schema")
     name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]*$", max_length=64)]
     description: str = Field(min_length=1)
     device_class: DeviceClass
@@ -270,12 +315,15 @@ class Profile(Strict):
     fields: dict[Identifier, Identifier] = Field(
         default_factory=dict, description="semantic field -> register name"
     )
-    # A field computed from others as a weighted sum, in base units (W...), for devices that
-    # do not report it: e.g. a power station's battery power = outputs - inputs.
-    derived: dict[Identifier, dict[Identifier, float]] = Field(
-        default_factory=dict, description="field -> {field: coefficient}"
+    # A field computed from others, in base units (W...), for devices that do not report it:
+    # e.g. a power station's battery power = outputs - inputs. Evaluated in order; a
+    # derivation may use fields and the derivations above it.
+    derived: dict[Identifier, Derivation] = Field(
+        default_factory=dict, description="field -> derivation (schema 1: {field: coefficient})"
     )
     actions: dict[ActionName, Action] = Field(default_factory=dict)
+    # schema 2: several batteries behind this endpoint, each with its own SoC and power field.
+    batteries: tuple[BatteryStack, ...] = ()
 
     @model_validator(mode="after")
     def _check_registers(self) -> Self:
@@ -294,22 +342,13 @@ class Profile(Strict):
         for fname, reg in self.fields.items():
             if reg not in by_name:
                 raise ValueError(f"fields.{fname}: no register named {reg!r}")
-        for dname, terms in self.derived.items():
-            if dname in self.fields:
-                raise ValueError(f"derived.{dname}: already a field mapped to a register")
-            if not terms:
-                raise ValueError(f"derived.{dname}: needs at least one term")
-            for term in terms:
-                if term not in self.fields:
-                    raise ValueError(f"derived.{dname}.{term}: no field named {term!r}")
+        check_extensions(self)
         return self
 
     @model_validator(mode="after")
     def _check_capabilities(self) -> Self:
         for cap in self.capabilities:
-            missing = CAPABILITY_FIELDS.get(cap, frozenset()) - (
-                self.fields.keys() | self.derived.keys()
-            )
+            missing = CAPABILITY_FIELDS.get(cap, frozenset()) - self.field_names()
             if missing:
                 raise ValueError(
                     f"capabilities: {cap.value} needs fields {', '.join(sorted(missing))}"
@@ -350,7 +389,7 @@ class Profile(Strict):
                         raise ValueError(
                             f"actions.set_active_power.writes: nothing is written when {sign}"
                         )
-        self._check_write_values(by_name)
+        check_write_values(self, by_name)
         return self
 
     @model_validator(mode="after")
@@ -376,7 +415,9 @@ class Profile(Strict):
                 raise ValueError(f"simulation.behaviour.{where}: no register named {reg!r}")
         if b.model == "sunspec" and self.driver != "sunspec":
             raise ValueError("simulation.behaviour.model: sunspec needs driver: sunspec")
-        if b.power_through is not None and b.power_through not in self.derived.get("power_w", {}):
+        power = self.derived.get("power_w")
+        terms = power.sum if power is not None and power.sum is not None else {}
+        if b.power_through is not None and b.power_through not in terms:
             raise ValueError(
                 f"simulation.behaviour.power_through: {b.power_through!r} is not a term of "
                 "derived power_w"
@@ -397,32 +438,6 @@ class Profile(Strict):
                     f"({ta} {a0}..{a1 - 1})"
                 )
         return self
-
-    def _check_write_values(self, by_name: dict[str, RegisterSpec]) -> None:
-        """Literal values (safe mode...) fit their register; power registers carry the rating."""
-        for aname, act in self.actions.items():
-            for i, step in enumerate(act.writes):
-                spec = by_name[step.register]
-                where = f"actions.{aname.value}.writes.{i}"
-                if step.value is not None and not isinstance(step.value, str):
-                    v = step.value
-                    if (spec.min is not None and v < spec.min) or (
-                        spec.max is not None and v > spec.max
-                    ):
-                        raise ValueError(
-                            f"{where}.value: {v:g} outside register {spec.name}'s range "
-                            f"[{spec.min}, {spec.max}]"
-                        )
-                    if spec.address is not None and spec.scale_factor is None:
-                        try:
-                            encode_register(spec, v, transport=self.transport)
-                        except EncodeError as exc:
-                            raise ValueError(f"{where}.value: {exc}") from None
-                ratings = self.power_ratings(step.param)
-                if ratings and spec.address is not None and spec.scale_factor is None:
-                    problem = write_scale_problem(spec, ratings, transport=self.transport)
-                    if problem is not None:
-                        raise ValueError(f"registers.{spec.name}.scale: {problem} ({where})")
 
     def power_ratings(self, param: str | None) -> list[float]:
         """The rated values (W, signed as the parameter) a power parameter reaches; [] for
@@ -447,6 +462,13 @@ class Profile(Strict):
         """The register mapped to a semantic field, or None when the profile has none."""
         reg = self.fields.get(field)
         return None if reg is None else self.register(reg)
+
+    def field_names(self) -> set[str]:
+        """Every field the profile provides: mapped, derived, and the stacks' aggregates."""
+        names = set(self.fields) | set(self.derived)
+        if self.batteries:
+            names |= {"soc", "power_w"}
+        return names
 
     def has(self, capability: Capability) -> bool:
         """True when the device has ``capability``."""

@@ -85,4 +85,5 @@ class Simulation(Strict):
     thermal_resistance_k_per_w: float = Field(0.02, gt=0)
     derate_start_c: float = 45.0
     trip_c: float = 60.0
+    battery_voltage_v: float = Field(51.2, gt=0, description="DC bus voltage it reports")
     behaviour: SimulatedBehaviour = SimulatedBehaviour()

@@ -15,6 +15,7 @@ from essd import DEFAULT_CONFIG_PATH, __version__
 from essd.demo import register_cli as register_demo
 from essd.hil.cli import register as register_hil
 from essd.logs import configure_logging
+from essd.probe_cli import register_cli as register_probe
 from essd.schema import register as register_schema
 from hil_sim.cli import register_cli as register_sim
 
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--profile-dir", type=Path, action="append", default=[])
     ps.set_defaults(func=cmd_profiles_show)
 
+    register_probe(sub)
     register_schema(sub)
     register_sim(sub)
     register_demo(sub)

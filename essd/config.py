@@ -200,6 +200,13 @@ class ControlConfig(_Section):
     stale_after_s: Annotated[float, Field(gt=0.0)] | None = None
     degradation_cost_per_kwh: Annotated[float, Field(ge=0.0)] = 0.02
     churn_penalty_per_kw: Annotated[float, Field(ge=0.0)] = 0.001
+    # Units of the same specification planned as one battery and the plan shared among them
+    # (essd.dispatch.aggregate): for large sites of identical units; approximate when their
+    # SoCs differ.
+    aggregate_identical_units: bool = False
+    # More units than this are planned as about this many groups of similar units (an
+    # approximation for large sites of different units; essd.dispatch.aggregate).
+    aggregate_clusters: Annotated[int, Field(ge=1)] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Self:

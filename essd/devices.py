@@ -183,6 +183,7 @@ class ManagedDevice:
         self.write_failures = 0
         self.last_write_error = ""
         self.safe_mode_unconfirmed = False
+        self._warnings: tuple[str, ...] = ()  # the device's warnings, logged when they change
 
     @property
     def id(self) -> str:
@@ -232,8 +233,20 @@ class ManagedDevice:
             self._on_failure(exc)
             return None
         self.last = reading
+        self._note_warnings(reading)
         self._evaluate(reading, mode_safe=mode_safe)
         return reading
+
+    def _note_warnings(self, reading: BatteryReading | MeterReading) -> None:
+        """Log the device's warnings (severity "warning": it stays under control) when they
+        change, not every cycle."""
+        warnings = reading.warnings if isinstance(reading, BatteryReading) else ()
+        if warnings != self._warnings:
+            if warnings:
+                log.warning("device %s: warning: %s", self.id, ", ".join(warnings))
+            else:
+                log.info("device %s: warnings cleared", self.id)
+            self._warnings = warnings
 
     def _on_failure(self, exc: BaseException) -> None:
         if self.profile.has(Capability.AVAILABILITY) and isinstance(

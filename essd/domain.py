@@ -146,6 +146,9 @@ class BatteryReading:
     capacity_wh: float
     alarms: tuple[str, ...] = ()
     extras: Mapping[str, Reading] = field(default_factory=dict)
+    # States and alarm bits of severity "warning": reported, the device stays under control
+    # (only ``alarms``, severity "fault", fault it).
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,7 +55,7 @@ def _describe(key: tuple[str, str, int, int]) -> str:
 def validate_site(settings: Settings, source: str = "configuration") -> SiteCheck:
     """Problems and warnings of ``settings`` across sections and files (see the module doc)."""
     # Imported here: drivers and the forecaster are heavier than the configuration.
-    from drivers.profile import Profile, ProfileError  # noqa: PLC0415
+    from drivers.profile import Capability, Profile, ProfileError  # noqa: PLC0415
     from drivers.profile_loader import resolve_profile  # noqa: PLC0415
     from essd.devices import refresh_warning, revert_warning  # noqa: PLC0415
     from essd.domain import DeviceClass  # noqa: PLC0415
@@ -81,14 +81,21 @@ def validate_site(settings: Settings, source: str = "configuration") -> SiteChec
             meters += [i] if dev.enabled else []
             continue
         batteries += int(dev.enabled)
+        if not profile.has(Capability.READ_STATE):
+            problems.append(
+                f"{source}: devices.{i}.profile: {profile.name} reads no SoC and battery power "
+                "(no read_state capability, e.g. a PCS whose BMS is a separate device): essd "
+                "cannot dispatch it"
+            )
+            continue
         problems += _storage_problems(
             settings, i, profile.ratings.capacity_wh, profile.name, source
         )
         if dev.enabled:
-            found = (
-                refresh_warning(dev, profile, settings.control.cycle_period_s),
-                revert_warning(dev, profile),
-            )
+            revert = revert_warning(dev, profile)
+            if revert is not None and profile.behaviour.unknown:
+                revert += f"; the public map leaves unknown: {profile.behaviour.unknown}"
+            found = (refresh_warning(dev, profile, settings.control.cycle_period_s), revert)
             warnings += [f"{source}: devices.{i}: {w}" for w in found if w is not None]
     problems += [
         f"{source}: devices.{j}.profile: a second grid meter (devices.{meters[0]}, "
@@ -101,19 +108,9 @@ def validate_site(settings: Settings, source: str = "configuration") -> SiteChec
             "site's import and export limits cannot be verified, so every battery idles"
         )
 
-    ids = [c.id for c in settings.chargers]
-    problems += [
-        f"{source}: chargers.{i}.id: duplicate charger id {cid!r}"
-        for i, cid in enumerate(ids)
-        if cid in ids[:i]
-    ]
-    if settings.chargers and settings.ocpp is None:
-        warnings.append(f"{source}: chargers: no [ocpp] section: the chargers are not controlled")
-    if settings.ocpp is not None and not meters:
-        warnings.append(
-            f"{source}: ocpp: no grid meter: the chargers stay paused (the import limit cannot"
-            " be verified)"
-        )
+    charger_problems, charger_warnings = _charger_checks(settings, source, has_meter=bool(meters))
+    problems += charger_problems
+    warnings += charger_warnings
 
     series: Path | None = settings.forecast.series_file
     if series is not None:
@@ -122,6 +119,27 @@ def validate_site(settings: Settings, source: str = "configuration") -> SiteChec
         except ForecastError as exc:
             problems.append(f"{source}: forecast.series_file: {exc}")
     return SiteCheck(tuple(problems), tuple(warnings))
+
+
+def _charger_checks(
+    settings: Settings, source: str, *, has_meter: bool
+) -> tuple[list[str], list[str]]:
+    """EV chargers: duplicate ids refused; chargers without OCPP, OCPP without a meter warned."""
+    ids = [c.id for c in settings.chargers]
+    problems = [
+        f"{source}: chargers.{i}.id: duplicate charger id {cid!r}"
+        for i, cid in enumerate(ids)
+        if cid in ids[:i]
+    ]
+    warnings = []
+    if settings.chargers and settings.ocpp is None:
+        warnings.append(f"{source}: chargers: no [ocpp] section: the chargers are not controlled")
+    if settings.ocpp is not None and not has_meter:
+        warnings.append(
+            f"{source}: ocpp: no grid meter: the chargers stay paused (the import limit cannot"
+            " be verified)"
+        )
+    return problems, warnings
 
 
 def _endpoint_problems(settings: Settings, source: str) -> list[str]:

@@ -78,6 +78,10 @@ class _StoreContext:
         store = self._store(device_id)
         if _TABLE_BY_FUNCTION.get(func_code) is not Table.HOLDING:
             return ExcCodes.ILLEGAL_FUNCTION
+        # A device that takes its settings only by function 16 (Deye, SMA) refuses function 6.
+        accepts = getattr(store, "accepts_function", None)
+        if accepts is not None and not accepts(func_code, address):
+            return ExcCodes.ILLEGAL_FUNCTION
         try:
             store.write(address, [int(v) for v in values])
         except RegisterAccessError as exc:

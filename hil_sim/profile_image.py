@@ -16,6 +16,7 @@ from drivers.layout import (
     decode_register,
     encode_register,
     from_base,
+    orders,
     register_words,
     to_base,
 )
@@ -92,12 +93,31 @@ class ProfileImage(FieldAccess, RegisterImage):
             if spec.table is Table.HOLDING:
                 for a in range(spec.address, spec.address + register_words(spec)):
                     self._owner[a] = spec
+        # Registers a profile writes with function 16 only: the device refuses function 6 there.
+        self._fc16_only = {
+            address
+            for act in profile.actions.values()
+            for step in act.writes
+            if step.function == 16
+            for address in self._span(self._specs[step.register])
+        }
+        self.function_counts: dict[int, int] = {}  # write requests served, by function code
         gap_max = profile.transport.read_gap_max
         for table, ranges in spans.items():
             ranges.sort()
             for (_, end), (start, _) in itertools.pairwise(ranges):
                 if 0 < start - end <= gap_max:
                     self.define(table, end, start - end)
+
+    @staticmethod
+    def _span(spec: RegisterSpec) -> range:
+        assert spec.address is not None
+        return range(spec.address, spec.address + register_words(spec))
+
+    def accepts_function(self, func_code: int, address: int) -> bool:
+        """Whether a write with ``func_code`` at ``address`` is taken (the server asks)."""
+        self.function_counts[func_code] = self.function_counts.get(func_code, 0) + 1
+        return not (func_code == 6 and address in self._fc16_only)
 
     def add_write_listener(self, callback: Callable[[tuple[str, ...]], None]) -> None:
         """Call ``callback(register names)`` after every write a Modbus client makes."""
@@ -140,23 +160,23 @@ class ProfileImage(FieldAccess, RegisterImage):
     def get_raw(self, name: str) -> int | float | str:
         """The raw (unscaled) value of a register."""
         spec = self.spec(name)
-        t = self.profile.transport
+        byte_order, word_order = orders(spec, self.profile.transport)
         return decode_raw(
             self.get(*self._location(spec)),
             spec.rtype,
-            byte_order=t.byte_order,
-            word_order=t.word_order,
+            byte_order=byte_order,
+            word_order=word_order,
         )
 
     def set_raw(self, name: str, raw: int | float | str) -> None:
         """Set a register's raw value (e.g. 0x8000 "not implemented" or NaN for fault tests)."""
         spec = self.spec(name)
-        t = self.profile.transport
+        byte_order, word_order = orders(spec, self.profile.transport)
         words = encode_raw(
             raw,
             spec.rtype,
-            byte_order=t.byte_order,
-            word_order=t.word_order,
+            byte_order=byte_order,
+            word_order=word_order,
             string_words=spec.count,
         )
         table, address, _ = self._location(spec)

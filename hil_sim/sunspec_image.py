@@ -272,17 +272,26 @@ def build_sunspec_image(
     profile maps and mandatory points start at 0 (enumerations at their first symbol); others
     hold the not-implemented marker. Scale factors default to the finest value at which the
     profile's ratings fit; ``scale_factors`` (``{"802.W_SF": 1}``) overrides them.
-    ``repeats`` gives the instances of a model's repeating group (``{160: 2}``); ``unit``
+    ``repeats`` gives the instances of a model's repeating group (``{160: 2}``; at least those
+    the profile's points name); ``unit``
     (default: the profile's) is model 1's device address.
     """
     if profile.sunspec is None:
         raise ProfileError(f"profile {profile.name}: sunspec: required to build a SunSpec image")
     base = profile.sunspec.base_addresses[0] if base_address is None else base_address
+    # At least as many repeating-group instances as the profile's points name
+    # ("160.module.4.DCW" needs four modules).
+    instances = dict(repeats or {})
+    for r in profile.registers:
+        parts = (r.point or "").split(".")
+        if len(parts) == 4 and parts[0].isdigit() and parts[2].isdigit():
+            mid_, n = int(parts[0]), int(parts[2])
+            instances[mid_] = max(instances.get(mid_, 0), n)
     models: list[DiscoveredModel] = []
     addr = base + 2
     for mid in profile.sunspec.models:
         definition = load_model(mid)
-        length = definition.length_for((repeats or {}).get(mid, 0))
+        length = definition.length_for(instances.get(mid, 0))
         models.append(DiscoveredModel(mid, addr, length))
         addr += length + 2
     if addr + 2 > 0x10000:

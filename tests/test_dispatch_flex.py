@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from essd.dispatch import BatterySpec, Dispatcher, DispatchInputs, InvalidDispatchInputsError
+from essd.dispatch.flex import FlexSpec
 from essd.dispatch.sessions import FlexSession
 from essd.domain import FallbackRung, LiveLimits
 
@@ -68,7 +69,7 @@ def _delivered_battery_wh(power_w: tuple[float, ...], eta: float = 0.92) -> floa
 
 @pytest.fixture(scope="module")
 def dispatcher() -> Dispatcher:
-    return Dispatcher([BatterySpec("bat", 10_000.0)], STEPS, step_s=STEP_S, flex_columns=10)
+    return Dispatcher([BatterySpec("bat", 10_000.0)], STEPS, step_s=STEP_S, flex=FlexSpec(10))
 
 
 def test_problem_with_sessions_is_dpp(dispatcher: Dispatcher) -> None:
@@ -121,7 +122,7 @@ def test_deadline_that_cannot_be_met_publishes_its_shortfall_and_keeps_the_limit
 
 
 def test_pv_surplus_preferred_to_cheap_night_import() -> None:
-    d = Dispatcher([BatterySpec("bat", 1_000.0)], STEPS, step_s=STEP_S, flex_columns=1)
+    d = Dispatcher([BatterySpec("bat", 1_000.0)], STEPS, step_s=STEP_S, flex=FlexSpec(1))
     pv = np.maximum(0.0, 8000.0 * np.sin(np.pi * (HOURS - 7.0) / 10.0))
     price = np.full(STEPS, 0.25)
     # Export pays 0.05: energy from PV surplus is worth 0.05, import 0.25.
@@ -137,9 +138,7 @@ def test_pv_surplus_preferred_to_cheap_night_import() -> None:
 
 
 def test_v2g_only_where_allowed_and_requirement_still_met() -> None:
-    d = Dispatcher(
-        [BatterySpec("bat", 1_000.0)], STEPS, step_s=STEP_S, flex_columns=1, flex_v2g=True
-    )
+    d = Dispatcher([BatterySpec("bat", 1_000.0)], STEPS, step_s=STEP_S, flex=FlexSpec(1, v2g=True))
     assert d.problem(STEP_S).is_dpp()
     price = np.full(STEPS, 0.10)
     price[(HOURS >= 18) & (HOURS < 19)] = 2.0  # an evening spike worth exporting into
@@ -215,7 +214,7 @@ def test_more_sessions_than_columns_and_duplicates_rejected(dispatcher: Dispatch
 def test_chargers_only_site_uses_the_whole_connection() -> None:
     # No battery at all; 10 vehicles needing 50 kWh each within 8 h under 60 kW: the import
     # limit (not some internal bound) is what binds.
-    d = Dispatcher([], STEPS, step_s=STEP_S, flex_columns=10)
+    d = Dispatcher([], STEPS, step_s=STEP_S, flex=FlexSpec(10))
     sessions = [_ev(f"v{i}", leave_h=8.0, need_wh=50_000.0) for i in range(10)]
     inputs = replace(
         _inputs(sessions, import_limit_w=60_000.0),
@@ -249,7 +248,7 @@ def test_charge_only_and_v2g_models_agree_without_v2g() -> None:
     plans = []
     for v2g in (False, True):
         d = Dispatcher(
-            [BatterySpec("bat", 10_000.0)], STEPS, step_s=STEP_S, flex_columns=4, flex_v2g=v2g
+            [BatterySpec("bat", 10_000.0)], STEPS, step_s=STEP_S, flex=FlexSpec(4, v2g=v2g)
         )
         plans.append(
             d.solve(_inputs(sessions, import_limit_w=20_000.0), budget_s=10.0, last_plan=None)

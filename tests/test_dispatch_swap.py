@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from essd.dispatch import Dispatcher, DispatchInputs
+from essd.dispatch.flex import FlexSpec
 from essd.dispatch.swap import PackState, SwapDemandLearner, SwapStationSpec, swap_sessions
 
 T0 = 1_767_225_600.0
@@ -72,7 +73,7 @@ def test_lp_plan_keeps_k_charged_packs_at_the_planned_swaps() -> None:
     sessions = swap_sessions(spec, packs, demand, now=T0, step_s=STEP, columns=columns)
     hours = ((T0 + STEP * np.arange(steps)) % 86400) / 3600
     price = np.where(hours < 4, 0.3, 1.0)
-    d = Dispatcher([], steps, step_s=STEP, flex_columns=columns)
+    d = Dispatcher([], steps, step_s=STEP, flex=FlexSpec(columns))
     plan = d.solve(
         DispatchInputs(
             time=T0,

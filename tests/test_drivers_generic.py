@@ -55,7 +55,7 @@ registers:
   - {name: dis_max, vendor_name: DisMax, address: 4, type: u16, unit: kW, scale: 0.1,
      not_implemented: [0xFFFF]}
   - {name: alarm, vendor_name: Evt1, address: 5, type: u32}
-  - {name: temp, vendor_name: Tmp, address: 7, type: f32, unit: C, min: -40, max: 120}
+  - {name: temp, vendor_name: Tmp, address: 7, type: f32, unit: degC, min: -40, max: 120}
   - {name: w_set, vendor_name: WSet, address: 20, type: s32, unit: W, access: rw,
      min: -50000, max: 50000}
   - {name: hb, vendor_name: CtrlHb, address: 22, type: u16, access: rw, max: 3}

@@ -125,9 +125,13 @@ def test_values_outside_the_register_type_are_refused() -> None:
         image.set_value("d", "TOO LONG")
 
 
-def test_the_profile_readme_example_is_a_valid_profile() -> None:
+def test_the_profile_readme_examples_are_valid_profiles() -> None:
     readme = (shipped_profile_paths()[0].parent / "README.md").read_text(encoding="utf-8")
-    example = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
-    profile = load_profile_text(example, "README.md")
-    assert profile.name == "my-device"
-    ProfileImage(profile)
+    blocks = [b.split("```", 1)[0] for b in readme.split("```yaml\n")[1:]]
+    examples = [b for b in blocks if b.startswith("schema:")]
+    names = []
+    for example in examples:
+        profile = load_profile_text(example, "README.md")
+        ProfileImage(profile)
+        names.append(profile.name)
+    assert names == ["sungrow-sh-rt", "my-device"]

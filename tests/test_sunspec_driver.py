@@ -160,7 +160,17 @@ async def test_reading_scales_limits_and_alarms(rig: Rig) -> None:
     rig.image.set_point("802.Evt1", (1 << 1) | (1 << 20))
     rig.image.set_point("802.State", "FAULT")
     r = await battery(rig.driver)
-    assert set(r.alarms) == {"OVER_TEMP_ALARM", "CONTACTOR_ERROR", "802.State=FAULT"}
+    assert set(r.alarms) == {
+        "alarms_1=OVER_TEMP_ALARM (0x2)",
+        "alarms_1=CONTACTOR_ERROR (0x100000)",
+        "state=FAULT (0x63)",
+    }
+    # A warning bit (the profile's severity) is reported, and does not fault the battery.
+    rig.image.set_point("802.Evt1", 1 << 2)
+    rig.image.set_point("802.State", "CONNECTED")
+    r = await battery(rig.driver)
+    assert r.alarms == ()
+    assert r.warnings == ("alarms_1=OVER_TEMP_WARNING (0x4)",)
 
 
 async def test_scale_factor_changes_are_followed(rig: Rig) -> None:

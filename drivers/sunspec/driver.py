@@ -35,6 +35,7 @@ from drivers.registers import (
     Table,
     decode_raw,
 )
+from drivers.states import DeviceStates, sort_states
 from drivers.sunspec.codec import (
     decode_point,
     encode_point,
@@ -207,7 +208,7 @@ class SunSpecDriver(ProfileDriver):
 
     async def _read_state(
         self,
-    ) -> tuple[float, dict[str, Reading], dict[str, Reading], tuple[str, ...]]:
+    ) -> tuple[float, dict[str, Reading], dict[str, Reading], DeviceStates]:
         values = await self.read_points()
         at = self._clock.monotonic()
         by_register = {n: self._reading(self._bound[n].spec, pv, at) for n, pv in values.items()}
@@ -234,13 +235,17 @@ class SunSpecDriver(ProfileDriver):
             per_direction.append(min(candidates))
         return LiveLimits(per_direction[0], per_direction[1])
 
-    def _alarms(self, values: Mapping[str, Decoded]) -> tuple[str, ...]:
+    def _alarms(self, values: Mapping[str, Decoded]) -> DeviceStates:
         alarms: list[str] = []
+        mapped: dict[str, int | float | str] = {}  # fields whose profile maps their states
         for fname, reg in self._profile.fields.items():
             b = self._bound[reg]
             pdef = load_model(b.model_id).point(b.point_name)
             pv = values.get(reg)
             if pv is None or not pv.valid or not isinstance(pv.raw, int):
+                continue
+            if b.spec.enum is not None or b.spec.bits is not None:
+                mapped[fname] = pv.raw
                 continue
             if fname.startswith(("alarm", "fault")) and pdef.type in BITFIELD_TYPES:
                 for bit in range(pdef.size * 16):
@@ -250,7 +255,8 @@ class SunSpecDriver(ProfileDriver):
                 fname == "state" and pdef.type in ENUM_TYPES and pdef.symbol_name(pv.raw) == "FAULT"
             ):
                 alarms.append(f"{pdef.qualified}=FAULT")
-        return tuple(alarms)
+        states = sort_states(self._profile, mapped, sunspec=True)
+        return DeviceStates((*alarms, *states.alarms), states.warnings)
 
     # -- writing -------------------------------------------------------------------------------
 

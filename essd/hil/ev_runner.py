@@ -26,6 +26,7 @@ import numpy as np
 from essd.clock import SimClock
 from essd.config_ev import ChargerConfig, OcppConfig
 from essd.dispatch import BatterySpec, Dispatcher, DispatchInputs
+from essd.dispatch.flex import FlexSpec
 from essd.dispatch.sessions import FlexSession
 from essd.domain import FallbackRung, LiveLimits
 from essd.flexloads import (
@@ -115,7 +116,7 @@ class _ChargerRun:
         self.has_battery = self.site.battery_capacity_wh > 0
         batteries = [BatterySpec("home", self.site.battery_capacity_wh)] if self.has_battery else []
         self.dispatcher = Dispatcher(
-            batteries, sc.horizon_steps, step_s=sc.step_s, flex_columns=max(len(sc.chargers), 1)
+            batteries, sc.horizon_steps, step_s=sc.step_s, flex=FlexSpec(max(len(sc.chargers), 1))
         )
         self.battery = _Battery(self.site)
         self.book = SessionBook()

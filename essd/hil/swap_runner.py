@@ -19,6 +19,7 @@ import numpy as np
 
 from essd.clock import SimClock
 from essd.dispatch import Dispatcher, DispatchInputs
+from essd.dispatch.flex import FlexSpec
 from essd.dispatch.swap import PackState, SwapDemandLearner, SwapStationSpec, swap_sessions
 from essd.flexloads import clamp_to_headroom
 from essd.hil.ev_runner import site_profile
@@ -84,7 +85,7 @@ class _SwapRun:
         # cycles as the horizon moves on).
         self.columns = swap.slots + 10
         self.dispatcher = Dispatcher(
-            [], sc.horizon_steps, step_s=sc.step_s, flex_columns=self.columns
+            [], sc.horizon_steps, step_s=sc.step_s, flex=FlexSpec(self.columns)
         )
         self.learner = SwapDemandLearner(prior_per_hour=float(np.mean(swap.swaps_per_hour)))
         self.result = SwapRunResult(mode=mode)

@@ -213,6 +213,10 @@ class DeviceStatePayload(_Payload):
     setpoint_ttl_s: OptFloat
     planned_w: OptFloat = Field(description="Plan step 0 for this device, W")
     alarms: list[str]
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="States and alarm bits of severity warning (reported; only alarms fault)",
+    )
     requested_w: OptFloat = Field(None, description="What the plan or operator asked, W")
     guard_reasons: list[str] = Field(
         default_factory=list, description="Why the setpoint differs from the request"
@@ -405,5 +409,6 @@ def build_device_payload(
         setpoint_ttl_s=_num(sp.ttl_s) if sp is not None else None,
         planned_w=_num(planned),
         alarms=list(b.alarms) if b is not None else [],
+        warnings=list(b.warnings) if b is not None else [],
         **record,
     )

@@ -131,6 +131,11 @@ class SimDevice:
         """Publish again on the next read even at the same instant (a fault changed)."""
         self._fresh_at = None
 
+    def accepts_function(self, func_code: int, address: int) -> bool:
+        """Whether the unit takes a write with ``func_code`` at ``address`` (its image says)."""
+        accepts = getattr(self.image, "accepts_function", None)
+        return True if accepts is None else bool(accepts(func_code, address))
+
     def write(self, address: int, values: Sequence[int]) -> None:
         """Validate and apply a client's write, then act on it."""
         self._gate()

@@ -13,7 +13,9 @@ from hil_sim.devices.base import SimDevice
 from hil_sim.profile_image import ProfileImage
 from hil_sim.sunspec_image import SunSpecImage
 
-__all__ = ["MeterDevice"]
+__all__ = ["COUNTER_START_WH", "MeterDevice"]
+
+COUNTER_START_WH = 1_000_000.0  # what the energy registers read when the simulation starts
 
 
 def measurement_noise(t: float, amplitude_w: float) -> float:
@@ -70,7 +72,9 @@ class MeterDevice(SimDevice):
         for phase in ("grid_l1_w", "grid_l2_w", "grid_l3_w"):
             self.put_field(phase, measured / 3.0)
         self.put_field("frequency_hz", 50.0)
+        # The registers count from the meter's reading when the simulation began: a meter in
+        # service is not at 0 (and a SunSpec accumulator of 0 means "not implemented").
         for field in ("imported_wh", "import_energy_wh"):  # plain and SunSpec profiles' names
-            self.put_field(field, self.imported_wh)
+            self.put_field(field, COUNTER_START_WH + self.imported_wh)
         for field in ("exported_wh", "export_energy_wh"):
-            self.put_field(field, self.exported_wh)
+            self.put_field(field, COUNTER_START_WH + self.exported_wh)

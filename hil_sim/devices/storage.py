@@ -28,9 +28,11 @@ Sign conventions: battery W > 0 discharges into the site, < 0 charges.
 from __future__ import annotations
 
 import logging
+import math
 
-from drivers.layout import from_base
+from drivers.layout import base_unit, from_base
 from drivers.profile import ActionName, Profile, WriteStep
+from drivers.profile_parts import Condition, Severity
 from essd.clock import Clock
 from hil_sim.battery import Alarm, Battery, BatteryState
 from hil_sim.devices.base import SimDevice
@@ -129,6 +131,15 @@ class StorageDevice(SimDevice):
         sense = "charge" if power < 0 else "discharge" if power > 0 else "idle"
         return next((c for c in candidates if c[0] == sense), candidates[0])
 
+    def step_base(self, step: WriteStep) -> float | None:
+        """What a parameter step's register commands, in the parameter's base unit (W): the
+        register's value, times the live ``divide_by`` field where the profile divides."""
+        v = self.base_value(step.register)
+        if v is None or step.divide_by is None:
+            return v
+        divisor = self.field_value(step.divide_by)
+        return None if not divisor else v * divisor
+
     def _power_of(self, sense: str, steps: list[WriteStep]) -> float:
         if sense == "idle" and not any(s.param == "power_w" for s in steps):
             return 0.0  # the idle branch's magnitudes are left-overs, not a command
@@ -136,7 +147,7 @@ class StorageDevice(SimDevice):
         for s in steps:
             if s.param is None:
                 continue
-            v = self.base_value(s.register)
+            v = self.step_base(s)
             if v is None:
                 continue
             if s.param == "power_w":
@@ -164,8 +175,9 @@ class StorageDevice(SimDevice):
             (ActionName.SET_CHARGE_LIMIT, "charge_w"),
             (ActionName.SET_DISCHARGE_LIMIT, "discharge_w"),
         ):
-            reg = self.param_register(action, param)
-            out.append(None if reg is None else max(0.0, self.base_value(reg) or 0.0))
+            act = self.profile.actions.get(action)
+            step = next((s for s in act.writes if s.param == param), None) if act else None
+            out.append(None if step is None else max(0.0, self.step_base(step) or 0.0))
         for gate in self.profile.simulation.behaviour.gates:
             value = self.value(gate.target)
             if value in gate.no_charge:
@@ -299,13 +311,16 @@ class StorageDevice(SimDevice):
 
     def publish(self, s: BatteryState) -> None:
         """Readings into the registers: SoC, power, live limits, capacity, alarms."""
-        self.put_field("soc", s.soc)
+        self.publish_soc(s.soc)
         self.publish_power(s.power_w)
         self.put_field("max_charge_w", s.limits.max_charge_w)
         self.put_field("max_discharge_w", s.limits.max_discharge_w)
+        self.publish_divisors()
         tripped = Alarm.OVER_TEMPERATURE in s.alarms
+        mapped = self.publish_states(tripped)
         for field in self.profile.fields:
-            if field.startswith(("alarm", "fault")) and not self._is_bitfield(field):
+            legacy_alarm = field.startswith(("alarm", "fault")) and not self._is_bitfield(field)
+            if legacy_alarm and self.profile.fields[field] not in mapped:
                 self.put_field(field, 1.0 if tripped else 0.0)
         status = self.profile.simulation.behaviour.status
         if status is not None:
@@ -318,6 +333,52 @@ class StorageDevice(SimDevice):
                 value = (status.charging, status.idle, status.discharging)[sign + 1]
             self.put(status.target, value)
 
+    def publish_divisors(self) -> None:
+        """Fields a write divides by: the DC bus voltage, or the rated power for a percentage."""
+        for act in self.profile.actions.values():
+            for step in act.writes:
+                if step.divide_by is None:
+                    continue
+                spec = self.profile.register(self.profile.fields[step.divide_by])
+                per_volt = base_unit(spec.unit) == "V"
+                sim, rated = self.profile.simulation, self.profile.ratings
+                self.put_field(
+                    step.divide_by, sim.battery_voltage_v if per_volt else rated.max_charge_w
+                )
+
+    def publish_states(self, tripped: bool) -> set[str]:
+        """State (``enum``) and alarm (``bits``) registers the device sets itself: the first
+        listed normal state (or no bit) while healthy, the first listed fault while tripped.
+        Registers an action writes or a derivation tests are left alone. Returns their names."""
+        if not isinstance(self.image, ProfileImage):
+            return set()
+        tested = {
+            self.profile.fields[c.field]
+            for d in self.profile.derived.values()
+            for c in d.conditions()
+        }
+        done: set[str] = set()
+        for spec in self.profile.registers:
+            if spec.access != "r" or spec.name in tested:
+                continue
+            if spec.enum is not None:
+                wanted = Severity.FAULT if tripped else Severity.INFO
+                raw = next((k for k, v in spec.enum.items() if v.severity is wanted), None)
+                if raw is None and not tripped:
+                    continue
+                if raw is not None:
+                    self.image.set_raw(spec.name, raw)
+                done.add(spec.name)
+            elif spec.bits is not None:
+                fault_bit = next(
+                    (b for b, v in spec.bits.items() if v.severity is Severity.FAULT), None
+                )
+                self.image.set_raw(
+                    spec.name, 1 << fault_bit if tripped and fault_bit is not None else 0
+                )
+                done.add(spec.name)
+        return done
+
     def _is_bitfield(self, field: str) -> bool:
         return isinstance(self.image, SunSpecImage) and self.profile.fields[field] in (
             self._sunspec_bitfields()
@@ -327,18 +388,66 @@ class StorageDevice(SimDevice):
         return set()
 
     def publish_power(self, power_w: float) -> None:
-        """Battery power into ``power_w``, or split over the fields of a derived power."""
-        if "power_w" in self.profile.fields:
-            self.put_field("power_w", power_w)
+        """Battery power into ``power_w``, or into the fields a derived power is made of."""
+        stacks = self.profile.batteries
+        total = sum(s.capacity_wh for s in stacks)
+        for s in stacks:  # the inverter shares power between its batteries by capacity
+            self.publish_derived(s.power_w, power_w * s.capacity_wh / total)
+        if "power_w" in self.profile.fields or "power_w" in self.profile.derived:
+            self.publish_derived("power_w", power_w)
+
+    def publish_soc(self, soc: float) -> None:
+        """SoC into ``soc`` and into each battery's SoC field (the batteries move together)."""
+        for s in self.profile.batteries:
+            self.publish_derived(s.soc, soc)
+        self.publish_derived("soc", soc)
+
+    def publish_derived(self, field: str, value: float) -> None:
+        """Set the registers behind ``field`` (mapped or derived) so it reads ``value``."""
+        if field in self.profile.fields:
+            self.put_field(field, value)
             return
-        terms = self.profile.derived.get("power_w")
-        if not terms:
+        d = self.profile.derived.get(field)
+        if d is None:
             return
-        chosen = self.profile.simulation.behaviour.power_through or next(
-            (f for f, k in terms.items() if k * power_w > 0), None
-        )
-        for f, k in terms.items():
-            self.put_field(f, power_w / k if f == chosen else 0.0)
+        value /= d.scale
+        if d.sum is not None:
+            through = (
+                self.profile.simulation.behaviour.power_through if field == "power_w" else None
+            )
+            chosen = through or next((f for f, k in d.sum.items() if k * value > 0), None)
+            for f, k in d.sum.items():
+                self.publish_derived(f, value / k if f == chosen else 0.0)
+        elif d.magnitude is not None and d.negative_when is not None:
+            self.publish_derived(d.magnitude, abs(value))
+            self.set_condition(d.negative_when, value < 0)
+        elif d.product is not None:
+            first, *rest = d.product
+            held = [self.field_value(f) or 1.0 for f in rest]
+            self.publish_derived(first, value / math.prod(held))
+        elif d.select is not None:
+            self.set_condition(d.select.when, True)
+            self.publish_derived(d.select.then, value)
+
+    def field_value(self, field: str) -> float | None:
+        """A mapped field in base units, None when not mapped or not valid."""
+        reg = self.profile.fields.get(field)
+        return None if reg is None else self.base_value(reg)
+
+    def set_condition(self, cond: Condition, holds: bool) -> None:
+        """Set or clear the bit (or value) a condition tests in its field's register."""
+        reg = self.profile.fields[cond.field]
+        if not isinstance(self.image, ProfileImage):
+            return
+        raw = self.image.get_raw(reg)
+        raw = raw if isinstance(raw, int) else 0
+        if cond.bit is not None:
+            raw = raw | (1 << cond.bit) if holds else raw & ~(1 << cond.bit)
+        elif holds:
+            raw = cond.equals or 0
+        elif raw == cond.equals:
+            raw = 0 if cond.equals != 0 else 1
+        self.image.set_raw(reg, raw)
 
     def true_state(self) -> BatteryState:
         """The battery's true state now (advancing the device first)."""

@@ -87,13 +87,43 @@ def expected_fields(image: ProfileImage) -> dict[str, float | str | None]:
     """Every field (and derived field) of the image in base units."""
     profile = image.profile
     out: dict[str, float | str | None] = {f: image.get_field(f) for f in profile.fields}
-    for name, terms in profile.derived.items():
+    for name, d in profile.derived.items():
+        # An independent evaluation of the forms the shipped profiles use, from the image.
+        terms = d.sum or {}
         values = [out[t] for t in terms]
-        out[name] = (
-            sum(float(v) * k for v, k in zip(values, terms.values(), strict=True))  # type: ignore[arg-type]
-            if all(isinstance(v, float) for v in values)
-            else None
-        )
+        if d.sum is not None:
+            out[name] = (
+                sum(float(v) * k for v, k in zip(values, terms.values(), strict=True))  # type: ignore[arg-type]
+                if all(isinstance(v, float) for v in values)
+                else None
+            )
+        elif d.magnitude is not None and d.negative_when is not None:
+            cond = d.negative_when
+            raw = image.get_raw(profile.fields[cond.field])
+            size = out[d.magnitude]
+            assert isinstance(raw, int)
+            assert isinstance(size, float)
+            negative = (raw >> cond.bit) & 1 if cond.bit is not None else raw == cond.equals
+            out[name] = -abs(size) if negative else abs(size)
+        elif d.product is not None:
+            factors = [out[t] for t in d.product]
+            out[name] = (
+                math.prod(float(v) for v in factors) * d.scale  # type: ignore[arg-type]
+                if all(isinstance(v, float) for v in factors)
+                else None
+            )
+        else:
+            raise AssertionError(f"{profile.name}: derived.{name}: form not covered here")
+    for key, attr in (("soc", "soc"), ("power_w", "power_w")):
+        if profile.batteries and key not in out:
+            parts = [(s.capacity_wh, out[getattr(s, attr)]) for s in profile.batteries]
+            total = sum(c for c, _ in parts)
+            if not all(isinstance(v, float) for _, v in parts):
+                out[key] = None
+            elif key == "soc":  # capacity-weighted mean
+                out[key] = sum(c * float(v) for c, v in parts) / total  # type: ignore[arg-type]
+            else:  # sum
+                out[key] = sum(float(v) for _, v in parts)  # type: ignore[arg-type]
     return out
 
 

@@ -16,13 +16,9 @@ Sign conventions: battery power W > 0 discharges into the site, < 0 charges; gri
 imports. SoC is a ratio 0..1.
 """
 
-from essd.dispatch.dispatcher import (
-    DEFAULT_SOLVER,
-    Dispatcher,
-    SolverHealth,
-    SolveTiming,
-)
+from essd.dispatch.dispatcher import DEFAULT_SOLVER, Dispatcher
 from essd.dispatch.flex import FlexSpec
+from essd.dispatch.health import SolverHealth, SolveTiming
 from essd.dispatch.inputs import (
     BatterySpec,
     DispatchInputs,

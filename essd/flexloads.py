@@ -9,6 +9,7 @@ conversion happens once, in :func:`charge_limits_w`.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,9 @@ from typing import Protocol
 from essd.commands import CommandRejected
 from essd.dispatch.sessions import FlexSession
 from essd.domain import Plan
+
+log = logging.getLogger(__name__)
+
 
 __all__ = [
     "ChargerPort",
@@ -284,6 +288,8 @@ class FlexLoads:
         self._import_limit_w = import_limit_w
         self._validity_s = profile_validity_s
         self._sessions: list[FlexSession] = []
+        self._overfull = False
+        self._unplanned: list[str] = []
         self.last_limits_w: dict[str, float] = {}
 
     def request(
@@ -301,7 +307,17 @@ class FlexLoads:
 
     def sessions(self, now: float) -> list[FlexSession]:
         """The sessions to plan this cycle (at most one per column)."""
-        self._sessions = self.book.sessions(self.port.plugged(), now)[: self.columns]
+        sessions = self.book.sessions(self.port.plugged(), now)
+        # Connectors whose vehicle the plan has no column for are paused (sent 0 W).
+        self._unplanned = [s.charger_id for s in sessions[self.columns :]]
+        if len(sessions) > self.columns and not self._overfull:
+            log.warning(
+                "chargers: %d sessions but %d configured connectors; the rest are paused",
+                len(sessions),
+                self.columns,
+            )
+        self._overfull = len(sessions) > self.columns
+        self._sessions = sessions[: self.columns]
         return list(self._sessions)
 
     def drawn_w(self) -> float:
@@ -335,6 +351,7 @@ class FlexLoads:
         else:
             limits = fallback_limits_w(sessions, min(headroom, 1e9))
         limits = clamp_to_headroom(limits, sessions, min(headroom, 1e9))
+        limits |= dict.fromkeys(self._unplanned, 0.0)
         self.last_limits_w = limits
         self.port.apply(limits, valid_s=self._validity_s)
         return limits

@@ -137,4 +137,9 @@ def sanitize(forecast: Forecast, make_safe: Callable[[], Forecast]) -> tuple[For
         arrays[name] = arr
     if not bad:
         return forecast, bad
-    return Forecast(start=forecast.start, step_s=forecast.step_s, **arrays), bad
+    spread = forecast.load_spread_w
+    if spread is not None and not np.all(np.isfinite(spread)):
+        spread = None
+    return Forecast(
+        start=forecast.start, step_s=forecast.step_s, **arrays, load_spread_w=spread
+    ), bad

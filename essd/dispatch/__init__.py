@@ -16,17 +16,14 @@ Sign conventions: battery power W > 0 discharges into the site, < 0 charges; gri
 imports. SoC is a ratio 0..1.
 """
 
-from essd.dispatch.dispatcher import (
-    DEFAULT_SOLVER,
-    Dispatcher,
-    SolverHealth,
-    SolveTiming,
-)
+from essd.dispatch.dispatcher import DEFAULT_SOLVER, Dispatcher
 from essd.dispatch.flex import FlexSpec
+from essd.dispatch.health import SolverHealth, SolveTiming
 from essd.dispatch.inputs import (
     BatterySpec,
     DispatchInputs,
     InvalidDispatchInputsError,
+    terminal_value,
     validate_inputs,
 )
 from essd.dispatch.planners import rule_based_plan, safe_idle_plan
@@ -42,5 +39,6 @@ __all__ = [
     "SolverHealth",
     "rule_based_plan",
     "safe_idle_plan",
+    "terminal_value",
     "validate_inputs",
 ]

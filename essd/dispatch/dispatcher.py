@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import cvxpy
@@ -18,6 +17,7 @@ import numpy as np
 
 from essd.dispatch.aggregate import Aggregation
 from essd.dispatch.flex import FlexSpec
+from essd.dispatch.health import SolverHealth, SolveTiming
 from essd.dispatch.highs import HighsHotStart
 from essd.dispatch.inputs import (
     BatterySpec,
@@ -29,7 +29,7 @@ from essd.dispatch.inputs import (
     validate_inputs,
 )
 from essd.dispatch.lpmaps import LpMaps, NotAffineError
-from essd.dispatch.model import DispatchModel
+from essd.dispatch.model import HOLD_VALUE_PER_KWH, DispatchModel
 from essd.dispatch.planners import rule_based_plan, safe_idle_plan
 from essd.dispatch.simulate import make_plan, simulate_plan, stored_energy
 from essd.domain import FallbackRung, Plan, PlanCause
@@ -96,37 +96,6 @@ class _SolveFailedError(Exception):
         self.overrun = overrun
 
 
-@dataclass(frozen=True, slots=True)
-class SolveTiming:
-    """Where the last solve's time went, seconds: total, inside the solver, solves run."""
-
-    total_s: float
-    solver_s: float
-    solves: int
-
-
-@dataclass(frozen=True, slots=True)
-class SolverHealth:
-    """Whether the optimizer's solver still works, for metrics and alerts.
-
-    A solve *fails* when it ends without a plan for any reason other than running out of its
-    time budget: a non-optimal solver status (infeasible, error, a limit hit long before the
-    budget was used) or an exception. A budget overrun neither counts as a failure nor ends
-    a streak (a large site may need a few cycles of a short budget to converge); a solve that
-    returns an optimized plan (rung 1 or 2) ends it.
-
-    - ``solver_failures_consecutive``: failed solves since the last successful one (a gauge;
-      0 when healthy).
-    - ``solver_failures_total``: failed solves since the Dispatcher was built (a counter).
-    - ``solver_rebuilds_total``: times the solver was thrown away and rebuilt cold because
-      ``rebuild_after_failures`` solves in a row failed (a counter; see :class:`Dispatcher`).
-    """
-
-    solver_failures_consecutive: int = 0
-    solver_failures_total: int = 0
-    solver_rebuilds_total: int = 0
-
-
 FallbackPlanner = Callable[[Sequence[BatterySpec], DispatchInputs], Plan]
 
 
@@ -177,6 +146,7 @@ class Dispatcher:
         change_cost_per_kw: float = 0.001,
         limit_violation_cost_per_kwh: float = 1000.0,
         terminal_shortfall_cost_per_kwh: float = 1.0,
+        hold_value_per_kwh: float = HOLD_VALUE_PER_KWH,
         solver_options: Mapping[str, Any] | None = None,
         fallback_planner: FallbackPlanner = rule_based_plan,
         hot_start: bool = True,
@@ -202,6 +172,7 @@ class Dispatcher:
             ("change_cost_per_kw", change_cost_per_kw),
             ("limit_violation_cost_per_kwh", limit_violation_cost_per_kwh),
             ("terminal_shortfall_cost_per_kwh", terminal_shortfall_cost_per_kwh),
+            ("hold_value_per_kwh", hold_value_per_kwh),
         ):
             check_finite(name, v, lo=0.0)
         if solver not in cp.installed_solvers():
@@ -223,6 +194,7 @@ class Dispatcher:
             "change_cost_per_kw": change_cost_per_kw,
             "violation_cost_per_kwh": limit_violation_cost_per_kwh,
             "terminal_shortfall_cost_per_kwh": terminal_shortfall_cost_per_kwh,
+            "hold_value_per_kwh": hold_value_per_kwh,
         }
         self._fallback = fallback_planner
         self._models: dict[float, DispatchModel] = {}

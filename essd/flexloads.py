@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from essd.commands import CommandRejected
-from essd.dispatch.sessions import FlexSession
+from essd.dispatch.sessions import FlexSession, presence_now
 from essd.domain import Plan
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,10 @@ def charge_limits_w(
         steps = plan.session_power_w.get(s.id)
         if not steps:
             continue
-        want = max(-steps[0], 0.0)
+        # The plan's first step is an average over the step; a vehicle leaving within it must
+        # get that energy while it is there.
+        share = presence_now(s, plan.created_at, plan.step_s)
+        want = min(max(-steps[0], 0.0) / share, s.max_power_w) if share > 0 else 0.0
         if 0.0 < want < s.min_power_w:
             if s.min_power_w - want <= spare and s.energy_needed_wh > 0:
                 spare -= s.min_power_w - want

@@ -22,10 +22,30 @@ import numpy.typing as npt
 
 from essd.dispatch.inputs import DispatchInputs, InvalidDispatchInputsError, check_finite
 
-__all__ = ["FlexArrays", "FlexSession", "session_arrays", "validate_sessions"]
+__all__ = [
+    "MIN_STAY_S",
+    "FlexArrays",
+    "FlexSession",
+    "presence_now",
+    "session_arrays",
+    "validate_sessions",
+]
+
+
+def presence_now(s: FlexSession, time: float, step_s: float) -> float:
+    """Share of the first step ``[time, time + step_s)`` the session is present (as planned:
+    a departure already past counts as :data:`MIN_STAY_S` from ``time``)."""
+    departure = max(s.departure_s, time + MIN_STAY_S)
+    stay = min(time + step_s, departure) - max(time, s.arrival_s)
+    return min(max(stay / step_s, 0.0), 1.0)
 
 
 FloatArray = npt.NDArray[np.float64]
+
+
+# A vehicle still plugged in after its departure may leave any moment: planned as staying this
+# long (s), so what it still needs is charged at full power now and the rest published short.
+MIN_STAY_S = 60.0
 
 
 # Energy a column may hold above what a session needs when its room is not known (kWh):
@@ -124,10 +144,12 @@ def validate_sessions(
 ) -> FlexArrays:
     """Check ``sessions`` and lay them out in ``columns`` LP columns for a horizon from ``time``.
 
-    Raises InvalidDispatchInputsError naming the offending field. A vehicle still plugged in
-    after its departure is treated as leaving within the first step (its requirement is due
-    then); a departure beyond the horizon asks of the horizon only what cannot be delivered
-    after it at full power.
+    Raises InvalidDispatchInputsError naming the offending field. A step the vehicle is present
+    for only in part bounds its power by that share (the LP works in step averages: see
+    :func:`presence_now` for turning the first step back into a charger limit). A vehicle still
+    plugged in after its departure is planned as leaving within :data:`MIN_STAY_S`; a departure
+    beyond the horizon asks of the horizon only what cannot be delivered after it at full
+    power.
     """
     if len(sessions) > columns:
         raise InvalidDispatchInputsError(
@@ -146,7 +168,7 @@ def validate_sessions(
     need_wh, eff, prio = np.zeros(columns), np.ones(columns), np.ones(columns)
     end = time + step_s * steps
     for k, s in enumerate(sessions):
-        departure = max(s.departure_s, time + step_s)
+        departure = max(s.departure_s, time + MIN_STAY_S)
         share = _presence(s.arrival_s, departure, time, step_s, steps)
         ub_ch[k] = share * s.max_power_w / 1000.0
         ub_dis[k] = share * s.max_discharge_w / 1000.0

@@ -11,7 +11,12 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-__all__ = ["ChargerConfig", "OcppConfig"]
+__all__ = ["ChargerConfig", "OcppConfig", "connector_key"]
+
+
+def connector_key(charger_id: str, connector_id: int) -> str:
+    """The id essd uses for a charger's connector: the charger id, ``id:N`` from the 2nd on."""
+    return charger_id if connector_id == 1 else f"{charger_id}:{connector_id}"
 
 
 ChargerId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$")]
@@ -31,6 +36,9 @@ class ChargerConfig(_Section):
     rate_unit: Literal["W", "A"] = Field(
         "A", description="Unit the charger takes schedule limits in; A is per phase"
     )
+    connectors: Annotated[int, Field(ge=1, le=8)] = Field(
+        1, description="Connectors (1.6) or EVSEs (2.0.1) that charge at the same time"
+    )
     phases: Annotated[int, Field(ge=1, le=3)] = 3
     voltage_v: Annotated[float, Field(gt=0.0, le=1000.0)] = 230.0
     max_power_w: Annotated[float, Field(gt=0.0, le=1_000_000.0)] = 11_000.0
@@ -48,6 +56,11 @@ class ChargerConfig(_Section):
     default_dwell_s: Annotated[float, Field(gt=0.0, le=7 * 86_400.0)] = Field(
         8 * 3600.0, description="Stay assumed before a departure is requested or learned"
     )
+
+    @property
+    def connector_ids(self) -> tuple[str, ...]:
+        """essd's id of each connector (see :func:`connector_key`)."""
+        return tuple(connector_key(self.id, n) for n in range(1, self.connectors + 1))
 
     @model_validator(mode="after")
     def _check(self) -> Self:

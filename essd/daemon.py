@@ -108,7 +108,7 @@ def build_controller(
         central = CentralSystem(settings.ocpp, settings.chargers, clock=clock)
         flex = FlexLoads(
             central,
-            [c.id for c in settings.chargers],
+            [key for c in settings.chargers for key in c.connector_ids],
             import_limit_w=settings.site.grid_import_limit_w,
             profile_validity_s=settings.ocpp.profile_validity_s,
         )

@@ -9,14 +9,18 @@ conversion happens once, in :func:`charge_limits_w`.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from essd.commands import CommandRejected
-from essd.dispatch.sessions import FlexSession
+from essd.dispatch.sessions import FlexSession, presence_now
 from essd.domain import Plan
+
+log = logging.getLogger(__name__)
+
 
 __all__ = [
     "ChargerPort",
@@ -215,7 +219,10 @@ def charge_limits_w(
         steps = plan.session_power_w.get(s.id)
         if not steps:
             continue
-        want = max(-steps[0], 0.0)
+        # The plan's first step is an average over the step; a vehicle leaving within it must
+        # get that energy while it is there.
+        share = presence_now(s, plan.created_at, plan.step_s)
+        want = min(max(-steps[0], 0.0) / share, s.max_power_w) if share > 0 else 0.0
         if 0.0 < want < s.min_power_w:
             if s.min_power_w - want <= spare and s.energy_needed_wh > 0:
                 spare -= s.min_power_w - want
@@ -284,6 +291,8 @@ class FlexLoads:
         self._import_limit_w = import_limit_w
         self._validity_s = profile_validity_s
         self._sessions: list[FlexSession] = []
+        self._overfull = False
+        self._unplanned: list[str] = []
         self.last_limits_w: dict[str, float] = {}
 
     def request(
@@ -301,7 +310,17 @@ class FlexLoads:
 
     def sessions(self, now: float) -> list[FlexSession]:
         """The sessions to plan this cycle (at most one per column)."""
-        self._sessions = self.book.sessions(self.port.plugged(), now)[: self.columns]
+        sessions = self.book.sessions(self.port.plugged(), now)
+        # Connectors whose vehicle the plan has no column for are paused (sent 0 W).
+        self._unplanned = [s.charger_id for s in sessions[self.columns :]]
+        if len(sessions) > self.columns and not self._overfull:
+            log.warning(
+                "chargers: %d sessions but %d configured connectors; the rest are paused",
+                len(sessions),
+                self.columns,
+            )
+        self._overfull = len(sessions) > self.columns
+        self._sessions = sessions[: self.columns]
         return list(self._sessions)
 
     def drawn_w(self) -> float:
@@ -335,6 +354,7 @@ class FlexLoads:
         else:
             limits = fallback_limits_w(sessions, min(headroom, 1e9))
         limits = clamp_to_headroom(limits, sessions, min(headroom, 1e9))
+        limits |= dict.fromkeys(self._unplanned, 0.0)
         self.last_limits_w = limits
         self.port.apply(limits, valid_s=self._validity_s)
         return limits

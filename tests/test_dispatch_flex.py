@@ -10,8 +10,9 @@ import pytest
 
 from essd.dispatch import BatterySpec, Dispatcher, DispatchInputs, InvalidDispatchInputsError
 from essd.dispatch.flex import FlexSpec
-from essd.dispatch.sessions import FlexSession
+from essd.dispatch.sessions import MIN_STAY_S, FlexSession
 from essd.domain import FallbackRung, LiveLimits
+from essd.flexloads import charge_limits_w
 
 T0 = 1_767_225_600.0  # 2026-01-01 00:00 UTC
 STEP_S = 900.0
@@ -186,7 +187,26 @@ def test_future_arrival_and_overstay(dispatcher: Dispatcher) -> None:
     assert _delivered_battery_wh(plan.session_power_w["later"]) >= 5_000.0 - 1.0
     p_late = np.asarray(plan.session_power_w["late"])
     assert np.allclose(p_late[1:], 0.0), "an overstaying vehicle may leave any moment"
-    assert _delivered_battery_wh(plan.session_power_w["late"]) >= 1_000.0 - 1.0
+    # Planned as staying one more minute: the step's average is that minute at full power,
+    # and what it cannot get in it is published.
+    assert p_late[0] == pytest.approx(-11_000.0 * MIN_STAY_S / STEP_S, rel=1e-6)
+    got = _delivered_battery_wh(plan.session_power_w["late"])
+    assert plan.slack["session_shortfall_wh[late]"] == pytest.approx(1_000.0 - got, rel=1e-4)
+    # Turned back into a charger limit: full power for as long as it stays.
+    limits = charge_limits_w(plan, [later, overstay])
+    assert limits == {"cp-late": pytest.approx(11_000.0), "cp-later": 0.0}
+
+
+def test_vehicle_leaving_within_the_first_step_gets_its_energy_while_there(
+    dispatcher: Dispatcher,
+) -> None:
+    # 5 minutes left of a 15-minute step, 500 Wh to go: the plan's step average is a third of
+    # the power the charger must give in those 5 minutes.
+    ev = _ev("a", leave_h=5.0 / 60.0, need_wh=500.0)
+    plan = dispatcher.solve(_inputs([ev]), budget_s=10.0, last_plan=None)
+    assert not plan.slack, plan.slack
+    limit = charge_limits_w(plan, [ev])["cp-a"]
+    assert limit * (5.0 / 60.0) * 0.92 == pytest.approx(500.0, rel=1e-3)
 
 
 @pytest.mark.parametrize(

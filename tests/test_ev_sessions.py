@@ -225,3 +225,48 @@ def test_learned_departures_survive_as_state_and_bad_state_names_the_field() -> 
     ]:
         with pytest.raises(ValueError, match=name.replace(".", r"\.")):
             DepartureLearner.from_state(bad)
+
+
+class _Port:
+    """A ChargerPort with fixed vehicles that records what it is told (not a mock: the
+    protocol is two methods)."""
+
+    def __init__(self, vehicles: list[PluggedVehicle]) -> None:
+        self.vehicles = vehicles
+        self.sent: list[dict[str, float]] = []
+
+    def plugged(self) -> list[PluggedVehicle]:
+        return self.vehicles
+
+    def apply(self, limits_w: dict[str, float], *, valid_s: float) -> None:
+        self.sent.append(dict(limits_w))
+
+
+def test_flexloads_more_vehicles_than_columns_pauses_the_rest() -> None:
+    from essd.config_ev import ChargerConfig  # noqa: PLC0415
+    from essd.flexloads import FlexLoads  # noqa: PLC0415
+
+    assert ChargerConfig(id="cp", connectors=2).connector_ids == ("cp", "cp:2")
+    port = _Port([_vehicle(charger_id="cp"), _vehicle(charger_id="cp:2", session_id="8")])
+    flex = FlexLoads(port, ["cp"], import_limit_w=20_000.0, profile_validity_s=120.0)
+    (session,) = flex.sessions(NOW)
+    plan = Plan(
+        created_at=NOW,
+        step_s=900.0,
+        device_ids=(),
+        power_w={},
+        soc={},
+        grid_w=(6000.0,),
+        objective=0.0,
+        solver_status="optimal",
+        rung=FallbackRung.OPTIMAL,
+        reason="",
+        cause=PlanCause.OPTIMAL,
+        session_power_w={session.id: (-5000.0,)},
+    )
+    assert flex.apply(plan, 1000.0) == {"cp": 5000.0, "cp:2": 0.0}
+    assert port.sent == [{"cp": 5000.0, "cp:2": 0.0}]
+    # No meter: everything pauses.
+    assert flex.apply(plan, None) == {"cp": 0.0, "cp:2": 0.0}
+    with pytest.raises(ValueError, match="charger: unknown charger 'cp:2'"):
+        flex.request("cp:2", None, 1000.0, None, None)

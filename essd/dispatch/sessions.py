@@ -22,10 +22,30 @@ import numpy.typing as npt
 
 from essd.dispatch.inputs import DispatchInputs, InvalidDispatchInputsError, check_finite
 
-__all__ = ["FlexArrays", "FlexSession", "session_arrays", "validate_sessions"]
+__all__ = [
+    "MIN_STAY_S",
+    "FlexArrays",
+    "FlexSession",
+    "presence_now",
+    "session_arrays",
+    "validate_sessions",
+]
+
+
+def presence_now(s: FlexSession, time: float, step_s: float) -> float:
+    """Share of the first step ``[time, time + step_s)`` the session is present (as planned:
+    a departure already past counts as :data:`MIN_STAY_S` from ``time``)."""
+    departure = max(s.departure_s, time + MIN_STAY_S)
+    stay = min(time + step_s, departure) - max(time, s.arrival_s)
+    return min(max(stay / step_s, 0.0), 1.0)
 
 
 FloatArray = npt.NDArray[np.float64]
+
+
+# A vehicle still plugged in after its departure may leave any moment: planned as staying this
+# long (s), so what it still needs is charged at full power now and the rest published short.
+MIN_STAY_S = 60.0
 
 
 # Energy a column may hold above what a session needs when its room is not known (kWh):
@@ -111,23 +131,17 @@ def _check_session(k: int, s: FlexSession) -> None:
         raise InvalidDispatchInputsError(f"{name}.priority", "must be in (0, 1000]")
 
 
-def _presence(arrival: float, departure: float, t0: float, step_s: float, steps: int) -> FloatArray:
-    """Share of each step [t0 + k*step, t0 + (k+1)*step) inside [arrival, departure)."""
-    starts = t0 + step_s * np.arange(steps)
-    overlap = np.minimum(starts + step_s, departure) - np.maximum(starts, arrival)
-    share: FloatArray = np.clip(overlap / step_s, 0.0, 1.0)
-    return share
-
-
 def validate_sessions(
     sessions: Sequence[FlexSession], columns: int, *, time: float, step_s: float, steps: int
 ) -> FlexArrays:
     """Check ``sessions`` and lay them out in ``columns`` LP columns for a horizon from ``time``.
 
-    Raises InvalidDispatchInputsError naming the offending field. A vehicle still plugged in
-    after its departure is treated as leaving within the first step (its requirement is due
-    then); a departure beyond the horizon asks of the horizon only what cannot be delivered
-    after it at full power.
+    Raises InvalidDispatchInputsError naming the offending field. A step the vehicle is present
+    for only in part bounds its power by that share (the LP works in step averages: see
+    :func:`presence_now` for turning the first step back into a charger limit). A vehicle still
+    plugged in after its departure is planned as leaving within :data:`MIN_STAY_S`; a departure
+    beyond the horizon asks of the horizon only what cannot be delivered after it at full
+    power.
     """
     if len(sessions) > columns:
         raise InvalidDispatchInputsError(
@@ -140,30 +154,36 @@ def validate_sessions(
             raise InvalidDispatchInputsError(f"sessions[{s.id}]", "duplicate session id")
         seen.add(s.id)
     h = step_s / 3600.0
+    n = len(sessions)
+    end = time + step_s * steps
+    # One row per session, vectorized: presence share of every step, limits, energies.
+    arrival = np.array([s.arrival_s for s in sessions], dtype=np.float64)
+    departure = np.maximum([s.departure_s for s in sessions], time + MIN_STAY_S)
+    p_max = np.array([s.max_power_w for s in sessions], dtype=np.float64) / 1000.0
+    p_dis = np.array([s.max_discharge_w for s in sessions], dtype=np.float64) / 1000.0
+    eta = np.array([s.charge_efficiency for s in sessions], dtype=np.float64)
+    starts = time + step_s * np.arange(steps)
+    overlap = np.minimum(starts + step_s, departure[:, None]) - np.maximum(starts, arrival[:, None])
+    share = np.clip(overlap / step_s, 0.0, 1.0)
     shape = (columns, steps)
     ub_ch, ub_dis = np.zeros(shape), np.zeros(shape)
     lo, hi, need = np.zeros(shape), np.zeros(shape), np.zeros(columns)
     need_wh, eff, prio = np.zeros(columns), np.ones(columns), np.ones(columns)
-    end = time + step_s * steps
-    for k, s in enumerate(sessions):
-        departure = max(s.departure_s, time + step_s)
-        share = _presence(s.arrival_s, departure, time, step_s, steps)
-        ub_ch[k] = share * s.max_power_w / 1000.0
-        ub_dis[k] = share * s.max_discharge_w / 1000.0
-        eta = s.charge_efficiency
-        eff[k] = eta
-        # V2G may go below the arrival level by v2g_energy_wh (battery) = that x eta x eta_d
-        # of AC; taking the AC figure as battery / eta keeps the bound conservative enough.
-        lo[k] = -(s.v2g_energy_wh / 1000.0) if s.max_discharge_w > 0 else 0.0
-        room = s.energy_room_wh / 1000.0 / eta if math.isfinite(s.energy_room_wh) else math.inf
-        required = s.energy_needed_wh / 1000.0 / eta
-        # What can still be delivered after the horizon, at full power, before the departure.
-        after = max(departure - max(end, s.arrival_s), 0.0) / 3600.0 * s.max_power_w / 1000.0
-        due = max(required - after, 0.0)
-        hi[k] = min(room, float(ub_ch[k].sum()) * h + _UNKNOWN_ROOM_KWH)
-        need[k] = min(due, hi[k, 0])
-        need_wh[k] = s.energy_needed_wh
-        prio[k] = s.priority
+    ub_ch[:n] = share * p_max[:, None]
+    ub_dis[:n] = share * p_dis[:, None]
+    eff[:n] = eta
+    # V2G may go below the arrival level by v2g_energy_wh (battery) = that x eta x eta_d of
+    # AC; taking the AC figure as battery / eta keeps the bound conservative enough.
+    lo[:n] = np.where(p_dis > 0, [-s.v2g_energy_wh / 1000.0 for s in sessions], 0.0)[:, None]
+    room = np.array([s.energy_room_wh for s in sessions], dtype=np.float64) / 1000.0 / eta
+    need_wh[:n] = [s.energy_needed_wh for s in sessions]
+    prio[:n] = [s.priority for s in sessions]
+    # What can still be delivered after the horizon, at full power, before the departure.
+    after = np.maximum(departure - np.maximum(end, arrival), 0.0) / 3600.0 * p_max
+    due = np.maximum(need_wh[:n] / 1000.0 / eta - after, 0.0)
+    top = np.minimum(room, ub_ch[:n].sum(axis=1) * h + _UNKNOWN_ROOM_KWH)
+    hi[:n] = top[:, None]
+    need[:n] = np.minimum(due, top)
     ids = tuple(s.id for s in sessions)
     return FlexArrays(ids, ub_ch, ub_dis, lo, hi, need, need_wh, eff, prio)
 

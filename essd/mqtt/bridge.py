@@ -489,7 +489,7 @@ async def open_bridge(
         clock,
         currency=settings.tariff.currency,
         limits=command_limits(settings.mqtt, settings.control),
-        charger_ids=tuple(c.id for c in settings.chargers),
+        charger_ids=tuple(key for c in settings.chargers for key in c.connector_ids),
     )
     async with bridge:
         yield bridge

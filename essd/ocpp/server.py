@@ -33,7 +33,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from essd.clock import Clock
-from essd.config_ev import ChargerConfig, OcppConfig
+from essd.config_ev import ChargerConfig, OcppConfig, connector_key
 from essd.flexloads import PluggedVehicle
 from essd.ocpp.common import ChargerContext, LimitResult
 from essd.ocpp.registry import ChargerInfo, ChargerRecord
@@ -53,11 +53,6 @@ ocpp.messages.ASYNC_VALIDATION = False
 
 
 Handler = V16Charger | V201Charger
-
-
-def connector_key(charger_id: str, connector_id: int) -> str:
-    """The id essd uses for a charger's connector: the charger id, ``id:N`` from the 2nd on."""
-    return charger_id if connector_id == 1 else f"{charger_id}:{connector_id}"
 
 
 def extract_charge_point_id(path: str | None) -> str | None:

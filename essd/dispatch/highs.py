@@ -11,7 +11,8 @@ for more simplex iterations.
 
 The data of each re-solve come from :class:`essd.dispatch.lpmaps.LpMaps` rather than from
 cvxpy's ``get_problem_data``: at 1 x 96 the re-solve went from 2.3 ms (86 % outside HiGHS)
-to 0.8-1.0 ms, 14x faster than cvxpy's own ``solve`` measured in the same run. cvxpygen was
+to 0.8-1.0 ms, 4.7-8.5x faster than cvxpy's own ``solve`` on the same inputs (interleaved,
+``optimizer.speedup_vs_cvxpy_path``; the loaded dev machine moves the ratio). cvxpygen was
 not taken: its solver interfaces are OSQP, SCS, ECOS, Clarabel, QOCO and PDAQP
 (cvxgrp/cvxpygen, cvxpygen/solvers/), not HiGHS, and the LP would lose the hot-started
 simplex that keeps large sites fast.

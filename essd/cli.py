@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from essd import DEFAULT_CONFIG_PATH, __version__
+from essd.backtest.cli import register_cli as register_backtest
 from essd.demo import register_cli as register_demo
 from essd.hil.cli import register as register_hil
 from essd.logs import configure_logging
@@ -186,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_schema(sub)
     register_sim(sub)
     register_demo(sub)
+    register_backtest(sub)
     register_hil(sub)
     return parser
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import ipaddress
 import re
 from contextvars import ContextVar
-from datetime import time
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -44,6 +43,8 @@ from pydantic_settings import (
 )
 
 from essd import DEFAULT_CONFIG_PATH as _DEFAULT_CONFIG_PATH
+from essd.config_ev import ChargerConfig, OcppConfig
+from essd.config_forecast import ForecastConfig, PvArrayConfig, TariffConfig, TouWindow
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -55,10 +56,12 @@ __all__ = [
     "LoggingConfig",
     "MetricsConfig",
     "MqttConfig",
+    "PvArrayConfig",
     "Settings",
     "SiteConfig",
     "StateConfig",
     "TariffConfig",
+    "TouWindow",
     "config_data",
 ]
 
@@ -106,6 +109,7 @@ class SiteConfig(_Section):
     grid_export_limit_w: NonNegW = Field(
         description="Export limit at the connection, W >= 0 (0 = zero export)"
     )
+    pv_curtailable: bool = Field(False, description="PV inverters curtail to hold the limit")
     limit_margin_w: NonNegW | None = Field(
         None,
         description="Kept inside both limits for meter error and load steps, W "
@@ -182,12 +186,13 @@ class DeviceConfig(_Section):
     reserve_soc: Ratio | None = None
     max_soc: Ratio | None = None
     degradation_cost_per_kwh: Annotated[float, Field(ge=0.0)] | None = None
+    terminal_soc: Ratio | None = Field(None, description="Soft SoC target at the horizon's end")
 
 
 class ControlConfig(_Section):
     """The control cycle and the dispatch optimization."""
 
-    cycle_period_s: Annotated[float, Field(ge=1.0, le=300.0)] = 10.0
+    cycle_period_s: Annotated[float, Field(ge=1.0, le=900.0)] = 10.0
     step_s: Annotated[float, Field(ge=60.0, le=3600.0)] = 900.0
     horizon_steps: Annotated[int, Field(ge=2, le=1000)] = 96
     solver: Literal["HIGHS", "CLARABEL"] = "HIGHS"  # HiGHS measured 2-5x faster here
@@ -231,55 +236,6 @@ class CredibilityConfig(_Section):
     def _check(self) -> Self:
         if self.max_dwell_s < self.dwell_s:
             raise ValueError("max_dwell_s: must be at least dwell_s")
-        return self
-
-
-class TouWindow(_Section):
-    """A time-of-use window starting at ``start`` (local time) until the next one."""
-
-    start: time
-    price_per_kwh: Annotated[float, Field(allow_inf_nan=False)]
-
-
-class TariffConfig(_Section):
-    """Prices. A flat import price or a time-of-use table (exactly one)."""
-
-    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = Field(
-        description="ISO 4217 code of the tariff's currency, e.g. EUR (required)"
-    )
-    import_price_per_kwh: Annotated[float, Field(allow_inf_nan=False)] | None = None
-    import_tou: tuple[TouWindow, ...] = ()
-    export_price_per_kwh: Annotated[float, Field(allow_inf_nan=False)] = 0.0
-    demand_charge_per_kw: Annotated[float, Field(ge=0.0)] = 0.0
-    carbon_price_per_kg: Annotated[float, Field(ge=0.0)] = 0.0
-
-    @model_validator(mode="after")
-    def _check(self) -> Self:
-        if (self.import_price_per_kwh is None) == (not self.import_tou):
-            raise ValueError("import_price_per_kwh: give either it or import_tou, not both")
-        starts = [w.start for w in self.import_tou]
-        if starts:
-            if starts != sorted(set(starts)):
-                raise ValueError("import_tou: start times must be increasing and unique")
-            if starts[0] != time(0, 0):
-                raise ValueError("import_tou: the first window must start at 00:00")
-        return self
-
-
-class ForecastConfig(_Section):
-    """Where the forecasts over the horizon come from (MQTT forecasts override them)."""
-
-    load: Literal["daily-profile", "persistence", "file"] = "daily-profile"
-    pv: Literal["daily-profile", "persistence", "file", "none"] = "daily-profile"
-    series_file: Path | None = Field(
-        None, description="CSV: time, load_w, pv_w, import_price, export_price, carbon_g_per_kwh"
-    )
-    carbon_intensity_g_per_kwh: Annotated[float, Field(ge=0.0)] = 581.0
-
-    @model_validator(mode="after")
-    def _check(self) -> Self:
-        if "file" in (self.load, self.pv) and self.series_file is None:
-            raise ValueError("series_file: required when load or pv is 'file'")
         return self
 
 
@@ -455,6 +411,8 @@ class Settings(BaseSettings):
     state: StateConfig = StateConfig()
     logging: LoggingConfig = LoggingConfig()
     profile_dirs: tuple[Path, ...] = ()
+    ocpp: OcppConfig | None = None
+    chargers: tuple[ChargerConfig, ...] = ()
 
     @model_validator(mode="after")
     def _unique_ids(self) -> Self:

@@ -4,8 +4,14 @@ Sources, in order of precedence for each quantity:
 1. an external override (MQTT ``forecast``/``prices`` commands) while it covers the step;
 2. a site series file (CSV) when configured;
 3. built-in forecasters: the tariff for prices, a constant carbon intensity, and for load either
-   *persistence* (the last observation, held) or a *daily profile* learned online from the meter
-   (an exponentially weighted average per time-of-day bin, persistence until a bin has data).
+   *persistence* (the last observation, held), a *daily profile* learned online from the meter
+   (an exponentially weighted average per time-of-day bin, persistence until a bin has data) or
+   a *week profile* (weekday and weekend/holiday profiles, robust, with the latest deviation
+   decaying; :mod:`essd.forecasters`); for PV the same, or *clear-sky* PV (pvlib, the site's
+   array) times a learned clearness.
+
+An observation is the average since the previous one (a meter read every cycle): the week
+profile and the clear-sky PV learn it at the middle of that interval, at most one step back.
 
 The meter sees only net load (load - PV). Where the units measure their own PV (a
 ``pv_power_w`` field in their profile), load and PV are learned apart; elsewhere the learned
@@ -29,6 +35,7 @@ import numpy.typing as npt
 
 from essd.clock import local_midnight
 from essd.config import ForecastConfig, TariffConfig
+from essd.forecasters import ClearSkyPV, WeekProfile
 from essd.series import SERIES_COLUMNS, read_series_csv
 
 __all__ = [
@@ -59,6 +66,9 @@ class Forecast:
     import_price: FloatArray
     export_price: FloatArray
     carbon_g_per_kwh: FloatArray
+    # How far the load may come in above ``load_w`` (W, >= 0; a typical deviation): the
+    # demand charge is planned against load + a multiple of it.
+    load_spread_w: FloatArray | None = None
 
     @property
     def steps(self) -> int:
@@ -91,8 +101,11 @@ def tariff_import_price(tariff: TariffConfig, local: datetime) -> float:
     if tariff.import_price_per_kwh is not None:
         return tariff.import_price_per_kwh
     tod = local.time()
-    price = tariff.import_tou[0].price_per_kwh
-    for window in tariff.import_tou:
+    table = tariff.import_tou
+    if tariff.import_tou_weekend and (local.weekday() >= 5 or local.date() in tariff.holidays):
+        table = tariff.import_tou_weekend
+    price = table[0].price_per_kwh
+    for window in table:
         if window.start <= tod:
             price = window.price_per_kwh
     return price
@@ -210,24 +223,38 @@ class Forecaster:
         )
         self._profile = DailyProfile(self._tz)  # net load, or load where PV is measured
         self._pv = DailyProfile(self._tz)
+        self._week = WeekProfile(self._tz, holidays=tariff.holidays)
+        self._clear = (
+            ClearSkyPV(forecast.pv_array, self._tz) if forecast.pv_array is not None else None
+        )
+        self._last_t: float | None = None
         self.pv_measured = False
         self.overrides: dict[str, Override] = {}
 
     def observe(self, t: float, net_load_w: float, pv_w: float | None = None) -> None:
         """Feed one observation: meter-derived net load (grid + battery discharge, W) and,
         where the units measure it, PV power (W >= 0); load is then learned as net + PV."""
+        last, self._last_t = self._last_t, t
+        # The middle of the interval the observation averages (at most one step back).
+        mid = t if last is None or not 0 < t - last <= 3600.0 else t - (t - last) / 2
         if pv_w is not None and math.isfinite(pv_w) and pv_w >= 0:
             self.pv_measured = True
             self._profile.observe(t, net_load_w + pv_w)
+            self._week.observe(mid, net_load_w + pv_w)
             self._pv.observe(t, pv_w)
+            if self._clear is not None:
+                self._clear.observe(mid, pv_w)
         elif not self.pv_measured:
             self._profile.observe(t, net_load_w)
+            self._week.observe(mid, net_load_w)
 
     def state(self) -> dict[str, object]:
         """Learned state for the durable state file."""
         return {
             "load": self._profile.state(),
             "pv": self._pv.state(),
+            "week": self._week.state(),
+            "clear_sky": None if self._clear is None else self._clear.state(),
             "pv_measured": self.pv_measured,
         }
 
@@ -241,7 +268,22 @@ class Forecaster:
                 profile.restore(data.get(name))
             except ValueError as exc:
                 raise ValueError(f"forecaster.{name}: {exc}") from None
+        week = WeekProfile(self._tz, holidays=self._tariff.holidays)
+        if data.get("week") is not None:  # absent in state saved before it existed
+            try:
+                week.restore(data["week"])
+            except ValueError as exc:
+                raise ValueError(f"forecaster.week: {exc}") from None
+        clear = None
+        if self._clear is not None and self._cfg.pv_array is not None:
+            clear = ClearSkyPV(self._cfg.pv_array, self._tz)
+            if data.get("clear_sky") is not None:
+                try:
+                    clear.restore(data["clear_sky"])
+                except ValueError as exc:
+                    raise ValueError(f"forecaster.clear_sky: {exc}") from None
         self._profile, self._pv = fresh["load"], fresh["pv"]
+        self._week, self._clear = week, clear
         self.pv_measured = bool(data.get("pv_measured", False))
 
     def set_override(self, quantity: str, override: Override) -> None:
@@ -251,12 +293,16 @@ class Forecaster:
         self.overrides[quantity] = override
 
     def _learned(self, kind: str, times: FloatArray) -> FloatArray:
+        if kind == "week-profile":
+            return self._week.predict(times)
         if kind == "persistence":
             last = self._profile.last
             return np.full(len(times), 0.0 if last is None else last)
         return self._profile.predict(times)
 
     def _learned_pv(self, kind: str, times: FloatArray) -> FloatArray:
+        if kind == "clear-sky" and self._clear is not None:
+            return np.maximum(self._clear.predict(times), 0.0)
         if kind == "persistence":
             last = self._pv.last
             return np.full(len(times), 0.0 if last is None else max(last, 0.0))
@@ -275,7 +321,11 @@ class Forecaster:
         imp = self._from_file("import_price", times)
         exp = self._from_file("export_price", times)
         carbon = self._from_file("carbon_g_per_kwh", times)
-        learned_pv = self.pv_measured and self._cfg.pv in ("daily-profile", "persistence")
+        learned_pv = self.pv_measured and self._cfg.pv in (
+            "daily-profile",
+            "clear-sky",
+            "persistence",
+        )
         if pv is None and learned_pv:
             pv = self._learned_pv(self._cfg.pv, times)
         arrays = {
@@ -302,7 +352,10 @@ class Forecaster:
                 if v is not None:
                     arr[k] = v
             arrays[name] = arr
-        return Forecast(start=start, step_s=step_s, **arrays)
+        spread = None
+        if self._cfg.load == "week-profile" and "load_w" not in self.overrides and load is None:
+            spread = self._week.spread(times)
+        return Forecast(start=start, step_s=step_s, **arrays, load_spread_w=spread)
 
     def _tariff_price(self, t: float) -> float:
         return tariff_import_price(self._tariff, datetime.fromtimestamp(t, tz=self._tz))

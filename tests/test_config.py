@@ -148,8 +148,8 @@ def test_wrong_type_is_named(tmp_path: Path) -> None:
     assert "number" in line
 
 
-def test_cycle_period_outside_1_to_300_is_refused(tmp_path: Path) -> None:
-    path = write(tmp_path, MINIMAL + "\n[control]\ncycle_period_s = 301\n")
+def test_cycle_period_outside_1_to_900_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "\n[control]\ncycle_period_s = 901\n")
     assert problems_of(path)[0].startswith(f"{path}: control.cycle_period_s: ")
 
 

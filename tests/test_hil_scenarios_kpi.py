@@ -199,3 +199,24 @@ def test_an_empty_run_has_no_figures_to_divide_by() -> None:
     assert k.cost_ratio is None
     assert k.savings_vs_optimum is None
     assert math.isclose(k.equivalent_full_cycles, 0.0)
+
+
+def test_draining_the_battery_is_not_counted_as_savings() -> None:
+    """The run of the hand test drained 1 kWh (+ losses) from its battery. The optimum
+    re-solved to the run's final SoC is cheaper by what that energy was worth to it, and the
+    savings shrink by as much: the old figure (baseline - cost) would have called it saved."""
+    samples = [sample(0, 2000, 0, battery(0.0)), sample(1, 2000, 0, battery(1000.0))]
+    k = compute_kpis(
+        scenario="hand",
+        samples=samples,
+        cycles=[cycle(0, 0.0), cycle(1, 1000.0)],
+        limits=LIMITS,
+        model=MODEL,
+        wall_s=0.5,
+        optimum_cost=24.2,  # ending where it started, the optimum can save nothing here
+        optimum_cost_to_end_soc=23.15,  # ending lower, it may spend the 1 kWh as the run did
+        optimum_status="rung 1: optimal",
+    )
+    assert k.uncorrected_savings == pytest.approx(1.05)
+    assert k.savings == pytest.approx(0.0, abs=1e-9)
+    assert k.optimum_savings == pytest.approx(0.0, abs=1e-9)

@@ -55,7 +55,8 @@ async def test_report_writes_kpis_plots_and_markdown(small_run: RunResult, tmp_p
         assert data.startswith(PNG_MAGIC)
         assert len(data) > 10_000  # a drawn figure, not an empty canvas
         assert f"![{name}]({name}.png)" in text
-    assert "| savings |" in text
+    assert "| savings (corrected for stored energy) |" in text
+    assert "| uncorrected savings (baseline - cost) |" in text
 
 
 def test_figures_have_titles_units_and_legends(small_run: RunResult) -> None:
@@ -68,6 +69,8 @@ def test_figures_have_titles_units_and_legends(small_run: RunResult) -> None:
         "price": "Price (CNY/kWh)",
     }
     for name, fig in figs.items():
+        if name == "peak":
+            continue  # two panels on a clock-time axis: below
         ax = fig.axes[0]
         assert ax.get_ylabel() == expected_y[name]
         assert ax.get_xlabel().startswith("Time from start (h")
@@ -76,6 +79,14 @@ def test_figures_have_titles_units_and_legends(small_run: RunResult) -> None:
         assert legend is not None
         assert [t.get_text() for t in legend.get_texts()]
         assert ax.lines, name  # something is drawn
+    top, bottom = figs["peak"].axes
+    assert top.get_ylabel() == "Power (kW)"
+    assert {t.get_text() for t in top.get_legend().get_texts()} == {"load", "PV"}
+    assert bottom.get_ylabel() == "Import (kW)"
+    assert bottom.get_xlabel().startswith("Local time")
+    assert {"billed 15-minute import", "billing period's peak", "peak without battery"} <= {
+        t.get_text() for t in bottom.get_legend().get_texts()
+    }
     labels = [t.get_text() for t in figs["grid"].axes[0].get_legend().get_texts()]
     assert {"grid (with essd)", "grid without battery", "import limit", "export limit"} <= set(
         labels

@@ -16,6 +16,7 @@ from essd.dispatch import (
     DispatchInputs,
     InvalidDispatchInputsError,
     dispatcher,
+    terminal_value,
     validate_inputs,
 )
 from essd.domain import FallbackRung, LiveLimits
@@ -127,7 +128,7 @@ def test_demand_charge_flattens_peak_by_hand() -> None:
     30 - L <= 10 + 2 (L - 10) gives L = 40/3 kW, so the optimum costs 40/3.
     """
     bat = one_battery()
-    dispatcher = Dispatcher([bat], 4, step_s=HOUR, change_cost_per_kw=0.0)
+    dispatcher = Dispatcher([bat], 4, step_s=HOUR, change_cost_per_kw=0.0, hold_value_per_kwh=0.0)
     inputs = hourly_inputs(bat, load_w=[10e3, 10e3, 30e3, 10e3], demand_charge_per_kw=1.0)
     plan = dispatcher.solve(inputs, budget_s=5.0, last_plan=None)
     assert plan.rung is FallbackRung.OPTIMAL
@@ -140,7 +141,7 @@ def test_demand_charge_flattens_peak_by_hand() -> None:
 def test_demand_charge_counts_only_above_running_peak() -> None:
     """Running peak 25 kW, empty battery: charge off-peak, shave 5 kW at the peak, cost 0."""
     bat = one_battery()
-    dispatcher = Dispatcher([bat], 4, step_s=HOUR, change_cost_per_kw=0.0)
+    dispatcher = Dispatcher([bat], 4, step_s=HOUR, change_cost_per_kw=0.0, hold_value_per_kwh=0.0)
     inputs = hourly_inputs(
         bat,
         load_w=[10e3, 10e3, 30e3, 10e3],
@@ -160,7 +161,7 @@ def test_demand_charge_counts_only_above_running_peak() -> None:
 def test_export_limit_by_hand() -> None:
     """5 kW PV surplus for 2 h, 2 kW export limit: 4 kWh sold at 0.1, 6 kWh kept at 0.05."""
     bat = one_battery(capacity_wh=10_000.0)
-    dispatcher = Dispatcher([bat], 2, step_s=HOUR, change_cost_per_kw=0.0)
+    dispatcher = Dispatcher([bat], 2, step_s=HOUR, change_cost_per_kw=0.0, hold_value_per_kwh=0.0)
     inputs = hourly_inputs(
         bat,
         soc={"bat": 0.0},
@@ -182,7 +183,7 @@ def test_export_limit_by_hand() -> None:
 def test_zero_export_by_hand() -> None:
     """Export limit 0: all 10 kWh of surplus go into the battery, nothing leaves the site."""
     bat = one_battery(capacity_wh=10_000.0)
-    dispatcher = Dispatcher([bat], 2, step_s=HOUR, change_cost_per_kw=0.0)
+    dispatcher = Dispatcher([bat], 2, step_s=HOUR, change_cost_per_kw=0.0, hold_value_per_kwh=0.0)
     inputs = hourly_inputs(
         bat,
         soc={"bat": 0.0},
@@ -205,7 +206,7 @@ def test_negative_net_load_charges_from_surplus_by_hand() -> None:
     Net load -3 kW for two hours, then +3 kW for two.
     """
     bat = one_battery(capacity_wh=10_000.0)
-    dispatcher = Dispatcher([bat], 4, step_s=HOUR, change_cost_per_kw=0.0)
+    dispatcher = Dispatcher([bat], 4, step_s=HOUR, change_cost_per_kw=0.0, hold_value_per_kwh=0.0)
     inputs = hourly_inputs(
         bat,
         soc={"bat": 0.0},
@@ -474,3 +475,16 @@ def test_remaining_overlap_is_applied_as_honest_net_power(monkeypatch: pytest.Mo
         assert max(plan.soc[spec.id]) <= inputs.max_soc[spec.id] + 1e-9
         lim = inputs.limits[spec.id]
         assert all(-lim.max_charge_w <= p <= lim.max_discharge_w for p in plan.power_w[spec.id])
+
+
+def test_terminal_value_is_the_cheapest_way_to_store_energy_again() -> None:
+    """Stored energy is worth the middle between the export price forgone and the cheapest
+    import price when the horizon has more PV surplus than the batteries can take, else the
+    cheapest import price."""
+    imp = np.array([0.3, 0.4, 0.3, 0.2])
+    exp = np.array([0.08, 0.08, 0.05, 0.08])
+    sunny = np.array([500.0, -6000.0, -6000.0, 500.0])  # 3 kWh over at 15-min steps
+    assert terminal_value(imp, exp, sunny, 900.0, room_kwh=2.5) == pytest.approx(0.14)
+    assert terminal_value(imp, exp, sunny, 900.0, room_kwh=8.5) == 0.2
+    night = np.full(4, 500.0)
+    assert terminal_value(imp, exp, night, 900.0, room_kwh=0.0) == 0.2

@@ -15,8 +15,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import get_args
 
-import numpy as np
-
 from essd.commands import Mode as WireMode
 from essd.config import Settings
 from essd.devices import ManagedDevice
@@ -27,7 +25,9 @@ from essd.dispatch import (
     InvalidDispatchInputsError,
     rule_based_plan,
     safe_idle_plan,
+    terminal_value,
 )
+from essd.dispatch.sessions import FlexSession
 from essd.domain import BatteryReading, LiveLimits, Plan, PlanCause, Snapshot
 from essd.forecast import Forecast
 from essd.ladder import SOLVED, descend
@@ -36,6 +36,11 @@ from essd.safety import DeviceEnvelope
 __all__ = ["Decider", "Manual", "Mode", "live_limits"]
 
 log = logging.getLogger(__name__)
+
+# The demand charge is planned against the forecast import plus this many typical deviations
+# of the load (the forecaster's spread): the expected highest import of a day is above the
+# highest expected import, and a plan that just meets the forecast misses the real peak.
+PEAK_MARGIN_SPREADS = 2.0
 
 # On a stepped clock the solve is awaited whatever it takes (see Decider._solve).
 _STEPPED_SOLVE_BUDGET_S = 3600.0
@@ -80,8 +85,11 @@ class Decider:
         envelope: Callable[[ManagedDevice], DeviceEnvelope],
         peak_w: Callable[[], float],
         realtime: bool,
+        sessions: Callable[[float], Sequence[FlexSession]] | None = None,
     ) -> None:
         self._settings = settings
+        # Flexible loads (EV sessions; essd.flexloads) planned with the batteries.
+        self._sessions = sessions
         self._batteries = list(batteries)
         self._specs = list(specs)
         self._dispatcher = dispatcher
@@ -247,8 +255,20 @@ class Decider:
             availability[d.id] = [ok] * ctl.horizon_steps
             reserve[d.id] = env.reserve_soc
             max_soc[d.id] = env.max_soc
-        # Energy left at the end is worth what it would cost to buy back at the cheapest time.
-        terminal_value = max(0.0, float(np.min(forecast.import_price)))
+        # Energy left at the end is worth what it would cost to store again in the horizon.
+        room_kwh = sum(
+            (self._envelope(d).max_soc - self._envelope(d).reserve_soc)
+            * self._envelope(d).capacity_wh
+            / 1000.0
+            for d in self._batteries
+        )
+        tvalue = terminal_value(
+            forecast.import_price,
+            forecast.export_price,
+            forecast.load_w - forecast.pv_w,
+            ctl.step_s,
+            room_kwh,
+        )
         return DispatchInputs(
             time=now,
             step_s=ctl.step_s,
@@ -264,11 +284,23 @@ class Decider:
             carbon_intensity=(forecast.carbon_g_per_kwh / 1000.0).tolist(),
             carbon_price_per_kg=tariff.carbon_price_per_kg,
             demand_charge_per_kw=tariff.demand_charge_per_kw,
-            peak_import_w=self._peak_w(),
+            # Headroom for forecast error: a plan that just touches the running peak exceeds
+            # it whenever the load comes in above its forecast.
+            peak_import_w=self._peak_w() * (1.0 - tariff.demand_headroom_ratio),
             import_limit_w=site.grid_import_limit_w,
             export_limit_w=site.grid_export_limit_w,
+            terminal_soc={
+                d.id: d.config.terminal_soc
+                for d in self._batteries
+                if d.config.terminal_soc is not None
+            },
             previous_setpoint_w={
                 d.id: d.written.power_w if d.written is not None else 0.0 for d in self._batteries
             },
-            terminal_value_per_kwh=terminal_value,
+            terminal_value_per_kwh=tvalue,
+            pv_curtailable=site.pv_curtailable,
+            peak_margin_w=None
+            if forecast.load_spread_w is None
+            else (PEAK_MARGIN_SPREADS * forecast.load_spread_w).tolist(),
+            sessions=tuple(self._sessions(now)) if self._sessions is not None else (),
         )

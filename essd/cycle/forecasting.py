@@ -31,8 +31,11 @@ class CycleForecast:
         settings: Settings,
         forecaster: Forecaster,
         on_failure: Callable[[str, BaseException], str],
+        flexible_w: Callable[[], float] | None = None,
     ) -> None:
         self._settings = settings
+        # What EV chargers draw (W): planned as sessions, so kept out of the learned load.
+        self._flexible_w = flexible_w
         self._forecaster = forecaster
         self._on_failure = on_failure
         self._tz = ZoneInfo(settings.site.timezone)
@@ -47,6 +50,8 @@ class CycleForecast:
             net = grid + sum(
                 r.power_w.value or 0.0 for r in snapshot.batteries.values() if r.power_w.valid
             )
+            if self._flexible_w is not None:
+                net -= self._flexible_w()
         try:
             if net is not None:
                 self._forecaster.observe(now, net, measured_pv(snapshot))
@@ -132,4 +137,9 @@ def sanitize(forecast: Forecast, make_safe: Callable[[], Forecast]) -> tuple[For
         arrays[name] = arr
     if not bad:
         return forecast, bad
-    return Forecast(start=forecast.start, step_s=forecast.step_s, **arrays), bad
+    spread = forecast.load_spread_w
+    if spread is not None and not np.all(np.isfinite(spread)):
+        spread = None
+    return Forecast(
+        start=forecast.start, step_s=forecast.step_s, **arrays, load_spread_w=spread
+    ), bad

@@ -2,6 +2,8 @@
 
 - :mod:`essd.dispatch.inputs`: batteries, per-cycle inputs and their validation;
 - :mod:`essd.dispatch.model`: the LP (variables, constraints, objective; DPP, built once);
+- :mod:`essd.dispatch.flex` / :mod:`essd.dispatch.sessions` / :mod:`essd.dispatch.swap`:
+  EV sessions and swap packs as flexible-load columns (``FlexSpec``);
 - :mod:`essd.dispatch.lpmaps`: the LP's HiGHS data as affine maps of its parameters (derived
   once from cvxpy's compiled problem, applied with numpy every cycle);
 - :mod:`essd.dispatch.highs`: the persistent, hot-started HiGHS solve;
@@ -20,10 +22,12 @@ from essd.dispatch.dispatcher import (
     SolverHealth,
     SolveTiming,
 )
+from essd.dispatch.flex import FlexSpec
 from essd.dispatch.inputs import (
     BatterySpec,
     DispatchInputs,
     InvalidDispatchInputsError,
+    terminal_value,
     validate_inputs,
 )
 from essd.dispatch.planners import rule_based_plan, safe_idle_plan
@@ -33,10 +37,12 @@ __all__ = [
     "BatterySpec",
     "DispatchInputs",
     "Dispatcher",
+    "FlexSpec",
     "InvalidDispatchInputsError",
     "SolveTiming",
     "SolverHealth",
     "rule_based_plan",
     "safe_idle_plan",
+    "terminal_value",
     "validate_inputs",
 ]

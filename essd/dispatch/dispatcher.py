@@ -17,6 +17,7 @@ import cvxpy
 import numpy as np
 
 from essd.dispatch.aggregate import Aggregation
+from essd.dispatch.flex import FlexSpec
 from essd.dispatch.highs import HighsHotStart
 from essd.dispatch.inputs import (
     BatterySpec,
@@ -28,7 +29,7 @@ from essd.dispatch.inputs import (
     validate_inputs,
 )
 from essd.dispatch.lpmaps import LpMaps, NotAffineError
-from essd.dispatch.model import DispatchModel
+from essd.dispatch.model import HOLD_VALUE_PER_KWH, DispatchModel
 from essd.dispatch.planners import rule_based_plan, safe_idle_plan
 from essd.dispatch.simulate import make_plan, simulate_plan, stored_energy
 from essd.domain import FallbackRung, Plan, PlanCause
@@ -176,14 +177,17 @@ class Dispatcher:
         change_cost_per_kw: float = 0.001,
         limit_violation_cost_per_kwh: float = 1000.0,
         terminal_shortfall_cost_per_kwh: float = 1.0,
+        hold_value_per_kwh: float = HOLD_VALUE_PER_KWH,
         solver_options: Mapping[str, Any] | None = None,
         fallback_planner: FallbackPlanner = rule_based_plan,
         hot_start: bool = True,
         rebuild_after_failures: int = DEFAULT_REBUILD_AFTER_FAILURES,
         aggregate: bool = False,
         clusters: int | None = None,
+        flex: FlexSpec | None = None,
     ) -> None:
-        if not batteries:
+        self.flex = flex or FlexSpec(0)  # EV sessions / swap packs (essd.dispatch.flex)
+        if not batteries and not self.flex.columns:
             raise InvalidDispatchInputsError("batteries", "at least one battery is needed")
         ids = [b.id for b in batteries]
         if len(set(ids)) != len(ids):
@@ -199,6 +203,7 @@ class Dispatcher:
             ("change_cost_per_kw", change_cost_per_kw),
             ("limit_violation_cost_per_kwh", limit_violation_cost_per_kwh),
             ("terminal_shortfall_cost_per_kwh", terminal_shortfall_cost_per_kwh),
+            ("hold_value_per_kwh", hold_value_per_kwh),
         ):
             check_finite(name, v, lo=0.0)
         if solver not in cp.installed_solvers():
@@ -220,6 +225,7 @@ class Dispatcher:
             "change_cost_per_kw": change_cost_per_kw,
             "violation_cost_per_kwh": limit_violation_cost_per_kwh,
             "terminal_shortfall_cost_per_kwh": terminal_shortfall_cost_per_kwh,
+            "hold_value_per_kwh": hold_value_per_kwh,
         }
         self._fallback = fallback_planner
         self._models: dict[float, DispatchModel] = {}
@@ -248,7 +254,7 @@ class Dispatcher:
         model = self._models.get(step_s)
         if model is None:
             specs = self.batteries if self._agg is None else self._agg.specs
-            model = DispatchModel(specs, self.steps, step_s / 3600.0, **self._costs)
+            model = DispatchModel(specs, self.steps, step_s / 3600.0, **self._costs, flex=self.flex)
             self._models[step_s] = model
         return model
 
@@ -269,6 +275,7 @@ class Dispatcher:
     def validate(self, inputs: DispatchInputs) -> None:
         """Raise InvalidDispatchInputsError (a ValueError naming the field) for unusable inputs."""
         validate_inputs(self.batteries, self.steps, inputs)
+        self.flex.arrays(inputs, self.steps)
 
     def solve(self, inputs: DispatchInputs, *, budget_s: float, last_plan: Plan | None) -> Plan:
         """Plan the horizon, walking down the fallback ladder when the solve fails or is late.
@@ -283,10 +290,11 @@ class Dispatcher:
         if not (math.isfinite(budget_s) and budget_s > 0):
             raise InvalidDispatchInputsError("budget_s", f"must be > 0, got {budget_s!r}")
         a = validate_inputs(self.batteries, self.steps, inputs)
+        a = self.flex.prepare(inputs, self.steps, a)
         # Real compute time, not the injectable clock: the budget is about this thread's work.
         started = time.perf_counter()
         try:
-            plan = self._optimize(inputs, a, budget_s, started)
+            plan = self.flex.attach(self._optimize(inputs, a, budget_s, started))
         except _SolveFailedError as exc:
             cause, reason = exc.cause, str(exc)
             if not exc.overrun:
@@ -459,6 +467,7 @@ class Dispatcher:
                 PlanCause.SOLVER_TIMEOUT, f"solver timeout after {elapsed:.2f} s", overrun=True
             )
         slack = self._slack(model, full)
+        self.flex.collect(model.flex, slack, self.steps)
         rung = FallbackRung.SOFT if slack else FallbackRung.OPTIMAL
         reason = _solved_reason(slack, fixed, overlap)
         return make_plan(

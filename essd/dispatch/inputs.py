@@ -11,12 +11,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from essd.domain import LiveLimits
+
+if TYPE_CHECKING:
+    from essd.dispatch.sessions import FlexSession
 
 __all__ = [
     "BatterySpec",
@@ -25,6 +28,7 @@ __all__ = [
     "InvalidDispatchInputsError",
     "check_finite",
     "energy_window",
+    "terminal_value",
     "validate_inputs",
 ]
 
@@ -101,6 +105,12 @@ class DispatchInputs:
     - ``previous_setpoint_w``: the first-step setpoint applied last cycle (missing id = 0 W).
     - ``terminal_soc``: a soft minimum SoC at the end of the horizon (missing id = none);
       ``terminal_value_per_kwh``: value of energy left stored at the end.
+    - ``peak_margin_w``: per step, how far above the forecast the import may come in (W >= 0);
+      the demand charge is planned against import + margin (headroom for forecast error).
+    - ``pv_curtailable``: the PV inverters can curtail (an export limiter, a power limit):
+      the plan may curtail up to ``pv_w`` per step.
+    - ``sessions``: flexible loads with a deadline (EV sessions, swap packs), see
+      :mod:`essd.dispatch.sessions`; at most the Dispatcher's flexible-load columns (``FlexSpec``).
     """
 
     time: float
@@ -123,6 +133,9 @@ class DispatchInputs:
     previous_setpoint_w: Mapping[str, float] = field(default_factory=dict)
     terminal_soc: Mapping[str, float] = field(default_factory=dict)
     terminal_value_per_kwh: float = 0.0
+    pv_curtailable: bool = False
+    peak_margin_w: Sequence[float] | None = None
+    sessions: Sequence[FlexSession] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +158,8 @@ class DispatchArrays:
     prev_kw: FloatArray  # (B,) battery sign
     target_e: FloatArray  # (B,) kWh, 0 where none
     terminal_value: float
+    curt_ub: FloatArray  # (T,) kW of PV that may be curtailed
+    peak_margin: FloatArray  # (T,) kW, import headroom planned for the demand charge
 
 
 def check_finite(name: str, v: float, *, lo: float | None = None, allow_inf: bool = False) -> None:
@@ -284,6 +299,8 @@ def validate_inputs(
         prev_kw=prev,
         target_e=target * cap,
         terminal_value=float(inputs.terminal_value_per_kwh),
+        curt_ub=pv / 1000.0 if inputs.pv_curtailable else np.zeros(steps),
+        peak_margin=_series("peak_margin_w", inputs.peak_margin_w, steps, lo=0.0) / 1000.0,
     )
 
 
@@ -321,3 +338,30 @@ def _share(limit: FloatArray, recovering: BoolArray, headroom: FloatArray) -> Fl
     )
     shared: FloatArray = rate * np.minimum(scale, 1.0)
     return shared
+
+
+def terminal_value(
+    import_price: FloatArray,
+    export_price: FloatArray,
+    net_w: FloatArray,
+    step_s: float,
+    room_kwh: float,
+) -> float:
+    """What a kWh left stored at the end of the horizon is worth, per kWh.
+
+    Where the forecast leaves at least ``room_kwh`` (the batteries' usable window) of PV over
+    (net load ``net_w`` < 0), storing energy again costs only the export price forgone, at
+    most the highest among those steps: energy kept is worth the middle between that and the
+    cheapest import price (whether it will be needed before the PV refills the battery is as
+    uncertain as the forecast). That is above the export price, so spare PV still fills the
+    battery as insurance against a forecast that was too low, and below the import price, so
+    energy is not kept overnight that tomorrow's PV would have replaced. Otherwise energy is
+    worth the cheapest import price.
+    """
+    buy = max(0.0, float(np.min(import_price)))
+    surplus = net_w < 0
+    surplus_kwh = float(np.sum(-net_w[surplus])) * step_s / 3.6e6
+    if surplus.any() and surplus_kwh >= room_kwh:
+        sell = min(buy, max(0.0, float(np.max(export_price[surplus]))))
+        return 0.5 * (sell + buy)
+    return buy

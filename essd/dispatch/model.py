@@ -18,12 +18,17 @@ hours:
   infeasible, and the rung is SOFT with the violation published as slack;
 - grid ``g[t] = load - pv + sum_b (c - d)`` with import ``gp >= max(g, 0)``; soft site import
   and export limits (slack priced at ``limit_violation_cost_per_kwh``);
-- a peak variable above the running billing-period peak for the demand charge.
+- a peak variable above the running billing-period peak for the demand charge, planned
+  against the import plus a per-step margin for forecast error (``pk_margin``);
+- PV curtailment ``curt[t]`` in [0, pv] where the site's inverters can curtail (else [0, 0]),
+  which raises the grid by as much: a zero-export site with more PV than load and storage
+  can take plans the curtailment the inverters will do, instead of violating its limit.
 
 Objective: import cost - export revenue (carbon price x intensity added to the import price),
 degradation cost per kWh throughput, demand charge per kW of new peak, a penalty per kW of
 change of the first-step setpoint from the previous one, minus a terminal value per kWh stored
-at the end, plus a penalty per kWh short of a terminal SoC target.
+at the end, plus a penalty per kWh short of a terminal SoC target, minus a tie-breaking value
+(:data:`HOLD_VALUE_PER_KWH`) per kWh held per step.
 
 When the export price exceeds the import price the true cost of a single meter,
 ``pi_i*max(g,0) - pi_e*max(-g,0)``, is concave in ``g`` and an LP would import and export at
@@ -44,11 +49,19 @@ import cvxpy
 import numpy as np
 import numpy.typing as npt
 
+from essd.dispatch.flex import FlexModel, FlexSpec
 from essd.dispatch.highs import HighsHotStart
 from essd.dispatch.inputs import BatterySpec, DispatchArrays, energy_window
 from essd.dispatch.lpmaps import set_parameter
 
-__all__ = ["DispatchModel"]
+__all__ = ["HOLD_VALUE_PER_KWH", "DispatchModel"]
+
+
+# Value of one kWh held for one step: far below any price difference, it only breaks ties.
+# Where storing now or later costs the same (PV surplus exported at a flat price), the plan
+# charges first and discharges last, so a forecast that was too hopeful about the rest of
+# the day finds the battery as full as it could be.
+HOLD_VALUE_PER_KWH = 1e-5
 
 
 # cvxpy re-exports its atoms through star imports that mypy cannot follow; treat it as untyped.
@@ -70,13 +83,20 @@ class DispatchModel:
         change_cost_per_kw: float,
         violation_cost_per_kwh: float,
         terminal_shortfall_cost_per_kwh: float,
+        hold_value_per_kwh: float = HOLD_VALUE_PER_KWH,
+        flex: FlexSpec | None = None,
     ) -> None:
         nb, nt = len(batteries), steps
         self.batteries = tuple(batteries)
         self.h = h
-        eta_c = np.array([[b.charge_efficiency] for b in batteries]) * np.ones((1, nt))
-        inv_eta_d = np.array([[1.0 / b.discharge_efficiency] for b in batteries]) * np.ones((1, nt))
-        deg = np.array([[b.degradation_cost_per_kwh] for b in batteries]) * np.ones((1, nt))
+        # Flexible loads (EV sessions, swap packs; essd.dispatch.flex), None without columns.
+        fm: FlexModel | None = flex.model(nt, h) if flex is not None else None
+        self.flex = fm
+        # (B, T) also for B = 0 (a site of flexible loads only).
+        ones = np.ones((1, nt))
+        eta_c = np.reshape([b.charge_efficiency for b in batteries], (nb, 1)) * ones
+        inv_eta_d = np.reshape([1 / b.discharge_efficiency for b in batteries], (nb, 1)) * ones
+        deg = np.reshape([b.degradation_cost_per_kwh for b in batteries], (nb, 1)) * ones
 
         # No sign attributes: cvxpy then skips a value check per assignment, and validation
         # has already established the signs.
@@ -96,45 +116,60 @@ class DispatchModel:
             "prev": cp.Parameter(nb, name="prev"),
             "target": cp.Parameter(nb, name="target"),
             "tvalue": cp.Parameter(name="tvalue"),
+            "curt_ub": cp.Parameter(nt, name="curt_ub"),
+            "pk_margin": cp.Parameter(nt, name="pk_margin"),
         }
         c = self.c = cp.Variable((nb, nt), name="charge_kw", bounds=[0, p["ub_c"]])
         d = self.d = cp.Variable((nb, nt), name="discharge_kw", bounds=[0, p["ub_d"]])
         e = self.e = cp.Variable((nb, nt), name="energy_kwh", bounds=[p["e_lo"], p["e_hi"]])
         g = self.g = cp.Variable(nt, name="grid_kw")
+        # PV curtailed (kW): up to the forecast PV where the inverters can curtail, else 0.
+        curt = self.curt = cp.Variable(nt, name="curtailed_kw", bounds=[0, p["curt_ub"]])
         gp = cp.Variable(nt, name="import_kw", nonneg=True)
         s_imp = self.s_imp = cp.Variable(nt, name="import_slack_kw", nonneg=True)
         s_exp = self.s_exp = cp.Variable(nt, name="export_slack_kw", nonneg=True)
         pk = cp.Variable(name="new_peak_kw", nonneg=True)
-        churn = cp.Variable(nb, name="change_kw", nonneg=True)
+        churn = cp.Variable((nb, nt), name="change_kw", nonneg=True)
         short = cp.Variable(nb, name="terminal_short_kwh", nonneg=True)
         # A copy of the final energy: ``e`` has parameter bounds, and cvxpy counts a parameter
         # times such a variable as parameter x parameter (not DPP).
         e_end = cp.Variable(nb, name="final_energy_kwh")
 
         flow = h * (cp.multiply(eta_c, c) - cp.multiply(inv_eta_d, d))
-        first = d[:, 0] - c[:, 0]
+        power = d - c
+        first = power[:, 0]
         constraints = [
             e[:, 0] == p["e0"] + flow[:, 0],
             e[:, 1:] == e[:, :-1] + flow[:, 1:],
-            g == p["net"] + cp.sum(c - d, axis=0),
+            # Flexible loads (EV sessions, swap packs) draw from the same site balance.
+            g == p["net"] + cp.sum(c - d, axis=0) + curt + (fm.site_kw if fm else 0),
             gp >= g,
             g <= p["imp_lim"] + s_imp,
             g >= -p["exp_lim"] - s_exp,
-            pk >= g - p["peak"],
-            churn >= first - p["prev"],
-            churn >= p["prev"] - first,
+            pk >= g + p["pk_margin"] - p["peak"],
+            churn[:, 0] >= first - p["prev"],
+            churn[:, 0] >= p["prev"] - first,
             e_end == e[:, nt - 1],
             e_end + short >= p["target"],
         ]
+        if nt > 1:
+            # Every change of setpoint costs, not only the first: otherwise a plan that starts
+            # "next step" is as good as one that starts now, and every cycle defers it again.
+            moves = power[:, 1:] - power[:, :-1]
+            constraints += [churn[:, 1:] >= moves, churn[:, 1:] >= -moves]
         objective = (
             h * (p["w_imp"] @ gp + p["w_exp"] @ g)
             + h * cp.sum(cp.multiply(deg, c + d))
             + p["demand"] * pk
             + change_cost_per_kw * cp.sum(churn)
             - p["tvalue"] * cp.sum(e_end)
+            - hold_value_per_kwh * cp.sum(e)
             + terminal_shortfall_cost_per_kwh * cp.sum(short)
             + violation_cost_per_kwh * h * cp.sum(s_imp + s_exp)
         )
+        if fm is not None:
+            constraints += fm.constraints
+            objective += fm.cost
         self.problem = cp.Problem(cp.Minimize(objective), constraints)
         self.hot: HighsHotStart | None = None
         # floor(time / step) of the last solve's horizon start (see Dispatcher._optimize).
@@ -151,6 +186,8 @@ class DispatchModel:
         self, a: DispatchArrays, ub_c: FloatArray, ub_d: FloatArray
     ) -> tuple[FloatArray, FloatArray]:
         """Set every parameter from validated inputs; returns the energy window used."""
+        if self.flex is not None:
+            self.flex.refresh()
         e_lo, e_hi = energy_window(self.batteries, a, ub_c, ub_d)
         values = {
             "ub_c": ub_c,
@@ -168,6 +205,8 @@ class DispatchModel:
             "prev": a.prev_kw,
             "target": a.target_e,
             "tvalue": a.terminal_value,
+            "curt_ub": a.curt_ub,
+            "pk_margin": a.peak_margin,
         }
         for name, value in values.items():
             # The inputs are validated (essd.dispatch.inputs); skip cvxpy's own value check.

@@ -8,6 +8,16 @@ definition for the run, the no-battery baseline and the perfect-foresight optimu
          + carbon price x kg CO2 (import kWh x grid intensity)
          + demand charge per kW x peak of the per-step average import
 
+Savings are corrected for the change in stored energy, valued by the optimum itself (as in
+``essd backtest``): ``optimum_cost`` ends the run at least at the initial SoC, the optimum
+re-solved to the run's final SoC (``optimum_cost_to_end_soc``) shows what the energy the run
+gained or lost was worth, and
+
+    savings = baseline_cost - cost + optimum_cost_to_end_soc - optimum_cost
+
+so a run that empties its battery does not count the emptied energy as savings
+(``uncorrected_savings`` is ``baseline_cost - cost``, for comparison).
+
 Units: W, Wh, kWh where named; prices per kWh in the tariff's currency; CO2 in kg.
 Battery W > 0 discharges into the site; grid W > 0 imports.
 """
@@ -168,8 +178,10 @@ class Kpis:
     carbon_cost: float
     baseline_cost: float
     savings: float
+    uncorrected_savings: float
     cost_ratio: float | None
     optimum_cost: float | None
+    optimum_cost_to_end_soc: float | None
     optimum_savings: float | None
     savings_vs_optimum: float | None
     optimum_status: str
@@ -254,6 +266,7 @@ def compute_kpis(
     model: CostModel,
     wall_s: float,
     optimum_cost: float | None = None,
+    optimum_cost_to_end_soc: float | None = None,
     optimum_status: str = "not solved",
     faults: Sequence[Mapping[str, Any]] = (),
     events: Sequence[Mapping[str, Any]] = (),
@@ -294,7 +307,11 @@ def compute_kpis(
     viol = violations_of(samples, limits)
     unsafe = unsafe_writes(samples, cycles)
     rungs = Counter(str(c.rung) for c in cycles)
-    savings = base.total - run.total
+    uncorrected = base.total - run.total
+    savings = uncorrected
+    if optimum_cost is not None and optimum_cost_to_end_soc is not None:
+        # What the stored energy the run gained (lost) was worth to the optimum.
+        savings += optimum_cost_to_end_soc - optimum_cost
     opt_savings = None if optimum_cost is None else base.total - optimum_cost
     vs_opt = savings / opt_savings if opt_savings is not None and opt_savings > 1e-6 else None
     last = cycles[-1] if cycles else None
@@ -309,10 +326,12 @@ def compute_kpis(
         carbon_cost=run.carbon_cost,
         baseline_cost=base.total,
         savings=savings,
+        uncorrected_savings=uncorrected,
         # A ratio means something only when both pay: against a baseline that earns money, or
         # a run that does, it would flip sign or explode.
         cost_ratio=run.total / base.total if base.total > 1e-9 and run.total >= 0 else None,
         optimum_cost=optimum_cost,
+        optimum_cost_to_end_soc=optimum_cost_to_end_soc,
         optimum_savings=opt_savings,
         savings_vs_optimum=vs_opt,
         optimum_status=optimum_status,

@@ -14,6 +14,7 @@ import csv
 import json
 import math
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,7 @@ from essd.hil.runner import RunResult
 
 __all__ = ["PLOTS", "make_figures", "write_report"]
 
-PLOTS = ("soc", "power", "grid", "price")
+PLOTS = ("soc", "power", "grid", "price", "peak")
 
 
 def _hours(result: RunResult) -> list[float]:
@@ -142,7 +143,70 @@ def make_figures(result: RunResult) -> dict[str, Figure]:
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize="small")
     figs["price"] = fig
+    figs["peak"] = _peak_figure(result)
     return figs
+
+
+def _billed(samples: Sequence[Any], window_s: float, grid: Sequence[float]) -> list[float]:
+    """Per sample, the average import (W) over the billing window that holds it."""
+    sums: dict[float, list[float]] = {}
+    for smp, g in zip(samples, grid, strict=True):
+        acc = sums.setdefault(smp.time - smp.time % window_s, [0.0, 0.0])
+        acc[0] += max(g, 0.0) * smp.dt_s
+        acc[1] += smp.dt_s
+    return [
+        sums[smp.time - smp.time % window_s][0] / max(sums[smp.time - smp.time % window_s][1], 1e-9)
+        for smp in samples
+    ]
+
+
+def _peak_figure(result: RunResult) -> Figure:
+    """Load and PV above the billed import (the billing window's average), the running peak
+    of the billing period and the same without the battery, on one clock-time axis."""
+    from matplotlib.dates import DateFormatter  # noqa: PLC0415 - optional dependency
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    samples = result.samples
+    tz = result.scenario.start.tzinfo
+    when = [datetime.fromtimestamp(smp.time, tz=tz) for smp in samples]
+    model = cost_model(result.scenario, result.settings)
+    window = model.demand_window_s
+    fig = Figure(figsize=(9, 6), dpi=100, layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    top.set_title(f"{result.scenario.name}: load, PV and the billed import")
+    top.step(when, [smp.truth.load_w / 1000 for smp in samples], where="post", label="load")
+    top.step(when, [smp.truth.pv_w / 1000 for smp in samples], where="post", label="PV")
+    top.set_ylabel("Power (kW)")
+    top.legend(loc="best", fontsize="small")
+    billed = _billed(samples, window, [smp.truth.grid_w for smp in samples])
+    base = _billed(samples, window, [baseline_grid_w(smp.truth, model) for smp in samples])
+    minutes = f"{window / 60:g}-minute"
+    bottom.step(when, [b / 1000 for b in billed], where="post", label=f"billed {minutes} import")
+    bottom.step(
+        when,
+        [b / 1000 for b in base],
+        where="post",
+        ls=":",
+        color="tab:gray",
+        label="the same without battery",
+    )
+    running = [max(billed[: k + 1]) / 1000 for k in range(len(billed))]
+    bottom.step(when, running, where="post", color="tab:red", label="billing period's peak")
+    bottom.axhline(
+        max(base, default=0.0) / 1000,
+        color="tab:gray",
+        ls="--",
+        lw=0.8,
+        label="peak without battery",
+    )
+    bottom.set_ylabel("Import (kW)")
+    bottom.set_xlabel(f"Local time ({result.scenario.start.tzname()})")
+    bottom.legend(loc="best", fontsize="small")
+    formatter: Any = DateFormatter
+    bottom.xaxis.set_major_formatter(formatter("%H:%M", tz=tz))
+    for ax in (top, bottom):
+        ax.grid(True, alpha=0.3)
+    return fig
 
 
 def _fmt(v: Any, digits: int = 2) -> str:
@@ -178,14 +242,17 @@ def _markdown(result: RunResult) -> str:
         "|---|---|",
         f"| cost | {_fmt(k.cost)} {cur} |",
         f"| cost without battery | {_fmt(k.baseline_cost)} {cur} |",
-        f"| savings | {_fmt(k.savings)} {cur} |",
+        f"| savings (corrected for stored energy) | {_fmt(k.savings)} {cur} |",
+        f"| uncorrected savings (baseline - cost) | {_fmt(k.uncorrected_savings)} {cur} |",
         f"| perfect-foresight optimum | {_fmt(k.optimum_cost)} {cur} ({k.optimum_status}) |",
+        f"| optimum to the run's final SoC | {_fmt(k.optimum_cost_to_end_soc)} {cur} |",
         f"| share of achievable savings | {_fmt(k.savings_vs_optimum, 3)} |",
         f"| peak import | {_fmt(k.peak_import_w / 1000)} kW |",
         f"| imported / exported | {_fmt(k.imported_wh / 1000)} / "
         f"{_fmt(k.exported_wh / 1000)} kWh |",
         f"| PV self-consumption | {_fmt(k.self_consumption_ratio, 3)} "
         f"(without battery {_fmt(k.baseline_self_consumption_ratio, 3)}) |",
+        f"| PV used / curtailed | {_fmt(k.pv_wh / 1000)} / {_fmt(k.pv_curtailed_wh / 1000)} kWh |",
         f"| CO2 | {_fmt(k.co2_kg)} kg (without battery {_fmt(k.baseline_co2_kg)}) |",
         f"| battery throughput | {_fmt(k.battery_throughput_wh / 1000)} kWh, "
         f"{_fmt(k.equivalent_full_cycles, 3)} equivalent full cycles |",

@@ -272,8 +272,20 @@ async def run_scenario(
     limits = _limits(controller, served, scenario)
     model = cost_model(scenario, served)
     final = {d: b.soc for d, b in samples[-1].truth.batteries.items()} if samples else {}
+    initial = {d: b.soc for d, b in first.batteries.items()}
+    opt_end: float | None = None
     try:
+        # The optimum from the same start back to the same SoC (the yardstick), and re-solved
+        # to where the run ended (what the run's change of stored energy was worth).
         opt_cost, opt_status = perfect_foresight(
+            scenario,
+            controller=controller,
+            series=series,
+            first=first,
+            final_soc=initial,
+            model=model,
+        )
+        opt_end, _ = perfect_foresight(
             scenario,
             controller=controller,
             series=series,
@@ -296,6 +308,7 @@ async def run_scenario(
         model=model,
         wall_s=wall,
         optimum_cost=opt_cost,
+        optimum_cost_to_end_soc=opt_end,
         optimum_status=opt_status,
         faults=fault_summary(
             scenario, cycles, unsafe, samples, [d.id for d in controller.batteries]

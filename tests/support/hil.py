@@ -11,7 +11,7 @@ SHIPPED = Path(__file__).parents[2] / "profiles" / "scenarios"
 
 SMALL: dict[str, Any] = {
     "name": "small-household",
-    "description": "Two evening hours of a household: the battery covers the price peak.",
+    "description": "Two evening hours: the battery covers the price peak, then refills.",
     "site": {
         "settings": {
             "site": {
@@ -37,7 +37,7 @@ SMALL: dict[str, Any] = {
             "step_s": "30m",
             "load_w": [1500, 1800, 2000, 1600, 1200],
             "pv_w": [400, 100, 0, 0, 0],
-            "import_price": [1.0, 1.0, 1.0, 1.0, 0.3],
+            "import_price": [1.0, 1.0, 0.3, 0.3, 0.3],
             "export_price": [0.2, 0.2, 0.2, 0.2, 0.2],
             "carbon_g_per_kwh": [600, 610, 620, 620, 620],
         }

@@ -29,6 +29,7 @@ class ReferenceCosts:
     change_cost_per_kw: float = 0.001
     limit_violation_cost_per_kwh: float = 1000.0
     terminal_shortfall_cost_per_kwh: float = 1.0
+    hold_value_per_kwh: float = 1e-5
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def reference_solve(
     nb, nt = len(batteries), len(inputs.load_w)
     h = inputs.step_s / 3600.0
     # Column layout: c[b,t], d[b,t], e[b,t] (end of step t), then g[t], gp[t], s_imp[t],
-    # s_exp[t], pk, churn[b], short[b].
+    # s_exp[t], pk, churn[b,t], short[b].
     nbt = nb * nt
 
     def ci(b: int, t: int) -> int:
@@ -66,7 +67,7 @@ def reference_solve(
     off_gp, off_si, off_se = off_g + nt, off_g + 2 * nt, off_g + 3 * nt
     off_pk = off_g + 4 * nt
     off_ch = off_pk + 1
-    off_sh = off_ch + nb
+    off_sh = off_ch + nbt
     off_z = off_sh + nb
     n = off_z + (nbt if one_direction else 0)
     cost = np.zeros(n)
@@ -82,6 +83,7 @@ def reference_solve(
     )
     p_imp = np.asarray(inputs.import_price) + inputs.carbon_price_per_kg * carbon
     p_exp = np.minimum(np.asarray(inputs.export_price), p_imp)
+    tvalue = inputs.terminal_value_per_kwh
     # An infinite limit is simply no constraint here.
     imp_lim = inputs.import_limit_w / 1000
     exp_lim = inputs.export_limit_w / 1000
@@ -147,18 +149,29 @@ def reference_solve(
             if t > 0:
                 row[off_e + ci(b, t - 1)] = -1.0
             rows_eq.append((row, e0 if t == 0 else 0.0))
+            cost[off_e + ci(b, t)] -= costs.hold_value_per_kwh
             cost[off_c + ci(b, t)] += h * spec.degradation_cost_per_kwh
             cost[off_d + ci(b, t)] += h * spec.degradation_cost_per_kwh
         prev = inputs.previous_setpoint_w.get(spec.id, 0.0) / 1000
-        # churn >= (d0 - c0) - prev and churn >= prev - (d0 - c0)
-        rows_ub.append(({off_d + ci(b, 0): 1.0, off_c + ci(b, 0): -1.0, off_ch + b: -1.0}, prev))
-        rows_ub.append(({off_d + ci(b, 0): -1.0, off_c + ci(b, 0): 1.0, off_ch + b: -1.0}, -prev))
-        cost[off_ch + b] = costs.change_cost_per_kw
+        # churn[0] >= |(d0 - c0) - prev|, churn[t] >= |(d_t - c_t) - (d_t-1 - c_t-1)|
+        ch0 = off_ch + ci(b, 0)
+        rows_ub.append(({off_d + ci(b, 0): 1.0, off_c + ci(b, 0): -1.0, ch0: -1.0}, prev))
+        rows_ub.append(({off_d + ci(b, 0): -1.0, off_c + ci(b, 0): 1.0, ch0: -1.0}, -prev))
+        for t in range(1, nt):
+            move = {
+                off_d + ci(b, t): 1.0,
+                off_c + ci(b, t): -1.0,
+                off_d + ci(b, t - 1): -1.0,
+                off_c + ci(b, t - 1): 1.0,
+            }
+            rows_ub.append(({**move, off_ch + ci(b, t): -1.0}, 0.0))
+            rows_ub.append(({**{k: -v for k, v in move.items()}, off_ch + ci(b, t): -1.0}, 0.0))
+        cost[off_ch + ci(b, 0) : off_ch + ci(b, 0) + nt] = costs.change_cost_per_kw
         target = inputs.terminal_soc.get(spec.id, 0.0) * cap
         # e[T-1] + short >= target
         rows_ub.append(({off_e + ci(b, nt - 1): -1.0, off_sh + b: -1.0}, -target))
         cost[off_sh + b] = costs.terminal_shortfall_cost_per_kwh
-        cost[off_e + ci(b, nt - 1)] -= inputs.terminal_value_per_kwh
+        cost[off_e + ci(b, nt - 1)] -= tvalue
 
     lb[off_g : off_g + nt] = -np.inf
     for t in range(nt):

@@ -67,12 +67,7 @@ _silence_highs_banner()
 
 
 # From this many LP columns on, a cold solve (no basis yet) runs HiGHS's interior point method.
-_IPM_COLD_COLUMNS = 30_000
-
-
-# HiGHS's simplex_strategy values: serial dual simplex (its default), primal simplex.
-_DUAL_SIMPLEX = 1
-_PRIMAL_SIMPLEX = 4
+_IPM_COLD_COLUMNS = 4_000
 
 
 # HiGHS model status name -> cvxpy status, as cvxpy's own HiGHS interface maps them.
@@ -90,10 +85,13 @@ class HighsHotStart:
     cold solve takes tens of thousands of simplex iterations, a re-solve hundreds. The primal
     solution is stored in the cvxpy variables (``value``) as cvxpy would store it.
 
-    When the horizon has moved on (``solve(shift=k)``) the run uses primal simplex from the
-    same basis. Shifting the basis by the steps moved was measured and is not done: the
-    unshifted basis is the closer one (10 x 288: 106 column statuses differ from the new
-    optimum's, 429 after a shift; 100 x 288: 3,271 iterations unshifted, 3,854 shifted).
+    When the horizon has moved on a step the same basis is the start. Two alternatives were
+    measured and are not done: shifting the basis by the steps moved (the unshifted basis is
+    the closer one: at 10 x 288 106 column statuses differed from the new optimum's, 429 after
+    a shift; at 100 x 288 3,271 iterations unshifted, 3,854 shifted), and primal simplex for
+    that run (2x faster there with the LP that penalised only the first setpoint change, but
+    with the one penalising every change as fast as dual, and the dual re-solves after it
+    ~50 % slower: 10 x 288, median 239 against 157 ms).
 
     Without ``maps`` (a problem whose parameters are not affine in costs, bounds and
     right-hand sides, see :class:`LpMaps`) it is solved the same way but with its data built
@@ -152,8 +150,11 @@ class HighsHotStart:
         self._lp_now = lp
         self._a_data = a_mat.data.copy()
         # Without a basis to start from, a large LP solves faster by interior point (with
-        # crossover, which leaves the basis the next cycles hot-start from): measured at
-        # 100 x 288, 6.2-7.5 s against 12.6 s of dual simplex; below ~30k columns simplex wins.
+        # crossover, which leaves the basis the next cycles hot-start from). Measured with
+        # the LP that penalises every setpoint change (a churn column per unit and step):
+        # 10 x 96 (4.3k columns) 0.14 s against 0.29 s of dual simplex, 10 x 288 (13k)
+        # 1.35 s against 6.1 s, 30 x 96 0.78 s against 3.4 s; 1 x 288 (2.6k) 0.05 s against
+        # 0.04 s. (Before that LP, simplex won up to ~30k columns.)
         if a_mat.shape[1] >= _IPM_COLD_COLUMNS and "solver" not in self._options:
             h.setOptionValue("solver", "ipm")
         return h
@@ -165,11 +166,8 @@ class HighsHotStart:
         data, chain, inverse = self._problem.get_problem_data(cp.HIGHS, enforce_dpp=True)
         return highs_data(data, inverse[-1]["offset"]), (chain, inverse)
 
-    def solve(self, time_limit_s: float, *, shift: int = 0) -> str:
-        """Solve with the parameters' current values; returns the cvxpy status.
-
-        ``shift``: steps the horizon moved on since the last solve (> 0: primal simplex).
-        """
+    def solve(self, time_limit_s: float) -> str:
+        """Solve with the parameters' current values; returns the cvxpy status."""
         lp, via_cvxpy = self._lp()
         same_matrix = self._a_data is not None and (
             self._maps is not None or np.array_equal(self._a_data, lp.a_mat.data)
@@ -184,19 +182,8 @@ class HighsHotStart:
         # time_limit = budget failed every solve from the 2,105th on (4 x 96, budget 2 s).
         # So the limit is this run's budget on top of the clock's reading (as HiGHS.jl does).
         h.setOptionValue("time_limit", float(h.getRunTime() + max(time_limit_s, 1e-3)))
-        # After the horizon moved on, every price and forecast value sits one step earlier:
-        # primal simplex gets there in far fewer iterations than dual (measured at 100 x 288:
-        # ~900 instead of ~3,300 iterations, 1.1 s instead of 3.3 s, on a loaded machine),
-        # while dual stays faster for the small changes between steps.
-        primal = shift > 0 and "simplex_strategy" not in self._options and same_matrix
-        if primal:
-            h.setOptionValue("simplex_strategy", _PRIMAL_SIMPLEX)
         started = time.perf_counter()
-        try:
-            h.run()
-        finally:
-            if primal:
-                h.setOptionValue("simplex_strategy", _DUAL_SIMPLEX)
+        h.run()
         self.last_solver_s = time.perf_counter() - started
         if "solver" not in self._options:
             # Re-solves go on from a basis: simplex. Also after a cold IPM run cut short by the

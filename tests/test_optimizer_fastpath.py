@@ -61,7 +61,7 @@ def test_fast_path_and_plain_cvxpy_find_the_same_optimum() -> None:
 
 
 def test_horizon_step_resolve_matches_a_fresh_solve() -> None:
-    """After the horizon moved on a step (hot-started from the old basis): same optimum."""
+    """After the horizon moved on a step (primal simplex from the old basis): same optimum."""
     rng = np.random.default_rng(13)
     fleet = random_fleet(rng, 2)
     step_s = 900.0

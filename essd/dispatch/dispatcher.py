@@ -366,13 +366,16 @@ class Dispatcher:
             ),
         )
 
-    def _run(self, model: DispatchModel, remaining_s: float) -> tuple[str, float, bool]:
-        """One solver run: cvxpy status, seconds in the solver, stopped by the time limit."""
+    def _run(self, model: DispatchModel, remaining_s: float, shift: int) -> tuple[str, float, bool]:
+        """One solver run: cvxpy status, seconds in the solver, stopped by the time limit.
+
+        ``shift``: steps the horizon moved on since this model's last solve.
+        """
         if self._hot_start:
             if model.hot is None:
                 maps = self._lp_maps(model)
                 model.hot = HighsHotStart(model.problem, self._solver_options, maps=maps)
-            status = model.hot.solve(remaining_s)
+            status = model.hot.solve(remaining_s, shift=shift)
             return status, model.hot.last_solver_s, model.hot.last_model_status == "kTimeLimit"
         opts = dict(self._solver_options)
         if self.solver in ("HIGHS", "CLARABEL"):
@@ -389,6 +392,11 @@ class Dispatcher:
         model = self._model(inputs.step_s)
         # The LP's batteries: the units, or one per group of identical units (aggregate.py).
         a = full if self._agg is None else self._agg.arrays(full)
+        # How many steps the horizon moved on since this model's last solve (the horizon
+        # starts at ``inputs.time``): the hot start then runs primal simplex.
+        step_index = math.floor(inputs.time / inputs.step_s)
+        shift = step_index - model.step_index if model.step_index is not None else 0
+        model.step_index = step_index
         ub_c, ub_d = a.ub_c.copy(), a.ub_d.copy()
         solver_s = 0.0
         solves = 0
@@ -402,7 +410,7 @@ class Dispatcher:
                     PlanCause.SOLVER_TIMEOUT, f"solver timeout after {elapsed:.2f} s", overrun=True
                 )
             given = budget_s - elapsed
-            status, s_time, time_limited = self._run(model, given)
+            status, s_time, time_limited = self._run(model, given, shift if solves == 0 else 0)
             solver_s += s_time
             solves += 1
             if status != cp.OPTIMAL:

@@ -172,6 +172,8 @@ class DispatchModel:
             objective += fm.cost
         self.problem = cp.Problem(cp.Minimize(objective), constraints)
         self.hot: HighsHotStart | None = None
+        # floor(time / step) of the last solve's horizon start (see Dispatcher._optimize).
+        self.step_index: int | None = None
 
     def compile(self, solver: str) -> None:
         """Let cvxpy compile the problem (DPP: once) with placeholder parameter values."""

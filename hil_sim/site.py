@@ -50,7 +50,8 @@ def default_series_path(settings: Settings, site_file: Path | None) -> Path:
 
 
 class SiteSeries:
-    """Site time series with linear interpolation (daily profiles wrap around midnight)."""
+    """Site time series with linear interpolation (daily profiles wrap around midnight), or
+    held from one sample to the next (``hold``: the values are step averages)."""
 
     def __init__(
         self,
@@ -59,8 +60,10 @@ class SiteSeries:
         *,
         tz: ZoneInfo,
         source: str = "series",
+        hold: bool = False,
     ) -> None:
         t = np.asarray(times, dtype=np.float64)
+        self.hold = hold
         if t.size == 0:
             raise SeriesError(f"{source}: no data rows")
         if np.any(np.diff(t) <= 0):
@@ -108,6 +111,10 @@ class SiteSeries:
         if y is None:
             return default
         x = (t - local_midnight(t, self._tz)) % _DAY if self.daily else t
+        if self.hold:
+            # Step averages: the sample that starts the step holds until the next one.
+            k = int(np.searchsorted(self._x, x, side="right")) - 1
+            return float(y[min(max(k, 0), len(y) - 1)])
         return float(np.interp(x, self._x, y))
 
     def values(self, column: str, times: npt.ArrayLike) -> npt.NDArray[np.float64]:

@@ -238,3 +238,20 @@ async def test_daemon_controller_in_the_loop_then_devices_revert_when_it_stops()
         # essd stops (crashes): every device is back in its safe mode within its timer.
         clock.advance(65)
         assert all(b.power_w == 0.0 for b in sim.truth().batteries.values())
+
+
+def test_step_average_series_are_held_not_interpolated() -> None:
+    """``hold``: a value is the average over its step; mid-step the plant sees it, not a
+    blend with the next one (a HIL scenario's ``series.hold``)."""
+    tz = ZoneInfo("Europe/Berlin")
+    t0 = datetime(2025, 6, 2, tzinfo=tz).timestamp()
+    times = [t0 + k * 900.0 for k in range(200)]  # longer than a day: absolute time
+    load = [100.0 * (k % 2) for k in range(200)]  # 0, 100, 0, 100 ...
+    held = SiteSeries(times, {"load_w": load}, tz=tz, hold=True)
+    blended = SiteSeries(times, {"load_w": load}, tz=tz)
+    assert held.value("load_w", t0 + 450.0) == 0.0
+    assert held.value("load_w", t0 + 900.0 + 450.0) == 100.0
+    assert blended.value("load_w", t0 + 450.0) == pytest.approx(50.0)
+    daily = SiteSeries(times[:96], {"load_w": load[:96]}, tz=tz, hold=True)
+    # A daily profile wraps: before its first sample the day's last one holds.
+    assert daily.value("load_w", t0 + 86_400.0 - 1.0) == 100.0

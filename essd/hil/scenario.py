@@ -139,6 +139,10 @@ class SeriesSpec(_Strict):
         description="perfect: the daemon forecasts from the true series; learned: it learns "
         "net load from the meter (prices still from the series)",
     )
+    hold: bool = Field(
+        False,
+        description="values are step averages: load and PV held over the step, not interpolated",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> Self:

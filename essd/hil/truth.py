@@ -1,5 +1,6 @@
 """A scenario's true series: written as the CSV the daemon's forecaster reads, and sampled as
-functions of time for the plant (load and PV interpolated linearly, prices held).
+functions of time for the plant (load and PV interpolated linearly unless the scenario says its
+series are step averages, ``series.hold``; prices held).
 Units: W, prices per kWh, carbon g/kWh.
 """
 
@@ -58,6 +59,7 @@ class ScenarioSeries:
             {c: v for c, v in columns.items() if c in ("load_w", "pv_w")},
             tz=self._tz,
             source=str(self.path),
+            hold=spec.hold,
         )
         self._cache: dict[float, tuple[float, float, float, float, float]] = {}
 

@@ -67,10 +67,11 @@ def test_problem_is_dpp() -> None:
 
 
 def test_matches_independent_reference() -> None:
-    """Objective within 1e-4 relative of a hand-built scipy/HiGHS LP on 60 random instances."""
+    """Objective within 1e-4 relative of a hand-built scipy/HiGHS LP on 70 random instances
+    (the last ten with more units than get a per-unit change cost at every step)."""
     rng = np.random.default_rng(2026)
     compared = 0
-    for steps, nb in ((6, 1), (24, 1), (96, 1), (12, 2), (24, 3), (48, 4)):
+    for steps, nb in ((6, 1), (24, 1), (96, 1), (12, 2), (24, 3), (48, 4), (24, 10)):
         fleet = random_fleet(rng, nb)
         dispatcher = Dispatcher(fleet, steps)
         for _ in range(10):
@@ -84,7 +85,7 @@ def test_matches_independent_reference() -> None:
                 continue
             assert plan.objective == pytest.approx(ref.objective, rel=1e-4, abs=1e-6)
             compared += 1
-    assert compared >= 50
+    assert compared >= 58
 
 
 def test_matches_reference_on_hot_start_sequence() -> None:

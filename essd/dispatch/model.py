@@ -63,6 +63,11 @@ __all__ = ["HOLD_VALUE_PER_KWH", "DispatchModel"]
 # the day finds the battery as full as it could be.
 HOLD_VALUE_PER_KWH = 1e-5
 
+# Up to this many units every unit's every setpoint change costs; beyond it each unit's first
+# change and every change of the site's total do (per-unit changes along the whole horizon
+# made a 100 x 288 re-solve 20-100x slower: 43 s against 0.44 s, measured).
+PER_UNIT_CHURN_MAX_UNITS = 8
+
 
 # cvxpy re-exports its atoms through star imports that mypy cannot follow; treat it as untyped.
 cp: Any = cvxpy
@@ -129,7 +134,9 @@ class DispatchModel:
         s_imp = self.s_imp = cp.Variable(nt, name="import_slack_kw", nonneg=True)
         s_exp = self.s_exp = cp.Variable(nt, name="export_slack_kw", nonneg=True)
         pk = cp.Variable(name="new_peak_kw", nonneg=True)
-        churn = cp.Variable((nb, nt), name="change_kw", nonneg=True)
+        per_unit = nb <= PER_UNIT_CHURN_MAX_UNITS
+        churn = cp.Variable((nb, nt if per_unit else 1), name="change_kw", nonneg=True)
+        site_churn = None if per_unit else cp.Variable(nt, name="site_change_kw", nonneg=True)
         short = cp.Variable(nb, name="terminal_short_kwh", nonneg=True)
         # A copy of the final energy: ``e`` has parameter bounds, and cvxpy counts a parameter
         # times such a variable as parameter x parameter (not DPP).
@@ -155,13 +162,19 @@ class DispatchModel:
         if nt > 1:
             # Every change of setpoint costs, not only the first: otherwise a plan that starts
             # "next step" is as good as one that starts now, and every cycle defers it again.
-            moves = power[:, 1:] - power[:, :-1]
-            constraints += [churn[:, 1:] >= moves, churn[:, 1:] >= -moves]
+            if site_churn is None:
+                moves = power[:, 1:] - power[:, :-1]
+                constraints += [churn[:, 1:] >= moves, churn[:, 1:] >= -moves]
+            else:
+                total = cp.sum(power, axis=0)
+                moves = total[1:] - total[:-1]
+                constraints += [site_churn[1:] >= moves, site_churn[1:] >= -moves]
         objective = (
             h * (p["w_imp"] @ gp + p["w_exp"] @ g)
             + h * cp.sum(cp.multiply(deg, c + d))
             + p["demand"] * pk
             + change_cost_per_kw * cp.sum(churn)
+            + (0 if site_churn is None else change_cost_per_kw * cp.sum(site_churn))
             - p["tvalue"] * cp.sum(e_end)
             - hold_value_per_kwh * cp.sum(e)
             + terminal_shortfall_cost_per_kwh * cp.sum(short)

@@ -58,6 +58,9 @@ def reference_solve(
     # Column layout: c[b,t], d[b,t], e[b,t] (end of step t), then g[t], gp[t], s_imp[t],
     # s_exp[t], pk, churn[b,t], short[b].
     nbt = nb * nt
+    # Every setpoint change costs per unit on small sites, on the site's total beyond that
+    # (the rule of essd.dispatch.model, restated here).
+    per_unit = nb <= 8
 
     def ci(b: int, t: int) -> int:
         return b * nt + t
@@ -157,7 +160,7 @@ def reference_solve(
         ch0 = off_ch + ci(b, 0)
         rows_ub.append(({off_d + ci(b, 0): 1.0, off_c + ci(b, 0): -1.0, ch0: -1.0}, prev))
         rows_ub.append(({off_d + ci(b, 0): -1.0, off_c + ci(b, 0): 1.0, ch0: -1.0}, -prev))
-        for t in range(1, nt):
+        for t in range(1, nt if per_unit else 1):
             move = {
                 off_d + ci(b, t): 1.0,
                 off_c + ci(b, t): -1.0,
@@ -166,13 +169,28 @@ def reference_solve(
             }
             rows_ub.append(({**move, off_ch + ci(b, t): -1.0}, 0.0))
             rows_ub.append(({**{k: -v for k, v in move.items()}, off_ch + ci(b, t): -1.0}, 0.0))
-        cost[off_ch + ci(b, 0) : off_ch + ci(b, 0) + nt] = costs.change_cost_per_kw
+        cost[off_ch + ci(b, 0) : off_ch + ci(b, 0) + (nt if per_unit else 1)] = (
+            costs.change_cost_per_kw
+        )
         target = inputs.terminal_soc.get(spec.id, 0.0) * cap
         # e[T-1] + short >= target
         rows_ub.append(({off_e + ci(b, nt - 1): -1.0, off_sh + b: -1.0}, -target))
         cost[off_sh + b] = costs.terminal_shortfall_cost_per_kwh
         cost[off_e + ci(b, nt - 1)] -= tvalue
 
+    if not per_unit:
+        # The site's total moves: churn[0, t] >= |sum_b (d - c)[b, t] - (d - c)[b, t - 1]|, t >= 1
+        # (the columns churn[b > 0, t >= 1] stay unused, at no cost).
+        for t in range(1, nt):
+            move: dict[int, float] = {}
+            for b in range(nb):
+                move[off_d + ci(b, t)] = 1.0
+                move[off_c + ci(b, t)] = -1.0
+                move[off_d + ci(b, t - 1)] = -1.0
+                move[off_c + ci(b, t - 1)] = 1.0
+            rows_ub.append(({**move, off_ch + ci(0, t): -1.0}, 0.0))
+            rows_ub.append(({**{k: -v for k, v in move.items()}, off_ch + ci(0, t): -1.0}, 0.0))
+            cost[off_ch + ci(0, t)] = costs.change_cost_per_kw
     lb[off_g : off_g + nt] = -np.inf
     for t in range(nt):
         # g - sum(c - d) = load - pv

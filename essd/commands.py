@@ -47,6 +47,8 @@ __all__ = [
     "ModeCommand",
     "PricesCommand",
     "ReserveCommand",
+    "SessionCommand",
+    "SessionTarget",
     "SetpointCommand",
 ]
 
@@ -363,6 +365,80 @@ class ForecastCommand(_SeriesCommand):
             target.set_forecast_override(name, self.start.timestamp(), self.step_s, tuple(values))
 
 
+#: Longest ahead a session's departure may be announced, s.
+MAX_DEPARTURE_AHEAD_S = 7 * 86_400.0
+
+
+@runtime_checkable
+class SessionTarget(Protocol):
+    """A daemon with EV chargers (or swap slots): it takes users' session requests.
+
+    Separate from :class:`CommandTarget` so that a site without chargers need not implement
+    it; ``cmd/session`` to such a site is refused with ``command: ...``.
+    """
+
+    def set_session_request(
+        self,
+        charger: str,
+        departure_s: float | None,
+        energy_wh: float | None,
+        target_soc: float | None,
+        capacity_wh: float | None,
+        /,
+    ) -> None:
+        """Set the request for the session on ``charger`` (an unknown charger: ``charger: ...``)."""
+        ...
+
+
+class SessionCommand(CommandModel):
+    """``cmd/session``: what the vehicle on a charger needs and when it leaves.
+
+    Give ``departure`` and/or the energy: ``energy_wh`` (battery energy wanted for the
+    session in total) or ``target_soc`` with ``capacity_wh``. What is not given falls back to
+    the learned departure and the charger's default energy. The request ends with the session.
+    """
+
+    charger: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$",
+        description="Charger id (its OCPP identity; id:N for its N-th connector)",
+    )
+    departure: Timestamp | None = Field(None, description="When the vehicle leaves")
+    energy_wh: float | None = Field(
+        None, ge=0.0, le=1_000_000.0, allow_inf_nan=False, description="Battery energy wanted, Wh"
+    )
+    target_soc: float | None = Field(
+        None, ge=0.0, le=1.0, allow_inf_nan=False, description="SoC ratio wanted at departure"
+    )
+    capacity_wh: float | None = Field(
+        None, gt=0.0, le=1_000_000.0, allow_inf_nan=False, description="Vehicle battery, Wh"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.departure is None and self.energy_wh is None and self.target_soc is None:
+            raise ValueError("departure: give departure, energy_wh or target_soc")
+        if self.energy_wh is not None and self.target_soc is not None:
+            raise ValueError("target_soc: give energy_wh or target_soc, not both")
+        if (self.target_soc is None) != (self.capacity_wh is None):
+            raise ValueError("capacity_wh: target_soc needs capacity_wh (and only it)")
+        return self
+
+    def apply(self, target: CommandTarget, now: float) -> None:
+        """Call ``set_session_request`` when the target has chargers."""
+        departure = None
+        if self.departure is not None:
+            departure = self.departure.timestamp()
+            if departure <= now:
+                raise CommandRejected("departure: already in the past")
+            if departure > now + MAX_DEPARTURE_AHEAD_S:
+                raise CommandRejected(f"departure: more than {MAX_DEPARTURE_AHEAD_S:g} s ahead")
+        if not isinstance(target, SessionTarget):
+            raise CommandRejected("command: this site has no chargers")
+        target.set_session_request(
+            self.charger, departure, self.energy_wh, self.target_soc, self.capacity_wh
+        )
+
+
 #: Command name (the last topic level) -> payload model.
 COMMANDS: Mapping[str, type[CommandModel]] = {
     "mode": ModeCommand,
@@ -370,4 +446,5 @@ COMMANDS: Mapping[str, type[CommandModel]] = {
     "setpoint": SetpointCommand,
     "prices": PricesCommand,
     "forecast": ForecastCommand,
+    "session": SessionCommand,
 }

@@ -43,6 +43,7 @@ from pydantic_settings import (
 )
 
 from essd import DEFAULT_CONFIG_PATH as _DEFAULT_CONFIG_PATH
+from essd.config_ev import ChargerConfig, OcppConfig
 from essd.config_forecast import ForecastConfig, PvArrayConfig, TariffConfig, TouWindow
 
 __all__ = [
@@ -410,6 +411,8 @@ class Settings(BaseSettings):
     state: StateConfig = StateConfig()
     logging: LoggingConfig = LoggingConfig()
     profile_dirs: tuple[Path, ...] = ()
+    ocpp: OcppConfig | None = None
+    chargers: tuple[ChargerConfig, ...] = ()
 
     @model_validator(mode="after")
     def _unique_ids(self) -> Self:

@@ -37,9 +37,11 @@ from essd.devices import ManagedDevice, envelope_for
 from essd.domain import DeviceClass
 from essd.endpoints import build_driver
 from essd.events import DaemonStatus, DaemonStatusChanged, EventBus
+from essd.flexloads import FlexLoads
 from essd.forecast import Forecaster
 from essd.metrics import MetricsExporter, MetricsServer
 from essd.mqtt import open_bridge
+from essd.ocpp import CentralSystem
 from essd.sdnotify import SystemdNotifier
 from essd.sitecheck import validate_site
 from essd.state import StateStore, resolve_state_directory
@@ -100,8 +102,18 @@ def build_controller(
             )
         )
     forecaster = Forecaster(settings.forecast, settings.tariff, settings.site.timezone)
+    flex = None
+    if settings.ocpp is not None:
+        # EV chargers connect to essd's OCPP central system (started with the services).
+        central = CentralSystem(settings.ocpp, settings.chargers, clock=clock)
+        flex = FlexLoads(
+            central,
+            [key for c in settings.chargers for key in c.connector_ids],
+            import_limit_w=settings.site.grid_import_limit_w,
+            profile_validity_s=settings.ocpp.profile_validity_s,
+        )
     return Controller(
-        settings=settings, devices=devices, forecaster=forecaster, clock=clock, bus=bus
+        settings=settings, devices=devices, forecaster=forecaster, clock=clock, bus=bus, flex=flex
     )
 
 
@@ -223,6 +235,8 @@ class Daemon:
             await stack.enter_async_context(
                 open_bridge(self.settings, self.bus, controller, self.clock)
             )
+            if controller.flex is not None and isinstance(controller.flex.port, CentralSystem):
+                await stack.enter_async_context(controller.flex.port)
             yield
 
     async def _cycles(self, controller: Controller, duration_s: float | None) -> None:

@@ -241,6 +241,8 @@ class Plan:
     ``grid_w[t]``: predicted grid power, > 0 imports.
     ``import_price[t]``/``export_price[t]``: the prices per kWh the plan was optimized against
     (empty when the producer does not record them).
+    ``session_power_w[session][t]``: flexible loads (EV sessions, swap packs), battery sign
+    (< 0 charges the vehicle, > 0 is V2G); empty when the plan has none (lower rungs).
     """
 
     created_at: float
@@ -258,6 +260,7 @@ class Plan:
     solve_s: float = 0.0
     import_price: tuple[float, ...] = ()
     export_price: tuple[float, ...] = ()
+    session_power_w: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
     @property
     def steps(self) -> int:

@@ -208,6 +208,8 @@ class CycleCompleted(Event):
     net_load_w: float | None = None
     billing_peak_w: float = 0.0
     forecast: ForecastRecord | None = None
+    # EV chargers: the limit (W) sent to each this cycle (empty when none was sent).
+    charger_limits_w: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def cause(self) -> PlanCause:

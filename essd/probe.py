@@ -8,8 +8,7 @@ register reporting a fault. It writes nothing unless ``--write-test`` is given: 
 confirmation, a small charge / idle / discharge / idle cycle with read-back, and idle (safe
 mode) on every way out.
 
-Exit codes: 0 every check passed, 1 a check failed or the device did not answer, 2 invalid
-arguments or profile.
+The command line (arguments, exit codes) is :mod:`essd.probe_cli`.
 
 Battery power in W: > 0 discharges into the site, < 0 charges.
 """
@@ -34,10 +33,6 @@ from drivers.profile import Profile, RegisterSpec
 from drivers.profile_parts import Severity
 
 __all__ = ["Report", "Row", "TransportError", "parse_transport", "probe"]
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_INVALID = 2
 
 # A reading may exceed the nameplate rating by this much before it counts as implausible
 # (inverters briefly overshoot; a wrong scale is off by 10x or more).

@@ -108,6 +108,10 @@ def validate_site(settings: Settings, source: str = "configuration") -> SiteChec
             "site's import and export limits cannot be verified, so every battery idles"
         )
 
+    charger_problems, charger_warnings = _charger_checks(settings, source, has_meter=bool(meters))
+    problems += charger_problems
+    warnings += charger_warnings
+
     series: Path | None = settings.forecast.series_file
     if series is not None:
         try:
@@ -115,6 +119,27 @@ def validate_site(settings: Settings, source: str = "configuration") -> SiteChec
         except ForecastError as exc:
             problems.append(f"{source}: forecast.series_file: {exc}")
     return SiteCheck(tuple(problems), tuple(warnings))
+
+
+def _charger_checks(
+    settings: Settings, source: str, *, has_meter: bool
+) -> tuple[list[str], list[str]]:
+    """EV chargers: duplicate ids refused; chargers without OCPP, OCPP without a meter warned."""
+    ids = [c.id for c in settings.chargers]
+    problems = [
+        f"{source}: chargers.{i}.id: duplicate charger id {cid!r}"
+        for i, cid in enumerate(ids)
+        if cid in ids[:i]
+    ]
+    warnings = []
+    if settings.chargers and settings.ocpp is None:
+        warnings.append(f"{source}: chargers: no [ocpp] section: the chargers are not controlled")
+    if settings.ocpp is not None and not has_meter:
+        warnings.append(
+            f"{source}: ocpp: no grid meter: the chargers stay paused (the import limit cannot"
+            " be verified)"
+        )
+    return problems, warnings
 
 
 def _endpoint_problems(settings: Settings, source: str) -> list[str]:

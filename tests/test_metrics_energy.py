@@ -42,6 +42,7 @@ def test_energy_families_from_one_cycle() -> None:
         totals=dataclasses.replace(ev.totals, battery_charged_wh=500.0, pv_wh=250.0, savings=-1.5),
         net_load_w=2200.0,
         billing_peak_w=8000.0,
+        charger_limits_w={"wallbox": 3680.0, "cp2:2": 0.0},
         forecast=ForecastRecord(
             ev.time, 900.0, (2000.0,) * 96, tuple(float(k) for k in range(96)), (581.0,) * 96
         ),
@@ -58,6 +59,8 @@ def test_energy_families_from_one_cycle() -> None:
     assert got[("essd_site_pv_energy_joules_total", ())] == 250.0 * 3600.0
     assert got[("essd_site_savings", ())] == -1.5
     assert got[("essd_billing_peak_import_watts", ())] == 8000.0
+    assert got[("essd_charger_limit_watts", (("charger", "wallbox"),))] == 3680.0
+    assert got[("essd_charger_limit_watts", (("charger", "cp2:2"),))] == 0.0
     assert got[("essd_device_alarms", (("device", "home2"),))] == 1.0
     assert got[("essd_device_alarms", (("device", "bess1"),))] == 0.0
     ahead = {

@@ -40,6 +40,7 @@ VALID: dict[str, dict[str, Any]] = {
     "setpoint": {"device": "bess1", "power_w": -2500.0, "ttl_s": 300},
     "prices": {"start": "2026-01-01T09:00:00+08:00", "step_s": 900, "import_price": [0.5, 1.2]},
     "forecast": {"start": T0, "step_s": 3600, "load_w": [800, 900, 1000], "pv_w": [0, 50, 400]},
+    "session": {"charger": "cp1", "departure": "2026-01-01T07:30:00Z", "energy_wh": 18000},
 }
 
 

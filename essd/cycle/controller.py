@@ -28,9 +28,10 @@ from essd.cycle.forecasting import CycleForecast, measured_pv
 from essd.cycle.guarding import GuardPhase, device_records
 from essd.cycle.plan_codec import obj, optional_number, plan_data, plan_from_data
 from essd.devices import ManagedDevice
-from essd.dispatch import BatterySpec, Dispatcher
+from essd.dispatch import BatterySpec, Dispatcher, FlexSpec
 from essd.domain import BatteryReading, MeterReading, Plan, PlanCause, Snapshot
 from essd.events import CycleCompleted, EventBus, SiteTotals
+from essd.flexloads import DepartureLearner, FlexLoads
 from essd.forecast import Forecast, Forecaster, Override
 from essd.safety import DeviceEnvelope
 
@@ -51,8 +52,10 @@ class Controller:
         clock: Clock,
         bus: EventBus,
         dispatcher: Dispatcher | None = None,
+        flex: FlexLoads | None = None,
     ) -> None:
         self.settings = settings
+        self.flex = flex  # EV chargers (essd.flexloads), planned with the batteries
         self.devices = {d.id: d for d in devices}
         self.batteries = [d for d in devices if not d.is_meter and d.envelope is not None]
         meters = [d for d in devices if d.is_meter]
@@ -78,7 +81,7 @@ class Controller:
             if d.envelope is not None
         ]
         self.dispatcher = dispatcher
-        if self.dispatcher is None and self.specs:
+        if self.dispatcher is None and (self.specs or flex is not None):
             self.dispatcher = Dispatcher(
                 self.specs,
                 ctl.horizon_steps,
@@ -87,6 +90,7 @@ class Controller:
                 change_cost_per_kw=ctl.churn_penalty_per_kw,
                 aggregate=ctl.aggregate_identical_units,
                 clusters=ctl.aggregate_clusters,
+                flex=FlexSpec(flex.columns) if flex is not None else None,
             )
         self.mode = Mode.AUTO
         self.reserve_override: float | None = None
@@ -108,8 +112,11 @@ class Controller:
             envelope=self._envelope,
             peak_w=lambda: self.accounting.peak.peak_w,
             realtime=self._realtime,
+            sessions=flex.sessions if flex is not None else None,
         )
-        self._forecast = CycleForecast(settings, forecaster, self._phase_failed)
+        self._forecast = CycleForecast(
+            settings, forecaster, self._phase_failed, flex.drawn_w if flex is not None else None
+        )
         self.credibility = CredibilityMonitor(
             settings_for_site(settings, [d.envelope for d in self.batteries if d.envelope]),
             {d.id: soc_resolution(d.profile) for d in self.batteries},
@@ -193,6 +200,12 @@ class Controller:
             raise CommandRejected(f"quantity: not a forecast series: {quantity!r}")
         self.forecaster.set_override(quantity, Override(start, step_s, tuple(values)))
 
+    def set_session_request(self, charger: str, *request: float | None) -> None:
+        """``cmd/session`` (essd.commands.SessionTarget): departure, energy, SoC, capacity."""
+        if self.flex is None:
+            raise CommandRejected("command: this site has no chargers")
+        self.flex.request(charger, *request)
+
     # --- durable state ---------------------------------------------------------------------
 
     def durable_state(self) -> dict[str, Any]:
@@ -204,6 +217,7 @@ class Controller:
             "mode": self.mode,
             "reserve_override": self.reserve_override,
             "last_plan": None if last is None else plan_data(last),
+            "departures": self.flex.book.learner.state() if self.flex is not None else None,
         }
 
     def restore(self, data: Mapping[str, Any]) -> None:
@@ -220,10 +234,13 @@ class Controller:
         if reserve is not None:
             self._check_reserve(reserve)
         plan = None if data.get("last_plan") is None else plan_from_data(obj(data, "last_plan"))
+        learned = DepartureLearner.from_state(data.get("departures"))
         self.forecaster.restore(data.get("forecaster"))  # the last check: all or nothing
         self.accounting.totals, self.accounting.peak, self.mode = totals, peak, mode
         self.accounting.unit_wh = unit_wh
         self.reserve_override = reserve
+        if self.flex is not None:
+            self.flex.book.learner = learned
         if plan is not None and set(plan.device_ids) == {d.id for d in self.batteries}:
             self.decider.last_plan = plan
 
@@ -285,6 +302,8 @@ class Controller:
             errors=errors,
         )
         phase["guard"] = time.perf_counter() - t
+
+        self._chargers_phase(plan, None if standby else grid, errors)
 
         t = time.perf_counter()
         outcomes = await write.write_all(
@@ -351,6 +370,7 @@ class Controller:
             net_load_w=net_load_w(snapshot, grid),
             billing_peak_w=self.accounting.peak.peak_w,
             forecast=forecast_record(forecast, plan.steps or ctl.horizon_steps),
+            charger_limits_w=dict(self.flex.last_limits_w) if self.flex is not None else {},
         )
         self.bus.publish(event)
         return event
@@ -372,6 +392,14 @@ class Controller:
         except Exception as exc:
             errors["snapshot"] = self._phase_failed("snapshot", exc)
             return Snapshot(time=now, mono=mono, batteries={}, meter=None), None
+
+    def _chargers_phase(self, plan: Plan, grid: float | None, errors: dict[str, str]) -> None:
+        """EV chargers' limits, own error boundary; ``grid`` None (no meter, standby): pause."""
+        try:
+            if self.flex is not None:
+                self.flex.apply(plan, None if grid is None else grid - self.flex.drawn_w())
+        except Exception as exc:
+            errors["chargers"] = self._phase_failed("chargers", exc)
 
     async def _decide_phase(
         self,

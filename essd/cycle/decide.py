@@ -27,6 +27,7 @@ from essd.dispatch import (
     safe_idle_plan,
     terminal_value,
 )
+from essd.dispatch.sessions import FlexSession
 from essd.domain import BatteryReading, LiveLimits, Plan, PlanCause, Snapshot
 from essd.forecast import Forecast
 from essd.ladder import SOLVED, descend
@@ -84,8 +85,11 @@ class Decider:
         envelope: Callable[[ManagedDevice], DeviceEnvelope],
         peak_w: Callable[[], float],
         realtime: bool,
+        sessions: Callable[[float], Sequence[FlexSession]] | None = None,
     ) -> None:
         self._settings = settings
+        # Flexible loads (EV sessions; essd.flexloads) planned with the batteries.
+        self._sessions = sessions
         self._batteries = list(batteries)
         self._specs = list(specs)
         self._dispatcher = dispatcher
@@ -298,4 +302,5 @@ class Decider:
             peak_margin_w=None
             if forecast.load_spread_w is None
             else (PEAK_MARGIN_SPREADS * forecast.load_spread_w).tolist(),
+            sessions=tuple(self._sessions(now)) if self._sessions is not None else (),
         )

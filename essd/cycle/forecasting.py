@@ -31,8 +31,11 @@ class CycleForecast:
         settings: Settings,
         forecaster: Forecaster,
         on_failure: Callable[[str, BaseException], str],
+        flexible_w: Callable[[], float] | None = None,
     ) -> None:
         self._settings = settings
+        # What EV chargers draw (W): planned as sessions, so kept out of the learned load.
+        self._flexible_w = flexible_w
         self._forecaster = forecaster
         self._on_failure = on_failure
         self._tz = ZoneInfo(settings.site.timezone)
@@ -47,6 +50,8 @@ class CycleForecast:
             net = grid + sum(
                 r.power_w.value or 0.0 for r in snapshot.batteries.values() if r.power_w.valid
             )
+            if self._flexible_w is not None:
+                net -= self._flexible_w()
         try:
             if net is not None:
                 self._forecaster.observe(now, net, measured_pv(snapshot))

@@ -2,6 +2,8 @@
 
 - :mod:`essd.dispatch.inputs`: batteries, per-cycle inputs and their validation;
 - :mod:`essd.dispatch.model`: the LP (variables, constraints, objective; DPP, built once);
+- :mod:`essd.dispatch.flex` / :mod:`essd.dispatch.sessions` / :mod:`essd.dispatch.swap`:
+  EV sessions and swap packs as flexible-load columns (``FlexSpec``);
 - :mod:`essd.dispatch.lpmaps`: the LP's HiGHS data as affine maps of its parameters (derived
   once from cvxpy's compiled problem, applied with numpy every cycle);
 - :mod:`essd.dispatch.highs`: the persistent, hot-started HiGHS solve;
@@ -14,12 +16,9 @@ Sign conventions: battery power W > 0 discharges into the site, < 0 charges; gri
 imports. SoC is a ratio 0..1.
 """
 
-from essd.dispatch.dispatcher import (
-    DEFAULT_SOLVER,
-    Dispatcher,
-    SolverHealth,
-    SolveTiming,
-)
+from essd.dispatch.dispatcher import DEFAULT_SOLVER, Dispatcher
+from essd.dispatch.flex import FlexSpec
+from essd.dispatch.health import SolverHealth, SolveTiming
 from essd.dispatch.inputs import (
     BatterySpec,
     DispatchInputs,
@@ -34,6 +33,7 @@ __all__ = [
     "BatterySpec",
     "DispatchInputs",
     "Dispatcher",
+    "FlexSpec",
     "InvalidDispatchInputsError",
     "SolveTiming",
     "SolverHealth",

@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import cvxpy
 import numpy as np
 
 from essd.dispatch.aggregate import Aggregation
+from essd.dispatch.flex import FlexSpec
+from essd.dispatch.health import SolverHealth, SolveTiming
 from essd.dispatch.highs import HighsHotStart
 from essd.dispatch.inputs import (
     BatterySpec,
@@ -95,37 +96,6 @@ class _SolveFailedError(Exception):
         self.overrun = overrun
 
 
-@dataclass(frozen=True, slots=True)
-class SolveTiming:
-    """Where the last solve's time went, seconds: total, inside the solver, solves run."""
-
-    total_s: float
-    solver_s: float
-    solves: int
-
-
-@dataclass(frozen=True, slots=True)
-class SolverHealth:
-    """Whether the optimizer's solver still works, for metrics and alerts.
-
-    A solve *fails* when it ends without a plan for any reason other than running out of its
-    time budget: a non-optimal solver status (infeasible, error, a limit hit long before the
-    budget was used) or an exception. A budget overrun neither counts as a failure nor ends
-    a streak (a large site may need a few cycles of a short budget to converge); a solve that
-    returns an optimized plan (rung 1 or 2) ends it.
-
-    - ``solver_failures_consecutive``: failed solves since the last successful one (a gauge;
-      0 when healthy).
-    - ``solver_failures_total``: failed solves since the Dispatcher was built (a counter).
-    - ``solver_rebuilds_total``: times the solver was thrown away and rebuilt cold because
-      ``rebuild_after_failures`` solves in a row failed (a counter; see :class:`Dispatcher`).
-    """
-
-    solver_failures_consecutive: int = 0
-    solver_failures_total: int = 0
-    solver_rebuilds_total: int = 0
-
-
 FallbackPlanner = Callable[[Sequence[BatterySpec], DispatchInputs], Plan]
 
 
@@ -183,8 +153,10 @@ class Dispatcher:
         rebuild_after_failures: int = DEFAULT_REBUILD_AFTER_FAILURES,
         aggregate: bool = False,
         clusters: int | None = None,
+        flex: FlexSpec | None = None,
     ) -> None:
-        if not batteries:
+        self.flex = flex or FlexSpec(0)  # EV sessions / swap packs (essd.dispatch.flex)
+        if not batteries and not self.flex.columns:
             raise InvalidDispatchInputsError("batteries", "at least one battery is needed")
         ids = [b.id for b in batteries]
         if len(set(ids)) != len(ids):
@@ -251,7 +223,7 @@ class Dispatcher:
         model = self._models.get(step_s)
         if model is None:
             specs = self.batteries if self._agg is None else self._agg.specs
-            model = DispatchModel(specs, self.steps, step_s / 3600.0, **self._costs)
+            model = DispatchModel(specs, self.steps, step_s / 3600.0, **self._costs, flex=self.flex)
             self._models[step_s] = model
         return model
 
@@ -272,6 +244,7 @@ class Dispatcher:
     def validate(self, inputs: DispatchInputs) -> None:
         """Raise InvalidDispatchInputsError (a ValueError naming the field) for unusable inputs."""
         validate_inputs(self.batteries, self.steps, inputs)
+        self.flex.arrays(inputs, self.steps)
 
     def solve(self, inputs: DispatchInputs, *, budget_s: float, last_plan: Plan | None) -> Plan:
         """Plan the horizon, walking down the fallback ladder when the solve fails or is late.
@@ -286,10 +259,11 @@ class Dispatcher:
         if not (math.isfinite(budget_s) and budget_s > 0):
             raise InvalidDispatchInputsError("budget_s", f"must be > 0, got {budget_s!r}")
         a = validate_inputs(self.batteries, self.steps, inputs)
+        a = self.flex.prepare(inputs, self.steps, a)
         # Real compute time, not the injectable clock: the budget is about this thread's work.
         started = time.perf_counter()
         try:
-            plan = self._optimize(inputs, a, budget_s, started)
+            plan = self.flex.attach(self._optimize(inputs, a, budget_s, started))
         except _SolveFailedError as exc:
             cause, reason = exc.cause, str(exc)
             if not exc.overrun:
@@ -462,6 +436,7 @@ class Dispatcher:
                 PlanCause.SOLVER_TIMEOUT, f"solver timeout after {elapsed:.2f} s", overrun=True
             )
         slack = self._slack(model, full)
+        self.flex.collect(model.flex, slack, self.steps)
         rung = FallbackRung.SOFT if slack else FallbackRung.OPTIMAL
         reason = _solved_reason(slack, fixed, overlap)
         return make_plan(

@@ -11,7 +11,8 @@ for more simplex iterations.
 
 The data of each re-solve come from :class:`essd.dispatch.lpmaps.LpMaps` rather than from
 cvxpy's ``get_problem_data``: at 1 x 96 the re-solve went from 2.3 ms (86 % outside HiGHS)
-to 0.8-1.0 ms, 14x faster than cvxpy's own ``solve`` measured in the same run. cvxpygen was
+to 0.8-1.0 ms, 4.7-8.5x faster than cvxpy's own ``solve`` on the same inputs (interleaved,
+``optimizer.speedup_vs_cvxpy_path``; the loaded dev machine moves the ratio). cvxpygen was
 not taken: its solver interfaces are OSQP, SCS, ECOS, Clarabel, QOCO and PDAQP
 (cvxgrp/cvxpygen, cvxpygen/solvers/), not HiGHS, and the LP would lose the hot-started
 simplex that keeps large sites fast.
@@ -66,7 +67,7 @@ _silence_highs_banner()
 
 
 # From this many LP columns on, a cold solve (no basis yet) runs HiGHS's interior point method.
-_IPM_COLD_COLUMNS = 30_000
+_IPM_COLD_COLUMNS = 4_000
 
 
 # HiGHS's simplex_strategy values: serial dual simplex (its default), primal simplex.
@@ -151,8 +152,11 @@ class HighsHotStart:
         self._lp_now = lp
         self._a_data = a_mat.data.copy()
         # Without a basis to start from, a large LP solves faster by interior point (with
-        # crossover, which leaves the basis the next cycles hot-start from): measured at
-        # 100 x 288, 6.2-7.5 s against 12.6 s of dual simplex; below ~30k columns simplex wins.
+        # crossover, which leaves the basis the next cycles hot-start from). Measured with
+        # the LP that penalises every setpoint change (a churn column per unit and step):
+        # 10 x 96 (4.3k columns) 0.14 s against 0.29 s of dual simplex, 10 x 288 (13k)
+        # 1.35 s against 6.1 s, 30 x 96 0.78 s against 3.4 s; 1 x 288 (2.6k) 0.05 s against
+        # 0.04 s. (Before that LP, simplex won up to ~30k columns.)
         if a_mat.shape[1] >= _IPM_COLD_COLUMNS and "solver" not in self._options:
             h.setOptionValue("solver", "ipm")
         return h
@@ -184,9 +188,11 @@ class HighsHotStart:
         # So the limit is this run's budget on top of the clock's reading (as HiGHS.jl does).
         h.setOptionValue("time_limit", float(h.getRunTime() + max(time_limit_s, 1e-3)))
         # After the horizon moved on, every price and forecast value sits one step earlier:
-        # primal simplex gets there in far fewer iterations than dual (measured at 100 x 288:
-        # ~900 instead of ~3,300 iterations, 1.1 s instead of 3.3 s, on a loaded machine),
-        # while dual stays faster for the small changes between steps.
+        # primal simplex gets there in fewer iterations than dual (measured at 100 x 288:
+        # ~900 instead of ~3,300 iterations; 10 x 288 with the LP that penalises every
+        # setpoint change, runs A-B-A-B of 30 cycles: shift re-solves 546-794 ms against
+        # 1,008-1,080 ms, the other re-solves unchanged), while dual stays faster for the
+        # small changes between steps.
         primal = shift > 0 and "simplex_strategy" not in self._options and same_matrix
         if primal:
             h.setOptionValue("simplex_strategy", _PRIMAL_SIMPLEX)

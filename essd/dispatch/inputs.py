@@ -11,12 +11,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from essd.domain import LiveLimits
+
+if TYPE_CHECKING:
+    from essd.dispatch.sessions import FlexSession
 
 __all__ = [
     "BatterySpec",
@@ -106,6 +109,8 @@ class DispatchInputs:
       the demand charge is planned against import + margin (headroom for forecast error).
     - ``pv_curtailable``: the PV inverters can curtail (an export limiter, a power limit):
       the plan may curtail up to ``pv_w`` per step.
+    - ``sessions``: flexible loads with a deadline (EV sessions, swap packs), see
+      :mod:`essd.dispatch.sessions`; at most the Dispatcher's flexible-load columns (``FlexSpec``).
     """
 
     time: float
@@ -130,6 +135,7 @@ class DispatchInputs:
     terminal_value_per_kwh: float = 0.0
     pv_curtailable: bool = False
     peak_margin_w: Sequence[float] | None = None
+    sessions: Sequence[FlexSession] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,7 @@ import cvxpy
 import numpy as np
 import numpy.typing as npt
 
+from essd.dispatch.flex import FlexModel, FlexSpec
 from essd.dispatch.highs import HighsHotStart
 from essd.dispatch.inputs import BatterySpec, DispatchArrays, energy_window
 from essd.dispatch.lpmaps import set_parameter
@@ -83,13 +84,19 @@ class DispatchModel:
         violation_cost_per_kwh: float,
         terminal_shortfall_cost_per_kwh: float,
         hold_value_per_kwh: float = HOLD_VALUE_PER_KWH,
+        flex: FlexSpec | None = None,
     ) -> None:
         nb, nt = len(batteries), steps
         self.batteries = tuple(batteries)
         self.h = h
-        eta_c = np.array([[b.charge_efficiency] for b in batteries]) * np.ones((1, nt))
-        inv_eta_d = np.array([[1.0 / b.discharge_efficiency] for b in batteries]) * np.ones((1, nt))
-        deg = np.array([[b.degradation_cost_per_kwh] for b in batteries]) * np.ones((1, nt))
+        # Flexible loads (EV sessions, swap packs; essd.dispatch.flex), None without columns.
+        fm: FlexModel | None = flex.model(nt, h) if flex is not None else None
+        self.flex = fm
+        # (B, T) also for B = 0 (a site of flexible loads only).
+        ones = np.ones((1, nt))
+        eta_c = np.reshape([b.charge_efficiency for b in batteries], (nb, 1)) * ones
+        inv_eta_d = np.reshape([1 / b.discharge_efficiency for b in batteries], (nb, 1)) * ones
+        deg = np.reshape([b.degradation_cost_per_kwh for b in batteries], (nb, 1)) * ones
 
         # No sign attributes: cvxpy then skips a value check per assignment, and validation
         # has already established the signs.
@@ -134,7 +141,8 @@ class DispatchModel:
         constraints = [
             e[:, 0] == p["e0"] + flow[:, 0],
             e[:, 1:] == e[:, :-1] + flow[:, 1:],
-            g == p["net"] + cp.sum(c - d, axis=0) + curt,
+            # Flexible loads (EV sessions, swap packs) draw from the same site balance.
+            g == p["net"] + cp.sum(c - d, axis=0) + curt + (fm.site_kw if fm else 0),
             gp >= g,
             g <= p["imp_lim"] + s_imp,
             g >= -p["exp_lim"] - s_exp,
@@ -159,6 +167,9 @@ class DispatchModel:
             + terminal_shortfall_cost_per_kwh * cp.sum(short)
             + violation_cost_per_kwh * h * cp.sum(s_imp + s_exp)
         )
+        if fm is not None:
+            constraints += fm.constraints
+            objective += fm.cost
         self.problem = cp.Problem(cp.Minimize(objective), constraints)
         self.hot: HighsHotStart | None = None
         # floor(time / step) of the last solve's horizon start (see Dispatcher._optimize).
@@ -175,6 +186,8 @@ class DispatchModel:
         self, a: DispatchArrays, ub_c: FloatArray, ub_d: FloatArray
     ) -> tuple[FloatArray, FloatArray]:
         """Set every parameter from validated inputs; returns the energy window used."""
+        if self.flex is not None:
+            self.flex.refresh()
         e_lo, e_hi = energy_window(self.batteries, a, ub_c, ub_d)
         values = {
             "ub_c": ub_c,

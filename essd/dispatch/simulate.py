@@ -22,8 +22,8 @@ def stored_energy(
     batteries: Sequence[BatterySpec], a: DispatchArrays, power_kw: FloatArray
 ) -> FloatArray:
     """Energy (kWh) at the end of each step when ``power_kw`` (B, T; battery sign) is applied."""
-    eta_c = np.array([[b.charge_efficiency] for b in batteries])
-    eta_d = np.array([[b.discharge_efficiency] for b in batteries])
+    eta_c = np.reshape([b.charge_efficiency for b in batteries], (len(batteries), 1))
+    eta_d = np.reshape([b.discharge_efficiency for b in batteries], (len(batteries), 1))
     flow = a.h * (eta_c * np.maximum(-power_kw, 0.0) - np.maximum(power_kw, 0.0) / eta_d)
     energy: FloatArray = a.e0[:, None] + np.cumsum(flow, axis=1)
     return energy

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from essd.hil.ev_cli import add_parser as add_ev_parser
+
 if TYPE_CHECKING:
     from essd.events import CycleCompleted
 
@@ -183,3 +185,4 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a.add_argument("--report", type=Path, default=None, help="one report folder per scenario")
     a.add_argument("--log-level", choices=levels, default="ERROR")
     a.set_defaults(func=cmd_hil_run_all)
+    add_ev_parser(hsub)

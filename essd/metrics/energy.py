@@ -110,7 +110,23 @@ def _flows(ev: CycleCompleted) -> list[Metric | None]:
             ev.billing_peak_w,
         ),
         alarms,
+        _chargers(ev),
     ]
+
+
+def _chargers(ev: CycleCompleted) -> Metric | None:
+    """The limit sent to each EV charger this cycle (absent on sites without chargers)."""
+    if not ev.charger_limits_w:
+        return None
+    fam = GaugeMetricFamily(
+        "essd_charger_limit_watts",
+        "Power limit essd sent the EV charger this cycle (0 pauses it).",
+        labels=["charger"],
+    )
+    for charger, w in sorted(ev.charger_limits_w.items()):
+        if finite(w):
+            fam.add_metric([charger], w)
+    return fam
 
 
 def _totals(ev: CycleCompleted) -> list[Metric | None]:

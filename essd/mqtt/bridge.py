@@ -103,6 +103,7 @@ class MqttBridge:
         currency: str = "",
         rng: random.Random | None = None,
         limits: CommandLimits | None = None,
+        charger_ids: tuple[str, ...] = (),
     ) -> None:
         self._config = config
         self._site_id = site_id
@@ -129,8 +130,12 @@ class MqttBridge:
         self._device_state: dict[str, tuple[DeviceState, str, float]] = {}
         self._dirty: set[_Dirty] = set()
         self._dirty_devices: set[str] = set()
+        # EV chargers get Home Assistant entities for their session requests (cmd/session).
         self._discovery = DiscoveryPublisher(
-            self.topics, currency=currency, setpoint_ttl_s=config.ha_setpoint_ttl_s
+            self.topics,
+            currency=currency,
+            setpoint_ttl_s=config.ha_setpoint_ttl_s,
+            charger_ids=charger_ids,
         )
         self._plan_sent: Plan | None = None
         self._wake = asyncio.Event()
@@ -484,6 +489,7 @@ async def open_bridge(
         clock,
         currency=settings.tariff.currency,
         limits=command_limits(settings.mqtt, settings.control),
+        charger_ids=tuple(key for c in settings.chargers for key in c.connector_ids),
     )
     async with bridge:
         yield bridge

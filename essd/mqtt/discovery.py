@@ -107,8 +107,10 @@ def discovery_messages(
     version: str = __version__,
     pv_measured: bool = False,
     setpoint_ttl_s: float = DEFAULT_SETPOINT_TTL_S,
+    charger_ids: Iterable[str] = (),
 ) -> list[tuple[str, bytes]]:
-    """Home Assistant MQTT discovery configs (topic, JSON) for the site and its units."""
+    """Home Assistant MQTT discovery configs (topic, JSON) for the site, its units and its EV
+    chargers (a session's energy and departure, sent as ``cmd/session``)."""
     node = topics.node_id
     site_device = {
         "identifiers": [node],
@@ -201,7 +203,27 @@ def discovery_messages(
     )  # fmt: skip
     for unit in sorted((u if isinstance(u, UnitInfo) else UnitInfo(u) for u in units), key=str):
         _unit_entities(entity, topics, unit, version=version, ttl_s=setpoint_ttl_s)
+    for charger in sorted(charger_ids):
+        _charger_entities(entity, topics, charger)
     return out
+
+
+def _charger_entities(entity: Any, topics: Topics, charger: str) -> None:
+    """A charger's session request as HA entities: energy wanted (kWh) and departure."""
+    key = re.sub(r"[^a-z0-9_]", "_", charger.lower())
+    common = {"command_topic": topics.command("session")}
+    entity(
+        "number", f"{key}_session_energy", f"{charger} energy wanted",
+        command_template=(
+            f'{{"charger": "{charger}", "energy_wh": {{{{ (value | float * 1000) | round(0) }}}}}}'
+        ),
+        min=0, max=200, step=1, unit_of_measurement="kWh", mode="box", **common,
+    )  # fmt: skip
+    entity(
+        "text", f"{key}_session_departure", f"{charger} departure",
+        command_template=f'{{"charger": "{charger}", "departure": "{{{{ value }}}}"}}',
+        pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2})?([+-]\d{2}:\d{2}|Z)$", **common,
+    )  # fmt: skip
 
 
 def _unit_entities(entity: Any, topics: Topics, u: UnitInfo, *, version: str, ttl_s: float) -> None:
@@ -263,9 +285,15 @@ class DiscoveryPublisher:
     """
 
     def __init__(
-        self, topics: Topics, *, currency: str = "", setpoint_ttl_s: float = DEFAULT_SETPOINT_TTL_S
+        self,
+        topics: Topics,
+        *,
+        currency: str = "",
+        setpoint_ttl_s: float = DEFAULT_SETPOINT_TTL_S,
+        charger_ids: tuple[str, ...] = (),
     ) -> None:
         self.topics = topics
+        self._charger_ids = charger_ids
         self._currency = currency
         self._ttl_s = setpoint_ttl_s
         self._key: tuple[Any, ...] | None = None
@@ -302,7 +330,7 @@ class DiscoveryPublisher:
             self._key = key
             out = discovery_messages(
                 self.topics, units, currency=self._currency, pv_measured=pv,
-                setpoint_ttl_s=self._ttl_s,
+                setpoint_ttl_s=self._ttl_s, charger_ids=self._charger_ids,
             )  # fmt: skip
             gone = self._current - {t for t, _ in out}
             self._current = {t for t, _ in out}

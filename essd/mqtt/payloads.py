@@ -133,6 +133,10 @@ class StatePayload(_Payload):
     billing_peak_w: OptFloat = Field(
         None, description="The billing period's running peak of the per-step mean import, W"
     )
+    charger_limits_w: dict[str, OptFloat] = Field(
+        default_factory=dict,
+        description="EV chargers: the limit sent to each this cycle, W (0: paused)",
+    )
 
 
 class PlanPayload(_Payload):
@@ -178,6 +182,12 @@ class PlanPayload(_Payload):
     )
     forecast_carbon_g_per_kwh: list[OptFloat] = Field(
         default_factory=list, description="Grid carbon intensity forecast per step, g/kWh"
+    )
+    session_power_w: dict[str, list[OptFloat]] = Field(
+        default_factory=dict,
+        description="Per EV session (<charger>/<transaction>) or swap pack, per step: W,"
+        " battery sign (< 0 charges the vehicle, > 0 V2G); its shortfall is in slack as"
+        " session_shortfall_wh[<id>]",
     )
 
 
@@ -298,6 +308,7 @@ def build_state_payload(site_id: str, ev: CycleCompleted) -> StatePayload:
         pv_power_w=_num(ev.pv_power_w),
         net_load_w=_num(ev.net_load_w),
         billing_peak_w=_num(ev.billing_peak_w),
+        charger_limits_w={c: _num(w) for c, w in sorted(ev.charger_limits_w.items())},
     )
 
 
@@ -337,6 +348,7 @@ def build_plan_payload(
         solve_s=_num(plan.solve_s),
         battery_w=[_num(v) for v in battery],
         **fc,
+        session_power_w={s: [_num(v) for v in p] for s, p in plan.session_power_w.items()},
     )
 
 

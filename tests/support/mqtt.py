@@ -123,6 +123,7 @@ class RecordingTarget:
     """
 
     devices: tuple[str, ...] = ("bess1", "home2")
+    chargers: tuple[str, ...] = ("cp1",)
     mode: str = "auto"
     reserve: float = 0.1
     max_soc: float = 0.95
@@ -159,6 +160,19 @@ class RecordingTarget:
     ) -> None:
         """Record a forecast series."""
         self.calls.append(("forecast", (quantity, start, step_s, tuple(values))))
+
+    def set_session_request(
+        self,
+        charger: str,
+        departure_s: float | None,
+        energy_wh: float | None,
+        target_soc: float | None,
+        capacity_wh: float | None,
+    ) -> None:
+        """Record a session request; refuse an unknown charger."""
+        if charger not in self.chargers:
+            raise CommandRejected(f"charger: unknown charger {charger!r}")
+        self.calls.append(("session", (charger, departure_s, energy_wh, target_soc, capacity_wh)))
 
 
 @dataclass(frozen=True)

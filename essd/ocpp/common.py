@@ -1,0 +1,127 @@
+"""What the 1.6 and 2.0.1 charger handlers share: the record they fill, the clock, limits in
+the charger's unit and the TxProfile validity.
+
+Units: power W, current A per phase, times epoch s (ISO 8601 UTC on the wire).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from essd.clock import Clock
+from essd.config_ev import ChargerConfig
+from essd.ocpp.registry import ChargerRecord, RateUnit, TransactionInfo
+
+__all__ = ["ChargerContext", "LimitResult", "iso", "schedule_limit"]
+
+
+log = logging.getLogger("essd.ocpp")
+
+
+# Profile ids essd uses: one per connector, so a new profile replaces the previous one.
+PROFILE_ID_BASE = 3100
+
+# The stack level of essd's TxProfile (above any default profile the charger carries).
+STACK_LEVEL = 2
+
+
+def iso(t: float) -> str:
+    """Epoch seconds as an OCPP timestamp (UTC, seconds)."""
+    return datetime.fromtimestamp(t, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True, slots=True)
+class LimitResult:
+    """Outcome of one SetChargingProfile: accepted or not, and why not."""
+
+    charger_id: str
+    connector_id: int
+    limit_w: float
+    accepted: bool
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class ChargerContext:
+    """The per-charger things a handler needs besides its connection."""
+
+    record: ChargerRecord
+    config: ChargerConfig
+    clock: Clock
+    heartbeat_interval_s: int
+    # Called (charger id, connector) after a transaction started and its answer went out.
+    on_started: Callable[[str, int], Awaitable[object]] | None = None
+
+    async def started(self, connector_id: int) -> None:
+        """A transaction started on ``connector_id``: let the central system limit it."""
+        if self.on_started is not None:
+            await self.on_started(self.record.id, connector_id)
+
+    def new_transaction(self, connector_id: int, id_tag: str, t: float, meter_wh: float) -> str:
+        """Record a started transaction and return its id (a charger's retry gets the same)."""
+        running = self.record.active(connector_id)
+        if running is not None and running.id_tag == id_tag:
+            return running.transaction_id
+        if running is not None:
+            self.stop_transaction(running.transaction_id, t, math.nan, "superseded")
+        tx_id = str(self.record.next_transaction)
+        self.record.next_transaction += 1
+        self.record.transactions[tx_id] = TransactionInfo(
+            transaction_id=tx_id,
+            connector_id=connector_id,
+            id_tag=id_tag,
+            started_at=t,
+            meter_start_wh=meter_wh,
+        )
+        return tx_id
+
+    def resume_or_begin(
+        self, tx_id: str, connector_id: int, id_tag: str, t: float, meter_wh: float
+    ) -> None:
+        """Record a transaction whose id the charger chose (2.0.1); a known id resumes."""
+        if tx_id in self.record.transactions:
+            return
+        self.record.transactions[tx_id] = TransactionInfo(
+            transaction_id=tx_id,
+            connector_id=connector_id,
+            id_tag=id_tag,
+            started_at=t,
+            meter_start_wh=meter_wh,
+        )
+
+    def stop_transaction(self, tx_id: str, t: float, meter_wh: float, reason: str) -> None:
+        """Mark a transaction stopped (an unknown id is recorded as such, not an error)."""
+        tx = self.record.transactions.get(tx_id)
+        if tx is None:
+            log.info("%s: stop of unknown transaction %s", self.record.id, tx_id)
+            return
+        if tx.stopped_at is not None:
+            return
+        self.record.transactions[tx_id] = TransactionInfo(
+            transaction_id=tx.transaction_id,
+            connector_id=tx.connector_id,
+            id_tag=tx.id_tag,
+            started_at=tx.started_at,
+            meter_start_wh=tx.meter_start_wh,
+            stopped_at=t,
+            meter_stop_wh=meter_wh,
+            stop_reason=reason,
+        )
+        self.record.applied_limit_w.pop(tx.connector_id, None)
+
+
+def schedule_limit(config: ChargerConfig, limit_w: float) -> tuple[RateUnit, float, int]:
+    """A power limit in the unit the charger declared: W, or A per phase over its phases.
+
+    Amps are rounded down to 0.1 A so the limit is never above the power asked for.
+    """
+    limit_w = max(limit_w, 0.0)
+    unit = RateUnit(config.rate_unit)
+    if unit is RateUnit.WATTS:
+        return unit, round(limit_w, 1), config.phases
+    amps = limit_w / (config.voltage_v * config.phases)
+    return unit, math.floor(amps * 10.0) / 10.0, config.phases

@@ -157,6 +157,14 @@ class WeekProfile:
         self._mean = np.full((2, n), math.nan)
         self._mad = np.full((2, n), math.nan)
         self._resid = _Residual(bin_s)
+        self._last_obs: float | None = None
+
+    def _weight(self, t: float) -> float:
+        """The share of a step since the last observation (1 for the first or after a gap)."""
+        last, self._last_obs = self._last_obs, t
+        if last is None or not 0.0 < t - last < self._bin_s:
+            return 1.0
+        return (t - last) / self._bin_s
 
     def _key(self, t: float) -> tuple[int, int]:
         d = datetime.fromtimestamp(t, tz=self._tz)
@@ -179,6 +187,8 @@ class WeekProfile:
         kind, b = self._key(t)
         base = self._base(kind, b)
         m, mad = self._mean[kind, b], self._mad[kind, b]
+        if math.isnan(m):
+            self._last_obs = t
         if not math.isnan(base):
             # A burst (a kettle, an oven) is over before the next step: carry forward only
             # the part of the deviation within twice the usual one.
@@ -192,8 +202,10 @@ class WeekProfile:
         # The band never collapses to nothing on a perfectly regular load.
         band = 6.0 * max(mad, 0.05 * abs(m), 10.0)
         r = min(max(r, -band), band)
-        self._mean[kind, b] = m + self._alpha * r
-        self._mad[kind, b] = mad + self._alpha * (abs(r) - mad)
+        # Observed several times a step (short cycles), each observation weighs its share.
+        a = 1.0 - (1.0 - self._alpha) ** self._weight(t)
+        self._mean[kind, b] = m + a * r
+        self._mad[kind, b] = mad + a * (abs(r) - mad)
 
     def spread(self, times: FloatArray) -> FloatArray:
         """The running mean absolute deviation of the load in each step's bin (W; 0 unknown)."""

@@ -153,3 +153,18 @@ def test_week_profile_follows_the_present_on_short_cycles() -> None:
     assert ahead[0] - 2000.0 > 400.0  # most of the deviation is there now
     assert ahead[0] > ahead[1] > ahead[2]  # and fades
     assert ahead[2] == pytest.approx(2000.0, abs=300.0)  # the profile, within its noise
+
+
+def test_week_profile_learns_as_fast_on_short_cycles_as_on_step_cycles() -> None:
+    """Observed every 5 minutes, three observations within a step weigh as much as one."""
+    once, thrice = WeekProfile(TZ), WeekProfile(TZ)
+    for k in range(int(8 * DAY / 300.0)):
+        t = MONDAY + k * 300.0
+        value = 1000.0 if t < MONDAY + 7 * DAY else 1200.0  # the load rises on day eight
+        thrice.observe(t + 150.0, value)
+        if k % 3 == 2:
+            once.observe(t + 150.0 - 300.0, value)  # the middle of the step just ended
+    at = np.array([MONDAY + 14 * DAY + 10 * 3600])  # the same bin a week later, no carry
+    learned_once, learned_thrice = once.predict(at)[0], thrice.predict(at)[0]
+    assert 1000.0 < learned_once < 1200.0
+    assert learned_thrice == pytest.approx(learned_once, rel=0.01)

@@ -88,6 +88,12 @@ def demand_from_state(data: object, prior: float) -> SwapDemandLearner:
     return learner
 
 
+def _docked(r: BatteryReading) -> bool:
+    """False only when the slot reads ``pack_present`` 0 (an empty slot's SoC means nothing)."""
+    present = r.extras.get("pack_present")
+    return present is None or not present.valid or present.value is None or present.value >= 0.5
+
+
 class _SlotPort:
     """The slots as a charger port: the packs they read, the limits the plan gives them."""
 
@@ -100,7 +106,8 @@ class _SlotPort:
         out = {}
         for d in self.slots:
             r = d.last
-            if d.healthy and isinstance(r, BatteryReading) and r.soc.valid and r.available:
+            ok = d.healthy and isinstance(r, BatteryReading) and r.soc.valid and r.available
+            if ok and isinstance(r, BatteryReading) and _docked(r):
                 out[d.id] = r
         return out
 
@@ -162,20 +169,27 @@ class SwapStation(FlexLoads):
         self._failures: set[str] = set()
 
     def observe(self, now: float) -> None:
-        """Detect swaps in the slots' new readings and book them (once per reading)."""
-        for sid, r in self.port_slots.readings().items():
-            soc = r.soc.value
-            last = self._soc.get(sid)
-            if soc is None or (last is not None and last[0] == r.read_at_mono):
+        """Detect swaps in the slots' new readings and book them (once per reading): a charged
+        pack taken out (``pack_present`` 0) or replaced between two reads (its SoC fell by
+        ``swap_drop_soc`` or more)."""
+        target = self.cfg.target_soc
+        for d in self.devices:
+            r = d.last
+            if not (d.healthy and isinstance(r, BatteryReading)):
                 continue
-            if (
-                last is not None
-                and last[1] >= self.cfg.target_soc
-                and last[1] - soc >= self.cfg.swap_drop_soc
-            ):
+            last = self._soc.get(d.id)
+            if last is not None and last[0] == r.read_at_mono:
+                continue
+            out = not _docked(r)
+            soc = r.soc.value if r.soc.valid and not out else None
+            if soc is None and not out:
+                continue  # an unreadable SoC says nothing: keep the last one
+            was = last[1] if last is not None else math.nan
+            replaced = soc is not None and was - soc >= self.cfg.swap_drop_soc
+            if was >= target and (out or replaced):
                 self.learner.observe(now)
                 self.swaps_total += 1
-            self._soc[sid] = (r.read_at_mono, soc)
+            self._soc[d.id] = (r.read_at_mono, math.nan if soc is None else soc)
         self.learner.close_hour(now)
 
     def demand(self, start: float, steps: int) -> list[float]:

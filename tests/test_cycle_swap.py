@@ -271,6 +271,29 @@ async def test_standby_and_a_frozen_meter_pause_the_slots(swap_site: SwapSite) -
     assert all(swap_site.charge_w(s) == 0.0 for s in swap_site.slots)
 
 
+async def test_a_pack_taken_out_is_a_swap_and_its_empty_slot_rests(swap_site: SwapSite) -> None:
+    await swap_site.run(1)
+    station = swap_site.station
+    assert station.swaps_total == 0
+    out = swap_site.slots[0]
+    out.set_field("pack_present", 0)  # the charged pack leaves; the slot reads nothing useful
+    out.set_field("soc", 0.0)
+    event = await swap_site.controller.run_cycle()
+    assert station.swaps_total == 1
+    assert event.swap is not None
+    assert (event.swap.packs, event.swap.packs_ready) == (SLOTS - 1, SLOTS - 1)
+    assert event.charger_limits_w["slot1"] == 0.0
+    assert swap_site.charge_w(out) == 0.0, "no pack: no charging"
+    swap_site.clock.advance(STEP_S / SUBSTEPS)
+    out.set_field("soc", 0.2)  # a depleted pack docks: the same swap, not a second one
+    out.set_field("pack_present", 1)
+    swap_site.physics(1.0)
+    event = await swap_site.controller.run_cycle()
+    assert station.swaps_total == 1
+    assert event.swap is not None
+    assert (event.swap.packs, event.swap.packs_ready) == (SLOTS, SLOTS - 1)
+
+
 # --- configuration --------------------------------------------------------------------------
 
 

@@ -294,6 +294,54 @@ async def test_a_pack_taken_out_is_a_swap_and_its_empty_slot_rests(swap_site: Sw
     assert (event.swap.packs, event.swap.packs_ready) == (SLOTS, SLOTS - 1)
 
 
+async def test_a_stationary_battery_is_planned_beside_the_packs() -> None:
+    """A site battery (the household archetype) and the slots: the battery stays a battery,
+    the slots stay packs, and one plan gives both their commands."""
+    slots = [ProfileImage(resolve_profile("rack-bms-slot")) for _ in range(SLOTS)]
+    for s in slots:
+        s.set_field("soc", 0.3)  # every pack below target: k are due now
+        s.set_field("pack_present", 1)
+    inverter = ProfileImage(resolve_profile("household-hybrid-forcible"))
+    inverter.set_field("soc", 0.5)
+    inverter.set_field("power_w", 0.0)
+    meter = ProfileImage(resolve_profile("site-meter"))
+    meter.set_field("grid_power_w", BASE_LOAD_W)
+    units = {i + 1: s for i, s in enumerate(slots)} | {50: inverter, 100: meter}
+    async with ModbusServer.tcp(units) as server:
+        data = site_dict(server.port)
+        data["devices"].append(
+            {
+                "id": "inv",
+                "profile": "household-hybrid-forcible",
+                "transport": {"kind": "tcp", "host": "127.0.0.1", "port": server.port, "unit": 50},
+            }
+        )
+        clock = SimClock(START + 0.5 * 3600)  # 00:30, the cheap night
+        pool = EndpointPool(clock=clock)
+        try:
+            controller = build_controller(
+                Settings.model_validate(data), clock=clock, bus=EventBus(), pool=pool
+            )
+            assert [d.id for d in controller.batteries] == ["inv"]
+            event = await controller.run_cycle()
+        finally:
+            await pool.close()
+    assert set(event.plan.device_ids) == {"inv"}
+    assert set(event.devices) == {"inv"}, "the slots are not battery records"
+    assert any(sid.startswith("pack:") for sid in event.plan.session_power_w)
+    assert event.swap is not None
+    assert event.swap.packs_ready == 0
+    limits = [float(s.get_field("charge_limit_w") or 0.0) for s in slots]
+    assert sum(limits) > 0, "the due packs charge"
+    assert max(limits) <= SLOT_MAX_W
+    assert "inv" in event.setpoints
+    # What the slots and the battery were told, with the rest of the site, fits the limit.
+    battery_charge = max(-event.setpoints["inv"].power_w, 0.0)
+    assert sum(limits) + battery_charge + BASE_LOAD_W <= 80_000.0
+    # The plan keeps the site within its import limit with both the battery and the packs.
+    assert event.plan.grid_w[0] <= 80_000.0 + 1e-6
+
+
 # --- configuration --------------------------------------------------------------------------
 
 

@@ -291,7 +291,9 @@ class Controller:
         )
         phase["guard"] = time.perf_counter() - t
 
-        self._chargers_phase(plan, None if standby else grid, errors)
+        # The batteries' new setpoints move the grid too: the chargers get what is left.
+        after = max(grid, result.predicted_grid_w or grid) if grid is not None else None
+        self._chargers_phase(plan, None if standby else after, errors)
 
         t = time.perf_counter()
         slot_sp = self.flex.setpoints(mono, ctl.setpoint_ttl_s) if self.flex is not None else {}

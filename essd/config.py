@@ -43,7 +43,7 @@ from pydantic_settings import (
 )
 
 from essd import DEFAULT_CONFIG_PATH as _DEFAULT_CONFIG_PATH
-from essd.config_ev import ChargerConfig, OcppConfig
+from essd.config_ev import ChargerConfig, OcppConfig, SwapStationConfig
 from essd.config_forecast import ForecastConfig, PvArrayConfig, TariffConfig, TouWindow
 
 __all__ = [
@@ -413,6 +413,7 @@ class Settings(BaseSettings):
     profile_dirs: tuple[Path, ...] = ()
     ocpp: OcppConfig | None = None
     chargers: tuple[ChargerConfig, ...] = ()
+    swap_station: SwapStationConfig | None = None
 
     @model_validator(mode="after")
     def _unique_ids(self) -> Self:
@@ -420,6 +421,11 @@ class Settings(BaseSettings):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
             raise ValueError(f"devices: duplicate id(s) {', '.join(dup)}")
+        if self.swap_station is not None and self.ocpp is not None:
+            raise ValueError("swap_station: a site has either [ocpp] chargers or a swap station")
+        for i, slot in enumerate(self.swap_station.slots if self.swap_station else ()):
+            if slot not in ids:
+                raise ValueError(f"swap_station.slots.{i}: no device with id {slot!r}")
         return self
 
     @classmethod

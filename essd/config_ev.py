@@ -1,5 +1,6 @@
 """Typed configuration of EV charging: the OCPP central system (``[ocpp]``) and the chargers
-(``[[chargers]]``) it controls. Part of :class:`essd.config.Settings`.
+(``[[chargers]]``) it controls, and the battery-swap station (``[swap_station]``). Part of
+:class:`essd.config.Settings`.
 
 Units: power in W, current in A (per phase), voltage in V, times in seconds.
 """
@@ -11,7 +12,7 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-__all__ = ["ChargerConfig", "OcppConfig", "connector_key"]
+__all__ = ["ChargerConfig", "OcppConfig", "SwapStationConfig", "connector_key"]
 
 
 def connector_key(charger_id: str, connector_id: int) -> str:
@@ -94,4 +95,65 @@ class OcppConfig(_Section):
             raise ValueError("key_file: give both cert_file and key_file, or neither")
         if not self.protocols:
             raise ValueError("protocols: at least one OCPP version")
+        return self
+
+
+class SwapStationConfig(_Section):
+    """A battery-swap station: packs in charging slots, each slot a device (a rack BMS slot
+    charger: it reads the docked pack's SoC and takes a charge limit) that essd plans as a
+    flexible load, not as a site battery. ``service_level`` charged packs (SoC >=
+    ``target_soc``) are kept ready at every step for the swaps the demand forecast expects."""
+
+    slots: tuple[str, ...] = Field(description="Device ids of the slot chargers, one pack each")
+    service_level: Annotated[int, Field(ge=0)] = Field(
+        description="Charged packs that must be ready at every step (k)"
+    )
+    target_soc: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.95, description="SoC at which a pack counts as charged"
+    )
+    arrival_soc: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        0.2, description="SoC a swapped-in (depleted) pack usually arrives with"
+    )
+    pack_capacity_wh: Annotated[float, Field(gt=0.0, le=10_000_000.0)] | None = Field(
+        None, description="Energy of one pack; none: each slot device's capacity"
+    )
+    demand: Literal["learned", "series"] = Field(
+        "learned", description="Swap forecast: learned per hour of the day, or a series file"
+    )
+    demand_prior_per_hour: Annotated[float, Field(ge=0.0, le=10_000.0)] = Field(
+        1.0, description="Swaps per hour assumed for an hour not learned yet"
+    )
+    demand_weight: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.2, description="EWMA weight of each hour's swap count in the learned demand"
+    )
+    demand_series_file: Path | None = Field(
+        None, description="CSV with columns time and swaps_per_hour (demand = series)"
+    )
+    demand_margin: Annotated[float, Field(ge=0.0, le=10.0)] = Field(
+        0.0, description="Plan for this share more swaps than expected"
+    )
+    demand_z: Annotated[float, Field(ge=0.0, le=10.0)] = Field(
+        2.33, description="Plus this many standard deviations of a Poisson count (2.33: 99 %)"
+    )
+    swap_drop_soc: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.3,
+        description="A charged pack's SoC falling this much between two reads is a swap",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if not self.slots:
+            raise ValueError("slots: at least one slot device")
+        dup = sorted({s for s in self.slots if self.slots.count(s) > 1})
+        if dup:
+            raise ValueError(f"slots: device {dup[0]!r} listed twice")
+        if self.service_level > len(self.slots):
+            raise ValueError(
+                f"service_level: {self.service_level} charged packs cannot be kept in "
+                f"{len(self.slots)} slots"
+            )
+        if self.arrival_soc >= self.target_soc:
+            raise ValueError("arrival_soc: must be below target_soc")
+        if self.demand == "series" and self.demand_series_file is None:
+            raise ValueError("demand_series_file: required when demand is 'series'")
         return self

@@ -45,6 +45,7 @@ from essd.ocpp import CentralSystem
 from essd.sdnotify import SystemdNotifier
 from essd.sitecheck import validate_site
 from essd.state import StateStore, resolve_state_directory
+from essd.swapsite import swap_station
 
 __all__ = ["Daemon", "build_controller"]
 
@@ -112,6 +113,8 @@ def build_controller(
             import_limit_w=settings.site.grid_import_limit_w,
             profile_validity_s=settings.ocpp.profile_validity_s,
         )
+    if settings.swap_station is not None:
+        flex = swap_station(settings, devices)
     return Controller(
         settings=settings, devices=devices, forecaster=forecaster, clock=clock, bus=bus, flex=flex
     )

@@ -37,6 +37,7 @@ __all__ = [
     "Handler",
     "MqttConnectionChanged",
     "SiteTotals",
+    "SwapStatus",
     "WriteOutcome",
     "WriteStatus",
 ]
@@ -153,6 +154,23 @@ class ForecastRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class SwapStatus:
+    """A swap station's cycle: ``packs_ready`` charged packs (SoC >= target) of ``packs``
+    readable, against ``service_level``; swaps seen since start, the learned demand now."""
+
+    packs_ready: int
+    packs: int
+    service_level: int
+    swaps_total: int
+    demand_per_hour: float
+
+    @property
+    def held(self) -> bool:
+        """True when at least ``service_level`` charged packs are ready."""
+        return self.packs_ready >= self.service_level
+
+
+@dataclass(frozen=True, slots=True)
 class CycleCompleted(Event):
     """One control cycle, every phase done.
 
@@ -210,6 +228,8 @@ class CycleCompleted(Event):
     forecast: ForecastRecord | None = None
     # EV chargers: the limit (W) sent to each this cycle (empty when none was sent).
     charger_limits_w: Mapping[str, float] = field(default_factory=dict)
+    # Battery-swap station (essd.swapsite): packs ready vs the service level; None elsewhere.
+    swap: SwapStatus | None = None
 
     @property
     def cause(self) -> PlanCause:

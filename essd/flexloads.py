@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from essd.commands import CommandRejected
+from essd.devices import ManagedDevice
 from essd.dispatch.sessions import FlexSession, presence_now
-from essd.domain import Plan
+from essd.domain import Plan, Setpoint
+from essd.events import SwapStatus
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +276,12 @@ class FlexLoads:
 
     ``chargers`` maps each charger id (``id:N`` for a second connector) to nothing more than
     its presence: the adapter knows the limits. One LP column per charger.
+
+    ``devices``: slot devices the write phase writes (:meth:`setpoints`) and the controller
+    keeps out of its batteries; none for OCPP chargers (the adapter sends their limits).
     """
+
+    devices: tuple[ManagedDevice, ...] = ()
 
     def __init__(
         self,
@@ -358,3 +365,24 @@ class FlexLoads:
         self.last_limits_w = limits
         self.port.apply(limits, valid_s=self._validity_s)
         return limits
+
+    def setpoints(self, mono: float, ttl_s: float) -> dict[str, Setpoint]:
+        """Setpoints for :attr:`devices` (none: OCPP chargers get their limits in apply)."""
+        return {}
+
+    def status(self, now: float) -> SwapStatus | None:
+        """A swap station's packs vs its service level (None: not a swap station)."""
+        return None
+
+    def durable(self) -> dict[str, Any]:
+        """What survives a restart (the learned departures), JSON-ready."""
+        return {"departures": self.book.learner.state()}
+
+    def parse_state(self, data: Mapping[str, Any]) -> Callable[[], None]:
+        """Check :meth:`durable` data; returns what takes it back (ValueError naming the field)."""
+        learned = DepartureLearner.from_state(data.get("departures"))
+
+        def commit() -> None:
+            self.book.learner = learned
+
+        return commit

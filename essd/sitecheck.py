@@ -15,11 +15,16 @@ export limits cannot be verified, so the daemon idles every battery.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 from essd.config import DeviceConfig, SerialTransport, Settings
+
+if TYPE_CHECKING:
+    from drivers.profile import Profile
 
 __all__ = ["SiteCheck", "validate_site"]
 
@@ -55,7 +60,7 @@ def _describe(key: tuple[str, str, int, int]) -> str:
 def validate_site(settings: Settings, source: str = "configuration") -> SiteCheck:
     """Problems and warnings of ``settings`` across sections and files (see the module doc)."""
     # Imported here: drivers and the forecaster are heavier than the configuration.
-    from drivers.profile import Capability, Profile, ProfileError  # noqa: PLC0415
+    from drivers.profile import Capability, ProfileError  # noqa: PLC0415
     from drivers.profile_loader import resolve_profile  # noqa: PLC0415
     from essd.devices import refresh_warning, revert_warning  # noqa: PLC0415
     from essd.domain import DeviceClass  # noqa: PLC0415
@@ -111,6 +116,10 @@ def validate_site(settings: Settings, source: str = "configuration") -> SiteChec
     charger_problems, charger_warnings = _charger_checks(settings, source, has_meter=bool(meters))
     problems += charger_problems
     warnings += charger_warnings
+    if settings.swap_station is not None:
+        swap_problems, swap_warnings = _swap_checks(settings, profiles, source, bool(meters))
+        problems += swap_problems
+        warnings += swap_warnings
 
     series: Path | None = settings.forecast.series_file
     if series is not None:
@@ -138,6 +147,50 @@ def _charger_checks(
         warnings.append(
             f"{source}: ocpp: no grid meter: the chargers stay paused (the import limit cannot"
             " be verified)"
+        )
+    return problems, warnings
+
+
+def _swap_checks(
+    settings: Settings, profiles: Mapping[int, Profile], source: str, has_meter: bool
+) -> tuple[list[str], list[str]]:
+    """The swap station: each slot a storage device essd can charge whose SoC window reaches
+    the target; the demand series readable; without a meter the slots stay paused."""
+    from drivers.profile import Capability  # noqa: PLC0415
+    from essd.swapsite import read_swap_series  # noqa: PLC0415
+
+    cfg = settings.swap_station
+    assert cfg is not None
+    index = {d.id: i for i, d in enumerate(settings.devices)}
+    problems: list[str] = []
+    warnings: list[str] = []
+    for n, sid in enumerate(cfg.slots):
+        i = index[sid]  # Settings checked that every slot is a device
+        profile = profiles.get(i)
+        if profile is None:
+            continue
+        if not (profile.has(Capability.CHARGE_LIMIT) or profile.has(Capability.ACTIVE_POWER)):
+            problems.append(
+                f"{source}: swap_station.slots.{n}: {sid!r} (profile {profile.name}) takes no "
+                "charge limit or power setpoint: essd cannot charge its pack"
+            )
+            continue
+        dev = settings.devices[i]
+        top = min(settings.control.max_soc, 1.0 if dev.max_soc is None else dev.max_soc)
+        if cfg.target_soc > top:
+            problems.append(
+                f"{source}: swap_station.target_soc: {cfg.target_soc:g} is above the max SoC "
+                f"{top:g} of slot {sid!r} (control.max_soc, devices.{i}.max_soc)"
+            )
+    if cfg.demand_series_file is not None:
+        try:
+            read_swap_series(cfg.demand_series_file, ZoneInfo(settings.site.timezone))
+        except ValueError as exc:
+            problems.append(f"{source}: swap_station.demand_series_file: {exc}")
+    if not has_meter:
+        warnings.append(
+            f"{source}: swap_station: no grid meter: the slots stay paused (the import limit "
+            "cannot be verified)"
         )
     return problems, warnings
 

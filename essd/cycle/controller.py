@@ -22,16 +22,16 @@ from essd.config import Settings
 from essd.credibility import CredibilityMonitor, settings_for_site, soc_resolution
 from essd.cycle import write
 from essd.cycle.accounting import Accounting
-from essd.cycle.decide import Decider, Manual, Mode
+from essd.cycle.decide import Decider, Manual, Mode, battery_specs
 from essd.cycle.energy import forecast_record, net_load_w
 from essd.cycle.forecasting import CycleForecast, measured_pv
 from essd.cycle.guarding import GuardPhase, device_records
 from essd.cycle.plan_codec import obj, optional_number, plan_data, plan_from_data
 from essd.devices import ManagedDevice
-from essd.dispatch import BatterySpec, Dispatcher, FlexSpec
+from essd.dispatch import Dispatcher, FlexSpec
 from essd.domain import BatteryReading, MeterReading, Plan, PlanCause, Snapshot
 from essd.events import CycleCompleted, EventBus, SiteTotals
-from essd.flexloads import DepartureLearner, FlexLoads
+from essd.flexloads import FlexLoads
 from essd.forecast import Forecast, Forecaster, Override
 from essd.safety import DeviceEnvelope
 
@@ -55,31 +55,19 @@ class Controller:
         flex: FlexLoads | None = None,
     ) -> None:
         self.settings = settings
-        self.flex = flex  # EV chargers (essd.flexloads), planned with the batteries
+        self.flex = flex  # EV chargers or swap slots (essd.flexloads), planned with the batteries
         self.devices = {d.id: d for d in devices}
-        self.batteries = [d for d in devices if not d.is_meter and d.envelope is not None]
+        self.slots = list(flex.devices) if flex is not None else []  # swap slots: not batteries
+        self.batteries = [
+            d for d in devices if not (d.is_meter or d.envelope is None or d in self.slots)
+        ]
         meters = [d for d in devices if d.is_meter]
         self.meter = meters[0] if meters else None
         self.forecaster = forecaster
         self.clock = clock
         self.bus = bus
         ctl = settings.control
-        self.specs = [
-            BatterySpec(
-                id=d.id,
-                capacity_wh=d.envelope.capacity_wh,
-                charge_efficiency=d.envelope.charge_efficiency,
-                discharge_efficiency=d.envelope.discharge_efficiency,
-                degradation_cost_per_kwh=(
-                    d.config.degradation_cost_per_kwh
-                    if d.config.degradation_cost_per_kwh is not None
-                    else ctl.degradation_cost_per_kwh
-                ),
-                can_discharge=d.envelope.can_discharge,
-            )
-            for d in self.batteries
-            if d.envelope is not None
-        ]
+        self.specs = battery_specs(self.batteries, ctl.degradation_cost_per_kwh)
         self.dispatcher = dispatcher
         if self.dispatcher is None and (self.specs or flex is not None):
             self.dispatcher = Dispatcher(
@@ -217,7 +205,7 @@ class Controller:
             "mode": self.mode,
             "reserve_override": self.reserve_override,
             "last_plan": None if last is None else plan_data(last),
-            "departures": self.flex.book.learner.state() if self.flex is not None else None,
+            **(self.flex.durable() if self.flex is not None else {"departures": None}),
         }
 
     def restore(self, data: Mapping[str, Any]) -> None:
@@ -234,13 +222,13 @@ class Controller:
         if reserve is not None:
             self._check_reserve(reserve)
         plan = None if data.get("last_plan") is None else plan_from_data(obj(data, "last_plan"))
-        learned = DepartureLearner.from_state(data.get("departures"))
+        learned = self.flex.parse_state(data) if self.flex is not None else None
         self.forecaster.restore(data.get("forecaster"))  # the last check: all or nothing
         self.accounting.totals, self.accounting.peak, self.mode = totals, peak, mode
         self.accounting.unit_wh = unit_wh
         self.reserve_override = reserve
-        if self.flex is not None:
-            self.flex.book.learner = learned
+        if learned is not None:
+            learned()
         if plan is not None and set(plan.device_ids) == {d.id for d in self.batteries}:
             self.decider.last_plan = plan
 
@@ -303,11 +291,16 @@ class Controller:
         )
         phase["guard"] = time.perf_counter() - t
 
-        self._chargers_phase(plan, None if standby else grid, errors)
+        # The batteries' new setpoints move the grid too: the chargers get what is left.
+        after = max(grid, result.predicted_grid_w or grid) if grid is not None else None
+        self._chargers_phase(plan, None if standby else after, errors)
 
         t = time.perf_counter()
+        slot_sp = self.flex.setpoints(mono, ctl.setpoint_ttl_s) if self.flex is not None else {}
+        setpoints = {**result.setpoints, **slot_sp}  # swap slots' limits (never raises)
+        units = [*self.batteries, *self.slots]
         outcomes = await write.write_all(
-            self.batteries, result.setpoints, standby=standby, on_failure=self._phase_failed
+            units, setpoints, standby=standby, on_failure=self._phase_failed
         )
         phase["write"] = time.perf_counter() - t
 
@@ -371,6 +364,7 @@ class Controller:
             billing_peak_w=self.accounting.peak.peak_w,
             forecast=forecast_record(forecast, plan.steps or ctl.horizon_steps),
             charger_limits_w=dict(self.flex.last_limits_w) if self.flex is not None else {},
+            swap=self.flex.status(now) if self.flex is not None else None,
         )
         self.bus.publish(event)
         return event
@@ -497,4 +491,4 @@ class Controller:
 
     async def safe_stop(self, timeout_s: float = 5.0) -> dict[str, bool]:
         """Write safe mode to every storage unit concurrently within ``timeout_s`` (real s)."""
-        return await write.safe_stop(self.batteries, timeout_s)
+        return await write.safe_stop([*self.batteries, *self.slots], timeout_s)

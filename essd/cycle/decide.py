@@ -33,7 +33,7 @@ from essd.forecast import Forecast
 from essd.ladder import SOLVED, descend
 from essd.safety import DeviceEnvelope
 
-__all__ = ["Decider", "Manual", "Mode", "live_limits"]
+__all__ = ["Decider", "Manual", "Mode", "battery_specs", "live_limits"]
 
 log = logging.getLogger(__name__)
 
@@ -304,3 +304,26 @@ class Decider:
             else (PEAK_MARGIN_SPREADS * forecast.load_spread_w).tolist(),
             sessions=tuple(self._sessions(now)) if self._sessions is not None else (),
         )
+
+
+def battery_specs(
+    batteries: Sequence[ManagedDevice], degradation_cost_per_kwh: float
+) -> list[BatterySpec]:
+    """The LP's description of each storage unit (its envelope; its own degradation cost or
+    the site's)."""
+    return [
+        BatterySpec(
+            id=d.id,
+            capacity_wh=d.envelope.capacity_wh,
+            charge_efficiency=d.envelope.charge_efficiency,
+            discharge_efficiency=d.envelope.discharge_efficiency,
+            degradation_cost_per_kwh=(
+                d.config.degradation_cost_per_kwh
+                if d.config.degradation_cost_per_kwh is not None
+                else degradation_cost_per_kwh
+            ),
+            can_discharge=d.envelope.can_discharge,
+        )
+        for d in batteries
+        if d.envelope is not None
+    ]

@@ -111,6 +111,34 @@ def _flows(ev: CycleCompleted) -> list[Metric | None]:
         ),
         alarms,
         _chargers(ev),
+        *_swap(ev),
+    ]
+
+
+def _swap(ev: CycleCompleted) -> list[Metric | None]:
+    """A swap station's packs ready vs its service level (absent on other sites)."""
+    s = ev.swap
+    if s is None:
+        return []
+    return [
+        _gauge(
+            "essd_swap_packs_ready",
+            "Charged packs (SoC >= target) in the swap station's slots now.",
+            float(s.packs_ready),
+        ),
+        _gauge(
+            "essd_swap_service_level",
+            "Charged packs the swap station must keep ready (k).",
+            float(s.service_level),
+        ),
+        _gauge(
+            "essd_swap_demand_per_hour",
+            "Swaps expected in the current hour (learned or from the series).",
+            s.demand_per_hour,
+        ),
+        _counter(
+            "essd_swap_events", "Swaps seen from the slots' readings since start.", s.swaps_total
+        ),
     ]
 
 

@@ -53,6 +53,7 @@ from essd.events import (
     ForecastRecord,
     MqttConnectionChanged,
     SiteTotals,
+    SwapStatus,
     WriteOutcome,
     WriteStatus,
 )
@@ -314,6 +315,10 @@ class FakeSite:
                 load_w=(load_w - pv_w,) * 8,
                 pv_w=(pv_w,) * 8,
                 carbon_g_per_kwh=(581.0,) * 8,
+            ),
+            # The site runs a swap station too, so its families are served.
+            swap=SwapStatus(
+                packs_ready=3, packs=8, service_level=2, swaps_total=k, demand_per_hour=2.0
             ),
         )
 

@@ -90,9 +90,15 @@ class DemoRecord:
         lines = [f"{head}, {violations} limit violations in the simulator"]
         if self.first is not None and self.last is not None:
             a, b = self.first.totals, self.last.totals
+            # Savings count energy bought into the batteries now and used later only when it
+            # is used: say how much is still stored, so a charging hour is read right.
+            stored = (b.battery_charged_wh - a.battery_charged_wh) - (
+                b.battery_discharged_wh - a.battery_discharged_wh
+            )
             lines.append(
                 f"cost {b.cost - a.cost:.2f} {currency}, saved by the batteries "
-                f"{b.savings - a.savings:.2f} {currency}, imported "
+                f"{b.savings - a.savings:.2f} {currency}, batteries' net charge "
+                f"{stored / 1000:+.1f} kWh, imported "
                 f"{(b.imported_wh - a.imported_wh) / 1000:.1f} kWh, billing peak "
                 f"{self.last.billing_peak_w / 1000:.1f} kW, {self.last.overruns_total} of "
                 f"{self.last.cycle} cycles overran"

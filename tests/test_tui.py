@@ -102,14 +102,22 @@ def test_the_demo_summary_names_the_hours_actually_run() -> None:
     record(first)
     last = dataclasses.replace(
         make_cycle(90, time=T0 + 900.0),
-        totals=dataclasses.replace(first.totals, cost=first.totals.cost + 4.5, savings=1.25),
+        totals=dataclasses.replace(
+            first.totals,
+            cost=first.totals.cost + 4.5,
+            savings=1.25,
+            battery_charged_wh=first.totals.battery_charged_wh + 3000.0,
+            battery_discharged_wh=first.totals.battery_discharged_wh + 500.0,
+        ),
     )
     record(last)
     text = record.summary(planned_s=86_400.0, currency="CNY", violations=0)
     assert text.splitlines()[0] == (
         "demo stopped: 0.2 of 24.0 simulated hours run, 0 limit violations in the simulator"
     )
-    assert text.splitlines()[1].startswith("cost 4.50 CNY, saved by the batteries 1.25 CNY,")
+    assert text.splitlines()[1].startswith(
+        "cost 4.50 CNY, saved by the batteries 1.25 CNY, batteries' net charge +2.5 kWh,"
+    )
     done = DemoRecord(start=T0)
     done(dataclasses.replace(make_cycle(1), time=T0 + 7200.0))
     assert done.summary(planned_s=7200.0, currency="CNY", violations=2).startswith(

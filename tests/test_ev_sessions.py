@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import jinja2
 import pytest
 
 from essd.command_handling import handle_command
@@ -100,7 +101,6 @@ def test_site_without_chargers_refuses_session_requests() -> None:
 
 
 def test_ha_entities_for_a_charger_send_valid_session_commands() -> None:
-    jinja2 = pytest.importorskip("jinja2")
     topics = Topics("essd/site-a", "homeassistant", "site-a")
     messages = dict(discovery_messages(topics, [], charger_ids=["cp1"]))
     energy = json.loads(messages["homeassistant/number/essd_site_a/cp1_session_energy/config"])

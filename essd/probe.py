@@ -274,7 +274,9 @@ async def probe(
         if write_test:
             from essd.probe_write import write_cycle  # noqa: PLC0415
 
-            await write_cycle(profile, driver, report, confirm=confirm, step_s=step_s, out=out)
+            await write_cycle(
+                profile, driver, report, confirm=confirm, step_s=step_s, clock=clock, out=out
+            )
     except (CommunicationError, DeviceError) as exc:
         report.failures.append(f"{target} unit {unit}: {exc}")
     finally:

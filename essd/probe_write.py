@@ -10,7 +10,6 @@ Battery power in W: > 0 discharges into the site, < 0 charges.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -19,6 +18,7 @@ from drivers.profile import Profile
 from essd.domain import BatteryReading
 
 if TYPE_CHECKING:
+    from essd.clock import Clock
     from essd.probe import Report
 
 __all__ = ["write_cycle"]
@@ -47,9 +47,11 @@ async def write_cycle(
     *,
     confirm: Callable[[str], bool],
     step_s: float,
+    clock: Clock,
     out: Callable[[str], object] = print,
 ) -> None:
-    """Run the cycle on ``driver`` (asking ``confirm`` first) and add to ``report``."""
+    """Run the cycle on ``driver`` (asking ``confirm`` first) and add to ``report``; each step
+    waits ``step_s`` on ``clock`` (the device's own time to respond)."""
     control = driver.capability(ActivePowerControl)
     if control is None:
         report.notes.append(f"write test: {profile.name} has no power setpoint; nothing written")
@@ -74,7 +76,7 @@ async def write_cycle(
             result = await control.set_active_power(setpoint, duration_s=ttl)
             for mismatch in result.mismatches:
                 report.failures.append(f"write test {label}: read back differs: {mismatch}")
-            await asyncio.sleep(step_s)
+            await clock.sleep(step_s)
             reading = await driver.read()
             if not isinstance(reading, BatteryReading) or reading.power_w.value is None:
                 report.failures.append(f"write test {label}: battery power not readable")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import struct
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -121,11 +120,9 @@ async def test_silent_unit_and_unknown_unit_time_out(server: ModbusServer) -> No
     ep = _endpoint(server)
     try:
         for unit in (2, 99):
-            started = time.perf_counter()
             with pytest.raises(CommunicationError, match="no answer"):
                 await ep.read_registers(Table.HOLDING, 100, 1, unit)
-            elapsed = time.perf_counter() - started
-            assert elapsed >= 0.25  # it waited for the timeout: not a refusal
+            # Counted as a timeout (it waited), not a refusal or a connection error.
             assert ep.stats(unit).errors_total == {ErrorKind.TIMEOUT.value: 1}
         # the other units on the same connection still answer
         assert await ep.read_registers(Table.HOLDING, 100, 2, 1) == [1, 2]

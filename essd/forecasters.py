@@ -10,6 +10,9 @@
   measured PV: the latest clearness decays towards the seasonal mean (a slow running mean of
   the clearness) over the horizon, at a learned rate.
 
+Both forecast the rest of a step the meter has already seen part of (cycles shorter than a
+step) as what it saw of it: a step's own value outweighs any forecast of it.
+
 ``observe(t, value)`` learns one step-average observation at epoch ``t``; ``predict(times)``
 forecasts at epoch ``times``; ``state()`` / ``restore(data)`` persist what was learned
 (ValueError naming the field when data does not fit). Units: W.
@@ -136,6 +139,39 @@ class _Residual:
         self._ref = None if last is None or last_t is None else (last_t, last)
 
 
+class _Current:
+    """What was observed so far of the current step (clock-aligned: epoch // ``step_s``).
+
+    With cycles shorter than a step the meter has seen part of the step being planned; the
+    mean of what it saw is the forecast for the rest of that step, taken as observed (not
+    damped towards the profile, not clipped as a burst): the step's own value outweighs any
+    forecast of it.
+    """
+
+    def __init__(self, step_s: float) -> None:
+        self.step_s = step_s
+        self._index: int | None = None
+        self._mean = 0.0
+        self._count = 0
+
+    def add(self, t: float, value: float) -> None:
+        """One observation (the average since the previous one) at its middle ``t``."""
+        index = int(t // self.step_s)
+        if index != self._index:
+            self._index, self._mean, self._count = index, value, 1
+            return
+        self._count += 1
+        self._mean += (value - self._mean) / self._count
+
+    def over(self, times: FloatArray, forecast: FloatArray) -> FloatArray:
+        """``forecast`` with the observed mean at the ``times`` in the observed step."""
+        if self._index is None:
+            return forecast
+        same = np.floor(times / self.step_s) == self._index
+        out: FloatArray = np.where(same, self._mean, forecast)
+        return out
+
+
 class WeekProfile:
     """Load by day type (0 weekday, 1 weekend or holiday) and time of day; see the module."""
 
@@ -157,6 +193,7 @@ class WeekProfile:
         self._mean = np.full((2, n), math.nan)
         self._mad = np.full((2, n), math.nan)
         self._resid = _Residual(bin_s)
+        self._current = _Current(bin_s)
         self._last_obs: float | None = None
 
     def _weight(self, t: float) -> float:
@@ -184,6 +221,7 @@ class WeekProfile:
         """Learn one step-average observation at epoch ``t``."""
         if not math.isfinite(value):
             return
+        self._current.add(t, value)
         kind, b = self._key(t)
         base = self._base(kind, b)
         m, mad = self._mean[kind, b], self._mad[kind, b]
@@ -216,8 +254,7 @@ class WeekProfile:
         """The profile at ``times`` plus the latest deviation carried forward (0 W unknown)."""
         base = np.array([self._base(*self._key(float(t))) for t in times])
         base = np.where(np.isnan(base), self._resid.last or 0.0, base)
-        out: FloatArray = base + self._resid.carry(times)
-        return out
+        return self._current.over(times, base + self._resid.carry(times))
 
     def state(self) -> dict[str, Any]:
         """What was learned, JSON-ready."""
@@ -267,6 +304,7 @@ class ClearSkyPV:
         self._recent: float | None = None
         self._recent_t: float | None = None
         self._resid = _Residual(step_s)
+        self._current = _Current(step_s)  # clearness observed in the current step
 
     def clear_sky_w(self, times: FloatArray) -> FloatArray:
         """Clear-sky AC power (W) of the site's array, averaged over the step at each time."""
@@ -322,6 +360,7 @@ class ClearSkyPV:
             return  # low sun: the ratio says little
         k = min(value / cs, 1.3)
         self._resid.add(t, k - self.seasonal)
+        self._current.add(t, k)
         self.seasonal += 0.01 * (k - self.seasonal)
         self._recent, self._recent_t = k, t
 
@@ -331,6 +370,7 @@ class ClearSkyPV:
         if self._recent_t is not None:
             # Overnight the latest clearness says nothing: from the next morning the mean.
             k = np.where(times - self._recent_t > 6 * 3600.0, self.seasonal, k)
+        k = self._current.over(times, k)
         out: FloatArray = self.clear_sky_w(times) * np.clip(k, 0.0, 1.3)
         return out
 

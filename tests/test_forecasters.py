@@ -168,3 +168,33 @@ def test_week_profile_learns_as_fast_on_short_cycles_as_on_step_cycles() -> None
     learned_once, learned_thrice = once.predict(at)[0], thrice.predict(at)[0]
     assert 1000.0 < learned_once < 1200.0
     assert learned_thrice == pytest.approx(learned_once, rel=0.01)
+
+
+def test_the_observed_part_of_a_step_is_the_forecast_for_the_rest_of_it() -> None:
+    """A site cycling more often than once a step has seen part of the step it plans: that
+    step's forecast is what was seen (a burst included, not damped), the next step's is not."""
+    wp = WeekProfile(TZ)
+    for k in range(int(14 * DAY / STEP)):
+        t = MONDAY + k * STEP
+        wp.observe(t + STEP / 2, _truth(t))
+    step_start = MONDAY + 14 * DAY + 10 * 3600  # a Monday, 10:00, profile 2000 W
+    wp.observe(step_start + 150.0, 4500.0)  # the first 5 minutes: an oven on
+    now = step_start + 300.0
+    ahead = wp.predict(np.array([now, now + STEP, now + 2 * STEP]))
+    assert ahead[0] == pytest.approx(4500.0)  # the rest of this step: as seen
+    assert ahead[1] < 2500.0  # the next step: the profile, the burst not carried
+    wp.observe(step_start + 450.0, 3500.0)  # the next 5 minutes, lower
+    assert wp.predict(np.array([step_start + 600.0]))[0] == pytest.approx(4000.0)
+    # At the next step's start the meter has seen only the step that ended.
+    assert wp.predict(np.array([step_start + STEP]))[0] < 2500.0
+
+
+def test_clear_sky_pv_forecasts_the_rest_of_an_observed_step_as_seen() -> None:
+    pv = ClearSkyPV(ARRAY, TZ, prior_clearness=0.8)
+    step_start = MONDAY + 12 * 3600  # noon
+    cs = float(pv.clear_sky_w(np.array([step_start]))[0])
+    pv.observe(step_start + 150.0, 0.3 * cs)  # a cloud over the first 5 minutes
+    now = step_start + 300.0
+    ahead = pv.predict(np.array([now, now + 4 * STEP]))
+    assert ahead[0] == pytest.approx(0.3 * cs)
+    assert ahead[1] / float(pv.clear_sky_w(np.array([now + 4 * STEP]))[0]) > 0.5

@@ -140,35 +140,29 @@ class _Residual:
 
 
 class _Current:
-    """What was observed so far of the current step (clock-aligned: epoch // ``step_s``).
+    """The latest observation of the current step (clock-aligned: epoch // ``step_s``).
 
-    With cycles shorter than a step the meter has seen part of the step being planned; the
-    mean of what it saw is the forecast for the rest of that step, taken as observed (not
-    damped towards the profile, not clipped as a burst): the step's own value outweighs any
-    forecast of it.
+    With cycles shorter than a step the meter has seen part of the step being planned; what
+    it saw last is the forecast for the rest of that step, taken as observed (not damped
+    towards the profile, not clipped as a burst): the step's own value outweighs any
+    forecast of it. A new step starts blind (its forecast is the profile and the carry).
     """
 
     def __init__(self, step_s: float) -> None:
         self.step_s = step_s
         self._index: int | None = None
-        self._mean = 0.0
-        self._count = 0
+        self._value = 0.0
 
     def add(self, t: float, value: float) -> None:
         """One observation (the average since the previous one) at its middle ``t``."""
-        index = int(t // self.step_s)
-        if index != self._index:
-            self._index, self._mean, self._count = index, value, 1
-            return
-        self._count += 1
-        self._mean += (value - self._mean) / self._count
+        self._index, self._value = int(t // self.step_s), value
 
     def over(self, times: FloatArray, forecast: FloatArray) -> FloatArray:
-        """``forecast`` with the observed mean at the ``times`` in the observed step."""
+        """``forecast`` with the observed value at the ``times`` in the observed step."""
         if self._index is None:
             return forecast
         same = np.floor(times / self.step_s) == self._index
-        out: FloatArray = np.where(same, self._mean, forecast)
+        out: FloatArray = np.where(same, self._value, forecast)
         return out
 
 

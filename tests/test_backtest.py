@@ -205,3 +205,30 @@ def test_the_controller_passes_terminal_soc_headroom_and_curtailment_to_the_plan
     assert last.pv_curtailable is True
     assert last.peak_margin_w is not None
     assert max(last.peak_margin_w) > 0.0  # the week profile's spread, learned over a day
+
+
+def test_short_cycles_plan_the_rest_of_a_step_with_what_the_meter_saw(tmp_path: Path) -> None:
+    """Cycling every 5 minutes through 15-minute step averages, the controller has seen the
+    step it is in from its second cycle on: an evening step 3 kW above an otherwise flat load
+    is served by the battery for the rest of that step (the first 5 minutes are blind)."""
+    start = np.datetime64("2025-06-02T00:00")
+    rows = ["time,load_w,pv_w"]
+    # The second day at 18:00 (the 0.42 peak price; the profile knows 400 W there), the
+    # battery full from the day's PV surplus (3 kW 10:00-16:00), more than the night needs.
+    burst = 96 + 18 * 4
+    for k in range(2 * 96):
+        t = (start + np.timedelta64(15 * k, "m")).astype(str)
+        pv = 3000.0 if 40 <= k % 96 < 64 else 0.0
+        rows.append(f"{t}:00+02:00,{3400.0 if k == burst else 400.0},{pv}")
+    (tmp_path / "h.csv").write_text("\n".join(rows) + "\n")
+    history = read_history(tmp_path / "h.csv")
+    settings = load_settings(HOUSEHOLD)
+    run = replay(settings, history, forecaster="learned", cycle_s=300.0)
+    assert run.soc["inverter"][burst] > 0.8
+    served = run.power_w["inverter"][burst]
+    # Two thirds of the step seen: 2/3 x 3000 W above the 400 W the blind third got.
+    assert served == pytest.approx(400.0 + 2.0 / 3.0 * 3000.0, rel=0.02)
+    assert run.grid_w[burst] == pytest.approx(1000.0, rel=0.05)
+    # One cycle per step sees the step only once it is over.
+    blind = replay(settings, history, forecaster="learned")
+    assert blind.grid_w[burst] > 2500.0

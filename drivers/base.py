@@ -32,8 +32,6 @@ from essd.domain import (
     Reading,
 )
 
-__all__ = ["ProfileDriver", "live_limit_w"]
-
 C = TypeVar("C")
 
 

@@ -19,8 +19,6 @@ from essd.domain import Quality, Reading
 if TYPE_CHECKING:
     from drivers.profile import Profile
 
-__all__ = ["add_derived", "evaluate"]
-
 
 def _condition(cond: Condition, raws: Mapping[str, int | float | str]) -> tuple[bool | None, str]:
     raw = raws.get(cond.field)

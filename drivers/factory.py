@@ -23,8 +23,6 @@ from drivers.profile import Profile
 from essd.clock import Backoff, Clock
 from essd.domain import LiveLimits
 
-__all__ = ["EndpointPool", "make_driver"]
-
 
 class EndpointPool:
     """One endpoint per transport target; closes them all at the end."""

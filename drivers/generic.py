@@ -34,8 +34,6 @@ from drivers.registers import EncodeError, RegisterType, Table
 from drivers.states import DeviceStates, sort_states
 from essd.domain import Quality, Reading
 
-__all__ = ["GenericDriver", "ReadBlock", "plan_reads"]
-
 
 @dataclass(frozen=True, slots=True)
 class ReadBlock:

@@ -32,23 +32,6 @@ if TYPE_CHECKING:
     # Annotations only: the profile schema validates its literal writes with this codec.
     from drivers.profile import RegisterSpec, Transport
 
-__all__ = [
-    "SF_RANGE",
-    "UNITS",
-    "Decoded",
-    "StateFinding",
-    "base_unit",
-    "classify_states",
-    "decode_register",
-    "encode_register",
-    "from_base",
-    "orders",
-    "register_words",
-    "resolution_problem",
-    "to_base",
-    "unit_problem",
-    "write_scale_problem",
-]
 
 # A power register must resolve its unit's rating to at least this fraction (1 %): coarser,
 # and every setpoint is rounded to a few levels, or to raw 0 (a scale factor of 15).

@@ -19,15 +19,6 @@ from pydantic import Field, model_validator
 
 from drivers.profile_types import Identifier, Strict
 
-__all__ = [
-    "BatteryStack",
-    "Condition",
-    "Derivation",
-    "Selection",
-    "Severity",
-    "StateValue",
-]
-
 
 class Severity(StrEnum):
     """How much a state value or alarm bit matters to control."""

@@ -19,8 +19,6 @@ from pydantic import Field
 
 from drivers.profile_types import Identifier, Strict
 
-__all__ = ["Gate", "SimulatedBehaviour", "Simulation", "StatusRegister"]
-
 
 class StatusRegister(Strict):
     """A status register (``register:``) the simulated unit keeps, in the register's own

@@ -23,7 +23,6 @@ from hil_sim.cli import register_cli as register_sim
 if TYPE_CHECKING:
     from essd.config import Settings
 
-__all__ = ["main"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -28,15 +28,6 @@ from essd.commands import (
     log,
 )
 
-__all__ = [
-    "apply_command",
-    "echo_id",
-    "handle_command",
-    "is_safety_command",
-    "parse_command",
-    "read_command",
-]
-
 
 def _first_error(exc: ValidationError) -> str:
     """``"dotted.field: message"`` for the first problem (``payload`` for the whole object)."""

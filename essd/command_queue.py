@@ -24,8 +24,6 @@ from dataclasses import dataclass
 
 from essd.commands import CommandModel, CommandResult
 
-__all__ = ["CommandQueue", "Pending"]
-
 #: Error text of a command removed from a full queue.
 DROPPED_FULL = "command: dropped, the command queue was full"
 #: Error text of a command a later ``standby`` made moot.

@@ -32,27 +32,6 @@ from pydantic import (
     model_validator,
 )
 
-__all__ = [
-    "COMMANDS",
-    "ECHO_ID",
-    "MAX_SERIES_LENGTH",
-    "NO_LIMITS",
-    "CommandLimits",
-    "CommandModel",
-    "CommandRejected",
-    "CommandResult",
-    "CommandTarget",
-    "ForecastCommand",
-    "Mode",
-    "ModeCommand",
-    "PricesCommand",
-    "ReserveCommand",
-    "SessionCommand",
-    "SessionTarget",
-    "SetpointCommand",
-]
-
-
 log = logging.getLogger(__name__)
 
 

@@ -12,8 +12,6 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-__all__ = ["ChargerConfig", "OcppConfig", "SwapStationConfig", "connector_key"]
-
 
 def connector_key(charger_id: str, connector_id: int) -> str:
     """The id essd uses for a charger's connector: the charger id, ``id:N`` from the 2nd on."""

@@ -26,8 +26,6 @@ from pydantic import (
 from essd.config import DEFAULT_CONFIG_PATH, ENV_PREFIX, MAX_CONFIG_BYTES, Settings, config_data
 from essd.textfile import read_text_file
 
-__all__ = ["ConfigError", "load_settings"]
-
 
 class ConfigError(Exception):
     """The configuration is invalid: ``problems`` holds one line per problem."""

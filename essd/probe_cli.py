@@ -11,8 +11,6 @@ import argparse
 import sys
 from pathlib import Path
 
-__all__ = ["cmd_probe", "register_cli"]
-
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_INVALID = 2

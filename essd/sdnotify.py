@@ -25,8 +25,6 @@ import os
 import socket
 from collections.abc import Mapping, MutableMapping
 
-__all__ = ["SystemdNotifier", "notify_address", "watchdog_timeout_from_environment"]
-
 _log = logging.getLogger(__name__)
 
 NOTIFY_SOCKET = "NOTIFY_SOCKET"

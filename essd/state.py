@@ -26,14 +26,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "STATE_FILE",
-    "STATE_SCHEMA",
-    "StateError",
-    "StateStore",
-    "resolve_state_directory",
-]
-
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"

@@ -32,8 +32,6 @@ from drivers.profile import Profile
 from essd.clock import Clock
 from essd.domain import LiveLimits
 
-__all__ = ["Alarm", "Battery", "BatteryParams", "BatteryState"]
-
 
 def _clip(x: float, lo: float, hi: float) -> float:
     # Plain floats: this runs thousands of times per simulated day, numpy scalars are slower.

@@ -38,8 +38,6 @@ from websockets.typing import Subprotocol
 
 from essd.clock import Clock
 
-__all__ = ["ChargerLink", "SimEvse", "SimStation", "SimVehicle"]
-
 
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from essd.clock import Clock
     from hil_sim.runner import SimulatedSite
 
-__all__ = ["add_arguments", "main", "register_cli", "run"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -53,19 +53,6 @@ from typing import Annotated, Any, Literal, Self
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-__all__ = [
-    "FAULT_KINDS",
-    "METER_KINDS",
-    "FaultError",
-    "FaultFile",
-    "FaultSpec",
-    "FaultTimeline",
-    "Transition",
-    "load_faults",
-    "load_faults_text",
-    "parse_duration",
-]
-
 FaultKind = Literal[
     "comm_loss",
     "meter_loss",

@@ -26,8 +26,6 @@ from drivers.modbus import EndpointTarget, Framing, SerialTarget, TcpTarget, qui
 from drivers.registers import Table
 from hil_sim.store import NoResponse, RegisterAccessError, RegisterStore
 
-__all__ = ["ModbusServer"]
-
 log = logging.getLogger(__name__)
 
 _TABLE_BY_FUNCTION = {3: Table.HOLDING, 6: Table.HOLDING, 16: Table.HOLDING, 4: Table.INPUT}

@@ -24,8 +24,6 @@ from drivers.profile import Profile, RegisterSpec
 from drivers.registers import Table, decode_raw, encode_raw
 from hil_sim.store import ModbusExceptionCode, RegisterAccessError, RegisterImage
 
-__all__ = ["FieldAccess", "ProfileImage"]
-
 
 class _NamedValues(Protocol):
     """Register access by name in the register's own unit (what :class:`FieldAccess` needs)."""

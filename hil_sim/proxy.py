@@ -14,8 +14,6 @@ import contextlib
 from collections.abc import Coroutine
 from typing import Any
 
-__all__ = ["DelayProxy"]
-
 _CHUNK = 65_536
 
 

@@ -58,8 +58,6 @@ from hil_sim.site import Site, SiteSeries, default_series_path
 from hil_sim.store import ModbusExceptionCode
 from hil_sim.truth import Limits, SiteTruth
 
-__all__ = ["Endpoint", "SimulatedSite"]
-
 log = logging.getLogger(__name__)
 
 _TICK_S = 0.02  # real seconds between fault-timeline checks

@@ -28,9 +28,6 @@ from drivers.sunspec.models import ENUM_TYPES
 from hil_sim.profile_image import FieldAccess
 from hil_sim.store import ModbusExceptionCode, RegisterAccessError, RegisterImage
 
-__all__ = ["SunSpecImage", "build_sunspec_image"]
-
-
 _UNIT_MAGNITUDE = {"%": 100.0, "pct": 100.0, "v": 1000.0, "hz": 70.0, "secs": 0.0}
 
 

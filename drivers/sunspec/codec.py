@@ -20,8 +20,6 @@ from drivers.registers import (
 )
 from drivers.sunspec.models import PointDef
 
-__all__ = ["decode_point", "encode_point", "is_not_implemented"]
-
 
 def is_not_implemented(pdef: PointDef, raw: int | float | str) -> bool:
     if pdef.type == "float32":

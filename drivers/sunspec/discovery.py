@@ -27,9 +27,6 @@ from drivers.sunspec.models import (
     parse_point_ref,
 )
 
-__all__ = ["SUNS_MARKER", "DiscoveredModel", "RegisterEndpoint", "SunSpecMap", "discover"]
-
-
 # "SunS" as two big-endian registers: the marker at a SunSpec base address.
 SUNS_MARKER = (0x5375, 0x6E53)
 

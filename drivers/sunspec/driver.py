@@ -53,8 +53,6 @@ from drivers.sunspec.models import (
 )
 from essd.domain import LiveLimits, Quality, Reading
 
-__all__ = ["SunSpecDriver"]
-
 
 @dataclass(frozen=True, slots=True)
 class _Bound:

@@ -23,18 +23,6 @@ from drivers.registers import (
     RegisterType,
 )
 
-__all__ = [
-    "BITFIELD_TYPES",
-    "ENUM_TYPES",
-    "ModelDef",
-    "PointDef",
-    "SunSpecDiscoveryError",
-    "SunSpecError",
-    "load_model",
-    "parse_point_ref",
-]
-
-
 # SunSpec point type -> how the words decode with the shared register codec.
 _REGISTER_TYPE: dict[str, RegisterType] = {
     "int16": RegisterType.S16,

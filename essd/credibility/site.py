@@ -9,15 +9,6 @@ from essd.config import Settings
 from essd.credibility.types import CredibilitySettings
 from essd.safety import DeviceEnvelope
 
-__all__ = [
-    "default_connection_max_w",
-    "default_limit_margin_w",
-    "default_max_load_step_w",
-    "rating",
-    "settings_for_site",
-    "soc_resolution",
-]
-
 
 def rating(env: DeviceEnvelope) -> float:
     """The larger of a unit's charge and discharge ratings (W)."""

@@ -11,18 +11,6 @@ from enum import StrEnum
 from essd.domain import BatteryReading
 from essd.safety import DeviceEnvelope
 
-__all__ = [
-    "HEARTBEAT_FIELDS",
-    "MIN_POWER_TOLERANCE_W",
-    "CredibilityInput",
-    "CredibilityReport",
-    "CredibilitySettings",
-    "MeterCause",
-    "MeterVerdict",
-    "UnitCause",
-    "UnitVerdict",
-]
-
 # Reading extras that are a counter the unit itself increments (SunSpec 802.Hb).
 HEARTBEAT_FIELDS = ("battery_heartbeat",)
 # The smallest power mismatch (W) taken as a unit not following its command (meter-grade noise).

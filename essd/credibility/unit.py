@@ -16,8 +16,6 @@ from essd.credibility.types import (
 from essd.domain import BatteryReading
 from essd.safety import DeviceEnvelope
 
-__all__ = ["UnitTrack", "assess_unit"]
-
 # The finest SoC resolution believed (ratio): float registers still carry a BMS estimate.
 _SOC_FLOOR = 1e-4
 

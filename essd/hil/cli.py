@@ -19,7 +19,6 @@ from essd.hil.ev_cli import add_parser as add_ev_parser
 if TYPE_CHECKING:
     from essd.events import CycleCompleted
 
-__all__ = ["RunProgress", "register"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -16,8 +16,6 @@ if TYPE_CHECKING:
     from essd.hil.ev_report import Comparison
     from essd.hil.ev_scenario import EvScenario
 
-__all__ = ["add_parser", "cmd_hil_ev", "compare"]
-
 
 def compare(sc: EvScenario) -> Comparison:
     """Run ``sc`` optimized and as its baseline."""

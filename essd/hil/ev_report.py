@@ -17,8 +17,6 @@ from essd.hil.ev_runner import ChargerRunResult
 from essd.hil.ev_scenario import EvScenario
 from essd.hil.swap_runner import SwapRunResult
 
-__all__ = ["Comparison", "compare_chargers", "compare_swap", "render"]
-
 
 @dataclass(frozen=True, slots=True)
 class Comparison:

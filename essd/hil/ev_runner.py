@@ -40,8 +40,6 @@ from essd.hil.ev_scenario import EvScenario, SiteSpec, VehicleSpec
 from essd.ocpp import CentralSystem
 from hil_sim.chargers import ChargerLink, SimStation, SimVehicle
 
-__all__ = ["ChargerRunResult", "VehicleOutcome", "run_chargers", "site_profile"]
-
 
 @dataclass(frozen=True, slots=True)
 class VehicleOutcome:

@@ -11,8 +11,6 @@ from essd.hil.hostile import safe_after_s
 from essd.hil.kpi import CycleRecord, Kpis, Sample
 from essd.hil.scenario import FaultSpec, Scenario
 
-__all__ = ["check_expectations", "fault_summary"]
-
 
 def report_window(scenario: Scenario, i: int) -> tuple[float, float]:
     """Offsets (s) during which cycles are attributed to fault ``i``: its duration, or two

@@ -23,8 +23,6 @@ from essd.hil.scenario import Scenario
 from essd.hil.truth import ScenarioSeries
 from hil_sim.truth import SiteTruth
 
-__all__ = ["cost_model"]
-
 
 def cost_model(scenario: Scenario, settings: Settings) -> CostModel:
     """The tariff terms the figures of ``scenario`` are costed with."""

@@ -18,8 +18,6 @@ from essd.config import Settings
 from essd.hil.scenario import FaultSpec
 from hil_sim.truth import SiteTruth
 
-__all__ = ["Plant"]
-
 
 class Plant(Protocol):
     """A simulated site the runner drives (hil_sim's SimulatedSite adapts to this)."""

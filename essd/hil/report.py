@@ -26,8 +26,6 @@ from essd.hil.foresight import cost_model
 from essd.hil.kpi import baseline_grid_w
 from essd.hil.runner import RunResult
 
-__all__ = ["PLOTS", "make_figures", "write_report"]
-
 PLOTS = ("soc", "power", "grid", "price", "peak")
 
 

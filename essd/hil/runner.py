@@ -43,9 +43,6 @@ from hil_sim.runner import SimulatedSite
 from hil_sim.site import SiteSeries
 from hil_sim.truth import Limits, SiteTruth
 
-__all__ = ["PlantFactory", "RunResult", "run_scenario"]
-
-
 log = logging.getLogger(__name__)
 
 

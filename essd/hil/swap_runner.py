@@ -26,8 +26,6 @@ from essd.hil.ev_runner import site_profile
 from essd.hil.ev_scenario import EvScenario, SwapSpec
 from hil_sim.swap import SimPack, SimSwapStation, poisson_swaps
 
-__all__ = ["SwapRunResult", "run_swap"]
-
 
 @dataclass(slots=True)
 class SwapRunResult:

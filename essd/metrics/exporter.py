@@ -47,9 +47,6 @@ from essd.metrics.labels import (
 )
 from essd.metrics.live import ExporterState, LiveCollector, finite
 
-__all__ = ["MetricsExporter"]
-
-
 if TYPE_CHECKING:
     from essd.config import Settings
 

@@ -41,7 +41,6 @@ from essd.clock import Clock, RealClock
 if TYPE_CHECKING:
     from essd.config import MetricsConfig
 
-__all__ = ["ExpositionCache", "MetricsServer", "MetricsServerError", "Payload"]
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,6 @@ from essd.metrics.labels import (
     reason_category,
 )
 
-__all__ = ["ExporterState", "LiveCollector", "finite"]
-
 
 @dataclass(frozen=True, slots=True)
 class ExporterState:

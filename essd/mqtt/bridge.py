@@ -61,9 +61,6 @@ from essd.mqtt.discovery import DiscoveryPublisher
 from essd.mqtt.payloads import build_device_payload, build_plan_payload, build_state_payload
 from essd.mqtt.topics import Topics
 
-__all__ = ["BridgeStats", "MqttBridge", "open_bridge"]
-
-
 log = logging.getLogger(__name__)
 
 

@@ -7,9 +7,6 @@ from __future__ import annotations
 from essd.commands import CommandLimits
 from essd.config import ControlConfig, MqttConfig
 
-__all__ = ["REFUSED_ANONYMOUS", "REFUSED_RETAINED", "SUPERSEDED_BY_STANDBY", "command_limits"]
-
-
 #: Reply to a command received while essd holds no credentials (and no opt-in).
 REFUSED_ANONYMOUS = (
     "command: refused, essd is connected anonymously (configure username and password or a "

@@ -29,8 +29,6 @@ from essd.domain import DeviceState
 from essd.events import CycleCompleted
 from essd.mqtt.topics import Topics
 
-__all__ = ["DiscoveryPublisher", "UnitInfo", "discovery_messages", "units_of"]
-
 #: How long a setpoint chosen in Home Assistant holds before the unit idles again, s.
 DEFAULT_SETPOINT_TTL_S = 3600.0
 

@@ -19,18 +19,6 @@ from essd.events import (
     ForecastRecord,
 )
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "DeviceStatePayload",
-    "PlanPayload",
-    "StatePayload",
-    "TotalsPayload",
-    "build_device_payload",
-    "build_plan_payload",
-    "build_state_payload",
-]
-
-
 #: Version of the JSON payloads; bumped on any incompatible change (docs/mqtt.md).
 SCHEMA_VERSION = 1
 

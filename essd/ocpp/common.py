@@ -16,9 +16,6 @@ from essd.clock import Clock
 from essd.config_ev import ChargerConfig
 from essd.ocpp.registry import ChargerRecord, RateUnit, TransactionInfo
 
-__all__ = ["ChargerContext", "LimitResult", "iso", "schedule_limit"]
-
-
 log = logging.getLogger("essd.ocpp")
 
 

@@ -25,9 +25,6 @@ from ocpp.exceptions import (
 )
 from ocpp.messages import Call, CallError, MessageType, unpack
 
-__all__ = ["GuardedRouting"]
-
-
 log = logging.getLogger("essd.ocpp")
 
 

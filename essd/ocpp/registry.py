@@ -15,17 +15,6 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-__all__ = [
-    "ChargerInfo",
-    "ChargerRecord",
-    "ConnectorInfo",
-    "MeterSample",
-    "RateUnit",
-    "TransactionInfo",
-    "parse_meter_values",
-    "parse_time",
-]
-
 
 class RateUnit(StrEnum):
     """The unit a charger takes its charging-schedule limits in (OCPP ChargingRateUnitType)."""

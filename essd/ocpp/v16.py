@@ -32,8 +32,6 @@ from essd.ocpp.common import (
 from essd.ocpp.guarded import GuardedRouting
 from essd.ocpp.registry import ConnectorInfo, parse_meter_values, parse_time
 
-__all__ = ["V16Charger"]
-
 
 class V16Charger(GuardedRouting, ChargePoint):
     """One OCPP 1.6J charge point connected to essd."""

@@ -33,8 +33,6 @@ from essd.ocpp.common import (
 from essd.ocpp.guarded import GuardedRouting
 from essd.ocpp.registry import ConnectorInfo, parse_meter_values, parse_time
 
-__all__ = ["V201Charger"]
-
 
 def _token(id_token: object) -> str:
     if isinstance(id_token, dict):

@@ -18,9 +18,6 @@ from hil_sim.profile_image import ProfileImage
 from hil_sim.store import ModbusExceptionCode, NoResponse, RegisterAccessError
 from hil_sim.sunspec_image import SunSpecImage, build_sunspec_image
 
-__all__ = ["DeviceFaults", "RegisterMap", "SimDevice", "build_image"]
-
-
 log = logging.getLogger(__name__)
 
 # How often a simulated unit refreshes the readings in its registers (simulated seconds).

@@ -23,8 +23,6 @@ from hil_sim.sunspec_image import SunSpecImage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_storage_device"]
-
 
 class SunSpecStorageDevice(StorageDevice):
     """SunSpec PCS + BMS: 704 reversion to WSetRvrt, 802 state, events and heartbeat, 713."""

@@ -13,8 +13,6 @@ from hil_sim.devices.base import SimDevice
 from hil_sim.profile_image import ProfileImage
 from hil_sim.sunspec_image import SunSpecImage
 
-__all__ = ["COUNTER_START_WH", "MeterDevice"]
-
 COUNTER_START_WH = 1_000_000.0  # what the energy registers read when the simulation starts
 
 

@@ -29,19 +29,6 @@ from drivers.profile_types import Identifier, Strict
 from drivers.registers import ByteOrder, RegisterType, Table, word_count
 from essd.domain import DeviceClass
 
-__all__ = [
-    "POWER_PARAMS",
-    "SCHEMA_VERSIONS",
-    "Action",
-    "ActionName",
-    "Capability",
-    "Profile",
-    "ProfileError",
-    "RegisterSpec",
-    "Severity",
-    "WriteStep",
-]
-
 # 1: the original schema. 2 adds state maps (enum/bits with severities), derivations beyond
 # sums, per-register byte/word order, the write function code, on-change writes, battery
 # stacks, and checked units. Every schema-1 profile is a valid schema-2 profile.

@@ -39,17 +39,7 @@ from essd.commands import CommandLimits, CommandModel, CommandResult
 from essd.config import MqttConfig, Settings
 from essd.cycle import Controller
 from essd.hil.kpi import CycleRecord, Sample
-from essd.hil.scenario import SIGNALS, EventSpec
-
-__all__ = [
-    "SIGNALS",
-    "CommandFeed",
-    "DaemonClock",
-    "EventDriver",
-    "EventSpec",
-    "event_label",
-    "safe_after_s",
-]
+from essd.hil.scenario import EventSpec
 
 #: What the MQTT bridge drops from its queue when a standby arrives (essd.mqtt).
 SUPERSEDED_BY_STANDBY = ("mode", "setpoint")

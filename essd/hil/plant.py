@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from essd.config import Settings
-from essd.hil.scenario import FaultSpec
+from hil_sim.faults import FaultSpec
 from hil_sim.truth import SiteTruth
 
 

@@ -37,8 +37,9 @@ from essd.hil.foresight import cost_model, perfect_foresight
 from essd.hil.hostile import DaemonClock, EventDriver, event_summary, mqtt_limits
 from essd.hil.kpi import CycleRecord, Kpis, Sample, compute_kpis, unsafe_writes
 from essd.hil.plant import Plant
-from essd.hil.scenario import INSTANT_KINDS, FaultSpec, Scenario, site_mqtt
+from essd.hil.scenario import Scenario, site_mqtt
 from essd.hil.truth import ScenarioSeries
+from hil_sim.faults import INSTANT_KINDS, FaultSpec
 from hil_sim.runner import SimulatedSite
 from hil_sim.site import SiteSeries
 from hil_sim.truth import Limits, SiteTruth

@@ -9,9 +9,10 @@
 Units: power W (> 0 the charger draws from the site), energy Wh, current A per phase.
 """
 
+from essd.config_ev import connector_key
 from essd.ocpp.common import LimitResult
 from essd.ocpp.registry import ChargerInfo, MeterSample, RateUnit, TransactionInfo
-from essd.ocpp.server import CentralSystem, connector_key
+from essd.ocpp.server import CentralSystem
 
 __all__ = [
     "CentralSystem",

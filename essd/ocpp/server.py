@@ -40,9 +40,6 @@ from essd.ocpp.registry import ChargerInfo, ChargerRecord
 from essd.ocpp.v16 import V16Charger
 from essd.ocpp.v201 import V201Charger
 
-__all__ = ["CentralSystem", "connector_key"]
-
-
 log = logging.getLogger("essd.ocpp")
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Any
 
 from essd.clock import Clock
 from essd.config_ev import ChargerConfig
+from essd.ocpp.guarded import GuardedRouting
 from essd.ocpp.registry import ChargerRecord, RateUnit, TransactionInfo
 
 log = logging.getLogger("essd.ocpp")
@@ -67,13 +69,7 @@ class ChargerContext:
             self.stop_transaction(running.transaction_id, t, math.nan, "superseded")
         tx_id = str(self.record.next_transaction)
         self.record.next_transaction += 1
-        self.record.transactions[tx_id] = TransactionInfo(
-            transaction_id=tx_id,
-            connector_id=connector_id,
-            id_tag=id_tag,
-            started_at=t,
-            meter_start_wh=meter_wh,
-        )
+        self.resume_or_begin(tx_id, connector_id, id_tag, t, meter_wh)
         return tx_id
 
     def resume_or_begin(
@@ -98,15 +94,8 @@ class ChargerContext:
             return
         if tx.stopped_at is not None:
             return
-        self.record.transactions[tx_id] = TransactionInfo(
-            transaction_id=tx.transaction_id,
-            connector_id=tx.connector_id,
-            id_tag=tx.id_tag,
-            started_at=tx.started_at,
-            meter_start_wh=tx.meter_start_wh,
-            stopped_at=t,
-            meter_stop_wh=meter_wh,
-            stop_reason=reason,
+        self.record.transactions[tx_id] = replace(
+            tx, stopped_at=t, meter_stop_wh=meter_wh, stop_reason=reason
         )
         self.record.applied_limit_w.pop(tx.connector_id, None)
 
@@ -122,3 +111,54 @@ def schedule_limit(config: ChargerConfig, limit_w: float) -> tuple[RateUnit, flo
         return unit, round(limit_w, 1), config.phases
     amps = limit_w / (config.voltage_v * config.phases)
     return unit, math.floor(amps * 10.0) / 10.0, config.phases
+
+
+class ChargerHandler(GuardedRouting):
+    """What the 1.6 and 2.0.1 handlers share: the context, the clock and the TxProfile limit.
+
+    Put it first in the bases, before the library's ChargePoint (which provides ``call``).
+    """
+
+    ctx: ChargerContext
+    call: Callable[..., Awaitable[Any]]
+
+    def _now(self) -> float:
+        return self.ctx.clock.now()
+
+    def _profile_request(
+        self, connector_id: int, tx_id: str, profile: dict[str, Any], schedule: dict[str, Any]
+    ) -> Any:
+        """The version's SetChargingProfile request carrying ``profile`` and ``schedule``."""
+        raise NotImplementedError
+
+    async def set_limit(self, connector_id: int, limit_w: float, valid_s: float) -> LimitResult:
+        """Send a TxProfile limiting the running transaction of ``connector_id`` (the EVSE
+        id in 2.0.1) to ``limit_w``, valid for ``valid_s``."""
+        rec = self.ctx.record
+        tx = rec.active(connector_id)
+        if tx is None:
+            return LimitResult(rec.id, connector_id, limit_w, False, "no transaction")
+        now = self._now()
+        unit, limit, phases = schedule_limit(self.ctx.config, limit_w)
+        profile = {
+            "stack_level": STACK_LEVEL,
+            "charging_profile_purpose": "TxProfile",
+            "charging_profile_kind": "Absolute",
+            "valid_from": iso(now),
+            "valid_to": iso(now + valid_s),
+        }
+        schedule = {
+            "start_schedule": iso(now),
+            "duration": math.ceil(valid_s),
+            "charging_rate_unit": unit.value,
+            "charging_schedule_period": [
+                {"start_period": 0, "limit": limit, "number_phases": phases}
+            ],
+        }
+        request = self._profile_request(connector_id, tx.transaction_id, profile, schedule)
+        response = await self.call(request, suppress=False)
+        if response.status == "Accepted":
+            rec.applied_limit_w[connector_id] = limit_w
+            return LimitResult(rec.id, connector_id, limit_w, True)
+        rec.rejected_profiles += 1
+        return LimitResult(rec.id, connector_id, limit_w, False, str(response.status))

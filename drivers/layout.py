@@ -258,10 +258,6 @@ class StateFinding:
     name: str
     severity: Severity
 
-    def describe(self) -> str:
-        """``register=name (0x...)`` as logs and the MQTT state show it."""
-        return f"{self.register}={self.name} (0x{self.raw:X})"
-
 
 def classify_states(spec: RegisterSpec, raw: int, words: int) -> tuple[StateFinding, ...]:
     """The meanings of ``raw`` for a register with an ``enum`` (one finding, listed or not) or

@@ -21,7 +21,6 @@ import math
 import ssl
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any
 
 import websockets
@@ -253,12 +252,7 @@ class ChargerLink:
         with contextlib.suppress(websockets.ConnectionClosed):
             await self.cp.start()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.drop()
 
     async def drop(self) -> None:
@@ -267,11 +261,6 @@ class ChargerLink:
             await self._ws.close()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
-
-    async def send_raw(self, frame: str) -> str:
-        """Send a raw frame and return the next frame received (conformance tests)."""
-        await self._ws.send(frame)
-        return str(await self._ws.recv())
 
     async def boot(self) -> Any:
         """BootNotification."""

@@ -16,9 +16,6 @@ from essd.domain import Plan, PlanCause
 JOULES_PER_WH = 3600.0
 
 
-GRAMS_PER_KG = 1000.0
-
-
 #: Phases of a cycle (docs/architecture.md); any other phase name is counted as "other".
 CYCLE_PHASES = ("read", "snapshot", "forecast", "decide", "guard", "write", "publish")
 

@@ -29,7 +29,6 @@ import secrets
 import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Literal, Self
 
 import aiomqtt
@@ -182,12 +181,7 @@ class MqttBridge:
         self._task = asyncio.create_task(self.run(), name=f"mqtt-bridge-{self._site_id}")
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         """Publish ``offline``, disconnect and stop the task."""
         await self.stop()
 

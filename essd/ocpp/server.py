@@ -23,7 +23,6 @@ import math
 import ssl
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
-from types import TracebackType
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -86,12 +85,7 @@ class CentralSystem:
         await self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
     async def start(self) -> None:

@@ -23,14 +23,7 @@ from drivers.states import DeviceStates
 from drivers.write_policy import WriteMemory
 from essd.clock import Clock
 from essd.counters import DeviceCounters
-from essd.domain import (
-    BatteryReading,
-    DeviceClass,
-    LiveLimits,
-    MeterReading,
-    Quality,
-    Reading,
-)
+from essd.domain import BatteryReading, DeviceClass, LiveLimits, MeterReading, Quality, Reading
 
 C = TypeVar("C")
 

@@ -13,12 +13,7 @@ from collections.abc import Callable
 
 from drivers.base import ProfileDriver
 from drivers.generic import GenericDriver
-from drivers.modbus import (
-    DEFAULT_TIMEOUT_S,
-    EndpointTarget,
-    ModbusEndpoint,
-    SerialTarget,
-)
+from drivers.modbus import DEFAULT_TIMEOUT_S, EndpointTarget, ModbusEndpoint, SerialTarget
 from drivers.profile import Profile
 from essd.clock import Backoff, Clock
 from essd.domain import LiveLimits

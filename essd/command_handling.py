@@ -11,9 +11,7 @@ import json
 import re
 from typing import Any
 
-from pydantic import (
-    ValidationError,
-)
+from pydantic import ValidationError
 
 from essd.commands import (
     COMMANDS,

@@ -35,13 +35,7 @@ from drivers.modbus import Framing
 from drivers.profile import Profile
 from drivers.profile_loader import resolve_profile
 from essd.clock import Clock
-from essd.config import (
-    DeviceConfig,
-    RtuOverTcpTransport,
-    SerialTransport,
-    Settings,
-    TcpTransport,
-)
+from essd.config import DeviceConfig, RtuOverTcpTransport, SerialTransport, Settings, TcpTransport
 from essd.domain import DeviceClass
 from hil_sim.devices import (
     MeterDevice,

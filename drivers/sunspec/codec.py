@@ -13,11 +13,7 @@ from collections.abc import Sequence
 from sunspec2 import mb as ss_mb
 
 from drivers.layout import SF_RANGE, Decoded
-from drivers.registers import (
-    EncodeError,
-    decode_raw,
-    encode_raw,
-)
+from drivers.registers import EncodeError, decode_raw, encode_raw
 from drivers.sunspec.models import PointDef
 
 

@@ -11,13 +11,8 @@ from typing import Protocol
 
 from sunspec2 import mb as ss_mb
 
-from drivers.api import (
-    CommunicationError,
-    DeviceExceptionResponse,
-)
-from drivers.registers import (
-    Table,
-)
+from drivers.api import CommunicationError, DeviceExceptionResponse
+from drivers.registers import Table
 from drivers.sunspec.models import (
     ModelDef,
     PointDef,

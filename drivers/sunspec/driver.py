@@ -29,18 +29,9 @@ from drivers.base import ProfileDriver, live_limit_w
 from drivers.engine import Point
 from drivers.layout import SF_RANGE, Decoded, base_unit, resolution_problem, to_base
 from drivers.profile import ActionName, ProfileError, RegisterSpec
-from drivers.registers import (
-    EncodeError,
-    RegisterType,
-    Table,
-    decode_raw,
-)
+from drivers.registers import EncodeError, RegisterType, Table, decode_raw
 from drivers.states import DeviceStates, sort_states
-from drivers.sunspec.codec import (
-    decode_point,
-    encode_point,
-    is_not_implemented,
-)
+from drivers.sunspec.codec import decode_point, encode_point, is_not_implemented
 from drivers.sunspec.discovery import DiscoveredModel, SunSpecMap, discover
 from drivers.sunspec.models import (
     BITFIELD_TYPES,

@@ -16,12 +16,8 @@ from sunspec2 import device as ss_device
 from sunspec2 import mb as ss_mb
 from sunspec2 import mdef as ss_mdef
 
-from drivers.api import (
-    DeviceError,
-)
-from drivers.registers import (
-    RegisterType,
-)
+from drivers.api import DeviceError
+from drivers.registers import RegisterType
 
 # SunSpec point type -> how the words decode with the shared register codec.
 _REGISTER_TYPE: dict[str, RegisterType] = {

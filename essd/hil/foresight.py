@@ -14,11 +14,7 @@ from essd.config import Settings
 from essd.cycle import Controller
 from essd.dispatch import Dispatcher, DispatchInputs
 from essd.domain import LiveLimits
-from essd.hil.kpi import (
-    CostModel,
-    PriceTrace,
-    grid_cost,
-)
+from essd.hil.kpi import CostModel, PriceTrace, grid_cost
 from essd.hil.scenario import Scenario
 from essd.hil.truth import ScenarioSeries
 from hil_sim.truth import SiteTruth

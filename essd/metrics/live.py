@@ -21,10 +21,7 @@ from prometheus_client.registry import Collector
 
 from essd.clock import Clock
 from essd.domain import DeviceState, Quality, Setpoint
-from essd.events import (
-    CycleCompleted,
-    DaemonStatus,
-)
+from essd.events import CycleCompleted, DaemonStatus
 from essd.metrics.labels import (
     CONTROL_MODES,
     CYCLE_PHASES,

@@ -14,10 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from essd.domain import BatteryReading, DeviceState, FallbackRung, Plan, Quality
-from essd.events import (
-    CycleCompleted,
-    ForecastRecord,
-)
+from essd.events import CycleCompleted, ForecastRecord
 
 #: Version of the JSON payloads; bumped on any incompatible change (docs/mqtt.md).
 SCHEMA_VERSION = 1

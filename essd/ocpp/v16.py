@@ -13,11 +13,7 @@ from typing import Any
 
 from ocpp.routing import after, on
 from ocpp.v16 import ChargePoint, call, call_result
-from ocpp.v16.enums import (
-    Action,
-    AuthorizationStatus,
-    RegistrationStatus,
-)
+from ocpp.v16.enums import Action, AuthorizationStatus, RegistrationStatus
 
 from essd.ocpp.common import PROFILE_ID_BASE, ChargerContext, ChargerHandler, iso
 from essd.ocpp.registry import ConnectorInfo, parse_meter_values, parse_time

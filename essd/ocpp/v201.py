@@ -15,11 +15,7 @@ from typing import Any
 
 from ocpp.routing import after, on
 from ocpp.v201 import ChargePoint, call, call_result
-from ocpp.v201.enums import (
-    Action,
-    AuthorizationStatusEnumType,
-    RegistrationStatusEnumType,
-)
+from ocpp.v201.enums import Action, AuthorizationStatusEnumType, RegistrationStatusEnumType
 
 from essd.ocpp.common import PROFILE_ID_BASE, ChargerContext, ChargerHandler, iso
 from essd.ocpp.registry import ConnectorInfo, parse_meter_values, parse_time

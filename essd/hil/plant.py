@@ -3,8 +3,8 @@
 :class:`Plant` is what the runner needs from a simulated site: the settings pointing at its
 loopback devices, the *true* state (not the daemon's belief: the simulator's
 :class:`~hil_sim.truth.SiteTruth`) and a switch per fault.
-:func:`essd.hil.runner.simulated_site_factory` adapts ``hil_sim``'s simulated site to it; a
-test may pass any other plant to :func:`essd.hil.runner.run_scenario`.
+:func:`essd.hil.runner.simulated_site_factory` opens ``hil_sim``'s simulated site, which is
+one; a test may pass any other plant to :func:`essd.hil.runner.run_scenario`.
 
 Sign conventions: battery W > 0 discharges into the site, < 0 charges; grid W > 0 imports.
 Grid = load - PV used - sum(battery).
@@ -20,7 +20,7 @@ from hil_sim.truth import SiteTruth
 
 
 class Plant(Protocol):
-    """A simulated site the runner drives (hil_sim's SimulatedSite adapts to this)."""
+    """A simulated site the runner drives (hil_sim's SimulatedSite is one)."""
 
     @property
     def settings(self) -> Settings:

@@ -39,10 +39,10 @@ from essd.hil.kpi import CycleRecord, Kpis, Sample, compute_kpis, unsafe_writes
 from essd.hil.plant import Plant
 from essd.hil.scenario import Scenario, site_mqtt
 from essd.hil.truth import ScenarioSeries
-from hil_sim.faults import INSTANT_KINDS, FaultSpec
+from hil_sim.faults import INSTANT_KINDS
 from hil_sim.runner import SimulatedSite
 from hil_sim.site import SiteSeries
-from hil_sim.truth import Limits, SiteTruth
+from hil_sim.truth import Limits
 
 log = logging.getLogger(__name__)
 
@@ -328,30 +328,11 @@ async def run_scenario(
     )
 
 
-class _SimulatedSitePlant:
-    """hil_sim's :class:`~hil_sim.runner.SimulatedSite` seen through the :class:`Plant` seam."""
-
-    def __init__(self, site: SimulatedSite) -> None:
-        self._site = site
-
-    @property
-    def settings(self) -> Settings:
-        """The settings pointing at the served devices."""
-        return self._site.settings
-
-    def truth(self) -> SiteTruth:
-        """The simulator's true state now."""
-        return self._site.truth()
-
-    def set_fault(self, fault: FaultSpec, active: bool) -> None:
-        """Start or end a fault in the simulator."""
-        self._site.set_fault(fault, active=active)
-
-
 @contextlib.asynccontextmanager
-async def _open_simulated_site(
+async def simulated_site_factory(
     scenario: Scenario, settings: Settings, clock: SimClock, series: ScenarioSeries
 ) -> AsyncIterator[Plant]:
+    """hil_sim's simulated site for ``scenario`` (the default plant)."""
     tz = ZoneInfo(settings.site.timezone)
     site = SimulatedSite(
         settings,
@@ -365,11 +346,4 @@ async def _open_simulated_site(
         source=str(scenario.source),
     )
     async with site:
-        yield _SimulatedSitePlant(site)
-
-
-def simulated_site_factory(
-    scenario: Scenario, settings: Settings, clock: SimClock, series: ScenarioSeries
-) -> AbstractAsyncContextManager[Plant]:
-    """hil_sim's simulated site for ``scenario`` (the default plant)."""
-    return _open_simulated_site(scenario, settings, clock, series)
+        yield site

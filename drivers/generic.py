@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from drivers.api import DeviceExceptionResponse, ValueRefused
 from drivers.base import ProfileDriver
+from drivers.derive import add_derived
 from drivers.engine import Point
 from drivers.layout import (
     Decoded,
@@ -204,7 +205,7 @@ class GenericDriver(ProfileDriver):
             )
             out[field] = _reading(decoded, spec, at)
             raw[field] = decoded.raw
-        self._add_derived(out, at, raw)
+        add_derived(self._profile, out, at, raw)
         return out, raw
 
     def _alarms(

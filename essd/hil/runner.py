@@ -17,6 +17,7 @@ checks :mod:`essd.hil.expectations`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -275,22 +276,11 @@ async def run_scenario(
     try:
         # The optimum from the same start back to the same SoC (the yardstick), and re-solved
         # to where the run ended (what the run's change of stored energy was worth).
-        opt_cost, opt_status = perfect_foresight(
-            scenario,
-            controller=controller,
-            series=series,
-            first=first,
-            final_soc=initial,
-            model=model,
+        solve = functools.partial(
+            perfect_foresight, scenario, controller=controller, series=series, first=first
         )
-        opt_end, _ = perfect_foresight(
-            scenario,
-            controller=controller,
-            series=series,
-            first=first,
-            final_soc=final,
-            model=model,
-        )
+        opt_cost, opt_status = solve(final_soc=initial, model=model)
+        opt_end, _ = solve(final_soc=final, model=model)
     except Exception as exc:  # a failed offline solve must not hide the run's own figures
         log.warning("perfect-foresight solve failed: %s", exc)
         opt_cost, opt_status = None, f"failed: {exc}"

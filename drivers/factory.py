@@ -23,11 +23,7 @@ class EndpointPool:
     """One endpoint per transport target; closes them all at the end."""
 
     def __init__(
-        self,
-        *,
-        clock: Clock,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        backoff: Backoff | None = None,
+        self, *, clock: Clock, timeout_s: float = DEFAULT_TIMEOUT_S, backoff: Backoff | None = None
     ) -> None:
         self._clock = clock
         self._timeout_s = timeout_s

@@ -183,9 +183,7 @@ class GenericDriver(ProfileDriver):
             return None
         return sf.raw
 
-    async def _read_fields_and_raw(
-        self,
-    ) -> tuple[dict[str, Reading], dict[str, int | float | str]]:
+    async def _read_fields_and_raw(self) -> tuple[dict[str, Reading], dict[str, int | float | str]]:
         words, refused = await self._read_words(self._blocks)
         at = self._clock.monotonic()
         out: dict[str, Reading] = {}

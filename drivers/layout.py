@@ -150,11 +150,7 @@ def resolution_problem(step_w: float, rating_w: float) -> str | None:
 
 
 def write_scale_problem(
-    spec: RegisterSpec,
-    ratings_w: Iterable[float],
-    *,
-    transport: Transport,
-    sf: int | None = None,
+    spec: RegisterSpec, ratings_w: Iterable[float], *, transport: Transport, sf: int | None = None
 ) -> str | None:
     """Why writing powers up to each of ``ratings_w`` (W, signed) through ``spec`` would not be
     faithful: a scale factor outside -10..10, a raw step coarser than 1 % of the rating, or a

@@ -134,8 +134,7 @@ class SwapStationConfig(_Section):
         2.33, description="Plus this many standard deviations of a Poisson count (2.33: 99 %)"
     )
     swap_drop_soc: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
-        0.3,
-        description="A charged pack's SoC falling this much between two reads is a swap",
+        0.3, description="A charged pack's SoC falling this much between two reads is a swap"
     )
 
     @model_validator(mode="after")

@@ -42,12 +42,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     report = asyncio.run(
         probe(
-            profile,
-            target,
-            unit,
-            write_test=args.write_test,
-            confirm=confirm,
-            step_s=args.step_s,
+            profile, target, unit, write_test=args.write_test, confirm=confirm, step_s=args.step_s
         )
     )
     for note in report.notes:

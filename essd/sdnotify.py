@@ -103,10 +103,7 @@ class SystemdNotifier:
 
     @classmethod
     def from_environment(
-        cls,
-        environ: MutableMapping[str, str] | None = None,
-        *,
-        unset_environment: bool = False,
+        cls, environ: MutableMapping[str, str] | None = None, *, unset_environment: bool = False
     ) -> SystemdNotifier:
         """A notifier configured from ``$NOTIFY_SOCKET`` / ``$WATCHDOG_USEC`` / ``$WATCHDOG_PID``.
 

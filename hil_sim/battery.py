@@ -321,9 +321,7 @@ class Battery:
             return self._advance_idle(min(remaining, self._tau / 20.0))
 
         self._overshoot = max(
-            self._overshoot,
-            -power - limits.max_charge_w,
-            power - limits.max_discharge_w,
+            self._overshoot, -power - limits.max_charge_w, power - limits.max_discharge_w
         )
         energy = self._energy + rate * h
         if power < 0:

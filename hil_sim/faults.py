@@ -197,11 +197,7 @@ def load_faults(path: Path) -> tuple[FaultSpec, ...]:
     return load_faults_text(text, str(path))
 
 
-def check_devices(
-    faults: Sequence[FaultSpec],
-    devices: dict[str, str],
-    source: str,
-) -> None:
+def check_devices(faults: Sequence[FaultSpec], devices: dict[str, str], source: str) -> None:
     """Every fault names a device of the site, of a class that can have it.
 
     ``devices`` maps device id -> device class (``meter``, ``portable``...).

@@ -171,11 +171,7 @@ class ProfileImage(FieldAccess, RegisterImage):
         spec = self.spec(name)
         byte_order, word_order = orders(spec, self.profile.transport)
         words = encode_raw(
-            raw,
-            spec.rtype,
-            byte_order=byte_order,
-            word_order=word_order,
-            string_words=spec.count,
+            raw, spec.rtype, byte_order=byte_order, word_order=word_order, string_words=spec.count
         )
         table, address, _ = self._location(spec)
         self.set(table, address, words)

@@ -159,8 +159,7 @@ class SimulatedSite:
         self._faults_source = faults_source
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
         limits = Limits(
-            import_w=settings.site.grid_import_limit_w,
-            export_w=settings.site.grid_export_limit_w,
+            import_w=settings.site.grid_import_limit_w, export_w=settings.site.grid_export_limit_w
         )
         self.site = Site(
             clock=clock, series=self.series, export_limiter=export_limiter, limits=limits

@@ -231,11 +231,7 @@ def _auto_sf(definition: ModelDef, sf_name: str, profile: Profile) -> int:
 
 
 def _initial_words(
-    m: DiscoveredModel,
-    p: PointDef,
-    profile: Profile,
-    overrides: dict[str, int],
-    mapped: set[str],
+    m: DiscoveredModel, p: PointDef, profile: Profile, overrides: dict[str, int], mapped: set[str]
 ) -> list[int]:
     """What a point of a freshly built image holds (see :func:`build_sunspec_image`)."""
     if p.name in ("ID", "L"):

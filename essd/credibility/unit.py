@@ -238,12 +238,7 @@ def assess_unit(
 
 
 def _hold(
-    cfg: CredibilitySettings,
-    track: UnitTrack,
-    finding: _Finding,
-    now: float,
-    *,
-    verified: bool,
+    cfg: CredibilitySettings, track: UnitTrack, finding: _Finding, now: float, *, verified: bool
 ) -> UnitTrack:
     """The hold/dwell state machine: held on any failure, released after a clean dwell."""
     if finding is not None:

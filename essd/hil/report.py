@@ -114,10 +114,7 @@ def make_figures(result: RunResult) -> dict[str, Figure]:
     ax.axhline(result.limits.import_w / 1000, color="tab:red", ls="--", label="import limit")
     if math.isfinite(result.limits.export_w):
         ax.axhline(
-            -result.limits.export_w / 1000,
-            color="tab:purple",
-            ls="--",
-            label="export limit",
+            -result.limits.export_w / 1000, color="tab:purple", ls="--", label="export limit"
         )
     ax.legend(loc="best", fontsize="small", ncols=2)
     figs["grid"] = fig

@@ -220,9 +220,7 @@ def _ahead_families(ev: CycleCompleted) -> list[Metric | None]:
         if fc.pv_w:
             out.append(
                 _gauge(
-                    "essd_forecast_pv_watts",
-                    "Forecast PV power for the current step.",
-                    fc.pv_w[0],
+                    "essd_forecast_pv_watts", "Forecast PV power for the current step.", fc.pv_w[0]
                 )
             )
     return out

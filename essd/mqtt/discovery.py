@@ -53,10 +53,7 @@ def units_of(cycle: CycleCompleted) -> tuple[UnitInfo, ...]:
         dis = lim.max_discharge_w if lim is not None and lim.max_discharge_w > 0 else None
         out.append(
             UnitInfo(
-                d,
-                b.device_class.value,
-                charge or MAX_COMMAND_POWER_W,
-                dis or MAX_COMMAND_POWER_W,
+                d, b.device_class.value, charge or MAX_COMMAND_POWER_W, dis or MAX_COMMAND_POWER_W
             )
         )
     return tuple(out)

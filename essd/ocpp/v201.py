@@ -74,11 +74,7 @@ class V201Charger(ChargerHandler, ChargePoint):
 
     @on(Action.transaction_event)
     def on_transaction_event(
-        self,
-        event_type: str,
-        timestamp: str,
-        transaction_info: dict[str, Any],
-        **kw: Any,
+        self, event_type: str, timestamp: str, transaction_info: dict[str, Any], **kw: Any
     ) -> call_result.TransactionEvent:
         ctx, rec = self.ctx, self.ctx.record
         t = parse_time(timestamp, self._now())

@@ -83,12 +83,7 @@ class SimDevice:
     """Base of every simulated device: a RegisterStore with faults and lazy updates."""
 
     def __init__(
-        self,
-        *,
-        device_id: str,
-        profile: Profile,
-        image: ProfileImage | SunSpecImage,
-        clock: Clock,
+        self, *, device_id: str, profile: Profile, image: ProfileImage | SunSpecImage, clock: Clock
     ) -> None:
         self.device_id = device_id
         self.profile = profile
@@ -153,8 +148,7 @@ class SimDevice:
             self.image.write(address, old)  # undo: a refused write changes nothing
             spec = self.profile.register(bad)
             raise RegisterAccessError(
-                ModbusExceptionCode.ILLEGAL_DATA_VALUE,
-                f"{bad}: outside [{spec.min}, {spec.max}]",
+                ModbusExceptionCode.ILLEGAL_DATA_VALUE, f"{bad}: outside [{spec.min}, {spec.max}]"
             )
         self.on_write(names)
 

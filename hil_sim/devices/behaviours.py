@@ -167,10 +167,7 @@ def build_storage_device(
     if profile.device_class is DeviceClass.METER:
         raise ValueError(f"profile {profile.name}: a meter is not a storage unit")
     params = BatteryParams.from_profile(
-        profile,
-        capacity_wh=capacity_wh,
-        max_charge_w=max_charge_w,
-        max_discharge_w=max_discharge_w,
+        profile, capacity_wh=capacity_wh, max_charge_w=max_charge_w, max_discharge_w=max_discharge_w
     )
     soc = profile.simulation.initial_soc if initial_soc is None else initial_soc
     battery = Battery(params, clock, initial_soc=soc)

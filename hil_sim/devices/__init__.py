@@ -13,16 +13,14 @@ charges; grid W > 0 imports.
 - :mod:`hil_sim.devices.meter`: the site meter.
 """
 
-from hil_sim.devices.base import DeviceFaults, RegisterMap, SimDevice, build_image
+from hil_sim.devices.base import SimDevice, build_image
 from hil_sim.devices.behaviours import PortableDevice, build_storage_device
 from hil_sim.devices.meter import MeterDevice
 from hil_sim.devices.storage import StorageDevice
 
 __all__ = [
-    "DeviceFaults",
     "MeterDevice",
     "PortableDevice",
-    "RegisterMap",
     "SimDevice",
     "StorageDevice",
     "build_image",

@@ -23,9 +23,15 @@ from pydantic import Field, model_validator
 
 from drivers.layout import unit_problem
 from drivers.profile_checks import check_extensions, check_states, check_write_values
-from drivers.profile_parts import BatteryStack, Derivation, Severity, StateValue
-from drivers.profile_simulation import Simulation
-from drivers.profile_types import Identifier, Strict
+from drivers.profile_parts import (
+    BatteryStack,
+    Derivation,
+    Identifier,
+    Severity,
+    Simulation,
+    StateValue,
+    Strict,
+)
 from drivers.registers import ByteOrder, RegisterType, Table, word_count
 from essd.domain import DeviceClass
 

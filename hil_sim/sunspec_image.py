@@ -35,8 +35,8 @@ class SunSpecImage(FieldAccess):
     """A SunSpec register map in memory, implementing :class:`~hil_sim.store.RegisterStore`.
 
     Points are addressed as ``"<model>.<point>"``; :meth:`set_point` / :meth:`get_point` work
-    in physical units (the point's scale factor applied), :meth:`set_register` /
-    :meth:`get_register` in the profile's units (its ``scale`` and ``offset`` applied too).
+    in physical units (the point's scale factor applied), :meth:`set_value` /
+    :meth:`get_value` in the profile's units (its ``scale`` and ``offset`` applied too).
     Writes from a client go only to read-write points; listeners hear which points changed.
     """
 
@@ -184,14 +184,6 @@ class SunSpecImage(FieldAccess):
         spec = self.spec(name)
         v = self.get_point(str(spec.point))
         return v * spec.scale + spec.offset if isinstance(v, float | int) else v
-
-    def set_register(self, register: str, value: float | str | None) -> None:
-        """:meth:`set_value` without the range check (fault injection)."""
-        self.set_value(register, value, check_range=False)
-
-    def get_register(self, register: str) -> float | str | None:
-        """Same as :meth:`get_value`."""
-        return self.get_value(register)
 
 
 # Without ratings (a meter) the image assumes a 200 kW connection point.

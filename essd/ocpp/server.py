@@ -7,7 +7,7 @@ speaking OCPP 1.6J or 2.0.1 (the ``ocpp`` library) as each charger's subprotocol
 - One record per charger survives reconnects: a charger that drops its connection mid-session
   comes back to the same transactions, and a newer connection replaces an older one.
 - Nothing a charger sends can stop the server: every connection runs in its own error
-  boundary, every bad frame is answered with an OCPP error (:mod:`essd.ocpp.guarded`).
+  boundary, every bad frame is answered with an OCPP error (:mod:`essd.ocpp.common`).
 - It implements :class:`essd.flexloads.ChargerPort`: ``plugged()`` for the cycle, ``apply()``
   sends TxProfiles in the background, at most one request in flight per connector.
 """

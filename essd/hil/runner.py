@@ -11,7 +11,7 @@ saving the daemon took.
 Battery W > 0 discharges into the site; grid W > 0 imports.
 
 The true series are :mod:`essd.hil.truth`, the offline optimum :mod:`essd.hil.foresight`, the
-checks :mod:`essd.hil.expectations`.
+checks :mod:`essd.hil.expectations`; the simulated site is reached through :class:`Plant`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from drivers.factory import EndpointPool
@@ -37,18 +37,37 @@ from essd.hil.expectations import check_expectations, fault_summary, report_wind
 from essd.hil.foresight import cost_model, perfect_foresight
 from essd.hil.hostile import DaemonClock, EventDriver, event_summary, mqtt_limits
 from essd.hil.kpi import CycleRecord, Kpis, Sample, compute_kpis, unsafe_writes
-from essd.hil.plant import Plant
 from essd.hil.scenario import Scenario, site_mqtt
 from essd.hil.truth import ScenarioSeries
-from hil_sim.faults import INSTANT_KINDS
+from hil_sim.faults import INSTANT_KINDS, FaultSpec
 from hil_sim.runner import SimulatedSite
 from hil_sim.site import SiteSeries
-from hil_sim.truth import Limits
+from hil_sim.truth import Limits, SiteTruth
 
 log = logging.getLogger(__name__)
 
 
 SUBSTEP_S = 60.0
+
+
+class Plant(Protocol):
+    """The seam between the runner and the simulator: what the runner needs from a simulated
+    site. Its *true* state is the simulator's, not the daemon's belief. hil_sim's SimulatedSite
+    is one (:func:`simulated_site_factory`); a test may pass any other to :func:`run_scenario`.
+    """
+
+    @property
+    def settings(self) -> Settings:
+        """The site settings with every transport pointing at the served devices."""
+        ...
+
+    def truth(self) -> SiteTruth:
+        """Advance to the clock's now and return the true state."""
+        ...
+
+    def set_fault(self, fault: FaultSpec, active: bool) -> None:
+        """Start or clear one fault of the timeline."""
+        ...
 
 
 PlantFactory = Callable[

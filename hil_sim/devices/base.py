@@ -6,12 +6,11 @@ Sign conventions: battery W > 0 discharges into the site, < 0 charges; grid W > 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from drivers.layout import from_base, to_base
-from drivers.profile import ActionName, Profile, RegisterSpec, WriteStep
+from drivers.profile import ActionName, Profile, WriteStep
 from drivers.registers import EncodeError, Table
 from essd.clock import Clock
 from hil_sim.profile_image import ProfileImage
@@ -22,38 +21,6 @@ log = logging.getLogger(__name__)
 
 # How often a simulated unit refreshes the readings in its registers (simulated seconds).
 PUBLISH_INTERVAL_S = 0.1
-
-
-class RegisterMap(Protocol):
-    """What :class:`ProfileImage` and :class:`SunSpecImage` share: named physical access."""
-
-    def read(self, table: Table, address: int, count: int) -> list[int]:
-        """RegisterStore read."""
-        ...
-
-    def write(self, address: int, values: Sequence[int]) -> None:
-        """RegisterStore write (a client's)."""
-        ...
-
-    def spec(self, name: str) -> RegisterSpec:
-        """The profile register called ``name``."""
-        ...
-
-    def names(self) -> Iterable[str]:
-        """Every register name of the profile."""
-        ...
-
-    def get_value(self, name: str) -> float | str | None:
-        """A register in the profile's units (None when invalid / not implemented)."""
-        ...
-
-    def set_value(self, name: str, value: float | str, *, check_range: bool = True) -> None:
-        """Set a register in the profile's units."""
-        ...
-
-    def add_write_listener(self, callback: Callable[[tuple[str, ...]], None]) -> None:
-        """Hear which registers (or SunSpec points) a client write touched."""
-        ...
 
 
 def build_image(profile: Profile, *, unit: int | None = None) -> ProfileImage | SunSpecImage:

@@ -84,7 +84,6 @@ class SimEvse:
     profile_limit_w: float | None = None
     profile_from: float = 0.0
     profile_to: float = 0.0
-    profiles_accepted: int = 0
     profiles_rejected: int = 0
     # StartTransaction sent, its answer not yet read by the plug-in code (1.6): a real charger
     # has processed the answer before the central system's next message.
@@ -173,7 +172,6 @@ class SimStation:
                 end, _epoch(schedule.get("start_schedule"), now) + float(schedule["duration"])
             )
         evse.profile_limit_w, evse.profile_from, evse.profile_to = limit_w, start, end
-        evse.profiles_accepted += 1
         return True
 
 

@@ -60,7 +60,6 @@ class ChargerRunResult:
 
     mode: str
     cost: float = 0.0
-    import_wh: float = 0.0
     export_wh: float = 0.0
     pv_wh: float = 0.0
     max_grid_w: float = 0.0  # worst case within each cycle, from the limits in force
@@ -239,7 +238,6 @@ class _ChargerRun:
         ev_wh = sum(s.evses[1].meter_wh for s in self.stations.values()) - before
         h = sc.cycle_s / 3600.0
         grid_wh = (load - pv - delivered_w) * h + ev_wh
-        r.import_wh += max(grid_wh, 0.0)
         r.export_wh += max(-grid_wh, 0.0)
         r.pv_wh += pv * h
         r.cost += max(grid_wh, 0.0) / 1000.0 * price - max(-grid_wh, 0.0) / 1000.0 * (

@@ -375,5 +375,4 @@ def write_report(result: RunResult, directory: Path) -> Path:
         fig.savefig(directory / f"{name}.png")
     path = directory / "report.md"
     path.write_text(_markdown(result), encoding="utf-8")
-    result.report_dir = directory
     return path

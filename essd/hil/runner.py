@@ -87,7 +87,6 @@ class RunResult:
     limits: Limits
     settings: Settings
     currency: str = "CNY"
-    report_dir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -33,7 +33,6 @@ class SwapRunResult:
 
     mode: str
     cost: float = 0.0
-    import_wh: float = 0.0
     swaps: int = 0
     missed: int = 0
     min_charged: int = 10**9
@@ -187,7 +186,6 @@ class _SwapRun:
         energy += station.run(cycle_end - t)
         self.clock.advance(cycle_end - now)
         grid_wh = (load - pv) * (cycle_end - now) / 3600.0 + energy
-        r.import_wh += max(grid_wh, 0.0)
         r.cost += max(grid_wh, 0.0) / 1000.0 * price
         r.cost -= max(-grid_wh, 0.0) / 1000.0 * self.site.export_price
 

@@ -83,7 +83,6 @@ class ChargerRecord:
     connected: bool = False
     vendor: str = ""
     model: str = ""
-    last_seen: float = 0.0
     connectors: dict[int, ConnectorInfo] = field(default_factory=dict)
     meter: dict[int, MeterSample] = field(default_factory=dict)
     transactions: dict[str, TransactionInfo] = field(default_factory=dict)

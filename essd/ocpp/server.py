@@ -170,7 +170,6 @@ class CentralSystem:
             await old._connection.close(code=1000, reason="replaced by a newer connection")
         self._links[charger_id] = handler
         record.connected, record.protocol = True, str(ws.subprotocol)
-        record.last_seen = self._clock.now()
         log.info("%s: connected (%s)", charger_id, ws.subprotocol)
         try:
             await handler.start()

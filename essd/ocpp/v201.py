@@ -49,7 +49,6 @@ class V201Charger(ChargerHandler, ChargePoint):
 
     @on(Action.heartbeat)
     def on_heartbeat(self, **_: Any) -> call_result.Heartbeat:
-        self.ctx.record.last_seen = self._now()
         return call_result.Heartbeat(current_time=iso(self._now()))
 
     @on(Action.status_notification)

@@ -62,13 +62,6 @@ Battery power in W: > 0 discharges into the site, < 0 charges. Grid W > 0 import
 """
 
 from essd.credibility.monitor import CredibilityMonitor, Screened
-from essd.credibility.site import (
-    default_connection_max_w,
-    default_limit_margin_w,
-    default_max_load_step_w,
-    settings_for_site,
-    soc_resolution,
-)
 from essd.credibility.types import (
     CredibilityReport,
     CredibilitySettings,
@@ -76,6 +69,11 @@ from essd.credibility.types import (
     MeterVerdict,
     UnitCause,
     UnitVerdict,
+    default_connection_max_w,
+    default_limit_margin_w,
+    default_max_load_step_w,
+    settings_for_site,
+    soc_resolution,
 )
 
 __all__ = [

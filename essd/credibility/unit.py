@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from essd.credibility.site import rating
 from essd.credibility.types import (
     HEARTBEAT_FIELDS,
     MIN_POWER_TOLERANCE_W,
     CredibilitySettings,
     UnitCause,
     UnitVerdict,
+    rating,
 )
 from essd.domain import BatteryReading
 from essd.safety import DeviceEnvelope

@@ -380,7 +380,6 @@ class ChargerLink:
                     reason="EVDisconnected",
                 )
             )
-            await self.status(evse_id, "Available")
         else:
             await self.cp.call(
                 call201.TransactionEvent(
@@ -393,5 +392,5 @@ class ChargerLink:
                     meter_value=[{"timestamp": now, "sampled_value": self._samples(evse_id)}],
                 )
             )
-            await self.status(evse_id, "Available")
+        await self.status(evse_id, "Available")
         evse.vehicle, evse.transaction_id, evse.profile_limit_w = None, None, None

@@ -198,7 +198,7 @@ class SystemdNotifier:
             if not self._failing:
                 self._failing = True
                 _log.warning("systemd notification failed (%s); will keep trying", exc)
-            self._close_socket()  # a fresh socket next time, in case this one is broken
+            self.close()  # a fresh socket next time, in case this one is broken
             return False
         if self._failing:
             self._failing = False
@@ -207,18 +207,15 @@ class SystemdNotifier:
 
     def close(self) -> None:
         """Release the socket (the notifier stays usable and reopens it on the next message)."""
-        self._close_socket()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     def _send(self, field: str | None, status: str | None = None) -> bool:
         lines = [] if field is None else [field]
         if status is not None:
             lines.append(f"STATUS={_one_line(status)}")
         return self.notify("\n".join(lines))
-
-    def _close_socket(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
 
     def __enter__(self) -> SystemdNotifier:
         """Use as a context manager that closes the socket at the end."""

@@ -36,7 +36,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from essd.clock import Backoff, Clock, RealClock, sleep_or_stop
 from essd.command_handling import apply_command, echo_id, is_safety_command, read_command
-from essd.command_queue import CommandQueue
+from essd.command_queue import REFUSED_RETAINED, SUPERSEDED_BY_STANDBY, CommandQueue
 from essd.commands import CommandLimits, CommandModel, CommandResult, CommandTarget
 from essd.config import ControlConfig, MqttConfig, Settings
 from essd.domain import DeviceState, Plan
@@ -50,12 +50,7 @@ from essd.events import (
     EventBus,
     MqttConnectionChanged,
 )
-from essd.mqtt.command_rules import (
-    REFUSED_ANONYMOUS,
-    REFUSED_RETAINED,
-    SUPERSEDED_BY_STANDBY,
-    command_limits,
-)
+from essd.mqtt.command_rules import REFUSED_ANONYMOUS, command_limits
 from essd.mqtt.discovery import DiscoveryPublisher
 from essd.mqtt.payloads import build_device_payload, build_plan_payload, build_state_payload
 from essd.mqtt.topics import Topics

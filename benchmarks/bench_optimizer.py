@@ -16,6 +16,13 @@ through cvxpy's own HiGHS call (a new HiGHS model per solve): the baseline of th
 two solved back to back on the same inputs every cycle (``interleaved_*_resolve_ms``; the
 hot path sets HiGHS's data from affine maps of the parameters, essd.dispatch.lpmaps; the
 plain path is ``problem.solve``).
+At 100 x 288 the headline figures (``optimizer.first_solve_ms.100x288`` ...) are the daemon's
+default planning of a site of 100 *different* units (:func:`fleet`): identical units grouped
+and ``control.aggregate_clusters = "auto"`` (essd.dispatch.aggregate: 10 groups of similar
+units at 288 steps); ``optimizer.full_lp.*.100x288`` is the same site with every unit its own
+columns in the LP, and ``optimizer.auto_loss_ratio.100x96`` /
+``optimizer.cluster10_loss_ratio.100x96`` what grouping costs in plan value against it.
+``optimizer.aggregated.*`` is a site of four unit models, identical units as one (exact).
 ``soak_failures.10000`` counts the plans that were not optimal (rung 1) in 10,000 re-solves of
 one 1 x 96 Dispatcher with a 1 s budget, far more solver time in all than one budget: 0 unless
 something wears out over a solver's life (HiGHS's run clock once stopped every solve from
@@ -28,6 +35,7 @@ import dataclasses
 import math
 import statistics
 import time
+from typing import Literal
 
 import numpy as np
 
@@ -130,17 +138,19 @@ def measure(
     hot_start: bool = True,
     solver: str = "HIGHS",
     aggregate: bool = False,
-    clusters: int | None = None,
+    clusters: int | Literal["auto"] | None = None,
+    kinds_site: bool = False,
+    label: str | None = None,
 ) -> list[Result]:
     """First solve and ``cycles`` re-solves of an ``n`` x ``steps`` site.
 
-    ``aggregate``: a site of four unit models (:func:`kinds`), planned with identical units
-    as one battery (figures named ``optimizer.aggregated.*``). ``clusters``: the site of
-    different units (:func:`fleet`) planned as that many groups of similar units
-    (``optimizer.clustered<k>.*``).
+    The site is :func:`fleet` (different units), or :func:`kinds` (four unit models) with
+    ``kinds_site``; ``aggregate`` / ``clusters`` as the Dispatcher takes them (the daemon's
+    default is ``aggregate=True, clusters="auto"``). ``label``: the figures are named
+    ``optimizer.<label>.*`` instead of ``optimizer.*``.
     """
     step_s = 86400.0 / steps
-    batteries = kinds(n) if aggregate else fleet(n)
+    batteries = kinds(n) if kinds_site else fleet(n)
     rng = np.random.default_rng(steps)
     soc = {b.id: float(rng.uniform(0.2, 0.8)) for b in batteries}
     started = time.perf_counter()
@@ -176,13 +186,14 @@ def measure(
         if plan.rung.value > 2 or not math.isfinite(plan.objective):
             raise RuntimeError(f"benchmark solve fell back: {plan.reason}")
     size = f"{n}x{steps}"
-    if aggregate or clusters:
-        kind = "aggregated" if aggregate else f"clustered{clusters}"
+    if label is not None:
         return [
-            Result(f"optimizer.{kind}.first_solve_ms.{size}", first_ms, "ms"),
-            Result(f"optimizer.{kind}.resolve_ms.{size}", _ms(totals), "ms"),
-            Result(f"optimizer.{kind}.resolve_max_ms.{size}", max(totals) * 1000.0, "ms"),
-            Result(f"optimizer.{kind}.resolve_step_shift_ms.{size}", _ms(at_shift or totals), "ms"),
+            Result(f"optimizer.{label}.first_solve_ms.{size}", first_ms, "ms"),
+            Result(f"optimizer.{label}.resolve_ms.{size}", _ms(totals), "ms"),
+            Result(f"optimizer.{label}.resolve_max_ms.{size}", max(totals) * 1000.0, "ms"),
+            Result(
+                f"optimizer.{label}.resolve_step_shift_ms.{size}", _ms(at_shift or totals), "ms"
+            ),
         ]
     if not hot_start or solver != "HIGHS":
         name = "cvxpy_path" if solver == "HIGHS" else f"cvxpy_path_{solver.lower()}"
@@ -245,7 +256,7 @@ def _plan_value(batteries: list[BatterySpec], inputs: DispatchInputs, plan: Plan
 
 
 def aggregate_loss(
-    n: int = 20, steps: int = 96, cycles: int = 12, *, clusters: int | None = None
+    n: int = 20, steps: int = 96, cycles: int = 12, *, clusters: int | Literal["auto"] | None = None
 ) -> list[Result]:
     """Plan value lost by planning units as groups, against the full LP (same inputs).
 
@@ -268,6 +279,8 @@ def aggregate_loss(
         mine = _plan_value(batteries, inputs, grouped.solve(inputs, budget_s=60.0, last_plan=None))
         losses.append((mine - best) / abs(best))
     name = f"cluster{clusters}_loss_ratio" if clusters else "aggregate_loss_ratio"
+    if clusters == "auto":
+        name = "auto_loss_ratio"
     size = f"{n}x{steps}"
     return [
         Result(f"optimizer.{name}.{size}", statistics.median(losses), "ratio"),
@@ -310,14 +323,16 @@ def run() -> list[Result]:
     results: list[Result] = []
     for n, steps, cycles in ((1, 96, 60), (10, 96, 30), (1, 288, 40), (10, 288, 20)):
         results += measure(n, steps, cycles)
-    results += measure(100, 288, 15)
+    # A site of 100 different units as the daemon plans it by default (10 groups of similar
+    # units at 288 steps), the same site as one full LP, and what grouping costs.
+    results += measure(100, 288, 15, aggregate=True, clusters="auto")
+    results += measure(100, 288, 15, label="full_lp")
+    results += aggregate_loss(100, 96, 4, clusters=10)
+    results += aggregate_loss(100, 96, 4, clusters="auto")
     # A large site of identical units (four models), identical units planned as one, and what
     # that costs in plan value against the full LP.
-    results += measure(100, 288, 15, aggregate=True)
+    results += measure(100, 288, 15, aggregate=True, kinds_site=True, label="aggregated")
     results += aggregate_loss()
-    # The site of 100 different units planned as 10 groups of similar ones, and its loss.
-    results += measure(100, 288, 15, clusters=10)
-    results += aggregate_loss(100, 96, 4, clusters=10)
     # The same cycles through cvxpy's own HiGHS call (a fresh HiGHS model per solve): the
     # baseline the hot start is measured against (100 x 288 would take minutes this way).
     results += measure(10, 288, 10, hot_start=False)

@@ -16,25 +16,6 @@ from drivers.profile import Capability, Profile
 from essd.counters import DeviceCounters
 from essd.domain import BatteryReading, MeterReading
 
-__all__ = [
-    "CAPABILITY_OF",
-    "ActivePowerControl",
-    "ChargeLimitControl",
-    "CommunicationError",
-    "DeviceDriver",
-    "DeviceError",
-    "DeviceExceptionResponse",
-    "DischargeLimitControl",
-    "HeartbeatControl",
-    "OutputControl",
-    "RevertTimerControl",
-    "SafeModeControl",
-    "SocLimitControl",
-    "ValueRefused",
-    "WriteResult",
-]
-
-
 C = TypeVar("C")
 
 

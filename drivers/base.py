@@ -15,7 +15,6 @@ from collections.abc import Mapping, Sequence
 from typing import TypeVar, cast
 
 from drivers.api import CAPABILITY_OF, CommunicationError, ValueRefused, WriteResult
-from drivers.derive import add_derived
 from drivers.engine import Point, Sense, run_action
 from drivers.modbus import ModbusEndpoint
 from drivers.profile import ActionName, Capability, Profile, RegisterSpec
@@ -23,16 +22,7 @@ from drivers.states import DeviceStates
 from drivers.write_policy import WriteMemory
 from essd.clock import Clock
 from essd.counters import DeviceCounters
-from essd.domain import (
-    BatteryReading,
-    DeviceClass,
-    LiveLimits,
-    MeterReading,
-    Quality,
-    Reading,
-)
-
-__all__ = ["ProfileDriver", "live_limit_w"]
+from essd.domain import BatteryReading, DeviceClass, LiveLimits, MeterReading, Quality, Reading
 
 C = TypeVar("C")
 
@@ -297,15 +287,6 @@ class ProfileDriver:
         """Every field of the profile (and derived field) as a reading in base units, invalid
         ones with a reason. Raises CommunicationError when the device does not answer."""
         return (await self._read_state())[1]
-
-    def _add_derived(
-        self,
-        out: dict[str, Reading],
-        at: float,
-        raws: Mapping[str, int | float | str] | None = None,
-    ) -> None:
-        """Add the profile's derived fields and battery-stack aggregates to ``out``."""
-        add_derived(self._profile, out, at, raws)
 
     def _unavailable(self, reason: str) -> BatteryReading:
         """The reading of an unplugged unit: no SoC, no power, held at 0 W both ways."""

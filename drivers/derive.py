@@ -19,8 +19,6 @@ from essd.domain import Quality, Reading
 if TYPE_CHECKING:
     from drivers.profile import Profile
 
-__all__ = ["add_derived", "evaluate"]
-
 
 def _condition(cond: Condition, raws: Mapping[str, int | float | str]) -> tuple[bool | None, str]:
     raw = raws.get(cond.field)
@@ -30,9 +28,7 @@ def _condition(cond: Condition, raws: Mapping[str, int | float | str]) -> tuple[
 
 
 def evaluate(  # noqa: PLR0911 - one return per form and per invalid input
-    d: Derivation,
-    values: Mapping[str, Reading],
-    raws: Mapping[str, int | float | str],
+    d: Derivation, values: Mapping[str, Reading], raws: Mapping[str, int | float | str]
 ) -> tuple[float | None, str]:
     """The value of ``d`` from ``values`` (base units), or None and the reason."""
     bad = [f for f in d.inputs() if f not in values or not values[f].valid]
@@ -101,9 +97,7 @@ def add_derived(
             Reading.bad("ratio", at, Quality.INVALID, f"battery {', '.join(bad)} SoC invalid")
             if bad
             else Reading.good(
-                sum(cap * (r.value or 0.0) for cap, r in socs if r is not None) / total,
-                "ratio",
-                at,
+                sum(cap * (r.value or 0.0) for cap, r in socs if r is not None) / total, "ratio", at
             )
         )
     if "power_w" not in out:

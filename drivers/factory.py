@@ -13,28 +13,17 @@ from collections.abc import Callable
 
 from drivers.base import ProfileDriver
 from drivers.generic import GenericDriver
-from drivers.modbus import (
-    DEFAULT_TIMEOUT_S,
-    EndpointTarget,
-    ModbusEndpoint,
-    SerialTarget,
-)
+from drivers.modbus import DEFAULT_TIMEOUT_S, EndpointTarget, ModbusEndpoint, SerialTarget
 from drivers.profile import Profile
 from essd.clock import Backoff, Clock
 from essd.domain import LiveLimits
-
-__all__ = ["EndpointPool", "make_driver"]
 
 
 class EndpointPool:
     """One endpoint per transport target; closes them all at the end."""
 
     def __init__(
-        self,
-        *,
-        clock: Clock,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        backoff: Backoff | None = None,
+        self, *, clock: Clock, timeout_s: float = DEFAULT_TIMEOUT_S, backoff: Backoff | None = None
     ) -> None:
         self._clock = clock
         self._timeout_s = timeout_s

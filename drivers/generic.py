@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from drivers.api import DeviceExceptionResponse, ValueRefused
 from drivers.base import ProfileDriver
+from drivers.derive import add_derived
 from drivers.engine import Point
 from drivers.layout import (
     Decoded,
@@ -33,8 +34,6 @@ from drivers.profile import ActionName, RegisterSpec
 from drivers.registers import EncodeError, RegisterType, Table
 from drivers.states import DeviceStates, sort_states
 from essd.domain import Quality, Reading
-
-__all__ = ["GenericDriver", "ReadBlock", "plan_reads"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,9 +183,7 @@ class GenericDriver(ProfileDriver):
             return None
         return sf.raw
 
-    async def _read_fields_and_raw(
-        self,
-    ) -> tuple[dict[str, Reading], dict[str, int | float | str]]:
+    async def _read_fields_and_raw(self) -> tuple[dict[str, Reading], dict[str, int | float | str]]:
         words, refused = await self._read_words(self._blocks)
         at = self._clock.monotonic()
         out: dict[str, Reading] = {}
@@ -206,7 +203,7 @@ class GenericDriver(ProfileDriver):
             )
             out[field] = _reading(decoded, spec, at)
             raw[field] = decoded.raw
-        self._add_derived(out, at, raw)
+        add_derived(self._profile, out, at, raw)
         return out, raw
 
     def _alarms(

@@ -32,23 +32,6 @@ if TYPE_CHECKING:
     # Annotations only: the profile schema validates its literal writes with this codec.
     from drivers.profile import RegisterSpec, Transport
 
-__all__ = [
-    "SF_RANGE",
-    "UNITS",
-    "Decoded",
-    "StateFinding",
-    "base_unit",
-    "classify_states",
-    "decode_register",
-    "encode_register",
-    "from_base",
-    "orders",
-    "register_words",
-    "resolution_problem",
-    "to_base",
-    "unit_problem",
-    "write_scale_problem",
-]
 
 # A power register must resolve its unit's rating to at least this fraction (1 %): coarser,
 # and every setpoint is rounded to a few levels, or to raw 0 (a scale factor of 15).
@@ -167,11 +150,7 @@ def resolution_problem(step_w: float, rating_w: float) -> str | None:
 
 
 def write_scale_problem(
-    spec: RegisterSpec,
-    ratings_w: Iterable[float],
-    *,
-    transport: Transport,
-    sf: int | None = None,
+    spec: RegisterSpec, ratings_w: Iterable[float], *, transport: Transport, sf: int | None = None
 ) -> str | None:
     """Why writing powers up to each of ``ratings_w`` (W, signed) through ``spec`` would not be
     faithful: a scale factor outside -10..10, a raw step coarser than 1 % of the rating, or a
@@ -274,10 +253,6 @@ class StateFinding:
     raw: int
     name: str
     severity: Severity
-
-    def describe(self) -> str:
-        """``register=name (0x...)`` as logs and the MQTT state show it."""
-        return f"{self.register}={self.name} (0x{self.raw:X})"
 
 
 def classify_states(spec: RegisterSpec, raw: int, words: int) -> tuple[StateFinding, ...]:

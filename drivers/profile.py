@@ -23,24 +23,17 @@ from pydantic import Field, model_validator
 
 from drivers.layout import unit_problem
 from drivers.profile_checks import check_extensions, check_states, check_write_values
-from drivers.profile_parts import BatteryStack, Derivation, Severity, StateValue
-from drivers.profile_simulation import Simulation
-from drivers.profile_types import Identifier, Strict
+from drivers.profile_parts import (
+    BatteryStack,
+    Derivation,
+    Identifier,
+    Severity,
+    Simulation,
+    StateValue,
+    Strict,
+)
 from drivers.registers import ByteOrder, RegisterType, Table, word_count
 from essd.domain import DeviceClass
-
-__all__ = [
-    "POWER_PARAMS",
-    "SCHEMA_VERSIONS",
-    "Action",
-    "ActionName",
-    "Capability",
-    "Profile",
-    "ProfileError",
-    "RegisterSpec",
-    "Severity",
-    "WriteStep",
-]
 
 # 1: the original schema. 2 adds state maps (enum/bits with severities), derivations beyond
 # sums, per-register byte/word order, the write function code, on-change writes, battery

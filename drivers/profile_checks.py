@@ -16,7 +16,6 @@ from drivers.registers import EncodeError, RegisterType, word_count
 if TYPE_CHECKING:
     from drivers.profile import Profile, RegisterSpec
 
-__all__ = ["check_extensions", "check_states", "check_write_values"]
 
 _BASE_UNITS = frozenset(base for base, _ in UNITS.values())
 _INTEGER_TYPES = frozenset(

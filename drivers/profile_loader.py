@@ -20,16 +20,6 @@ from yaml.nodes import Node
 from drivers.profile import Profile, ProfileError
 from essd.textfile import read_text_file
 
-__all__ = [
-    "MAX_PROFILE_BYTES",
-    "list_profiles",
-    "load_profile",
-    "load_profile_text",
-    "resolve_profile",
-    "shipped_profiles_dir",
-]
-
-
 MAX_PROFILE_BYTES = 1024 * 1024  # the largest shipped profile is under 10 KiB
 
 

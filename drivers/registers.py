@@ -14,16 +14,6 @@ import struct
 from collections.abc import Sequence
 from enum import StrEnum
 
-__all__ = [
-    "ByteOrder",
-    "EncodeError",
-    "RegisterType",
-    "Table",
-    "decode_raw",
-    "encode_raw",
-    "word_count",
-]
-
 
 class Table(StrEnum):
     """Modbus data table of a register."""

@@ -20,7 +20,6 @@ from drivers.profile_parts import Severity
 if TYPE_CHECKING:
     from drivers.profile import Profile
 
-__all__ = ["DeviceStates", "sort_states"]
 
 _LEGACY_PREFIXES = ("alarm", "fault")
 

@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from drivers.profile import Action
 
-__all__ = ["WriteMemory"]
-
 
 class WriteMemory:
     """The words last written to each register and when (monotonic seconds)."""

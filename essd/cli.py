@@ -23,7 +23,6 @@ from hil_sim.cli import register_cli as register_sim
 if TYPE_CHECKING:
     from essd.config import Settings
 
-__all__ = ["main"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -147,8 +146,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``essd`` with every subcommand."""
     parser = argparse.ArgumentParser(
-        prog="essd",
-        description="Energy storage control and dispatch daemon.",
+        prog="essd", description="Energy storage control and dispatch daemon."
     )
     parser.add_argument("--version", action="version", version=f"essd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -18,16 +18,6 @@ from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 from zoneinfo import ZoneInfo
 
-__all__ = [
-    "Backoff",
-    "Clock",
-    "RealClock",
-    "SimClock",
-    "WallClockWatch",
-    "local_midnight",
-    "sleep_or_stop",
-]
-
 log = logging.getLogger(__name__)
 
 # A wall-clock jump larger than this (s) against the monotonic clock is a step, not drift.

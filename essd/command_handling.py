@@ -11,9 +11,7 @@ import json
 import re
 from typing import Any
 
-from pydantic import (
-    ValidationError,
-)
+from pydantic import ValidationError
 
 from essd.commands import (
     COMMANDS,
@@ -27,15 +25,6 @@ from essd.commands import (
     ModeCommand,
     log,
 )
-
-__all__ = [
-    "apply_command",
-    "echo_id",
-    "handle_command",
-    "is_safety_command",
-    "parse_command",
-    "read_command",
-]
 
 
 def _first_error(exc: ValidationError) -> str:

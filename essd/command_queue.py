@@ -24,12 +24,14 @@ from dataclasses import dataclass
 
 from essd.commands import CommandModel, CommandResult
 
-__all__ = ["CommandQueue", "Pending"]
-
 #: Error text of a command removed from a full queue.
 DROPPED_FULL = "command: dropped, the command queue was full"
 #: Error text of a command a later ``standby`` made moot.
 DROPPED_SUPERSEDED = "command: dropped, superseded by a later standby"
+#: Commands a ``standby`` makes moot while they wait in the queue.
+SUPERSEDED_BY_STANDBY = ("mode", "setpoint")
+#: The receiver's reply to a retained command (queued as its refusal, never applied).
+REFUSED_RETAINED = "retain: retained commands are never applied (publish with retain false)"
 
 
 @dataclass(frozen=True, slots=True)

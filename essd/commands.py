@@ -23,35 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Literal, Protocol, Self, runtime_checkable
 
-from pydantic import (
-    AwareDatetime,
-    BaseModel,
-    ConfigDict,
-    Field,
-    WithJsonSchema,
-    model_validator,
-)
-
-__all__ = [
-    "COMMANDS",
-    "ECHO_ID",
-    "MAX_SERIES_LENGTH",
-    "NO_LIMITS",
-    "CommandLimits",
-    "CommandModel",
-    "CommandRejected",
-    "CommandResult",
-    "CommandTarget",
-    "ForecastCommand",
-    "Mode",
-    "ModeCommand",
-    "PricesCommand",
-    "ReserveCommand",
-    "SessionCommand",
-    "SessionTarget",
-    "SetpointCommand",
-]
-
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 log = logging.getLogger(__name__)
 

@@ -205,12 +205,14 @@ class ControlConfig(_Section):
     degradation_cost_per_kwh: Annotated[float, Field(ge=0.0)] = 0.02
     churn_penalty_per_kw: Annotated[float, Field(ge=0.0)] = 0.001
     # Units of the same specification planned as one battery and the plan shared among them
-    # (essd.dispatch.aggregate): for large sites of identical units; approximate when their
-    # SoCs differ.
-    aggregate_identical_units: bool = False
-    # More units than this are planned as about this many groups of similar units (an
-    # approximation for large sites of different units; essd.dispatch.aggregate).
-    aggregate_clusters: Annotated[int, Field(ge=1)] | None = None
+    # (essd.dispatch.aggregate): exact while their live data are equal; a little plan value
+    # is lost when a unit's own limit binds before its group's (bench: aggregate_loss_ratio).
+    aggregate_identical_units: bool = True
+    # An LP of more batteries than this (after identical units are grouped) is planned as about
+    # this many groups of similar units (an approximation for large sites of different units;
+    # essd.dispatch.aggregate). "auto": as many groups as keep the LP within 3,000
+    # battery-steps (none for sites that fit, e.g. 31 units at 96 steps); null: never.
+    aggregate_clusters: Annotated[int, Field(ge=1)] | Literal["auto"] | None = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> Self:

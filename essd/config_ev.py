@@ -12,8 +12,6 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-__all__ = ["ChargerConfig", "OcppConfig", "SwapStationConfig", "connector_key"]
-
 
 def connector_key(charger_id: str, connector_id: int) -> str:
     """The id essd uses for a charger's connector: the charger id, ``id:N`` from the 2nd on."""
@@ -136,8 +134,7 @@ class SwapStationConfig(_Section):
         2.33, description="Plus this many standard deviations of a Poisson count (2.33: 99 %)"
     )
     swap_drop_soc: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
-        0.3,
-        description="A charged pack's SoC falling this much between two reads is a swap",
+        0.3, description="A charged pack's SoC falling this much between two reads is a swap"
     )
 
     @model_validator(mode="after")

@@ -18,15 +18,10 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from pydantic import (
-    BaseModel,
-    ValidationError,
-)
+from pydantic import BaseModel, ValidationError
 
 from essd.config import DEFAULT_CONFIG_PATH, ENV_PREFIX, MAX_CONFIG_BYTES, Settings, config_data
 from essd.textfile import read_text_file
-
-__all__ = ["ConfigError", "load_settings"]
 
 
 class ConfigError(Exception):

@@ -47,8 +47,6 @@ from essd.sitecheck import validate_site
 from essd.state import StateStore, resolve_state_directory
 from essd.swapsite import swap_station
 
-__all__ = ["Daemon", "build_controller"]
-
 log = logging.getLogger(__name__)
 
 SAFE_STOP_TIMEOUT_S = 5.0

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from essd.config import Settings
     from essd.events import CycleCompleted, Event
 
-__all__ = ["EXAMPLE_SITE", "DemoRecord", "demo_settings", "register_cli", "run_demo"]
 
 EXAMPLE_SITE = Path(__file__).parents[1] / "profiles" / "sites" / "example.toml"
 EXAMPLE_SERIES = EXAMPLE_SITE.with_suffix(".csv")

@@ -43,8 +43,6 @@ from essd.domain import (
 from essd.events import DeviceStateChanged, EventBus, WriteOutcome, WriteStatus
 from essd.safety import DeviceEnvelope
 
-__all__ = ["ManagedDevice", "envelope_for", "refresh_warning", "revert_warning"]
-
 log = logging.getLogger(__name__)
 
 # A change smaller than this (W) does not justify a write before the refresh is due.

@@ -18,21 +18,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import IntEnum, StrEnum
 
-__all__ = [
-    "BatteryReading",
-    "DeviceClass",
-    "DeviceState",
-    "FallbackRung",
-    "LiveLimits",
-    "MeterReading",
-    "Plan",
-    "PlanCause",
-    "Quality",
-    "Reading",
-    "Setpoint",
-    "Snapshot",
-]
-
 
 class DeviceClass(StrEnum):
     """What kind of unit a profile describes; capabilities differ by class."""

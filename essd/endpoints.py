@@ -13,8 +13,6 @@ from essd.clock import Clock
 from essd.config import DeviceConfig, RtuOverTcpTransport, SerialTransport, TcpTransport
 from essd.domain import LiveLimits
 
-__all__ = ["build_driver", "config_limits", "endpoint_for", "target_of"]
-
 
 def target_of(transport: TcpTransport | RtuOverTcpTransport | SerialTransport) -> EndpointTarget:
     """Where a configured transport connects (the endpoint's identity)."""

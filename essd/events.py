@@ -23,24 +23,6 @@ from essd.domain import DeviceClass, DeviceState, Plan, PlanCause, Setpoint, Sna
 if TYPE_CHECKING:
     from essd.credibility import CredibilityReport
 
-__all__ = [
-    "CommandHandled",
-    "CycleCompleted",
-    "DaemonStatus",
-    "DaemonStatusChanged",
-    "DeviceLimits",
-    "DeviceRecord",
-    "DeviceStateChanged",
-    "Event",
-    "EventBus",
-    "ForecastRecord",
-    "Handler",
-    "MqttConnectionChanged",
-    "SiteTotals",
-    "SwapStatus",
-    "WriteOutcome",
-    "WriteStatus",
-]
 
 log = logging.getLogger(__name__)
 

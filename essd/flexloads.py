@@ -24,19 +24,6 @@ from essd.events import SwapStatus
 log = logging.getLogger(__name__)
 
 
-__all__ = [
-    "ChargerPort",
-    "DepartureLearner",
-    "FlexLoads",
-    "PluggedVehicle",
-    "SessionBook",
-    "SessionRequest",
-    "charge_limits_w",
-    "clamp_to_headroom",
-    "fallback_limits_w",
-]
-
-
 @dataclass(frozen=True, slots=True)
 class PluggedVehicle:
     """A vehicle (or pack) on a charger now, as the adapter sees it.

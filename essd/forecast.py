@@ -38,16 +38,6 @@ from essd.config import ForecastConfig, TariffConfig
 from essd.forecasters import ClearSkyPV, WeekProfile
 from essd.series import SERIES_COLUMNS, read_series_csv
 
-__all__ = [
-    "DailyProfile",
-    "Forecast",
-    "ForecastError",
-    "Forecaster",
-    "Override",
-    "SeriesFile",
-    "tariff_import_price",
-]
-
 FloatArray = npt.NDArray[np.float64]
 
 

@@ -21,8 +21,6 @@ from collections.abc import Callable, Collection
 
 from essd.domain import FallbackRung, Plan, PlanCause
 
-__all__ = ["SOLVED", "descend", "usable_last_plan"]
-
 log = logging.getLogger(__name__)
 
 #: Causes of plans the optimizer made (rungs 1 and 2): only these are kept as "last plan".

@@ -6,8 +6,6 @@ import json
 import logging
 import sys
 
-__all__ = ["configure_logging"]
-
 
 def configure_logging(level: str, fmt: str = "text") -> None:
     """Log to stderr (the journal under systemd) at ``level``; ``json``: one object a line."""

@@ -32,8 +32,6 @@ from drivers.modbus import EndpointTarget, Framing, ModbusEndpoint, SerialTarget
 from drivers.profile import Profile, RegisterSpec
 from drivers.profile_parts import Severity
 
-__all__ = ["Report", "Row", "TransportError", "parse_transport", "probe"]
-
 # A reading may exceed the nameplate rating by this much before it counts as implausible
 # (inverters briefly overshoot; a wrong scale is off by 10x or more).
 RATING_MARGIN = 1.25

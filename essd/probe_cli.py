@@ -11,8 +11,6 @@ import argparse
 import sys
 from pathlib import Path
 
-__all__ = ["cmd_probe", "register_cli"]
-
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_INVALID = 2
@@ -44,12 +42,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     report = asyncio.run(
         probe(
-            profile,
-            target,
-            unit,
-            write_test=args.write_test,
-            confirm=confirm,
-            step_s=args.step_s,
+            profile, target, unit, write_test=args.write_test, confirm=confirm, step_s=args.step_s
         )
     )
     for note in report.notes:

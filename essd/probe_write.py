@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from essd.clock import Clock
     from essd.probe import Report
 
-__all__ = ["write_cycle"]
 
 TEST_FRACTION = 0.1  # of the rating
 TEST_MAX_W = 1000.0  # a small cycle, whatever the rating

@@ -29,8 +29,6 @@ from dataclasses import dataclass, field
 
 from essd.domain import BatteryReading, LiveLimits, Setpoint
 
-__all__ = ["DeviceEnvelope", "GuardInput", "GuardResult", "guard", "side_margin"]
-
 # Below this a command is treated as idle (W); avoids writing noise to device flash.
 EPSILON_W = 1.0
 # The margin inside a limit is never more than 5 % of that limit plus this (W).

@@ -13,8 +13,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["SCHEMAS", "mqtt_schemas", "register"]
-
 
 def mqtt_schemas() -> dict[str, Any]:
     """Topic (relative to the site base) -> JSON schema of its payload."""

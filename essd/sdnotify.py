@@ -25,8 +25,6 @@ import os
 import socket
 from collections.abc import Mapping, MutableMapping
 
-__all__ = ["SystemdNotifier", "notify_address", "watchdog_timeout_from_environment"]
-
 _log = logging.getLogger(__name__)
 
 NOTIFY_SOCKET = "NOTIFY_SOCKET"
@@ -105,10 +103,7 @@ class SystemdNotifier:
 
     @classmethod
     def from_environment(
-        cls,
-        environ: MutableMapping[str, str] | None = None,
-        *,
-        unset_environment: bool = False,
+        cls, environ: MutableMapping[str, str] | None = None, *, unset_environment: bool = False
     ) -> SystemdNotifier:
         """A notifier configured from ``$NOTIFY_SOCKET`` / ``$WATCHDOG_USEC`` / ``$WATCHDOG_PID``.
 
@@ -203,7 +198,7 @@ class SystemdNotifier:
             if not self._failing:
                 self._failing = True
                 _log.warning("systemd notification failed (%s); will keep trying", exc)
-            self._close_socket()  # a fresh socket next time, in case this one is broken
+            self.close()  # a fresh socket next time, in case this one is broken
             return False
         if self._failing:
             self._failing = False
@@ -212,18 +207,15 @@ class SystemdNotifier:
 
     def close(self) -> None:
         """Release the socket (the notifier stays usable and reopens it on the next message)."""
-        self._close_socket()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     def _send(self, field: str | None, status: str | None = None) -> bool:
         lines = [] if field is None else [field]
         if status is not None:
             lines.append(f"STATUS={_one_line(status)}")
         return self.notify("\n".join(lines))
-
-    def _close_socket(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
 
     def __enter__(self) -> SystemdNotifier:
         """Use as a context manager that closes the socket at the end."""

@@ -17,8 +17,6 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["SERIES_COLUMNS", "SeriesError", "parse_series_time", "read_series_csv"]
-
 FloatArray = npt.NDArray[np.float64]
 
 

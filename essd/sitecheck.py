@@ -26,8 +26,6 @@ from essd.config import DeviceConfig, SerialTransport, Settings
 if TYPE_CHECKING:
     from drivers.profile import Profile
 
-__all__ = ["SiteCheck", "validate_site"]
-
 
 @dataclass(frozen=True, slots=True)
 class SiteCheck:

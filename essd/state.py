@@ -19,20 +19,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-__all__ = [
-    "STATE_FILE",
-    "STATE_SCHEMA",
-    "StateError",
-    "StateStore",
-    "resolve_state_directory",
-]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +63,6 @@ class StateStore:
         self.save_interval_s = save_interval_s
         self._saved_mono: float | None = None
         self._warned_save = False
-        self.saves = 0
 
     def load(self) -> dict[str, Any] | None:
         """The saved state's ``data`` object, or None when there is none or it is unusable.
@@ -165,13 +155,4 @@ class StateStore:
         if self._warned_save:
             self._warned_save = False
             log.info("state saved to %s again", self.path)
-        self.saves += 1
         return True
-
-
-def finite_number(data: Mapping[str, Any], key: str, *, default: float | None = None) -> float:
-    """``data[key]`` as a finite float; StateError naming the key otherwise."""
-    value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise StateError(f"{key}: must be a finite number, got {value!r}")
-    return float(value)

@@ -36,8 +36,6 @@ from essd.events import SwapStatus
 from essd.flexloads import FlexLoads, PluggedVehicle
 from essd.series import SeriesError, parse_series_time
 
-__all__ = ["SwapStation", "demand_from_state", "read_swap_series", "swap_station"]
-
 log = logging.getLogger(__name__)
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["read_text_file"]
-
 
 def read_text_file(path: Path, *, max_bytes: int, what: str) -> str:
     """The UTF-8 text of ``path``; ValueError naming the file when it is missing, larger than

@@ -24,16 +24,6 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.live import Live
 
-__all__ = [
-    "LogLines",
-    "Progress",
-    "TerminalView",
-    "overrun_warning",
-    "progress_line",
-    "render",
-    "sparkline",
-    "summary_line",
-]
 
 _BARS = "▁▂▃▄▅▆▇█"
 #: Share of overrun cycles above which the speed is too high for this host (the first cycles,

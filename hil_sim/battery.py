@@ -32,8 +32,6 @@ from drivers.profile import Profile
 from essd.clock import Clock
 from essd.domain import LiveLimits
 
-__all__ = ["Alarm", "Battery", "BatteryParams", "BatteryState"]
-
 
 def _clip(x: float, lo: float, hi: float) -> float:
     # Plain floats: this runs thousands of times per simulated day, numpy scalars are slower.
@@ -323,9 +321,7 @@ class Battery:
             return self._advance_idle(min(remaining, self._tau / 20.0))
 
         self._overshoot = max(
-            self._overshoot,
-            -power - limits.max_charge_w,
-            power - limits.max_discharge_w,
+            self._overshoot, -power - limits.max_charge_w, power - limits.max_discharge_w
         )
         energy = self._energy + rate * h
         if power < 0:

@@ -21,7 +21,6 @@ import math
 import ssl
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any
 
 import websockets
@@ -37,8 +36,6 @@ from ocpp.v201.enums import Action as Action201
 from websockets.typing import Subprotocol
 
 from essd.clock import Clock
-
-__all__ = ["ChargerLink", "SimEvse", "SimStation", "SimVehicle"]
 
 
 def _iso(t: float) -> str:
@@ -87,7 +84,6 @@ class SimEvse:
     profile_limit_w: float | None = None
     profile_from: float = 0.0
     profile_to: float = 0.0
-    profiles_accepted: int = 0
     profiles_rejected: int = 0
     # StartTransaction sent, its answer not yet read by the plug-in code (1.6): a real charger
     # has processed the answer before the central system's next message.
@@ -176,7 +172,6 @@ class SimStation:
                 end, _epoch(schedule.get("start_schedule"), now) + float(schedule["duration"])
             )
         evse.profile_limit_w, evse.profile_from, evse.profile_to = limit_w, start, end
-        evse.profiles_accepted += 1
         return True
 
 
@@ -255,12 +250,7 @@ class ChargerLink:
         with contextlib.suppress(websockets.ConnectionClosed):
             await self.cp.start()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.drop()
 
     async def drop(self) -> None:
@@ -269,11 +259,6 @@ class ChargerLink:
             await self._ws.close()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
-
-    async def send_raw(self, frame: str) -> str:
-        """Send a raw frame and return the next frame received (conformance tests)."""
-        await self._ws.send(frame)
-        return str(await self._ws.recv())
 
     async def boot(self) -> Any:
         """BootNotification."""
@@ -395,7 +380,6 @@ class ChargerLink:
                     reason="EVDisconnected",
                 )
             )
-            await self.status(evse_id, "Available")
         else:
             await self.cp.call(
                 call201.TransactionEvent(
@@ -408,5 +392,5 @@ class ChargerLink:
                     meter_value=[{"timestamp": now, "sampled_value": self._samples(evse_id)}],
                 )
             )
-            await self.status(evse_id, "Available")
+        await self.status(evse_id, "Available")
         evse.vehicle, evse.transaction_id, evse.profile_limit_w = None, None, None

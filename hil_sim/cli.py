@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from essd.clock import Clock
     from hil_sim.runner import SimulatedSite
 
-__all__ = ["add_arguments", "main", "register_cli", "run"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -101,7 +100,7 @@ def _err(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _load(args: argparse.Namespace) -> tuple[SimulatedSite, Clock] | int:
+def _load(args: argparse.Namespace) -> SimulatedSite | int:
     # The simulator (pymodbus, SunSpec models) loads only when `sim` runs, so that `essd`'s
     # other commands start fast.
     from drivers.profile import ProfileError  # noqa: PLC0415
@@ -150,13 +149,10 @@ def _load(args: argparse.Namespace) -> tuple[SimulatedSite, Clock] | int:
         for line in str(exc).splitlines():
             _err(f"{args.site}: devices: {line}")
         return EXIT_INVALID
-    except FaultError as exc:
+    except ValueError as exc:  # FaultError, and a site the simulator cannot serve
         _err(str(exc))
         return EXIT_INVALID
-    except ValueError as exc:
-        _err(str(exc))
-        return EXIT_INVALID
-    return sim, clock
+    return sim
 
 
 async def _serve(sim: SimulatedSite) -> int:
@@ -189,10 +185,9 @@ def run(args: argparse.Namespace) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    loaded = _load(args)
-    if isinstance(loaded, int):
-        return loaded
-    sim, _ = loaded
+    sim = _load(args)
+    if isinstance(sim, int):
+        return sim
     import asyncio  # noqa: PLC0415
 
     return asyncio.run(_serve(sim))

@@ -53,19 +53,6 @@ from typing import Annotated, Any, Literal, Self
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-__all__ = [
-    "FAULT_KINDS",
-    "METER_KINDS",
-    "FaultError",
-    "FaultFile",
-    "FaultSpec",
-    "FaultTimeline",
-    "Transition",
-    "load_faults",
-    "load_faults_text",
-    "parse_duration",
-]
-
 FaultKind = Literal[
     "comm_loss",
     "meter_loss",
@@ -210,11 +197,7 @@ def load_faults(path: Path) -> tuple[FaultSpec, ...]:
     return load_faults_text(text, str(path))
 
 
-def check_devices(
-    faults: Sequence[FaultSpec],
-    devices: dict[str, str],
-    source: str,
-) -> None:
+def check_devices(faults: Sequence[FaultSpec], devices: dict[str, str], source: str) -> None:
     """Every fault names a device of the site, of a class that can have it.
 
     ``devices`` maps device id -> device class (``meter``, ``portable``...).

@@ -26,8 +26,6 @@ from drivers.modbus import EndpointTarget, Framing, SerialTarget, TcpTarget, qui
 from drivers.registers import Table
 from hil_sim.store import NoResponse, RegisterAccessError, RegisterStore
 
-__all__ = ["ModbusServer"]
-
 log = logging.getLogger(__name__)
 
 _TABLE_BY_FUNCTION = {3: Table.HOLDING, 6: Table.HOLDING, 16: Table.HOLDING, 4: Table.INPUT}
@@ -106,12 +104,7 @@ class ModbusServer:
     can be added and removed while it runs (:meth:`set_store`, :meth:`remove_store`).
     """
 
-    def __init__(
-        self,
-        stores: Mapping[int, RegisterStore],
-        *,
-        target: EndpointTarget,
-    ) -> None:
+    def __init__(self, stores: Mapping[int, RegisterStore], *, target: EndpointTarget) -> None:
         self._stores: dict[int, RegisterStore] = dict(stores)
         self._target = target
         self._context = _StoreContext(self._stores)
@@ -241,10 +234,7 @@ class ModbusServer:
         assert isinstance(self._target, TcpTarget)
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(
-            self._pm.handle_new_connection,
-            self._target.host,
-            self._port or 0,
-            reuse_address=True,
+            self._pm.handle_new_connection, self._target.host, self._port or 0, reuse_address=True
         )
         sock = self._listener.sockets[0]
         self._port = int(sock.getsockname()[1])

@@ -24,8 +24,6 @@ from drivers.profile import Profile, RegisterSpec
 from drivers.registers import Table, decode_raw, encode_raw
 from hil_sim.store import ModbusExceptionCode, RegisterAccessError, RegisterImage
 
-__all__ = ["FieldAccess", "ProfileImage"]
-
 
 class _NamedValues(Protocol):
     """Register access by name in the register's own unit (what :class:`FieldAccess` needs)."""
@@ -173,11 +171,7 @@ class ProfileImage(FieldAccess, RegisterImage):
         spec = self.spec(name)
         byte_order, word_order = orders(spec, self.profile.transport)
         words = encode_raw(
-            raw,
-            spec.rtype,
-            byte_order=byte_order,
-            word_order=word_order,
-            string_words=spec.count,
+            raw, spec.rtype, byte_order=byte_order, word_order=word_order, string_words=spec.count
         )
         table, address, _ = self._location(spec)
         self.set(table, address, words)

@@ -14,8 +14,6 @@ import contextlib
 from collections.abc import Coroutine
 from typing import Any
 
-__all__ = ["DelayProxy"]
-
 _CHUNK = 65_536
 
 
@@ -23,12 +21,7 @@ class DelayProxy:
     """Listen on ``host:port`` (0 = a free port) and forward to ``target_host:target_port``."""
 
     def __init__(
-        self,
-        target_host: str,
-        target_port: int,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
+        self, target_host: str, target_port: int, *, host: str = "127.0.0.1", port: int = 0
     ) -> None:
         self._target = (target_host, target_port)
         self._host = host

@@ -35,13 +35,7 @@ from drivers.modbus import Framing
 from drivers.profile import Profile
 from drivers.profile_loader import resolve_profile
 from essd.clock import Clock
-from essd.config import (
-    DeviceConfig,
-    RtuOverTcpTransport,
-    SerialTransport,
-    Settings,
-    TcpTransport,
-)
+from essd.config import DeviceConfig, RtuOverTcpTransport, SerialTransport, Settings, TcpTransport
 from essd.domain import DeviceClass
 from hil_sim.devices import (
     MeterDevice,
@@ -57,8 +51,6 @@ from hil_sim.proxy import DelayProxy
 from hil_sim.site import Site, SiteSeries, default_series_path
 from hil_sim.store import ModbusExceptionCode
 from hil_sim.truth import Limits, SiteTruth
-
-__all__ = ["Endpoint", "SimulatedSite"]
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +159,7 @@ class SimulatedSite:
         self._faults_source = faults_source
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
         limits = Limits(
-            import_w=settings.site.grid_import_limit_w,
-            export_w=settings.site.grid_export_limit_w,
+            import_w=settings.site.grid_import_limit_w, export_w=settings.site.grid_export_limit_w
         )
         self.site = Site(
             clock=clock, series=self.series, export_limiter=export_limiter, limits=limits

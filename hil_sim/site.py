@@ -34,8 +34,6 @@ from hil_sim.battery import Alarm
 from hil_sim.devices import MeterDevice, PortableDevice, StorageDevice
 from hil_sim.truth import BatteryTruth, Limits, SiteTruth, Violation, violations_in
 
-__all__ = ["Site", "SiteSeries", "default_series_path"]
-
 _DAY = 86_400.0
 
 

@@ -10,14 +10,6 @@ from typing import Protocol
 
 from drivers.registers import Table
 
-__all__ = [
-    "ModbusExceptionCode",
-    "NoResponse",
-    "RegisterAccessError",
-    "RegisterImage",
-    "RegisterStore",
-]
-
 
 class ModbusExceptionCode(IntEnum):
     """Modbus exception codes a device answers with."""

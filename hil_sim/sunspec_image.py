@@ -28,9 +28,6 @@ from drivers.sunspec.models import ENUM_TYPES
 from hil_sim.profile_image import FieldAccess
 from hil_sim.store import ModbusExceptionCode, RegisterAccessError, RegisterImage
 
-__all__ = ["SunSpecImage", "build_sunspec_image"]
-
-
 _UNIT_MAGNITUDE = {"%": 100.0, "pct": 100.0, "v": 1000.0, "hz": 70.0, "secs": 0.0}
 
 
@@ -38,8 +35,8 @@ class SunSpecImage(FieldAccess):
     """A SunSpec register map in memory, implementing :class:`~hil_sim.store.RegisterStore`.
 
     Points are addressed as ``"<model>.<point>"``; :meth:`set_point` / :meth:`get_point` work
-    in physical units (the point's scale factor applied), :meth:`set_register` /
-    :meth:`get_register` in the profile's units (its ``scale`` and ``offset`` applied too).
+    in physical units (the point's scale factor applied), :meth:`set_value` /
+    :meth:`get_value` in the profile's units (its ``scale`` and ``offset`` applied too).
     Writes from a client go only to read-write points; listeners hear which points changed.
     """
 
@@ -188,14 +185,6 @@ class SunSpecImage(FieldAccess):
         v = self.get_point(str(spec.point))
         return v * spec.scale + spec.offset if isinstance(v, float | int) else v
 
-    def set_register(self, register: str, value: float | str | None) -> None:
-        """:meth:`set_value` without the range check (fault injection)."""
-        self.set_value(register, value, check_range=False)
-
-    def get_register(self, register: str) -> float | str | None:
-        """Same as :meth:`get_value`."""
-        return self.get_value(register)
-
 
 # Without ratings (a meter) the image assumes a 200 kW connection point.
 _DEFAULT_POWER_W = 200_000.0
@@ -234,11 +223,7 @@ def _auto_sf(definition: ModelDef, sf_name: str, profile: Profile) -> int:
 
 
 def _initial_words(
-    m: DiscoveredModel,
-    p: PointDef,
-    profile: Profile,
-    overrides: dict[str, int],
-    mapped: set[str],
+    m: DiscoveredModel, p: PointDef, profile: Profile, overrides: dict[str, int], mapped: set[str]
 ) -> list[int]:
     """What a point of a freshly built image holds (see :func:`build_sunspec_image`)."""
     if p.name in ("ID", "L"):

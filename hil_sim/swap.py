@@ -14,8 +14,6 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["SimPack", "SimSwapStation", "SwapEvent", "poisson_swaps"]
-
 
 @dataclass(slots=True)
 class SimPack:

@@ -21,18 +21,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-__all__ = [
-    "POWER_TOL_RATIO",
-    "POWER_TOL_W",
-    "SITE_TOL_W",
-    "SOC_TOL",
-    "BatteryTruth",
-    "Limits",
-    "SiteTruth",
-    "Violation",
-    "violations_in",
-]
-
 POWER_TOL_W = 1.0
 POWER_TOL_RATIO = 0.005
 SOC_TOL = 0.005

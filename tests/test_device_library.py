@@ -26,8 +26,9 @@ from drivers.api import (
     WriteResult,
 )
 from drivers.factory import EndpointPool
-from drivers.profile import Capability, Profile, Severity
+from drivers.profile import Capability, Profile
 from drivers.profile_loader import load_profile, shipped_profiles_dir
+from drivers.profile_parts import Severity
 from essd.cli import main
 from essd.clock import SimClock
 from essd.config import Settings

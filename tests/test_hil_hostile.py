@@ -13,7 +13,8 @@ import pytest
 
 from essd.hil.report import write_report
 from essd.hil.runner import RunResult, run_scenario
-from essd.hil.scenario import FAULT_KINDS, SIGNALS, ScenarioError, load_scenario
+from essd.hil.scenario import SIGNALS, ScenarioError, load_scenario
+from hil_sim.faults import FAULT_KINDS
 from tests.support.hil import SHIPPED
 
 NEW_KINDS = {"meter_glitch", "meter_drift", "safe_mode_ignored"}

@@ -9,7 +9,8 @@ import pytest
 
 from essd.hil.report import write_report
 from essd.hil.runner import RunResult, run_scenario
-from essd.hil.scenario import FAULT_KINDS, load_scenario
+from essd.hil.scenario import load_scenario
+from hil_sim.faults import FAULT_KINDS
 from tests.support.hil import SHIPPED
 
 SCENARIOS = sorted(SHIPPED.glob("*.yaml"))

@@ -19,7 +19,7 @@ from drivers.api import (
 from drivers.layout import encode_register
 from drivers.profile import Capability, Profile
 from drivers.profile_loader import list_profiles, resolve_profile
-from drivers.profile_simulation import SimulatedBehaviour
+from drivers.profile_parts import SimulatedBehaviour
 from drivers.registers import Table
 from essd.clock import SimClock
 from essd.config import SerialTransport, Settings

@@ -11,7 +11,7 @@ import pytest
 
 from essd.config import ControlConfig
 from essd.dispatch import BatterySpec, Dispatcher, validate_inputs
-from essd.dispatch.aggregate import Aggregation
+from essd.dispatch.aggregate import Aggregation, auto_groups
 from essd.dispatch.inputs import energy_window
 from essd.dispatch.simulate import plan_cost
 from essd.domain import FallbackRung, LiveLimits
@@ -219,8 +219,29 @@ def test_clusters_never_mix_units_that_cannot_discharge() -> None:
 
 
 def test_the_control_options_are_validated() -> None:
-    """Both options live in [control]; a cluster count below one is refused."""
-    assert ControlConfig(aggregate_identical_units=True).aggregate_identical_units
+    """Both options live in [control]; on by default; a cluster count below one is refused."""
+    assert ControlConfig().aggregate_identical_units
+    assert ControlConfig().aggregate_clusters == "auto"
+    assert not ControlConfig(aggregate_identical_units=False).aggregate_identical_units
     assert ControlConfig(aggregate_clusters=10).aggregate_clusters == 10
-    with pytest.raises(pydantic.ValidationError, match="aggregate_clusters"):
-        ControlConfig(aggregate_clusters=0)
+    assert ControlConfig(aggregate_clusters=None).aggregate_clusters is None
+    for bad in (0, "some"):
+        with pytest.raises(pydantic.ValidationError, match="aggregate_clusters"):
+            ControlConfig(aggregate_clusters=bad)
+
+
+def test_auto_groups_keep_the_lp_within_its_size() -> None:
+    """ "auto" groups only an LP past 3,000 battery-steps, into as many groups as fit."""
+    assert auto_groups(31, 96) is None
+    assert auto_groups(32, 96) == 31
+    assert auto_groups(100, 288) == 10
+    assert auto_groups(10, 288) is None
+    assert auto_groups(3, 2000) == 1
+    rng = np.random.default_rng(31)
+    different = random_fleet(rng, 40)
+    assert Dispatcher(different, 96, clusters="auto").lp_batteries <= 31
+    assert Dispatcher(different, 48, clusters="auto").lp_batteries == 40  # fits: full LP
+    # Identical units grouped first: four kinds of 40 units fit, so no approximation is made.
+    kinds = [dataclasses.replace(different[k % 4], id=f"u{k}") for k in range(40)]
+    assert Dispatcher(kinds, 288, aggregate=True, clusters="auto").lp_batteries == 4
+    assert Dispatcher(kinds, 288, clusters="auto").lp_batteries == 10

@@ -17,8 +17,9 @@ import yaml
 
 from drivers.derive import add_derived, evaluate
 from drivers.layout import classify_states, decode_register, encode_register, to_base
-from drivers.profile import Profile, ProfileError, Severity
+from drivers.profile import Profile, ProfileError
 from drivers.profile_loader import load_profile_text
+from drivers.profile_parts import Severity
 from essd.cli import main
 from essd.domain import Quality, Reading
 

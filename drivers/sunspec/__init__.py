@@ -10,7 +10,7 @@ definitions. Battery power is in W: > 0 discharges into the site, < 0 charges.
 """
 
 from drivers.sunspec.codec import decode_point, encode_point
-from drivers.sunspec.discovery import SUNS_MARKER, DiscoveredModel, SunSpecMap, discover
+from drivers.sunspec.discovery import SUNS_MARKER, DiscoveredModel, SunSpecMap
 from drivers.sunspec.driver import SunSpecDriver
 from drivers.sunspec.models import (
     ModelDef,
@@ -18,7 +18,6 @@ from drivers.sunspec.models import (
     SunSpecDiscoveryError,
     SunSpecError,
     load_model,
-    parse_point_ref,
 )
 
 __all__ = [
@@ -31,8 +30,6 @@ __all__ = [
     "SunSpecError",
     "SunSpecMap",
     "decode_point",
-    "discover",
     "encode_point",
     "load_model",
-    "parse_point_ref",
 ]

@@ -13,14 +13,8 @@ from collections.abc import Sequence
 from sunspec2 import mb as ss_mb
 
 from drivers.layout import SF_RANGE, Decoded
-from drivers.registers import (
-    EncodeError,
-    decode_raw,
-    encode_raw,
-)
+from drivers.registers import EncodeError, decode_raw, encode_raw
 from drivers.sunspec.models import PointDef
-
-__all__ = ["decode_point", "encode_point", "is_not_implemented"]
 
 
 def is_not_implemented(pdef: PointDef, raw: int | float | str) -> bool:

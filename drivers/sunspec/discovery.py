@@ -11,13 +11,8 @@ from typing import Protocol
 
 from sunspec2 import mb as ss_mb
 
-from drivers.api import (
-    CommunicationError,
-    DeviceExceptionResponse,
-)
-from drivers.registers import (
-    Table,
-)
+from drivers.api import CommunicationError, DeviceExceptionResponse
+from drivers.registers import Table
 from drivers.sunspec.models import (
     ModelDef,
     PointDef,
@@ -26,9 +21,6 @@ from drivers.sunspec.models import (
     load_model,
     parse_point_ref,
 )
-
-__all__ = ["SUNS_MARKER", "DiscoveredModel", "RegisterEndpoint", "SunSpecMap", "discover"]
-
 
 # "SunS" as two big-endian registers: the marker at a SunSpec base address.
 SUNS_MARKER = (0x5375, 0x6E53)

@@ -26,21 +26,13 @@ from dataclasses import dataclass
 
 from drivers.api import DeviceExceptionResponse, ValueRefused
 from drivers.base import ProfileDriver, live_limit_w
+from drivers.derive import add_derived
 from drivers.engine import Point
 from drivers.layout import SF_RANGE, Decoded, base_unit, resolution_problem, to_base
 from drivers.profile import ActionName, ProfileError, RegisterSpec
-from drivers.registers import (
-    EncodeError,
-    RegisterType,
-    Table,
-    decode_raw,
-)
+from drivers.registers import EncodeError, RegisterType, Table, decode_raw
 from drivers.states import DeviceStates, sort_states
-from drivers.sunspec.codec import (
-    decode_point,
-    encode_point,
-    is_not_implemented,
-)
+from drivers.sunspec.codec import decode_point, encode_point, is_not_implemented
 from drivers.sunspec.discovery import DiscoveredModel, SunSpecMap, discover
 from drivers.sunspec.models import (
     BITFIELD_TYPES,
@@ -52,8 +44,6 @@ from drivers.sunspec.models import (
     parse_point_ref,
 )
 from essd.domain import LiveLimits, Quality, Reading
-
-__all__ = ["SunSpecDriver"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +203,7 @@ class SunSpecDriver(ProfileDriver):
         at = self._clock.monotonic()
         by_register = {n: self._reading(self._bound[n].spec, pv, at) for n, pv in values.items()}
         fields = {f: by_register[reg] for f, reg in self._profile.fields.items()}
-        self._add_derived(fields, at)
+        add_derived(self._profile, fields, at)
         # Every register read goes out, named by its field where it has one.
         extras = {self._field_of.get(n, n): r for n, r in by_register.items()}
         extras.update({d: fields[d] for d in self._profile.derived})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import Any
 
@@ -16,24 +16,8 @@ from sunspec2 import device as ss_device
 from sunspec2 import mb as ss_mb
 from sunspec2 import mdef as ss_mdef
 
-from drivers.api import (
-    DeviceError,
-)
-from drivers.registers import (
-    RegisterType,
-)
-
-__all__ = [
-    "BITFIELD_TYPES",
-    "ENUM_TYPES",
-    "ModelDef",
-    "PointDef",
-    "SunSpecDiscoveryError",
-    "SunSpecError",
-    "load_model",
-    "parse_point_ref",
-]
-
+from drivers.api import DeviceError
+from drivers.registers import RegisterType
 
 # SunSpec point type -> how the words decode with the shared register codec.
 _REGISTER_TYPE: dict[str, RegisterType] = {
@@ -180,7 +164,7 @@ class ModelDef:
                 base = self.fixed_words + i * self.repeating.words
                 for p in self.repeating.points:
                     name = f"{self.repeating.name}.{i + 1}.{p.name}"
-                    out[name] = _replace(p, name=name, offset=base + p.offset)
+                    out[name] = replace(p, name=name, offset=base + p.offset)
         return out
 
     def point(self, name: str, length: int | None = None) -> PointDef:
@@ -206,25 +190,8 @@ class ModelDef:
         for p in rep.points:
             if p.name == pname:
                 offset = self.fixed_words + (int(index) - 1) * rep.words + p.offset
-                return _replace(p, name=name, offset=offset)
+                return replace(p, name=name, offset=offset)
         return None
-
-
-def _replace(p: PointDef, *, name: str, offset: int) -> PointDef:
-    return PointDef(
-        model_id=p.model_id,
-        name=name,
-        offset=offset,
-        size=p.size,
-        type=p.type,
-        sf=p.sf,
-        units=p.units,
-        access=p.access,
-        mandatory=p.mandatory,
-        static=p.static,
-        label=p.label,
-        symbols=p.symbols,
-    )
 
 
 def _point_def(model_id: int, pdef: Mapping[str, Any], name: str, offset: int) -> PointDef:

@@ -61,50 +61,33 @@ this cycle, with a typed :class:`MeterCause`):
 Battery power in W: > 0 discharges into the site, < 0 charges. Grid W > 0 imports.
 """
 
-from essd.credibility.monitor import (
-    CredibilityMonitor,
-    CredibilityState,
-    Screened,
-    assess,
-    screen_guard_input,
-)
-from essd.credibility.site import (
-    default_connection_max_w,
-    default_limit_margin_w,
-    default_max_load_step_w,
-    settings_for_site,
-    soc_resolution,
-)
+from essd.credibility.monitor import CredibilityMonitor, Screened
 from essd.credibility.types import (
-    HEARTBEAT_FIELDS,
-    MIN_POWER_TOLERANCE_W,
-    CredibilityInput,
     CredibilityReport,
     CredibilitySettings,
     MeterCause,
     MeterVerdict,
     UnitCause,
     UnitVerdict,
+    default_connection_max_w,
+    default_limit_margin_w,
+    default_max_load_step_w,
+    settings_for_site,
+    soc_resolution,
 )
 
 __all__ = [
-    "HEARTBEAT_FIELDS",
-    "MIN_POWER_TOLERANCE_W",
-    "CredibilityInput",
     "CredibilityMonitor",
     "CredibilityReport",
     "CredibilitySettings",
-    "CredibilityState",
     "MeterCause",
     "MeterVerdict",
     "Screened",
     "UnitCause",
     "UnitVerdict",
-    "assess",
     "default_connection_max_w",
     "default_limit_margin_w",
     "default_max_load_step_w",
-    "screen_guard_input",
     "settings_for_site",
     "soc_resolution",
 ]

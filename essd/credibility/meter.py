@@ -12,8 +12,6 @@ from essd.credibility.types import (
     MeterVerdict,
 )
 
-__all__ = ["MeterTrack", "assess_meter"]
-
 
 @dataclass(frozen=True, slots=True)
 class MeterTrack:

@@ -16,8 +16,6 @@ from essd.credibility.unit import UnitTrack, assess_unit
 from essd.domain import BatteryReading, Quality, Reading
 from essd.safety import GuardInput, side_margin
 
-__all__ = ["CredibilityMonitor", "CredibilityState", "Screened", "assess", "screen_guard_input"]
-
 
 @dataclass(frozen=True, slots=True)
 class CredibilityState:

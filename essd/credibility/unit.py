@@ -5,18 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from essd.credibility.site import rating
 from essd.credibility.types import (
     HEARTBEAT_FIELDS,
     MIN_POWER_TOLERANCE_W,
     CredibilitySettings,
     UnitCause,
     UnitVerdict,
+    rating,
 )
 from essd.domain import BatteryReading
 from essd.safety import DeviceEnvelope
-
-__all__ = ["UnitTrack", "assess_unit"]
 
 # The finest SoC resolution believed (ratio): float registers still carry a BMS estimate.
 _SOC_FLOOR = 1e-4
@@ -240,12 +238,7 @@ def assess_unit(
 
 
 def _hold(
-    cfg: CredibilitySettings,
-    track: UnitTrack,
-    finding: _Finding,
-    now: float,
-    *,
-    verified: bool,
+    cfg: CredibilitySettings, track: UnitTrack, finding: _Finding, now: float, *, verified: bool
 ) -> UnitTrack:
     """The hold/dwell state machine: held on any failure, released after a clean dwell."""
     if finding is not None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import cvxpy
 import numpy as np
 
-from essd.dispatch.aggregate import Aggregation
+from essd.dispatch.aggregate import Aggregation, auto_groups
 from essd.dispatch.flex import FlexSpec
 from essd.dispatch.health import SolverHealth, SolveTiming
 from essd.dispatch.highs import HighsHotStart
@@ -120,9 +120,11 @@ class Dispatcher:
     ``aggregate=True``: units with the same specification are one battery in the LP and share
     its plan (:mod:`essd.dispatch.aggregate`): a site of 100 identical units solves like one
     of a single unit. Exact while the units' live data are equal; otherwise an approximation
-    whose loss the optimizer benchmark measures. Off by default. ``clusters=k``: more than
-    ``k`` units are planned as about ``k`` groups of *similar* units
-    (:meth:`Aggregation.clustered`), an approximation for large sites of different units.
+    whose loss the optimizer benchmark measures. Off by default. ``clusters=k``: an LP of more
+    than ``k`` batteries (after identical units are grouped) is planned as about ``k`` groups
+    of *similar* units (:meth:`Aggregation.clustered`), an approximation for large sites of
+    different units; ``clusters="auto"`` chooses ``k`` from the LP's size
+    (:func:`~essd.dispatch.aggregate.auto_groups`: none up to 3,000 battery-steps).
 
     A solver that keeps failing is rebuilt: after ``rebuild_after_failures`` failed solves in a
     row (and after every further ``rebuild_after_failures``; see :class:`SolverHealth` for
@@ -152,7 +154,7 @@ class Dispatcher:
         hot_start: bool = True,
         rebuild_after_failures: int = DEFAULT_REBUILD_AFTER_FAILURES,
         aggregate: bool = False,
-        clusters: int | None = None,
+        clusters: int | Literal["auto"] | None = None,
         flex: FlexSpec | None = None,
     ) -> None:
         self.flex = flex or FlexSpec(0)  # EV sessions / swap packs (essd.dispatch.flex)
@@ -179,10 +181,13 @@ class Dispatcher:
             raise InvalidDispatchInputsError("solver", f"{solver!r} is not installed")
         self.batteries = tuple(batteries)
         # Identical units as one battery in the LP (essd.dispatch.aggregate), when any are.
-        if clusters is not None and clusters < 1:
-            raise InvalidDispatchInputsError("clusters", f"must be >= 1, got {clusters!r}")
-        grouped = Aggregation.of(self.batteries) if aggregate else None
-        if clusters is not None and len(self.batteries) > clusters:
+        if isinstance(clusters, int) and clusters < 1:
+            raise InvalidDispatchInputsError("clusters", f"must be >= 1 or auto, got {clusters!r}")
+        grouped = Aggregation.of(self.batteries) if aggregate and self.batteries else None
+        lp_batteries = len(self.batteries) if grouped is None else len(grouped.specs)
+        if clusters == "auto":
+            clusters = auto_groups(lp_batteries, steps)
+        if clusters is not None and lp_batteries > clusters:
             grouped = Aggregation.clustered(self.batteries, clusters)
         self._agg = grouped if grouped is not None and grouped.reduces else None
         self.steps = steps
@@ -213,6 +218,11 @@ class Dispatcher:
     def health(self) -> SolverHealth:
         """Solver failure and rebuild counters (see :class:`SolverHealth`)."""
         return self._health
+
+    @property
+    def lp_batteries(self) -> int:
+        """How many batteries the LP plans: the units, or their groups when aggregated."""
+        return len(self.batteries if self._agg is None else self._agg.specs)
 
     @property
     def device_ids(self) -> tuple[str, ...]:

@@ -1,4 +1,5 @@
-"""``essd hil run SCENARIO`` and ``essd hil run-all DIR``.
+"""``essd hil run SCENARIO``, ``essd hil run-all DIR`` and ``essd hil ev SCENARIO.yaml...
+[--report FILE]`` (EV / swap-station scenarios against their baselines, a Markdown report).
 
 Exit codes as the rest of ``essd``: 0 every expectation held, 1 an expectation failed (each
 named on stderr), 2 invalid input (a scenario that does not validate, naming file and field).
@@ -14,12 +15,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from essd.hil.ev_cli import add_parser as add_ev_parser
-
 if TYPE_CHECKING:
     from essd.events import CycleCompleted
+    from essd.hil.ev_report import Comparison
+    from essd.hil.ev_scenario import EvScenario
 
-__all__ = ["RunProgress", "register"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -170,6 +170,42 @@ def cmd_hil_run_all(args: argparse.Namespace) -> int:
     return worst
 
 
+def compare(sc: EvScenario) -> Comparison:
+    """Run ``sc`` optimized and as its baseline."""
+    # `essd --help` registers this module: the runners (optimizer, simulator) load only here.
+    import asyncio  # noqa: PLC0415
+
+    from essd.hil.ev_report import compare_chargers, compare_swap  # noqa: PLC0415
+    from essd.hil.ev_runner import run_chargers  # noqa: PLC0415
+    from essd.hil.swap_runner import run_swap  # noqa: PLC0415
+
+    if sc.swap is not None:
+        return compare_swap(sc, run_swap(sc, mode="optimized"), run_swap(sc, mode="asap"))
+    opt = asyncio.run(run_chargers(sc, mode="optimized"))
+    now = asyncio.run(run_chargers(sc, mode="now"))
+    return compare_chargers(sc, opt, now)
+
+
+def cmd_hil_ev(args: argparse.Namespace) -> int:
+    """``essd hil ev SCENARIO... [--report FILE]``: each scenario optimized and as its baseline,
+    the Markdown report on stdout (or in FILE)."""
+    from essd.hil.ev_report import render  # noqa: PLC0415 - heavy imports only when running
+    from essd.hil.ev_scenario import EvScenarioError, load_ev_scenario  # noqa: PLC0415
+
+    try:
+        scenarios = [load_ev_scenario(p) for p in args.scenarios]
+    except EvScenarioError as exc:
+        _err(str(exc))
+        return EXIT_INVALID
+    comparisons = [compare(sc) for sc in scenarios]
+    text = render(comparisons) + "\n"
+    if args.report is not None:
+        args.report.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return EXIT_FAILED if any(c.failures for c in comparisons) else EXIT_OK
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``essd hil`` and its actions to the ``essd`` parser."""
     hil = sub.add_parser("hil", help="run HIL scenarios against the simulated site")
@@ -185,4 +221,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a.add_argument("--report", type=Path, default=None, help="one report folder per scenario")
     a.add_argument("--log-level", choices=levels, default="ERROR")
     a.set_defaults(func=cmd_hil_run_all)
-    add_ev_parser(hsub)
+    e = hsub.add_parser("ev", help="run EV / swap-station scenarios against their baselines")
+    e.add_argument("scenarios", nargs="+", type=Path, help="scenario YAML files (scenarios/ev)")
+    e.add_argument("--report", type=Path, default=None, help="write the Markdown report here")
+    e.set_defaults(func=cmd_hil_ev)

@@ -17,8 +17,6 @@ from essd.hil.ev_runner import ChargerRunResult
 from essd.hil.ev_scenario import EvScenario
 from essd.hil.swap_runner import SwapRunResult
 
-__all__ = ["Comparison", "compare_chargers", "compare_swap", "render"]
-
 
 @dataclass(frozen=True, slots=True)
 class Comparison:
@@ -38,12 +36,8 @@ def compare_chargers(sc: EvScenario, opt: ChargerRunResult, now: ChargerRunResul
     """Optimized vs "now" for a charger scenario."""
     stored = _stored_value(sc, now.final_battery_wh - opt.final_battery_wh, 0.95)
     cost = opt.cost + stored
-    unmet = [
-        v
-        for v in opt.vehicles
-        if v.delivered_wh < v.requested_wh - 1.0 and v.published_shortfall_wh <= 0.0
-    ]
     short = [v for v in opt.vehicles if v.delivered_wh < v.requested_wh - 1.0]
+    unmet = [v for v in short if v.published_shortfall_wh <= 0.0]
     figures = {
         "cost_optimized": cost,
         "cost_now": now.cost,

@@ -17,8 +17,9 @@ min(charger limit, vehicle limit).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -40,8 +41,6 @@ from essd.hil.ev_scenario import EvScenario, SiteSpec, VehicleSpec
 from essd.ocpp import CentralSystem
 from hil_sim.chargers import ChargerLink, SimStation, SimVehicle
 
-__all__ = ["ChargerRunResult", "VehicleOutcome", "run_chargers", "site_profile"]
-
 
 @dataclass(frozen=True, slots=True)
 class VehicleOutcome:
@@ -62,7 +61,6 @@ class ChargerRunResult:
 
     mode: str
     cost: float = 0.0
-    import_wh: float = 0.0
     export_wh: float = 0.0
     pv_wh: float = 0.0
     max_grid_w: float = 0.0  # worst case within each cycle, from the limits in force
@@ -82,6 +80,33 @@ def site_profile(site: SiteSpec, start: float, t: float) -> tuple[float, float, 
     hour = ((t - start) / 3600.0) % 24.0
     pv = site.pv_peak_w * max(0.0, math.sin(math.pi * (hour - 6.0) / 12.0))
     return site.load_w[int(hour)], pv, site.import_price[int(hour)]
+
+
+def site_inputs(
+    sc: EvScenario, start: float, now: float, sessions: Sequence[FlexSession]
+) -> DispatchInputs:
+    """The site's dispatch inputs at ``now`` without a battery: a perfect forecast of the
+    hourly profile over the horizon, step 0 as metered now."""
+    site, step_s = sc.site, sc.step_s
+    times = now - (now - start) % step_s + step_s * np.arange(sc.horizon_steps)
+    prof = [site_profile(site, start, t + step_s / 2) for t in times]
+    load, pv, _ = site_profile(site, start, now)
+    prof[0] = (load, pv, prof[0][2])
+    return DispatchInputs(
+        time=now,
+        step_s=step_s,
+        soc={},
+        limits={},
+        reserve_soc={},
+        max_soc={},
+        load_w=[p[0] for p in prof],
+        pv_w=[p[1] for p in prof],
+        import_price=[p[2] for p in prof],
+        export_price=[site.export_price] * sc.horizon_steps,
+        import_limit_w=site.import_limit_w,
+        export_limit_w=site.export_limit_w,
+        sessions=sessions,
+    )
 
 
 class _Battery:
@@ -180,27 +205,16 @@ class _ChargerRun:
 
     def inputs(self, now: float, sessions: list[FlexSession]) -> DispatchInputs:
         """The dispatch inputs of this cycle (perfect forecast; step 0 as metered now)."""
-        sc, site, b = self.sc, self.site, self.battery
-        step0 = now - (now - self.start) % sc.step_s
-        times = step0 + sc.step_s * np.arange(sc.horizon_steps)
-        prof = [site_profile(site, self.start, t + sc.step_s / 2) for t in times]
-        load, pv, _ = site_profile(site, self.start, now)
-        prof[0] = (load, pv, prof[0][2])
-        one = self.has_battery
-        return DispatchInputs(
-            time=now,
-            step_s=sc.step_s,
-            soc={"home": b.energy / b.capacity} if one else {},
-            limits={"home": LiveLimits(b.power, b.power)} if one else {},
-            reserve_soc={"home": 0.1} if one else {},
-            max_soc={"home": 0.95} if one else {},
-            load_w=[p[0] for p in prof],
-            pv_w=[p[1] for p in prof],
-            import_price=[p[2] for p in prof],
-            export_price=[site.export_price] * sc.horizon_steps,
-            import_limit_w=site.import_limit_w,
-            export_limit_w=site.export_limit_w,
-            sessions=sessions,
+        inputs = site_inputs(self.sc, self.start, now, sessions)
+        if not self.has_battery:
+            return inputs
+        b = self.battery
+        return replace(
+            inputs,
+            soc={"home": b.energy / b.capacity},
+            limits={"home": LiveLimits(b.power, b.power)},
+            reserve_soc={"home": 0.1},
+            max_soc={"home": 0.95},
         )
 
     async def decide(self, central: CentralSystem, now: float) -> float:
@@ -241,7 +255,6 @@ class _ChargerRun:
         ev_wh = sum(s.evses[1].meter_wh for s in self.stations.values()) - before
         h = sc.cycle_s / 3600.0
         grid_wh = (load - pv - delivered_w) * h + ev_wh
-        r.import_wh += max(grid_wh, 0.0)
         r.export_wh += max(-grid_wh, 0.0)
         r.pv_wh += pv * h
         r.cost += max(grid_wh, 0.0) / 1000.0 * price - max(-grid_wh, 0.0) / 1000.0 * (

@@ -14,17 +14,6 @@ from typing import Annotated, Literal, Self
 import yaml
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-__all__ = [
-    "ChargerSpec",
-    "EvScenario",
-    "EvScenarioError",
-    "SiteSpec",
-    "SwapSpec",
-    "VehicleSpec",
-    "load_ev_scenario",
-]
-
-
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Hourly = Annotated[list[Finite], Field(min_length=24, max_length=24)]
 PosW = Annotated[float, Field(gt=0.0, le=10_000_000.0, allow_inf_nan=False)]

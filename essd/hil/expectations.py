@@ -9,9 +9,8 @@ from typing import Any
 
 from essd.hil.hostile import safe_after_s
 from essd.hil.kpi import CycleRecord, Kpis, Sample
-from essd.hil.scenario import FaultSpec, Scenario
-
-__all__ = ["check_expectations", "fault_summary"]
+from essd.hil.scenario import Scenario
+from hil_sim.faults import FaultSpec
 
 
 def report_window(scenario: Scenario, i: int) -> tuple[float, float]:

@@ -14,16 +14,10 @@ from essd.config import Settings
 from essd.cycle import Controller
 from essd.dispatch import Dispatcher, DispatchInputs
 from essd.domain import LiveLimits
-from essd.hil.kpi import (
-    CostModel,
-    PriceTrace,
-    grid_cost,
-)
+from essd.hil.kpi import CostModel, PriceTrace, grid_cost
 from essd.hil.scenario import Scenario
 from essd.hil.truth import ScenarioSeries
 from hil_sim.truth import SiteTruth
-
-__all__ = ["cost_model"]
 
 
 def cost_model(scenario: Scenario, settings: Settings) -> CostModel:

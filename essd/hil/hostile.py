@@ -34,27 +34,13 @@ from typing import Any
 from drivers.factory import EndpointPool
 from essd.clock import Clock, SimClock
 from essd.command_handling import apply_command, echo_id, is_safety_command, read_command
-from essd.command_queue import CommandQueue
+from essd.command_queue import REFUSED_RETAINED, SUPERSEDED_BY_STANDBY, CommandQueue
 from essd.commands import CommandLimits, CommandModel, CommandResult
 from essd.config import MqttConfig, Settings
 from essd.cycle import Controller
 from essd.hil.kpi import CycleRecord, Sample
-from essd.hil.scenario import SIGNALS, EventSpec
+from essd.hil.scenario import EventSpec
 
-__all__ = [
-    "SIGNALS",
-    "CommandFeed",
-    "DaemonClock",
-    "EventDriver",
-    "EventSpec",
-    "event_label",
-    "safe_after_s",
-]
-
-#: What the MQTT bridge drops from its queue when a standby arrives (essd.mqtt).
-SUPERSEDED_BY_STANDBY = ("mode", "setpoint")
-#: The reply to a retained command (the bridge's wording).
-REFUSED_RETAINED = "retain: retained commands are never applied (publish with retain false)"
 #: A unit counts as safe at or below this true power, W.
 SAFE_POWER_W = 1.0
 #: How long after its window an event's units are watched for reaching 0 W, s.

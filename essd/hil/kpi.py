@@ -32,16 +32,6 @@ from typing import Any
 
 from hil_sim.truth import POWER_TOL_RATIO, POWER_TOL_W, Limits, SiteTruth, Violation, violations_in
 
-__all__ = [
-    "CostModel",
-    "CycleRecord",
-    "Kpis",
-    "PriceTrace",
-    "Sample",
-    "compute_kpis",
-    "grid_cost",
-]
-
 
 @dataclass(frozen=True, slots=True)
 class Sample:

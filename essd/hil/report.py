@@ -26,8 +26,6 @@ from essd.hil.foresight import cost_model
 from essd.hil.kpi import baseline_grid_w
 from essd.hil.runner import RunResult
 
-__all__ = ["PLOTS", "make_figures", "write_report"]
-
 PLOTS = ("soc", "power", "grid", "price", "peak")
 
 
@@ -116,10 +114,7 @@ def make_figures(result: RunResult) -> dict[str, Figure]:
     ax.axhline(result.limits.import_w / 1000, color="tab:red", ls="--", label="import limit")
     if math.isfinite(result.limits.export_w):
         ax.axhline(
-            -result.limits.export_w / 1000,
-            color="tab:purple",
-            ls="--",
-            label="export limit",
+            -result.limits.export_w / 1000, color="tab:purple", ls="--", label="export limit"
         )
     ax.legend(loc="best", fontsize="small", ncols=2)
     figs["grid"] = fig
@@ -380,5 +375,4 @@ def write_report(result: RunResult, directory: Path) -> Path:
         fig.savefig(directory / f"{name}.png")
     path = directory / "report.md"
     path.write_text(_markdown(result), encoding="utf-8")
-    result.report_dir = directory
     return path

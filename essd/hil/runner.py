@@ -11,19 +11,20 @@ saving the daemon took.
 Battery W > 0 discharges into the site; grid W > 0 imports.
 
 The true series are :mod:`essd.hil.truth`, the offline optimum :mod:`essd.hil.foresight`, the
-checks :mod:`essd.hil.expectations`.
+checks :mod:`essd.hil.expectations`; the simulated site is reached through :class:`Plant`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 from drivers.factory import EndpointPool
@@ -36,20 +37,37 @@ from essd.hil.expectations import check_expectations, fault_summary, report_wind
 from essd.hil.foresight import cost_model, perfect_foresight
 from essd.hil.hostile import DaemonClock, EventDriver, event_summary, mqtt_limits
 from essd.hil.kpi import CycleRecord, Kpis, Sample, compute_kpis, unsafe_writes
-from essd.hil.plant import Plant
-from essd.hil.scenario import INSTANT_KINDS, FaultSpec, Scenario, site_mqtt
+from essd.hil.scenario import Scenario, site_mqtt
 from essd.hil.truth import ScenarioSeries
+from hil_sim.faults import INSTANT_KINDS, FaultSpec
 from hil_sim.runner import SimulatedSite
 from hil_sim.site import SiteSeries
 from hil_sim.truth import Limits, SiteTruth
-
-__all__ = ["PlantFactory", "RunResult", "run_scenario"]
-
 
 log = logging.getLogger(__name__)
 
 
 SUBSTEP_S = 60.0
+
+
+class Plant(Protocol):
+    """The seam between the runner and the simulator: what the runner needs from a simulated
+    site. Its *true* state is the simulator's, not the daemon's belief. hil_sim's SimulatedSite
+    is one (:func:`simulated_site_factory`); a test may pass any other to :func:`run_scenario`.
+    """
+
+    @property
+    def settings(self) -> Settings:
+        """The site settings with every transport pointing at the served devices."""
+        ...
+
+    def truth(self) -> SiteTruth:
+        """Advance to the clock's now and return the true state."""
+        ...
+
+    def set_fault(self, fault: FaultSpec, active: bool) -> None:
+        """Start or clear one fault of the timeline."""
+        ...
 
 
 PlantFactory = Callable[
@@ -69,7 +87,6 @@ class RunResult:
     limits: Limits
     settings: Settings
     currency: str = "CNY"
-    report_dir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -277,22 +294,11 @@ async def run_scenario(
     try:
         # The optimum from the same start back to the same SoC (the yardstick), and re-solved
         # to where the run ended (what the run's change of stored energy was worth).
-        opt_cost, opt_status = perfect_foresight(
-            scenario,
-            controller=controller,
-            series=series,
-            first=first,
-            final_soc=initial,
-            model=model,
+        solve = functools.partial(
+            perfect_foresight, scenario, controller=controller, series=series, first=first
         )
-        opt_end, _ = perfect_foresight(
-            scenario,
-            controller=controller,
-            series=series,
-            first=first,
-            final_soc=final,
-            model=model,
-        )
+        opt_cost, opt_status = solve(final_soc=initial, model=model)
+        opt_end, _ = solve(final_soc=final, model=model)
     except Exception as exc:  # a failed offline solve must not hide the run's own figures
         log.warning("perfect-foresight solve failed: %s", exc)
         opt_cost, opt_status = None, f"failed: {exc}"
@@ -330,30 +336,11 @@ async def run_scenario(
     )
 
 
-class _SimulatedSitePlant:
-    """hil_sim's :class:`~hil_sim.runner.SimulatedSite` seen through the :class:`Plant` seam."""
-
-    def __init__(self, site: SimulatedSite) -> None:
-        self._site = site
-
-    @property
-    def settings(self) -> Settings:
-        """The settings pointing at the served devices."""
-        return self._site.settings
-
-    def truth(self) -> SiteTruth:
-        """The simulator's true state now."""
-        return self._site.truth()
-
-    def set_fault(self, fault: FaultSpec, active: bool) -> None:
-        """Start or end a fault in the simulator."""
-        self._site.set_fault(fault, active=active)
-
-
 @contextlib.asynccontextmanager
-async def _open_simulated_site(
+async def simulated_site_factory(
     scenario: Scenario, settings: Settings, clock: SimClock, series: ScenarioSeries
 ) -> AsyncIterator[Plant]:
+    """hil_sim's simulated site for ``scenario`` (the default plant)."""
     tz = ZoneInfo(settings.site.timezone)
     site = SimulatedSite(
         settings,
@@ -367,11 +354,4 @@ async def _open_simulated_site(
         source=str(scenario.source),
     )
     async with site:
-        yield _SimulatedSitePlant(site)
-
-
-def simulated_site_factory(
-    scenario: Scenario, settings: Settings, clock: SimClock, series: ScenarioSeries
-) -> AbstractAsyncContextManager[Plant]:
-    """hil_sim's simulated site for ``scenario`` (the default plant)."""
-    return _open_simulated_site(scenario, settings, clock, series)
+        yield site

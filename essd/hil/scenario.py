@@ -24,46 +24,13 @@ from typing import Annotated, Any, Literal, Self
 from zoneinfo import ZoneInfo
 
 import yaml
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from drivers.profile import ProfileError
 from drivers.profile_loader import resolve_profile
 from essd.config import MqttConfig, Settings
 from essd.series import SERIES_COLUMNS, SeriesError, read_series_csv
-from hil_sim.faults import (
-    FAULT_KINDS,
-    INSTANT_KINDS,
-    FaultError,
-    FaultSpec,
-    check_devices,
-    parse_duration,
-)
-
-__all__ = [
-    "FAULT_KINDS",
-    "INSTANT_KINDS",
-    "SIGNALS",
-    "EventSpec",
-    "Expectations",
-    "FaultSpec",
-    "InlineSeries",
-    "Scenario",
-    "ScenarioError",
-    "SeriesSpec",
-    "SiteSpec",
-    "load_scenario",
-    "parse_duration",
-    "site_mqtt",
-]
-
-Seconds = Annotated[float, BeforeValidator(parse_duration)]
+from hil_sim.faults import FaultError, FaultSpec, Seconds, check_devices
 
 
 class _Strict(BaseModel):

@@ -18,15 +18,13 @@ from typing import Literal
 import numpy as np
 
 from essd.clock import SimClock
-from essd.dispatch import Dispatcher, DispatchInputs
+from essd.dispatch import Dispatcher
 from essd.dispatch.flex import FlexSpec
 from essd.dispatch.swap import PackState, SwapDemandLearner, SwapStationSpec, swap_sessions
 from essd.flexloads import clamp_to_headroom
-from essd.hil.ev_runner import site_profile
+from essd.hil.ev_runner import site_inputs, site_profile
 from essd.hil.ev_scenario import EvScenario, SwapSpec
 from hil_sim.swap import SimPack, SimSwapStation, poisson_swaps
-
-__all__ = ["SwapRunResult", "run_swap"]
 
 
 @dataclass(slots=True)
@@ -35,7 +33,6 @@ class SwapRunResult:
 
     mode: str
     cost: float = 0.0
-    import_wh: float = 0.0
     swaps: int = 0
     missed: int = 0
     min_charged: int = 10**9
@@ -118,28 +115,8 @@ class _SwapRun:
         sessions = swap_sessions(
             self.spec, packs, demand, now=now, step_s=sc.step_s, columns=self.columns
         )
-        prof = [site_profile(self.site, self.start, t + sc.step_s / 2) for t in times]
-        load, pv, _ = site_profile(self.site, self.start, now)
-        prof[0] = (load, pv, prof[0][2])
-        plan = self.dispatcher.solve(
-            DispatchInputs(
-                time=now,
-                step_s=sc.step_s,
-                soc={},
-                limits={},
-                reserve_soc={},
-                max_soc={},
-                load_w=[p[0] for p in prof],
-                pv_w=[p[1] for p in prof],
-                import_price=[p[2] for p in prof],
-                export_price=[self.site.export_price] * sc.horizon_steps,
-                import_limit_w=self.site.import_limit_w,
-                export_limit_w=self.site.export_limit_w,
-                sessions=sessions,
-            ),
-            budget_s=30.0,
-            last_plan=None,
-        )
+        inputs = site_inputs(sc, self.start, now, sessions)
+        plan = self.dispatcher.solve(inputs, budget_s=30.0, last_plan=None)
         self.result.rungs[plan.rung.value] = self.result.rungs.get(plan.rung.value, 0) + 1
         power = {}
         for s in sessions:
@@ -189,7 +166,6 @@ class _SwapRun:
         energy += station.run(cycle_end - t)
         self.clock.advance(cycle_end - now)
         grid_wh = (load - pv) * (cycle_end - now) / 3600.0 + energy
-        r.import_wh += max(grid_wh, 0.0)
         r.cost += max(grid_wh, 0.0) / 1000.0 * price
         r.cost -= max(-grid_wh, 0.0) / 1000.0 * self.site.export_price
 

@@ -16,8 +16,6 @@ from essd.hil.scenario import Scenario
 from essd.series import SERIES_COLUMNS, read_series_csv
 from hil_sim.site import SiteSeries
 
-__all__ = ["ScenarioSeries"]
-
 
 class ScenarioSeries:
     """The scenario's true series, as a CSV the forecaster reads and as functions of time."""

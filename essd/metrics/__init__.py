@@ -31,28 +31,17 @@ sets and caps), :mod:`essd.metrics.http` (the HTTP endpoint).
 """
 
 from essd.metrics.exporter import MetricsExporter
-from essd.metrics.http import ExpositionCache, MetricsServer, MetricsServerError
+from essd.metrics.http import MetricsServer, MetricsServerError
 from essd.metrics.labels import (
-    COMMANDS,
-    CONTROL_MODES,
-    CYCLE_PHASES,
     REASON_CATEGORIES,
-    SOLVER_FAILURE_CAUSES,
-    SOLVER_STATUSES,
     BoundedLabel,
     reason_category,
     solver_failure_cause,
 )
 
 __all__ = [
-    "COMMANDS",
-    "CONTROL_MODES",
-    "CYCLE_PHASES",
     "REASON_CATEGORIES",
-    "SOLVER_FAILURE_CAUSES",
-    "SOLVER_STATUSES",
     "BoundedLabel",
-    "ExpositionCache",
     "MetricsExporter",
     "MetricsServer",
     "MetricsServerError",

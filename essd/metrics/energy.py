@@ -21,8 +21,6 @@ from essd.events import CycleCompleted
 from essd.metrics.labels import JOULES_PER_WH
 from essd.metrics.live import ExporterState, finite
 
-__all__ = ["PLAN_AHEAD_HOURS", "EnergyCollector", "hourly_means"]
-
 #: Hours of the plan exported ahead (the default horizon is one day).
 PLAN_AHEAD_HOURS = 24
 
@@ -222,9 +220,7 @@ def _ahead_families(ev: CycleCompleted) -> list[Metric | None]:
         if fc.pv_w:
             out.append(
                 _gauge(
-                    "essd_forecast_pv_watts",
-                    "Forecast PV power for the current step.",
-                    fc.pv_w[0],
+                    "essd_forecast_pv_watts", "Forecast PV power for the current step.", fc.pv_w[0]
                 )
             )
     return out

@@ -12,13 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    Info,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -47,9 +41,6 @@ from essd.metrics.labels import (
 )
 from essd.metrics.live import ExporterState, LiveCollector, finite
 
-__all__ = ["MetricsExporter"]
-
-
 if TYPE_CHECKING:
     from essd.config import Settings
 
@@ -58,15 +49,13 @@ if TYPE_CHECKING:
 _CYCLE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-_PHASE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
-
-
 # The solve budget is at most 60 s (ControlConfig.solve_budget_s), 2 s by default.
 _SOLVE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 
-# Modbus TCP answers in milliseconds; RTU at 9600 baud and timeouts (<= 10 s) take longer.
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+# Cycle phases and Modbus requests: TCP answers in milliseconds; RTU at 9600 baud and timeouts
+# (<= 10 s) take longer.
+_SHORT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
 class MetricsExporter:
@@ -121,7 +110,7 @@ class MetricsExporter:
             "essd_cycle_phase_duration_seconds",
             "Duration of one phase of a control cycle.",
             ["phase"],
-            buckets=_PHASE_BUCKETS,
+            buckets=_SHORT_BUCKETS,
             registry=r,
         )
         for phase in CYCLE_PHASES:
@@ -136,7 +125,7 @@ class MetricsExporter:
             "essd_device_modbus_latency_seconds",
             "Latency of a device's last Modbus request, sampled once per control cycle.",
             ["device"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=_SHORT_BUCKETS,
             registry=r,
         )
         self.rung_cycles = Counter(

@@ -28,7 +28,6 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from prometheus_client import CollectorRegistry
@@ -41,7 +40,6 @@ from essd.clock import Clock, RealClock
 if TYPE_CHECKING:
     from essd.config import MetricsConfig
 
-__all__ = ["ExpositionCache", "MetricsServer", "MetricsServerError", "Payload"]
 
 log = logging.getLogger(__name__)
 
@@ -343,12 +341,7 @@ class MetricsServer:
         await self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
     # ----------------------------------------------------------------------- connections

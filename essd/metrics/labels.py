@@ -13,23 +13,7 @@ from typing import get_args
 from essd.commands import Mode
 from essd.domain import Plan, PlanCause
 
-__all__ = [
-    "COMMANDS",
-    "CONTROL_MODES",
-    "CYCLE_PHASES",
-    "REASON_CATEGORIES",
-    "SOLVER_FAILURE_CAUSES",
-    "SOLVER_STATUSES",
-    "BoundedLabel",
-    "reason_category",
-    "solver_failure_cause",
-]
-
-
 JOULES_PER_WH = 3600.0
-
-
-GRAMS_PER_KG = 1000.0
 
 
 #: Phases of a cycle (docs/architecture.md); any other phase name is counted as "other".

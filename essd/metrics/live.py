@@ -21,10 +21,7 @@ from prometheus_client.registry import Collector
 
 from essd.clock import Clock
 from essd.domain import DeviceState, Quality, Setpoint
-from essd.events import (
-    CycleCompleted,
-    DaemonStatus,
-)
+from essd.events import CycleCompleted, DaemonStatus
 from essd.metrics.labels import (
     CONTROL_MODES,
     CYCLE_PHASES,
@@ -35,8 +32,6 @@ from essd.metrics.labels import (
     BoundedLabel,
     reason_category,
 )
-
-__all__ = ["ExporterState", "LiveCollector", "finite"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,20 +333,21 @@ def _device_families(
     plan = ev.plan
     snap = ev.snapshot
     states = st.device_states
-    for dev, b in snap.batteries.items():
+    seen = [(dev, b.device_class.value, b.available) for dev, b in snap.batteries.items()]
+    if snap.meter is not None:
+        m = snap.meter
+        seen.append((m.device_id, "meter", m.grid_power_w.quality is not Quality.MISSING))
+    for dev, device_class, up in seen:
         d = {"device": dev}
         f.gauge(
             "essd_device_info",
             "A configured device and its class (always 1).",
-            {**d, "device_class": b.device_class.value},
+            {**d, "device_class": device_class},
             1.0,
         )
-        f.gauge(
-            "essd_device_up",
-            "1 when the device answered this cycle, else 0.",
-            d,
-            float(b.available),
-        )
+        f.gauge("essd_device_up", "1 when the device answered this cycle, else 0.", d, float(up))
+    for dev, b in snap.batteries.items():
+        d = {"device": dev}
         if b.soc.value is not None and b.soc.quality is not Quality.INVALID:
             f.gauge("essd_device_soc_ratio", "State of charge, 0..1.", d, b.soc.value)
         if b.power_w.value is not None and b.power_w.quality is not Quality.INVALID:
@@ -407,20 +403,6 @@ def _device_families(
                 d,
                 planned[0],
             )
-    meter = snap.meter
-    if meter is not None:
-        f.gauge(
-            "essd_device_up",
-            "1 when the device answered this cycle, else 0.",
-            {"device": meter.device_id},
-            float(meter.grid_power_w.quality is not Quality.MISSING),
-        )
-        f.gauge(
-            "essd_device_info",
-            "A configured device and its class (always 1).",
-            {"device": meter.device_id, "device_class": "meter"},
-            1.0,
-        )
     for dev, state in states.items():
         _enum(
             f,

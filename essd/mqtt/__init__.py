@@ -18,7 +18,7 @@ Sign conventions in every payload: battery W > 0 discharges into the site, < 0 c
 W > 0 imports; SoC as a ratio 0..1; energy Wh.
 """
 
-from essd.mqtt.bridge import BridgeStats, MqttBridge, open_bridge
+from essd.mqtt.bridge import MqttBridge, open_bridge
 from essd.mqtt.command_rules import REFUSED_ANONYMOUS, command_limits
 from essd.mqtt.discovery import discovery_messages
 from essd.mqtt.payloads import (
@@ -26,7 +26,6 @@ from essd.mqtt.payloads import (
     DeviceStatePayload,
     PlanPayload,
     StatePayload,
-    TotalsPayload,
     build_device_payload,
     build_plan_payload,
     build_state_payload,
@@ -36,13 +35,11 @@ from essd.mqtt.topics import Topics
 __all__ = [
     "REFUSED_ANONYMOUS",
     "SCHEMA_VERSION",
-    "BridgeStats",
     "DeviceStatePayload",
     "MqttBridge",
     "PlanPayload",
     "StatePayload",
     "Topics",
-    "TotalsPayload",
     "build_device_payload",
     "build_plan_payload",
     "build_state_payload",

@@ -29,7 +29,6 @@ import secrets
 import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Literal, Self
 
 import aiomqtt
@@ -37,7 +36,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from essd.clock import Backoff, Clock, RealClock, sleep_or_stop
 from essd.command_handling import apply_command, echo_id, is_safety_command, read_command
-from essd.command_queue import CommandQueue
+from essd.command_queue import REFUSED_RETAINED, SUPERSEDED_BY_STANDBY, CommandQueue
 from essd.commands import CommandLimits, CommandModel, CommandResult, CommandTarget
 from essd.config import ControlConfig, MqttConfig, Settings
 from essd.domain import DeviceState, Plan
@@ -51,18 +50,10 @@ from essd.events import (
     EventBus,
     MqttConnectionChanged,
 )
-from essd.mqtt.command_rules import (
-    REFUSED_ANONYMOUS,
-    REFUSED_RETAINED,
-    SUPERSEDED_BY_STANDBY,
-    command_limits,
-)
+from essd.mqtt.command_rules import REFUSED_ANONYMOUS, command_limits
 from essd.mqtt.discovery import DiscoveryPublisher
 from essd.mqtt.payloads import build_device_payload, build_plan_payload, build_state_payload
 from essd.mqtt.topics import Topics
-
-__all__ = ["BridgeStats", "MqttBridge", "open_bridge"]
-
 
 log = logging.getLogger(__name__)
 
@@ -185,12 +176,7 @@ class MqttBridge:
         self._task = asyncio.create_task(self.run(), name=f"mqtt-bridge-{self._site_id}")
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         """Publish ``offline``, disconnect and stop the task."""
         await self.stop()
 

@@ -1,5 +1,6 @@
 """What the MQTT bridge checks before a command reaches the daemon: the operator limits, and the
-replies to commands it refuses outright (anonymous connection, retained message).
+reply to a command it refuses outright on an anonymous connection (the reply to a retained one
+is :data:`essd.command_queue.REFUSED_RETAINED`).
 """
 
 from __future__ import annotations
@@ -7,22 +8,11 @@ from __future__ import annotations
 from essd.commands import CommandLimits
 from essd.config import ControlConfig, MqttConfig
 
-__all__ = ["REFUSED_ANONYMOUS", "REFUSED_RETAINED", "SUPERSEDED_BY_STANDBY", "command_limits"]
-
-
 #: Reply to a command received while essd holds no credentials (and no opt-in).
 REFUSED_ANONYMOUS = (
     "command: refused, essd is connected anonymously (configure username and password or a "
     "TLS client certificate, or set mqtt.allow_anonymous_control)"
 )
-
-
-#: Reply to a retained command.
-REFUSED_RETAINED = "retain: retained commands are never applied (publish with retain false)"
-
-
-#: Commands a ``standby`` makes moot while they wait in the queue.
-SUPERSEDED_BY_STANDBY = ("mode", "setpoint")
 
 
 def command_limits(mqtt: MqttConfig, control: ControlConfig) -> CommandLimits:

@@ -29,8 +29,6 @@ from essd.domain import DeviceState
 from essd.events import CycleCompleted
 from essd.mqtt.topics import Topics
 
-__all__ = ["DiscoveryPublisher", "UnitInfo", "discovery_messages", "units_of"]
-
 #: How long a setpoint chosen in Home Assistant holds before the unit idles again, s.
 DEFAULT_SETPOINT_TTL_S = 3600.0
 
@@ -55,10 +53,7 @@ def units_of(cycle: CycleCompleted) -> tuple[UnitInfo, ...]:
         dis = lim.max_discharge_w if lim is not None and lim.max_discharge_w > 0 else None
         out.append(
             UnitInfo(
-                d,
-                b.device_class.value,
-                charge or MAX_COMMAND_POWER_W,
-                dis or MAX_COMMAND_POWER_W,
+                d, b.device_class.value, charge or MAX_COMMAND_POWER_W, dis or MAX_COMMAND_POWER_W
             )
         )
     return tuple(out)

@@ -14,22 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from essd.domain import BatteryReading, DeviceState, FallbackRung, Plan, Quality
-from essd.events import (
-    CycleCompleted,
-    ForecastRecord,
-)
-
-__all__ = [
-    "SCHEMA_VERSION",
-    "DeviceStatePayload",
-    "PlanPayload",
-    "StatePayload",
-    "TotalsPayload",
-    "build_device_payload",
-    "build_plan_payload",
-    "build_state_payload",
-]
-
+from essd.events import CycleCompleted, ForecastRecord
 
 #: Version of the JSON payloads; bumped on any incompatible change (docs/mqtt.md).
 SCHEMA_VERSION = 1

@@ -6,8 +6,6 @@ from dataclasses import dataclass
 
 from essd.config import MqttConfig
 
-__all__ = ["Topics"]
-
 
 @dataclass(frozen=True, slots=True)
 class Topics:

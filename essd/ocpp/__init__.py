@@ -2,23 +2,14 @@
 
 - :mod:`essd.ocpp.server`: :class:`CentralSystem`, the WebSocket server and ChargerPort;
 - :mod:`essd.ocpp.v16` / :mod:`essd.ocpp.v201`: one connected charger per protocol version;
-- :mod:`essd.ocpp.guarded`: OCPP error replies for every bad frame;
 - :mod:`essd.ocpp.registry`: what is known per charger (status, meter, transactions);
-- :mod:`essd.ocpp.common`: limits in the charger's unit, TxProfile validity.
+- :mod:`essd.ocpp.common`: what both versions share: the TxProfile limit in the charger's unit,
+  OCPP error replies for every bad frame.
 
 Units: power W (> 0 the charger draws from the site), energy Wh, current A per phase.
 """
 
-from essd.ocpp.common import LimitResult
-from essd.ocpp.registry import ChargerInfo, MeterSample, RateUnit, TransactionInfo
-from essd.ocpp.server import CentralSystem, connector_key
+from essd.ocpp.registry import RateUnit
+from essd.ocpp.server import CentralSystem
 
-__all__ = [
-    "CentralSystem",
-    "ChargerInfo",
-    "LimitResult",
-    "MeterSample",
-    "RateUnit",
-    "TransactionInfo",
-    "connector_key",
-]
+__all__ = ["CentralSystem", "RateUnit"]

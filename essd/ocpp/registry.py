@@ -15,17 +15,6 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-__all__ = [
-    "ChargerInfo",
-    "ChargerRecord",
-    "ConnectorInfo",
-    "MeterSample",
-    "RateUnit",
-    "TransactionInfo",
-    "parse_meter_values",
-    "parse_time",
-]
-
 
 class RateUnit(StrEnum):
     """The unit a charger takes its charging-schedule limits in (OCPP ChargingRateUnitType)."""
@@ -94,7 +83,6 @@ class ChargerRecord:
     connected: bool = False
     vendor: str = ""
     model: str = ""
-    last_seen: float = 0.0
     connectors: dict[int, ConnectorInfo] = field(default_factory=dict)
     meter: dict[int, MeterSample] = field(default_factory=dict)
     transactions: dict[str, TransactionInfo] = field(default_factory=dict)

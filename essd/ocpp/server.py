@@ -7,7 +7,7 @@ speaking OCPP 1.6J or 2.0.1 (the ``ocpp`` library) as each charger's subprotocol
 - One record per charger survives reconnects: a charger that drops its connection mid-session
   comes back to the same transactions, and a newer connection replaces an older one.
 - Nothing a charger sends can stop the server: every connection runs in its own error
-  boundary, every bad frame is answered with an OCPP error (:mod:`essd.ocpp.guarded`).
+  boundary, every bad frame is answered with an OCPP error (:mod:`essd.ocpp.common`).
 - It implements :class:`essd.flexloads.ChargerPort`: ``plugged()`` for the cycle, ``apply()``
   sends TxProfiles in the background, at most one request in flight per connector.
 """
@@ -23,7 +23,6 @@ import math
 import ssl
 from collections.abc import Mapping, Sequence
 from http import HTTPStatus
-from types import TracebackType
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -39,9 +38,6 @@ from essd.ocpp.common import ChargerContext, LimitResult
 from essd.ocpp.registry import ChargerInfo, ChargerRecord
 from essd.ocpp.v16 import V16Charger
 from essd.ocpp.v201 import V201Charger
-
-__all__ = ["CentralSystem", "connector_key"]
-
 
 log = logging.getLogger("essd.ocpp")
 
@@ -89,12 +85,7 @@ class CentralSystem:
         await self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
     async def start(self) -> None:
@@ -179,7 +170,6 @@ class CentralSystem:
             await old._connection.close(code=1000, reason="replaced by a newer connection")
         self._links[charger_id] = handler
         record.connected, record.protocol = True, str(ws.subprotocol)
-        record.last_seen = self._clock.now()
         log.info("%s: connected (%s)", charger_id, ws.subprotocol)
         try:
             await handler.start()

@@ -9,41 +9,22 @@ stops renewing falls back to its default limit.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from ocpp.routing import after, on
 from ocpp.v16 import ChargePoint, call, call_result
-from ocpp.v16.enums import (
-    Action,
-    AuthorizationStatus,
-    ChargingProfileStatus,
-    RegistrationStatus,
-)
+from ocpp.v16.enums import Action, AuthorizationStatus, RegistrationStatus
 
-from essd.ocpp.common import (
-    PROFILE_ID_BASE,
-    STACK_LEVEL,
-    ChargerContext,
-    LimitResult,
-    iso,
-    schedule_limit,
-)
-from essd.ocpp.guarded import GuardedRouting
+from essd.ocpp.common import PROFILE_ID_BASE, ChargerContext, ChargerHandler, iso
 from essd.ocpp.registry import ConnectorInfo, parse_meter_values, parse_time
 
-__all__ = ["V16Charger"]
 
-
-class V16Charger(GuardedRouting, ChargePoint):
+class V16Charger(ChargerHandler, ChargePoint):
     """One OCPP 1.6J charge point connected to essd."""
 
     def __init__(self, ctx: ChargerContext, connection: Any, *, response_timeout_s: float) -> None:
         super().__init__(ctx.record.id, connection, response_timeout=response_timeout_s)
         self.ctx = ctx
-
-    def _now(self) -> float:
-        return self.ctx.clock.now()
 
     @on(Action.boot_notification)
     def on_boot_notification(
@@ -59,7 +40,6 @@ class V16Charger(GuardedRouting, ChargePoint):
 
     @on(Action.heartbeat)
     def on_heartbeat(self, **_: Any) -> call_result.Heartbeat:
-        self.ctx.record.last_seen = self._now()
         return call_result.Heartbeat(current_time=iso(self._now()))
 
     @on(Action.status_notification)
@@ -107,37 +87,12 @@ class V16Charger(GuardedRouting, ChargePoint):
         self.ctx.stop_transaction(str(transaction_id), t, float(meter_stop), reason)
         return call_result.StopTransaction(id_tag_info={"status": AuthorizationStatus.accepted})
 
-    async def set_limit(self, connector_id: int, limit_w: float, valid_s: float) -> LimitResult:
-        """Send a TxProfile limiting ``connector_id``'s running transaction to ``limit_w``."""
-        rec = self.ctx.record
-        tx = rec.active(connector_id)
-        if tx is None:
-            return LimitResult(rec.id, connector_id, limit_w, False, "no transaction")
-        now = self._now()
-        unit, limit, phases = schedule_limit(self.ctx.config, limit_w)
-        profile = {
+    def _profile_request(
+        self, connector_id: int, tx_id: str, profile: dict[str, Any], schedule: dict[str, Any]
+    ) -> Any:
+        profile |= {
             "charging_profile_id": PROFILE_ID_BASE + connector_id,
-            "stack_level": STACK_LEVEL,
-            "charging_profile_purpose": "TxProfile",
-            "charging_profile_kind": "Absolute",
-            "transaction_id": int(tx.transaction_id),
-            "valid_from": iso(now),
-            "valid_to": iso(now + valid_s),
-            "charging_schedule": {
-                "charging_rate_unit": unit.value,
-                "start_schedule": iso(now),
-                "duration": math.ceil(valid_s),
-                "charging_schedule_period": [
-                    {"start_period": 0, "limit": limit, "number_phases": phases}
-                ],
-            },
+            "transaction_id": int(tx_id),
+            "charging_schedule": schedule,
         }
-        response = await self.call(
-            call.SetChargingProfile(connector_id=connector_id, cs_charging_profiles=profile),
-            suppress=False,
-        )
-        if response.status == ChargingProfileStatus.accepted:
-            rec.applied_limit_w[connector_id] = limit_w
-            return LimitResult(rec.id, connector_id, limit_w, True)
-        rec.rejected_profiles += 1
-        return LimitResult(rec.id, connector_id, limit_w, False, str(response.status))
+        return call.SetChargingProfile(connector_id=connector_id, cs_charging_profiles=profile)

@@ -15,25 +15,10 @@ from typing import Any
 
 from ocpp.routing import after, on
 from ocpp.v201 import ChargePoint, call, call_result
-from ocpp.v201.enums import (
-    Action,
-    AuthorizationStatusEnumType,
-    ChargingProfileStatusEnumType,
-    RegistrationStatusEnumType,
-)
+from ocpp.v201.enums import Action, AuthorizationStatusEnumType, RegistrationStatusEnumType
 
-from essd.ocpp.common import (
-    PROFILE_ID_BASE,
-    STACK_LEVEL,
-    ChargerContext,
-    LimitResult,
-    iso,
-    schedule_limit,
-)
-from essd.ocpp.guarded import GuardedRouting
+from essd.ocpp.common import PROFILE_ID_BASE, ChargerContext, ChargerHandler, iso
 from essd.ocpp.registry import ConnectorInfo, parse_meter_values, parse_time
-
-__all__ = ["V201Charger"]
 
 
 def _token(id_token: object) -> str:
@@ -42,15 +27,12 @@ def _token(id_token: object) -> str:
     return ""
 
 
-class V201Charger(GuardedRouting, ChargePoint):
+class V201Charger(ChargerHandler, ChargePoint):
     """One OCPP 2.0.1 charging station connected to essd."""
 
     def __init__(self, ctx: ChargerContext, connection: Any, *, response_timeout_s: float) -> None:
         super().__init__(ctx.record.id, connection, response_timeout=response_timeout_s)
         self.ctx = ctx
-
-    def _now(self) -> float:
-        return self.ctx.clock.now()
 
     @on(Action.boot_notification)
     def on_boot_notification(
@@ -67,7 +49,6 @@ class V201Charger(GuardedRouting, ChargePoint):
 
     @on(Action.heartbeat)
     def on_heartbeat(self, **_: Any) -> call_result.Heartbeat:
-        self.ctx.record.last_seen = self._now()
         return call_result.Heartbeat(current_time=iso(self._now()))
 
     @on(Action.status_notification)
@@ -92,11 +73,7 @@ class V201Charger(GuardedRouting, ChargePoint):
 
     @on(Action.transaction_event)
     def on_transaction_event(
-        self,
-        event_type: str,
-        timestamp: str,
-        transaction_info: dict[str, Any],
-        **kw: Any,
+        self, event_type: str, timestamp: str, transaction_info: dict[str, Any], **kw: Any
     ) -> call_result.TransactionEvent:
         ctx, rec = self.ctx, self.ctx.record
         t = parse_time(timestamp, self._now())
@@ -129,39 +106,10 @@ class V201Charger(GuardedRouting, ChargePoint):
         if event_type == "Started" and isinstance(evse, dict):
             await self.ctx.started(int(evse.get("id", 1)))
 
-    async def set_limit(self, evse_id: int, limit_w: float, valid_s: float) -> LimitResult:
-        """Send a TxProfile limiting ``evse_id``'s running transaction to ``limit_w``."""
-        rec = self.ctx.record
-        tx = rec.active(evse_id)
-        if tx is None:
-            return LimitResult(rec.id, evse_id, limit_w, False, "no transaction")
-        now = self._now()
-        unit, limit, phases = schedule_limit(self.ctx.config, limit_w)
-        profile = {
-            "id": PROFILE_ID_BASE + evse_id,
-            "stack_level": STACK_LEVEL,
-            "charging_profile_purpose": "TxProfile",
-            "charging_profile_kind": "Absolute",
-            "transaction_id": tx.transaction_id,
-            "valid_from": iso(now),
-            "valid_to": iso(now + valid_s),
-            "charging_schedule": [
-                {
-                    "id": PROFILE_ID_BASE + evse_id,
-                    "start_schedule": iso(now),
-                    "duration": math.ceil(valid_s),
-                    "charging_rate_unit": unit.value,
-                    "charging_schedule_period": [
-                        {"start_period": 0, "limit": limit, "number_phases": phases}
-                    ],
-                }
-            ],
-        }
-        response = await self.call(
-            call.SetChargingProfile(evse_id=evse_id, charging_profile=profile), suppress=False
-        )
-        if response.status == ChargingProfileStatusEnumType.accepted:
-            rec.applied_limit_w[evse_id] = limit_w
-            return LimitResult(rec.id, evse_id, limit_w, True)
-        rec.rejected_profiles += 1
-        return LimitResult(rec.id, evse_id, limit_w, False, str(response.status))
+    def _profile_request(
+        self, connector_id: int, tx_id: str, profile: dict[str, Any], schedule: dict[str, Any]
+    ) -> Any:
+        profile_id = PROFILE_ID_BASE + connector_id
+        schedules = [{"id": profile_id, **schedule}]
+        profile |= {"id": profile_id, "transaction_id": tx_id, "charging_schedule": schedules}
+        return call.SetChargingProfile(evse_id=connector_id, charging_profile=profile)

@@ -7,22 +7,19 @@ Each device is a :class:`hil_sim.store.RegisterStore` that
 simulator cannot drift apart. Sign conventions: battery W > 0 discharges into the site, < 0
 charges; grid W > 0 imports.
 
-- :mod:`hil_sim.devices.base`: the register map, injectable faults, named access;
+- :mod:`hil_sim.devices.base`: the register map, injectable faults, named access, and the
+  site meter;
 - :mod:`hil_sim.devices.storage`: storage units driven by their profile's actions;
-- :mod:`hil_sim.devices.behaviours`: per-class behaviours and the factory that picks one;
-- :mod:`hil_sim.devices.meter`: the site meter.
+- :mod:`hil_sim.devices.behaviours`: per-class behaviours and the factory that picks one.
 """
 
-from hil_sim.devices.base import DeviceFaults, RegisterMap, SimDevice, build_image
+from hil_sim.devices.base import MeterDevice, SimDevice, build_image
 from hil_sim.devices.behaviours import PortableDevice, build_storage_device
-from hil_sim.devices.meter import MeterDevice
 from hil_sim.devices.storage import StorageDevice
 
 __all__ = [
-    "DeviceFaults",
     "MeterDevice",
     "PortableDevice",
-    "RegisterMap",
     "SimDevice",
     "StorageDevice",
     "build_image",

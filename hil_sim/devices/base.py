@@ -1,62 +1,28 @@
 """The base of every simulated device: a register map laid out from the profile (plain or
-SunSpec), the faults a test can inject, and named access to registers and fields.
+SunSpec), the faults a test can inject, and named access to registers and fields; and the
+simplest device on it, the site meter.
 Sign conventions: battery W > 0 discharges into the site, < 0 charges; grid W > 0 imports.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from drivers.layout import from_base, to_base
-from drivers.profile import ActionName, Profile, RegisterSpec, WriteStep
+from drivers.profile import ActionName, Profile, WriteStep
 from drivers.registers import EncodeError, Table
 from essd.clock import Clock
 from hil_sim.profile_image import ProfileImage
 from hil_sim.store import ModbusExceptionCode, NoResponse, RegisterAccessError
 from hil_sim.sunspec_image import SunSpecImage, build_sunspec_image
 
-__all__ = ["DeviceFaults", "RegisterMap", "SimDevice", "build_image"]
-
-
 log = logging.getLogger(__name__)
 
 # How often a simulated unit refreshes the readings in its registers (simulated seconds).
 PUBLISH_INTERVAL_S = 0.1
-
-
-class RegisterMap(Protocol):
-    """What :class:`ProfileImage` and :class:`SunSpecImage` share: named physical access."""
-
-    def read(self, table: Table, address: int, count: int) -> list[int]:
-        """RegisterStore read."""
-        ...
-
-    def write(self, address: int, values: Sequence[int]) -> None:
-        """RegisterStore write (a client's)."""
-        ...
-
-    def spec(self, name: str) -> RegisterSpec:
-        """The profile register called ``name``."""
-        ...
-
-    def names(self) -> Iterable[str]:
-        """Every register name of the profile."""
-        ...
-
-    def get_value(self, name: str) -> float | str | None:
-        """A register in the profile's units (None when invalid / not implemented)."""
-        ...
-
-    def set_value(self, name: str, value: float | str, *, check_range: bool = True) -> None:
-        """Set a register in the profile's units."""
-        ...
-
-    def add_write_listener(self, callback: Callable[[tuple[str, ...]], None]) -> None:
-        """Hear which registers (or SunSpec points) a client write touched."""
-        ...
 
 
 def build_image(profile: Profile, *, unit: int | None = None) -> ProfileImage | SunSpecImage:
@@ -86,12 +52,7 @@ class SimDevice:
     """Base of every simulated device: a RegisterStore with faults and lazy updates."""
 
     def __init__(
-        self,
-        *,
-        device_id: str,
-        profile: Profile,
-        image: ProfileImage | SunSpecImage,
-        clock: Clock,
+        self, *, device_id: str, profile: Profile, image: ProfileImage | SunSpecImage, clock: Clock
     ) -> None:
         self.device_id = device_id
         self.profile = profile
@@ -156,8 +117,7 @@ class SimDevice:
             self.image.write(address, old)  # undo: a refused write changes nothing
             spec = self.profile.register(bad)
             raise RegisterAccessError(
-                ModbusExceptionCode.ILLEGAL_DATA_VALUE,
-                f"{bad}: outside [{spec.min}, {spec.max}]",
+                ModbusExceptionCode.ILLEGAL_DATA_VALUE, f"{bad}: outside [{spec.min}, {spec.max}]"
             )
         self.on_write(names)
 
@@ -277,3 +237,72 @@ class SimDevice:
         if act is None:
             return None
         return next((s.register for s in act.writes if s.param == param), None)
+
+
+# The simulated site meter: grid power at the point of connection (W > 0 imports, < 0 exports),
+# published into its registers with a little deterministic measurement noise.
+
+
+COUNTER_START_WH = 1_000_000.0  # what the energy registers read when the simulation starts
+
+
+def measurement_noise(t: float, amplitude_w: float) -> float:
+    """Deterministic measurement noise in [-amplitude, amplitude] W (a hash of the time)."""
+    x = math.sin(t * 12.9898 + 78.233) * 43758.5453
+    return (2.0 * (x - math.floor(x)) - 1.0) * amplitude_w
+
+
+class MeterDevice(SimDevice):
+    """The grid meter at the connection point: grid = load - PV - sum(battery), > 0 imports."""
+
+    def __init__(
+        self,
+        *,
+        device_id: str,
+        profile: Profile,
+        image: ProfileImage | SunSpecImage,
+        clock: Clock,
+        grid_power_w: Callable[[], float],
+        noise_w: float = 3.0,
+        noise_ratio: float = 0.001,
+    ) -> None:
+        super().__init__(device_id=device_id, profile=profile, image=image, clock=clock)
+        self._grid = grid_power_w
+        self.noise_w = noise_w
+        self.noise_ratio = noise_ratio
+        self._t = clock.now()
+        self._last_w = 0.0
+        self.imported_wh = 0.0
+        self.exported_wh = 0.0
+        self.update()
+
+    def update(self) -> None:
+        """Integrate the energy counters, then publish power, phases, frequency, energy."""
+        now = self.clock.now()
+        grid = self._grid()
+        dt_h = max(0.0, now - self._t) / 3600.0
+        # Piecewise-constant between readings: the counters are for display and plausibility.
+        self.imported_wh += max(self._last_w, 0.0) * dt_h
+        self.exported_wh += max(-self._last_w, 0.0) * dt_h
+        self._t, self._last_w = now, grid
+        if self.faults.frozen:
+            return
+        # A real meter wobbles by a few watts (class 1: about 0.1 % plus a floor); an exact one
+        # would read one constant value at a zero-export limit, which essd rightly takes for
+        # frozen registers. The site's truth stays exact.
+        measured = grid + measurement_noise(now, self.noise_w + self.noise_ratio * abs(grid))
+        f = self.faults
+        if f.reading_w is not None:  # a glitch: a wrong value, wobbling as a real reading does
+            measured = f.reading_w + (measured - grid)
+        elif f.drift_since is not None:
+            measured += f.drift_w_per_s * max(0.0, now - f.drift_since)
+        self.put_field("grid_power_w", measured)
+        for phase in ("grid_l1_w", "grid_l2_w", "grid_l3_w"):
+            self.put_field(phase, measured / 3.0)
+        self.put_field("frequency_hz", 50.0)
+        # The registers count from the meter's reading when the simulation began: a meter in
+        # service is not at 0 (and a SunSpec accumulator of 0 means "not implemented").
+        for field in ("imported_wh", "import_energy_wh"):  # plain and SunSpec profiles' names
+            self.put_field(field, COUNTER_START_WH + self.imported_wh)
+        for field in ("exported_wh", "export_energy_wh"):
+            self.put_field(field, COUNTER_START_WH + self.exported_wh)

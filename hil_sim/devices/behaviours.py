@@ -23,8 +23,6 @@ from hil_sim.sunspec_image import SunSpecImage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_storage_device"]
-
 
 class SunSpecStorageDevice(StorageDevice):
     """SunSpec PCS + BMS: 704 reversion to WSetRvrt, 802 state, events and heartbeat, 713."""
@@ -169,10 +167,7 @@ def build_storage_device(
     if profile.device_class is DeviceClass.METER:
         raise ValueError(f"profile {profile.name}: a meter is not a storage unit")
     params = BatteryParams.from_profile(
-        profile,
-        capacity_wh=capacity_wh,
-        max_charge_w=max_charge_w,
-        max_discharge_w=max_discharge_w,
+        profile, capacity_wh=capacity_wh, max_charge_w=max_charge_w, max_discharge_w=max_discharge_w
     )
     soc = profile.simulation.initial_soc if initial_soc is None else initial_soc
     battery = Battery(params, clock, initial_soc=soc)

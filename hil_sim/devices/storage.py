@@ -41,8 +41,6 @@ from hil_sim.sunspec_image import SunSpecImage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StorageDevice"]
-
 
 _SENSES = ("charge", "discharge", "idle")
 

@@ -25,8 +25,6 @@ from drivers.profile import ActionName, Profile, RegisterSpec, WriteStep
 from drivers.registers import RegisterType
 from drivers.write_policy import WriteMemory
 
-__all__ = ["TIME_PARAMS", "Point", "PointCodec", "Sense", "run_action"]
-
 # Parameters in seconds: rounded up when converted to a register.
 TIME_PARAMS = frozenset({"duration_s", "seconds"})
 

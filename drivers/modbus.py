@@ -39,17 +39,6 @@ from drivers.registers import (
 from essd.clock import Backoff, Clock
 from essd.counters import DeviceCounters
 
-__all__ = [
-    "DEFAULT_TIMEOUT_S",
-    "EndpointTarget",
-    "ErrorKind",
-    "Framing",
-    "ModbusEndpoint",
-    "SerialTarget",
-    "TcpTarget",
-    "quiet_pymodbus_logging",
-]
-
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 0.5

@@ -19,8 +19,6 @@ from essd.domain import Snapshot
 from essd.events import SiteTotals
 from essd.forecast import Forecast, billing_period_start
 
-__all__ = ["Accounting", "PeakTracker"]
-
 # Longest interval integrated into the totals at once: a gap longer than this (the process
 # was stopped, the host suspended) is not energy essd saw.
 MAX_INTEGRATION_S = 900.0

@@ -35,8 +35,6 @@ from essd.flexloads import FlexLoads
 from essd.forecast import Forecast, Forecaster, Override
 from essd.safety import DeviceEnvelope
 
-__all__ = ["Controller"]
-
 log = logging.getLogger(__name__)
 
 

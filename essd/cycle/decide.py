@@ -33,8 +33,6 @@ from essd.forecast import Forecast
 from essd.ladder import SOLVED, descend
 from essd.safety import DeviceEnvelope
 
-__all__ = ["Decider", "Manual", "Mode", "battery_specs", "live_limits"]
-
 log = logging.getLogger(__name__)
 
 # The demand charge is planned against the forecast import plus this many typical deviations

@@ -15,8 +15,6 @@ from essd.domain import Snapshot
 from essd.events import ForecastRecord
 from essd.forecast import Forecast
 
-__all__ = ["battery_power_w", "forecast_record", "net_load_w", "step_cost"]
-
 
 def battery_power_w(snapshot: Snapshot) -> float:
     """Sum of the valid measured battery powers, W (> 0 discharges)."""

@@ -18,8 +18,6 @@ from essd.domain import DeviceState, FallbackRung, Plan, PlanCause, Setpoint, Sn
 from essd.events import DeviceLimits, DeviceRecord, WriteOutcome, WriteStatus
 from essd.safety import DeviceEnvelope, GuardInput, GuardResult, guard
 
-__all__ = ["GuardPhase", "device_records"]
-
 
 @dataclass(frozen=True, slots=True)
 class GuardPhase:

@@ -12,8 +12,6 @@ from typing import Any
 
 from essd.domain import FallbackRung, Plan, PlanCause
 
-__all__ = ["number", "obj", "optional_number", "plan_data", "plan_from_data"]
-
 
 def number(data: Mapping[str, Any], key: str) -> float:
     value = data.get(key)

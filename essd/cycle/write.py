@@ -14,8 +14,6 @@ from essd.devices import ManagedDevice
 from essd.domain import BatteryReading, DeviceState, Setpoint
 from essd.events import WriteOutcome, WriteStatus
 
-__all__ = ["safe_stop", "write_all"]
-
 
 async def write_all(
     batteries: Sequence[ManagedDevice],

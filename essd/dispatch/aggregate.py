@@ -38,9 +38,6 @@ import numpy.typing as npt
 
 from essd.dispatch.inputs import BatterySpec, DispatchArrays
 
-__all__ = ["Aggregation"]
-
-
 FloatArray = npt.NDArray[np.float64]
 
 

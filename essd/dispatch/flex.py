@@ -45,9 +45,6 @@ from essd.dispatch.lpmaps import set_parameter
 from essd.dispatch.sessions import FlexArrays, session_arrays
 from essd.domain import Plan
 
-__all__ = ["FlexModel", "FlexSpec", "session_power_kw", "widen_reach", "with_sessions"]
-
-
 cp: Any = cvxpy
 
 

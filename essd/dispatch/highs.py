@@ -35,9 +35,6 @@ from cvxpy.reductions.solvers.conic_solvers.highs_conif import HIGHS as CVXPY_HI
 
 from essd.dispatch.lpmaps import LpData, LpMaps, highs_data
 
-__all__ = ["HighsHotStart"]
-
-
 # cvxpy re-exports its atoms through star imports that mypy cannot follow; treat it as untyped.
 cp: Any = cvxpy
 

@@ -21,17 +21,6 @@ from essd.domain import LiveLimits
 if TYPE_CHECKING:
     from essd.dispatch.sessions import FlexSession
 
-__all__ = [
-    "BatterySpec",
-    "DispatchArrays",
-    "DispatchInputs",
-    "InvalidDispatchInputsError",
-    "check_finite",
-    "energy_window",
-    "terminal_value",
-    "validate_inputs",
-]
-
 
 FloatArray = npt.NDArray[np.float64]
 

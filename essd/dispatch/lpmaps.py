@@ -28,9 +28,6 @@ import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 
-__all__ = ["LpData", "LpMaps", "NotAffineError", "highs_data", "set_parameter"]
-
-
 # cvxpy re-exports its atoms through star imports that mypy cannot follow; treat it as untyped.
 cp: Any = cvxpy
 

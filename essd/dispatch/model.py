@@ -54,9 +54,6 @@ from essd.dispatch.highs import HighsHotStart
 from essd.dispatch.inputs import BatterySpec, DispatchArrays, energy_window
 from essd.dispatch.lpmaps import set_parameter
 
-__all__ = ["HOLD_VALUE_PER_KWH", "DispatchModel"]
-
-
 # Value of one kWh held for one step: far below any price difference, it only breaks ties.
 # Where storing now or later costs the same (PV surplus exported at a flat price), the plan
 # charges first and discharges last, so a forecast that was too hopeful about the rest of

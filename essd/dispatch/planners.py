@@ -18,8 +18,6 @@ from essd.dispatch.inputs import (
 from essd.dispatch.simulate import make_plan, plan_cost, simulate_plan
 from essd.domain import FallbackRung, Plan, PlanCause
 
-__all__ = ["rule_based_plan", "safe_idle_plan"]
-
 
 def rule_based_plan(
     batteries: Sequence[BatterySpec],

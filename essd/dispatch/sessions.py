@@ -22,15 +22,6 @@ import numpy.typing as npt
 
 from essd.dispatch.inputs import DispatchInputs, InvalidDispatchInputsError, check_finite
 
-__all__ = [
-    "MIN_STAY_S",
-    "FlexArrays",
-    "FlexSession",
-    "presence_now",
-    "session_arrays",
-    "validate_sessions",
-]
-
 
 def presence_now(s: FlexSession, time: float, step_s: float) -> float:
     """Share of the first step ``[time, time + step_s)`` the session is present (as planned:

@@ -12,9 +12,6 @@ import numpy.typing as npt
 from essd.dispatch.inputs import BatterySpec, DispatchArrays, DispatchInputs
 from essd.domain import FallbackRung, Plan, PlanCause
 
-__all__ = ["make_plan", "plan_cost", "simulate_plan", "stored_energy"]
-
-
 FloatArray = npt.NDArray[np.float64]
 
 

@@ -29,8 +29,6 @@ import numpy.typing as npt
 
 from essd.dispatch.sessions import FlexSession
 
-__all__ = ["PackState", "SwapDemandLearner", "SwapStationSpec", "swap_sessions"]
-
 
 @dataclass(frozen=True, slots=True)
 class PackState:

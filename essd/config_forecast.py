@@ -11,9 +11,6 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["ForecastConfig", "PvArrayConfig", "TariffConfig", "TouWindow"]
-
-
 Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
 
 

@@ -32,8 +32,6 @@ import numpy.typing as npt
 
 from essd.config import PvArrayConfig
 
-__all__ = ["ClearSkyPV", "QuantityForecaster", "WeekProfile"]
-
 FloatArray = npt.NDArray[np.float64]
 
 

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from essd.backtest.runner import Replay
 
-__all__ = ["FORECASTERS", "register_cli", "run"]
 
 # --forecaster: the site's own configuration, or one of the built-in comparisons. The
 # command line is built without loading the controller (``essd --help`` stays light).

@@ -17,8 +17,6 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["OPTIONAL_COLUMNS", "REQUIRED_COLUMNS", "History", "HistoryError", "read_history"]
-
 FloatArray = npt.NDArray[np.float64]
 
 REQUIRED_COLUMNS = ("load_w", "pv_w")

@@ -21,8 +21,6 @@ from essd.clock import Clock
 from essd.counters import DeviceCounters
 from essd.domain import BatteryReading, DeviceClass, LiveLimits, MeterReading, Reading
 
-__all__ = ["ReplayBattery", "ReplayMeter"]
-
 C = TypeVar("C")
 
 

@@ -21,8 +21,6 @@ import numpy as np
 
 from essd.backtest.runner import Replay
 
-__all__ = ["write_report"]
-
 
 def write_report(replay: Replay, directory: Path, i0: int, i1: int) -> list[Path]:
     """Write the report files for steps ``i0 .. i1-1``; returns the paths written."""

@@ -17,8 +17,6 @@ import numpy.typing as npt
 from essd.backtest.runner import Replay
 from essd.backtest.score import Prices, Span, optimum, span_cost
 
-__all__ = ["SpanResult", "score_replay"]
-
 FloatArray = npt.NDArray[np.float64]
 
 

@@ -37,8 +37,6 @@ import numpy.typing as npt
 from essd.dispatch import BatterySpec, Dispatcher, DispatchInputs
 from essd.domain import LiveLimits
 
-__all__ = ["Prices", "Span", "UnitLimits", "billed_peak_w", "optimum", "span_cost"]
-
 FloatArray = npt.NDArray[np.float64]
 
 

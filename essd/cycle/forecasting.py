@@ -18,8 +18,6 @@ from essd.config import Settings
 from essd.domain import PlanCause, Snapshot
 from essd.forecast import Forecast, Forecaster, tariff_import_price
 
-__all__ = ["CycleForecast", "measured_pv", "sanitize"]
-
 _NON_NEGATIVE = ("pv_w", "carbon_g_per_kwh")
 
 

@@ -232,3 +232,26 @@ def test_short_cycles_plan_the_rest_of_a_step_with_what_the_meter_saw(tmp_path: 
     # One cycle per step sees the step only once it is over.
     blind = replay(settings, history, forecaster="learned")
     assert blind.grid_w[burst] > 2500.0
+
+
+def test_short_cycles_hold_the_billed_window_a_burst_started(tmp_path: Path) -> None:
+    """Cycling every 5 minutes, a step that starts with an unforeseen burst (100 kW on a
+    flat 60 kW, the battery full enough) is made up in the rest of its clock-aligned billing
+    window: the window's average stays at the month's peak so far. Planned as if the whole
+    step were still ahead, the blind first 5 minutes were ignored and the window billed
+    about 10 kW above it."""
+    start = np.datetime64("2025-06-02T00:00")
+    burst = 96 + 16  # the second day, 04:00 (the first day teaches the flat profile)
+    rows = ["time,load_w,pv_w"]
+    for k in range(130):
+        t = (start + np.timedelta64(15 * k, "m")).astype(str)
+        rows.append(f"{t}:00+02:00,{100_000.0 if k == burst else 60_000.0},0.0")
+    (tmp_path / "c.csv").write_text("\n".join(rows) + "\n")
+    history = read_history(tmp_path / "c.csv")
+    settings = load_settings(ROOT / "commercial.toml")
+    run = replay(settings, history, forecaster="learned", cycle_s=300.0, soc0=0.9)
+    # The steps are the clock-aligned windows: grid_w is each window's average import.
+    before = float(run.grid_w[:burst].max())
+    assert run.soc["pcs1"][burst] > 0.2
+    assert run.grid_w[burst] <= before + 100.0
+    assert float(run.grid_w.max()) <= before + 1_000.0

@@ -33,6 +33,7 @@ class PeakTracker:
         self.peak_w = 0.0
         self._window_start: float | None = None
         self._wh = 0.0
+        self._s = 0.0  # seconds of the current window measured
         self._period: float | None = None
 
     def state(self) -> dict[str, Any]:
@@ -42,6 +43,7 @@ class PeakTracker:
             "peak_w": self.peak_w,
             "window_start": self._window_start,
             "window_wh": self._wh,
+            "window_s": self._s,
         }
 
     def restore(self, data: Mapping[str, Any]) -> None:
@@ -50,21 +52,48 @@ class PeakTracker:
         window = optional_number(data, "window_start")
         peak = number(data, "peak_w")
         wh = number(data, "window_wh")
-        if peak < 0 or wh < 0:
-            raise ValueError("peak_w, window_wh: must be >= 0")
+        # Absent from a state written before it was kept: the window's energy then counts as
+        # measured in no time (the rest is planned as a whole window on top: conservative).
+        seconds = number(data, "window_s") if "window_s" in data else 0.0
+        if peak < 0 or wh < 0 or seconds < 0:
+            raise ValueError("peak_w, window_wh, window_s: must be >= 0")
         self._period, self._window_start, self.peak_w, self._wh = period, window, peak, wh
+        self._s = seconds
 
     def add(self, t: float, grid_w: float, dt_s: float) -> None:
-        """Add ``dt_s`` seconds at ``grid_w`` ending at wall time ``t``."""
+        """Add ``dt_s`` seconds at ``grid_w`` ending at wall time ``t``.
+
+        The interval ``[t - dt_s, t]`` is split at the clock-aligned windows it spans: with
+        cycles shorter than a window, the cycle at a window's start reports the end of the
+        window before, which belongs to that one.
+        """
         period = billing_period_start(t, self._tz)
         if period != self._period:
             self._period, self.peak_w = period, 0.0
+        a = t - max(0.0, dt_s)
+        while a < t:
+            window = a - (a % self._step_s)
+            b = min(t, window + self._step_s)
+            if window != self._window_start:
+                if self._window_start is not None:
+                    self.peak_w = max(self.peak_w, self._wh * 3600.0 / self._step_s)
+                self._window_start, self._wh, self._s = window, 0.0, 0.0
+            self._wh += max(0.0, grid_w) * (b - a) / 3600.0
+            self._s += b - a
+            a = b
+
+    def so_far(self, t: float, pending_w: float | None, pending_s: float) -> tuple[float, float]:
+        """Energy imported (Wh) and seconds measured in the window under way at wall time
+        ``t``, including ``pending_s`` seconds at ``pending_w`` ending at ``t`` that are not
+        added yet (None: nothing pending)."""
         window = t - (t % self._step_s)
-        if window != self._window_start:
-            if self._window_start is not None:
-                self.peak_w = max(self.peak_w, self._wh * 3600.0 / self._step_s)
-            self._window_start, self._wh = window, 0.0
-        self._wh += max(0.0, grid_w) * dt_s / 3600.0
+        wh, s = (self._wh, self._s) if window == self._window_start else (0.0, 0.0)
+        if pending_w is not None:
+            part = min(max(0.0, pending_s), t - window)
+            wh += max(0.0, pending_w) * part / 3600.0
+            s += part
+        # A window is at most one step: never report more (rounding of wall times).
+        return wh, min(s, t - window)
 
 
 class Accounting:
@@ -103,6 +132,16 @@ class Accounting:
         peak.restore(obj(data, "peak"))
         # Absent from a state written before the per-unit counters existed: they start at 0.
         return SiteTotals(**values), peak, _unit_energy(data.get("unit_wh", {}))
+
+    def billed_so_far(self, now: float, mono: float, grid: float | None) -> tuple[float, float]:
+        """What the meter measured of the billing window under way: imported Wh and seconds.
+
+        The decide phase runs before this cycle's :meth:`integrate`, so the interval since the
+        last cycle (``grid`` over the monotonic time since then) is counted here too.
+        """
+        last = self._last_mono
+        pending = 0.0 if last is None else min(max(0.0, mono - last), MAX_INTEGRATION_S)
+        return self.peak.so_far(now, grid if last is not None else None, pending)
 
     def integrate(
         self,

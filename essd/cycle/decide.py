@@ -84,6 +84,7 @@ class Decider:
         peak_w: Callable[[], float],
         realtime: bool,
         sessions: Callable[[float], Sequence[FlexSession]] | None = None,
+        billed_so_far: Callable[[Snapshot], tuple[float, float]] | None = None,
     ) -> None:
         self._settings = settings
         # Flexible loads (EV sessions; essd.flexloads) planned with the batteries.
@@ -93,6 +94,9 @@ class Decider:
         self._dispatcher = dispatcher
         self._envelope = envelope
         self._peak_w = peak_w
+        # What the meter measured of the billing window under way (Wh imported, s), for the
+        # first step's demand charge (essd.dispatch.inputs.first_step_peak_kw); None: nothing.
+        self._billed_so_far = billed_so_far
         self._realtime = realtime
         self.last_plan: Plan | None = None
         self._solving: Future[Plan] | asyncio.Future[Plan] | None = None
@@ -267,6 +271,9 @@ class Decider:
             ctl.step_s,
             room_kwh,
         )
+        billed_wh, billed_s = (
+            self._billed_so_far(snapshot) if self._billed_so_far is not None else (0.0, 0.0)
+        )
         return DispatchInputs(
             time=now,
             step_s=ctl.step_s,
@@ -301,6 +308,8 @@ class Decider:
             if forecast.load_spread_w is None
             else (PEAK_MARGIN_SPREADS * forecast.load_spread_w).tolist(),
             sessions=tuple(self._sessions(now)) if self._sessions is not None else (),
+            billed_import_wh=billed_wh,
+            billed_elapsed_s=billed_s,
         )
 
 

@@ -126,6 +126,9 @@ class Dispatcher:
     different units; ``clusters="auto"`` chooses ``k`` from the LP's size
     (:func:`~essd.dispatch.aggregate.auto_groups`: none up to 3,000 battery-steps).
 
+    ``billed_window=True`` (the daemon's, with cycles shorter than the step): the first step
+    gets the rows that hold the billing window under way (essd.dispatch.model, REST_SHARES).
+
     A solver that keeps failing is rebuilt: after ``rebuild_after_failures`` failed solves in a
     row (and after every further ``rebuild_after_failures``; see :class:`SolverHealth` for
     what counts), the persistent HiGHS instances are dropped, so the next solve starts cold
@@ -156,6 +159,7 @@ class Dispatcher:
         aggregate: bool = False,
         clusters: int | Literal["auto"] | None = None,
         flex: FlexSpec | None = None,
+        billed_window: bool = False,
     ) -> None:
         self.flex = flex or FlexSpec(0)  # EV sessions / swap packs (essd.dispatch.flex)
         if not batteries and not self.flex.columns:
@@ -195,6 +199,7 @@ class Dispatcher:
         # The persistent-HiGHS path (see HighsHotStart); other solvers go through cvxpy.
         self._hot_start = hot_start and solver == "HIGHS"
         self._solver_options = dict(solver_options or {})
+        self._billed_window = billed_window
         self._costs = {
             "change_cost_per_kw": change_cost_per_kw,
             "violation_cost_per_kwh": limit_violation_cost_per_kwh,
@@ -233,7 +238,14 @@ class Dispatcher:
         model = self._models.get(step_s)
         if model is None:
             specs = self.batteries if self._agg is None else self._agg.specs
-            model = DispatchModel(specs, self.steps, step_s / 3600.0, **self._costs, flex=self.flex)
+            model = DispatchModel(
+                specs,
+                self.steps,
+                step_s / 3600.0,
+                **self._costs,
+                flex=self.flex,
+                billed_window=self._billed_window,
+            )
             self._models[step_s] = model
         return model
 

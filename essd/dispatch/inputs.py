@@ -96,6 +96,11 @@ class DispatchInputs:
       ``terminal_value_per_kwh``: value of energy left stored at the end.
     - ``peak_margin_w``: per step, how far above the forecast the import may come in (W >= 0);
       the demand charge is planned against import + margin (headroom for forecast error).
+    - ``billed_import_wh`` / ``billed_elapsed_s``: what the meter measured of the current
+      clock-aligned billing window (one step long) so far: the energy imported and the time
+      it covers (< ``step_s``). The first step's demand-charge threshold then holds the
+      window's average, not the step from now (:func:`first_step_peak_kw`); 0 / 0 (the
+      default, and a cycle at a window's start) plans the first step as a whole window.
     - ``pv_curtailable``: the PV inverters can curtail (an export limiter, a power limit):
       the plan may curtail up to ``pv_w`` per step.
     - ``sessions``: flexible loads with a deadline (EV sessions, swap packs), see
@@ -125,6 +130,8 @@ class DispatchInputs:
     pv_curtailable: bool = False
     peak_margin_w: Sequence[float] | None = None
     sessions: Sequence[FlexSession] = ()
+    billed_import_wh: float = 0.0
+    billed_elapsed_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +149,8 @@ class DispatchArrays:
     price_exp: FloatArray  # (T,) per kWh, capped at price_imp
     demand_charge: float
     peak_kw: float
+    peak_first_kw: float  # the first step's threshold (first_step_peak_kw)
+    rest_share: float  # the share of the first step's billing window still ahead, (0, 1]
     imp_lim: float  # kW
     exp_lim: float  # kW
     prev_kw: FloatArray  # (B,) battery sign
@@ -266,11 +275,19 @@ def validate_inputs(
     check_finite("import_limit_w", inputs.import_limit_w, lo=0.0, allow_inf=True)
     check_finite("export_limit_w", inputs.export_limit_w, lo=0.0, allow_inf=True)
     check_finite("terminal_value_per_kwh", inputs.terminal_value_per_kwh, lo=0.0)
+    check_finite("billed_import_wh", inputs.billed_import_wh, lo=0.0)
+    check_finite("billed_elapsed_s", inputs.billed_elapsed_s, lo=0.0)
+    if inputs.billed_elapsed_s >= inputs.step_s:
+        raise InvalidDispatchInputsError(
+            "billed_elapsed_s",
+            f"must be below step_s ({inputs.step_s!r}), got {inputs.billed_elapsed_s!r}",
+        )
     price_imp = p_imp + inputs.carbon_price_per_kg * carbon
     # The grid can never carry more than this, so "no limit" becomes this (not inf, not 1e9:
     # a huge right-hand side ruins the scaling of interior-point solvers).
     reach = float(np.max(np.abs(load - pv))) / 1000.0
     reach = 2.0 * (reach + float(ub_c.sum(0).max() + ub_d.sum(0).max())) + 1.0
+    peak_kw = inputs.peak_import_w / 1000.0
     return DispatchArrays(
         h=h,
         e0=soc * cap,
@@ -282,7 +299,15 @@ def validate_inputs(
         price_imp=price_imp,
         price_exp=np.minimum(p_exp, price_imp),
         demand_charge=float(inputs.demand_charge_per_kw),
-        peak_kw=inputs.peak_import_w / 1000.0,
+        peak_kw=peak_kw,
+        peak_first_kw=first_step_peak_kw(
+            peak_kw,
+            inputs.billed_import_wh / 1000.0,
+            inputs.billed_elapsed_s / inputs.step_s,
+            h,
+            reach,
+        ),
+        rest_share=max(1.0 - inputs.billed_elapsed_s / inputs.step_s, _MIN_REST_SHARE),
         imp_lim=min(inputs.import_limit_w / 1000.0, reach),
         exp_lim=min(inputs.export_limit_w / 1000.0, reach),
         prev_kw=prev,
@@ -291,6 +316,44 @@ def validate_inputs(
         curt_ub=pv / 1000.0 if inputs.pv_curtailable else np.zeros(steps),
         peak_margin=_series("peak_margin_w", inputs.peak_margin_w, steps, lo=0.0) / 1000.0,
     )
+
+
+# The first step's remaining share of its billing window is taken as at least this: a cycle a
+# hair before the window's end would otherwise divide by almost nothing.
+_MIN_REST_SHARE = 1e-3
+
+
+def first_step_peak_kw(
+    peak_kw: float, so_far_kwh: float, elapsed: float, h: float, reach_kw: float
+) -> float:
+    """The demand-charge threshold of the LP's first step (kW), given what the meter already
+    measured of the current clock-aligned billing window (one step of ``h`` hours).
+
+    The LP states the demand charge per step t as ``pk >= g[t] + m[t] - P[t]`` (``pk`` the
+    new peak above the threshold, ``g`` the planned import, ``m`` the margin), with
+    ``P[t] = peak_kw`` for every step but the first. The first step starts now, a share
+    ``f = elapsed`` (0 <= f < 1) into the window, which has imported ``Q = so_far_kwh``. The
+    plan holds ``g[0]`` for the rest of the window, so the window's average import is
+
+        A = Q / h + (1 - f) * (g[0] + m[0])
+
+    and the window is kept at the threshold when ``A <= peak_kw + pk``, i.e.
+
+        g[0] + m[0] - pk / (1 - f) <= (peak_kw - Q / h) / (1 - f).
+
+    The coefficient of ``pk`` depends on ``f``: a parameter in the constraint matrix, which
+    the fast path (essd.dispatch.lpmaps: parameters only in costs, bounds and right-hand
+    sides) does not allow. This returns the right-hand side ``P[0] = (peak_kw - Q / h) / r``
+    (``r = 1 - f``) of the model's first-step rows (essd.dispatch.model, REST_SHARES: one
+    per share of a fixed grid, the coefficient 1 / r rounded to a grid share, plus the
+    window's own excess variable so the first step's energy and its demand charge are
+    weighted alike). Where the window is held the rows are exactly the constraint above. At
+    a window's start (f = 0, Q = 0) ``P[0] = peak_kw`` in the row every step has: nothing
+    changes. ``r`` is taken as at least ``_MIN_REST_SHARE`` and the result clipped to
+    +-``reach_kw`` (the most the grid can carry: beyond it a threshold cannot bind).
+    """
+    rest = max(1.0 - elapsed, _MIN_REST_SHARE)
+    return min(max((peak_kw - so_far_kwh / h) / rest, -reach_kw), reach_kw)
 
 
 def energy_window(

@@ -35,6 +35,8 @@ class ProfileDriver:
     device's live limits; ``capacity_wh`` overrides the rated capacity.
     """
 
+    merge_writes = False  # see drivers.engine.PointCodec
+
     def __init__(
         self,
         *,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Literal, Protocol
 
 from drivers.api import ValueRefused, WriteResult
@@ -41,7 +42,14 @@ class Point:
 
 
 class PointCodec(Protocol):
-    """How a driver turns register specs into addresses and words, and reads them back."""
+    """How a driver turns register specs into addresses and words, and reads them back.
+
+    ``merge_writes``: the device takes consecutive steps on adjacent registers as one
+    function-16 write (SunSpec requires function 16; a plain profile says so with
+    ``transport.merge_writes``).
+    """
+
+    merge_writes: bool
 
     async def locate(self, specs: Sequence[RegisterSpec]) -> list[Point]:
         """Each register's address and current scale factor (reading what it must)."""
@@ -94,6 +102,46 @@ async def _step_value(
     return value
 
 
+def _requests(
+    due: Sequence[tuple[Point, list[int], WriteStep]], *, merge: bool
+) -> list[tuple[int, list[int], Literal[6, 16] | None, list[tuple[Point, list[int]]]]]:
+    """The write requests of the steps ``due``, in their order.
+
+    With ``merge``, consecutive steps whose registers together are one block of adjacent
+    registers (in whichever order the action lists them, none twice, none asking for
+    function 6, at most 123 words) go as one function-16 write of that block: the device takes
+    them in one transaction, so their order within it does not matter.
+    """
+    groups: list[list[tuple[Point, list[int], WriteStep]]] = []
+    for item in due:
+        if groups and merge and _joins(groups[-1], item):
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    out: list[tuple[int, list[int], Literal[6, 16] | None, list[tuple[Point, list[int]]]]] = []
+    for group in groups:
+        if len(group) == 1:
+            point, words, step = group[0]
+            out.append((point.address, words, step.function, [(point, words)]))
+            continue
+        ordered = sorted(group, key=lambda g: g[0].address)
+        block = [w for _, words, _ in ordered for w in words]
+        out.append((ordered[0][0].address, block, 16, [(p, w) for p, w, _ in group]))
+    return out
+
+
+def _joins(
+    group: Sequence[tuple[Point, list[int], WriteStep]], item: tuple[Point, list[int], WriteStep]
+) -> bool:
+    """Whether ``item`` extends ``group`` to a larger block of adjacent registers."""
+    if any(step.function == 6 for _, _, step in (*group, item)):
+        return False
+    spans = sorted((p.address, p.address + len(w)) for p, w, _ in (*group, item))
+    if spans[-1][1] - spans[0][0] > 123:
+        return False
+    return all(a_end == b_start for (_, a_end), (b_start, _) in pairwise(spans))
+
+
 async def run_action(
     codec: PointCodec,
     endpoint: ModbusEndpoint,
@@ -111,9 +159,11 @@ async def run_action(
     """Run ``action`` with ``params`` (base units) for the power sense ``when``.
 
     Each step is written with its ``function`` code (16 for one register where the device
-    needs it). With ``memory``, an ``on_change`` action skips a step whose register holds what
-    it would write (last written less than ``refresh_s`` before ``now``, and read back since);
-    read-back still covers it, and a register that reads back different is forgotten.
+    needs it); where the codec allows, consecutive steps on adjacent registers go as one
+    function-16 request. With ``memory``, an ``on_change`` action skips a step whose
+    register holds what it would write (last written less than ``refresh_s`` before ``now``,
+    and read back since); read-back still covers it, and a register that reads back different
+    is forgotten.
     ``divisor`` gives the live value of a step's ``divide_by`` field.
 
     Raises ValueRefused (nothing written) when the profile has no such action, a parameter is
@@ -145,14 +195,22 @@ async def run_action(
         (point, codec.encode(action, point, step.param, value), step)
         for step, point, value in zip(steps, points, values, strict=True)
     ]
-    sent = 0
+    # On-change: a step is skipped while the device holds its words (written < refresh_s ago),
+    # unless this action already writes that register before it.
+    due: list[tuple[Point, list[int], WriteStep]] = []
     for point, words, step in planned:
-        if memory is not None and memory.skip(act, point.spec.name, words, now):
-            continue  # on-change: the device holds these words, written < refresh_s ago
-        await endpoint.write_registers(point.address, words, unit, function=step.function)
+        name = point.spec.name
+        held = memory is not None and memory.skip(act, name, words, now)
+        if held and all(p.spec.name != name for p, _, _ in due):
+            continue
+        due.append((point, words, step))
+    sent = 0
+    for address, request, function, members in _requests(due, merge=codec.merge_writes):
+        await endpoint.write_registers(address, request, unit, function=function)
         if memory is not None:
-            memory.written(point.spec.name, words, now)
-        sent += 1
+            for point, point_words in members:
+                memory.written(point.spec.name, point_words, now)
+        sent += len(members)
     # The last write of each register is what it must hold now.
     verify = {p.spec.name: (p, w) for p, w, _ in planned if p.spec.verify and p.spec.access == "rw"}
     back = await codec.read_back([p for p, _ in verify.values()])

@@ -122,6 +122,7 @@ class GenericDriver(ProfileDriver):
                 read_specs.append(profile.register(spec.scale_factor))
         self._plans: dict[tuple[str, ...], tuple[ReadBlock, ...]] = {}
         self._blocks = self._plan(read_specs)
+        self.merge_writes = profile.transport.merge_writes  # see drivers.engine.PointCodec
 
     def _plan(self, specs: Iterable[RegisterSpec]) -> tuple[ReadBlock, ...]:
         """Block reads for ``specs`` within the profile's transport limits.

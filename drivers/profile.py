@@ -137,6 +137,10 @@ class Transport(Strict):
     # Unmapped registers a block read may span; 0 reads contiguous runs only, because many
     # devices answer ILLEGAL_DATA_ADDRESS for reserved addresses inside a block.
     read_gap_max: int = Field(0, ge=0, le=124)
+    # Consecutive write steps of one action on adjacent registers may go as one function-16
+    # request (the device documents "write multiple registers" over them); off: one request
+    # per step.
+    merge_writes: bool = False
 
 
 class RegisterSpec(Strict):

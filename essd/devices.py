@@ -389,15 +389,22 @@ class ManagedDevice:
         self.last_write_error = ""
         self.accepted_at_mono = self._clock.monotonic()
 
-    async def apply(self, setpoint: Setpoint) -> WriteOutcome:
+    async def apply(self, setpoint: Setpoint, *, refresh_slot: bool = False) -> WriteOutcome:
         """Write ``setpoint`` if it changed or a refresh is due; never raises.
 
-        The outcome says whether a write was accepted (WRITTEN), nothing was due (HELD) or
-        the write failed (FAILED, with the error); ``accepted_at_mono`` always dates the last
-        accepted write, so the setpoint's age grows while writes fail.
+        A refresh is due when :meth:`refresh_interval_s` has passed since the last write, or
+        earlier in the unit's ``refresh_slot`` (essd.cycle.write spreads the units' refreshes
+        over the cycles). The outcome says whether a write was accepted (WRITTEN), nothing was
+        due (HELD) or the write failed (FAILED, with the error); ``accepted_at_mono`` always
+        dates the last accepted write, so the setpoint's age grows while writes fail.
         """
         now = self._clock.monotonic()
-        due = self._written_at is None or now - self._written_at >= self.refresh_interval_s()
+        interval = self.refresh_interval_s()
+
+        def due_since(at: float | None) -> bool:
+            return at is None or now - at >= interval or (refresh_slot and now > at)
+
+        due = due_since(self._written_at)
         changed = self.written is None or abs(self.written.power_w - setpoint.power_w) >= (
             WRITE_DEADBAND_W
         )
@@ -407,9 +414,7 @@ class ManagedDevice:
             if self.state is DeviceState.RUNNING:
                 await self._setup()
             hb = self.driver.capability(HeartbeatControl)
-            if hb is not None and (
-                self._heartbeat_at is None or now - self._heartbeat_at >= self.refresh_interval_s()
-            ):
+            if hb is not None and due_since(self._heartbeat_at):
                 self._count(await hb.heartbeat())
                 self._heartbeat_at = now
             if not (changed or due) and not self.write_failures:

@@ -12,7 +12,12 @@ import yaml
 
 from drivers.api import ActivePowerControl, DeviceExceptionResponse, ValueRefused
 from drivers.factory import make_driver
-from drivers.profile_loader import load_profile, resolve_profile, shipped_profiles_dir
+from drivers.profile_loader import (
+    load_profile,
+    load_profile_text,
+    resolve_profile,
+    shipped_profiles_dir,
+)
 from essd.clock import SimClock
 from essd.config import Settings
 from essd.domain import BatteryReading
@@ -189,3 +194,50 @@ async def test_on_change_through_the_one_engine_for_a_sunspec_profile(tmp_path: 
     assert first.ok
     assert again.ok
     assert refreshed.ok
+
+
+def _merging(name: str, merge: bool) -> ProfileImage:
+    path = shipped_profiles_dir() / "devices" / f"{name}.yaml"
+    data = yaml.safe_load(path.read_text())
+    data.setdefault("transport", {})["merge_writes"] = merge
+    profile = load_profile_text(yaml.safe_dump(data, sort_keys=False), str(path))
+    image = ProfileImage(profile)
+    for spec in profile.registers:
+        if spec.min is not None:
+            image.set_value(spec.name, spec.min)
+    return image
+
+
+@pytest.mark.parametrize("merge", [False, True])
+async def test_adjacent_steps_go_as_one_write_only_where_the_profile_allows(merge: bool) -> None:
+    """household-ess-setpoint writes registers 38, 39 then 37: one block. Merged it is one
+    function-16 request; otherwise one function-6 request per step, in the action's order."""
+    image = _merging("household-ess-setpoint", merge)
+    requests: list[tuple[str, ...]] = []
+    image.add_write_listener(requests.append)
+    async with serve_profile(image.profile, image=image, clock=SimClock(0.0)) as dev:
+        result = await dev.driver.set_active_power(-1500.0, duration_s=60.0)  # type: ignore[attr-defined]
+    assert result.ok
+    assert result.registers_written == 3
+    if merge:
+        assert image.function_counts == {16: 1}
+        assert len(requests) == 1
+        assert set(requests[0]) == {"hub4_disable_charge", "hub4_disable_feed_in", "hub4_setpoint"}
+    else:
+        assert image.function_counts == {6: 3}
+        assert [r for (r,) in requests] == [
+            "hub4_disable_charge",
+            "hub4_disable_feed_in",
+            "hub4_setpoint",
+        ]
+    assert image.value("hub4_setpoint").value == pytest.approx(-1500.0)  # merged or not
+
+
+async def test_steps_that_are_not_one_block_are_never_merged() -> None:
+    """household-hybrid-forcible's charge steps sit at 47246, 47083, 47247 and 47100: only the
+    first and third are adjacent, but not consecutive in the action, so four requests."""
+    image = _merging("household-hybrid-forcible", True)
+    async with serve_profile(image.profile, image=image, clock=SimClock(0.0)) as dev:
+        result = await dev.driver.set_active_power(-1500.0, duration_s=60.0)  # type: ignore[attr-defined]
+    assert result.ok
+    assert sum(image.function_counts.values()) == 4

@@ -577,3 +577,40 @@ async def test_silent_device_is_a_communication_error(pcs: Profile) -> None:
     with pytest.raises(CommunicationError):
         await driver.read()
     await ep.close()
+
+
+async def test_adjacent_points_go_as_one_write_and_one_read_back(rig: Rig) -> None:
+    """WSetEna, WSetMod and WSet are adjacent in model 704: one function-16 write (SunSpec
+    devices must take it) and one read of the three back, not three of each."""
+    d = rig.driver
+    assert d.capability(ActivePowerControl) is not None
+    await d.set_active_power(1_000, duration_s=30)  # the scale factor is read once, first
+    requests: list[tuple[str, ...]] = []
+    rig.image.add_write_listener(requests.append)
+    before = rig.endpoint.stats(1)
+    res = await d.set_active_power(-42_000, duration_s=30)
+    after = rig.endpoint.stats(1)
+    assert res.ok
+    assert res.registers_written == 3  # three points, in one request
+    assert len(requests) == 1
+    assert {"704.WSetEna", "704.WSetMod", "704.WSet"} <= set(requests[0])
+    assert after.writes_total - before.writes_total == 1
+    assert after.requests_total - before.requests_total == 2  # the write and its read-back
+    assert rig.image.get_point("704.WSet") == -42_000
+    assert rig.image.get_point("704.WSetMod") == 1
+    assert rig.image.get_point("704.WSetEna") == 1
+
+
+async def test_a_merged_write_read_back_still_names_the_point_that_differs(rig: Rig) -> None:
+    """Read back in one block, each point is still compared on its own words."""
+
+    def refuse_mode(points: tuple[str, ...]) -> None:
+        if "704.WSetMod" in points:
+            rig.image.set_point("704.WSetMod", 0)
+
+    rig.image.add_write_listener(refuse_mode)
+    d = rig.driver
+    assert d.capability(ActivePowerControl) is not None
+    res = await d.set_active_power(20_000, duration_s=30)
+    assert len(res.mismatches) == 1
+    assert "704.WSetMod" in res.mismatches[0]

@@ -70,7 +70,12 @@ class SunSpecDriver(ProfileDriver):
     Alarms: every set bit of a bitfield mapped to a field whose name starts with ``alarm`` or
     ``fault``, named by the model's symbol, and ``<point>=FAULT`` for an enumeration field
     ``state`` holding a FAULT symbol.
+
+    Consecutive points an action writes go as one function-16 request: the SunSpec Modbus
+    specification requires devices to support "write multiple registers" (16).
     """
+
+    merge_writes = True
 
     def _bind(self) -> None:
         profile = self._profile
@@ -299,13 +304,33 @@ class SunSpecDriver(ProfileDriver):
             raise ValueRefused(f"{where}: {exc}") from None
 
     async def read_back(self, points: Sequence[Point]) -> dict[str, list[int] | str]:
-        """Point codec: each written point read on its own."""
+        """Point codec: the written points, those of one model in one block read.
+
+        A SunSpec model's registers are one block the device answers whole (:meth:`read_points`
+        reads each model so), so points of one model are read back together, gaps included,
+        within 125 registers per read.
+        """
+        spans: list[tuple[int, int, list[tuple[Point, int]]]] = []  # start, end, members
+        located = sorted(
+            ((p, self._bound[p.spec.name].model_id, self._pdef(p.spec).size) for p in points),
+            key=lambda x: (x[1], x[0].address),
+        )
+        last_model = None
+        for p, model_id, size in located:
+            end = p.address + size
+            if spans and model_id == last_model and end - spans[-1][0] <= 125:
+                start, top, members = spans[-1]
+                spans[-1] = (start, max(top, end), [*members, (p, size)])
+            else:
+                spans.append((p.address, end, [(p, size)]))
+            last_model = model_id
         out: dict[str, list[int] | str] = {}
-        for p in points:
-            size = self._pdef(p.spec).size
-            out[p.spec.name] = await self._endpoint.read_registers(
-                Table.HOLDING, p.address, size, self._unit
+        for start, end, members in spans:
+            words = await self._endpoint.read_registers(
+                Table.HOLDING, start, end - start, self._unit
             )
+            for p, size in members:
+                out[p.spec.name] = words[p.address - start : p.address - start + size]
         return out
 
     def mismatch(self, point: Point, wrote: list[int], back: list[int] | str) -> str:

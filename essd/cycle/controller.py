@@ -302,7 +302,11 @@ class Controller:
         setpoints = {**result.setpoints, **slot_sp}  # swap slots' limits (never raises)
         units = [*self.batteries, *self.slots]
         outcomes = await write.write_all(
-            units, setpoints, standby=standby, on_failure=self._phase_failed
+            units,
+            setpoints,
+            standby=standby,
+            on_failure=self._phase_failed,
+            refresh_slots=(self.cycle_no, ctl.cycle_period_s),
         )
         phase["write"] = time.perf_counter() - t
 

@@ -347,7 +347,9 @@ def first_step_peak_kw(
     (``r = 1 - f``) of the model's first-step rows (essd.dispatch.model, REST_SHARES: one
     per share of a fixed grid, the coefficient 1 / r rounded to a grid share, plus the
     window's own excess variable so the first step's energy and its demand charge are
-    weighted alike). Where the window is held the rows are exactly the constraint above. At
+    weighted alike). Held at the running threshold (``pk = 0``) that is exactly the
+    constraint above; with a new peak the window may rise by ``(r / s) * pk`` (s the grid
+    share, so at least 0.85 of it) before its own excess is charged. At
     a window's start (f = 0, Q = 0) ``P[0] = peak_kw`` in the row every step has: nothing
     changes. ``r`` is taken as at least ``_MIN_REST_SHARE`` and the result clipped to
     +-``reach_kw`` (the most the grid can carry: beyond it a threshold cannot bind).

@@ -49,6 +49,10 @@ def test_one_cycle_per_window_measures_nothing_of_the_window_under_way() -> None
     assert peak.so_far(W0 + 900.0, 70_000.0, 900.0) == (0.0, 0.0)
 
 
+def _at(t: float, mono: float) -> Snapshot:
+    return Snapshot(time=t, mono=mono, batteries={}, meter=None)
+
+
 def test_the_pending_interval_counts_before_it_is_integrated() -> None:
     """The decide phase runs before the cycle's integration: the accounting counts the interval
     since the last cycle at the grid just read."""
@@ -64,15 +68,15 @@ def test_the_pending_interval_counts_before_it_is_integrated() -> None:
     )
     snap = Snapshot(time=W0, mono=100.0, batteries={}, meter=None)
     acc.integrate(W0, 100.0, 20_000.0, snap, fc)  # the first cycle only starts the clock
-    assert acc.billed_so_far(W0 + 300.0, 400.0, 60_000.0) == (
+    assert acc.billed_so_far(_at(W0 + 300.0, 400.0), 60_000.0) == (
         pytest.approx(60_000.0 * 300.0 / 3600.0),
         pytest.approx(300.0),
     )
     acc.integrate(W0 + 300.0, 400.0, 60_000.0, snap, fc)
-    wh, s = acc.billed_so_far(W0 + 600.0, 700.0, 0.0)
+    wh, s = acc.billed_so_far(_at(W0 + 600.0, 700.0), 0.0)
     assert (wh, s) == (pytest.approx(5_000.0), pytest.approx(600.0))
     # No grid reading: only what was integrated.
-    assert acc.billed_so_far(W0 + 600.0, 700.0, None) == (pytest.approx(5_000.0), 300.0)
+    assert acc.billed_so_far(_at(W0 + 600.0, 700.0), None) == (pytest.approx(5_000.0), 300.0)
 
 
 def test_a_state_without_the_window_seconds_restores() -> None:

@@ -133,15 +133,16 @@ class Accounting:
         # Absent from a state written before the per-unit counters existed: they start at 0.
         return SiteTotals(**values), peak, _unit_energy(data.get("unit_wh", {}))
 
-    def billed_so_far(self, now: float, mono: float, grid: float | None) -> tuple[float, float]:
+    def billed_so_far(self, snapshot: Snapshot, grid: float | None) -> tuple[float, float]:
         """What the meter measured of the billing window under way: imported Wh and seconds.
 
         The decide phase runs before this cycle's :meth:`integrate`, so the interval since the
-        last cycle (``grid`` over the monotonic time since then) is counted here too.
+        last cycle (``grid`` over the monotonic time since then, to the snapshot's time) is
+        counted here too.
         """
         last = self._last_mono
-        pending = 0.0 if last is None else min(max(0.0, mono - last), MAX_INTEGRATION_S)
-        return self.peak.so_far(now, grid if last is not None else None, pending)
+        pending = 0.0 if last is None else min(max(0.0, snapshot.mono - last), MAX_INTEGRATION_S)
+        return self.peak.so_far(snapshot.time, grid if last is not None else None, pending)
 
     def integrate(
         self,

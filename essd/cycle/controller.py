@@ -78,6 +78,7 @@ class Controller:
                 clusters=ctl.aggregate_clusters,
                 flex=FlexSpec(flex.columns) if flex is not None else None,
                 billed_window=ctl.cycle_period_s < ctl.step_s,
+                setpoint_ttl_s=ctl.setpoint_ttl_s,
             )
         self.mode = Mode.AUTO
         self.reserve_override: float | None = None
@@ -100,9 +101,7 @@ class Controller:
             peak_w=lambda: self.accounting.peak.peak_w,
             realtime=self._realtime,
             sessions=flex.sessions if flex is not None else None,
-            billed_so_far=lambda s: self.accounting.billed_so_far(
-                s.time, s.mono, self._grid_power(s)
-            ),
+            billed_so_far=lambda s: self.accounting.billed_so_far(s, self._grid_power(s)),
         )
         self._forecast = CycleForecast(
             settings, forecaster, self._phase_failed, flex.drawn_w if flex is not None else None

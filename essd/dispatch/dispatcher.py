@@ -126,8 +126,9 @@ class Dispatcher:
     different units; ``clusters="auto"`` chooses ``k`` from the LP's size
     (:func:`~essd.dispatch.aggregate.auto_groups`: none up to 3,000 battery-steps).
 
-    ``billed_window=True`` (the daemon's, with cycles shorter than the step): the first step
-    gets the rows that hold the billing window under way (essd.dispatch.model, REST_SHARES).
+    ``billed_window=True`` (cycles shorter than the step): rows that hold the billing window
+    under way (essd.dispatch.model, REST_SHARES). ``setpoint_ttl_s`` longer than the step: the
+    plan stays within the guard's cap (what the SoC allows over a setpoint's TTL, essd.safety).
 
     A solver that keeps failing is rebuilt: after ``rebuild_after_failures`` failed solves in a
     row (and after every further ``rebuild_after_failures``; see :class:`SolverHealth` for
@@ -160,6 +161,7 @@ class Dispatcher:
         clusters: int | Literal["auto"] | None = None,
         flex: FlexSpec | None = None,
         billed_window: bool = False,
+        setpoint_ttl_s: float | None = None,
     ) -> None:
         self.flex = flex or FlexSpec(0)  # EV sessions / swap packs (essd.dispatch.flex)
         if not batteries and not self.flex.columns:
@@ -179,6 +181,7 @@ class Dispatcher:
             ("limit_violation_cost_per_kwh", limit_violation_cost_per_kwh),
             ("terminal_shortfall_cost_per_kwh", terminal_shortfall_cost_per_kwh),
             ("hold_value_per_kwh", hold_value_per_kwh),
+            ("setpoint_ttl_s", setpoint_ttl_s or 0.0),
         ):
             check_finite(name, v, lo=0.0)
         if solver not in cp.installed_solvers():
@@ -199,12 +202,13 @@ class Dispatcher:
         # The persistent-HiGHS path (see HighsHotStart); other solvers go through cvxpy.
         self._hot_start = hot_start and solver == "HIGHS"
         self._solver_options = dict(solver_options or {})
-        self._billed_window = billed_window
-        self._costs = {
+        self._ttl_s = setpoint_ttl_s or 0.0
+        self._costs: dict[str, Any] = {
             "change_cost_per_kw": change_cost_per_kw,
             "violation_cost_per_kwh": limit_violation_cost_per_kwh,
             "terminal_shortfall_cost_per_kwh": terminal_shortfall_cost_per_kwh,
             "hold_value_per_kwh": hold_value_per_kwh,
+            "billed_window": billed_window,
         }
         self._fallback = fallback_planner
         self._models: dict[float, DispatchModel] = {}
@@ -238,13 +242,15 @@ class Dispatcher:
         model = self._models.get(step_s)
         if model is None:
             specs = self.batteries if self._agg is None else self._agg.specs
+            # The guard's TTL cap binds before the SoC window only where it outlasts a step.
+            ttl_h = self._ttl_s / 3600.0 if self._ttl_s > step_s else None
             model = DispatchModel(
                 specs,
                 self.steps,
                 step_s / 3600.0,
                 **self._costs,
                 flex=self.flex,
-                billed_window=self._billed_window,
+                setpoint_ttl_h=ttl_h,
             )
             self._models[step_s] = model
         return model

@@ -111,6 +111,7 @@ class DispatchModel:
         hold_value_per_kwh: float = HOLD_VALUE_PER_KWH,
         flex: FlexSpec | None = None,
         billed_window: bool = False,
+        setpoint_ttl_h: float | None = None,
     ) -> None:
         nb, nt = len(batteries), steps
         self.batteries = tuple(batteries)
@@ -166,7 +167,6 @@ class DispatchModel:
         e_end = cp.Variable(nb, name="final_energy_kwh")
         # The billing window under way: its excess beyond the new peak (REST_SHARES); only
         # in a model for cycles shorter than the step.
-        self.billed_window = billed_window
         pk_now = cp.Variable(name="window_excess_kw", nonneg=True) if billed_window else None
 
         flow = h * (cp.multiply(eta_c, c) - cp.multiply(inv_eta_d, d))
@@ -196,16 +196,13 @@ class DispatchModel:
                 total = cp.sum(power, axis=0)
                 moves = total[1:] - total[:-1]
                 constraints += [site_churn[1:] >= moves, site_churn[1:] >= -moves]
-        if pk_now is not None:
-            # The first step part-way into its billing window (REST_SHARES); last, so the rows
-            # and columns of the rest keep their order. Row s, scaled by s (coefficients in
-            # (0, 1]): s * pk_now + pk >= s * (g[0] + m[0] - P[0]).
-            p["peak_rest"] = cp.Parameter(len(REST_SHARES), name="peak_rest")
-            constraints.append(
-                pk + REST_SHARES * pk_now
-                >= REST_SHARES * (g[0] + p["pk_margin"][0])
-                - cp.multiply(REST_SHARES, p["peak_rest"])
+        # Optional rows, last so the others keep their order: the guard's TTL cap, the window.
+        if setpoint_ttl_h is not None:
+            constraints += _ttl_rows(
+                p, c, d, e, k=(setpoint_ttl_h * eta_c, setpoint_ttl_h * inv_eta_d)
             )
+        if pk_now is not None:
+            constraints.append(_window_rows(p, g, pk, pk_now))
         objective = (
             h * (p["w_imp"] @ gp + p["w_exp"] @ g)
             + h * cp.sum(cp.multiply(deg, c + d))
@@ -259,8 +256,11 @@ class DispatchModel:
             "curt_ub": a.curt_ub,
             "pk_margin": a.peak_margin,
         }
-        if self.billed_window:
+        if "peak_rest" in self.params:
             values["peak_rest"] = peak_rest
+        if "cap_d0" in self.params:
+            values["cap_d0"] = np.maximum(a.e0 - a.lo, 0.0)
+            values["cap_c0"] = np.maximum(a.hi - a.e0, 0.0)
         for name, value in values.items():
             # The inputs are validated (essd.dispatch.inputs); skip cvxpy's own value check.
             set_parameter(self.params[name], value)
@@ -277,7 +277,7 @@ class DispatchModel:
         cap = float(a.net[0] + a.curt_ub[0] + ub_c[:, 0].sum() + a.peak_margin[0]) + flex_kw
         slack = max(cap, a.peak_first_kw) + 1.0
         rest = np.full(len(REST_SHARES), slack)
-        if a.rest_share >= 1.0 or not self.billed_window:
+        if a.rest_share >= 1.0 or "peak_rest" not in self.params:
             # A window's start: the row every step has. A model without the rows (built for
             # one cycle per step) takes the first step's threshold there all the same: the
             # window is held exactly, an excess is overstated by 1 / r.
@@ -288,3 +288,37 @@ class DispatchModel:
             peak[0] = slack
             rest[k - 1] = a.peak_first_kw
         return peak, rest
+
+
+def _ttl_rows(
+    p: dict[str, Any], c: Any, d: Any, e: Any, *, k: tuple[FloatArray, FloatArray]
+) -> list[Any]:
+    """The guard's cap on a setpoint (essd.safety): what the SoC allows over its whole TTL
+    (discharge * TTL / eta_d <= energy above reserve, charge * TTL * eta_c <= room below max),
+    from the energy when the setpoint is written: the live energy for the first step, the
+    plan's energy at the step's start for the later ones (their window bounds standing for
+    reserve and max). Only where the TTL outlasts the step does it bind before the window
+    does (Dispatcher: ``setpoint_ttl_s``)."""
+    k_c, k_d = k
+    nb, nt = k_c.shape
+    p["cap_d0"] = cp.Parameter(nb, name="cap_d0")
+    p["cap_c0"] = cp.Parameter(nb, name="cap_c0")
+    rows = [
+        cp.multiply(k_d[:, 0], d[:, 0]) <= p["cap_d0"],
+        cp.multiply(k_c[:, 0], c[:, 0]) <= p["cap_c0"],
+    ]
+    if nt > 1:
+        rows += [
+            cp.multiply(k_d[:, 1:], d[:, 1:]) <= e[:, :-1] - p["e_lo"][:, :-1],
+            cp.multiply(k_c[:, 1:], c[:, 1:]) <= p["e_hi"][:, :-1] - e[:, :-1],
+        ]
+    return rows
+
+
+def _window_rows(p: dict[str, Any], g: Any, pk: Any, pk_now: Any) -> Any:
+    """The first step part-way into its billing window (REST_SHARES), row s scaled by s
+    (coefficients in (0, 1]): ``s * pk_now + pk >= s * (g[0] + m[0] - P[0])``."""
+    p["peak_rest"] = cp.Parameter(len(REST_SHARES), name="peak_rest")
+    return pk + REST_SHARES * pk_now >= REST_SHARES * (g[0] + p["pk_margin"][0]) - cp.multiply(
+        REST_SHARES, p["peak_rest"]
+    )

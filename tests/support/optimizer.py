@@ -47,6 +47,7 @@ def reference_solve(
     costs: ReferenceCosts = ReferenceCosts(),
     *,
     one_direction: bool = False,
+    ttl_s: float | None = None,
 ) -> ReferenceResult:
     """Solve the dispatch LP with scipy's HiGHS from hand-built sparse matrices.
 
@@ -144,6 +145,19 @@ def reference_solve(
             e_hi = max(hi, rec_hi)
             lb[off_e + ci(b, t)] = min(e_lo, e_hi)
             ub[off_e + ci(b, t)] = e_hi
+            if ttl_s is not None and ttl_s > inputs.step_s:
+                # The guard's cap over a setpoint's TTL (essd.safety), from the energy at the
+                # step's start: the live energy above reserve / below max for the first step,
+                # the plan's energy within its window bounds for the later ones.
+                k = ttl_s / 3600
+                d_kw, c_kw = off_d + ci(b, t), off_c + ci(b, t)
+                if t == 0:
+                    rows_ub.append(({d_kw: k / spec.discharge_efficiency}, max(e0 - lo, 0.0)))
+                    rows_ub.append(({c_kw: k * spec.charge_efficiency}, max(hi - e0, 0.0)))
+                else:
+                    prev = off_e + ci(b, t - 1)
+                    rows_ub.append(({d_kw: k / spec.discharge_efficiency, prev: -1.0}, -lb[prev]))
+                    rows_ub.append(({c_kw: k * spec.charge_efficiency, prev: 1.0}, ub[prev]))
             # e[t] - e[t-1] - h*eta_c*c + h*d/eta_d = (e0 if t == 0)
             row = {
                 off_e + ci(b, t): 1.0,

@@ -255,3 +255,22 @@ def test_short_cycles_hold_the_billed_window_a_burst_started(tmp_path: Path) -> 
     assert run.soc["pcs1"][burst] > 0.2
     assert run.grid_w[burst] <= before + 100.0
     assert float(run.grid_w.max()) <= before + 1_000.0
+
+
+def test_short_cycles_do_not_drain_the_battery_below_the_peak_it_sets_anyway(
+    tmp_path: Path,
+) -> None:
+    """A month's first hours (no running peak yet) on a flat 60 kW load at 5-minute cycles:
+    the plan sets the month's peak near the load and the windows under way may reach it. Held
+    to the running threshold alone, the later part of every window was shaved at full power
+    (its excess counted 1 / r times) and the battery drained from 0.5 to 0.1 in 10 hours."""
+    start = np.datetime64("2025-06-02T00:00")
+    rows = ["time,load_w,pv_w"]
+    for k in range(44):
+        t = (start + np.timedelta64(15 * k, "m")).astype(str)
+        rows.append(f"{t}:00+02:00,60000.0,0.0")
+    (tmp_path / "flat.csv").write_text("\n".join(rows) + "\n")
+    history = read_history(tmp_path / "flat.csv")
+    settings = load_settings(ROOT / "commercial.toml")
+    run = replay(settings, history, forecaster="learned", cycle_s=300.0, soc0=0.5)
+    assert run.soc["pcs1"][40] > 0.4

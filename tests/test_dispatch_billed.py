@@ -45,8 +45,8 @@ def _inputs(max_discharge_w: float, **kw: object) -> DispatchInputs:
     return DispatchInputs(**base)  # type: ignore[arg-type]
 
 
-def _solve(inputs: DispatchInputs, *, rows: bool = True) -> Plan:
-    plan = Dispatcher([BAT], STEPS, billed_window=rows).solve(inputs, budget_s=10.0, last_plan=None)
+def _solve(inputs: DispatchInputs) -> Plan:
+    plan = Dispatcher([BAT], STEPS).solve(inputs, budget_s=10.0, last_plan=None)
     assert plan.rung is FallbackRung.OPTIMAL, plan.reason
     return plan
 
@@ -69,15 +69,12 @@ def test_the_threshold_algebra() -> None:
     assert first_step_peak_kw(50.0, 0.0, 1.0 - 1e-9, H, 1e6) == pytest.approx(50.0 / 1e-3)
 
 
-@pytest.mark.parametrize("rows", [True, False])
-def test_a_burst_in_the_first_third_is_made_up_in_the_rest_of_the_window(rows: bool) -> None:
+def test_a_burst_in_the_first_third_is_made_up_in_the_rest_of_the_window() -> None:
     """80 kW in the first 5 minutes of a window billed against 50 kW: the plan for the other
-    10 minutes imports at most 35 kW, so the window averages 50 kW (the battery can). Also
-    by a model without the window's rows (built for one cycle per step): the first step's
-    threshold holds it there."""
+    10 minutes imports at most 35 kW, so the window averages 50 kW (the battery can)."""
     so_far_wh = BURST_KW * 1000.0 * 300.0 / 3600.0
     inputs = _inputs(100_000.0, billed_import_wh=so_far_wh, billed_elapsed_s=300.0)
-    plan = _solve(inputs, rows=rows)
+    plan = _solve(inputs)
     assert plan.grid_w[0] <= 35_000.0 + 1.0
     assert _window_kw(so_far_wh, 300.0, plan) <= PEAK_KW + 1e-3
     # Planned as if the whole step were ahead (what the LP did before): the window is billed
@@ -86,6 +83,21 @@ def test_a_burst_in_the_first_third_is_made_up_in_the_rest_of_the_window(rows: b
     assert _window_kw(so_far_wh, 300.0, blind) > PEAK_KW + 5.0
     # The later steps keep the running threshold as before.
     assert max(plan.grid_w[1:]) <= PEAK_KW * 1000.0 + 1.0
+
+
+def test_the_window_is_held_to_the_level_given() -> None:
+    """A window may reach ``billed_peak_w`` (the peak the plan sets later anyway) at no cost:
+    at 70 kW the same burst needs no discharge for the rest of it; below the running
+    threshold the level is refused."""
+    so_far_wh = BURST_KW * 1000.0 * 300.0 / 3600.0
+    level = _inputs(
+        100_000.0, billed_import_wh=so_far_wh, billed_elapsed_s=300.0, billed_peak_w=70_000.0
+    )
+    plan = _solve(level)
+    assert plan.power_w["bat"][0] == pytest.approx(0.0, abs=1.0)
+    assert _window_kw(so_far_wh, 300.0, plan) <= 70.0 + 1e-3
+    with pytest.raises(InvalidDispatchInputsError, match="billed_peak_w"):
+        validate_inputs([BAT], STEPS, dataclasses.replace(level, billed_peak_w=40_000.0))
 
 
 def test_a_window_that_cannot_be_held_is_shaved_as_far_as_the_battery_can() -> None:
@@ -105,9 +117,9 @@ def test_nothing_changes_at_a_window_start() -> None:
     plan = _solve(inputs)
     again = _solve(dataclasses.replace(inputs, billed_import_wh=0.0, billed_elapsed_s=0.0))
     assert plan.power_w == again.power_w
-    # The window's rows are slack: the model without them finds the same optimum.
-    plain = _solve(inputs, rows=False)
-    assert plain.objective == pytest.approx(plan.objective, rel=1e-9, abs=1e-9)
+    # A level given for the window counts only once part of it is measured.
+    lifted = _solve(dataclasses.replace(inputs, billed_peak_w=90_000.0))
+    assert lifted.power_w == plan.power_w
 
 
 def test_billed_inputs_are_validated() -> None:
@@ -127,10 +139,7 @@ def test_the_window_under_way_matches_the_reference() -> None:
     compared = 0
     for steps, nb in ((6, 1), (24, 1), (12, 2), (24, 3)):
         fleet = random_fleet(rng, nb)
-        dispatcher = Dispatcher(fleet, steps, billed_window=True)
-        assert dispatcher.problem().is_dpp()
-        # On the fast path: the rows' coefficients are constants.
-        assert dispatcher._lp_maps(dispatcher._model(900.0)) is not None
+        dispatcher = Dispatcher(fleet, steps)
         for _ in range(8):
             base = random_inputs(rng, fleet, steps)
             elapsed = float(rng.choice([1.0, 2.0])) / 3.0 * base.step_s
@@ -142,11 +151,13 @@ def test_the_window_under_way_matches_the_reference() -> None:
                 demand_charge_per_kw=float(rng.choice([3.0, 12.0])),
                 billed_import_wh=so_far_wh,
                 billed_elapsed_s=elapsed,
+                billed_peak_w=base.peak_import_w * float(rng.choice([1.0, 1.2])),
             )
             a = validate_inputs(fleet, steps, inputs)
             rest = 1.0 - elapsed / base.step_s
             # The clip to the grid's reach does not bind on these instances.
-            assert a.peak_first_kw == pytest.approx((a.peak_kw - so_far_wh / 1000.0 / a.h) / rest)
+            level = inputs.billed_peak_w / 1000.0
+            assert a.peak_first_kw == pytest.approx((level - so_far_wh / 1000.0 / a.h) / rest)
             plan = dispatcher.solve(inputs, budget_s=10.0, last_plan=None)
             assert plan.rung in (FallbackRung.OPTIMAL, FallbackRung.SOFT), plan.reason
             ref = reference_solve(fleet, inputs)

@@ -77,7 +77,6 @@ class Controller:
                 aggregate=ctl.aggregate_identical_units,
                 clusters=ctl.aggregate_clusters,
                 flex=FlexSpec(flex.columns) if flex is not None else None,
-                billed_window=ctl.cycle_period_s < ctl.step_s,
                 setpoint_ttl_s=ctl.setpoint_ttl_s,
             )
         self.mode = Mode.AUTO

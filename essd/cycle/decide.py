@@ -274,6 +274,9 @@ class Decider:
         billed_wh, billed_s = (
             self._billed_so_far(snapshot) if self._billed_so_far is not None else (0.0, 0.0)
         )
+        # Headroom for forecast error: a plan that just touches the running peak exceeds it
+        # whenever the load comes in above its forecast.
+        peak_w = self._peak_w() * (1.0 - tariff.demand_headroom_ratio)
         return DispatchInputs(
             time=now,
             step_s=ctl.step_s,
@@ -289,9 +292,7 @@ class Decider:
             carbon_intensity=(forecast.carbon_g_per_kwh / 1000.0).tolist(),
             carbon_price_per_kg=tariff.carbon_price_per_kg,
             demand_charge_per_kw=tariff.demand_charge_per_kw,
-            # Headroom for forecast error: a plan that just touches the running peak exceeds
-            # it whenever the load comes in above its forecast.
-            peak_import_w=self._peak_w() * (1.0 - tariff.demand_headroom_ratio),
+            peak_import_w=peak_w,
             import_limit_w=site.grid_import_limit_w,
             export_limit_w=site.grid_export_limit_w,
             terminal_soc={
@@ -310,7 +311,19 @@ class Decider:
             sessions=tuple(self._sessions(now)) if self._sessions is not None else (),
             billed_import_wh=billed_wh,
             billed_elapsed_s=billed_s,
+            billed_peak_w=max(peak_w, self._planned_peak_w(now)),
         )
+
+    def _planned_peak_w(self, now: float) -> float:
+        """The highest import the last solved plan expects after the current step (its
+        forecast, no margin; 0 W without one). The billing window under way is held to the
+        higher of this and the running threshold: a peak the plan sets later anyway costs
+        nothing more when this window reaches it, and the margins are a hedge, not a plan."""
+        plan = self.last_plan
+        if plan is None or not plan.covers(now):
+            return 0.0
+        k = int((now - plan.created_at) // plan.step_s)
+        return max(plan.grid_w[k + 1 :], default=0.0)
 
 
 def battery_specs(

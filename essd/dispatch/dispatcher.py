@@ -126,9 +126,8 @@ class Dispatcher:
     different units; ``clusters="auto"`` chooses ``k`` from the LP's size
     (:func:`~essd.dispatch.aggregate.auto_groups`: none up to 3,000 battery-steps).
 
-    ``billed_window=True`` (cycles shorter than the step): rows that hold the billing window
-    under way (essd.dispatch.model, REST_SHARES). ``setpoint_ttl_s`` longer than the step: the
-    plan stays within the guard's cap (what the SoC allows over a setpoint's TTL, essd.safety).
+    ``setpoint_ttl_s`` longer than the step: the plan stays within the guard's cap (what the
+    SoC allows over a setpoint's whole TTL, essd.safety).
 
     A solver that keeps failing is rebuilt: after ``rebuild_after_failures`` failed solves in a
     row (and after every further ``rebuild_after_failures``; see :class:`SolverHealth` for
@@ -160,7 +159,6 @@ class Dispatcher:
         aggregate: bool = False,
         clusters: int | Literal["auto"] | None = None,
         flex: FlexSpec | None = None,
-        billed_window: bool = False,
         setpoint_ttl_s: float | None = None,
     ) -> None:
         self.flex = flex or FlexSpec(0)  # EV sessions / swap packs (essd.dispatch.flex)
@@ -208,7 +206,6 @@ class Dispatcher:
             "violation_cost_per_kwh": limit_violation_cost_per_kwh,
             "terminal_shortfall_cost_per_kwh": terminal_shortfall_cost_per_kwh,
             "hold_value_per_kwh": hold_value_per_kwh,
-            "billed_window": billed_window,
         }
         self._fallback = fallback_planner
         self._models: dict[float, DispatchModel] = {}

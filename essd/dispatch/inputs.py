@@ -101,6 +101,8 @@ class DispatchInputs:
       it covers (< ``step_s``). The first step's demand-charge threshold then holds the
       window's average, not the step from now (:func:`first_step_peak_kw`); 0 / 0 (the
       default, and a cycle at a window's start) plans the first step as a whole window.
+      ``billed_peak_w``: the level that window is held to once part of it is measured (W,
+      >= ``peak_import_w``; None: ``peak_import_w``).
     - ``pv_curtailable``: the PV inverters can curtail (an export limiter, a power limit):
       the plan may curtail up to ``pv_w`` per step.
     - ``sessions``: flexible loads with a deadline (EV sessions, swap packs), see
@@ -132,6 +134,7 @@ class DispatchInputs:
     sessions: Sequence[FlexSession] = ()
     billed_import_wh: float = 0.0
     billed_elapsed_s: float = 0.0
+    billed_peak_w: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +153,6 @@ class DispatchArrays:
     demand_charge: float
     peak_kw: float
     peak_first_kw: float  # the first step's threshold (first_step_peak_kw)
-    rest_share: float  # the share of the first step's billing window still ahead, (0, 1]
     imp_lim: float  # kW
     exp_lim: float  # kW
     prev_kw: FloatArray  # (B,) battery sign
@@ -275,19 +277,11 @@ def validate_inputs(
     check_finite("import_limit_w", inputs.import_limit_w, lo=0.0, allow_inf=True)
     check_finite("export_limit_w", inputs.export_limit_w, lo=0.0, allow_inf=True)
     check_finite("terminal_value_per_kwh", inputs.terminal_value_per_kwh, lo=0.0)
-    check_finite("billed_import_wh", inputs.billed_import_wh, lo=0.0)
-    check_finite("billed_elapsed_s", inputs.billed_elapsed_s, lo=0.0)
-    if inputs.billed_elapsed_s >= inputs.step_s:
-        raise InvalidDispatchInputsError(
-            "billed_elapsed_s",
-            f"must be below step_s ({inputs.step_s!r}), got {inputs.billed_elapsed_s!r}",
-        )
     price_imp = p_imp + inputs.carbon_price_per_kg * carbon
     # The grid can never carry more than this, so "no limit" becomes this (not inf, not 1e9:
     # a huge right-hand side ruins the scaling of interior-point solvers).
     reach = float(np.max(np.abs(load - pv))) / 1000.0
     reach = 2.0 * (reach + float(ub_c.sum(0).max() + ub_d.sum(0).max())) + 1.0
-    peak_kw = inputs.peak_import_w / 1000.0
     return DispatchArrays(
         h=h,
         e0=soc * cap,
@@ -299,15 +293,8 @@ def validate_inputs(
         price_imp=price_imp,
         price_exp=np.minimum(p_exp, price_imp),
         demand_charge=float(inputs.demand_charge_per_kw),
-        peak_kw=peak_kw,
-        peak_first_kw=first_step_peak_kw(
-            peak_kw,
-            inputs.billed_import_wh / 1000.0,
-            inputs.billed_elapsed_s / inputs.step_s,
-            h,
-            reach,
-        ),
-        rest_share=max(1.0 - inputs.billed_elapsed_s / inputs.step_s, _MIN_REST_SHARE),
+        peak_kw=inputs.peak_import_w / 1000.0,
+        peak_first_kw=_first_step_peak(inputs, h, reach),
         imp_lim=min(inputs.import_limit_w / 1000.0, reach),
         exp_lim=min(inputs.export_limit_w / 1000.0, reach),
         prev_kw=prev,
@@ -315,6 +302,28 @@ def validate_inputs(
         terminal_value=float(inputs.terminal_value_per_kwh),
         curt_ub=pv / 1000.0 if inputs.pv_curtailable else np.zeros(steps),
         peak_margin=_series("peak_margin_w", inputs.peak_margin_w, steps, lo=0.0) / 1000.0,
+    )
+
+
+def _first_step_peak(inputs: DispatchInputs, h: float, reach: float) -> float:
+    """The billed-window inputs, checked, as the first step's threshold (kW)."""
+    check_finite("billed_import_wh", inputs.billed_import_wh, lo=0.0)
+    check_finite("billed_elapsed_s", inputs.billed_elapsed_s, lo=0.0)
+    if inputs.billed_elapsed_s >= inputs.step_s:
+        raise InvalidDispatchInputsError(
+            "billed_elapsed_s",
+            f"must be below step_s ({inputs.step_s!r}), got {inputs.billed_elapsed_s!r}",
+        )
+    window_w = inputs.peak_import_w if inputs.billed_peak_w is None else inputs.billed_peak_w
+    check_finite("billed_peak_w", window_w, lo=inputs.peak_import_w)
+    if inputs.billed_elapsed_s == 0:
+        window_w = inputs.peak_import_w
+    return first_step_peak_kw(
+        window_w / 1000.0,
+        inputs.billed_import_wh / 1000.0,
+        inputs.billed_elapsed_s / inputs.step_s,
+        h,
+        reach,
     )
 
 
@@ -331,28 +340,26 @@ def first_step_peak_kw(
 
     The LP states the demand charge per step t as ``pk >= g[t] + m[t] - P[t]`` (``pk`` the
     new peak above the threshold, ``g`` the planned import, ``m`` the margin), with
-    ``P[t] = peak_kw`` for every step but the first. The first step starts now, a share
-    ``f = elapsed`` (0 <= f < 1) into the window, which has imported ``Q = so_far_kwh``. The
-    plan holds ``g[0]`` for the rest of the window, so the window's average import is
+    ``P[t]`` the running threshold for every step but the first. The first step starts now,
+    a share ``f = elapsed`` (0 <= f < 1) into the window, which has imported
+    ``Q = so_far_kwh``; ``r = 1 - f`` is still ahead. The plan holds ``g[0]`` for the rest,
+    so the window's average import is
 
-        A = Q / h + (1 - f) * (g[0] + m[0])
+        A = Q / h + r * (g[0] + m[0])
 
-    and the window is kept at the threshold when ``A <= peak_kw + pk``, i.e.
+    and the window is held at ``peak_kw`` when ``A <= peak_kw``, i.e.
 
-        g[0] + m[0] - pk / (1 - f) <= (peak_kw - Q / h) / (1 - f).
+        g[0] + m[0] <= (peak_kw - Q / h) / r =: P[0],
 
-    The coefficient of ``pk`` depends on ``f``: a parameter in the constraint matrix, which
-    the fast path (essd.dispatch.lpmaps: parameters only in costs, bounds and right-hand
-    sides) does not allow. This returns the right-hand side ``P[0] = (peak_kw - Q / h) / r``
-    (``r = 1 - f``) of the model's first-step rows (essd.dispatch.model, REST_SHARES: one
-    per share of a fixed grid, the coefficient 1 / r rounded to a grid share, plus the
-    window's own excess variable so the first step's energy and its demand charge are
-    weighted alike). Held at the running threshold (``pk = 0``) that is exactly the
-    constraint above; with a new peak the window may rise by ``(r / s) * pk`` (s the grid
-    share, so at least 0.85 of it) before its own excess is charged. At
-    a window's start (f = 0, Q = 0) ``P[0] = peak_kw`` in the row every step has: nothing
-    changes. ``r`` is taken as at least ``_MIN_REST_SHARE`` and the result clipped to
-    +-``reach_kw`` (the most the grid can carry: beyond it a threshold cannot bind).
+    the threshold returned: a right-hand side, so the LP keeps its matrix (the fast path,
+    essd.dispatch.lpmaps, allows parameters only in costs, bounds and right-hand sides).
+    With it the first step's row reads ``pk >= (A - peak_kw) / r``: an excess is charged
+    1 / r times, as the LP counts the first step's energy for a whole step, 1 / r times what
+    the rest of the window takes, so "kW of discharge against kW of billed peak" keeps its
+    true ratio; the later steps may then import up to that ``pk`` above their threshold.
+    At a window's start (f = 0, Q = 0) ``P[0] = peak_kw``: nothing changes. ``r`` is taken
+    as at least ``_MIN_REST_SHARE`` and the result clipped to +-``reach_kw`` (the most the
+    grid can carry: beyond it a threshold cannot bind).
     """
     rest = max(1.0 - elapsed, _MIN_REST_SHARE)
     return min(max((peak_kw - so_far_kwh / h) / rest, -reach_kw), reach_kw)

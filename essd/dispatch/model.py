@@ -63,26 +63,6 @@ from essd.dispatch.lpmaps import set_parameter
 # the day finds the battery as full as it could be.
 HOLD_VALUE_PER_KWH = 1e-5
 
-# The first step's demand charge holds the billing window under way (see
-# :func:`essd.dispatch.inputs.first_step_peak_kw`; r the share of the window still ahead, A its
-# average import with the first step's plan, P the threshold, ``pk`` the new peak of the later
-# steps). The LP's first step is a whole step from now, so it counts r^-1 times the energy the
-# rest of the window takes; its demand charge is weighted alike to keep the trade-off true:
-# ``demand * (pk + pk_now)`` with ``pk_now >= (A - P - pk) / r``, i.e.
-#
-#     pk_now + pk / r >= g[0] + m[0] - (P - Q / h) / r = g[0] + m[0] - P[0].
-#
-# (the window is free while it stays under P + pk, the peak the later steps set anyway). The
-# coefficient 1 / r cannot be a parameter on the fast path: the first step has one such row per
-# share s of this fixed geometric grid (1, 0.85, .., 0.85^28), the one of the smallest s >= r
-# binds at P[0] and the others are left slack; pk / s <= pk / r only overstates the excess
-# (by less than 1 / 0.85). At a window's start (nothing measured) the first step has the row
-# every step has instead, ``pk >= g[0] + m[0] - P``, as before.
-REST_SHARE_RATIO = 0.85
-REST_SHARES: npt.NDArray[np.float64] = np.asarray(
-    REST_SHARE_RATIO ** np.arange(0, 29), dtype=np.float64
-)
-
 # Up to this many units every unit's every setpoint change costs; beyond it each unit's first
 # change and every change of the site's total do (per-unit changes along the whole horizon
 # made a 100 x 288 re-solve 20-100x slower: 43 s against 0.44 s, measured).
@@ -110,7 +90,6 @@ class DispatchModel:
         terminal_shortfall_cost_per_kwh: float,
         hold_value_per_kwh: float = HOLD_VALUE_PER_KWH,
         flex: FlexSpec | None = None,
-        billed_window: bool = False,
         setpoint_ttl_h: float | None = None,
     ) -> None:
         nb, nt = len(batteries), steps
@@ -165,9 +144,6 @@ class DispatchModel:
         # A copy of the final energy: ``e`` has parameter bounds, and cvxpy counts a parameter
         # times such a variable as parameter x parameter (not DPP).
         e_end = cp.Variable(nb, name="final_energy_kwh")
-        # The billing window under way: its excess beyond the new peak (REST_SHARES); only
-        # in a model for cycles shorter than the step.
-        pk_now = cp.Variable(name="window_excess_kw", nonneg=True) if billed_window else None
 
         flow = h * (cp.multiply(eta_c, c) - cp.multiply(inv_eta_d, d))
         power = d - c
@@ -196,17 +172,15 @@ class DispatchModel:
                 total = cp.sum(power, axis=0)
                 moves = total[1:] - total[:-1]
                 constraints += [site_churn[1:] >= moves, site_churn[1:] >= -moves]
-        # Optional rows, last so the others keep their order: the guard's TTL cap, the window.
+        # Optional rows, last so the others keep their order: the guard's TTL cap.
         if setpoint_ttl_h is not None:
             constraints += _ttl_rows(
                 p, c, d, e, k=(setpoint_ttl_h * eta_c, setpoint_ttl_h * inv_eta_d)
             )
-        if pk_now is not None:
-            constraints.append(_window_rows(p, g, pk, pk_now))
         objective = (
             h * (p["w_imp"] @ gp + p["w_exp"] @ g)
             + h * cp.sum(cp.multiply(deg, c + d))
-            + p["demand"] * (pk if pk_now is None else pk + pk_now)
+            + p["demand"] * pk
             + change_cost_per_kw * cp.sum(churn)
             + (0 if site_churn is None else change_cost_per_kw * cp.sum(site_churn))
             - p["tvalue"] * cp.sum(e_end)
@@ -236,7 +210,9 @@ class DispatchModel:
         if self.flex is not None:
             self.flex.refresh()
         e_lo, e_hi = energy_window(self.batteries, a, ub_c, ub_d)
-        peak, peak_rest = self._peak_rows(a, ub_c)
+        # Per step: the first step's threshold holds the billing window under way.
+        peak = np.full(self.steps, a.peak_kw)
+        peak[0] = a.peak_first_kw
         values = {
             "ub_c": ub_c,
             "ub_d": ub_d,
@@ -256,8 +232,6 @@ class DispatchModel:
             "curt_ub": a.curt_ub,
             "pk_margin": a.peak_margin,
         }
-        if "peak_rest" in self.params:
-            values["peak_rest"] = peak_rest
         if "cap_d0" in self.params:
             values["cap_d0"] = np.maximum(a.e0 - a.lo, 0.0)
             values["cap_c0"] = np.maximum(a.hi - a.e0, 0.0)
@@ -265,29 +239,6 @@ class DispatchModel:
             # The inputs are validated (essd.dispatch.inputs); skip cvxpy's own value check.
             set_parameter(self.params[name], value)
         return e_lo, e_hi
-
-    def _peak_rows(self, a: DispatchArrays, ub_c: FloatArray) -> tuple[FloatArray, FloatArray]:
-        """Thresholds of the demand-charge rows: every step's, and the first step's per share
-        of REST_SHARES. A row left slack gets a threshold above anything the first step can
-        import with its margin (the balance's upper end: net load, curtailment, all charging)."""
-        peak = np.full(self.steps, a.peak_kw)
-        flex_kw = 0.0
-        if self.flex is not None:
-            flex_kw = float(np.sum(self.flex.params["ub_ch"].value[:, 0]))
-        cap = float(a.net[0] + a.curt_ub[0] + ub_c[:, 0].sum() + a.peak_margin[0]) + flex_kw
-        slack = max(cap, a.peak_first_kw) + 1.0
-        rest = np.full(len(REST_SHARES), slack)
-        if a.rest_share >= 1.0 or "peak_rest" not in self.params:
-            # A window's start: the row every step has. A model without the rows (built for
-            # one cycle per step) takes the first step's threshold there all the same: the
-            # window is held exactly, an excess is overstated by 1 / r.
-            peak[0] = a.peak_first_kw
-        else:
-            # The row of the smallest share at least the share of the window still ahead.
-            k = int(np.count_nonzero(a.rest_share <= REST_SHARES))
-            peak[0] = slack
-            rest[k - 1] = a.peak_first_kw
-        return peak, rest
 
 
 def _ttl_rows(
@@ -313,12 +264,3 @@ def _ttl_rows(
             cp.multiply(k_c[:, 1:], c[:, 1:]) <= p["e_hi"][:, :-1] - e[:, :-1],
         ]
     return rows
-
-
-def _window_rows(p: dict[str, Any], g: Any, pk: Any, pk_now: Any) -> Any:
-    """The first step part-way into its billing window (REST_SHARES), row s scaled by s
-    (coefficients in (0, 1]): ``s * pk_now + pk >= s * (g[0] + m[0] - P[0])``."""
-    p["peak_rest"] = cp.Parameter(len(REST_SHARES), name="peak_rest")
-    return pk + REST_SHARES * pk_now >= REST_SHARES * (g[0] + p["pk_margin"][0]) - cp.multiply(
-        REST_SHARES, p["peak_rest"]
-    )

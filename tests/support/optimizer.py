@@ -57,7 +57,7 @@ def reference_solve(
     nb, nt = len(batteries), len(inputs.load_w)
     h = inputs.step_s / 3600.0
     # Column layout: c[b,t], d[b,t], e[b,t] (end of step t), then g[t], gp[t], s_imp[t],
-    # s_exp[t], pk, churn[b,t], short[b], pk_now (the billing window under way).
+    # s_exp[t], pk, churn[b,t], short[b].
     nbt = nb * nt
     # Every setpoint change costs per unit on small sites, on the site's total beyond that
     # (the rule of essd.dispatch.model, restated here).
@@ -72,8 +72,7 @@ def reference_solve(
     off_pk = off_g + 4 * nt
     off_ch = off_pk + 1
     off_sh = off_ch + nbt
-    off_pn = off_sh + nb
-    off_z = off_pn + 1
+    off_z = off_sh + nb
     n = off_z + (nbt if one_direction else 0)
     cost = np.zeros(n)
     lb = np.zeros(n)
@@ -222,21 +221,14 @@ def reference_solve(
         if t == 0 and inputs.billed_elapsed_s > 0:
             # The billing window under way: a share f of it measured with Q kWh imported, the
             # first step's import held for the rest r = 1 - f, so its average is
-            # A = Q/h + r g[0]. What it adds beyond the later steps' new peak pk is charged
-            # as pk_now = (A - peak - pk) / r, weighted like the first step's energy (a whole
-            # step of it): r pk_now >= A - peak - pk. The model has the coefficient 1 / s on
-            # pk instead of 1 / r, s the smallest of its fixed shares (1, 0.85 .. 0.85^28)
-            # >= r:  r g[0] - (r / s) pk - r pk_now <= peak - Q/h
+            # A = Q/h + r g[0]; it is held to the window's level W, an excess charged 1 / r
+            # times (essd.dispatch.inputs.first_step_peak_kw): r pk >= A - W, i.e.
+            #   r g[0] - r pk <= W - Q/h
             # (instances are chosen where its clip to the grid's reach does not bind).
             rest = 1.0 - inputs.billed_elapsed_s / inputs.step_s
-            share = min(x for x in 0.85 ** np.arange(0, 29) if x >= rest)
+            level = inputs.billed_peak_w or inputs.peak_import_w
             so_far_kw = inputs.billed_import_wh / 1000 / h
-            rows_ub.append(
-                (
-                    {off_g: rest, off_pk: -rest / share, off_pn: -rest},
-                    inputs.peak_import_w / 1000 - so_far_kw,
-                )
-            )
+            rows_ub.append(({off_g: rest, off_pk: -rest}, level / 1000 - so_far_kw))
         else:
             rows_ub.append(({off_g + t: 1.0, off_pk: -1.0}, inputs.peak_import_w / 1000))
         cost[off_gp + t] = h * (p_imp[t] - p_exp[t])
@@ -244,7 +236,6 @@ def reference_solve(
         cost[off_si + t] = h * costs.limit_violation_cost_per_kwh
         cost[off_se + t] = h * costs.limit_violation_cost_per_kwh
     cost[off_pk] = inputs.demand_charge_per_kw
-    cost[off_pn] = inputs.demand_charge_per_kw
 
     def matrix(rows: list[tuple[dict[int, float], float]]) -> tuple[sp.csr_array, np.ndarray]:
         r, c, v = [], [], []

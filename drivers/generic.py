@@ -85,8 +85,11 @@ def plan_reads(
         for spec in members:
             assert spec.address is not None
             s_end = spec.address + register_words(spec)
-            unknown = sum(1 for a in range(end, spec.address) if a not in known[table])
-            if current and unknown <= gap_max and max(end, s_end) - start <= max_registers:
+            if (
+                current
+                and max(end, s_end) - start <= max_registers
+                and _unknown_at_most(gap_max, range(end, spec.address), known[table])
+            ):
                 current.append(spec)
                 end = max(end, s_end)
                 continue
@@ -96,6 +99,17 @@ def plan_reads(
         if current:
             blocks.append(ReadBlock(table, start, end - start, tuple(current)))
     return tuple(blocks)
+
+
+def _unknown_at_most(limit: int, addresses: range, known: set[int]) -> bool:
+    """Whether at most ``limit`` of ``addresses`` are undeclared (stops counting past it)."""
+    unknown = 0
+    for a in addresses:
+        if a not in known:
+            unknown += 1
+            if unknown > limit:
+                return False
+    return True
 
 
 def _reading(decoded: Decoded, spec: RegisterSpec, at: float) -> Reading:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -48,6 +49,20 @@ from essd.state import StateStore, resolve_state_directory
 from essd.swapsite import swap_station
 
 log = logging.getLogger(__name__)
+
+
+def settle_heap() -> None:
+    """Take what start-up built out of the cyclic garbage collector's generations.
+
+    Configuration, profiles, drivers, the compiled dispatch model and its HiGHS instance live
+    as long as the process; every full collection would walk them again (measured at 100 units:
+    85-105 ms per collection, one in eight cycles). After a collection, the live objects are
+    frozen (:func:`gc.freeze`), so a full collection walks only what came after: 1-5 ms.
+    Called once, after the first cycle completes (the first solve builds the solver's state).
+    """
+    gc.collect()
+    gc.freeze()
+
 
 SAFE_STOP_TIMEOUT_S = 5.0
 #: Signals that stop essd cleanly with exit status 0.
@@ -259,6 +274,7 @@ class Daemon:
                 )
                 if not ready:
                     ready = True
+                    settle_heap()
                     self.notifier.ready(status)
                     self.bus.publish(DaemonStatusChanged(DaemonStatus.ONLINE, self.clock.now()))
                 elif event.cycle % 6 == 0:

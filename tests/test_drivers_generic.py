@@ -21,7 +21,7 @@ from drivers.api import (
     ValueRefused,
 )
 from drivers.factory import EndpointPool
-from drivers.generic import GenericDriver, plan_reads
+from drivers.generic import GenericDriver, _unknown_at_most, plan_reads
 from drivers.modbus import ErrorKind, Framing, ModbusEndpoint, SerialTarget, TcpTarget
 from drivers.profile import ActionName, Profile
 from drivers.profile_loader import load_profile_text, resolve_profile
@@ -449,3 +449,29 @@ def test_units_on_one_serial_line_share_one_endpoint() -> None:
     e = pool.endpoint(TcpTarget("gw", 502, Framing.SOCKET))
     assert a is b
     assert len({id(x) for x in (a, c, d, e)}) == 4
+
+
+def test_counting_unknown_addresses_stops_past_the_gap_allowed() -> None:
+    """Planning reads of registers 15,000 addresses apart (household-hybrid-forcible: 32008,
+    37758, 47075) counts unknown addresses only up to the gap allowed, not over the whole span."""
+    seen: list[int] = []
+
+    class Counting(set[int]):
+        def __contains__(self, a: object) -> bool:
+            seen.append(1)
+            return super().__contains__(a)
+
+    assert _unknown_at_most(2, range(60_000), Counting()) is False
+    assert len(seen) == 3  # stopped at the third unknown address
+    assert _unknown_at_most(2, range(5, 7), Counting()) is True
+    profile = resolve_profile("household-hybrid-forcible")
+    reads = [profile.register(n) for n in profile.fields.values()]
+    blocks = plan_reads(reads, max_registers=125, declared=profile.registers)
+    assert [(b.address, b.count) for b in blocks] == [
+        (32008, 1),
+        (37758, 3),
+        (37762, 1),
+        (37765, 2),
+        (47075, 4),
+        (47081, 2),
+    ]

@@ -345,7 +345,10 @@ async def test_moved_map_is_rediscovered(pcs: Profile) -> None:
         driver = SunSpecDriver(device_id="pcs1", profile=pcs, endpoint=ep, unit=1, clock=SimClock())
         await battery(driver)
         store.target = healthy(build_sunspec_image(pcs.model_copy(update={"sunspec": reordered})))
-        with pytest.raises(SunSpecDiscoveryError, match="model 802 expected at 40172"):
+        # The first model in the old map (704 at 40070) now holds model 802: caught, not misread.
+        with pytest.raises(
+            SunSpecDiscoveryError, match="model 704 expected at 40070, found id 802"
+        ):
             await driver.read()
         r = await battery(driver)
         assert r.soc.value == pytest.approx(0.734)
@@ -614,3 +617,16 @@ async def test_a_merged_write_read_back_still_names_the_point_that_differs(rig: 
     res = await d.set_active_power(20_000, duration_s=30)
     assert len(res.mismatches) == 1
     assert "704.WSetMod" in res.mismatches[0]
+
+
+async def test_models_that_follow_one_another_are_read_together(rig: Rig) -> None:
+    """The PCS maps points of four models that follow one another in the map (704, 713, 802
+    and 124, 166 registers with their headers): two reads of at most 100 registers (the
+    profile's limit), not one per model; every value as read model by model."""
+    d = rig.driver
+    await battery(d)  # discovery and the first read
+    before = rig.endpoint.stats(1).requests_total
+    reading = await battery(d)
+    assert rig.endpoint.stats(1).requests_total - before == 2
+    assert reading.soc.value == pytest.approx(0.734)
+    assert reading.power_w.value == pytest.approx(-25_000)

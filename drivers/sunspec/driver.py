@@ -151,33 +151,60 @@ class SunSpecDriver(ProfileDriver):
         return words
 
     async def read_points(self) -> dict[str, Decoded]:
-        """Read every model the profile maps (one block each) and decode each register."""
+        """Read every model the profile maps and decode each register.
+
+        Models that follow one another in the map are read together, up to
+        ``max_registers_per_read`` a request (a SunSpec map is one run of model blocks, each
+        answered whole): the example PCS's four models are two requests, not four.
+        """
         smap = await self._ensure_map()
+        step = self._profile.transport.max_registers_per_read
+        models = sorted(
+            (smap.model(mid) for mid in dict.fromkeys(b.model_id for b in self._bound.values())),
+            key=lambda m: m.address,
+        )
+        runs: list[list[DiscoveredModel]] = []
+        for m in models:
+            last = runs[-1] if runs else None
+            follows = last is not None and m.address == last[-1].address + last[-1].length + 2
+            if last and follows and m.address + m.length + 2 - last[0].address <= step:
+                last.append(m)
+                continue
+            runs.append([m])
         values: dict[str, Decoded] = {}
-        for mid in dict.fromkeys(b.model_id for b in self._bound.values()):
-            m = smap.model(mid)
+        for run in runs:
+            start = run[0].address
             try:
-                words = await self._read_block(m.address, m.length + 2)
+                words = await self._read_block(start, run[-1].address + run[-1].length + 2 - start)
             except DeviceExceptionResponse:
                 self._map = None  # an address the device no longer has: rediscover next time
                 raise
-            if words[0] != mid:
-                # The map moved (firmware update, unit swapped): rediscover on the next call.
-                self._map = None
-                raise SunSpecDiscoveryError(
-                    f"{self._device_id}: model {mid} expected at {m.address}, found id {words[0]}"
-                )
-            points = m.definition.points(m.length)
-            for p in points.values():
-                if p.type == "sunssf":
-                    v = decode_raw(words[p.offset : p.offset + 1], RegisterType.S16)
-                    self._sf[p.qualified] = None if is_not_implemented(p, v) else int(v)
-            for b in self._bound.values():
-                if b.model_id == mid:
-                    p = points[b.point_name]
-                    sf = self._sf.get(f"{mid}.{p.sf}") if isinstance(p.sf, str) else None
-                    values[b.spec.name] = decode_point(p, words[p.offset : p.offset + p.size], sf)
+            for m in run:
+                at = m.address - start
+                self._decode_model(m, words[at : at + m.length + 2], values)
         return values
+
+    def _decode_model(
+        self, m: DiscoveredModel, words: list[int], values: dict[str, Decoded]
+    ) -> None:
+        """The bound points of model ``m`` from its block ``words``, into ``values``."""
+        mid = m.model_id
+        if words[0] != mid:
+            # The map moved (firmware update, unit swapped): rediscover on the next call.
+            self._map = None
+            raise SunSpecDiscoveryError(
+                f"{self._device_id}: model {mid} expected at {m.address}, found id {words[0]}"
+            )
+        points = m.definition.points(m.length)
+        for p in points.values():
+            if p.type == "sunssf":
+                v = decode_raw(words[p.offset : p.offset + 1], RegisterType.S16)
+                self._sf[p.qualified] = None if is_not_implemented(p, v) else int(v)
+        for b in self._bound.values():
+            if b.model_id == mid:
+                p = points[b.point_name]
+                sf = self._sf.get(f"{mid}.{p.sf}") if isinstance(p.sf, str) else None
+                values[b.spec.name] = decode_point(p, words[p.offset : p.offset + p.size], sf)
 
     @staticmethod
     def _reading(spec: RegisterSpec, pv: Decoded, at: float) -> Reading:

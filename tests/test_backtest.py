@@ -4,12 +4,13 @@ honest savings (drained storage is not savings)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from essd.backtest.history import HistoryError, read_history
+from essd.backtest.history import History, HistoryError, read_history
 from essd.backtest.results import score_span
 from essd.backtest.runner import Replay, replay
 from essd.backtest.score import Prices, UnitLimits
@@ -234,20 +235,25 @@ def test_short_cycles_plan_the_rest_of_a_step_with_what_the_meter_saw(tmp_path: 
     assert blind.grid_w[burst] > 2500.0
 
 
+def _quarter_hours(tmp_path: Path, steps: int, load_w: Callable[[int], float]) -> History:
+    """A history of ``steps`` 15-minute rows from 2 June 2025 00:00 (+02:00), no PV."""
+    start = np.datetime64("2025-06-02T00:00")
+    rows = ["time,load_w,pv_w"]
+    for k in range(steps):
+        t = (start + np.timedelta64(15 * k, "m")).astype(str)
+        rows.append(f"{t}:00+02:00,{load_w(k)},0.0")
+    (tmp_path / "history.csv").write_text("\n".join(rows) + "\n")
+    return read_history(tmp_path / "history.csv")
+
+
 def test_short_cycles_hold_the_billed_window_a_burst_started(tmp_path: Path) -> None:
     """Cycling every 5 minutes, a step that starts with an unforeseen burst (100 kW on a
     flat 60 kW, the battery full enough) is made up in the rest of its clock-aligned billing
     window: the window's average stays at the month's peak so far. Planned as if the whole
     step were still ahead, the blind first 5 minutes were ignored and the window billed
     about 10 kW above it."""
-    start = np.datetime64("2025-06-02T00:00")
     burst = 96 + 16  # the second day, 04:00 (the first day teaches the flat profile)
-    rows = ["time,load_w,pv_w"]
-    for k in range(130):
-        t = (start + np.timedelta64(15 * k, "m")).astype(str)
-        rows.append(f"{t}:00+02:00,{100_000.0 if k == burst else 60_000.0},0.0")
-    (tmp_path / "c.csv").write_text("\n".join(rows) + "\n")
-    history = read_history(tmp_path / "c.csv")
+    history = _quarter_hours(tmp_path, 130, lambda k: 100_000.0 if k == burst else 60_000.0)
     settings = load_settings(ROOT / "commercial.toml")
     run = replay(settings, history, forecaster="learned", cycle_s=300.0, soc0=0.9)
     # The steps are the clock-aligned windows: grid_w is each window's average import.
@@ -264,13 +270,7 @@ def test_short_cycles_do_not_drain_the_battery_below_the_peak_it_sets_anyway(
     the plan sets the month's peak near the load and the windows under way may reach it. Held
     to the running threshold alone, the later part of every window was shaved at full power
     (its excess counted 1 / r times) and the battery drained from 0.5 to 0.1 in 10 hours."""
-    start = np.datetime64("2025-06-02T00:00")
-    rows = ["time,load_w,pv_w"]
-    for k in range(44):
-        t = (start + np.timedelta64(15 * k, "m")).astype(str)
-        rows.append(f"{t}:00+02:00,60000.0,0.0")
-    (tmp_path / "flat.csv").write_text("\n".join(rows) + "\n")
-    history = read_history(tmp_path / "flat.csv")
+    history = _quarter_hours(tmp_path, 44, lambda k: 60_000.0)
     settings = load_settings(ROOT / "commercial.toml")
     run = replay(settings, history, forecaster="learned", cycle_s=300.0, soc0=0.5)
     assert run.soc["pcs1"][40] > 0.4

@@ -273,4 +273,6 @@ def test_short_cycles_do_not_drain_the_battery_below_the_peak_it_sets_anyway(
     history = _quarter_hours(tmp_path, 44, lambda k: 60_000.0)
     settings = load_settings(ROOT / "commercial.toml")
     run = replay(settings, history, forecaster="learned", cycle_s=300.0, soc0=0.5)
-    assert run.soc["pcs1"][40] > 0.4
+    # The plan shaves the month's new peak by ~2.5 kW by choice (its demand charge against
+    # the energy: SoC 0.35 at 10 h before the window work, 0.37 now); drained, it was 0.10.
+    assert run.soc["pcs1"][40] > 0.3

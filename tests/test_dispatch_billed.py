@@ -163,7 +163,43 @@ def test_the_window_under_way_matches_the_reference() -> None:
             rest = 1.0 - elapsed / base.step_s
             # The clip to the grid's reach does not bind on these instances.
             level = inputs.billed_peak_w / 1000.0
-            assert a.peak_first_kw == pytest.approx((level - so_far_wh / 1000.0 / a.h) / rest)
+            expected = level - inputs.peak_import_w / 1000.0  # the new peak set anyway
+            assert a.peak_first_kw == pytest.approx(
+                (level - so_far_wh / 1000.0 / a.h) / rest - expected
+            )
             plan = dispatcher.solve(inputs, budget_s=10.0, last_plan=None)
             compared += agrees_with_reference(plan, reference_solve(fleet, inputs))
     assert compared >= 24
+
+
+def test_a_window_level_above_the_threshold_never_lets_the_window_exceed_the_plans_peak() -> None:
+    """A month's start (no running peak, threshold 0 kW) at a price peak: the plan sets its
+    new peak at the load; 5 minutes into a window at that level, the window's level W is the
+    peak the plan sets anyway. The rest of the window must stay within that peak: counting W
+    on top of the new-peak variable (as a first version of the window row did) let the window
+    take twice the peak for free, and the plan charged the battery at the price peak to shave
+    later steps instead."""
+    expensive = [1.0] * STEPS
+    start = _inputs(
+        0.0,
+        soc={"bat": 0.1},  # empty: shaving the later steps takes energy charged first
+        peak_import_w=0.0,
+        import_price=expensive,
+        terminal_value_per_kwh=0.1,
+    )
+    first = _solve(dataclasses.replace(start, time=T0))
+    planned_kw = max(first.grid_w[1:]) / 1000.0
+    assert planned_kw == pytest.approx(LOAD_KW, abs=0.5)  # nothing to discharge: the load
+    so_far_wh = planned_kw * 1000.0 * 300.0 / 3600.0
+    plan = _solve(
+        dataclasses.replace(
+            start,
+            limits={"bat": LiveLimits(100_000.0, 100_000.0)},
+            billed_import_wh=so_far_wh,
+            billed_elapsed_s=300.0,
+            billed_peak_w=planned_kw * 1000.0,
+        )
+    )
+    new_peak_kw = max(plan.grid_w[1:]) / 1000.0
+    assert plan.power_w["bat"][0] >= -1.0  # no charging at the price peak
+    assert _window_kw(so_far_wh, 300.0, plan) <= max(new_peak_kw, planned_kw) + 0.1

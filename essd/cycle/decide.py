@@ -15,6 +15,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import get_args
 
+import numpy as np
+import numpy.typing as npt
+
 from essd.commands import Mode as WireMode
 from essd.config import Settings
 from essd.devices import ManagedDevice
@@ -311,19 +314,23 @@ class Decider:
             sessions=tuple(self._sessions(now)) if self._sessions is not None else (),
             billed_import_wh=billed_wh,
             billed_elapsed_s=billed_s,
-            billed_peak_w=max(peak_w, self._planned_peak_w(now)),
+            billed_peak_w=max(peak_w, self._planned_peak_w(now, forecast.load_spread_w)),
         )
 
-    def _planned_peak_w(self, now: float) -> float:
-        """The highest import the last solved plan expects after the current step (its
-        forecast, no margin; 0 W without one). The billing window under way is held to the
-        higher of this and the running threshold: a peak the plan sets later anyway costs
-        nothing more when this window reaches it, and the margins are a hedge, not a plan."""
+    def _planned_peak_w(self, now: float, spread_w: npt.NDArray[np.float64] | None) -> float:
+        """The peak the last solved plan expects to bill after the current step: its highest
+        import plus the margin the LP adds there (0 W without a plan). It stands for the new
+        peak the plan sets anyway in the first step's demand-charge row
+        (essd.dispatch.inputs.first_step_peak_kw), which is exact when the two agree."""
         plan = self.last_plan
         if plan is None or not plan.covers(now):
             return 0.0
         k = int((now - plan.created_at) // plan.step_s)
-        return max(plan.grid_w[k + 1 :], default=0.0)
+        later = np.asarray(plan.grid_w[k + 1 :], dtype=float)
+        if spread_w is not None and later.size:
+            n = min(later.size, max(0, spread_w.size - 1))
+            later[:n] += PEAK_MARGIN_SPREADS * spread_w[1 : n + 1]
+        return float(later.max(initial=0.0))
 
 
 def battery_specs(

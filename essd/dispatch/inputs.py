@@ -324,6 +324,7 @@ def _first_step_peak(inputs: DispatchInputs, h: float, reach: float) -> float:
         inputs.billed_elapsed_s / inputs.step_s,
         h,
         reach,
+        threshold_kw=inputs.peak_import_w / 1000.0,
     )
 
 
@@ -333,36 +334,48 @@ _MIN_REST_SHARE = 1e-3
 
 
 def first_step_peak_kw(
-    peak_kw: float, so_far_kwh: float, elapsed: float, h: float, reach_kw: float
+    peak_kw: float,
+    so_far_kwh: float,
+    elapsed: float,
+    h: float,
+    reach_kw: float,
+    *,
+    threshold_kw: float | None = None,
 ) -> float:
     """The demand-charge threshold of the LP's first step (kW), given what the meter already
     measured of the current clock-aligned billing window (one step of ``h`` hours).
 
     The LP states the demand charge per step t as ``pk >= g[t] + m[t] - P[t]`` (``pk`` the
-    new peak above the threshold, ``g`` the planned import, ``m`` the margin), with
-    ``P[t]`` the running threshold for every step but the first. The first step starts now,
-    a share ``f = elapsed`` (0 <= f < 1) into the window, which has imported
+    new peak above the running threshold ``P = threshold_kw``, ``g`` the planned import,
+    ``m`` the margin), with ``P[t] = P`` for every step but the first. The first step starts
+    now, a share ``f = elapsed`` (0 <= f < 1) into the window, which has imported
     ``Q = so_far_kwh``; ``r = 1 - f`` is still ahead. The plan holds ``g[0]`` for the rest,
     so the window's average import is
 
         A = Q / h + r * (g[0] + m[0])
 
-    and the window is held at ``peak_kw`` when ``A <= peak_kw``, i.e.
+    and it is billed within the plan's peak when ``A <= P + pk``, i.e.
 
-        g[0] + m[0] <= (peak_kw - Q / h) / r =: P[0],
+        g[0] + m[0] - pk / r <= (P - Q / h) / r.
 
-    the threshold returned: a right-hand side, so the LP keeps its matrix (the fast path,
-    essd.dispatch.lpmaps, allows parameters only in costs, bounds and right-hand sides).
-    With it the first step's row reads ``pk >= (A - peak_kw) / r``: an excess is charged
-    1 / r times, as the LP counts the first step's energy for a whole step, 1 / r times what
-    the rest of the window takes, so "kW of discharge against kW of billed peak" keeps its
-    true ratio; the later steps may then import up to that ``pk`` above their threshold.
-    At a window's start (f = 0, Q = 0) ``P[0] = peak_kw``: nothing changes. ``r`` is taken
-    as at least ``_MIN_REST_SHARE`` and the result clipped to +-``reach_kw`` (the most the
-    grid can carry: beyond it a threshold cannot bind).
+    ``1 / r`` on ``pk`` would put a parameter in the LP's matrix (the fast path,
+    essd.dispatch.lpmaps, allows them only in costs, bounds and right-hand sides), so ``pk / r``
+    is taken as ``pk + E (1 / r - 1)`` with ``E = W - P`` the new peak the plan is expected to
+    set anyway (``W = peak_kw``, the window's level, >= ``P``: the last plan's highest later
+    import): exact when ``pk = E``, stricter when ``pk > E``. The row becomes
+
+        g[0] + m[0] - pk <= (W - Q / h) / r - (W - P) =: P[0],
+
+    the threshold returned: a right-hand side only. An excess beyond it is charged 1 / r
+    times, as the LP counts the first step's energy for a whole step, 1 / r times what the
+    rest of the window takes, so "kW of discharge against kW of billed peak" keeps its true
+    ratio. At a window's start (f = 0, Q = 0) ``P[0] = P``: nothing changes. Without
+    ``threshold_kw``, ``P = W``. ``r`` is taken as at least ``_MIN_REST_SHARE`` and the result
+    clipped to +-``reach_kw`` (the most the grid can carry: beyond it a threshold cannot bind).
     """
     rest = max(1.0 - elapsed, _MIN_REST_SHARE)
-    return min(max((peak_kw - so_far_kwh / h) / rest, -reach_kw), reach_kw)
+    expected = 0.0 if threshold_kw is None else max(0.0, peak_kw - threshold_kw)
+    return min(max((peak_kw - so_far_kwh / h) / rest - expected, -reach_kw), reach_kw)
 
 
 def energy_window(

@@ -221,14 +221,18 @@ def reference_solve(
         if t == 0 and inputs.billed_elapsed_s > 0:
             # The billing window under way: a share f of it measured with Q kWh imported, the
             # first step's import held for the rest r = 1 - f, so its average is
-            # A = Q/h + r g[0]; it is held to the window's level W, an excess charged 1 / r
-            # times (essd.dispatch.inputs.first_step_peak_kw): r pk >= A - W, i.e.
-            #   r g[0] - r pk <= W - Q/h
+            # A = Q/h + r g[0], billed within the plan's peak when A <= P + pk. The window's
+            # level W >= P is the new peak the plan expects to set anyway (E = W - P); pk / r
+            # is stated as pk + E (1/r - 1), exact when pk = E (an excess then costs 1 / r
+            # times; essd.dispatch.inputs.first_step_peak_kw):
+            #   r g[0] - r pk <= W - Q/h - r (W - P)
             # (instances are chosen where its clip to the grid's reach does not bind).
             rest = 1.0 - inputs.billed_elapsed_s / inputs.step_s
-            level = inputs.billed_peak_w or inputs.peak_import_w
+            threshold = inputs.peak_import_w / 1000
+            level = (inputs.billed_peak_w or inputs.peak_import_w) / 1000
             so_far_kw = inputs.billed_import_wh / 1000 / h
-            rows_ub.append(({off_g: rest, off_pk: -rest}, level / 1000 - so_far_kw))
+            rhs = level - so_far_kw - rest * (level - threshold)
+            rows_ub.append(({off_g: rest, off_pk: -rest}, rhs))
         else:
             rows_ub.append(({off_g + t: 1.0, off_pk: -1.0}, inputs.peak_import_w / 1000))
         cost[off_gp + t] = h * (p_imp[t] - p_exp[t])

@@ -72,7 +72,11 @@ def test_the_threshold_algebra() -> None:
     assert first_step_peak_kw(50.0, 60.0 * H, 1 / 3, H, 1e6) == pytest.approx(-15.0)
     # ... and is clipped to the grid's reach, as is a window about to end.
     assert first_step_peak_kw(50.0, 60.0 * H, 1 / 3, H, 10.0) == -10.0
-    assert first_step_peak_kw(50.0, 0.0, 1.0 - 1e-9, H, 1e6) == pytest.approx(50.0 / 1e-3)
+    # Less than a third of the window ahead: the first step lies mostly in the next window,
+    # planned on the running threshold as every other step.
+    assert first_step_peak_kw(50.0, 60.0 * H, 0.7, H, 1e6) == 50.0
+    assert first_step_peak_kw(50.0, 0.0, 1.0 - 1e-9, H, 1e6) == 50.0
+    assert first_step_peak_kw(70.0, 60.0 * H, 0.9, H, 1e6, threshold_kw=50.0) == 50.0
 
 
 def test_a_burst_in_the_first_third_is_made_up_in_the_rest_of_the_window() -> None:

@@ -218,7 +218,8 @@ def reference_solve(
             rows_ub.append(({off_g + t: 1.0, off_si + t: -1.0}, imp_lim))  # g <= lim + s
         if math.isfinite(exp_lim):
             rows_ub.append(({off_g + t: -1.0, off_se + t: -1.0}, exp_lim))  # -g <= lim + s
-        if t == 0 and inputs.billed_elapsed_s > 0:
+        rest = 1.0 - inputs.billed_elapsed_s / inputs.step_s
+        if t == 0 and inputs.billed_elapsed_s > 0 and rest >= 1.0 / 3.0 - 1e-9:
             # The billing window under way: a share f of it measured with Q kWh imported, the
             # first step's import held for the rest r = 1 - f, so its average is
             # A = Q/h + r g[0], billed within the plan's peak when A <= P + pk. The window's
@@ -226,8 +227,8 @@ def reference_solve(
             # is stated as pk + E (1/r - 1), exact when pk = E (an excess then costs 1 / r
             # times; essd.dispatch.inputs.first_step_peak_kw):
             #   r g[0] - r pk <= W - Q/h - r (W - P)
-            # (instances are chosen where its clip to the grid's reach does not bind).
-            rest = 1.0 - inputs.billed_elapsed_s / inputs.step_s
+            # (instances are chosen where its clip to the grid's reach does not bind). With
+            # less than a third of the window ahead, the first step is stated as every other.
             threshold = inputs.peak_import_w / 1000
             level = (inputs.billed_peak_w or inputs.peak_import_w) / 1000
             so_far_kw = inputs.billed_import_wh / 1000 / h

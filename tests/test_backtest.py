@@ -255,6 +255,8 @@ def test_short_cycles_hold_the_billed_window_a_burst_started(tmp_path: Path) -> 
     burst = 96 + 16  # the second day, 04:00 (the first day teaches the flat profile)
     history = _quarter_hours(tmp_path, 130, lambda k: 100_000.0 if k == burst else 60_000.0)
     settings = load_settings(ROOT / "commercial.toml")
+    control = settings.control.model_copy(update={"plan_billing_window": True})
+    settings = settings.model_copy(update={"control": control})
     run = replay(settings, history, forecaster="learned", cycle_s=300.0, soc0=0.9)
     # The steps are the clock-aligned windows: grid_w is each window's average import.
     before = float(run.grid_w[:burst].max())
@@ -272,6 +274,8 @@ def test_short_cycles_do_not_drain_the_battery_below_the_peak_it_sets_anyway(
     (its excess counted 1 / r times) and the battery drained from 0.5 to 0.1 in 10 hours."""
     history = _quarter_hours(tmp_path, 44, lambda k: 60_000.0)
     settings = load_settings(ROOT / "commercial.toml")
+    control = settings.control.model_copy(update={"plan_billing_window": True})
+    settings = settings.model_copy(update={"control": control})
     run = replay(settings, history, forecaster="learned", cycle_s=300.0, soc0=0.5)
     # The plan shaves the month's new peak by ~2.5 kW by choice (its demand charge against
     # the energy: SoC 0.35 at 10 h before the window work, 0.37 now); drained, it was 0.10.

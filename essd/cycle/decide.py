@@ -275,7 +275,9 @@ class Decider:
             room_kwh,
         )
         billed_wh, billed_s = (
-            self._billed_so_far(snapshot) if self._billed_so_far is not None else (0.0, 0.0)
+            self._billed_so_far(snapshot)
+            if self._billed_so_far is not None and ctl.plan_billing_window
+            else (0.0, 0.0)
         )
         # Headroom for forecast error: a plan that just touches the running peak exceeds it
         # whenever the load comes in above its forecast.

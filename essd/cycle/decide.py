@@ -274,14 +274,15 @@ class Decider:
             ctl.step_s,
             room_kwh,
         )
-        billed_wh, billed_s = (
-            self._billed_so_far(snapshot)
-            if self._billed_so_far is not None and ctl.plan_billing_window
-            else (0.0, 0.0)
-        )
         # Headroom for forecast error: a plan that just touches the running peak exceeds it
         # whenever the load comes in above its forecast.
         peak_w = self._peak_w() * (1.0 - tariff.demand_headroom_ratio)
+        # The billing window under way (control.plan_billing_window): measured so far, and the
+        # level it may reach; without the option nothing of it is computed.
+        billed_wh, billed_s, billed_peak_w = 0.0, 0.0, None
+        if ctl.plan_billing_window and self._billed_so_far is not None:
+            billed_wh, billed_s = self._billed_so_far(snapshot)
+            billed_peak_w = max(peak_w, self._planned_peak_w(now, forecast.load_spread_w))
         return DispatchInputs(
             time=now,
             step_s=ctl.step_s,
@@ -316,7 +317,7 @@ class Decider:
             sessions=tuple(self._sessions(now)) if self._sessions is not None else (),
             billed_import_wh=billed_wh,
             billed_elapsed_s=billed_s,
-            billed_peak_w=max(peak_w, self._planned_peak_w(now, forecast.load_spread_w)),
+            billed_peak_w=billed_peak_w,
         )
 
     def _planned_peak_w(self, now: float, spread_w: npt.NDArray[np.float64] | None) -> float:

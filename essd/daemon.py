@@ -43,6 +43,7 @@ from essd.forecast import Forecaster
 from essd.metrics import MetricsExporter, MetricsServer
 from essd.mqtt import open_bridge
 from essd.ocpp import CentralSystem
+from essd.online import OnlineForecasts, sources_for
 from essd.sdnotify import SystemdNotifier
 from essd.sitecheck import validate_site
 from essd.state import StateStore, resolve_state_directory
@@ -150,6 +151,7 @@ class Daemon:
     metrics_url: str | None = None
     state_store: StateStore | None = None
     exit_code: int = 0
+    online: OnlineForecasts | None = None
 
     def request_stop(self, signum: int | None = None) -> None:
         """Ask the daemon to stop after the current cycle (signal-safe).
@@ -212,10 +214,18 @@ class Daemon:
         pool = EndpointPool(clock=self.clock)
         controller = build_controller(self.settings, clock=self.clock, bus=self.bus, pool=pool)
         self.controller = controller
+        sources = sources_for(self.settings)  # none unless enabled; ConfigError on a bad key
+        if sources and self.online is None:
+            self.online = OnlineForecasts(
+                sources, controller.forecaster.set_online, clock=self.clock
+            )
         self._open_state(controller)
         try:
             async with self._services(controller), asyncio.TaskGroup() as tg:
                 tg.create_task(self._watchdog(), name="watchdog")
+                if self.online is not None:
+                    # Fetched in the background: the cycle only reads the last good series.
+                    tg.create_task(self.online.run(self._stop), name="online-forecasts")
                 if self.on_started is not None:
                     self.on_started(self)
                 await self._cycles(controller, duration_s)

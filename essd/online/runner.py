@@ -1,22 +1,27 @@
-"""The background task that keeps the online series fresh (never part of the control cycle).
+"""Keeps the online series fresh in the background, never inside the control cycle.
 
-Each source is fetched every ``refresh_s`` on the daemon's clock; a failed fetch (a request
-error, a time-out, a refused response) is retried after ``retry_s``, doubling per failure up
-to ``refresh_s``. A failure is logged once when it starts (and again when its cause changes),
-a recovery once. The forecaster keeps the last good series until it expires, then falls back
-to its built-in source; nothing here can raise into the cycle.
+:meth:`OnlineForecasts.poll` (called by the daemon between cycles) starts a fetch task for
+each source that is due and returns at once; the fetch runs on its own and hands what it got
+to the forecaster. A source is due ``refresh_s`` after a good fetch, ``retry_s`` after a
+failed one, doubling per further failure up to ``refresh_s`` (times on the daemon's monotonic
+clock). Polling rather than a sleeping loop keeps one sleeper on the clock, so a stepped
+simulated clock jumps only to the next cycle.
+
+A failure (a request error, a time-out, a refused response) is logged once when it starts
+and again when its cause changes, a recovery once. The forecaster keeps the last good series
+until it expires, then falls back to its built-in source; nothing here raises into the cycle.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from essd.clock import Backoff, Clock, sleep_or_stop
+from essd.clock import Backoff, Clock
 from essd.forecast import OnlineSeries
 from essd.online.sources import OnlineSource
 
@@ -25,7 +30,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Makes the HTTP session a source fetches through (tests point it at a local server).
+#: Makes the HTTP session a source fetches through, given the time-out (tests point it at a
+#: local server).
 SessionFactory = Callable[[float], "ClientSession"]
 
 
@@ -38,7 +44,8 @@ def default_session(timeout_s: float) -> ClientSession:
 
 @dataclass(frozen=True, slots=True)
 class SourceStatus:
-    """How fresh one source is: times are epoch s (None: never)."""
+    """How fresh one source is: ``last_success`` and ``covers_until`` are epoch s (None:
+    never); ``failures`` counts the failed fetches since the last good one."""
 
     source: str
     last_success: float | None = None
@@ -49,8 +56,8 @@ class SourceStatus:
 
 
 class OnlineForecasts:
-    """Runs every enabled source's refresh loop; ``sink(quantity, series)`` receives each
-    good series (the forecaster's ``set_online``)."""
+    """Fetches every enabled source when due; ``sink(quantity, series)`` receives each good
+    series (the forecaster's ``set_online``)."""
 
     def __init__(
         self,
@@ -65,36 +72,45 @@ class OnlineForecasts:
         self._clock = clock
         self._session_factory = session_factory
         self.status: dict[str, SourceStatus] = {s.name: SourceStatus(s.name) for s in sources}
+        self._due: dict[str, float] = {s.name: -float("inf") for s in sources}
+        self._tasks: dict[str, asyncio.Task[bool]] = {}
+        self._sessions: dict[str, ClientSession] = {}
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Refresh every source until ``stop`` is set."""
-        async with asyncio.TaskGroup() as tg:
-            for source in self.sources:
-                tg.create_task(self._loop(source, stop), name=f"online:{source.name}")
+    def poll(self) -> None:
+        """Start a background fetch for every source that is due and not already fetching."""
+        mono = self._clock.monotonic()
+        for source in self.sources:
+            task = self._tasks.get(source.name)
+            if (task is None or task.done()) and mono >= self._due[source.name]:
+                self._tasks[source.name] = asyncio.create_task(
+                    self.refresh(source), name=f"online:{source.name}"
+                )
 
-    async def _loop(self, source: OnlineSource, stop: asyncio.Event) -> None:
-        try:
-            await self._refresh_until(source, stop)
-        except Exception:  # the session could not be made: this source is off, essd runs on
-            log.exception("online forecast %s stopped; built-in forecasts in use", source.name)
+    async def settle(self) -> None:
+        """Wait for the fetches under way (tests; a stop)."""
+        running = [t for t in self._tasks.values() if not t.done()]
+        if running:
+            await asyncio.wait(running)
 
-    async def _refresh_until(self, source: OnlineSource, stop: asyncio.Event) -> None:
+    async def aclose(self) -> None:
+        """Cancel the fetches under way and close the sessions."""
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
+
+    async def refresh(self, source: OnlineSource) -> bool:
+        """One fetch of ``source``, its series handed to the sink; False when it failed."""
         cfg = source.config
-        backoff = Backoff(initial_s=cfg.retry_s, max_s=max(cfg.refresh_s, cfg.retry_s))
-        async with contextlib.AsyncExitStack() as stack:
-            session = await stack.enter_async_context(self._session_factory(cfg.timeout_s))
-            while not stop.is_set():
-                ok = await self.refresh(source, session)
-                failures = self.status[source.name].failures
-                delay = cfg.refresh_s if ok else backoff.delay_s(failures)
-                await sleep_or_stop(self._clock, delay, stop)
-
-    async def refresh(self, source: OnlineSource, session: ClientSession) -> bool:
-        """One fetch of ``source``: hands its series to the sink; False when it failed."""
-        now = self._clock.now()
+        now, mono = self._clock.now(), self._clock.monotonic()
         old = self.status[source.name]
         try:
-            async with asyncio.timeout(source.config.timeout_s):
+            session = self._sessions.get(source.name)
+            if session is None:
+                session = self._sessions[source.name] = self._session_factory(cfg.timeout_s)
+            async with asyncio.timeout(cfg.timeout_s):
                 series = await source.fetch(session, now)
             for quantity, s in series.items():
                 self._sink(quantity, s)
@@ -102,16 +118,19 @@ class OnlineForecasts:
             error = _describe(source.name, exc)
             if old.failures == 0 or error != old.last_error:
                 log.error(
-                    "online forecast %s failed (the last good or built-in forecast "
-                    "stays in use): %s",
+                    "online forecast %s failed; the last good or the built-in forecast stays "
+                    "in use: %s",
                     source.name,
                     error,
                 )
+            failures = old.failures + 1
+            backoff = Backoff(initial_s=cfg.retry_s, max_s=max(cfg.refresh_s, cfg.retry_s))
+            self._due[source.name] = mono + backoff.delay_s(failures)
             self.status[source.name] = SourceStatus(
                 source.name,
                 last_success=old.last_success,
                 last_attempt=now,
-                failures=old.failures + 1,
+                failures=failures,
                 last_error=error,
                 covers_until=old.covers_until,
             )
@@ -125,8 +144,9 @@ class OnlineForecasts:
             "online forecast %s: %s up to %s",
             source.name,
             ", ".join(sorted(series)),
-            "-" if until is None else _iso(until),
+            "-" if until is None else datetime.fromtimestamp(until, tz=UTC).isoformat(),
         )
+        self._due[source.name] = mono + cfg.refresh_s
         self.status[source.name] = SourceStatus(
             source.name, last_success=now, last_attempt=now, covers_until=until
         )
@@ -138,9 +158,3 @@ def _describe(name: str, exc: BaseException) -> str:
         return f"{name}: no answer in time"
     text = str(exc) or type(exc).__name__
     return text if text.startswith(f"{name}:") else f"{name}: {type(exc).__name__}: {text}"
-
-
-def _iso(t: float) -> str:
-    from datetime import UTC, datetime  # noqa: PLC0415
-
-    return datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="minutes")

@@ -157,4 +157,7 @@ def _describe(name: str, exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return f"{name}: no answer in time"
     text = str(exc) or type(exc).__name__
+    cause = exc.__cause__  # pynordpool raises a bare NordPoolError from the real one
+    if not str(exc) and cause is not None:
+        text = f"{text} ({type(cause).__name__}: {cause})"
     return text if text.startswith(f"{name}:") else f"{name}: {type(exc).__name__}: {text}"

@@ -224,6 +224,7 @@ class Daemon:
                 controller.forecaster.set_online,
                 clock=self.clock,
                 session_factory=self.online_sessions,
+                bus=self.bus,
             )
         self._open_state(controller)
         try:

@@ -19,6 +19,7 @@ import numpy as np
 import pynordpool
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from drivers.factory import EndpointPool
 from essd.clock import SimClock
@@ -29,6 +30,7 @@ from essd.daemon import Daemon, build_controller
 from essd.domain import PlanCause
 from essd.events import CycleCompleted, Event, EventBus
 from essd.forecast import Forecaster, OnlineSeries, Override
+from essd.metrics import MetricsExporter
 from essd.online import OnlineDataError, OnlineForecasts, sources_for
 from hil_sim.runner import SimulatedSite
 from tests.support.online_api import recorded, serve_apis
@@ -237,6 +239,46 @@ async def test_failures_back_off_doubling_up_to_the_refresh_interval(
     assert "scripted: ConnectionError: refused" in errors[1]
     recovered = [r.getMessage() for r in caplog.records if "recovered" in r.getMessage()]
     assert recovered == ["online forecast scripted recovered after 6 failed fetches"]
+
+
+def _gauges(exporter: MetricsExporter) -> dict[str, float]:
+    text = exporter.exposition().decode()
+    return {
+        f"{s.name}:{s.labels.get('source', '')}": s.value
+        for fam in text_string_to_metric_families(text)
+        if fam.name.startswith("essd_online_forecast")
+        for s in fam.samples
+    }
+
+
+async def test_freshness_is_exported_as_gauges_on_the_daemons_clock() -> None:
+    clock = SimClock(T0)
+    bus = EventBus()
+    exporter = MetricsExporter(clock=clock, process_metrics=False)
+    exporter.attach(bus)
+    error = OnlineDataError("scripted", "multiAreaEntries", "stale: every period is in the past")
+    source = ScriptedSource([None, error, error], retry_s=60.0, refresh_s=600.0)
+    source.clock = clock
+    online = OnlineForecasts(
+        [source],
+        lambda q, s: None,
+        clock=clock,
+        session_factory=lambda _t: _NoSession(),  # type: ignore[arg-type,return-value]
+        bus=bus,
+    )
+    assert _gauges(exporter) == {}  # nothing before the first fetch
+    await _cycles(online, clock, 1, 10.0)
+    assert _gauges(exporter) == {
+        "essd_online_forecast_failures:scripted": 0.0,
+        "essd_online_forecast_age_seconds:scripted": 10.0,
+        "essd_online_forecast_ahead_seconds:scripted": 96 * 900.0 - 10.0,
+    }
+    await _cycles(online, clock, 69, 10.0)  # fetched at 600 (fails) and 660 (fails)
+    assert _gauges(exporter) == {
+        "essd_online_forecast_failures:scripted": 2.0,
+        "essd_online_forecast_age_seconds:scripted": 700.0,
+        "essd_online_forecast_ahead_seconds:scripted": 96 * 900.0 - 700.0,
+    }
 
 
 async def test_a_fetch_that_hangs_times_out_and_is_retried() -> None:

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from essd.clock import Backoff, Clock
+from essd.events import EventBus, OnlineForecastStatus
 from essd.forecast import OnlineSeries
 from essd.online.sources import OnlineSource
 
@@ -66,8 +67,10 @@ class OnlineForecasts:
         *,
         clock: Clock,
         session_factory: SessionFactory = default_session,
+        bus: EventBus | None = None,
     ) -> None:
         self.sources = sources
+        self._bus = bus
         self._sink = sink
         self._clock = clock
         self._session_factory = session_factory
@@ -103,6 +106,22 @@ class OnlineForecasts:
 
     async def refresh(self, source: OnlineSource) -> bool:
         """One fetch of ``source``, its series handed to the sink; False when it failed."""
+        ok = await self._refresh(source)
+        st = self.status[source.name]
+        if self._bus is not None:
+            self._bus.publish(
+                OnlineForecastStatus(
+                    source=source.name,
+                    ok=ok,
+                    failures=st.failures,
+                    last_success=st.last_success,
+                    covers_until=st.covers_until,
+                    time=self._clock.now(),
+                )
+            )
+        return ok
+
+    async def _refresh(self, source: OnlineSource) -> bool:
         cfg = source.config
         now, mono = self._clock.now(), self._clock.monotonic()
         old = self.status[source.name]

@@ -214,10 +214,10 @@ class Daemon:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, self.request_stop, int(sig))
         self.bus.publish(DaemonStatusChanged(DaemonStatus.STARTING, self.clock.now()))
+        sources = sources_for(self.settings)  # none unless enabled; ConfigError on a bad key
         pool = EndpointPool(clock=self.clock)
         controller = build_controller(self.settings, clock=self.clock, bus=self.bus, pool=pool)
         self.controller = controller
-        sources = sources_for(self.settings)  # none unless enabled; ConfigError on a bad key
         if sources:
             self.online = OnlineForecasts(
                 sources,

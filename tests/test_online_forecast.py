@@ -153,6 +153,20 @@ def test_bad_online_config_is_refused_naming_the_field(
     assert any(field in p for p in problems), problems
 
 
+async def test_an_unreadable_api_key_file_stops_the_start_naming_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "essd.toml"
+    path.write_text(
+        SITE.format(currency="EUR")
+        + "[forecast.pv_array]\nlatitude = 59.3\nlongitude = 18.1\nkwp = 6\n"
+        + f"[forecast.online.pv]\nenabled = true\napi_key_file = '{tmp_path / 'no.key'}'\n"
+    )
+    daemon = Daemon(settings=load_settings(path), clock=SimClock(T0), serve_metrics=False)
+    with pytest.raises(ConfigError) as info:
+        await daemon.run(duration_s=60.0)
+    assert info.value.problems[0].startswith("forecast.online.pv.api_key_file: cannot read")
+    assert daemon.controller is None  # refused before any device was built
+
+
 def test_the_config_knows_the_pinned_librarys_areas_and_currencies() -> None:
     assert set(NORDPOOL_AREAS) == set(pynordpool.AREAS)
     assert set(NORDPOOL_CURRENCIES) == {c.value for c in pynordpool.Currency}

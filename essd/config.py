@@ -433,7 +433,19 @@ class Settings(BaseSettings):
         for i, slot in enumerate(self.swap_station.slots if self.swap_station else ()):
             if slot not in ids:
                 raise ValueError(f"swap_station.slots.{i}: no device with id {slot!r}")
+        if self.control.plan_billing_window and self.demand_window_s != self.control.step_s:
+            raise ValueError(
+                "control.plan_billing_window: plans the window under way as the plan's first"
+                " step, so tariff.demand_window_s must equal control.step_s"
+            )
         return self
+
+    @property
+    def demand_window_s(self) -> float:
+        """The billing window of the demand charge (s): ``tariff.demand_window_s``, else the
+        plan step."""
+        window = self.tariff.demand_window_s
+        return self.control.step_s if window is None else window
 
     @classmethod
     def settings_customise_sources(

@@ -453,7 +453,19 @@ class Settings(BaseSettings):
                 f"forecast.online.prices: Nord Pool quotes no prices in the tariff's currency "
                 f"{self.tariff.currency} ({', '.join(NORDPOOL_CURRENCIES)})"
             )
+        if self.control.plan_billing_window and self.demand_window_s != self.control.step_s:
+            raise ValueError(
+                "control.plan_billing_window: plans the window under way as the plan's first"
+                " step, so tariff.demand_window_s must equal control.step_s"
+            )
         return self
+
+    @property
+    def demand_window_s(self) -> float:
+        """The billing window of the demand charge (s): ``tariff.demand_window_s``, else the
+        plan step."""
+        window = self.tariff.demand_window_s
+        return self.control.step_s if window is None else window
 
     @classmethod
     def settings_customise_sources(

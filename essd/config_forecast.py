@@ -40,6 +40,13 @@ class TariffConfig(_Section):
     holidays: tuple[date, ...] = Field((), description="Dates priced and forecast as Sundays")
     export_price_per_kwh: Annotated[float, Field(allow_inf_nan=False)] = 0.0
     demand_charge_per_kw: Annotated[float, Field(ge=0.0)] = 0.0
+    demand_window_s: Annotated[float, Field(ge=60.0, le=3600.0)] | None = Field(
+        None,
+        description=(
+            "Length (s) of the clock-aligned windows whose average import the demand charge"
+            " bills, dividing the hour (e.g. 900: 15 minutes); default: control.step_s"
+        ),
+    )
     demand_headroom_ratio: Ratio = Field(
         0.05, description="Plans keep the import this far below the running billed peak"
     )
@@ -49,6 +56,8 @@ class TariffConfig(_Section):
     def _check(self) -> Self:
         if (self.import_price_per_kwh is None) == (not self.import_tou):
             raise ValueError("import_price_per_kwh: give either it or import_tou, not both")
+        if self.demand_window_s is not None and 3600.0 % self.demand_window_s != 0.0:
+            raise ValueError("demand_window_s: must divide the hour (e.g. 300, 900, 1800, 3600)")
         if self.import_tou_weekend and not self.import_tou:
             raise ValueError("import_tou_weekend: only with import_tou")
         for name in ("import_tou", "import_tou_weekend"):

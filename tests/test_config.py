@@ -260,3 +260,19 @@ def test_check_config_warns_when_the_cycle_cannot_keep_a_device_refreshed(
     path = write(tmp_path, text + "\n[control]\ncycle_period_s = 10\n")
     assert main(["check-config", str(path)]) == 0
     assert "drops a setpoint" not in capsys.readouterr().err
+
+
+def test_the_demand_window_divides_the_hour_and_defaults_to_the_step(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL.replace("[tariff]", "[tariff]\ndemand_window_s = 700"))
+    assert "demand_window_s: must divide the hour" in problems_of(path)[0]
+    settings = load_settings(write(tmp_path, MINIMAL + "\n[control]\nstep_s = 1800\n"))
+    assert settings.demand_window_s == 1800.0
+    text = MINIMAL.replace("[tariff]", "[tariff]\ndemand_window_s = 900")
+    settings = load_settings(write(tmp_path, text + "\n[control]\nstep_s = 1800\n"))
+    assert settings.demand_window_s == 900.0
+
+
+def test_planning_the_window_under_way_needs_the_window_to_be_the_step(tmp_path: Path) -> None:
+    text = MINIMAL.replace("[tariff]", "[tariff]\ndemand_window_s = 900")
+    path = write(tmp_path, text + "\n[control]\nstep_s = 1800\nplan_billing_window = true\n")
+    assert "tariff.demand_window_s must equal control.step_s" in problems_of(path)[0]

@@ -1,5 +1,6 @@
-"""The billing window the accounting keeps: intervals split at clock-aligned windows, and what
-the meter measured of the window under way (for the plan's first step)."""
+"""The billing window the accounting keeps: intervals split at clock-aligned windows of the
+tariff's length, and what the meter measured of the window under way (for the plan's first
+step)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,17 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pytest
 
+from drivers.factory import EndpointPool
+from drivers.profile_loader import resolve_profile
+from essd.clock import SimClock
 from essd.cycle.accounting import Accounting, PeakTracker
+from essd.daemon import build_controller
 from essd.domain import Snapshot
+from essd.events import EventBus
 from essd.forecast import Forecast
+from hil_sim.modbus_server import ModbusServer
+from hil_sim.profile_image import ProfileImage
+from tests.test_cycle import START, settings
 
 TZ = ZoneInfo("Europe/Berlin")
 W0 = 1_749_000_600.0  # a clock-aligned 15-minute window start (2025-06-04 01:30 UTC)
@@ -90,3 +99,53 @@ def test_a_state_without_the_window_seconds_restores() -> None:
     assert again.so_far(W0 + 400.0, None, 0.0) == (pytest.approx(1000.0), 0.0)
     with pytest.raises(ValueError, match="window_s"):
         again.restore({**state, "window_s": -1.0})
+
+
+def test_a_window_longer_than_the_step_bills_its_average() -> None:
+    """30-minute windows with 15-minute steps: 60 then 20 kW bill 40 kW, not 60."""
+    peak = PeakTracker(1800.0, TZ)
+    w0 = W0 - (W0 % 1800.0)
+    peak.add(w0 + 900.0, 60_000.0, 900.0)
+    peak.add(w0 + 1800.0, 20_000.0, 900.0)
+    peak.add(w0 + 2700.0, 0.0, 900.0)  # the next window closes the first
+    assert peak.peak_w == pytest.approx(40_000.0)
+
+
+def test_a_state_of_another_window_length_drops_the_window_under_way() -> None:
+    """A window saved at 15 minutes is not one of a 30-minute tracker: its energy would be
+    billed over the wrong length when the next interval closes it. The month's peak stays."""
+    w0 = W0 + 900.0 if W0 % 1800.0 == 0.0 else W0  # a 15-minute but not 30-minute boundary
+    assert w0 % 1800.0 != 0.0
+    peak = PeakTracker(900.0, TZ)
+    peak.add(w0 + 300.0, 80_000.0, 300.0)
+    peak.peak_w = 5_000.0  # a month's peak from earlier windows
+    again = PeakTracker(1800.0, TZ)
+    again.restore(peak.state())
+    again.add(w0 + 600.0, 0.0, 300.0)
+    assert again.peak_w == pytest.approx(5_000.0)
+
+
+@pytest.mark.parametrize(("window_s", "billed"), [(None, False), (60.0, True)])
+async def test_the_record_bills_the_tariffs_window(window_s: float | None, billed: bool) -> None:
+    """The meter imports 1 kW for 2 minutes of 10-s cycles: a 1-minute billing window
+    (tariff.demand_window_s) has closed and is billed; the default (the 15-minute step) not."""
+    inverter = ProfileImage(resolve_profile("household-hybrid-forcible"))
+    meter = ProfileImage(resolve_profile("site-meter"))
+    inverter.set_field("soc", 0.1)  # at reserve: it stays idle, the meter's import is the load
+    inverter.set_field("power_w", 0.0)
+    meter.set_field("grid_power_w", 1000.0)
+    async with ModbusServer.tcp({1: inverter, 2: meter}) as server:
+        base = settings(server.port)
+        tariff = base.tariff.model_copy(update={"demand_window_s": window_s})
+        clock = SimClock(START - START % 900.0)
+        pool = EndpointPool(clock=clock)
+        ctl = build_controller(
+            base.model_copy(update={"tariff": tariff}), clock=clock, bus=EventBus(), pool=pool
+        )
+        try:
+            for _ in range(13):
+                event = await ctl.run_cycle()
+                clock.advance(10.0)
+        finally:
+            await pool.close()
+    assert event.billing_peak_w == (pytest.approx(1000.0) if billed else 0.0)

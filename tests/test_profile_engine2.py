@@ -196,10 +196,13 @@ async def test_on_change_through_the_one_engine_for_a_sunspec_profile(tmp_path: 
     assert refreshed.ok
 
 
-def _merging(name: str, merge: bool) -> ProfileImage:
+def _merging(name: str, merge: bool | None) -> ProfileImage:
+    """The shipped profile ``name``, with ``transport.merge_writes`` set to ``merge`` (None: as
+    shipped)."""
     path = shipped_profiles_dir() / "devices" / f"{name}.yaml"
     data = yaml.safe_load(path.read_text())
-    data.setdefault("transport", {})["merge_writes"] = merge
+    if merge is not None:
+        data.setdefault("transport", {})["merge_writes"] = merge
     profile = load_profile_text(yaml.safe_dump(data, sort_keys=False), str(path))
     image = ProfileImage(profile)
     for spec in profile.registers:
@@ -241,3 +244,15 @@ async def test_steps_that_are_not_one_block_are_never_merged() -> None:
         result = await dev.driver.set_active_power(-1500.0, duration_s=60.0)  # type: ignore[attr-defined]
     assert result.ok
     assert sum(image.function_counts.values()) == 4
+
+
+@pytest.mark.parametrize("name", ["household-ess-setpoint", "victron-gx-ess"])
+async def test_the_shipped_gx_profiles_write_the_setpoint_and_its_enables_in_one_request(
+    name: str,
+) -> None:
+    """The GX takes function 16: as shipped, a setpoint change is one request, not three."""
+    image = _merging(name, None)
+    async with serve_profile(image.profile, image=image, clock=SimClock(0.0)) as dev:
+        result = await dev.driver.set_active_power(-1500.0, duration_s=60.0)  # type: ignore[attr-defined]
+    assert result.ok
+    assert image.function_counts == {16: 1}

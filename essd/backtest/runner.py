@@ -100,7 +100,7 @@ def _prices(settings: Settings, history: History, tz: ZoneInfo) -> Prices:
         carbon_g_per_kwh=carbon,
         carbon_price_per_kg=tariff.carbon_price_per_kg,
         demand_charge_per_kw=tariff.demand_charge_per_kw,
-        billing_window_s=900.0,
+        billing_window_s=settings.demand_window_s,
     )
 
 

@@ -25,10 +25,11 @@ MAX_INTEGRATION_S = 900.0
 
 
 class PeakTracker:
-    """The billing period's running peak of the per-step average grid import (demand charge)."""
+    """The billing period's running peak of the average grid import over clock-aligned windows
+    of ``window_s`` (the demand charge's billed quantity)."""
 
-    def __init__(self, step_s: float, tz: ZoneInfo) -> None:
-        self._step_s = step_s
+    def __init__(self, window_s: float, tz: ZoneInfo) -> None:
+        self._window_s = window_s
         self._tz = tz
         self.peak_w = 0.0
         self._window_start: float | None = None
@@ -57,6 +58,9 @@ class PeakTracker:
         seconds = number(data, "window_s") if "window_s" in data else 0.0
         if peak < 0 or wh < 0 or seconds < 0:
             raise ValueError("peak_w, window_wh, window_s: must be >= 0")
+        if window is not None and window % self._window_s:
+            # Saved with another window length: the window under way is not one of ours.
+            window, wh, seconds = None, 0.0, 0.0
         self._period, self._window_start, self.peak_w, self._wh = period, window, peak, wh
         self._s = seconds
 
@@ -72,11 +76,11 @@ class PeakTracker:
             self._period, self.peak_w = period, 0.0
         a = t - max(0.0, dt_s)
         while a < t:
-            window = a - (a % self._step_s)
-            b = min(t, window + self._step_s)
+            window = a - (a % self._window_s)
+            b = min(t, window + self._window_s)
             if window != self._window_start:
                 if self._window_start is not None:
-                    self.peak_w = max(self.peak_w, self._wh * 3600.0 / self._step_s)
+                    self.peak_w = max(self.peak_w, self._wh * 3600.0 / self._window_s)
                 self._window_start, self._wh, self._s = window, 0.0, 0.0
             self._wh += max(0.0, grid_w) * (b - a) / 3600.0
             self._s += b - a
@@ -86,7 +90,7 @@ class PeakTracker:
         """Energy imported (Wh) and seconds measured in the window under way at wall time
         ``t``, including ``pending_s`` seconds at ``pending_w`` ending at ``t`` that are not
         added yet (None: nothing pending)."""
-        window = t - (t % self._step_s)
+        window = t - (t % self._window_s)
         wh, s = (self._wh, self._s) if window == self._window_start else (0.0, 0.0)
         if pending_w is not None:
             part = min(max(0.0, pending_s), t - window)
@@ -99,12 +103,12 @@ class PeakTracker:
 class Accounting:
     """The site's totals and billing peak, integrated cycle by cycle."""
 
-    def __init__(self, step_s: float, tz: ZoneInfo, carbon_price_per_kg: float) -> None:
-        self._step_s = step_s
+    def __init__(self, window_s: float, tz: ZoneInfo, carbon_price_per_kg: float) -> None:
+        self._window_s = window_s
         self._tz = tz
         self._carbon_price = carbon_price_per_kg
         self.totals = SiteTotals()
-        self.peak = PeakTracker(step_s, tz)
+        self.peak = PeakTracker(window_s, tz)
         #: Per unit: (charged, discharged) AC energy, Wh; durable like the totals.
         self.unit_wh: dict[str, tuple[float, float]] = {}
         self._last_mono: float | None = None
@@ -128,7 +132,7 @@ class Accounting:
         values = {k: number(totals, k) for k in totals}
         if any(v < 0 for k, v in values.items() if k not in ("cost", "savings")):
             raise ValueError("totals: energy and carbon totals must be >= 0")
-        peak = PeakTracker(self._step_s, self._tz)
+        peak = PeakTracker(self._window_s, self._tz)
         peak.restore(obj(data, "peak"))
         # Absent from a state written before the per-unit counters existed: they start at 0.
         return SiteTotals(**values), peak, _unit_energy(data.get("unit_wh", {}))

@@ -85,7 +85,9 @@ class Controller:
         self.cycle_no = 0
         self.overruns = 0
         self.accounting = Accounting(
-            ctl.step_s, ZoneInfo(settings.site.timezone), settings.tariff.carbon_price_per_kg
+            settings.demand_window_s,
+            ZoneInfo(settings.site.timezone),
+            settings.tariff.carbon_price_per_kg,
         )
         self._wall = WallClockWatch()
         self._phase_failures: set[tuple[str, str]] = set()

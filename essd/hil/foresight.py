@@ -25,7 +25,7 @@ def cost_model(scenario: Scenario, settings: Settings) -> CostModel:
     return CostModel(
         carbon_price_per_kg=settings.tariff.carbon_price_per_kg,
         demand_charge_per_kw=settings.tariff.demand_charge_per_kw,
-        demand_window_s=settings.control.step_s,
+        demand_window_s=settings.demand_window_s,
         export_limiter=scenario.site.export_limiter,
         export_limit_w=settings.site.grid_export_limit_w,
     )

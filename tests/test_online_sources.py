@@ -18,7 +18,7 @@ from aiohttp import web
 
 from essd.config import OnlinePricesConfig, OnlinePvConfig, PvArrayConfig
 from essd.config_loading import ConfigError
-from essd.online import ForecastSolarPv, NordPoolPrices, OnlineDataError
+from essd.online import ForecastSolarPv, NordPoolPrices, OnlineDataError, pv_series
 from essd.online.sources import FORECAST_SOLAR_KEY_ENV, read_api_key
 from tests.support.online_api import FakeApis, recorded, serve_apis
 
@@ -277,3 +277,41 @@ def test_the_api_key_comes_from_its_file_or_the_environment(tmp_path: Path) -> N
         read_api_key(OnlinePvConfig(api_key_file=key), {})
     with pytest.raises(ConfigError, match=r"forecast.online.pv.api_key_file: cannot read"):
         read_api_key(OnlinePvConfig(api_key_file=tmp_path / "absent"), {})
+
+
+def _utc(h: int, m: int, s: int = 0) -> datetime:
+    return datetime(2026, 6, 15, h, m, s, tzinfo=UTC)
+
+
+def test_energy_per_period_is_spread_evenly_over_its_period_and_averaged_per_step() -> None:
+    # 750 Wh from 10:05 to 10:50 is 1000 W for 45 minutes.
+    start, step, watts = pv_series(
+        "fs", {_utc(10, 5): 0, _utc(10, 50): 750}, kwp=1.0, step_s=900.0, now=0.0
+    )
+    assert start == _utc(10, 0).timestamp()
+    assert step == 900.0
+    np.testing.assert_allclose(watts, [1000 * 10 / 15, 1000.0, 1000.0, 1000 * 5 / 15])
+    # Hourly steps: the same energy as one hour's average.
+    _, _, hourly = pv_series(
+        "fs", {_utc(10, 5): 0, _utc(10, 50): 750}, kwp=1.0, step_s=3600.0, now=0.0
+    )
+    np.testing.assert_allclose(hourly, [750.0])
+
+
+def test_a_sunrise_period_of_seconds_is_not_taken_for_wrong_units() -> None:
+    # 1 Wh (the API's rounding) in 2 s would be 1800 W on a 1 kWp array: within the slack.
+    _, _, watts = pv_series(
+        "fs",
+        {_utc(4, 59, 58): 0, _utc(5, 0): 1, _utc(6, 0): 400},
+        kwp=1.0,
+        step_s=900.0,
+        now=0.0,
+    )
+    assert float(watts.sum() * 0.25) == pytest.approx(401.0)
+    # The first time only starts the series, whatever energy it carries.
+    _, _, first = pv_series("fs", {_utc(5, 0): 77, _utc(6, 0): 400}, kwp=1.0, step_s=3600, now=0)
+    np.testing.assert_allclose(first, [400.0])
+    with pytest.raises(OnlineDataError, match=r"fs: result\.watt_hours_period: fewer than two"):
+        pv_series("fs", {_utc(5, 0): 0}, kwp=1.0, step_s=900.0, now=0.0)
+    with pytest.raises(OnlineDataError, match="times must increase"):
+        pv_series("fs", {_utc(6, 0): 0, _utc(5, 0): 3}, kwp=1.0, step_s=900.0, now=0.0)

@@ -106,7 +106,8 @@ def pv_series(
     now: float,
 ) -> tuple[float, float, FloatArray]:
     """Forecast.Solar's ``watt_hours_period`` (Wh of the period ending at each time) as
-    average power (W) per ``step_s`` step, aligned to the clock: ``(start, step_s, values)``.
+    average power (W) per ``step_s`` step, aligned to the clock: ``(start, step_s, values)``;
+    the first time only starts the series (the period it ends began before the response).
     OnlineDataError when a value is not a finite number >= 0, times do not increase, a period
     averages more than 1.3 x the array's peak power (wrong units), or it ends before ``now``."""
     field = "result.watt_hours_period"
@@ -120,20 +121,18 @@ def pv_series(
             raise OnlineDataError(source, f"{field}.{when.isoformat()}", f"negative: {wh:g} Wh")
         if points and t <= points[-1][0]:
             raise OnlineDataError(source, f"{field}.{when.isoformat()}", "times must increase")
-        if points:
-            hours = (t - points[-1][0]) / 3600.0
-            if wh / hours > PV_MAX_RATIO * kwp * 1000.0:
-                raise OnlineDataError(
-                    source,
-                    f"{field}.{when.isoformat()}",
-                    f"{wh / hours:.0f} W on average is beyond {PV_MAX_RATIO:g} x the array's "
-                    f"{kwp:g} kWp (wrong units?)",
-                )
-        elif wh > 0:
+        # The first time starts the series: the period it ends began before the response.
+        energy = float(wh) if points else 0.0
+        hours = (t - points[-1][0]) / 3600.0 if points else 0.0
+        # One Wh of slack: the API rounds to whole Wh, and a sunrise period can be seconds.
+        if energy > PV_MAX_RATIO * kwp * 1000.0 * hours + 1.0:
             raise OnlineDataError(
-                source, f"{field}.{when.isoformat()}", "the first period has no start"
+                source,
+                f"{field}.{when.isoformat()}",
+                f"{energy / hours:.0f} W on average is beyond {PV_MAX_RATIO:g} x the array's "
+                f"{kwp:g} kWp (wrong units?)",
             )
-        points.append((t, float(wh)))
+        points.append((t, energy))
     if len(points) < 2:
         raise OnlineDataError(source, field, "fewer than two times")
     if points[-1][0] <= now:
@@ -143,8 +142,8 @@ def pv_series(
     start = math.floor(times[0] / step_s) * step_s
     end = math.ceil(times[-1] / step_s) * step_s
     edges = np.arange(start, end + step_s / 2, step_s)
-    energy = np.diff(np.interp(edges, times, cumulative))  # Wh per step
-    return start, step_s, energy / (step_s / 3600.0)
+    per_step = np.diff(np.interp(edges, times, cumulative))  # Wh per step
+    return start, step_s, per_step / (step_s / 3600.0)
 
 
 def online_series(

@@ -384,7 +384,7 @@ class Forecaster:
             if carbon is None
             else carbon,
         }
-        for name in self.online:
+        for name in list(self.online):  # set by the fetch task between cycles
             arrays[name] = self._online(name, start, times, arrays[name])
         for name, ov in list(self.overrides.items()):
             if ov.ended(start):

@@ -44,7 +44,17 @@ from pydantic_settings import (
 
 from essd import DEFAULT_CONFIG_PATH as _DEFAULT_CONFIG_PATH
 from essd.config_ev import ChargerConfig, OcppConfig, SwapStationConfig
-from essd.config_forecast import ForecastConfig, PvArrayConfig, TariffConfig, TouWindow
+from essd.config_forecast import (
+    NORDPOOL_CURRENCIES,
+    ForecastConfig,
+    OnlineForecastConfig,
+    OnlinePricesConfig,
+    OnlinePvConfig,
+    OnlineSourceConfig,
+    PvArrayConfig,
+    TariffConfig,
+    TouWindow,
+)
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -56,6 +66,10 @@ __all__ = [
     "LoggingConfig",
     "MetricsConfig",
     "MqttConfig",
+    "OnlineForecastConfig",
+    "OnlinePricesConfig",
+    "OnlinePvConfig",
+    "OnlineSourceConfig",
     "PvArrayConfig",
     "Settings",
     "SiteConfig",
@@ -433,6 +447,12 @@ class Settings(BaseSettings):
         for i, slot in enumerate(self.swap_station.slots if self.swap_station else ()):
             if slot not in ids:
                 raise ValueError(f"swap_station.slots.{i}: no device with id {slot!r}")
+        prices = self.forecast.online.prices
+        if prices.enabled and self.tariff.currency not in NORDPOOL_CURRENCIES:
+            raise ValueError(
+                f"forecast.online.prices: Nord Pool quotes no prices in the tariff's currency "
+                f"{self.tariff.currency} ({', '.join(NORDPOOL_CURRENCIES)})"
+            )
         if self.control.plan_billing_window and self.demand_window_s != self.control.step_s:
             raise ValueError(
                 "control.plan_billing_window: plans the window under way as the plan's first"

@@ -85,6 +85,88 @@ class PvArrayConfig(_Section):
     )
 
 
+#: Nord Pool's day-ahead delivery areas and currencies (pynordpool's AREAS and Currency; a test
+#: keeps them in step with the pinned library).
+NORDPOOL_AREAS = (
+    "EE", "LT", "LV", "AT", "BE", "FR", "GER", "NL", "PL", "DK1", "DK2", "FI",
+    "NO1", "NO2", "NO3", "NO4", "NO5", "SE1", "SE2", "SE3", "SE4", "BG", "TEL", "SYS",
+)  # fmt: skip
+NORDPOOL_CURRENCIES = ("BGN", "DKK", "EUR", "NOK", "PLN", "RON", "SEK")
+
+
+class OnlineSourceConfig(_Section):
+    """What every online source shares: off unless enabled, refreshed in the background."""
+
+    enabled: bool = False
+    refresh_s: Annotated[float, Field(ge=60.0, le=86_400.0)] = Field(
+        3600.0, description="Seconds between successful fetches"
+    )
+    retry_s: Annotated[float, Field(ge=1.0, le=86_400.0)] = Field(
+        60.0, description="First wait after a failed fetch; doubles per failure up to refresh_s"
+    )
+    timeout_s: Annotated[float, Field(gt=0.0, le=600.0)] = Field(
+        30.0, description="A fetch that takes longer fails"
+    )
+
+
+class OnlinePricesConfig(OnlineSourceConfig):
+    """Day-ahead spot prices (Nord Pool, through pynordpool), in the tariff's currency.
+
+    import price = spot x ``import_scale`` + ``import_adder_per_kwh`` (grid fees, taxes); the
+    export price follows the spot price only when ``export`` is true.
+    """
+
+    source: Literal["nordpool"] = "nordpool"
+    area: str = Field("SE3", description="Delivery area, e.g. SE3, DK1, FI, NL, GER")
+    max_age_s: Annotated[float, Field(ge=600.0)] = Field(
+        172_800.0, description="Fetched prices are used for this long (day-ahead prices are final)"
+    )
+    import_scale: Annotated[float, Field(gt=0.0)] = 1.0
+    import_adder_per_kwh: Annotated[float, Field(allow_inf_nan=False)] = 0.0
+    export: bool = False
+    export_scale: Annotated[float, Field(gt=0.0)] = 1.0
+    export_adder_per_kwh: Annotated[float, Field(allow_inf_nan=False)] = 0.0
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.area not in NORDPOOL_AREAS:
+            raise ValueError(
+                f"area: {self.area!r} is not a Nord Pool area ({', '.join(NORDPOOL_AREAS)})"
+            )
+        return self
+
+
+class OnlinePvConfig(OnlineSourceConfig):
+    """A PV power forecast for ``forecast.pv_array`` (Forecast.Solar, through forecast-solar).
+
+    The public API needs no key; a personal key is read from ``api_key_file`` or the
+    environment variable ``ESSD_FORECAST_SOLAR_API_KEY`` (never from this file).
+    """
+
+    source: Literal["forecast.solar"] = "forecast.solar"
+    max_age_s: Annotated[float, Field(ge=600.0)] = Field(
+        10_800.0, description="A PV forecast older than this is no longer used"
+    )
+    step_s: Annotated[float, Field(ge=300.0, le=3600.0)] = Field(
+        900.0, description="The fetched forecast is averaged onto steps this long"
+    )
+    damping: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    api_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if 86_400 % self.step_s:
+            raise ValueError("step_s: must divide a day")
+        return self
+
+
+class OnlineForecastConfig(_Section):
+    """Online forecast sources, each off unless enabled (they need the internet)."""
+
+    prices: OnlinePricesConfig = OnlinePricesConfig()
+    pv: OnlinePvConfig = OnlinePvConfig()
+
+
 class ForecastConfig(_Section):
     """Where the forecasts over the horizon come from (MQTT forecasts override them).
 
@@ -100,6 +182,7 @@ class ForecastConfig(_Section):
         None, description="CSV: time, load_w, pv_w, import_price, export_price, carbon_g_per_kwh"
     )
     carbon_intensity_g_per_kwh: Annotated[float, Field(ge=0.0)] = 581.0
+    online: OnlineForecastConfig = OnlineForecastConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -107,4 +190,6 @@ class ForecastConfig(_Section):
             raise ValueError("series_file: required when load or pv is 'file'")
         if self.pv == "clear-sky" and self.pv_array is None:
             raise ValueError("pv_array: required when pv is 'clear-sky'")
+        if self.online.pv.enabled and self.pv_array is None:
+            raise ValueError("online.pv: needs pv_array (the array's coordinates and kWp)")
         return self

@@ -43,6 +43,8 @@ from essd.forecast import Forecaster
 from essd.metrics import MetricsExporter, MetricsServer
 from essd.mqtt import open_bridge
 from essd.ocpp import CentralSystem
+from essd.online import OnlineForecasts, sources_for
+from essd.online.runner import SessionFactory, default_session
 from essd.sdnotify import SystemdNotifier
 from essd.sitecheck import validate_site
 from essd.state import StateStore, resolve_state_directory
@@ -150,6 +152,9 @@ class Daemon:
     metrics_url: str | None = None
     state_store: StateStore | None = None
     exit_code: int = 0
+    online: OnlineForecasts | None = None
+    #: Makes the HTTP sessions of the online forecast sources (tests: a local server).
+    online_sessions: SessionFactory = default_session
 
     def request_stop(self, signum: int | None = None) -> None:
         """Ask the daemon to stop after the current cycle (signal-safe).
@@ -209,9 +214,18 @@ class Daemon:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, self.request_stop, int(sig))
         self.bus.publish(DaemonStatusChanged(DaemonStatus.STARTING, self.clock.now()))
+        sources = sources_for(self.settings)  # none unless enabled; ConfigError on a bad key
         pool = EndpointPool(clock=self.clock)
         controller = build_controller(self.settings, clock=self.clock, bus=self.bus, pool=pool)
         self.controller = controller
+        if sources:
+            self.online = OnlineForecasts(
+                sources,
+                controller.forecaster.set_online,
+                clock=self.clock,
+                session_factory=self.online_sessions,
+                bus=self.bus,
+            )
         self._open_state(controller)
         try:
             async with self._services(controller), asyncio.TaskGroup() as tg:
@@ -228,6 +242,8 @@ class Daemon:
             if failed:
                 log.warning("safe mode not acknowledged by: %s", ", ".join(failed))
             await self._save_state(controller, force=True)
+            if self.online is not None:
+                await self.online.aclose()
             self.bus.publish(DaemonStatusChanged(DaemonStatus.OFFLINE, self.clock.now()))
             await pool.close()
             for sig in (*STOP_SIGNALS, *FATAL_SIGNALS):
@@ -280,6 +296,9 @@ class Daemon:
                 elif event.cycle % 6 == 0:
                     self.notifier.status(status)
                 await self._save_state(controller)
+            if self.online is not None:
+                # Due fetches start as tasks of their own: the cycle reads the last good series.
+                self.online.poll()
             if duration_s is not None and self.clock.monotonic() - start >= duration_s:
                 return
             next_tick += period

@@ -265,6 +265,20 @@ class MqttConnectionChanged(Event):
     time: float
 
 
+@dataclass(frozen=True, slots=True)
+class OnlineForecastStatus(Event):
+    """One fetch of an online forecast source (published by :mod:`essd.online`): ``ok`` its
+    outcome, ``failures`` the failed fetches since the last good one, ``last_success`` and
+    ``covers_until`` epoch s (None: never)."""
+
+    source: str
+    ok: bool
+    failures: int
+    last_success: float | None
+    covers_until: float | None
+    time: float
+
+
 Handler = Callable[[Event], None]
 
 

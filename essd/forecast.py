@@ -2,8 +2,12 @@
 
 Sources, in order of precedence for each quantity:
 1. an external override (MQTT ``forecast``/``prices`` commands) while it covers the step;
-2. a site series file (CSV) when configured;
-3. built-in forecasters: the tariff for prices, a constant carbon intensity, and for load either
+2. an online series (day-ahead prices, a PV forecast: :class:`OnlineSeries`, fetched in the
+   background by :mod:`essd.online`) while it covers the step and is not older than its
+   ``expires_at``; online PV only where load is forecast apart from PV (PV measured, or load
+   from a file), since a learned net load has the PV folded in already;
+3. a site series file (CSV) when configured;
+4. built-in forecasters: the tariff for prices, a constant carbon intensity, and for load either
    *persistence* (the last observation, held), a *daily profile* learned online from the meter
    (an exponentially weighted average per time-of-day bin, persistence until a bin has data) or
    a *week profile* (weekday and weekend/holiday profiles, robust, with the latest deviation
@@ -84,6 +88,36 @@ class Override:
     def ended(self, t: float) -> bool:
         """True once ``t`` is past the end of the series."""
         return t >= self.start + self.step_s * len(self.values)
+
+
+#: The quantities an online source may provide.
+ONLINE_QUANTITIES = ("import_price", "export_price", "pv_w")
+
+
+@dataclass(frozen=True, slots=True)
+class OnlineSeries:
+    """A fetched forecast: ``values[k]`` covers ``[start + k*step_s, start + (k+1)*step_s)``
+    (epoch s); used while the forecast's start is before ``expires_at``."""
+
+    source: str
+    start: float
+    step_s: float
+    values: FloatArray
+    fetched_at: float
+    expires_at: float
+
+    @property
+    def end(self) -> float:
+        """Epoch seconds where the series stops covering."""
+        return self.start + self.step_s * len(self.values)
+
+    def over(self, times: FloatArray, fallback: FloatArray) -> FloatArray:
+        """``fallback`` with the series' value at each of ``times`` it covers."""
+        k = np.floor((times - self.start) / self.step_s)
+        covered = (k >= 0) & (k < len(self.values))
+        idx = np.where(covered, k, 0).astype(np.int64)
+        out: FloatArray = np.where(covered, self.values[idx], fallback)
+        return out
 
 
 def tariff_import_price(tariff: TariffConfig, local: datetime) -> float:
@@ -220,6 +254,7 @@ class Forecaster:
         self._last_t: float | None = None
         self.pv_measured = False
         self.overrides: dict[str, Override] = {}
+        self.online: dict[str, OnlineSeries] = {}
 
     def observe(self, t: float, net_load_w: float, pv_w: float | None = None) -> None:
         """Feed one observation: meter-derived net load (grid + battery discharge, W) and,
@@ -282,6 +317,23 @@ class Forecaster:
             raise ValueError(f"quantity: unknown {quantity!r} (one of {', '.join(SERIES_COLUMNS)})")
         self.overrides[quantity] = override
 
+    def set_online(self, quantity: str, series: OnlineSeries | None) -> None:
+        """Install (or with None, drop) an online series for ``quantity``."""
+        if quantity not in ONLINE_QUANTITIES:
+            raise ValueError(f"quantity: {quantity!r} has no online source")
+        if series is None:
+            self.online.pop(quantity, None)
+        else:
+            self.online[quantity] = series
+
+    def _online(self, name: str, start: float, times: FloatArray, arr: FloatArray) -> FloatArray:
+        series = self.online.get(name)
+        if series is None or start >= series.expires_at or series.end <= start:
+            return arr
+        if name == "pv_w" and not (self.pv_measured or self._cfg.load == "file"):
+            return arr  # the learned net load already has the PV in it
+        return series.over(times, arr)
+
     def _learned(self, kind: str, times: FloatArray) -> FloatArray:
         if kind == "week-profile":
             return self._week.predict(times)
@@ -332,6 +384,8 @@ class Forecaster:
             if carbon is None
             else carbon,
         }
+        for name in list(self.online):  # set by the fetch task between cycles
+            arrays[name] = self._online(name, start, times, arrays[name])
         for name, ov in list(self.overrides.items()):
             if ov.ended(start):
                 del self.overrides[name]

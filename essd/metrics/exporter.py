@@ -27,6 +27,7 @@ from essd.events import (
     Event,
     EventBus,
     MqttConnectionChanged,
+    OnlineForecastStatus,
 )
 from essd.metrics.energy import EnergyCollector
 from essd.metrics.http import ExpositionCache
@@ -204,6 +205,10 @@ class MetricsExporter:
             self.commands.labels(self._command(event.name), result).inc()
         elif isinstance(event, MqttConnectionChanged):
             self.set_mqtt_connected(event.connected)
+        elif isinstance(event, OnlineForecastStatus):
+            with self._lock:
+                online = {**self._state.online, event.source: event}
+                self._state = replace(self._state, online=online)
 
     def set_mqtt_connected(self, connected: bool) -> None:
         """Record the MQTT connection state (also driven by ``MqttConnectionChanged``)."""

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from essd.clock import Clock
 from essd.domain import DeviceState, Quality, Setpoint
-from essd.events import CycleCompleted, DaemonStatus
+from essd.events import CycleCompleted, DaemonStatus, OnlineForecastStatus
 from essd.metrics.labels import (
     CONTROL_MODES,
     CYCLE_PHASES,
@@ -43,6 +43,7 @@ class ExporterState:
     device_states: Mapping[str, DeviceState] = field(default_factory=dict)
     mqtt_connected: bool | None = None
     daemon_status: DaemonStatus | None = None
+    online: Mapping[str, OnlineForecastStatus] = field(default_factory=dict)
 
 
 def finite(value: float | None) -> bool:
@@ -119,6 +120,16 @@ class LiveCollector(Collector):
                 {},
                 1.0 if st.mqtt_connected else 0.0,
             )
+        wall = x.clock.now()
+        for source, o in st.online.items():  # None (never) renders nothing
+            age = None if o.last_success is None else wall - o.last_success
+            ahead = None if o.covers_until is None else o.covers_until - wall
+            for name, doc, value in (
+                ("failures", "Failed fetches of a source since its last good one.", o.failures),
+                ("age_seconds", "Seconds since a source's last good fetch.", age),
+                ("ahead_seconds", "How far ahead of now a source's series reaches.", ahead),
+            ):
+                f.gauge(f"essd_online_forecast_{name}", doc, {"source": source}, value)
         if st.daemon_status is not None:
             _enum(
                 f,

@@ -29,12 +29,14 @@ from essd.clock import SimClock
 from essd.config import Settings
 from essd.config_loading import load_settings
 from essd.daemon import build_controller, settle_heap
+from essd.domain import FallbackRung
 from essd.events import CycleCompleted, EventBus
 from hil_sim.runner import SimulatedSite
 from tests.support.net import free_port
 from tests.support.site import EXAMPLE, write_config
 
 WARMUP = 5
+START = 1_782_900_000.0
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -70,15 +72,28 @@ def _many_devices(n_batteries: int) -> Settings:
 
 
 def _serve(settings_json: str, conn: Connection) -> None:
-    """Child process: hil_sim serves the site's devices until the parent says stop."""
+    """Child process: hil_sim serves the site's devices on a stepped clock that the parent sets
+    to its own time before every cycle (the devices then integrate each cycle's period, and the
+    controller's freshness and frozen-reading checks see time pass as on a site), until the
+    parent says stop."""
 
     async def main() -> None:
         settings = Settings.model_validate_json(settings_json)
-        clock = SimClock(1_782_900_000.0, speed=1.0)
+        clock = SimClock(START)
+        done = asyncio.Event()
+
+        def on_message() -> None:
+            message = conn.recv()
+            if message == "stop":
+                done.set()
+                return
+            clock.set(float(message))
+            conn.send("ok")
+
         async with SimulatedSite(settings, clock=clock, free_ports=True) as site:
+            asyncio.get_running_loop().add_reader(conn.fileno(), on_message)
             conn.send(site.settings.model_dump_json())
-            while not conn.poll():
-                await clock.sleep(0.05)
+            await done.wait()
 
     asyncio.run(main())
 
@@ -96,7 +111,7 @@ async def _measure(
     server.start()
     try:
         served = Settings.model_validate_json(parent.recv())
-        clock = SimClock(1_782_900_000.0)
+        clock = SimClock(START)
         bus = EventBus()
         pool = EndpointPool(clock=clock)
         ctl = build_controller(served, clock=clock, bus=bus, pool=pool)
@@ -104,9 +119,12 @@ async def _measure(
             for i in range(WARMUP + cycles):
                 event: CycleCompleted = await ctl.run_cycle()
                 clock.advance(settings.control.cycle_period_s)
+                parent.send(clock.now())  # the devices' time follows, outside the measurement
+                parent.recv()
                 if i == 0:
                     settle_heap()  # as essd run does after its first cycle
                 if i >= WARMUP:
+                    _check_representative(event)
                     with_solve.append(event.duration_s)
                     without.append(event.duration_s - event.phase_s["decide"])
                     for name, seconds in event.phase_s.items():
@@ -117,6 +135,19 @@ async def _measure(
         parent.send("stop")
         server.join(10)
     return with_solve, without
+
+
+def _check_representative(event: CycleCompleted) -> None:
+    """A measured cycle is the daemon's normal one: planned by the optimizer, every reading
+    believed (a unit idled as frozen or stale would skip its writes and flatter the figure)."""
+    if event.plan.rung is not FallbackRung.OPTIMAL:
+        raise RuntimeError(f"cycle {event.cycle}: rung {event.plan.rung.name}: {event.plan.reason}")
+    report = event.credibility
+    doubted = [] if report is None else [u for u, v in report.units.items() if not v.credible]
+    if report is not None and not report.meter.plausible:
+        doubted.append(f"meter ({report.meter.detail})")
+    if doubted:
+        raise RuntimeError(f"cycle {event.cycle}: readings not believed: {doubted}")
 
 
 def _rss_mb(pid: int) -> float:

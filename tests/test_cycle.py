@@ -197,3 +197,40 @@ async def test_standby_writes_safe_mode_even_to_an_idle_unit(site: Site) -> None
     written.clear()
     await site.cycle()
     assert written == []  # once, not every cycle
+
+
+@pytest.mark.parametrize("site", [{"start": START - 30.0}], indirect=True)
+async def test_the_last_cycle_of_a_step_solves_the_next_step_ahead(site: Site) -> None:
+    """Cycles of 10 s from 30 s before a step's end: only the third, the step's last, hands
+    the next step's LP to the worker (Dispatcher.prepare); the boundary cycle after it waits
+    for it on a stepped clock and plans on rung 1 from its basis."""
+    dispatcher = site.controller.dispatcher
+    assert dispatcher is not None
+    calls: list[float] = []
+    prepare = dispatcher.prepare
+
+    def spy(inputs: Any, *, budget_s: float) -> bool:
+        calls.append(inputs.time)
+        return prepare(inputs, budget_s=budget_s)
+
+    dispatcher.prepare = spy  # type: ignore[method-assign]
+
+    async def cycle() -> CycleCompleted:
+        # The site answers: the unit runs at its command, the meter sees a 3 kW load less it.
+        event = await site.cycle()
+        site.inverter.set_field("power_w", site.commanded_w())
+        site.meter.set_field("grid_power_w", 3000.0 - site.commanded_w())
+        return event
+
+    for _ in range(2):
+        await cycle()
+    assert calls == []
+    await cycle()
+    await site.controller.decider.settle()
+    assert calls == [START]
+    hot = dispatcher._model(900.0).hot
+    assert hot is not None
+    assert hot.last_prepare_s > 0.0
+    event = await cycle()  # the first of the next step
+    assert event.plan.rung is FallbackRung.OPTIMAL, event.plan.reason
+    assert calls == [START]

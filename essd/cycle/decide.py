@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from essd.dispatch import (
     Dispatcher,
     DispatchInputs,
     InvalidDispatchInputsError,
+    ahead_inputs,
     rule_based_plan,
     safe_idle_plan,
     terminal_value,
@@ -103,6 +105,8 @@ class Decider:
         self._realtime = realtime
         self.last_plan: Plan | None = None
         self._solving: Future[Plan] | asyncio.Future[Plan] | None = None
+        # The next step's LP solved ahead (Dispatcher.prepare) between this cycle and the next.
+        self._ahead: asyncio.Future[bool] | None = None
 
     def first_steps(self, plan: Plan) -> dict[str, float]:
         """Each unit's power in the plan's first step (0 W for a unit it does not name)."""
@@ -154,7 +158,33 @@ class Decider:
             return plan, self.first_steps(plan), "safe"
         plan = await self._solve(inputs, now)
         self._remember(plan)
+        self._look_ahead(inputs, plan, now)
         return plan, self.first_steps(plan), f"rung{int(plan.rung)}"
+
+    def _look_ahead(self, inputs: DispatchInputs, plan: Plan, now: float) -> None:
+        """Before the cycle that starts a new step: solve that step's LP ahead, in the worker
+        thread while this cycle writes and the daemon sleeps, so the boundary's solve starts
+        from a basis for its horizon (essd.dispatch.highs)."""
+        ctl = self._settings.control
+        step = ctl.step_s
+        if plan.cause not in SOLVED or self._dispatcher is None:
+            return
+        if math.floor((now + ctl.cycle_period_s) / step) == math.floor(now / step):
+            return
+        ahead = ahead_inputs(inputs, plan)
+        if ahead is None:
+            return
+        dispatcher = self._dispatcher
+        budget = ctl.solve_budget_s
+        self._ahead = asyncio.get_running_loop().run_in_executor(
+            None, lambda: dispatcher.prepare(ahead, budget_s=budget)
+        )
+
+    async def settle(self) -> None:
+        """Wait for the work this cycle left running between cycles (the next step's LP solved
+        ahead); the next solve waits for it anyway."""
+        if self._ahead is not None:
+            await asyncio.wait({self._ahead})
 
     def _remember(self, plan: Plan) -> None:
         if plan.cause in SOLVED:
@@ -217,6 +247,13 @@ class Decider:
             # A stepped clock waits for the solve: the budget is real time, which a simulated
             # run does not have, and a slow host must give the same rungs as a fast one.
             budget = _STEPPED_SOLVE_BUDGET_S
+        if self._ahead is not None:
+            # The dispatcher solves one LP at a time: the look-ahead first (it had a cycle
+            # period; a stepped clock has none and waits).
+            await asyncio.wait({self._ahead}, timeout=budget if self._realtime else None)
+            if not self._ahead.done():
+                return self._late(inputs, now, PlanCause.SOLVE_BUSY, "look-ahead still running")
+            self._ahead = None
         if self._solving is not None and not self._solving.done():
             return self._late(inputs, now, PlanCause.SOLVE_BUSY, "previous solve still running")
         loop = asyncio.get_running_loop()

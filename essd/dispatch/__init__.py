@@ -23,6 +23,7 @@ from essd.dispatch.inputs import (
     BatterySpec,
     DispatchInputs,
     InvalidDispatchInputsError,
+    ahead_inputs,
     terminal_value,
     validate_inputs,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "InvalidDispatchInputsError",
     "SolveTiming",
     "SolverHealth",
+    "ahead_inputs",
     "rule_based_plan",
     "safe_idle_plan",
     "terminal_value",

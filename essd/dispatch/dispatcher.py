@@ -7,6 +7,7 @@ imports. SoC is a ratio 0..1.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -17,7 +18,7 @@ import numpy as np
 
 from essd.dispatch.aggregate import Aggregation, auto_groups
 from essd.dispatch.flex import FlexSpec
-from essd.dispatch.health import SolverHealth, SolveTiming
+from essd.dispatch.health import SolverHealth, SolveTiming, solved_reason
 from essd.dispatch.highs import HighsHotStart
 from essd.dispatch.inputs import (
     BatterySpec,
@@ -49,6 +50,8 @@ _TOL_KW = 1e-5
 
 # How often a solve is repeated with the direction fixed where the LP both charged and
 # discharged one battery in one step (see Dispatcher docstring).
+log = logging.getLogger(__name__)
+
 _MAX_DIRECTION_FIXES = 6
 
 
@@ -64,23 +67,6 @@ DEFAULT_REBUILD_AFTER_FAILURES = 3
 # A solve stopped by its time limit is a plain budget overrun only if the solver used at least
 # this share of the time it was given; one stopped sooner has a broken clock or state.
 _OVERRUN_MIN_SHARE = 0.5
-
-
-def _solved_reason(slack: Mapping[str, float], fixed: int, overlap: bool) -> str:
-    if slack:
-        # Worst first, at most three: the reason is a short line; the slack map has them all.
-        worst = sorted(slack.items(), key=lambda kv: -kv[1])
-        reason = "soft constraints violated: " + ", ".join(f"{k} by {v:.4g}" for k, v in worst[:3])
-        if len(worst) > 3:
-            reason += f" and {len(worst) - 3} more"
-    else:
-        reason = "optimal"
-    notes = []
-    if fixed:
-        notes.append(f"{fixed} re-solve(s) to fix charge/discharge direction")
-    if overlap:
-        notes.append("remaining overlap applied as net power")
-    return reason + (" (" + "; ".join(notes) + ")" if notes else "")
 
 
 class _SolveFailedError(Exception):
@@ -308,6 +294,24 @@ class Dispatcher:
             return plan
         return self.fallback(inputs, last_plan, reason, cause=cause)
 
+    def prepare(self, inputs: DispatchInputs, *, budget_s: float) -> bool:
+        """Solve ahead the LP of a later step's horizon (``inputs.time``; :func:`ahead_inputs`)
+        so the solve reaching that step starts from its basis. An optimisation off the cycle's
+        path: True when a basis was kept, else False (nothing to start from, or a failure)."""
+        model = self._models.get(inputs.step_s)
+        if model is None or model.hot is None or not model.hot.fast:
+            return False
+        try:
+            a = self.flex.prepare(
+                inputs, self.steps, validate_inputs(self.batteries, self.steps, inputs)
+            )
+            a = a if self._agg is None else self._agg.arrays(a)
+            model.assign(a, a.ub_c.copy(), a.ub_d.copy())
+            return model.hot.prepare(math.floor(inputs.time / inputs.step_s), budget_s)
+        except Exception:  # the next solve goes on without it
+            log.debug("preparing the next step's solve failed", exc_info=True)
+            return False
+
     def _solver_failed(self) -> str:
         """Count a failed solve; rebuild the solver every ``rebuild_after_failures`` in a row.
 
@@ -369,7 +373,7 @@ class Dispatcher:
             if model.hot is None:
                 maps = self._lp_maps(model)
                 model.hot = HighsHotStart(model.problem, self._solver_options, maps=maps)
-            status = model.hot.solve(remaining_s, shift=shift)
+            status = model.hot.solve(remaining_s, shift=shift, step_index=model.step_index)
             return status, model.hot.last_solver_s, model.hot.last_model_status == "kTimeLimit"
         opts = dict(self._solver_options)
         if self.solver in ("HIGHS", "CLARABEL"):
@@ -386,8 +390,7 @@ class Dispatcher:
         model = self._model(inputs.step_s)
         # The LP's batteries: the units, or one per group of identical units (aggregate.py).
         a = full if self._agg is None else self._agg.arrays(full)
-        # How many steps the horizon moved on since this model's last solve (the horizon
-        # starts at ``inputs.time``): the hot start then runs primal simplex.
+        # Steps the horizon (from ``inputs.time``) moved on since the last solve: HighsHotStart.
         step_index = math.floor(inputs.time / inputs.step_s)
         shift = step_index - model.step_index if model.step_index is not None else 0
         model.step_index = step_index
@@ -463,7 +466,7 @@ class Dispatcher:
         slack = self._slack(model, full)
         self.flex.collect(model.flex, slack, self.steps)
         rung = FallbackRung.SOFT if slack else FallbackRung.OPTIMAL
-        reason = _solved_reason(slack, fixed, overlap)
+        reason = solved_reason(slack, fixed, overlap)
         return make_plan(
             self.batteries,
             inputs,

@@ -1,7 +1,9 @@
-"""How the optimizer's last solve went and whether its solver still works (metrics, alerts)."""
+"""How the optimizer's last solve went and whether its solver still works (metrics, alerts),
+and the reason a solved plan gives."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -34,3 +36,22 @@ class SolverHealth:
     solver_failures_consecutive: int = 0
     solver_failures_total: int = 0
     solver_rebuilds_total: int = 0
+
+
+def solved_reason(slack: Mapping[str, float], fixed: int, overlap: bool) -> str:
+    """A solved plan's reason: optimal or the soft constraints it violated (worst first), and
+    the direction fixes it took."""
+    if slack:
+        # Worst first, at most three: the reason is a short line; the slack map has them all.
+        worst = sorted(slack.items(), key=lambda kv: -kv[1])
+        reason = "soft constraints violated: " + ", ".join(f"{k} by {v:.4g}" for k, v in worst[:3])
+        if len(worst) > 3:
+            reason += f" and {len(worst) - 3} more"
+    else:
+        reason = "optimal"
+    notes = []
+    if fixed:
+        notes.append(f"{fixed} re-solve(s) to fix charge/discharge direction")
+    if overlap:
+        notes.append("remaining overlap applied as net power")
+    return reason + (" (" + "; ".join(notes) + ")" if notes else "")

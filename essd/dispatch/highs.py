@@ -87,10 +87,14 @@ class HighsHotStart:
     cold solve takes tens of thousands of simplex iterations, a re-solve hundreds. The primal
     solution is stored in the cvxpy variables (``value``) as cvxpy would store it.
 
-    When the horizon has moved on (``solve(shift=k)``) the run uses primal simplex from the
-    same basis. Shifting the basis by the steps moved was measured and is not done: the
-    unshifted basis is the closer one (10 x 288: 106 column statuses differ from the new
-    optimum's, 429 after a shift; 100 x 288: 3,271 iterations unshifted, 3,854 shifted).
+    When the horizon has moved on (``solve(shift=k)``) the run starts from the basis that
+    :meth:`prepare` found for the new horizon ahead of time (the last cycle of a step solves
+    the next step's LP on a second HiGHS instance, off the cycle's path; the boundary cycle's
+    LP then differs from it by one cycle's news): dual simplex from there. Without one it uses
+    primal simplex from the old basis. Shifting the old basis by the steps moved was measured
+    and is not done: the unshifted basis is the closer one (10 x 288: 106 column statuses
+    differ from the new optimum's, 429 after a shift; 100 x 288: 3,271 iterations unshifted,
+    3,854 shifted).
 
     Without ``maps`` (a problem whose parameters are not affine in costs, bounds and
     right-hand sides, see :class:`LpMaps`) it is solved the same way but with its data built
@@ -108,10 +112,18 @@ class HighsHotStart:
         # The LP the HiGHS instance holds now (to pass on only what changed).
         self._lp_now: LpData | None = None
         self.last_solver_s = 0.0
+        # Simplex iterations of the last run (deterministic, unlike its time).
+        self.last_iterations = 0
         # HiGHS's model status name of the last run ("kOptimal", "kTimeLimit", ...).
         self.last_model_status = ""
         # The objective value of the last optimal solve (the cvxpy problem's value).
         self.objective_value = math.nan
+        # The look-ahead instance (prepare) and the LP it holds; the basis it found for the
+        # horizon starting at a step index.
+        self._ahead_highs: Any = None
+        self._ahead_lp: LpData | None = None
+        self._ahead_basis: tuple[int, Any] | None = None
+        self.last_prepare_s = 0.0
 
     @property
     def fast(self) -> bool:
@@ -123,8 +135,60 @@ class HighsHotStart:
         self._highs = None
         self._a_data = None
         self._lp_now = None
+        self._ahead_highs = None
+        self._ahead_lp = None
+        self._ahead_basis = None
+
+    def prepare(self, step_index: int, time_limit_s: float) -> bool:
+        """Solve the LP of the parameters' current values, the horizon that starts at step
+        ``step_index``, on the look-ahead instance from the live instance's basis, and keep
+        the optimal basis for the solve that reaches that step (``solve(step_index=...)``).
+
+        Only on the fast path with a live basis; True when a basis was kept. The live
+        instance, its LP and the cvxpy variables are left as they were.
+        """
+        if self._maps is None or self._highs is None or self._lp_now is None:
+            return False
+        lp = self._maps.data(self._maps.theta())
+        started = time.perf_counter()
+        if self._ahead_highs is None or self._ahead_lp is None:
+            self._ahead_highs = self._build(lp)
+        else:
+            _update(self._ahead_highs, self._ahead_lp, lp)
+        self._ahead_lp = lp
+        h = self._ahead_highs
+        h.setBasis(self._highs.getBasis())
+        h.setOptionValue("time_limit", float(h.getRunTime() + max(time_limit_s, 1e-3)))
+        h.setOptionValue("simplex_strategy", _PRIMAL_SIMPLEX)
+        try:
+            h.run()
+        finally:
+            h.setOptionValue("simplex_strategy", _DUAL_SIMPLEX)
+        self.last_prepare_s = time.perf_counter() - started
+        if h.getModelStatus().name != "kOptimal":
+            self._ahead_basis = None
+            return False
+        self._ahead_basis = (step_index, h.getBasis())
+        return True
 
     def _new_highs(self, lp: LpData) -> Any:
+        """The live HiGHS instance, built afresh to hold the LP."""
+        h = self._build(lp)
+        self._highs = h
+        self._lp_now = lp
+        self._a_data = lp.a_mat.data.copy()
+        self._ahead_basis = None
+        # Without a basis to start from, a large LP solves faster by interior point (with
+        # crossover, which leaves the basis the next cycles hot-start from). Measured with
+        # the LP that penalises every setpoint change (a churn column per unit and step):
+        # 10 x 96 (4.3k columns) 0.14 s against 0.29 s of dual simplex, 10 x 288 (13k)
+        # 1.35 s against 6.1 s, 30 x 96 0.78 s against 3.4 s; 1 x 288 (2.6k) 0.05 s against
+        # 0.04 s. (Before that LP, simplex won up to ~30k columns.)
+        if lp.a_mat.shape[1] >= _IPM_COLD_COLUMNS and "solver" not in self._options:
+            h.setOptionValue("solver", "ipm")
+        return h
+
+    def _build(self, lp: LpData) -> Any:
         """A HiGHS instance holding the LP (one passModel, as cvxpy's own interface does)."""
         a_mat = lp.a_mat
         h = _highspy.Highs()
@@ -145,17 +209,6 @@ class HighsHotStart:
         model.a_matrix_.index_ = a_mat.indices
         model.a_matrix_.value_ = a_mat.data
         h.passModel(model)
-        self._highs = h
-        self._lp_now = lp
-        self._a_data = a_mat.data.copy()
-        # Without a basis to start from, a large LP solves faster by interior point (with
-        # crossover, which leaves the basis the next cycles hot-start from). Measured with
-        # the LP that penalises every setpoint change (a churn column per unit and step):
-        # 10 x 96 (4.3k columns) 0.14 s against 0.29 s of dual simplex, 10 x 288 (13k)
-        # 1.35 s against 6.1 s, 30 x 96 0.78 s against 3.4 s; 1 x 288 (2.6k) 0.05 s against
-        # 0.04 s. (Before that LP, simplex won up to ~30k columns.)
-        if a_mat.shape[1] >= _IPM_COLD_COLUMNS and "solver" not in self._options:
-            h.setOptionValue("solver", "ipm")
         return h
 
     def _lp(self) -> tuple[LpData, Any]:
@@ -165,20 +218,27 @@ class HighsHotStart:
         data, chain, inverse = self._problem.get_problem_data(cp.HIGHS, enforce_dpp=True)
         return highs_data(data, inverse[-1]["offset"]), (chain, inverse)
 
-    def solve(self, time_limit_s: float, *, shift: int = 0) -> str:
+    def solve(self, time_limit_s: float, *, shift: int = 0, step_index: int | None = None) -> str:
         """Solve with the parameters' current values; returns the cvxpy status.
 
-        ``shift``: steps the horizon moved on since the last solve (> 0: primal simplex).
+        ``shift``: steps the horizon moved on since the last solve (> 0: from the basis
+        :meth:`prepare` kept for ``step_index``, else primal simplex from the last basis).
         """
         lp, via_cvxpy = self._lp()
         same_matrix = self._a_data is not None and (
             self._maps is not None or np.array_equal(self._a_data, lp.a_mat.data)
         )
+        ahead = self._ahead_basis
+        self._ahead_basis = None
         if self._highs is None or not same_matrix or self._lp_now is None:
             h = self._new_highs(lp)
         else:
             h = self._highs
-            self._update(h, lp)
+            _update(h, self._lp_now, lp)
+            self._lp_now = lp
+            if shift > 0 and ahead is not None and ahead[0] == step_index:
+                h.setBasis(ahead[1])
+                shift = 0  # a basis for this horizon: dual simplex, as between steps
         # HiGHS checks time_limit against the instance's run clock, which adds up every run()
         # so far (ERGO-Code/HiGHS#1331, #1477; highspy 1.16 has no zeroAllClocks): a plain
         # time_limit = budget failed every solve from the 2,105th on (4 x 96, budget 2 s).
@@ -200,6 +260,7 @@ class HighsHotStart:
             if primal:
                 h.setOptionValue("simplex_strategy", _DUAL_SIMPLEX)
         self.last_solver_s = time.perf_counter() - started
+        self.last_iterations = int(h.getInfo().simplex_iteration_count)
         if "solver" not in self._options:
             # Re-solves go on from a basis: simplex. Also after a cold IPM run cut short by the
             # time limit: IPM cannot resume, while simplex progress carries over to the next
@@ -234,17 +295,16 @@ class HighsHotStart:
         self.objective_value = float(self._problem.value)
         return str(self._problem.status)
 
-    def _update(self, h: Any, lp: LpData) -> None:
-        """Replace the costs and bounds that differ from those HiGHS holds (one call each)."""
-        old = self._lp_now
-        assert old is not None
-        cost = np.flatnonzero(old.cost != lp.cost)
-        if cost.size:
-            h.changeColsCost(cost.size, cost.astype(np.int32), lp.cost[cost])
-        cols = np.flatnonzero((old.col_lo != lp.col_lo) | (old.col_up != lp.col_up))
-        if cols.size:
-            h.changeColsBounds(cols.size, cols.astype(np.int32), lp.col_lo[cols], lp.col_up[cols])
-        rows = np.flatnonzero((old.row_lo != lp.row_lo) | (old.row_up != lp.row_up))
-        if rows.size:
-            h.changeRowsBounds(rows.size, rows.astype(np.int32), lp.row_lo[rows], lp.row_up[rows])
-        self._lp_now = lp
+
+def _update(h: Any, old: LpData, lp: LpData) -> None:
+    """Replace the costs and bounds of ``lp`` that differ from ``old``, which ``h`` holds (one
+    call each)."""
+    cost = np.flatnonzero(old.cost != lp.cost)
+    if cost.size:
+        h.changeColsCost(cost.size, cost.astype(np.int32), lp.cost[cost])
+    cols = np.flatnonzero((old.col_lo != lp.col_lo) | (old.col_up != lp.col_up))
+    if cols.size:
+        h.changeColsBounds(cols.size, cols.astype(np.int32), lp.col_lo[cols], lp.col_up[cols])
+    rows = np.flatnonzero((old.row_lo != lp.row_lo) | (old.row_up != lp.row_up))
+    if rows.size:
+        h.changeRowsBounds(rows.size, rows.astype(np.int32), lp.row_lo[rows], lp.row_up[rows])

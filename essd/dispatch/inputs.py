@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from essd.domain import LiveLimits
+from essd.domain import LiveLimits, Plan
 
 if TYPE_CHECKING:
     from essd.dispatch.sessions import FlexSession
@@ -160,6 +160,40 @@ class DispatchArrays:
     terminal_value: float
     curt_ub: FloatArray  # (T,) kW of PV that may be curtailed
     peak_margin: FloatArray  # (T,) kW, import headroom planned for the demand charge
+
+
+def ahead_inputs(inputs: DispatchInputs, plan: Plan) -> DispatchInputs | None:
+    """The inputs of the horizon that starts at the step after ``inputs.time``, as far as
+    this cycle knows them: every per-step series one step on (its last value held), the SoC
+    the ``plan`` expects at that step's start and its first step as the previous setpoint.
+    For :meth:`essd.dispatch.Dispatcher.prepare`; None where that guess is not made
+    (flexible-load sessions, a plan of other units or steps).
+    """
+    step = inputs.step_s
+    if inputs.sessions or plan.step_s != step or not plan.steps:
+        return None
+    if any(d not in plan.soc or len(plan.soc[d]) < 2 for d in inputs.soc):
+        return None
+
+    def on(seq: Sequence[Any]) -> list[Any]:
+        return [*seq[1:], seq[-1]] if len(seq) else list(seq)
+
+    return replace(
+        inputs,
+        time=(math.floor(inputs.time / step) + 1) * step,
+        soc={d: plan.soc[d][1] for d in inputs.soc},
+        load_w=on(inputs.load_w),
+        pv_w=on(inputs.pv_w),
+        import_price=on(inputs.import_price),
+        export_price=on(inputs.export_price),
+        availability={d: on(v) for d, v in inputs.availability.items()},
+        carbon_intensity=None if inputs.carbon_intensity is None else on(inputs.carbon_intensity),
+        peak_margin_w=None if inputs.peak_margin_w is None else on(inputs.peak_margin_w),
+        previous_setpoint_w={d: plan.first_step_w(d) for d in inputs.soc if d in plan.power_w},
+        billed_import_wh=0.0,
+        billed_elapsed_s=0.0,
+        billed_peak_w=None,
+    )
 
 
 def check_finite(name: str, v: float, *, lo: float | None = None, allow_inf: bool = False) -> None:

@@ -293,6 +293,11 @@ class SunSpecLayout(Strict):
     models: tuple[int, ...] = Field(min_length=1)
 
 
+# Profile.register's index: a profile's registers by name, keyed by the id of its register
+# tuple (held, so the id stays its own).
+_BY_NAME: dict[int, tuple[tuple[RegisterSpec, ...], dict[str, RegisterSpec]]] = {}
+
+
 class Profile(Strict):
     """A device profile (``schema: 1`` or ``2``; see :data:`SCHEMA_VERSIONS`)."""
 
@@ -450,10 +455,14 @@ class Profile(Strict):
 
     def register(self, name: str) -> RegisterSpec:
         """The register called ``name`` (KeyError naming it otherwise)."""
-        for r in self.registers:
-            if r.name == name:
-                return r
-        raise KeyError(f"profile {self.name}: no register {name!r}")
+        regs = self.registers
+        index = _BY_NAME.get(id(regs))
+        if index is None or index[0] is not regs:
+            index = _BY_NAME[id(regs)] = (regs, {r.name: r for r in regs})
+        spec = index[1].get(name)
+        if spec is None:
+            raise KeyError(f"profile {self.name}: no register {name!r}")
+        return spec
 
     def field_register(self, field: str) -> RegisterSpec | None:
         """The register mapped to a semantic field, or None when the profile has none."""

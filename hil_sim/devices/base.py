@@ -63,6 +63,9 @@ class SimDevice:
         self._point_names = {r.point: r.name for r in profile.registers if r.point is not None}
         self._touched: list[str] = []
         self._publish_errors: set[str] = set()
+        # matches(): each literal step's value and tolerance, worked out once (by step id; the
+        # steps are the profile's own, alive as long as the device).
+        self._wants: dict[int, tuple[float | str, float]] = {}
         image.add_write_listener(self._heard)
 
     # -- RegisterStore -------------------------------------------------------------------------
@@ -213,12 +216,16 @@ class SimDevice:
 
     def matches(self, step: WriteStep) -> bool:
         """True when the register holds the step's literal value."""
-        want = self.literal(step)
+        known = self._wants.get(id(step))
+        if known is None:
+            want = self.literal(step)
+            scale = self.profile.register(step.register).scale
+            tolerance = 0.0 if isinstance(want, str) else max(abs(scale) * 0.51, abs(want) * 1e-6)
+            known = self._wants[id(step)] = (want, max(tolerance, 1e-9))
+        want, tolerance = known
         cur = self.image.get_value(step.register)
         if isinstance(want, str) or isinstance(cur, str) or cur is None:
             return cur == want
-        spec = self.profile.register(step.register)
-        tolerance = max(abs(spec.scale) * 0.51, abs(want) * 1e-6, 1e-9)
         return abs(float(cur) - float(want)) <= tolerance
 
     def apply_literals(self, action: ActionName) -> bool:

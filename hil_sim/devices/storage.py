@@ -31,7 +31,7 @@ import logging
 import math
 
 from drivers.layout import base_unit, from_base
-from drivers.profile import ActionName, Profile, WriteStep
+from drivers.profile import Action, ActionName, Profile, WriteStep
 from drivers.profile_parts import Condition, Severity
 from essd.clock import Clock
 from hil_sim.battery import Alarm, Battery, BatteryState
@@ -62,6 +62,7 @@ class StorageDevice(SimDevice):
         act = profile.actions.get(ActionName.SET_ACTIVE_POWER)
         self._power_regs = {s.register for s in act.writes} if act else set()
         self._gated = {g.target for g in profile.simulation.behaviour.gates}
+        self._sense_steps: dict[int, list[tuple[str, list[WriteStep], list[WriteStep], int]]] = {}
         hb = self.param_register(ActionName.HEARTBEAT, "counter")
         self._hb_reg = hb
         self._refreshed_at: float | None = None  # epoch s of the last setpoint write
@@ -113,11 +114,9 @@ class StorageDevice(SimDevice):
         if act is None:
             return None
         found: list[tuple[int, str, list[WriteStep]]] = []
-        for sense in _SENSES:
-            steps = [s for s in act.writes if s.when in ("always", sense)]
-            literals = [s for s in steps if s.value is not None and s.register not in self._gated]
+        for sense, steps, literals, own in self._senses(act):
             if all(self.matches(s) for s in literals):
-                found.append((sum(s.when == sense for s in literals), sense, steps))
+                found.append((own, sense, steps))
         if not found:
             return None
         best = max(f[0] for f in found)
@@ -128,6 +127,21 @@ class StorageDevice(SimDevice):
         power = self._power_of("always", candidates[0][1])
         sense = "charge" if power < 0 else "discharge" if power > 0 else "idle"
         return next((c for c in candidates if c[0] == sense), candidates[0])
+
+    def _senses(self, act: Action) -> list[tuple[str, list[WriteStep], list[WriteStep], int]]:
+        """Per sense of ``act``: its steps, their literal steps (gated registers left out) and
+        how many of those are the sense's own; worked out once per action."""
+        known = self._sense_steps.get(id(act))
+        if known is None:
+            known = []
+            for sense in _SENSES:
+                steps = [s for s in act.writes if s.when in ("always", sense)]
+                literals = [
+                    s for s in steps if s.value is not None and s.register not in self._gated
+                ]
+                known.append((sense, steps, literals, sum(s.when == sense for s in literals)))
+            self._sense_steps[id(act)] = known
+        return known
 
     def step_base(self, step: WriteStep) -> float | None:
         """What a parameter step's register commands, in the parameter's base unit (W): the

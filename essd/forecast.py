@@ -7,7 +7,9 @@ Sources, in order of precedence for each quantity:
    ``expires_at``; online PV only where load is forecast apart from PV (PV measured, or load
    from a file), since a learned net load has the PV folded in already;
 3. a site series file (CSV) when configured;
-4. built-in forecasters: the tariff for prices, a constant carbon intensity, and for load either
+4. built-in forecasters, each a :class:`essd.forecasters.QuantityForecaster` that learns every
+   observation while config chooses which one predicts: the tariff for prices, a constant
+   carbon intensity, and for load either
    *persistence* (the last observation, held), a *daily profile* learned online from the meter
    (an exponentially weighted average per time-of-day bin, persistence until a bin has data) or
    a *week profile* (weekday and weekend/holiday profiles, robust, with the latest deviation
@@ -39,7 +41,7 @@ import numpy.typing as npt
 
 from essd.clock import local_midnight
 from essd.config import ForecastConfig, TariffConfig
-from essd.forecasters import ClearSkyPV, WeekProfile
+from essd.forecasters import ClearSkyPV, Persistence, QuantityForecaster, WeekProfile
 from essd.series import SERIES_COLUMNS, read_series_csv
 
 FloatArray = npt.NDArray[np.float64]
@@ -193,14 +195,14 @@ class DailyProfile:
     def _bin(self, t: float) -> int:
         return int(_seconds_of_day(datetime.fromtimestamp(t, tz=self._tz)) // self._bin_s)
 
-    def observe(self, t: float, value_w: float) -> None:
-        """Learn one observation of net load at epoch ``t`` (non-finite values are ignored)."""
-        if not math.isfinite(value_w):
+    def observe(self, t: float, value: float) -> None:
+        """Learn one observation (W) at epoch ``t`` (non-finite values are ignored)."""
+        if not math.isfinite(value):
             return
         b = self._bin(t)
         old = self._values[b]
-        self._values[b] = value_w if np.isnan(old) else old + self._alpha * (value_w - old)
-        self._last = value_w
+        self._values[b] = value if np.isnan(old) else old + self._alpha * (value - old)
+        self._last = value
 
     def predict(self, times: FloatArray) -> FloatArray:
         """Net load forecasts at ``times``; persistence (or 0) for bins without data."""
@@ -245,8 +247,12 @@ class Forecaster:
         self._series = (
             SeriesFile(forecast.series_file, self._tz) if forecast.series_file is not None else None
         )
-        self._profile = DailyProfile(self._tz)  # net load, or load where PV is measured
+        # Every forecaster of a quantity learns every observation; config chooses which
+        # predicts (_load_model, _pv_model). Load is net load, or load where PV is measured.
+        self._profile = DailyProfile(self._tz)
         self._pv = DailyProfile(self._tz)
+        self._load_last = Persistence()
+        self._pv_last = Persistence()
         self._week = WeekProfile(self._tz, holidays=tariff.holidays)
         self._clear = (
             ClearSkyPV(forecast.pv_array, self._tz) if forecast.pv_array is not None else None
@@ -265,12 +271,15 @@ class Forecaster:
         if pv_w is not None and math.isfinite(pv_w) and pv_w >= 0:
             self.pv_measured = True
             self._profile.observe(t, net_load_w + pv_w)
+            self._load_last.observe(t, net_load_w + pv_w)
             self._week.observe(mid, net_load_w + pv_w)
             self._pv.observe(t, pv_w)
+            self._pv_last.observe(t, pv_w)
             if self._clear is not None:
                 self._clear.observe(mid, pv_w)
         elif not self.pv_measured:
             self._profile.observe(t, net_load_w)
+            self._load_last.observe(t, net_load_w)
             self._week.observe(mid, net_load_w)
 
     def state(self) -> dict[str, object]:
@@ -280,6 +289,8 @@ class Forecaster:
             "pv": self._pv.state(),
             "week": self._week.state(),
             "clear_sky": None if self._clear is None else self._clear.state(),
+            "last_load": self._load_last.state(),
+            "last_pv": self._pv_last.state(),
             "pv_measured": self.pv_measured,
         }
 
@@ -307,7 +318,16 @@ class Forecaster:
                     clear.restore(data["clear_sky"])
                 except ValueError as exc:
                     raise ValueError(f"forecaster.clear_sky: {exc}") from None
+        last = {}
+        for name, profile in (("last_load", fresh["load"]), ("last_pv", fresh["pv"])):
+            last[name] = Persistence()
+            try:
+                # Absent from a state saved before it was kept: the daily profile's latest.
+                last[name].restore(data.get(name, {"last": profile.last}))
+            except ValueError as exc:
+                raise ValueError(f"forecaster.{name}: {exc}") from None
         self._profile, self._pv = fresh["load"], fresh["pv"]
+        self._load_last, self._pv_last = last["last_load"], last["last_pv"]
         self._week, self._clear = week, clear
         self.pv_measured = bool(data.get("pv_measured", False))
 
@@ -334,21 +354,26 @@ class Forecaster:
             return arr  # the learned net load already has the PV in it
         return series.over(times, arr)
 
+    def _load_model(self, kind: str) -> QuantityForecaster:
+        """The load forecaster ``forecast.load`` names (the daily profile for the rest)."""
+        models: dict[str, QuantityForecaster] = {
+            "week-profile": self._week,
+            "persistence": self._load_last,
+        }
+        return models.get(kind, self._profile)
+
+    def _pv_model(self, kind: str) -> QuantityForecaster:
+        """The PV forecaster ``forecast.pv`` names (the daily profile for the rest)."""
+        models: dict[str, QuantityForecaster] = {"persistence": self._pv_last}
+        if self._clear is not None:
+            models["clear-sky"] = self._clear
+        return models.get(kind, self._pv)
+
     def _learned(self, kind: str, times: FloatArray) -> FloatArray:
-        if kind == "week-profile":
-            return self._week.predict(times)
-        if kind == "persistence":
-            last = self._profile.last
-            return np.full(len(times), 0.0 if last is None else last)
-        return self._profile.predict(times)
+        return self._load_model(kind).predict(times)
 
     def _learned_pv(self, kind: str, times: FloatArray) -> FloatArray:
-        if kind == "clear-sky" and self._clear is not None:
-            return np.maximum(self._clear.predict(times), 0.0)
-        if kind == "persistence":
-            last = self._pv.last
-            return np.full(len(times), 0.0 if last is None else max(last, 0.0))
-        return np.maximum(self._pv.predict(times), 0.0)
+        return np.maximum(self._pv_model(kind).predict(times), 0.0)
 
     def _from_file(self, column: str, times: FloatArray) -> FloatArray | None:
         if self._series is None or not self._series.has(column):

@@ -164,6 +164,34 @@ class _Current:
         return out
 
 
+class Persistence:
+    """The latest observation, held over the horizon (0 before the first)."""
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+
+    def observe(self, t: float, value: float) -> None:
+        """Keep ``value`` as the forecast (non-finite values are ignored)."""
+        del t
+        if math.isfinite(value):
+            self.last = float(value)
+
+    def predict(self, times: FloatArray) -> FloatArray:
+        """The latest observation at every one of ``times``."""
+        return np.full(len(times), 0.0 if self.last is None else self.last)
+
+    def state(self) -> dict[str, Any]:
+        """The latest observation, JSON-ready."""
+        return {"last": self.last}
+
+    def restore(self, data: object) -> None:
+        """Take back :meth:`state`; ValueError naming the field when it does not fit."""
+        if not isinstance(data, dict):
+            raise ValueError("must be an object")
+        last = _number(data, "last", optional=True)
+        self.last = last
+
+
 class WeekProfile:
     """Load by day type (0 weekday, 1 weekend or holiday) and time of day; see the module."""
 

@@ -9,8 +9,9 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pytest
 
-from essd.config import ForecastConfig, TariffConfig
+from essd.config import ForecastConfig, PvArrayConfig, TariffConfig
 from essd.forecast import DailyProfile, Forecaster, ForecastError, Override, SeriesFile
+from essd.forecasters import ClearSkyPV, Persistence, WeekProfile
 
 TZ = ZoneInfo("Asia/Shanghai")
 
@@ -140,3 +141,42 @@ def test_learned_state_round_trips_and_bad_state_is_refused_whole() -> None:
     with pytest.raises(ValueError, match=r"forecaster\.pv: values"):
         h.restore(bad)
     assert h.forecast(at(3, 0, day=2), 900, 1).load_w.tolist() == [700.0]  # unchanged
+
+
+@pytest.mark.parametrize(
+    ("load", "pv", "load_type", "pv_type"),
+    [
+        ("daily-profile", "daily-profile", DailyProfile, DailyProfile),
+        ("week-profile", "persistence", WeekProfile, Persistence),
+        ("persistence", "clear-sky", Persistence, ClearSkyPV),
+    ],
+)
+def test_each_configured_forecaster_is_one_behind_the_protocol(
+    load: str, pv: str, load_type: type, pv_type: type
+) -> None:
+    """forecast.load / forecast.pv choose a QuantityForecaster; it is what predicts."""
+    array = PvArrayConfig(latitude=29.56, longitude=106.55, kwp=5.0)
+    f = Forecaster(ForecastConfig(load=load, pv=pv, pv_array=array), TOU, "Asia/Shanghai")
+    for t, net, sun in ((at(11, 0), -900.0, 2500.0), (at(11, 15), -700.0, 2300.0)):
+        f.observe(t, net, sun)
+    model = f._load_model(load)
+    assert isinstance(model, load_type)
+    assert isinstance(f._pv_model(pv), pv_type)
+    times = np.array([at(11, 30), at(12, 0)])
+    fc = f.forecast(float(times[0]), 1800.0, 2)
+    np.testing.assert_allclose(fc.load_w, model.predict(times))
+    np.testing.assert_allclose(fc.pv_w, np.maximum(f._pv_model(pv).predict(times), 0.0))
+
+
+def test_persistence_holds_the_latest_observation_and_restores_from_an_older_state() -> None:
+    f = Forecaster(ForecastConfig(load="persistence", pv="persistence"), TOU, "Asia/Shanghai")
+    f.observe(at(9, 0), 800.0, 300.0)  # net 800 W with 300 W of measured PV: load 1,100 W
+    state = f.state()
+    assert state["last_load"] == {"last": 1100.0}
+    older = {k: v for k, v in state.items() if k not in ("last_load", "last_pv")}
+    g = Forecaster(ForecastConfig(load="persistence", pv="persistence"), TOU, "Asia/Shanghai")
+    g.restore(older)  # saved before they were kept: the daily profile's latest values
+    assert g.forecast(at(10, 0), 900, 2).load_w.tolist() == [1100.0, 1100.0]
+    assert g.forecast(at(10, 0), 900, 2).pv_w.tolist() == [300.0, 300.0]
+    with pytest.raises(ValueError, match=r"forecaster\.last_pv: last"):
+        g.restore({**state, "last_pv": {"last": "high"}})

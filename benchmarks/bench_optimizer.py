@@ -204,10 +204,7 @@ def measure(
             Result(
                 f"optimizer.{label}.resolve_step_shift_ms.{size}", _ms(at_shift or totals), "ms"
             ),
-            *(
-                [Result(f"optimizer.{label}.lookahead_ms.{size}", _ms(ahead_s), "ms")]
-                * bool(ahead_s)
-            ),
+            *_lookahead(f"optimizer.{label}.lookahead_ms.{size}", ahead_s),
         ]
     if not hot_start or solver != "HIGHS":
         name = "cvxpy_path" if solver == "HIGHS" else f"cvxpy_path_{solver.lower()}"
@@ -219,7 +216,7 @@ def measure(
         Result(f"optimizer.resolve_max_ms.{size}", max(totals) * 1000.0, "ms"),
         Result(f"optimizer.resolve_step_shift_ms.{size}", _ms(at_shift or totals), "ms"),
         Result(f"optimizer.solver_ms.{size}", _ms(in_solver), "ms"),
-        *([Result(f"optimizer.lookahead_ms.{size}", _ms(ahead_s), "ms")] * bool(ahead_s)),
+        *_lookahead(f"optimizer.lookahead_ms.{size}", ahead_s),
         Result(f"optimizer.cvxpy_share.{size}", 1.0 - sum(in_solver) / sum(totals), "ratio"),
     ]
 
@@ -327,6 +324,11 @@ def soak(solves: int = 10_000, *, budget_s: float = 1.0) -> list[Result]:
         Result(f"optimizer.soak_failures.{solves}", float(failures), "plans"),
         Result(f"optimizer.soak_solver_failures.{solves}", solver_failures, "solves"),
     ]
+
+
+def _lookahead(name: str, seconds: list[float]) -> list[Result]:
+    """The look-ahead solves' median, where the loop made any."""
+    return [Result(name, _ms(seconds), "ms")] if seconds else []
 
 
 def _ms(seconds: list[float]) -> float:

@@ -16,7 +16,10 @@ Invariants held on every path (DESIGN.md "Safety invariants"):
   the pessimistic end of its band for each limit; when the bands together are wider than the
   window between the limits, no setpoint can be vouched for and every device idles;
 - where a SoC interval is given (``soc_band``), the reserve is checked against its low end
-  and the maximum SoC against its high end.
+  and the maximum SoC against its high end;
+- with a demand charge, charging never takes the import above ``charge_import_cap_w`` (the
+  billed peak so far, or the higher import the plan accepted for this step): it is reduced,
+  never turned into discharge (that is the plan's call).
 
 Battery power in W: > 0 discharges into the site, < 0 charges. Grid W > 0 imports.
 """
@@ -73,6 +76,8 @@ class GuardInput:
     ``limit_margin_w``: kept inside both site limits (W >= 0). ``power_band_w``: per device,
     (lo, hi) W its power now may be in, used instead of its reading for the site balance.
     ``soc_band``: per device, (lo, hi) ratio its SoC may be in, instead of its reading.
+    ``charge_import_cap_w``: import (W) that charging must not push the grid above (None:
+    no such cap); see the module docstring.
     """
 
     now_mono: float
@@ -90,6 +95,7 @@ class GuardInput:
     limit_margin_w: float = 0.0
     power_band_w: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     soc_band: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    charge_import_cap_w: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +245,11 @@ def _site_correction(
         _shift(power, bounds, grid(base_hi) - import_at, up=True, reason="import limit")
         # Too much export: less discharging first, then more charging.
         _shift(power, bounds, -export_at - grid(base_lo), up=False, reason="export limit")
+        cap = inp.charge_import_cap_w
+        if cap is not None and math.isfinite(cap):
+            # Charging that would raise the billed peak: less of it, never towards export.
+            excess = min(grid(base_hi) - max(cap, 0.0), grid(base_lo) + export_at)
+            _shift(power, bounds, excess, up=True, reason="billed peak", undo_only=True)
     g_lo, g_hi = grid(base_lo), grid(base_hi)
     unmet = max(0.0, g_hi - inp.import_limit_w, -inp.export_limit_w - g_lo)
     return (g_lo + g_hi) / 2.0, unmet
@@ -254,15 +265,21 @@ def side_margin(margin: float, limit_w: float) -> float:
 
 
 def _shift(
-    power: dict[str, float], bounds: dict[str, _Bounds], amount: float, *, up: bool, reason: str
+    power: dict[str, float],
+    bounds: dict[str, _Bounds],
+    amount: float,
+    *,
+    up: bool,
+    reason: str,
+    undo_only: bool = False,
 ) -> None:
     """Move the devices' total power by ``amount`` W (up = toward discharge), within bounds.
 
     The first pass only brings devices back toward 0 (undoing charge when moving up, discharge
-    when moving down); the second uses the remaining headroom. Devices go in id order, so the
-    result is deterministic.
+    when moving down); the second, unless ``undo_only``, uses the remaining headroom. Devices
+    go in id order, so the result is deterministic.
     """
-    for first_pass in (True, False):
+    for first_pass in (True,) if undo_only else (True, False):
         for dev_id in sorted(power):
             if amount <= 0:
                 return

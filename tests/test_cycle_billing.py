@@ -4,6 +4,7 @@ step)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -149,3 +150,55 @@ async def test_the_record_bills_the_tariffs_window(window_s: float | None, bille
         finally:
             await pool.close()
     assert event.billing_peak_w == (pytest.approx(1000.0) if billed else 0.0)
+
+
+@pytest.mark.parametrize(
+    ("demand_charge", "source", "expected_w"),
+    [(12.0, "rung3", -2000.0), (0.0, "rung3", -5000.0), (12.0, "manual", -5000.0)],
+)
+async def test_charging_under_a_plan_never_raises_the_billed_peak(
+    demand_charge: float, source: str, expected_w: float
+) -> None:
+    """A plan (here an older one, as rung 3 applies) asks for 5 kW of charging that it
+    expected to take the import to 8 kW; the load has since risen and the meter reads 7 kW
+    with the unit idle, the month's billed peak is 9 kW. With a demand charge the guard lets
+    2 kW through (to 9 kW, the higher of the two); without one, or under a manual setpoint, the
+    whole 5 kW (the site's import limit, 20 kW here, is far above)."""
+    inverter = ProfileImage(resolve_profile("household-hybrid-forcible"))
+    meter = ProfileImage(resolve_profile("site-meter"))
+    inverter.set_field("soc", 0.1)  # at reserve: the real cycles before idle it
+    inverter.set_field("power_w", 0.0)
+    meter.set_field("grid_power_w", 7000.0)
+    async with ModbusServer.tcp({1: inverter, 2: meter}) as server:
+        base = settings(server.port)
+        tariff = base.tariff.model_copy(update={"demand_charge_per_kw": demand_charge})
+        site = base.site.model_copy(update={"grid_import_limit_w": 20_000})
+        clock = SimClock(START)
+        pool = EndpointPool(clock=clock)
+        ctl = build_controller(
+            base.model_copy(update={"tariff": tariff, "site": site}),
+            clock=clock,
+            bus=EventBus(),
+            pool=pool,
+        )
+        try:
+            for _ in range(3):  # the meter's reading confirmed over cycles
+                event = await ctl.run_cycle()
+                clock.advance(10.0)
+            plan = replace(event.plan, grid_w=(8000.0, *event.plan.grid_w[1:]))
+            envelopes = {d.id: ctl._envelope(d) for d in ctl.batteries}
+            result, _, _ = ctl._guard_phase(
+                event.snapshot,
+                envelopes,
+                {"inv": -5000.0},
+                plan,
+                grid=7000.0,
+                source=source,
+                mono=event.snapshot.mono,
+                standby=False,
+                errors={},
+                peak_w=9000.0,
+            )
+        finally:
+            await pool.close()
+    assert result.setpoints["inv"].power_w == pytest.approx(expected_w), result.reasons

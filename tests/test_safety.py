@@ -59,6 +59,7 @@ def run(
     previous: dict[str, float] | None = None,
     healthy: dict[str, bool] | None = None,
     ttl: float = 60.0,
+    cap: float | None = None,
 ) -> dict[str, float]:
     res = guard(
         GuardInput(
@@ -73,6 +74,7 @@ def run(
             grid_power_w=grid,
             import_limit_w=import_limit,
             export_limit_w=export_limit,
+            charge_import_cap_w=cap,
         )
     )
     return {d: s.power_w for d, s in res.setpoints.items()}
@@ -203,6 +205,7 @@ def scenarios(draw: st.DrawFn) -> dict[str, object]:
         "import_limit": draw(st.floats(0, 60_000)),
         "export_limit": draw(st.floats(0, 60_000)),
         "ttl": draw(st.floats(20, 600)),
+        "cap": draw(st.one_of(st.none(), st.floats(0, 60_000))),
     }
 
 
@@ -224,6 +227,7 @@ def test_no_setpoint_leaves_live_limits_soc_window_or_site_limits(sc: dict[str, 
         previous=sc["previous"],  # type: ignore[arg-type]
         healthy=healthy,
         ttl=ttl,
+        cap=sc["cap"],  # type: ignore[arg-type]
     )
     by_id = {r.device_id: r for r in reads}
     lo_sum = hi_sum = 0.0
@@ -270,3 +274,54 @@ def test_no_setpoint_leaves_live_limits_soc_window_or_site_limits(sc: dict[str, 
         assert predicted <= import_limit + 1e-3 + len(envs) * 1.0
     if base - lo_sum >= -export_limit:
         assert predicted >= -export_limit - 1e-3 - len(envs) * 1.0
+    cap: float | None = sc["cap"]  # type: ignore[assignment]
+    if cap is None:
+        return
+    # The billed-peak cap only takes charging back: against the same cycle without it, no
+    # unit charges more, none discharges more than idle would, and the import is at the cap
+    # wherever taking charging back could reach it.
+    free = run(
+        envs,
+        reads,
+        sc["desired"],  # type: ignore[arg-type]
+        grid=grid,
+        import_limit=import_limit,
+        export_limit=export_limit,
+        previous=sc["previous"],  # type: ignore[arg-type]
+        healthy=healthy,
+        ttl=ttl,
+    )
+    for dev, p in out.items():
+        assert p >= free[dev] - TOL
+        assert p <= max(free[dev], 0.0) + TOL
+    undone = base - sum(max(p, 0.0) for p in free.values())  # every charge taken back
+    if undone <= cap:
+        assert predicted <= cap + 1e-3 + len(envs) * 1.0
+
+
+def test_charging_never_takes_the_import_above_the_billed_peak() -> None:
+    """The meter imports 8 kW while the units are idle and the peak so far is 10 kW: of 5 kW
+    of charging asked for, 2 kW is let through; discharge asked for is untouched."""
+    envs = [envelope("a"), envelope("b")]
+    reads = [reading("a", 0.5), reading("b", 0.5)]
+    out = run(envs, reads, {"a": -3000.0, "b": -2000.0}, grid=8000.0, cap=10_000.0)
+    assert sum(out.values()) == pytest.approx(-2000.0)
+    assert all(-3000.0 - TOL <= p <= 0.0 for p in out.values())
+    out = run(envs, reads, {"a": 1000.0, "b": -2000.0}, grid=8000.0, cap=10_000.0)
+    assert out == {"a": pytest.approx(1000.0), "b": pytest.approx(-2000.0)}  # 7 kW: under it
+    assert run(envs, reads, {"a": -3000.0, "b": -2000.0}, grid=8000.0) == {
+        "a": pytest.approx(-3000.0),
+        "b": pytest.approx(-2000.0),
+    }  # no cap: the plan's charging as asked
+
+
+def test_the_billed_peak_cap_only_undoes_charging() -> None:
+    """Already above the cap without the batteries: charging stops, but nothing is turned
+    into discharge (the plan decides whether shaving is worth it), and no export follows."""
+    envs = [envelope("a")]
+    out = run(envs, [reading("a", 0.5)], {"a": -3000.0}, grid=12_000.0, cap=10_000.0)
+    assert out == {"a": 0.0}
+    out = run(
+        [envelope("a")], [reading("a", 0.5)], {"a": -500.0}, grid=200.0, cap=0.0, export_limit=0.0
+    )
+    assert out["a"] <= 0.0  # with a zero cap and zero export, idle at most, never discharge

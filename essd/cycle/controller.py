@@ -84,11 +84,8 @@ class Controller:
         self._manual: dict[str, Manual] = {}
         self.cycle_no = 0
         self.overruns = 0
-        self.accounting = Accounting(
-            settings.demand_window_s,
-            ZoneInfo(settings.site.timezone),
-            settings.tariff.carbon_price_per_kg,
-        )
+        tz, tariff = ZoneInfo(settings.site.timezone), settings.tariff
+        self.accounting = Accounting(settings.demand_window_s, tz, tariff.carbon_price_per_kg)
         self._wall = WallClockWatch()
         self._phase_failures: set[tuple[str, str]] = set()
         # Overruns and solve deadlines exist only on clocks that run in real time.
@@ -119,6 +116,7 @@ class Controller:
             import_limit_w=settings.site.grid_import_limit_w,
             export_limit_w=settings.site.grid_export_limit_w,
             on_failure=self._phase_failed,
+            demand_charge=tariff.demand_charge_per_kw > 0,
         )
 
     @property
@@ -290,6 +288,7 @@ class Controller:
             mono=mono,
             standby=standby,
             errors=errors,
+            peak_w=self.accounting.peak.peak_w,
         )
         phase["guard"] = time.perf_counter() - t
 
@@ -317,8 +316,7 @@ class Controller:
             errors["publish"] = self._phase_failed("publish", exc)
         self.cycle_no += 1
         duration = time.perf_counter() - started
-        # Only a clock that runs in real time (or a multiple of it) can overrun: a stepped
-        # clock waits for the cycle, whatever the host's speed.
+        # Only a clock running in (a multiple of) real time can overrun; a stepped one waits.
         overrun = self._realtime and duration > ctl.cycle_period_s / self.clock.speed
         if overrun:
             self.overruns += 1

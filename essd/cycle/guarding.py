@@ -30,6 +30,7 @@ class GuardPhase:
     import_limit_w: float
     export_limit_w: float
     on_failure: Callable[[str, BaseException], str]
+    demand_charge: bool = False  # the tariff bills the peak: charging may not raise it
 
     def __call__(
         self,
@@ -43,9 +44,18 @@ class GuardPhase:
         mono: float,
         standby: bool,
         errors: dict[str, str],
+        peak_w: float = 0.0,
     ) -> tuple[GuardResult, Plan, CredibilityReport | None]:
-        """Safe setpoints, the plan with the guard's verdict, and the credibility report."""
+        """Safe setpoints, the plan with the guard's verdict, and the credibility report.
+
+        ``peak_w``: the billing period's running billed peak; with a demand charge, charging
+        under a plan may not take the import above it or above the import the plan accepted
+        for this step, whichever is higher (a manual setpoint is the operator's call).
+        """
         report: CredibilityReport | None = None
+        cap = None
+        if self.demand_charge and source.startswith("rung"):
+            cap = max(peak_w, plan.grid_w[0] if plan.grid_w else 0.0)
         try:
             screened = self.credibility.screen(
                 GuardInput(
@@ -63,6 +73,7 @@ class GuardPhase:
                     import_limit_w=self.import_limit_w,
                     export_limit_w=self.export_limit_w,
                     source=source,
+                    charge_import_cap_w=cap,
                 ),
                 # What each unit was last told and accepted (a unit whose writes fail goes on
                 # with that); None where essd commands nothing (safe mode, not answering).

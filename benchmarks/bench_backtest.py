@@ -5,11 +5,11 @@ forecast, and the wall time of replaying 28 days at 15-minute steps.
 
 Figures: ``backtest.<site>.<forecaster>.savings_share`` (ratio, savings corrected for stored
 energy, docs/backtest.md) with one cycle per 15-minute step, ``backtest.<site>.learned_5min``
-and ``backtest.<site>.learned_1min`` the learned forecasters with a cycle every 5 minutes and
-every minute (``--cycle 300``/``60``: from the second cycle of a step the controller has seen
-that step, as the daemon cycling every 10 s has; a minute is as close to it as a bench run of
-28 days affords), and ``backtest.wall_s.28d`` (s, the household replayed with the learned
-forecasters at one cycle per step, scoring included).
+the learned forecasters with a cycle every 5 minutes and ``backtest.<site>.<forecaster>_1min``
+each forecaster with a cycle every minute (``--cycle 300``/``60``: from the second cycle of a
+step the controller has seen that step, as the daemon cycling every 10 s has; a minute is as
+close to it as a bench run of 28 days affords), and ``backtest.wall_s.28d`` (s, the household
+replayed with the learned forecasters at one cycle per step, scoring included).
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ RUNS = (
     ("learned", "learned", None),
     ("true", "true", None),
     ("learned_5min", "learned", 300.0),
+    ("persistence_1min", "persistence", 60.0),
     ("learned_1min", "learned", 60.0),
+    ("true_1min", "true", 60.0),
 )
 SCORED_FROM = "2025-06-01T00:00:00+02:00"
 

@@ -1,7 +1,7 @@
 """The online sources' client libraries (pynordpool, forecast-solar) driven against a real
-local HTTPS server serving recorded responses (tests/data/online/; this machine has no
-internet): parsing to essd series, unit conversion, and every kind of bad response refused
-with an error naming the source and the field."""
+local HTTPS server serving responses written in the APIs' format (tests/data/online/, not
+recordings: this machine has no internet): parsing to essd series, unit conversion, and
+every kind of bad response refused with an error naming the source and the field."""
 
 from __future__ import annotations
 

@@ -47,18 +47,12 @@ def price_series(
     periods: Iterable[tuple[datetime, datetime, Mapping[str, object]]],
     *,
     area: str,
-    currency: str,
-    expected_currency: str,
     now: float,
 ) -> tuple[float, float, FloatArray]:
     """Nord Pool delivery periods ``(start, end, price per MWh by area)`` as one contiguous
-    series of prices per kWh: ``(start, step_s, values)``. OnlineDataError when the currency
-    is not the tariff's, a period lacks ``area`` or a finite price, periods differ in length
-    or leave a gap, or the series ends before ``now``."""
-    if currency != expected_currency:
-        raise OnlineDataError(
-            source, "currency", f"got {currency!r}, the tariff is in {expected_currency}"
-        )
+    series of prices per kWh: ``(start, step_s, values)``. OnlineDataError when a period lacks
+    ``area`` or a finite price, periods differ in length or leave a gap, or the series ends
+    before ``now``. (The currency is checked per delivery day by the source.)"""
     rows: list[tuple[float, float, float]] = []
     for k, (begins, ends, prices) in enumerate(periods):
         t0 = _epoch(source, f"multiAreaEntries.{k}.deliveryStart", begins)

@@ -83,29 +83,16 @@ class NordPoolPrices:
             self.name,
             [(e.start, e.end, e.entry) for day in days.entries.values() for e in day.entries],
             area=cfg.area,
-            currency=self.currency,
-            expected_currency=self.currency,
             now=now,
         )
-        out = {
-            "import_price": online_series(
-                self.name,
-                start,
-                step,
-                spot * cfg.import_scale + cfg.import_adder_per_kwh,
-                now=now,
-                max_age_s=cfg.max_age_s,
-            )
-        }
+
+        def priced(scale: float, adder: float) -> OnlineSeries:
+            values = spot * scale + adder
+            return online_series(self.name, start, step, values, now=now, max_age_s=cfg.max_age_s)
+
+        out = {"import_price": priced(cfg.import_scale, cfg.import_adder_per_kwh)}
         if cfg.export:
-            out["export_price"] = online_series(
-                self.name,
-                start,
-                step,
-                spot * cfg.export_scale + cfg.export_adder_per_kwh,
-                now=now,
-                max_age_s=cfg.max_age_s,
-            )
+            out["export_price"] = priced(cfg.export_scale, cfg.export_adder_per_kwh)
         return out
 
 

@@ -185,12 +185,12 @@ class DailyProfile:
         self._bin_s = bin_s
         self._alpha = alpha
         self._values = np.full(int(86_400 // bin_s), np.nan)
-        self._last: float | None = None
+        self.latest = Persistence()  # the persistence forecast, and the fallback here
 
     @property
     def last(self) -> float | None:
         """The latest observation (the persistence forecast)."""
-        return self._last
+        return self.latest.last
 
     def _bin(self, t: float) -> int:
         return int(_seconds_of_day(datetime.fromtimestamp(t, tz=self._tz)) // self._bin_s)
@@ -202,11 +202,11 @@ class DailyProfile:
         b = self._bin(t)
         old = self._values[b]
         self._values[b] = value if np.isnan(old) else old + self._alpha * (value - old)
-        self._last = value
+        self.latest.observe(t, value)
 
     def predict(self, times: FloatArray) -> FloatArray:
         """Net load forecasts at ``times``; persistence (or 0) for bins without data."""
-        fallback = 0.0 if self._last is None else self._last
+        fallback = 0.0 if self.latest.last is None else self.latest.last
         out = np.array([self._values[self._bin(float(t))] for t in times])
         return np.where(np.isnan(out), fallback, out)
 
@@ -215,7 +215,7 @@ class DailyProfile:
         return {
             "bin_s": self._bin_s,
             "values": [None if math.isnan(v) else float(v) for v in self._values],
-            "last": self._last,
+            "last": self.latest.last,
         }
 
     def restore(self, data: object) -> None:
@@ -234,7 +234,7 @@ class DailyProfile:
         if last is not None and not (isinstance(last, int | float) and math.isfinite(last)):
             raise ValueError("last: must be a finite number or null")
         self._values = arr
-        self._last = None if last is None else float(last)
+        self.latest.last = None if last is None else float(last)
 
 
 class Forecaster:
@@ -251,8 +251,6 @@ class Forecaster:
         # predicts (_load_model, _pv_model). Load is net load, or load where PV is measured.
         self._profile = DailyProfile(self._tz)
         self._pv = DailyProfile(self._tz)
-        self._load_last = Persistence()
-        self._pv_last = Persistence()
         self._week = WeekProfile(self._tz, holidays=tariff.holidays)
         self._clear = (
             ClearSkyPV(forecast.pv_array, self._tz) if forecast.pv_array is not None else None
@@ -271,15 +269,12 @@ class Forecaster:
         if pv_w is not None and math.isfinite(pv_w) and pv_w >= 0:
             self.pv_measured = True
             self._profile.observe(t, net_load_w + pv_w)
-            self._load_last.observe(t, net_load_w + pv_w)
             self._week.observe(mid, net_load_w + pv_w)
             self._pv.observe(t, pv_w)
-            self._pv_last.observe(t, pv_w)
             if self._clear is not None:
                 self._clear.observe(mid, pv_w)
         elif not self.pv_measured:
             self._profile.observe(t, net_load_w)
-            self._load_last.observe(t, net_load_w)
             self._week.observe(mid, net_load_w)
 
     def state(self) -> dict[str, object]:
@@ -289,8 +284,6 @@ class Forecaster:
             "pv": self._pv.state(),
             "week": self._week.state(),
             "clear_sky": None if self._clear is None else self._clear.state(),
-            "last_load": self._load_last.state(),
-            "last_pv": self._pv_last.state(),
             "pv_measured": self.pv_measured,
         }
 
@@ -318,16 +311,7 @@ class Forecaster:
                     clear.restore(data["clear_sky"])
                 except ValueError as exc:
                     raise ValueError(f"forecaster.clear_sky: {exc}") from None
-        last = {}
-        for name, profile in (("last_load", fresh["load"]), ("last_pv", fresh["pv"])):
-            last[name] = Persistence()
-            try:
-                # Absent from a state saved before it was kept: the daily profile's latest.
-                last[name].restore(data.get(name, {"last": profile.last}))
-            except ValueError as exc:
-                raise ValueError(f"forecaster.{name}: {exc}") from None
         self._profile, self._pv = fresh["load"], fresh["pv"]
-        self._load_last, self._pv_last = last["last_load"], last["last_pv"]
         self._week, self._clear = week, clear
         self.pv_measured = bool(data.get("pv_measured", False))
 
@@ -358,13 +342,13 @@ class Forecaster:
         """The load forecaster ``forecast.load`` names (the daily profile for the rest)."""
         models: dict[str, QuantityForecaster] = {
             "week-profile": self._week,
-            "persistence": self._load_last,
+            "persistence": self._profile.latest,
         }
         return models.get(kind, self._profile)
 
     def _pv_model(self, kind: str) -> QuantityForecaster:
         """The PV forecaster ``forecast.pv`` names (the daily profile for the rest)."""
-        models: dict[str, QuantityForecaster] = {"persistence": self._pv_last}
+        models: dict[str, QuantityForecaster] = {"persistence": self._pv.latest}
         if self._clear is not None:
             models["clear-sky"] = self._clear
         return models.get(kind, self._pv)

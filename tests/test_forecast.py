@@ -168,15 +168,17 @@ def test_each_configured_forecaster_is_one_behind_the_protocol(
     np.testing.assert_allclose(fc.pv_w, np.maximum(f._pv_model(pv).predict(times), 0.0))
 
 
-def test_persistence_holds_the_latest_observation_and_restores_from_an_older_state() -> None:
+def test_persistence_holds_the_latest_observation_kept_once_in_the_state() -> None:
+    """Persistence is the daily profile's latest observation (one value in the state, not a
+    copy beside it): restored, it is the forecast; a bad one is refused naming the field."""
     f = Forecaster(ForecastConfig(load="persistence", pv="persistence"), TOU, "Asia/Shanghai")
     f.observe(at(9, 0), 800.0, 300.0)  # net 800 W with 300 W of measured PV: load 1,100 W
     state = f.state()
-    assert state["last_load"] == {"last": 1100.0}
-    older = {k: v for k, v in state.items() if k not in ("last_load", "last_pv")}
+    assert (state["load"]["last"], state["pv"]["last"]) == (1100.0, 300.0)
+    assert not {"last_load", "last_pv"} & set(state)
     g = Forecaster(ForecastConfig(load="persistence", pv="persistence"), TOU, "Asia/Shanghai")
-    g.restore(older)  # saved before they were kept: the daily profile's latest values
+    g.restore(state)
     assert g.forecast(at(10, 0), 900, 2).load_w.tolist() == [1100.0, 1100.0]
     assert g.forecast(at(10, 0), 900, 2).pv_w.tolist() == [300.0, 300.0]
-    with pytest.raises(ValueError, match=r"forecaster\.last_pv: last"):
-        g.restore({**state, "last_pv": {"last": "high"}})
+    with pytest.raises(ValueError, match=r"forecaster\.pv: last"):
+        g.restore({**state, "pv": {**state["pv"], "last": "high"}})

@@ -17,8 +17,9 @@ from essd.config_loading import load_settings
 from essd.daemon import build_controller
 from essd.demo import EXAMPLE_SITE, demo_settings
 from essd.domain import FallbackRung
-from essd.events import CycleCompleted, Event, EventBus
+from essd.events import EventBus
 from hil_sim.runner import SimulatedSite
+from tests.support.site import cycles_of
 
 CYCLE_S = 300.0
 START = datetime(2026, 1, 1, 0, 0, tzinfo=ZoneInfo("Asia/Shanghai")).timestamp()
@@ -32,13 +33,7 @@ async def test_a_simulated_day_runs_without_a_single_violation() -> None:
     settings = base.model_copy(update={"control": control})
     clock = SimClock(START)
     bus = EventBus()
-    events: list[CycleCompleted] = []
-
-    def record(event: Event) -> None:
-        if isinstance(event, CycleCompleted):
-            events.append(event)
-
-    bus.subscribe(record)
+    events = cycles_of(bus)
     async with SimulatedSite(settings, clock=clock, free_ports=True) as sim:
         pool = EndpointPool(clock=clock)
         ctl = build_controller(sim.settings, clock=clock, bus=bus, pool=pool)

@@ -8,10 +8,10 @@ import itertools
 from essd.clock import SimClock
 from essd.config_loading import load_settings
 from essd.daemon import Daemon
-from essd.events import CycleCompleted, Event, EventBus
+from essd.events import EventBus
 from essd.sdnotify import SystemdNotifier
 from hil_sim.runner import SimulatedSite
-from tests.support.site import EXAMPLE
+from tests.support.site import EXAMPLE, cycles_of
 
 
 async def test_cycles_longer_than_the_period_are_counted_not_stacked() -> None:
@@ -22,13 +22,7 @@ async def test_cycles_longer_than_the_period_are_counted_not_stacked() -> None:
     settings = base.model_copy(update={"control": control})
     async with SimulatedSite(settings, clock=clock, free_ports=True) as site:
         bus = EventBus()
-        events: list[CycleCompleted] = []
-
-        def record(event: Event) -> None:
-            if isinstance(event, CycleCompleted):
-                events.append(event)
-
-        bus.subscribe(record)
+        events = cycles_of(bus)
         gc.unfreeze()
         daemon = Daemon(
             settings=site.settings,

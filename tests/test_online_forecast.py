@@ -34,7 +34,7 @@ from essd.metrics import MetricsExporter
 from essd.online import OnlineDataError, OnlineForecasts, sources_for
 from hil_sim.runner import SimulatedSite
 from tests.support.online_api import recorded, serve_apis
-from tests.support.site import EXAMPLE
+from tests.support.site import EXAMPLE, cycles_of
 
 TZ = ZoneInfo("Europe/Stockholm")
 TARIFF = TariffConfig(currency="EUR", import_price_per_kwh=0.30, export_price_per_kwh=0.05)
@@ -344,13 +344,7 @@ async def test_cycles_plan_on_fetched_prices_and_run_on_through_a_bad_response(
     first = datetime.fromisoformat(entries[0]["deliveryStart"].replace("Z", "+00:00")).timestamp()
     clock = SimClock(START)
     bus = EventBus()
-    events: list[CycleCompleted] = []
-
-    def record(event: Event) -> None:
-        if isinstance(event, CycleCompleted):
-            events.append(event)
-
-    bus.subscribe(record)
+    events = cycles_of(bus)
     async with (
         serve_apis() as apis,
         SimulatedSite(

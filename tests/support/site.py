@@ -8,6 +8,7 @@ from typing import Any
 import tomli_w
 
 from essd.config import Settings
+from essd.events import CycleCompleted, Event, EventBus
 
 EXAMPLE = Path(__file__).parents[2] / "profiles" / "sites" / "example.toml"
 
@@ -19,3 +20,15 @@ def write_config(settings: Settings, path: Path, **overrides: Any) -> Path:
         data[section] = {**data.get(section, {}), **values}
     path.write_text(tomli_w.dumps(data))
     return path
+
+
+def cycles_of(bus: EventBus) -> list[CycleCompleted]:
+    """The list every CycleCompleted published on ``bus`` from now on is appended to."""
+    events: list[CycleCompleted] = []
+
+    def record(event: Event) -> None:
+        if isinstance(event, CycleCompleted):
+            events.append(event)
+
+    bus.subscribe(record)
+    return events

@@ -202,15 +202,18 @@ async def test_standby_writes_safe_mode_even_to_an_idle_unit(site: Site) -> None
 @pytest.mark.parametrize("site", [{"start": START - 30.0}], indirect=True)
 async def test_the_last_cycle_of_a_step_solves_the_next_step_ahead(site: Site) -> None:
     """Cycles of 10 s from 30 s before a step's end: only the third, the step's last, hands
-    the next step's LP to the worker (Dispatcher.prepare); the boundary cycle after it waits
-    for it on a stepped clock and plans on rung 1 from its basis."""
+    the next step's LP to the worker (Dispatcher.prepare), once the cycle is over (its writes
+    out and its record published); the boundary cycle after it waits for it on a stepped clock
+    and plans on rung 1 from its basis."""
     dispatcher = site.controller.dispatcher
     assert dispatcher is not None
     calls: list[float] = []
+    published: list[int] = []  # cycles published when the look-ahead began
     prepare = dispatcher.prepare
 
     def spy(inputs: Any, *, budget_s: float) -> bool:
         calls.append(inputs.time)
+        published.append(len(site.events))
         return prepare(inputs, budget_s=budget_s)
 
     dispatcher.prepare = spy  # type: ignore[method-assign]
@@ -228,6 +231,7 @@ async def test_the_last_cycle_of_a_step_solves_the_next_step_ahead(site: Site) -
     await cycle()
     await site.controller.decider.settle()
     assert calls == [START]
+    assert published == [3]
     hot = dispatcher._model(900.0).hot
     assert hot is not None
     assert hot.last_prepare_s > 0.0

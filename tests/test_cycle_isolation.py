@@ -113,7 +113,7 @@ def guard_nan(s: Site, mp: pytest.MonkeyPatch) -> None:
 
 
 def publish_raises(s: Site, mp: pytest.MonkeyPatch) -> None:
-    mp.setattr(s.controller, "_integrate", _raise)
+    mp.setattr(s.controller.accounting, "integrate", _raise)
     s.controller.bus.subscribe(_raise)
 
 

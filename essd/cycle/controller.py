@@ -311,7 +311,7 @@ class Controller:
 
         t = time.perf_counter()
         try:
-            self._integrate(now, mono, grid, snapshot, forecast)
+            self.accounting.integrate(now, mono, grid, snapshot, forecast)
         except Exception as exc:
             errors["publish"] = self._phase_failed("publish", exc)
         self.cycle_no += 1
@@ -370,8 +370,7 @@ class Controller:
             charger_limits_w=dict(self.flex.last_limits_w) if self.flex is not None else {},
             swap=self.flex.status(now) if self.flex is not None else None,
         )
-        self.bus.publish(event)
-        return event
+        return self._publish(event)
 
     async def _read_phase(self, standby: bool, errors: dict[str, str]) -> None:
         """Read every device concurrently, each within its own timeout."""
@@ -450,10 +449,11 @@ class Controller:
             )
         return plan, desired, source
 
-    def _integrate(
-        self, now: float, mono: float, grid: float | None, snapshot: Snapshot, forecast: Forecast
-    ) -> None:
-        self.accounting.integrate(now, mono, grid, snapshot, forecast)
+    def _publish(self, event: CycleCompleted) -> CycleCompleted:
+        """Publish the cycle's record, then start what it left for between cycles."""
+        self.bus.publish(event)
+        self.decider.start_between()
+        return event
 
     def _phase_failed(self, name: str, exc: BaseException) -> str:
         """Log a phase's failure once per kind (not every cycle) and return its text."""

@@ -50,6 +50,9 @@ class SunSpecImage(FieldAccess):
                 for a in range(m.address + p.offset, m.address + p.offset + p.size):
                     self._owner[a] = p
         self._listeners: list[Callable[[tuple[str, ...]], None]] = []
+        # Where each point and scale factor is in the map (which never changes), found once.
+        self._located: dict[str, tuple[DiscoveredModel, PointDef, int]] = {}
+        self._sf_points: dict[tuple[int, str], PointDef] = {}
 
     @property
     def profile(self) -> Profile:
@@ -104,15 +107,21 @@ class SunSpecImage(FieldAccess):
     # Points
 
     def _locate(self, name: str) -> tuple[DiscoveredModel, PointDef, int]:
-        try:
-            return self.map.locate(name)
-        except SunSpecError as exc:
-            raise KeyError(str(exc)) from None
+        found = self._located.get(name)
+        if found is None:
+            try:
+                found = self._located[name] = self.map.locate(name)
+            except SunSpecError as exc:
+                raise KeyError(str(exc)) from None
+        return found
 
     def _sf(self, m: DiscoveredModel, pdef: PointDef) -> int | None:
         if not isinstance(pdef.sf, str):
             return pdef.sf
-        sfp = m.definition.point(pdef.sf, m.length)
+        key = (m.address, pdef.sf)
+        sfp = self._sf_points.get(key)
+        if sfp is None:
+            sfp = self._sf_points[key] = m.definition.point(pdef.sf, m.length)
         v = decode_raw(self._image.get(Table.HOLDING, m.address + sfp.offset, 1), RegisterType.S16)
         return None if is_not_implemented(sfp, v) else int(v)
 

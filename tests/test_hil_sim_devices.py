@@ -342,3 +342,34 @@ def test_written_setpoints_never_exceed_live_limits(
         assert 0.0 <= s.soc <= 1.0
         assert -s.limits.max_charge_w - 1e-6 <= s.power_w <= s.limits.max_discharge_w + 1e-6
         assert s.max_overshoot_w <= 1e-9
+
+
+def test_writes_at_one_instant_advance_the_unit_once_a_later_one_runs_the_old_command() -> None:
+    """A cycle writes several registers at one instant of a stepped clock: the unit is advanced
+    to that instant once (by the read before them), each write then acts on what it changed. A
+    write at a later instant first runs the command in force until then."""
+    clock = SimClock()
+    sim = SimulatedSite(example_settings(), clock=clock, free_ports=True)
+    dev = sim.devices["home-a"]
+    updates: list[float] = []
+    update = dev.update
+
+    def counted() -> None:
+        updates.append(clock.now())
+        update()
+
+    dev.update = counted  # type: ignore[method-assign]
+    dev.read(Table.HOLDING, 37758, 9)
+    # Forcible discharge at 2 kW for 10 minutes: setting mode, period, power, command.
+    for address, words in ((47246, [0]), (47083, [10]), (47249, [0, 2000]), (47100, [2])):
+        dev.write(address, words)
+    assert len(updates) == 1 + 4
+    soc = sim.truth().batteries["home-a"].soc
+    assert sim.truth().batteries["home-a"].power_w == pytest.approx(2000.0)
+    clock.advance(60.0)
+    updates.clear()
+    dev.write(47100, [0])  # stop
+    assert len(updates) == 2  # advanced to now under the old command, then stopped
+    assert sim.truth().batteries["home-a"].power_w == 0.0
+    drop = soc - sim.truth().batteries["home-a"].soc
+    assert drop == pytest.approx(2000.0 * 60 / 3600 / 0.95 / 10_000, rel=0.02)

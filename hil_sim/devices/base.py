@@ -101,9 +101,16 @@ class SimDevice:
         return True if accepts is None else bool(accepts(func_code, address))
 
     def write(self, address: int, values: Sequence[int]) -> None:
-        """Validate and apply a client's write, then act on it."""
+        """Validate and apply a client's write, then act on it.
+
+        The device is first advanced to now (the old command ran until now), unless it already
+        was at this very instant (a read or a write published then, and no fault changed since:
+        a stepped clock's cycle writes several registers at one instant).
+        """
         self._gate()
-        self.update()
+        now = self.clock.now()
+        if self._fresh_at != now:
+            self.update()
         old = self.image.read(Table.HOLDING, address, len(values))  # address errors answer
         if self.faults.ignore_writes:
             return
@@ -123,6 +130,7 @@ class SimDevice:
                 ModbusExceptionCode.ILLEGAL_DATA_VALUE, f"{bad}: outside [{spec.min}, {spec.max}]"
             )
         self.on_write(names)
+        self._fresh_at = now
 
     def _heard(self, names: tuple[str, ...]) -> None:
         for n in names:

@@ -10,6 +10,12 @@ Each cycle runs on a stepped simulated clock that the simulator follows, back to
 figures are compute time; between cycles (not measured, as the daemon's sleep) the look-ahead
 solve of the next step's LP completes (``cycle.between_max_ms``). Every measured cycle must be
 one the optimizer planned with every reading believed, or the bench fails.
+
+The site is measured as it runs in the field: its forecaster has learned a week of the site's
+own net load (:func:`_week_learned`). ``cycle.*.4dev.first_day`` is the same site on its first
+day, before any time-of-day bin is learned: every bin then falls back to the latest
+observation, so each cycle moves the whole horizon's forecast and the solver needs more
+iterations.
 """
 
 from __future__ import annotations
@@ -25,16 +31,19 @@ import tempfile
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from benchmarks import Result
 from drivers.factory import EndpointPool
 from essd.clock import SimClock
 from essd.config import Settings
 from essd.config_loading import load_settings
+from essd.cycle import Controller
 from essd.daemon import build_controller, settle_heap
 from essd.domain import FallbackRung
 from essd.events import CycleCompleted, EventBus
 from hil_sim.runner import SimulatedSite
+from hil_sim.site import SiteSeries, default_series_path
 from tests.support.net import free_port
 from tests.support.site import EXAMPLE, write_config
 
@@ -101,14 +110,27 @@ def _serve(settings_json: str, conn: Connection) -> None:
     asyncio.run(main())
 
 
+def _week_learned(ctl: Controller, settings: Settings) -> None:
+    """What a week on the site leaves the forecaster: the site's net load (the simulator's own
+    load less PV, what the meter and the units measure) observed at the middle of every
+    15-minute interval of the seven days before the bench's start."""
+    series = SiteSeries.load(default_series_path(settings, None), ZoneInfo(settings.site.timezone))
+    for k in range(7 * 96):
+        t = START - 7 * 86_400.0 + (k + 0.5) * 900.0
+        ctl.forecaster.observe(t, series.value("load_w", t) - series.value("pv_w", t))
+
+
 async def _measure(
     settings: Settings,
     cycles: int,
     phases: dict[str, list[float]] | None = None,
     between: list[float] | None = None,
+    *,
+    learned: bool = True,
 ) -> tuple[list[float], list[float]]:
     """Per-cycle wall time with and without the decide phase (s); ``between``: the time the
-    work left running between cycles took to complete (s)."""
+    work left running between cycles took to complete (s). ``learned``: the forecaster has
+    learned a week of the site (else: its first day)."""
     with_solve: list[float] = []
     without: list[float] = []
     between = [] if between is None else between
@@ -123,6 +145,8 @@ async def _measure(
         bus = EventBus()
         pool = EndpointPool(clock=clock)
         ctl = build_controller(served, clock=clock, bus=bus, pool=pool)
+        if learned:
+            _week_learned(ctl, served)
         try:
             for i in range(WARMUP + cycles):
                 event: CycleCompleted = await ctl.run_cycle()
@@ -231,6 +255,7 @@ def run() -> list[Result]:
     # 450 cycles of 10 s: 5 of them start a new 15-minute step (1.1 %, as in a day), so the
     # 99th percentile (the 5th slowest) is no luckier than a day's.
     with4, without4 = asyncio.run(_measure(example, 450, phases4, between4))
+    first_day, _ = asyncio.run(_measure(example, 450, learned=False))
     phases100: dict[str, list[float]] = {}
     with100, _ = asyncio.run(_measure(_many_devices(99), 40, phases100))
     steady_mb, peak_mb = daemon_rss_mb()
@@ -240,6 +265,8 @@ def run() -> list[Result]:
         Result("cycle.p50_ms.4dev.with_solve", statistics.median(with4) * 1000, "ms"),
         Result("cycle.p99_ms.4dev", _percentile(with4, 99) * 1000, "ms (with solve)"),
         Result("cycle.max_ms.4dev", max(with4) * 1000, "ms"),
+        Result("cycle.p50_ms.4dev.first_day", statistics.median(first_day) * 1000, "ms"),
+        Result("cycle.p99_ms.4dev.first_day", _percentile(first_day, 99) * 1000, "ms"),
         Result("cycle.between_max_ms.4dev", max(between4) * 1000, "ms (look-ahead solve)"),
         Result("cycle.p50_ms.100dev", statistics.median(with100) * 1000, "ms (with solve)"),
         Result("cycle.p99_ms.100dev", _percentile(with100, 99) * 1000, "ms (with solve)"),

@@ -359,11 +359,14 @@ def test_writes_at_one_instant_advance_the_unit_once_a_later_one_runs_the_old_co
         update()
 
     dev.update = counted  # type: ignore[method-assign]
-    dev.read(Table.HOLDING, 37758, 9)
+    dev.read(Table.HOLDING, 37758, 9)  # the unit is at this instant
+    updates.clear()
     # Forcible discharge at 2 kW for 10 minutes: setting mode, period, power, command.
     for address, words in ((47246, [0]), (47083, [10]), (47249, [0, 2000]), (47100, [2])):
         dev.write(address, words)
-    assert len(updates) == 1 + 4
+    assert len(updates) == 4  # each acts on what it wrote, none advances the unit again
+    sim.truth()  # the meter and the truth ask every unit for its state: nothing to advance
+    assert len(updates) == 4
     soc = sim.truth().batteries["home-a"].soc
     assert sim.truth().batteries["home-a"].power_w == pytest.approx(2000.0)
     clock.advance(60.0)

@@ -462,6 +462,10 @@ class StorageDevice(SimDevice):
         self.image.set_raw(reg, raw)
 
     def true_state(self) -> BatteryState:
-        """The battery's true state now (advancing the device first)."""
-        self.update()
+        """The battery's true state now (advancing the device first, unless a read or a write
+        already did at this instant: the meter asks every unit on each of its reads)."""
+        now = self.clock.now()
+        if self._fresh_at != now:
+            self.update()
+            self._fresh_at = now
         return self.battery.state()

@@ -9,6 +9,8 @@ import cvxpy
 import numpy as np
 import pytest
 
+import essd.dispatch.dispatcher
+import essd.dispatch.inputs
 from essd.dispatch import Dispatcher, ahead_inputs
 from essd.dispatch.highs import HighsHotStart
 from essd.dispatch.lpmaps import LpMaps, NotAffineError, highs_data
@@ -187,3 +189,35 @@ def test_prepare_without_a_solve_or_with_bad_inputs_keeps_nothing() -> None:
     bad = dataclasses.replace(inputs, load_w=[float("nan")] * 24)
     assert not dispatcher.prepare(bad, budget_s=1.0)  # never raises
     assert not Dispatcher(fleet, 24, hot_start=False).prepare(inputs, budget_s=1.0)
+
+
+def test_inputs_checked_by_validate_are_not_checked_again_by_their_solve(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cycle validates its inputs before it hands them to the solve (a worker thread):
+    the solve takes those very inputs' arrays; any other inputs it checks itself."""
+    rng = np.random.default_rng(25)
+    fleet = random_fleet(rng, 2)
+    dispatcher = Dispatcher(fleet, 24)
+    inputs = random_inputs(rng, fleet, 24)
+    calls: list[int] = []
+    real = essd.dispatch.inputs.validate_inputs
+
+    def counted(*args: Any) -> Any:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(essd.dispatch.inputs, "validate_inputs", counted)
+    monkeypatch.setattr(essd.dispatch.dispatcher, "validate_inputs", counted)
+    dispatcher.validate(inputs)
+    checked = dispatcher.solve(inputs, budget_s=10.0, last_plan=None)
+    assert len(calls) == 1
+    assert checked.objective == pytest.approx(
+        Dispatcher(fleet, 24).solve(inputs, budget_s=10.0, last_plan=None).objective, rel=1e-9
+    )
+    # Equal but other inputs, and bad ones after good ones were validated: checked again.
+    dispatcher.solve(dataclasses.replace(inputs), budget_s=10.0, last_plan=None)
+    assert len(calls) == 3
+    bad = dataclasses.replace(inputs, load_w=[float("nan")] * 24)
+    with pytest.raises(ValueError, match="load_w"):
+        dispatcher.solve(bad, budget_s=10.0, last_plan=None)

@@ -26,6 +26,7 @@ from essd.dispatch.inputs import (
     DispatchInputs,
     InvalidDispatchInputsError,
     check_finite,
+    checked_arrays,
     energy_window,
     validate_inputs,
 )
@@ -39,25 +40,21 @@ from essd.ladder import descend
 __all__ = ["DEFAULT_SOLVER", "Dispatcher", "SolveTiming", "SolverHealth"]
 
 
+log = logging.getLogger(__name__)
+
 # cvxpy re-exports its atoms through star imports that mypy cannot follow; treat it as untyped.
 cp: Any = cvxpy
-
 
 # A power below this (kW) counts as zero when checking for simultaneous charge and discharge
 # and for slack: solvers return 1e-9-ish residues, a real setpoint is watts.
 _TOL_KW = 1e-5
 
-
 # How often a solve is repeated with the direction fixed where the LP both charged and
 # discharged one battery in one step (see Dispatcher docstring).
-log = logging.getLogger(__name__)
-
 _MAX_DIRECTION_FIXES = 6
-
 
 # Solver used when the caller does not choose: picked by measurement (benchmarks/).
 DEFAULT_SOLVER = "HIGHS"
-
 
 # After this many solves in a row fail other than by running out of their budget, the
 # persistent solver is thrown away and rebuilt cold (see Dispatcher.health).
@@ -198,6 +195,7 @@ class Dispatcher:
         self.last_timing = SolveTiming(0.0, 0.0, 0)
         self._rebuild_after = rebuild_after_failures
         self._health = SolverHealth()
+        self._checked: tuple[DispatchInputs, DispatchArrays] | None = None
         # The affine maps of each model's HiGHS data (essd.dispatch.lpmaps), by step hours.
         self._maps: dict[float, LpMaps | None] = {}
         # Build and compile the default model now, not in the first cycle's time budget.
@@ -253,9 +251,10 @@ class Dispatcher:
         return self._model(step_s).problem
 
     def validate(self, inputs: DispatchInputs) -> None:
-        """Raise InvalidDispatchInputsError (a ValueError naming the field) for unusable inputs."""
-        validate_inputs(self.batteries, self.steps, inputs)
+        """Raise InvalidDispatchInputsError (a ValueError naming the field) for unusable inputs;
+        a :meth:`solve` of these very inputs then takes their arrays as they are."""
         self.flex.arrays(inputs, self.steps)
+        self._checked = (inputs, validate_inputs(self.batteries, self.steps, inputs))
 
     def solve(self, inputs: DispatchInputs, *, budget_s: float, last_plan: Plan | None) -> Plan:
         """Plan the horizon, walking down the fallback ladder when the solve fails or is late.
@@ -269,7 +268,8 @@ class Dispatcher:
         """
         if not (math.isfinite(budget_s) and budget_s > 0):
             raise InvalidDispatchInputsError("budget_s", f"must be > 0, got {budget_s!r}")
-        a = validate_inputs(self.batteries, self.steps, inputs)
+        # One read of what validate kept (it may replace it from another thread meanwhile).
+        a = checked_arrays(self._checked, self.batteries, self.steps, inputs)
         a = self.flex.prepare(inputs, self.steps, a)
         # Real compute time, not the injectable clock: the budget is about this thread's work.
         started = time.perf_counter()

@@ -257,6 +257,19 @@ def _availability(inputs: DispatchInputs, battery_id: str, steps: int) -> BoolAr
     return arr
 
 
+def checked_arrays(
+    known: tuple[DispatchInputs, DispatchArrays] | None,
+    batteries: Sequence[BatterySpec],
+    steps: int,
+    inputs: DispatchInputs,
+) -> DispatchArrays:
+    """The arrays ``known`` holds when they are of these very ``inputs`` (checked already),
+    else :func:`validate_inputs`."""
+    if known is not None and known[0] is inputs:
+        return known[1]
+    return validate_inputs(batteries, steps, inputs)
+
+
 def validate_inputs(
     batteries: Sequence[BatterySpec], steps: int, inputs: DispatchInputs
 ) -> DispatchArrays:

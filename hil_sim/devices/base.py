@@ -95,6 +95,14 @@ class SimDevice:
         """Publish again on the next read even at the same instant (a fault changed)."""
         self._fresh_at = None
 
+    def advance_to_now(self) -> None:
+        """Advance the device to now and publish, unless it already was at this very instant
+        (a read, a write or the site's truth did it, and no fault changed since)."""
+        now = self.clock.now()
+        if self._fresh_at != now:
+            self.update()
+            self._fresh_at = now
+
     def accepts_function(self, func_code: int, address: int) -> bool:
         """Whether the unit takes a write with ``func_code`` at ``address`` (its image says)."""
         accepts = getattr(self.image, "accepts_function", None)
@@ -103,14 +111,11 @@ class SimDevice:
     def write(self, address: int, values: Sequence[int]) -> None:
         """Validate and apply a client's write, then act on it.
 
-        The device is first advanced to now (the old command ran until now), unless it already
-        was at this very instant (a read or a write published then, and no fault changed since:
+        The device is first advanced to now (the old command ran until now; once per instant:
         a stepped clock's cycle writes several registers at one instant).
         """
         self._gate()
-        now = self.clock.now()
-        if self._fresh_at != now:
-            self.update()
+        self.advance_to_now()
         old = self.image.read(Table.HOLDING, address, len(values))  # address errors answer
         if self.faults.ignore_writes:
             return
@@ -130,7 +135,6 @@ class SimDevice:
                 ModbusExceptionCode.ILLEGAL_DATA_VALUE, f"{bad}: outside [{spec.min}, {spec.max}]"
             )
         self.on_write(names)
-        self._fresh_at = now
 
     def _heard(self, names: tuple[str, ...]) -> None:
         for n in names:

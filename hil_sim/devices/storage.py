@@ -464,8 +464,5 @@ class StorageDevice(SimDevice):
     def true_state(self) -> BatteryState:
         """The battery's true state now (advancing the device first, unless a read or a write
         already did at this instant: the meter asks every unit on each of its reads)."""
-        now = self.clock.now()
-        if self._fresh_at != now:
-            self.update()
-            self._fresh_at = now
+        self.advance_to_now()
         return self.battery.state()

@@ -10,6 +10,8 @@ import copy
 import logging
 import math
 import textwrap
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from essd.forecast import Forecaster, OnlineSeries, Override
 from essd.metrics import MetricsExporter
 from essd.online import OnlineDataError, OnlineForecasts, sources_for
 from hil_sim.runner import SimulatedSite
-from tests.support.online_api import recorded, serve_apis
+from tests.support.online_api import FakeApis, recorded, serve_apis
 from tests.support.site import EXAMPLE, cycles_of
 
 TZ = ZoneInfo("Europe/Stockholm")
@@ -323,7 +325,9 @@ async def test_a_fetch_that_hangs_times_out_and_is_retried() -> None:
 START = datetime(2026, 3, 10, 7, 0, tzinfo=UTC).timestamp()
 
 
-def _example_with_prices(settings: Settings) -> Settings:
+def _example_with_prices() -> Settings:
+    """The example site with Nord Pool prices (SE3, EUR) fetched online."""
+    settings = load_settings(EXAMPLE)
     online = settings.forecast.online.model_copy(
         update={"prices": OnlinePricesConfig(enabled=True, area="SE3", retry_s=30.0)}
     )
@@ -336,6 +340,16 @@ def _example_with_prices(settings: Settings) -> Settings:
     )
 
 
+@asynccontextmanager
+async def _priced_site(clock: SimClock) -> AsyncIterator[tuple[FakeApis, SimulatedSite]]:
+    """The local portal APIs, and the example site with online prices simulated on ``clock``."""
+    async with (
+        serve_apis() as apis,
+        SimulatedSite(_example_with_prices(), clock=clock, free_ports=True) as sim,
+    ):
+        yield apis, sim
+
+
 async def test_cycles_plan_on_fetched_prices_and_run_on_through_a_bad_response(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -345,12 +359,7 @@ async def test_cycles_plan_on_fetched_prices_and_run_on_through_a_bad_response(
     clock = SimClock(START)
     bus = EventBus()
     events = cycles_of(bus)
-    async with (
-        serve_apis() as apis,
-        SimulatedSite(
-            _example_with_prices(load_settings(EXAMPLE)), clock=clock, free_ports=True
-        ) as sim,
-    ):
+    async with _priced_site(clock) as (apis, sim):
         broken = {"on": True}
         apis.nordpool_days["2026-03-10"] = day
         # First the portal answers with NaN prices (a response the library takes as it is;
@@ -402,7 +411,7 @@ async def test_a_refused_connection_is_a_logged_failure_not_an_exception(
     clock = SimClock(START)
     async with serve_apis() as apis:
         pass  # the server is gone: its port refuses connections
-    settings = _example_with_prices(load_settings(EXAMPLE))
+    settings = _example_with_prices()
     online = OnlineForecasts(
         sources_for(settings), lambda q, s: None, clock=clock, session_factory=apis.session
     )
@@ -418,12 +427,7 @@ async def test_a_refused_connection_is_a_logged_failure_not_an_exception(
 
 async def test_the_daemon_fetches_in_the_background_and_stops_cleanly() -> None:
     clock = SimClock(START)
-    async with (
-        serve_apis() as apis,
-        SimulatedSite(
-            _example_with_prices(load_settings(EXAMPLE)), clock=clock, free_ports=True
-        ) as sim,
-    ):
+    async with _priced_site(clock) as (apis, sim):
         apis.nordpool_days["2026-03-10"] = recorded("nordpool_dayahead_2026-03-10_SE3_EUR.json")
         daemon = Daemon(
             settings=sim.settings, clock=clock, serve_metrics=False, online_sessions=apis.session
